@@ -1,0 +1,27 @@
+# `make demo` and `make test` set up .venv themselves (python3 -m venv + pip) on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= crosspatch-out
+
+.PHONY: install dev demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# A regular (non-editable) install: the tests run against the installed package.
+install: $(BIN)/python
+	$(BIN)/pip install --quiet ".[all,dev]"
+
+# An editable install for working on crosspatch itself.
+dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[all,dev]"
+
+demo: install
+	$(BIN)/python examples/gpt2_activation_patching.py --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build dist *.egg-info $(OUT) .pytest_cache

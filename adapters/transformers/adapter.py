@@ -1,0 +1,168 @@
+"""The transformers adapter: maps HuggingFace models onto the shared site vocabulary."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.reach import ModuleInput, ModuleOutput, submodule
+
+from .architectures import ARCHITECTURES, architecture_for
+from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
+
+
+class _OutputField:
+    """A field of the model's output object (``logits``), read and written at the top-level module."""
+
+    def __init__(self, root: nn.Module, name: str):
+        self.root, self.name = root, name
+
+    def install(self, layer, callback):
+        name = self.name
+
+        def hook(module, args, output):
+            new = callback(getattr(output, name))
+            if new is None:
+                return None
+            output[name] = new
+            return output
+
+        return [self.root.register_forward_hook(hook)]
+
+
+class TransformersAdapter(Adapter):
+    """GPT-2, GPT-NeoX, Llama / Mistral / Qwen2 (grouped-query attention) and BERT / RoBERTa."""
+
+    name = "transformers"
+
+    def matches(self, model: nn.Module) -> bool:
+        transformers = sys.modules.get("transformers")  # a model of it exists only if it was imported
+        return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+    def catalog(self, model: nn.Module) -> Catalog:
+        config = model.config
+        arch = architecture_for(config)
+        if arch is None:
+            raise AdapterError(
+                f"the transformers adapter does not support {type(model).__name__} "
+                f"(model_type {getattr(config, 'model_type', None)!r}); supported model types: "
+                f"{', '.join(ARCHITECTURES)}. Add one with an entry in "
+                f"crosspatch.adapters.transformers.architectures, or serve it from a plugin adapter."
+            )
+        base = model.base_model
+        block = f"{arch.layers}.{{layer}}"
+        n_layers = len(submodule(base, arch.layers, None))
+        n_heads = config.num_attention_heads
+        d_model = config.hidden_size
+        down = submodule(base, f"{block}.{arch.mlp_down}", 0)
+        d_mlp = down.weight.shape[0] if arch.conv1d else down.weight.shape[1]
+        pos, dim = Axis("pos"), Axis("dim", d_model)
+
+        families = [
+            SiteFamily("embed", (pos, dim), ModuleOutput(base, arch.embed), doc="token (+ position) embeddings"),
+            SiteFamily("resid_pre", (pos, dim), ModuleInput(base, block), n_layers, "residual stream entering the block"),
+            SiteFamily(
+                "attn_pattern",
+                (Axis("head", n_heads), pos, Axis("key_pos")),
+                AttentionPattern(base, f"{block}.{arch.attn_core}", config),
+                n_layers,
+                "attention probabilities (query pos, key pos)",
+            ),
+            SiteFamily(
+                "head_out",
+                (pos, Axis("head", n_heads), dim),
+                HeadOut(base, f"{block}.{arch.o_proj}", n_heads, arch.conv1d),
+                n_layers,
+                "each head's write into the residual (without the output bias)",
+            ),
+            SiteFamily("attn_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.attn}"), n_layers, "attention output"),
+        ]
+        if arch.resid_mid == "sum":
+            mid = ResidualAfterAttention(base, block, f"{block}.{arch.attn}")
+            families.append(SiteFamily("resid_mid", (pos, dim), mid, n_layers, "residual after attention"))
+        elif arch.resid_mid is not None:
+            mid = ModuleOutput(base, f"{block}.{arch.resid_mid}")
+            families.append(SiteFamily("resid_mid", (pos, dim), mid, n_layers, "residual after attention"))
+        families += [
+            SiteFamily(
+                "mlp_act",
+                (pos, Axis("neuron", d_mlp)),
+                ModuleInput(base, f"{block}.{arch.mlp_down}", name=None),
+                n_layers,
+                "MLP neuron activations",
+            ),
+            SiteFamily("mlp_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.mlp}"), n_layers, "MLP output"),
+            SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
+        ]
+        logits = self._logits_axes(model)
+        if logits is not None:
+            families.append(SiteFamily("logits", logits, _OutputField(model, "logits"), doc="model output"))
+        return Catalog(families, type(model).__name__)
+
+    @staticmethod
+    def _logits_axes(model: nn.Module) -> tuple[Axis, ...] | None:
+        if model is model.base_model:
+            return None
+        head = model.get_output_embeddings()
+        if head is not None:
+            return (Axis("pos"), Axis("vocab", head.weight.shape[0]))
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            return (Axis("label", model.config.num_labels),)
+        return None
+
+    def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
+        if isinstance(inputs, Mapping):
+            prepared = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        else:
+            ids = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+            prepared = {"input_ids": ids}
+        if "input_ids" not in prepared and "inputs_embeds" not in prepared:
+            raise ValueError(f"inputs need 'input_ids' (or 'inputs_embeds'); got keys {sorted(prepared)}")
+        device = model_device(model)
+        out = {}
+        for key, value in prepared.items():
+            if value.ndim == 1 and key != "inputs_embeds":
+                value = value.unsqueeze(0)
+            if key in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+                value = value.long()
+            out[key] = value.to(device)
+        return out
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> Any:
+        extra = {"use_cache": False} if "use_cache" in _forward_parameters(type(model)) else {}
+        return model(**inputs, **extra, return_dict=True)
+
+    def output(self, raw: Any) -> torch.Tensor:
+        logits = getattr(raw, "logits", None)
+        return logits if logits is not None else raw.last_hidden_state
+
+    def sizes(self, inputs: Inputs) -> dict[str, int]:
+        tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        return {"pos": tokens.shape[1], "key_pos": tokens.shape[1]}
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        config = model.config
+        return {
+            "class": type(model).__name__,
+            "model_type": config.model_type,
+            "name_or_path": getattr(config, "name_or_path", "") or "",
+            "n_layers": config.num_hidden_layers,
+            "n_heads": config.num_attention_heads,
+            "d_model": config.hidden_size,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def _forward_parameters(cls: type) -> frozenset[str]:
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMETERS[cls]

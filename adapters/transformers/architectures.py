@@ -1,0 +1,82 @@
+"""Where each supported transformers family keeps the modules behind every site.
+
+Paths are relative to one block (``layers`` is relative to the base model). Adding a family
+that follows one of these layouts is one entry in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: str  # the block list, from the base model
+    embed: str  # module (from the base model) whose output is the embedding written into the residual
+    attn: str  # module whose output (element 0) is the attention's write into the residual
+    attn_core: str  # module handed to the attention function (owner of the pattern)
+    o_proj: str  # attention output projection; its input holds the heads side by side
+    mlp: str  # module whose output is the MLP's write into the residual
+    mlp_down: str  # MLP output projection; its input is the neuron activations
+    resid_mid: str | None  # "sum": block input + attention output; a module path; None: no such point
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+
+
+_LLAMA = Architecture(
+    layers="layers",
+    embed="embed_tokens",
+    attn="self_attn",
+    attn_core="self_attn",
+    o_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_down="mlp.down_proj",
+    resid_mid="sum",
+)
+
+_BERT = Architecture(
+    layers="encoder.layer",
+    embed="embeddings",
+    attn="attention.output.dense",
+    attn_core="attention.self",
+    o_proj="attention.output.dense",
+    mlp="output.dense",
+    mlp_down="output.dense",
+    resid_mid="attention",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(
+        layers="h",
+        embed="drop",
+        attn="attn",
+        attn_core="attn",
+        o_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_down="mlp.c_proj",
+        resid_mid="sum",
+        conv1d=True,
+    ),
+    "gpt_neox": Architecture(
+        layers="layers",
+        embed="emb_dropout",
+        attn="attention",
+        attn_core="attention",
+        o_proj="attention.dense",
+        mlp="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        resid_mid="sum",  # None when use_parallel_residual (see architecture_for)
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "bert": _BERT,
+    "roberta": _BERT,
+}
+
+
+def architecture_for(config) -> Architecture | None:
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if arch is not None and config.model_type == "gpt_neox" and getattr(config, "use_parallel_residual", True):
+        # x + attn(ln1(x)) + mlp(ln2(x)): no residual point between attention and MLP.
+        arch = Architecture(**{**arch.__dict__, "resid_mid": None})
+    return arch

@@ -1,0 +1,141 @@
+"""Reaches specific to transformer blocks: per-head writes, the mid-block residual, attention patterns."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crosspatch.reach import Callback, Handle, submodule
+
+
+class HeadOut:
+    """Each head's write into the residual, ``[batch, pos, head, d_model]``, read at the output projection.
+
+    The projection's input holds the heads side by side; head ``h``'s write is its slice times
+    its rows of the weight. The per-head writes plus the bias sum to the projection's output.
+    A new value is written back as ``output + sum_h(new_h - old_h)``, so unchanged heads change nothing.
+    """
+
+    def __init__(self, root: nn.Module, path: str, n_heads: int, conv1d: bool):
+        self.root, self.path, self.n_heads, self.conv1d = root, path, n_heads, conv1d
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        n_heads, conv1d = self.n_heads, self.conv1d
+
+        def hook(module, args, output):
+            z = args[0]
+            d_in = z.shape[-1]
+            weight = module.weight if conv1d else module.weight.T  # [n_heads * d_head, d_model]
+            per_head = weight.reshape(n_heads, d_in // n_heads, weight.shape[-1])
+            z = z.reshape(*z.shape[:-1], n_heads, d_in // n_heads)
+            heads = torch.einsum("bphe,hed->bphd", z, per_head)
+            new = callback(heads)
+            if new is None:
+                return None
+            return output + (new - heads).sum(dim=2)
+
+        return [submodule(self.root, self.path, layer).register_forward_hook(hook)]
+
+
+class ResidualAfterAttention:
+    """``resid_mid`` of a pre-LN block: block input + attention output.
+
+    Written by shifting the attention output by ``new - old``, so that both the residual branch and
+    the MLP's layer norm see the new value.
+    """
+
+    def __init__(self, root: nn.Module, block: str, attn: str):
+        self.root, self.block, self.attn = root, block, attn
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        stash: dict[str, torch.Tensor] = {}
+
+        def before_block(module, args, kwargs):
+            stash["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        def after_attention(module, args, output):
+            a = output if isinstance(output, torch.Tensor) else output[0]
+            resid = a + stash.pop("x")
+            new = callback(resid)
+            if new is None:
+                return None
+            shifted = a + (new - resid)
+            return shifted if isinstance(output, torch.Tensor) else (shifted, *output[1:])
+
+        block = submodule(self.root, self.block, layer)
+        attn = submodule(self.root, self.attn, layer)
+        return [
+            block.register_forward_pre_hook(before_block, with_kwargs=True),
+            attn.register_forward_hook(after_attention),
+        ]
+
+
+# Attention patterns live inside transformers' attention function, where no module boundary exists.
+# While a run reads or writes them, the model's attention implementation is switched to an eager
+# function of ours that calls back with the pattern; the switch is undone when the run ends.
+_IMPLEMENTATION = "crosspatch_eager"
+_ACTIVE: dict[int, Callback] = {}
+_SWITCHED: dict[int, list] = {}  # id(config) -> [config, previous implementation, users]
+
+
+def _pattern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    wide = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    pattern = F.softmax(scores, dim=-1, dtype=wide).to(query.dtype)
+    callback = _ACTIVE.get(id(module))
+    if callback is not None:
+        new = callback(pattern)
+        if new is not None:
+            pattern = new
+    pattern = F.dropout(pattern, p=dropout, training=module.training)
+    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    return out, pattern
+
+
+def _register_implementation() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    if _IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_IMPLEMENTATION, _pattern_attention)
+        AttentionMaskInterface.register(_IMPLEMENTATION, eager_mask)
+
+
+class _PatternHandle:
+    def __init__(self, module: nn.Module, config):
+        self.module_id, self.config_id = id(module), id(config)
+
+    def remove(self) -> None:
+        _ACTIVE.pop(self.module_id, None)
+        entry = _SWITCHED.get(self.config_id)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] == 0:
+            entry[0]._attn_implementation = entry[1]
+            del _SWITCHED[self.config_id]
+
+
+class AttentionPattern:
+    """Attention patterns ``[batch, head, pos, key_pos]`` after the softmax, before dropout."""
+
+    def __init__(self, root: nn.Module, path: str, config):
+        self.root, self.path, self.config = root, path, config
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        _register_implementation()
+        module = submodule(self.root, self.path, layer)
+        _ACTIVE[id(module)] = callback
+        entry = _SWITCHED.setdefault(id(self.config), [self.config, self.config._attn_implementation, 0])
+        entry[2] += 1
+        self.config._attn_implementation = _IMPLEMENTATION
+        return [_PatternHandle(module, self.config)]

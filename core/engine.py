@@ -1,0 +1,178 @@
+"""The engine: one forward with captures and interventions, and nothing left behind.
+
+It installs a hook per (family, layer) the run needs, applies every intervention bound to that
+site (each to its own rows of the batch, so a sweep runs as one batched forward), captures what
+was asked, and removes exactly the handles it installed, also when the forward raises.
+Without ``grad`` the run is under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, Inputs, batch_size
+from .cache import Cache
+from .catalog import Catalog, SiteFamily
+from .interventions import ApplyContext, Intervention
+from .reach import Handle
+from .selection import axis_index, select
+from .sites import Site, SiteError
+
+__all__ = ["Bound", "Run", "execute"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An intervention bound to a concrete site and to rows of the batch (all rows when None)."""
+
+    site: Site
+    intervention: Intervention
+    rows: slice | None = None
+
+
+@dataclass
+class Run:
+    """What one forward returns: the primary output, the captured activations and the raw output."""
+
+    output: torch.Tensor
+    cache: Cache
+    raw: Any = None
+
+
+@dataclass
+class _Plan:
+    family: SiteFamily
+    layer: int | None
+    bounds: list[Bound] = field(default_factory=list)
+    capture: bool = False
+    fired: int = 0
+
+
+def _grad_mode(grad: bool):
+    return torch.enable_grad() if grad else torch.inference_mode()
+
+
+def execute(
+    model: nn.Module,
+    adapter: Adapter,
+    catalog: Catalog,
+    inputs: Inputs,
+    bounds: Sequence[Bound] = (),
+    capture: Iterable[str] = (),
+    grad: bool = False,
+) -> Run:
+    """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored."""
+    n_rows = batch_size(inputs)
+    plans: dict[str, _Plan] = {}
+
+    def plan_for(site: Site) -> _Plan:
+        if site.key not in plans:
+            plans[site.key] = _Plan(catalog.family(site.family), site.layer)
+        return plans[site.key]
+
+    for bound in bounds:
+        site = catalog.resolve(bound.site)
+        if site.is_pattern:
+            raise SiteError(f"site {site} is a pattern; expand it (Catalog.expand) or use a sweep method")
+        fam = catalog.family(site.family)
+        if not fam.writable:
+            raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
+        if bound.rows is not None and not (0 <= (bound.rows.start or 0) and (bound.rows.stop or 0) <= n_rows):
+            raise ValueError(f"intervention at {site}: rows {bound.rows} fall outside the batch of {n_rows}")
+        plan_for(site).bounds.append(Bound(site, bound.intervention, bound.rows))
+    for key in capture:
+        plan_for(catalog.resolve(key)).capture = True
+
+    sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
+    cache = Cache()
+    handles: list[Handle] = []
+    ordered = sorted(plans.items(), key=lambda kv: (catalog.order(kv[1].family.name), kv[1].layer or 0))
+    try:
+        for key, plan in ordered:
+            handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad)))
+        with _grad_mode(grad):
+            raw = adapter.forward(model, inputs)
+            output = adapter.output(raw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [key for key, plan in plans.items() if plan.fired == 0]
+    if missed:
+        raise SiteError(
+            f"sites {', '.join(missed)} were never reached during the forward pass; "
+            f"the adapter {adapter.name!r} reaches them through modules this call did not run"
+        )
+    return Run(output, cache, raw)
+
+
+def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool):
+    fam = plan.family
+
+    def on_value(value: torch.Tensor) -> torch.Tensor | None:
+        plan.fired += 1
+        out = value
+        if plan.bounds:
+            out = value.clone()
+            for bound in plan.bounds:
+                target = out if bound.rows is None else out[bound.rows]
+                index = axis_index(bound.site, fam, target.shape[1:], target.device)
+                source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
+                ctx = ApplyContext(bound.site, fam, index, target, source)
+                x = select(target, index)
+                new = bound.intervention.apply(x, ctx)
+                if new.shape != x.shape:
+                    raise SiteError(
+                        f"{type(bound.intervention).__name__} at {bound.site} returned shape {tuple(new.shape)}, "
+                        f"expected {tuple(x.shape)}"
+                    )
+                target[(slice(None), *index)] = new.to(dtype=target.dtype, device=target.device)
+        if plan.capture:
+            cache._store(key, out if grad else out.detach(), fam.axis_names)
+        return out if plan.bounds else None
+
+    return on_value
+
+
+def _source_tensor(source: Cache | None, key: str, grad: bool) -> torch.Tensor | None:
+    if source is None or key not in source:
+        return None
+    tensor = source[key]
+    if grad and tensor.is_inference():
+        tensor = tensor.clone()  # inference tensors cannot take part in autograd
+    return tensor
+
+
+def _resolve_sources(model, adapter, catalog, bounds: list[Bound], grad: bool) -> dict[int, Cache]:
+    """Per intervention, the Cache its source activations come from (running source inputs once)."""
+    by_input: dict[int, tuple[Any, set[str], list[Intervention]]] = {}
+    resolved: dict[int, Cache] = {}
+    for bound in bounds:
+        src = bound.intervention.source_inputs
+        if src is None:
+            continue
+        if isinstance(src, Cache):
+            if bound.site.key not in src:
+                raise SiteError(
+                    f"{type(bound.intervention).__name__} at {bound.site}: its source cache has no {bound.site.key!r} "
+                    f"(it holds {', '.join(src) or 'nothing'}); capture that site in the source run"
+                )
+            resolved[id(bound.intervention)] = src
+            continue
+        entry = by_input.setdefault(id(src), (src, set(), []))
+        entry[1].add(bound.site.key)
+        entry[2].append(bound.intervention)
+    for src, keys, users in by_input.values():
+        prepared = adapter.prepare(model, src)
+        with torch.no_grad() if grad else contextlib.nullcontext():
+            cache = execute(model, adapter, catalog, prepared, capture=sorted(keys)).cache
+        for intervention in users:
+            resolved[id(intervention)] = cache
+    return resolved

@@ -1,0 +1,129 @@
+"""Metrics: one number per batch row from a model output.
+
+A metric is called as ``metric(output, ctx)`` and returns a tensor of shape ``[rows]``. In a
+batched sweep the rows of many interventions share one forward; ``ctx.example`` says which
+prompt each row belongs to, so per-prompt targets (answer tokens, the clean output) line up.
+Any callable works: one taking only ``output`` is wrapped by :func:`as_metric`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MetricContext", "Metric", "as_metric", "logit_diff", "probability", "logprob", "kl_to_clean"]
+
+
+@dataclass
+class MetricContext:
+    """Per-row facts a metric may need."""
+
+    example: torch.Tensor  # [rows] prompt index of every row
+    clean: torch.Tensor | None = None  # clean output, one row per prompt
+    attention_mask: torch.Tensor | None = None  # [rows, pos] when the inputs are padded
+
+    @classmethod
+    def plain(cls, rows: int, device: torch.device | str = "cpu") -> "MetricContext":
+        return cls(torch.arange(rows, device=device))
+
+
+@dataclass
+class Metric:
+    """A named metric; ``fn(output, ctx) -> [rows]``."""
+
+    name: str
+    fn: Callable[[torch.Tensor, MetricContext], torch.Tensor]
+
+    def __call__(self, output: torch.Tensor, ctx: MetricContext | None = None) -> torch.Tensor:
+        ctx = ctx or MetricContext.plain(output.shape[0], output.device)
+        value = self.fn(output, ctx)
+        if not isinstance(value, torch.Tensor) or value.shape != (output.shape[0],):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"metric {self.name!r} returned {shape}; a metric returns one value per batch row, "
+                f"shape ({output.shape[0]},)"
+            )
+        return value
+
+
+def as_metric(fn: "Metric | Callable") -> Metric:
+    """Wrap a callable ``fn(output)`` or ``fn(output, ctx)`` as a :class:`Metric`."""
+    if isinstance(fn, Metric):
+        return fn
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        n_params = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 2
+    if n_params == 1:
+        return Metric(name, lambda output, ctx: fn(output))
+    return Metric(name, fn)
+
+
+def _per_prompt(values: "int | Sequence[int] | torch.Tensor", ctx: MetricContext, device) -> torch.Tensor:
+    t = torch.as_tensor(values, device=device)
+    return t.expand(ctx.example.shape[0]) if t.ndim == 0 else t.to(device)[ctx.example.to(device)]
+
+
+def _at(output: torch.Tensor, pos: int, ctx: MetricContext) -> torch.Tensor:
+    """``output[:, pos]``; with padding, ``pos=-1`` is each row's last real token."""
+    if output.ndim == 2:  # no position axis (sequence classification)
+        return output
+    if pos == -1 and ctx.attention_mask is not None:
+        last = ctx.attention_mask.long().sum(dim=1) - 1
+        return output[torch.arange(output.shape[0], device=output.device), last.to(output.device)]
+    return output[:, pos]
+
+
+def logit_diff(answer, distractor, pos: int = -1) -> Metric:
+    """Logit of the answer token minus the distractor's, at ``pos`` (per prompt or shared ids)."""
+
+    def fn(output, ctx):
+        logits = _at(output, pos, ctx)
+        a = _per_prompt(answer, ctx, logits.device)
+        d = _per_prompt(distractor, ctx, logits.device)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, a] - logits[rows, d]
+
+    return Metric("logit_diff", fn)
+
+
+def probability(token, pos: int = -1) -> Metric:
+    """Softmax probability of ``token`` at ``pos``."""
+
+    def fn(output, ctx):
+        probs = _at(output, pos, ctx).float().softmax(dim=-1)
+        t = _per_prompt(token, ctx, probs.device)
+        return probs[torch.arange(probs.shape[0], device=probs.device), t]
+
+    return Metric("probability", fn)
+
+
+def logprob(token, pos: int = -1) -> Metric:
+    """Log-probability of ``token`` at ``pos``."""
+
+    def fn(output, ctx):
+        logp = _at(output, pos, ctx).float().log_softmax(dim=-1)
+        t = _per_prompt(token, ctx, logp.device)
+        return logp[torch.arange(logp.shape[0], device=logp.device), t]
+
+    return Metric("logprob", fn)
+
+
+def kl_to_clean(pos: int = -1) -> Metric:
+    """KL(clean ‖ patched) of the next-token distribution at ``pos``; 0 when the run matches clean."""
+
+    def fn(output, ctx):
+        if ctx.clean is None:
+            raise ValueError("kl_to_clean needs the clean output in the metric context (ctx.clean)")
+        patched = _at(output, pos, ctx).float().log_softmax(dim=-1)
+        clean_rows = ctx.clean.to(output.device)[ctx.example.to(output.device)]
+        mask = None if ctx.attention_mask is None else ctx.attention_mask
+        clean = _at(clean_rows, pos, MetricContext(ctx.example, None, mask)).float().log_softmax(dim=-1)
+        return F.kl_div(patched, clean, log_target=True, reduction="none").sum(dim=-1)
+
+    return Metric("kl_to_clean", fn)

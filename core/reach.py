@@ -1,0 +1,96 @@
+"""How the engine reaches a site family inside a module tree.
+
+A :class:`Reach` installs whatever hooks it needs for one layer of a family and calls back with
+the activation in the family's layout ``[batch, *axes]``. The callback returns a replacement
+(or ``None`` for "unchanged"); the reach writes it back where the model will read it.
+Adapters build reaches; the engine only calls :meth:`Reach.install` and removes the handles.
+
+The reaches here are architecture-free: a module's output, a module's input.
+Adapters add their own (per-head views, derived residual sites, attention patterns).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["Handle", "Callback", "Reach", "ModuleOutput", "ModuleInput", "submodule"]
+
+Callback = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class Handle(Protocol):
+    def remove(self) -> None: ...
+
+
+class Reach(Protocol):
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        """Hook the activation of ``layer``; return every handle installed."""
+        ...
+
+
+def submodule(root: nn.Module, path: str, layer: int | None) -> nn.Module:
+    """``root.get_submodule(path)`` with ``{layer}`` filled in; errors name the path."""
+    name = path.format(layer=layer)
+    if not name:
+        return root
+    try:
+        return root.get_submodule(name)
+    except AttributeError as err:
+        raise LookupError(f"no submodule {name!r} in {type(root).__name__}: {err}") from None
+
+
+def _replace_first(output: Any, index: int, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    items = list(output)
+    items[index] = new
+    return type(output)(items) if isinstance(output, tuple) else items
+
+
+class ModuleOutput:
+    """The output of a module (element ``index`` when it returns a tuple)."""
+
+    def __init__(self, root: nn.Module, path: str, index: int = 0):
+        self.root, self.path, self.index = root, path, index
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        index = self.index
+
+        def hook(module, args, output):
+            value = output if isinstance(output, torch.Tensor) else output[index]
+            new = callback(value)
+            return None if new is None else _replace_first(output, index, new)
+
+        return [submodule(self.root, self.path, layer).register_forward_hook(hook)]
+
+
+class ModuleInput:
+    """An input of a module: keyword ``name`` when passed by keyword, else positional ``position``."""
+
+    def __init__(self, root: nn.Module, path: str, name: str | None = "hidden_states", position: int = 0):
+        self.root, self.path, self.name, self.position = root, path, name, position
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        name, position = self.name, self.position
+
+        def hook(module, args, kwargs):
+            if name is not None and name in kwargs:
+                new = callback(kwargs[name])
+                if new is None:
+                    return None
+                return args, {**kwargs, name: new}
+            if len(args) <= position:
+                raise RuntimeError(
+                    f"{type(module).__name__} was called without input {name or position!r}; "
+                    f"the adapter's reach for it is wrong"
+                )
+            new = callback(args[position])
+            if new is None:
+                return None
+            return args[:position] + (new,) + args[position + 1 :], kwargs
+
+        module = submodule(self.root, self.path, layer)
+        return [module.register_forward_pre_hook(hook, with_kwargs=True)]
