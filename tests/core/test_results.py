@@ -254,7 +254,7 @@ def test_plot_1d_bars_and_title_with_sites():
     ax = figure.axes[0]
     assert isinstance(figure, Figure)
     assert len(ax.patches) == 4
-    assert ax.get_title() == "activation_patching · logit_diff · head_out.*[head=*]"
+    assert ax.get_title().replace("\n", " ") == "activation_patching · logit_diff · head_out.*[head=*]"
     red, blue = ax.patches[0].get_facecolor(), ax.patches[1].get_facecolor()
     assert red[0] > red[2] and blue[2] > blue[0]
 
