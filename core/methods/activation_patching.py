@@ -53,7 +53,9 @@ def activation_patching(
 
     base_in, source_in = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
-    base = execute(m.module, m.adapter, m.catalog, base_in)
+    # The baseline hooks the same sites as the patched runs: some reaches change the numerics
+    # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
+    base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys)
     clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
     mask = base_in.get("attention_mask")
     ctx = MetricContext(torch.arange(n, device=clean_out.device), clean_out, mask)

@@ -1,0 +1,117 @@
+"""Activation patching on tiny transformers, checked against invariants and a hand-written loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import crosspatch as cp
+from conftest import tiny_llama
+
+
+def _metric(clean):
+    answer = clean[:, -1]
+    return cp.metrics.logit_diff(answer, (answer + 1) % 100)
+
+
+def _loop(m, clean, corrupt, sites, metric, direction="denoising"):
+    """One forward per site through the public run API: the reference the batched sweep must equal."""
+    base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
+    sweep = m.catalog.expand(sites, {"pos": clean.shape[1]})
+    baseline = metric(m.run(base).output)
+    values = [
+        (metric(m.run(base, {site: cp.Patch(source)}).output) - baseline).mean().item() for site in sweep.sites
+    ]
+    return np.array(values).reshape(sweep.shape)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("sites", ["head_out.*[head=*]", "resid_pre.*[pos=*]", "mlp_out.1[pos=*]"])
+def test_batched_sweep_equals_one_site_at_a_time(gpt2, pair, direction, sites):
+    clean, corrupt = pair
+    m = cp.wrap(gpt2)
+    metric = _metric(clean)
+    batched = cp.activation_patching(m, clean, corrupt, sites, metric, direction=direction, batch_size=64)
+    single = cp.activation_patching(m, clean, corrupt, sites, metric, direction=direction, batch_size=1)
+    loop = _loop(m, clean, corrupt, sites, metric, direction)
+    np.testing.assert_allclose(batched.values, loop, atol=1e-5)
+    np.testing.assert_allclose(single.values, batched.values, atol=1e-5)
+
+
+def test_grouped_query_attention_head_sweep_matches_loop(pair):
+    clean, corrupt = pair
+    m = cp.wrap(tiny_llama())
+    metric = _metric(clean)
+    result = cp.activation_patching(m, clean, corrupt, "head_out.*[head=*]", metric)
+    assert result.dims == ("layer", "head") and result.values.shape == (2, 4)
+    np.testing.assert_allclose(result.values, _loop(m, clean, corrupt, "head_out.*[head=*]", metric), atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_identical_clean_and_corrupt_give_zero_everywhere(gpt2, pair, direction):
+    clean, _ = pair
+    for sites in ["head_out.*[head=*]", "resid_pre.*[pos=*]", "attn_pattern.*[head=*]"]:
+        result = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), direction=direction)
+        assert np.all(result.values == 0.0), sites
+    kl = cp.activation_patching(gpt2, clean, clean, "resid_post.*", cp.metrics.kl_to_clean(), direction=direction)
+    np.testing.assert_allclose(kl.values, 0.0, atol=1e-7)
+
+
+def test_first_layer_residual_restores_exactly_at_the_corrupted_position(gpt2, pair):
+    clean, corrupt = pair  # they differ at position 3 only
+    result = cp.activation_patching(gpt2, clean, corrupt, "resid_pre.0[pos=*]", _metric(clean), normalize=True)
+    expected = np.zeros(clean.shape[1])
+    expected[3] = 1.0
+    np.testing.assert_allclose(result.values, expected, atol=1e-5)
+    # Patching the last residual at the last position hands over the clean logits there.
+    last = cp.activation_patching(gpt2, clean, corrupt, "resid_post.1[pos=-1]", _metric(clean), normalize=True)
+    assert last.dims == () and abs(float(last.values) - 1.0) < 1e-5
+
+
+def test_denoising_positions_before_the_corruption_do_nothing_in_a_causal_model(gpt2, pair):
+    clean, corrupt = pair
+    result = cp.activation_patching(gpt2, clean, corrupt, "resid_post.*[pos=*]", _metric(clean))
+    assert np.all(result.values[:, :3] == 0.0)  # positions < 3 are identical in both runs
+
+
+def test_result_metadata_and_outputs(gpt2, pair, tmp_path):
+    clean, corrupt = pair
+    result = cp.activation_patching(gpt2, clean, corrupt, "head_out.*[head=*]", _metric(clean))
+    meta = result.metadata
+    assert meta["method"] == "activation_patching" and meta["metric"] == "logit_diff"
+    assert meta["adapter"] == "transformers" and meta["model"]["class"] == "GPT2LMHeadModel"
+    assert meta["direction"] == "denoising" and meta["n_prompts"] == 4
+    assert {"torch", "crosspatch", "transformers"} <= set(meta["versions"])
+    assert meta["baseline"]["clean"] != meta["baseline"]["corrupt"]
+    frame = result.to_pandas()
+    assert list(frame.columns) == ["layer", "head", "value"] and len(frame) == 8
+    loaded = cp.Result.load(result.save(tmp_path / "heads"))
+    np.testing.assert_array_equal(loaded.values, result.values)
+    result.plot().savefig(tmp_path / "heads.png")
+    assert (tmp_path / "heads.png").stat().st_size > 1000
+
+
+def test_any_callable_metric(gpt2, pair):
+    clean, corrupt = pair
+    answer = clean[0, -1].item()
+
+    def last_logit(logits):
+        return logits[:, -1, answer]
+
+    m = cp.wrap(gpt2)
+    result = cp.activation_patching(m, clean, corrupt, "attn_out.*", last_logit)
+    assert result.metadata["metric"] == "last_logit"
+    np.testing.assert_allclose(result.values, _loop(m, clean, corrupt, "attn_out.*", last_logit), atol=1e-5)
+    with pytest.raises(ValueError, match="one value per batch row"):
+        cp.activation_patching(m, clean, corrupt, "attn_out.*", lambda logits: logits.sum())
+
+
+def test_bad_inputs_are_refused(gpt2, pair):
+    clean, corrupt = pair
+    with pytest.raises(ValueError, match="same|match"):
+        cp.activation_patching(gpt2, clean, corrupt[:, :-1], "attn_out.*", _metric(clean))
+    with pytest.raises(ValueError, match="direction"):
+        cp.activation_patching(gpt2, clean, corrupt, "attn_out.*", _metric(clean), direction="sideways")
+    with pytest.raises(cp.SiteError, match="head_out"):
+        cp.activation_patching(gpt2, clean, corrupt, "head_outt.*", _metric(clean))
