@@ -124,6 +124,7 @@ class Catalog:
                 )
             size = fam.axis(axis_name).size or (sizes or {}).get(axis_name)
             sel.append((axis_name, _check_selector(site, axis_name, value, size)))
+        sel.sort(key=lambda item: fam.axis_names.index(item[0]))  # canonical: the family's axis order
         return Site(fam.name, layer, tuple(sel))
 
     def expand(self, patterns: "str | Site | Sequence[str | Site]", sizes: Mapping[str, int] | None = None) -> Sweep:
@@ -187,8 +188,15 @@ def _check_selector(site: Site, axis: str, value, size: int | None):
     if value == ANY:
         return value
     if isinstance(value, Span):
-        return value
+        if size is None:
+            return value
+        start, stop, _ = slice(value.start, value.stop).indices(size)
+        if stop <= start:
+            raise SiteError(f"site {site}: the range {value} selects nothing on axis {axis!r} of size {size}")
+        return Span(start, stop)
     if isinstance(value, tuple):
+        if not value:
+            raise SiteError(f"site {site}: an empty set of indices selects nothing on axis {axis!r}")
         return tuple(sorted({check_index(i) for i in value}))
     if isinstance(value, int) and not isinstance(value, bool):
         return check_index(value)

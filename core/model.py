@@ -26,13 +26,7 @@ class WrappedModel:
     def __init__(self, module: nn.Module, adapter: Adapter):
         self.module = module
         self.adapter = adapter
-        self._catalog: Catalog | None = None
-
-    @property
-    def catalog(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = self.adapter.catalog(self.module)
-        return self._catalog
+        self.catalog: Catalog = adapter.catalog(module)  # built now, so an unsupported model fails at wrap()
 
     def sites(self) -> Catalog:
         """Every site family with its axes and sizes (print it for a table)."""

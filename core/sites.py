@@ -43,8 +43,9 @@ class SiteError(ValueError):
     """A site string or site that does not fit the grammar or the model's catalog."""
 
 
+_DIGITS = frozenset("0123456789")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_INT = re.compile(r"-?\d+")
+_INT = re.compile(r"-?[0-9]+")
 
 
 def _fail(text: str, at: int, what: str) -> SiteError:
@@ -71,16 +72,7 @@ class Site:
 
     @classmethod
     def make(cls, family: str, layer: int | str | None = None, **selection: Selector) -> "Site":
-        sel = []
-        for axis, value in selection.items():
-            if isinstance(value, slice):
-                if value.step not in (None, 1):
-                    raise SiteError(f"axis {axis!r}: steps are not supported in a selection, got {value}")
-                value = Span(value.start, value.stop)
-            elif isinstance(value, (list, set)):
-                value = tuple(sorted(value))
-            sel.append((axis, value))
-        return cls(family, layer, tuple(sel))
+        return cls(family, layer, tuple((axis, _selector(axis, value)) for axis, value in selection.items()))
 
     @property
     def selection(self) -> dict[str, Selector]:
@@ -98,7 +90,7 @@ class Site:
     def with_(self, layer: int | str | None = None, **selection: Selector) -> "Site":
         """A copy with the layer and/or some axis selections replaced."""
         sel = dict(self.sel)
-        sel.update(selection)
+        sel.update({axis: _selector(axis, value) for axis, value in selection.items()})
         return Site(self.family, self.layer if layer is None else layer, tuple(sel.items()))
 
     def __str__(self) -> str:
@@ -115,6 +107,19 @@ class Site:
         if not isinstance(text, str):
             raise SiteError(f"a site is a string like 'head_out.3[head=1]' or a Site, got {type(text).__name__}")
         return _Parser(text).site()
+
+
+def _selector(axis: str, value) -> Selector:
+    """Normalise a Python value (int, '*', slice, list, set, tuple, Span) into a selector."""
+    if isinstance(value, slice):
+        if value.step not in (None, 1):
+            raise SiteError(f"axis {axis!r}: steps are not supported in a selection, got {value}")
+        return Span(value.start, value.stop)
+    if isinstance(value, (list, set, tuple)):
+        if not value:
+            raise SiteError(f"axis {axis!r}: an empty set of indices selects nothing")
+        return tuple(sorted(set(value)))
+    return value
 
 
 def site_key(family: str, layer: int | str | None) -> str:
@@ -178,7 +183,7 @@ class _Parser:
                 self.i += 1
                 layer = ANY
                 break
-            if self._peek().isdigit() or self._peek() == "-":
+            if self._peek() in _DIGITS or self._peek() == "-":
                 layer = self._int()
                 break
             parts.append(self._ident("a family name part, a layer number or '*'"))
@@ -197,11 +202,11 @@ class _Parser:
                 values.append(self._int())
             self._expect("}")
             return tuple(sorted(set(values)))
-        start = self._int() if (c.isdigit() or c == "-") else None
+        start = self._int() if (c in _DIGITS or c == "-") else None
         if self._peek() == ":":
             self.i += 1
             c = self._peek()
-            stop = self._int() if (c.isdigit() or c == "-") else None
+            stop = self._int() if (c in _DIGITS or c == "-") else None
             return Span(start, stop)
         if start is None:
             raise _fail(self.text, self.i, "expected an index, a range a:b, a set {a,b} or '*'")
