@@ -85,9 +85,7 @@ def execute(
         fam = catalog.family(site.family)
         if not fam.writable:
             raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
-        if bound.rows is not None and not (0 <= (bound.rows.start or 0) and (bound.rows.stop or 0) <= n_rows):
-            raise ValueError(f"intervention at {site}: rows {bound.rows} fall outside the batch of {n_rows}")
-        plan_for(site).bounds.append(Bound(site, bound.intervention, bound.rows))
+        plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
     for key in capture:
         plan_for(catalog.resolve(key)).capture = True
 
@@ -111,6 +109,20 @@ def execute(
             f"the adapter {adapter.name!r} reaches them through modules this call did not run"
         )
     return Run(output, cache, raw)
+
+
+def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
+    """Rows as a plain ``start:stop`` inside the batch; anything else is refused, not clipped."""
+    if rows is None:
+        return None
+    start, stop, step = rows.indices(n_rows)
+    inside = all(v is None or -n_rows <= v <= n_rows for v in (rows.start, rows.stop))
+    if step != 1 or stop <= start or not inside:
+        raise ValueError(
+            f"intervention at {site}: rows {rows} fall outside the batch of {n_rows} rows or are not a "
+            f"contiguous, non-empty block of it"
+        )
+    return slice(start, stop)
 
 
 def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool):

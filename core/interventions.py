@@ -12,7 +12,7 @@ Every intervention serialises to a plain dict (``to_dict``) and back (:func:`fro
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -158,6 +158,8 @@ class Mean(Intervention):
         unknown = set(self.over) - set(names)
         if unknown:
             raise SiteError(f"Mean at {ctx.site}: cannot average over {sorted(unknown)}; axes are {names}")
+        if "batch" not in self.over:
+            raise SiteError(f"Mean at {ctx.site}: over={tuple(self.over)} must include 'batch' (the reference set)")
         dims = [names.index(n) for n in self.over]
         mean = _wide(ref).mean(dim=dims, keepdim=True).to(ref.dtype).expand(1, *ref.shape[1:])
         return ctx.select(mean).expand_as(x)
@@ -228,7 +230,6 @@ class ProjectOut(Intervention):
 
     kind: ClassVar[str] = "project_out"
     basis: torch.Tensor = None  # type: ignore[assignment]
-    _q: Any = field(default=None, init=False, repr=False, compare=False)
 
     def apply(self, x, ctx):
         last = ctx.family.axis_names[-1]
@@ -241,14 +242,10 @@ class ProjectOut(Intervention):
                 f"ProjectOut at {ctx.site}: basis has shape {tuple(basis.shape)}; expected [k, {x.shape[-1]}] "
                 f"(k directions along {last!r})"
             )
-        if self._q is None or self._q.device != x.device:
-            q, _ = torch.linalg.qr(basis.to(device=x.device, dtype=torch.float64).T)
-            self._q = q
-        q = self._q.to(x.dtype)
+        # An orthonormal basis of the span, also when the given directions are dependent.
+        u, s, _ = torch.linalg.svd(basis.to(device=x.device, dtype=torch.float64).T, full_matrices=False)
+        q = u[:, s > s.max() * 1e-10].to(x.dtype)
         return x - (x @ q) @ q.T
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "basis": self.basis}
 
 
 BUILTIN_INTERVENTIONS: dict[str, type[Intervention]] = {

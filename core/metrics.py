@@ -74,8 +74,9 @@ def _at(output: torch.Tensor, pos: int, ctx: MetricContext) -> torch.Tensor:
     if output.ndim == 2:  # no position axis (sequence classification)
         return output
     if pos == -1 and ctx.attention_mask is not None:
-        last = ctx.attention_mask.long().sum(dim=1) - 1
-        return output[torch.arange(output.shape[0], device=output.device), last.to(output.device)]
+        mask = ctx.attention_mask.to(output.device).long()
+        last = (mask * torch.arange(mask.shape[1], device=output.device)).argmax(dim=1)  # left or right padding
+        return output[torch.arange(output.shape[0], device=output.device), last]
     return output[:, pos]
 
 

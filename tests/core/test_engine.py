@@ -333,11 +333,6 @@ def test_rows_outside_the_batch_raise(toy, x):
         toy.run(x, [cp.Bound("hidden.0", cp.Zero(), rows=slice(2, 7))])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine row check treats a missing stop as 0: rows=slice(5, None) on a 3-row batch passes and "
-    "silently intervenes on no row",
-)
 def test_rows_starting_past_the_batch_raise(toy, x):
     with pytest.raises(ValueError, match="outside the batch"):
         toy.run(x, [cp.Bound("hidden.0", cp.Zero(), rows=slice(5, None))])

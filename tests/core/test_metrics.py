@@ -189,12 +189,6 @@ def test_last_position_with_right_padding_is_each_rows_last_real_token(logits):
     close(kl_to_clean()(patched, ctx), torch.zeros(3), check_dtype=False, atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_at takes the last real token as attention_mask.sum(1) - 1, which is only right for right "
-    "padding; with left padding it picks an earlier real token instead of the last one",
-    raises=AssertionError,
-)
 def test_last_position_with_left_padding_is_each_rows_last_real_token(logits):
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
     ctx = MetricContext(torch.arange(3), attention_mask=mask)
