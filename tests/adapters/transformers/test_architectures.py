@@ -16,6 +16,15 @@ ALL_SITES = ["embed", "resid_pre.*", "attn_pattern.*", "head_out.*", "attn_out.*
              "mlp_out.*", "resid_post.*", "logits"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the spin-waits cost ~0.2 s a forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class Spec:
     make: Callable
@@ -350,3 +359,41 @@ def test_right_padding_leaves_real_tokens_unchanged(make):
             got = got[:, :n]
         close(got, alone[key], atol=1e-5, msg=key)
         close(padded[key][1:], full[key], atol=1e-5, msg=f"{key} (unpadded row)")
+
+
+# Variants: sliding windows, explicit head_dim, an o_proj bias ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tiny_llama("mistral", sliding_window=3),
+        lambda: tiny_llama("qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1),
+        lambda: tiny_llama("llama", head_dim=8, attention_bias=True),
+    ],
+    ids=["mistral_window3", "qwen2_window3_layer1", "llama_head_dim8_bias"],
+)
+def test_llama_family_variants(make):
+    model = randomize(make())
+    m = cp.wrap(model)
+    ids = ids_for(12)
+    cache = m.capture(ids, ["attn_pattern.*", "head_out.*", "attn_out.*"])
+    model.set_attn_implementation("eager")
+    try:
+        attentions = hf(model, ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    window = getattr(model.config, "sliding_window", None)
+    for l, layer in enumerate(model.model.layers):
+        pattern = cache[f"attn_pattern.{l}"]
+        close(pattern, attentions[l], atol=1e-6, msg=f"attn_pattern.{l}")
+        attn = layer.self_attn
+        if getattr(attn, "sliding_window", None) or (model.config.model_type == "mistral" and window):
+            far = torch.ones(T, T, dtype=torch.bool).tril(-window)  # keys at least `window` behind the query
+            assert (pattern[..., far] == 0).all()
+        bias = 0 if attn.o_proj.bias is None else attn.o_proj.bias
+        assert cache[f"head_out.{l}"].shape == (2, T, N_HEAD, 64)
+        close(cache[f"head_out.{l}"].sum(2) + bias, cache[f"attn_out.{l}"], atol=1e-5)
+    if model.config.model_type == "qwen2":  # max_window_layers=1: layer 0 sees every key, layer 1 slides
+        assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 3]
+        assert (cache["attn_pattern.0"][..., torch.ones(T, T, dtype=torch.bool).tril(-3)] > 0).all()

@@ -15,6 +15,15 @@ N_LAYER, N_HEAD, D_HEAD, T = 2, 4, 16, 10
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the spin-waits cost ~0.2 s a forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
     """Random biases (c_attn, c_proj, c_fc) and layer-norm parameters: GPT-2 inits biases to zero."""
     gen = torch.Generator().manual_seed(seed)
@@ -108,7 +117,11 @@ def test_randomized_parameters_are_not_trivial():
         assert not torch.allclose(block.ln_1.weight, torch.ones_like(block.ln_1.weight))
 
 
-@pytest.mark.parametrize("config", [{}, {"scale_attn_by_inverse_layer_idx": True}, {"reorder_and_upcast_attn": True}])
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}, {"reorder_and_upcast_attn": True}],
+    ids=["default", "scale_by_layer", "unscaled", "reorder_upcast"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_site_matches_reference(dtype, config):
     model = make(dtype, **config)
@@ -488,6 +501,11 @@ def test_attn_implementation_restored_after_exception(where):
     bad = cp.Cache({"attn_pattern.0": torch.ones(1, N_HEAD, T - 1, T - 1)}, {"attn_pattern.0": ("head", "pos", "key_pos")})
     with pytest.raises(cp.SiteError):
         m.run(ids, {"attn_pattern.0": cp.Patch(bad)})
+    assert model.config._attn_implementation == "sdpa"
+    _no_hooks_left(model)
+    # the forward fails before any attention layer runs (token id outside the vocabulary)
+    with pytest.raises(IndexError):
+        m.run(torch.full((1, T), 500), capture="attn_pattern.*")
     assert model.config._attn_implementation == "sdpa"
     _no_hooks_left(model)
 
