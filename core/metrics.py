@@ -64,6 +64,11 @@ def as_metric(fn: "Metric | Callable") -> Metric:
     return Metric(name, fn)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 for softmax-style reductions (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _per_prompt(values: "int | Sequence[int] | torch.Tensor", ctx: MetricContext, device) -> torch.Tensor:
     t = torch.as_tensor(values, device=device)
     return t.expand(ctx.example.shape[0]) if t.ndim == 0 else t.to(device)[ctx.example.to(device)]
@@ -93,26 +98,24 @@ def logit_diff(answer, distractor, pos: int = -1) -> Metric:
     return Metric("logit_diff", fn)
 
 
+def _token_score(name: str, token, pos: int, log: bool) -> Metric:
+    def fn(output, ctx):
+        logits = _wide(_at(output, pos, ctx))
+        scores = logits.log_softmax(dim=-1) if log else logits.softmax(dim=-1)
+        t = _per_prompt(token, ctx, scores.device)
+        return scores[torch.arange(scores.shape[0], device=scores.device), t]
+
+    return Metric(name, fn)
+
+
 def probability(token, pos: int = -1) -> Metric:
     """Softmax probability of ``token`` at ``pos``."""
-
-    def fn(output, ctx):
-        probs = _at(output, pos, ctx).float().softmax(dim=-1)
-        t = _per_prompt(token, ctx, probs.device)
-        return probs[torch.arange(probs.shape[0], device=probs.device), t]
-
-    return Metric("probability", fn)
+    return _token_score("probability", token, pos, log=False)
 
 
 def logprob(token, pos: int = -1) -> Metric:
     """Log-probability of ``token`` at ``pos``."""
-
-    def fn(output, ctx):
-        logp = _at(output, pos, ctx).float().log_softmax(dim=-1)
-        t = _per_prompt(token, ctx, logp.device)
-        return logp[torch.arange(logp.shape[0], device=logp.device), t]
-
-    return Metric("logprob", fn)
+    return _token_score("logprob", token, pos, log=True)
 
 
 def kl_to_clean(pos: int = -1) -> Metric:
@@ -121,10 +124,10 @@ def kl_to_clean(pos: int = -1) -> Metric:
     def fn(output, ctx):
         if ctx.clean is None:
             raise ValueError("kl_to_clean needs the clean output in the metric context (ctx.clean)")
-        patched = _at(output, pos, ctx).float().log_softmax(dim=-1)
+        patched = _wide(_at(output, pos, ctx)).log_softmax(dim=-1)
         clean_rows = ctx.clean.to(output.device)[ctx.example.to(output.device)]
         mask = None if ctx.attention_mask is None else ctx.attention_mask
-        clean = _at(clean_rows, pos, MetricContext(ctx.example, None, mask)).float().log_softmax(dim=-1)
+        clean = _wide(_at(clean_rows, pos, MetricContext(ctx.example, None, mask))).log_softmax(dim=-1)
         return F.kl_div(patched, clean, log_target=True, reduction="none").sum(dim=-1)
 
     return Metric("kl_to_clean", fn)

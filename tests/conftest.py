@@ -11,6 +11,40 @@ from torch import nn
 os.environ.setdefault("CROSSPATCH_PROGRESS", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine the spin-waits cost ~0.2 s a forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def install_fake_dist(root, modules: dict[str, str], entry_points: dict[str, str]) -> None:
+    """Write plugin modules and a ``fakeplug-0.1.dist-info`` declaring them in the ``crosspatch`` group."""
+    import textwrap
+
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(source))
+    info = root / "fakeplug-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
+    lines = ["[crosspatch]"] + [f"{name} = {value}" for name, value in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+def randomize(model, seed: int = 3):
+    """Random biases and norm weights: they init to 0 and 1, which would hide bias and scale bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif ("norm" in name.lower() or ".ln_" in name) and name.endswith(".weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def tiny_gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

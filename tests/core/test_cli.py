@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import install_fake_dist
 from crosspatch import cli, plugins
 from crosspatch.plugins import reset_registry
 
@@ -41,16 +42,6 @@ MODULES = {"cpclifake_good": GOOD, "cpclifake_broken": BROKEN}
 ENTRY_POINTS = {"fpc_good": "cpclifake_good", "fpc_broken": "cpclifake_broken"}
 
 
-def install_fake_dist(root: Path) -> None:
-    for mod, src in MODULES.items():
-        (root / f"{mod}.py").write_text(textwrap.dedent(src))
-    info = root / "fakeplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
-    lines = ["[crosspatch]"] + [f"{k} = {v}" for k, v in ENTRY_POINTS.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-
-
 def _forget() -> None:
     for mod in MODULES:
         sys.modules.pop(mod, None)
@@ -58,7 +49,7 @@ def _forget() -> None:
 
 @pytest.fixture
 def fakeplug(tmp_path, monkeypatch):
-    install_fake_dist(tmp_path)
+    install_fake_dist(tmp_path, MODULES, ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(tmp_path))
     # Only the fake plugins: keeps built-in entry points out of these tests.
     monkeypatch.setenv(plugins.PLUGINS_ENV_VAR, ",".join(ENTRY_POINTS))
@@ -154,7 +145,7 @@ def _subprocess_env(extra_path: Path) -> dict[str, str]:
 
 
 def test_console_script_survives_broken_plugin(tmp_path):
-    install_fake_dist(tmp_path)
+    install_fake_dist(tmp_path, MODULES, ENTRY_POINTS)
     exe = CROSSPATCH_EXE if CROSSPATCH_EXE.exists() else Path("/work/main/.venv/bin/crosspatch")
     proc = subprocess.run(
         [str(exe), "plugins"], capture_output=True, text=True, env=_subprocess_env(tmp_path), timeout=120
@@ -166,7 +157,7 @@ def test_console_script_survives_broken_plugin(tmp_path):
 
 
 def test_python_dash_m(tmp_path):
-    install_fake_dist(tmp_path)
+    install_fake_dist(tmp_path, MODULES, ENTRY_POINTS)
     proc = subprocess.run(
         [sys.executable, "-m", "crosspatch", "plugins", "--json"],
         capture_output=True, text=True, env=_subprocess_env(tmp_path), timeout=120,

@@ -179,7 +179,7 @@ def test_last_position_with_right_padding_is_each_rows_last_real_token(logits):
     last = [3, 1, 0]
     want = torch.stack([logits[b, last[b], 2] - logits[b, last[b], 4] for b in range(3)])
     close(logit_diff(2, 4)(logits, ctx), want)
-    close(logprob(1)(logits, ctx), torch.stack([logits[b, last[b]].log_softmax(-1)[1] for b in range(3)]).float())
+    close(logprob(1)(logits, ctx), torch.stack([logits[b, last[b]].log_softmax(-1)[1] for b in range(3)]))
     # an explicit position ignores the mask
     close(logit_diff(2, 4, pos=3)(logits, ctx), logit_diff(2, 4, pos=3)(logits))
     # kl: patched at the padding positions only changes nothing

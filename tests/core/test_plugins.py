@@ -14,6 +14,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
+from conftest import install_fake_dist
 from crosspatch import plugins
 from crosspatch.hookspecs import hookimpl
 from crosspatch.plugins import PluginLoadWarning, Registry, get_registry, reset_registry
@@ -90,17 +91,6 @@ ENTRY_POINTS = {
 }
 
 
-def install_fake_dist(root: Path, entry_points: dict[str, str] = ENTRY_POINTS) -> None:
-    """Write the fake modules and a ``fakeplug-0.1.dist-info`` into ``root``."""
-    for mod, src in FAKE_MODULES.items():
-        (root / f"{mod}.py").write_text(textwrap.dedent(src))
-    info = root / "fakeplug-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
-    lines = ["[crosspatch]"] + [f"{name} = {value}" for name, value in entry_points.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-
-
 def _forget_fake_modules() -> None:
     for mod in FAKE_MODULES:
         sys.modules.pop(mod, None)
@@ -121,7 +111,7 @@ def clean(monkeypatch):
 @pytest.fixture
 def fakeplug(tmp_path, monkeypatch, clean):
     """The fake distribution on sys.path; discovery limited to it."""
-    install_fake_dist(tmp_path)
+    install_fake_dist(tmp_path, FAKE_MODULES, ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     return tmp_path

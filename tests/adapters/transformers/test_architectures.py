@@ -9,20 +9,11 @@ import pytest
 import torch
 
 import crosspatch as cp
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox, tiny_roberta
+from conftest import randomize, tiny_bert, tiny_gpt2, tiny_llama, tiny_neox, tiny_roberta
 
 N_LAYER, N_HEAD, T = 2, 4, 8
 ALL_SITES = ["embed", "resid_pre.*", "attn_pattern.*", "head_out.*", "attn_out.*", "resid_mid.*", "mlp_act.*",
              "mlp_out.*", "resid_post.*", "logits"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the spin-waits cost ~0.2 s a forward."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -57,18 +48,6 @@ SPECS = {
     "roberta": Spec(tiny_roberta, **_BERT),
 }
 ARCHS = list(SPECS)
-
-
-def randomize(model, seed=3):
-    """Random biases and norm weights (they init to 0 / 1, which hides bias and scale bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name.lower() and name.endswith(".weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def build(arch):

@@ -7,33 +7,13 @@ import pytest
 import torch
 
 import crosspatch as cp
-from conftest import tiny_gpt2, tiny_llama
+from conftest import randomize, tiny_gpt2, tiny_llama
 from reference_gpt2 import gpt2_reference
 
 ALL_SITES = ["embed", "resid_pre.*", "attn_pattern.*", "head_out.*", "attn_out.*", "resid_mid.*", "mlp_act.*",
              "mlp_out.*", "resid_post.*", "logits"]
 T = 9
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the spin-waits cost ~0.2 s a forward."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomize(model, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif ("norm" in name or ".ln_" in name) and name.endswith(".weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def build(name, dtype):
