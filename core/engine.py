@@ -8,8 +8,6 @@ Without ``grad`` the run is under ``torch.inference_mode``.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -25,9 +23,6 @@ from .selection import axis_index, select
 from .sites import Site, SiteError
 
 __all__ = ["Bound", "Run", "execute"]
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Bound:
@@ -183,8 +178,7 @@ def _resolve_sources(model, adapter, catalog, bounds: list[Bound], grad: bool) -
         entry[2].append(bound.intervention)
     for src, keys, users in by_input.values():
         prepared = adapter.prepare(model, src)
-        with torch.no_grad() if grad else contextlib.nullcontext():
-            cache = execute(model, adapter, catalog, prepared, capture=sorted(keys)).cache
+        cache = execute(model, adapter, catalog, prepared, capture=sorted(keys)).cache
         for intervention in users:
             resolved[id(intervention)] = cache
     return resolved
