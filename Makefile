@@ -18,10 +18,12 @@ dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[all,dev]"
 
 demo: install
-	$(BIN)/python examples/gpt2_activation_patching.py --out $(OUT)
+	$(BIN)/python examples/ioi_study.py --out $(OUT)
 
+# The torchvision plugin is installed as a user would install it, so its entry point is exercised.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/pip install --quiet ./plugins/crosspatch-torchvision
+	$(BIN)/python -m pytest -q tests plugins/crosspatch-torchvision/tests plugins/crosspatch-template/tests
 
 clean:
 	rm -rf build dist *.egg-info $(OUT) .pytest_cache

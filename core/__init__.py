@@ -6,30 +6,32 @@
     out = m.run(corrupt_ids, {"resid_post.1[pos=3]": cp.Patch(cache)})
     res = cp.activation_patching(m, clean_ids, corrupt_ids, "head_out.*[head=*]",
                                  metric=cp.metrics.logit_diff(answer, distractor))
+
+Names are imported on first use, so ``import crosspatch`` (and the command line) stays fast.
 """
 
-from . import metrics
-from .adapter import Adapter, AdapterError
-from .cache import Cache
-from .catalog import Axis, Catalog, SiteFamily, Sweep
-from .engine import Bound, Run
-from .interventions import (
-    Add,
-    ApplyContext,
-    Intervention,
-    Mean,
-    Noise,
-    Patch,
-    ProjectOut,
-    Resample,
-    Scale,
-    Zero,
-    from_dict as intervention_from_dict,
-)
-from .methods import activation_patching
-from .model import WrappedModel, wrap
-from .results import Result
-from .sites import Site, SiteError, Span
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Adapter": "adapter", "AdapterError": "adapter",
+    "Cache": "cache",
+    "Axis": "catalog", "Catalog": "catalog", "SiteFamily": "catalog", "Sweep": "catalog",
+    "Bound": "engine", "Run": "engine",
+    "Add": "interventions", "ApplyContext": "interventions", "Intervention": "interventions", "Mean": "interventions",
+    "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
+    "Scale": "interventions", "Zero": "interventions",
+    "activation_patching": "methods",
+    "WrappedModel": "model", "wrap": "model",
+    "Result": "results",
+    "Site": "sites", "SiteError": "sites", "Span": "sites",
+}
+_RENAMED = {"intervention_from_dict": ("interventions", "from_dict")}
+_SUBMODULES = {"metrics", "tasks", "zoo", "testing", "report", "methods", "plugins"}
+
+__all__ = sorted([*_EXPORTS, *_RENAMED, "metrics", "tasks", "zoo"])
 
 try:
     from importlib.metadata import version as _version
@@ -38,9 +40,36 @@ try:
 except Exception:  # pragma: no cover - running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "Adapter", "AdapterError", "Add", "ApplyContext", "Axis", "Bound", "Cache", "Catalog", "Intervention",
-    "Mean", "Noise", "Patch", "ProjectOut", "Resample", "Result", "Run", "Scale", "Site", "SiteError",
-    "SiteFamily", "Span", "Sweep", "WrappedModel", "Zero", "activation_patching", "intervention_from_dict",
-    "metrics", "wrap",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _RENAMED:
+        module, attr = _RENAMED[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'crosspatch' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return list(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from . import metrics, tasks, zoo
+    from .adapter import Adapter, AdapterError
+    from .cache import Cache
+    from .catalog import Axis, Catalog, SiteFamily, Sweep
+    from .engine import Bound, Run
+    from .interventions import (
+        Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Zero,
+    )
+    from .interventions import from_dict as intervention_from_dict
+    from .methods import activation_patching
+    from .model import WrappedModel, wrap
+    from .results import Result
+    from .sites import Site, SiteError, Span

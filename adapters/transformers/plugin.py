@@ -8,3 +8,13 @@ from .adapter import TransformersAdapter
 @hookimpl
 def register_adapters(register):
     register(TransformersAdapter())
+
+
+@hookimpl
+def register_models(register):
+    # Specs only: transformers is imported, and models trained, when one is loaded.
+    from .minilm import MINILM
+    from .zoo import ZOO_MODELS
+
+    for spec in (*ZOO_MODELS, MINILM):
+        register(spec)

@@ -1,0 +1,90 @@
+"""Where does a tiny GPT-2 solve indirect-object identification? Activation patching, end to end.
+
+IOI prompts look like "When Mary and John went to the store, John gave a drink to" -> " Mary".
+The model is `ioi-gpt2-tiny` from the crosspatch zoo: a small GPT-2 trained on such prompts on
+your CPU the first time you run this (then cached; CROSSPATCH_CACHE moves the cache).
+
+Each corrupted prompt differs from its clean twin in one factor (the task's pairs say which),
+so the clean answer is no longer implied. We patch one clean activation at a time into the
+corrupted run and measure how much of the clean logit difference, logit(answer) - logit(distractor),
+comes back (1 = all of it):
+
+  * the residual stream entering every layer, at every position: where the information sits;
+  * the output of every attention head: which heads move it to the final position.
+
+Heatmaps (PNG), results (JSON, CSV) and a one-page index.html go to --out.
+
+    python examples/ioi_study.py --out crosspatch-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import crosspatch as cp
+from crosspatch import zoo
+from crosspatch.report import write_report
+from crosspatch.tasks import get_task
+from crosspatch.tasks.base import tokenize_pairs
+
+MODEL, TASK = "ioi-gpt2-tiny", "ioi"
+SWEEPS = {
+    "resid_pre": "resid_pre.*[pos=*]",  # every layer x every position
+    "heads": "head_out.*[head=*]",  # every layer x every head
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("crosspatch-out"), help="folder for the report")
+    parser.add_argument("--n", type=int, default=48, help="number of prompt pairs (test split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts")
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    # 1. The model: trained and cached on first use, loaded from the cache afterwards.
+    if not zoo.cached(MODEL):
+        print(f"training {MODEL} (first run only; it is cached afterwards)...")
+    loaded = zoo.load(MODEL)
+    model = cp.wrap(loaded.model)
+    print(f"{MODEL} ready after {time.perf_counter() - start:.1f} s")
+
+    # 2. Clean / corrupted prompt pairs from the held-out split, as token ids.
+    pairs = get_task(TASK).pairs(args.n, seed=args.seed, split="test")
+    data = tokenize_pairs(pairs, loaded.tokenizer)
+    print(f"{len(data)} pairs, e.g.\n  clean:   {pairs[0].clean!r} -> {pairs[0].answer!r}")
+    print(f"  corrupt: {pairs[0].corrupt!r}")
+
+    # 3. The metric: logit(answer) - logit(distractor) at the last position, per prompt.
+    metric = cp.metrics.logit_diff(data.answer, data.distractor)
+
+    # 4. One activation-patching sweep per site pattern; positions labelled with the first prompt's tokens.
+    tokens = [f"{i} {loaded.tokenizer.decode([t]).strip()}" for i, t in enumerate(data.clean[0].tolist())]
+    results = {}
+    for name, sites in SWEEPS.items():
+        result = cp.activation_patching(model, data.clean, data.corrupt, sites, metric, normalize=True)
+        if "pos" in result.dims:
+            result = cp.Result(result.values, result.dims, {**result.coords, "pos": tokens}, result.metadata)
+        results[name] = result
+        top = result.to_pandas().sort_values("value", ascending=False).head(3)
+        print(f"\n{name}: sites restoring most of the clean-corrupt gap\n{top.to_string(index=False)}")
+    baseline = results["heads"].metadata["baseline"]
+    print(f"\nlogit diff: clean {baseline['clean']:.2f}, corrupt {baseline['corrupt']:.2f}")
+
+    # 5. Heatmaps, JSON, CSV and index.html in one folder.
+    context = {
+        "model": f"{MODEL} ({model.describe()['n_layers']} layers, {model.describe()['n_heads']} heads)",
+        "task": f"{TASK}, test split",
+        "prompts": f"{len(data)} pairs, e.g. {pairs[0].clean!r} vs {pairs[0].corrupt!r}",
+        "metric": "logit_diff(answer, distractor), denoising, normalised (1 = clean restored)",
+        "seed": args.seed,
+        "versions": results["heads"].metadata["versions"],
+    }
+    out = write_report(results, args.out, title=f"IOI in {MODEL}: activation patching", context=context)
+    print(f"\nreport: {(out / 'index.html').resolve()}  ({time.perf_counter() - start:.1f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""``crosspatch zoo``, ``sites`` and ``patch`` on a tiny fake zoo model that "trains" in a blink."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from crosspatch import cli
+from crosspatch.plugins import get_registry, reset_registry
+
+pytest.importorskip("transformers")
+
+FAKE = "fake-ioi-tiny"
+
+
+def _build(folder: Path, settings) -> dict:
+    """An untrained 2-layer GPT-2 with the word-level IOI tokenizer: all `patch` needs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from crosspatch.adapters.transformers.zoo import word_tokenizer
+    from crosspatch.tasks import IOITask
+
+    tokenizer = word_tokenizer(IOITask().vocabulary())
+    torch.manual_seed(settings.seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"accuracy": 0.0}
+
+
+def _plugin() -> types.ModuleType:
+    from crosspatch.adapters.transformers.zoo import load_gpt2
+    from crosspatch.hookspecs import hookimpl
+    from crosspatch.zoo import ZooModel
+
+    module = types.ModuleType("fake_zoo_plugin")
+
+    @hookimpl
+    def register_models(register):
+        register(ZooModel(FAKE, "tiny untrained GPT-2 for CLI tests", "transformers", "ioi", _build, load_gpt2))
+
+    module.register_models = register_models
+    return module
+
+
+@pytest.fixture
+def fake_zoo(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSPATCH_CACHE", str(tmp_path / "cache"))
+    reset_registry()
+    get_registry().register(_plugin(), "fake-zoo")
+    yield tmp_path
+    reset_registry()
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    """The one error line: the last line of stderr (a broken plugin may warn on lines before it)."""
+    lines = err.splitlines()
+    errors = [line for line in lines if line.startswith("crosspatch: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and err.endswith("\n"), err
+    assert all(line.startswith("crosspatch: ") for line in lines), err  # warnings are one line each too
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def _one_line_error(code, out, err, *names):
+    assert code == 2, (out, err)
+    assert out == ""
+    line = _error_line(err)
+    for name in names:
+        assert name in line, err
+
+
+def test_zoo_list_and_train(fake_zoo, capsys):
+    code, out, _ = _run(["zoo", "list"], capsys)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["NAME", "ADAPTER", "TASK", "CACHED", "DESCRIPTION"]
+    row = next(r for r in rows if r.startswith(FAKE))
+    assert row.split()[1:4] == ["transformers", "ioi", "no"]
+
+    code, out, _ = _run(["zoo", "train", FAKE, "--seed", "0"], capsys)
+    assert code == 0 and out.startswith(f"trained {FAKE} (seed 0)")
+    code, out, _ = _run(["zoo", "list"], capsys)
+    assert next(r for r in out.splitlines() if r.startswith(FAKE)).split()[3] == "yes"
+    _one_line_error(*_run(["zoo", "train", "nope"], capsys), "'nope'", FAKE)
+
+
+def test_sites_of_a_zoo_model(fake_zoo, capsys):
+    code, out, err = _run(["sites", FAKE], capsys)  # trains on first use
+    assert code == 0, err
+    assert out.startswith("Catalog of GPT2LMHeadModel")
+    assert "head_out" in out and "head=2" in out and "logits" in out
+
+
+def test_sites_of_a_local_folder(tmp_path, capsys):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=16, vocab_size=50, n_positions=16)).save_pretrained(gpt2)
+    code, out, err = _run(["sites", gpt2, "--dtype", "float64"], capsys)
+    assert code == 0, err
+    assert "Catalog of GPT2LMHeadModel" in out and "resid_pre     3" in out
+
+    bert = tmp_path / "bert"
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    BertModel(config).save_pretrained(bert)
+    code, out, err = _run(["sites", bert], capsys)
+    assert code == 0, err
+    assert "Catalog of BertModel" in out and "logits" not in out  # the class the config names
+
+
+def test_patch_end_to_end(fake_zoo, capsys):
+    out_dir = fake_zoo / "report"
+    code, out, err = _run(["patch", "--model", FAKE, "--n", "4", "--normalize", "--out", out_dir], capsys)
+    assert code == 0, err
+    assert Path(out.strip()) == out_dir.resolve()
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"index.html", "resid_pre.png", "resid_pre.json", "resid_pre.csv", "head_out.png"} <= names
+    page = (out_dir / "index.html").read_text()
+    assert f"{FAKE} on ioi" in page and "resid_pre" in page and "head_out" in page
+
+    from crosspatch import Result
+
+    res = Result.load(out_dir / "head_out.json")
+    assert res.dims == ("layer", "head") and res.values.shape == (2, 2)
+    assert res.metadata["task"] == "ioi" and res.metadata["seed"] == 0 and res.metadata["normalize"]
+    resid = Result.load(out_dir / "resid_pre.json")
+    assert all(isinstance(label, str) for label in resid.coords["pos"])  # "0 When", "1 Mary", ...
+
+    code, out, err = _run(["patch", "--model", FAKE, "--n", "3", "--metric", "kl", "--direction", "noising",
+                           "--sites", "mlp_out.1[pos=*]", "--out", fake_zoo / "kl"], capsys)
+    assert code == 0, err
+    assert {p.name for p in (fake_zoo / "kl").iterdir()} >= {"mlp_out.json", "index.html"}
+
+
+def test_unknown_model_site_task(fake_zoo, capsys):
+    from crosspatch import zoo
+
+    zoo.load(FAKE)  # built now, so the commands below print nothing about training
+    capsys.readouterr()
+    _one_line_error(*_run(["sites", "no-such-model"], capsys), "'no-such-model'", FAKE)
+    _one_line_error(*_run(["patch", "--model", "no-such-model"], capsys), "'no-such-model'", FAKE)
+    _one_line_error(*_run(["patch", "--model", FAKE, "--task", "no-such-task"], capsys), "'no-such-task'", "ioi")
+    common = ["patch", "--model", FAKE, "--n", "2", "--out", fake_zoo / "x", "--sites"]
+    _one_line_error(*_run(common + ["nosuch.*[pos=*]"], capsys), "'nosuch'", "resid_pre", "head_out")
+    _one_line_error(*_run(common + ["resid_pre.*[pos="], capsys), "resid_pre.*[pos=", "head_out")
+    _one_line_error(*_run(common + ["head_out.7[head=*]"], capsys), "layer 7")
+    _one_line_error(*_run(["patch", "--model", FAKE, "--device", "cuda:0"], capsys), "cuda")
+    assert not (fake_zoo / "x").exists()
+
+
+def test_help_everywhere(capsys):
+    for argv in (["zoo", "--help"], ["zoo", "list", "--help"], ["zoo", "train", "--help"], ["sites", "--help"],
+                 ["patch", "--help"]):
+        code, out, _ = _run(argv, capsys)
+        assert code == 0 and out.startswith("usage: crosspatch"), argv
+    code, out, _ = _run(["--help"], capsys)
+    assert all(name in out for name in ("plugins", "zoo", "sites", "patch"))
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """A real process: the unknown model is named, the zoo listed, exit 2, one stderr line."""
+    exe = Path(sys.executable).parent / "crosspatch"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "crosspatch"]
+    proc = subprocess.run(
+        argv + ["sites", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CROSSPATCH_CACHE": str(tmp_path)},
+    )
+    assert proc.returncode == 2
+    line = _error_line(proc.stderr)
+    assert "unknown model" in line and "missing" in line
