@@ -20,9 +20,9 @@ dev: $(BIN)/python
 demo: install
 	$(BIN)/python examples/ioi_study.py --out $(OUT)
 
-# The torchvision plugin is installed as a user would install it, so its entry point is exercised.
+# The plugins are installed as a user would install them, so their entry points are exercised.
 test: install
-	$(BIN)/pip install --quiet ./plugins/crosspatch-torchvision
+	$(BIN)/pip install --quiet ./plugins/crosspatch-torchvision ./plugins/crosspatch-template
 	$(BIN)/python -m pytest -q tests plugins/crosspatch-torchvision/tests plugins/crosspatch-template/tests
 
 clean:

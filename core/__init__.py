@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "Bound": "engine", "Run": "engine",
     "Add": "interventions", "ApplyContext": "interventions", "Intervention": "interventions", "Mean": "interventions",
     "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
-    "Scale": "interventions", "Zero": "interventions",
+    "Scale": "interventions", "Set": "interventions", "Zero": "interventions",
     "activation_patching": "methods",
     "WrappedModel": "model", "wrap": "model",
     "Result": "results",
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .catalog import Axis, Catalog, SiteFamily, Sweep
     from .engine import Bound, Run
     from .interventions import (
-        Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Zero,
+        Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,
     )
     from .interventions import from_dict as intervention_from_dict
     from .methods import activation_patching

@@ -214,6 +214,20 @@ class Add(Intervention):
 
 
 @dataclass
+class Set(Intervention):
+    """do(x = value): replace the activation with ``value`` (broadcast over the family's axes, like
+    ``Add.vector``; a scalar sets every selected element). ``Add`` is the shift, ``Patch`` the interchange."""
+
+    kind: ClassVar[str] = "set"
+    value: Any = None
+
+    def apply(self, x, ctx):
+        if self.value is None:
+            raise SiteError(f"Set at {ctx.site}: no value given; write Set(value)")
+        return ctx.param(torch.as_tensor(self.value), "Set.value").expand_as(x)
+
+
+@dataclass
 class Scale(Intervention):
     """Multiply the activation by ``factor``."""
 
@@ -249,7 +263,7 @@ class ProjectOut(Intervention):
 
 
 BUILTIN_INTERVENTIONS: dict[str, type[Intervention]] = {
-    cls.kind: cls for cls in (Patch, Zero, Mean, Resample, Noise, Add, Scale, ProjectOut)
+    cls.kind: cls for cls in (Patch, Zero, Mean, Resample, Noise, Add, Set, Scale, ProjectOut)
 }
 
 

@@ -77,6 +77,16 @@ def test_scale_closed_form(toy, x, factor):
     close(new, want)
 
 
+def test_set_closed_form(toy, x):
+    value = torch.tensor([1.5, -1.0, 0.0, 2.0])
+    new, clean = after(toy, x, "hidden.0[pos=2,dim=1:3]", cp.Set(value))
+    want = clean.clone()
+    want[:, 2, 1:3] = value[1:3]  # the value is laid out like the site and selected with it
+    close(new, want)
+    scalar, _ = after(toy, x, "hidden.1[pos=0]", cp.Set(0.25))
+    assert torch.all(scalar[:, 0] == 0.25)
+
+
 def test_scale_default_factor_is_zero_ablation(toy, x):
     assert torch.equal(toy.run(x, {"hidden.1": cp.Scale()}).output, toy.run(x, {"hidden.1": cp.Zero()}).output)
 
@@ -311,12 +321,13 @@ def every_kind(toy, x, ref):
         ("hidden.0", cp.Add(torch.arange(4.0), alpha=-0.5)),
         ("hidden.0[pos=4]", cp.Scale(1.7)),
         ("hidden.1", cp.ProjectOut(randn(2, 4, seed=28))),
+        ("hidden.0[pos=2]", cp.Set(torch.tensor([1.5, -1.0, 0.0, 2.0]))),
     ]
 
 
 def test_every_builtin_kind_is_covered():
     assert set(cp.interventions.BUILTIN_INTERVENTIONS) == {
-        "patch", "zero", "mean", "resample", "noise", "add", "scale", "project_out",
+        "patch", "zero", "mean", "resample", "noise", "add", "scale", "project_out", "set",
     }
 
 
