@@ -24,12 +24,19 @@ _EXPORTS: dict[str, str] = {
     "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
     "Scale": "interventions", "Set": "interventions", "Zero": "interventions",
     "activation_patching": "methods",
+    "steering_vector": "methods.steering", "steering_curve": "methods.steering",
+    "fit_eraser": "methods.erasure", "Erase": "methods.erasure",
+    "train_das": "methods.das", "iia": "methods.das", "RotatedSubspace": "methods.das",
+    "BoundlessDAS": "methods.das", "LearnedMask": "methods.masks", "train_masks": "methods.masks",
+    "train_iit": "methods.iit",
+    "SAE": "sae", "train_sae": "sae", "load_sae": "sae", "SAEFeatures": "methods.sae_patching",
+    "latent_traversal": "methods.latent", "factor_mediation": "methods.vae_metrics",
     "WrappedModel": "model", "wrap": "model",
     "Result": "results",
     "Site": "sites", "SiteError": "sites", "Span": "sites",
 }
 _RENAMED = {"intervention_from_dict": ("interventions", "from_dict")}
-_SUBMODULES = {"metrics", "tasks", "zoo", "testing", "report", "methods", "plugins"}
+_SUBMODULES = {"metrics", "tasks", "zoo", "testing", "report", "methods", "plugins", "trainable", "sae"}
 
 __all__ = sorted([*_EXPORTS, *_RENAMED, "metrics", "tasks", "zoo"])
 
@@ -70,6 +77,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .interventions import from_dict as intervention_from_dict
     from .methods import activation_patching
+    from .methods.das import BoundlessDAS, RotatedSubspace, iia, train_das
+    from .methods.erasure import Erase, fit_eraser
+    from .methods.iit import train_iit
+    from .methods.latent import latent_traversal
+    from .methods.masks import LearnedMask, train_masks
+    from .methods.sae_patching import SAEFeatures
+    from .methods.steering import steering_curve, steering_vector
+    from .methods.vae_metrics import factor_mediation
+    from .sae import SAE, load_sae, train_sae
     from .model import WrappedModel, wrap
     from .results import Result
     from .sites import Site, SiteError, Span

@@ -134,6 +134,8 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
                 source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
                 ctx = ApplyContext(bound.site, fam, index, target, source)
                 x = select(target, index)
+                if grad:  # the slot is overwritten below; an intervention may keep x for its backward pass
+                    x = x.clone()
                 new = bound.intervention.apply(x, ctx)
                 if new.shape != x.shape:
                     raise SiteError(
