@@ -24,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
     "Scale": "interventions", "Set": "interventions", "Zero": "interventions",
     "activation_patching": "methods",
+    "attribution_patching": "methods.attribution", "path_patching": "methods.path_patching",
+    "mediation": "methods.mediation", "faithfulness": "methods.faithfulness",
+    "faithfulness_table": "methods.faithfulness", "faithfulness_curve": "methods.faithfulness",
     "steering_vector": "methods.steering", "steering_curve": "methods.steering",
     "fit_eraser": "methods.erasure", "Erase": "methods.erasure",
     "train_das": "methods.das", "iia": "methods.das", "RotatedSubspace": "methods.das",
@@ -77,6 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .interventions import from_dict as intervention_from_dict
     from .methods import activation_patching
+    from .methods.attribution import attribution_patching
+    from .methods.faithfulness import faithfulness, faithfulness_curve, faithfulness_table
+    from .methods.mediation import mediation
+    from .methods.path_patching import path_patching
     from .methods.das import BoundlessDAS, RotatedSubspace, iia, train_das
     from .methods.erasure import Erase, fit_eraser
     from .methods.iit import train_iit
