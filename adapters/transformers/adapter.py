@@ -14,6 +14,7 @@ from crosspatch.catalog import Axis, Catalog, SiteFamily
 from crosspatch.reach import ModuleInput, ModuleOutput, submodule
 
 from .architectures import ARCHITECTURES, architecture_for
+from .inputs import input_families
 from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
 
 
@@ -100,6 +101,11 @@ class TransformersAdapter(Adapter):
             SiteFamily("mlp_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.mlp}"), n_layers, "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
         ]
+        # Receiver inputs (what each head, MLP and the final norm read) go where the forward reaches them.
+        after = {"head_in": "resid_pre", "mlp_in": "resid_mid", "logits_in": "resid_post"}
+        for fam in input_families(model, base, arch, block, n_heads):
+            names = [f.name for f in families]
+            families.insert(names.index(after[fam.name]) + 1, fam)
         logits = self._logits_axes(model)
         if logits is not None:
             families.append(SiteFamily("logits", logits, _OutputField(model, "logits"), doc="model output"))

@@ -326,8 +326,8 @@ def test_expand_toy_reshape_lines_up(cat):
 
 
 GPT2_FAMILIES = [
-    "embed", "resid_pre", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out",
-    "resid_post", "logits",
+    "embed", "resid_pre", "head_in", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_in", "mlp_act",
+    "mlp_out", "resid_post", "logits_in", "logits",
 ]
 
 
@@ -337,9 +337,10 @@ def test_gpt2_catalog(gpt2):
     assert catalog is model.catalog
     assert list(catalog.families) == GPT2_FAMILIES
     assert catalog.model_name == "GPT2LMHeadModel"
-    for name in ["embed", "logits"]:
+    unlayered = ["embed", "logits_in", "logits"]
+    for name in unlayered:
         assert catalog.family(name).layers is None
-    for name in GPT2_FAMILIES[1:-1]:
+    for name in set(GPT2_FAMILIES) - set(unlayered):
         assert catalog.family(name).layers == 2, name
     sizes = {f.name: {a.name: a.size for a in f.axes} for f in catalog}
     dim = {"pos": None, "dim": 64}
@@ -352,11 +353,13 @@ def test_gpt2_catalog(gpt2):
     assert sizes["head_out"] == {"pos": None, "head": 4, "dim": 64}
     assert sizes["mlp_act"] == {"pos": None, "neuron": 256}
     assert sizes["logits"] == {"pos": None, "vocab": 100}
+    assert sizes["head_in"] == {"pos": None, "qkv": 3, "head": 4, "dim": 64}
+    assert sizes["mlp_in"] == sizes["logits_in"] == dim
 
 
 def test_gpt2_repr_lists_every_family(gpt2):
     text = repr(cp.wrap(gpt2).sites())
-    assert "(10 site families)" in text
+    assert f"({len(GPT2_FAMILIES)} site families)" in text
     for name in GPT2_FAMILIES:
         assert any(line.split() and line.split()[0] == name for line in text.splitlines()), name
     assert "neuron=256" in text and "vocab=100" in text and "head=4" in text

@@ -85,6 +85,8 @@ def test_catalog_families(arch):
         expected.remove("resid_mid")
     if spec.logits is not None:
         expected.append("logits")
+    if arch in ("llama", "mistral", "qwen2"):  # pre-LN sequential decoders also have receiver-input sites
+        expected += ["head_in", "mlp_in", "logits_in"]
     assert sorted(names) == sorted(expected)
     cat = m.catalog
     assert cat.family("head_out").axis("head").size == N_HEAD  # query heads, also under grouped-query attention
@@ -92,7 +94,7 @@ def test_catalog_families(arch):
     assert cat.family("attn_pattern").axis_names == ("head", "pos", "key_pos")
     assert cat.family("mlp_act").axis("neuron").size == 128
     for fam in cat:
-        if fam.name not in ("embed", "logits"):
+        if fam.name not in ("embed", "logits", "logits_in"):
             assert fam.layers == N_LAYER, fam.name
     if spec.logits is not None:
         assert cat.family("logits").axis_names == spec.logits

@@ -1,0 +1,144 @@
+"""Receiver-input sites of pre-LN residual transformers: what each head, each MLP and the unembedding read.
+
+``head_in.l``  ``[batch, pos, qkv=3, head, dim]``  the residual head ``h``'s query (``qkv=0``), key (1)
+    or value (2) projection reads, *before* the block's input norm. Captured, every slot holds the
+    block input (``resid_pre.l``). Written, each (role, head) slot is normalised with the norm's own
+    parameters and projected on its own, and that head's columns of the projection output are
+    replaced; slots equal to the block input keep the model's own output bit for bit.
+``mlp_in.l``   ``[batch, pos, dim]``  the MLP's residual input before its norm (``resid_mid.l``);
+    writing it changes what the MLP reads, not the residual passed on.
+``logits_in``  ``[batch, pos, dim]``  the final norm's input.
+
+These are the receivers of an edge graph (:mod:`crosspatch.methods.edges`). Supported layouts:
+GPT-2 (fused ``attn.c_attn``, Conv1D) and the Llama family (``q_proj`` / ``k_proj`` / ``v_proj``).
+With grouped-query attention a key/value head serves ``groups`` query heads; slot ``head=h`` of
+roles k and v is read only for ``h % groups == 0`` (key/value head ``h // groups``) and the other
+slots of a group are ignored when written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crosspatch.catalog import Axis, SiteFamily
+from crosspatch.reach import Callback, Handle, ModuleInput, submodule
+
+__all__ = ["InputLayout", "HeadIn", "input_families", "LAYOUTS"]
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    ln_in: str  # the block's input norm (relative to the block)
+    ln_mlp: str  # the norm in front of the MLP (relative to the block)
+    ln_final: str  # the final norm (relative to the base model)
+    qkv: tuple[str, ...]  # one fused projection (q, k, v side by side) or three
+
+
+LAYOUTS: dict[str, InputLayout] = {
+    "gpt2": InputLayout("ln_1", "ln_2", "ln_f", ("attn.c_attn",)),
+    **{
+        name: InputLayout(
+            "input_layernorm", "post_attention_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        )
+        for name in ("llama", "mistral", "qwen2")
+    },
+}
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm applied functionally with the module's own parameters (its hooks do not fire)."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None or not hasattr(module, "weight"):
+        raise TypeError(f"head_in cannot recompute the norm {type(module).__name__}")
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return module.weight * h.to(dtype)
+
+
+class HeadIn:
+    """``[batch, pos, 3, head, d_model]``: every head's query / key / value input before the input norm."""
+
+    def __init__(self, root: nn.Module, block: str, layout: InputLayout, n_heads: int, conv1d: bool):
+        self.root, self.block, self.layout, self.n_heads, self.conv1d = root, block, layout, n_heads, conv1d
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        n_heads, conv1d = self.n_heads, self.conv1d
+        ln = submodule(self.root, f"{self.block}.{self.layout.ln_in}", layer)
+        projs = [submodule(self.root, f"{self.block}.{p}", layer) for p in self.layout.qkv]
+        stash: dict[str, torch.Tensor | None] = {}
+
+        def before_norm(module, args):
+            x = args[0]
+            value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1])
+            stash["x"], stash["new"] = x, callback(value)
+
+        def splice(roles: tuple[int, ...]):
+            def hook(module, args, output):
+                new = stash.get("new")
+                if new is None:
+                    return None
+                x = stash["x"]
+                weight = module.weight if conv1d else module.weight.T  # [d_model, out]
+                n_out = weight.shape[1] // len(roles)
+                heads = _heads(n_out, n_heads, projs[0], conv1d, len(roles))
+                d_head = n_out // heads
+                group = n_heads // heads
+                slots = torch.stack([new[:, :, r, ::group] for r in roles], dim=2)  # [b, p, R, heads, d]
+                changed = (slots != x[:, :, None, None, :]).any(dim=-1, keepdim=True)
+                normed = _norm(ln, slots)
+                w = weight.reshape(weight.shape[0], len(roles), heads, d_head)
+                rec = torch.einsum("bprhd,drhe->bprhe", normed, w)
+                if module.bias is not None:
+                    rec = rec + module.bias.reshape(len(roles), heads, d_head)
+                orig = output.reshape(*output.shape[:2], len(roles), heads, d_head)
+                # Same values as the module's output, but gradients flow once, through the site's value only.
+                keep = orig.detach() + (rec - rec.detach()) if torch.is_grad_enabled() else orig
+                return torch.where(changed, rec.to(orig.dtype), keep).reshape(output.shape)
+
+            return hook
+
+        role_sets = [(0, 1, 2)] if len(projs) == 1 else [(0,), (1,), (2,)]
+        handles = [ln.register_forward_pre_hook(before_norm)]
+        handles += [p.register_forward_hook(splice(r)) for p, r in zip(projs, role_sets)]
+        return handles
+
+
+def _heads(n_out: int, n_heads: int, q_proj: nn.Module, conv1d: bool, n_roles: int) -> int:
+    """Heads in one role's ``n_out`` outputs: ``n_heads`` for queries, the key/value heads under GQA."""
+    if n_roles == 3:
+        return n_heads
+    q_out = q_proj.weight.shape[1] if conv1d else q_proj.weight.shape[0]
+    return n_out // (q_out // n_heads)
+
+
+def input_families(model: nn.Module, base: nn.Module, arch, block: str, n_heads: int) -> list[SiteFamily]:
+    """``head_in``, ``mlp_in`` and ``logits_in`` for a supported pre-LN model, else ``[]``.
+
+    ``arch`` is the adapter's :class:`Architecture`, ``block`` its ``"<layers>.{layer}"`` path from ``base``.
+    """
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None))
+    if layout is None or arch.resid_mid != "sum":
+        return []
+    n_layers = len(submodule(base, arch.layers, None))
+    pos, dim = Axis("pos"), Axis("dim", model.config.hidden_size)
+    return [
+        SiteFamily(
+            "head_in",
+            (pos, Axis("qkv", 3), Axis("head", n_heads), dim),
+            HeadIn(base, block, layout, n_heads, arch.conv1d),
+            n_layers,
+            "residual each head's query/key/value reads, before the input norm",
+        ),
+        SiteFamily(
+            "mlp_in", (pos, dim), ModuleInput(base, f"{block}.{layout.ln_mlp}", name=None), n_layers,
+            "residual the MLP reads, before its norm",
+        ),
+        SiteFamily("logits_in", (pos, dim), ModuleInput(base, layout.ln_final, name=None), doc="final norm's input"),
+    ]

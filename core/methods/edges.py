@@ -1,0 +1,469 @@
+"""Edge graphs of residual models: exact edge patching in one forward, EAP, EAP-IG and ACDC.
+
+Senders write into the residual stream: ``embed``, ``head_out.l[head=h]``, ``mlp_out.l``.
+Receivers read it: ``head_in.l[qkv=r,head=h]`` (query, key and value separately), ``mlp_in.l``,
+``logits_in``. There is an edge from every sender to every receiver after it (a pre-LN block with
+attention before the MLP: ``head_out.l`` feeds ``mlp_in.l`` and everything in later layers).
+Only the catalog is used, so any adapter with these six families gets the methods.
+
+**Convention** (``activation_patching(direction="noising")``): the base run is *clean*; a patched
+(``mask = 1``) edge ``s -> r`` carries the *ablated* value of ``s`` (the corrupt run's for
+``ablation="resample"``, zero, or the reference mean) instead of ``s``'s value in this run::
+
+    input_r = input_r(this run) + sum_s mask[s -> r] * (ablated_s - s(this run))
+
+So all edges patched gives the corrupt run (resample), no edges the clean run, and an unpatched
+edge carries the sender's value in *this* run, which already holds the effect of patched edges
+upstream (path semantics, as auto-circuit and ACDC). All mask variants of a call run as row blocks
+of one forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapter import batch_size as rows_of, repeat_rows
+from ..engine import Bound, execute
+from ..interventions import Intervention
+from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..model import WrappedModel, wrap
+from ..results import Result, collect_versions
+from ..sites import Site
+from .attribution import _Tap
+
+__all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc"]
+
+Ablation = Literal["resample", "zero", "mean"]
+NEEDED = ("embed", "head_out", "mlp_out", "head_in", "mlp_in", "logits_in")
+
+
+@dataclass
+class EdgeGraph:
+    """Senders, receivers and edges, each in topological order, plus the index maps the methods use."""
+
+    senders: list[str]  # node names, e.g. "embed", "head_out.0[head=1]", "mlp_out.0"
+    receivers: list[str]  # "head_in.1[qkv=0,head=2]", "mlp_in.0", "logits_in"
+    edges: list[tuple[int, int]]  # (sender index, receiver index)
+    sender_keys: list[tuple[str, int]]  # (site key, number of senders in it), in firing order
+    receiver_keys: list[tuple[str, int, tuple[int, ...]]]  # (site key, incoming senders = a prefix, slot shape)
+    receiver_of: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # receiver -> (key index, slot)
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node once, in topological order (receivers before the senders of the same stage)."""
+        return [n for _, n in sorted(self._staged(), key=lambda item: item[0])]
+
+    def _staged(self):
+        for i, s in enumerate(self.senders):
+            yield (self._stage(s), 1, i), s
+        for i, r in enumerate(self.receivers):
+            yield (self._stage(r), 0, i), r
+
+    @staticmethod
+    def _stage(name: str) -> int:
+        site = Site.parse(name)
+        if site.family == "embed":
+            return 0
+        if site.family == "logits_in":
+            return 1 << 30
+        return 2 * int(site.layer) + (1 if site.family in ("head_out", "head_in") else 2)
+
+    @property
+    def edge_names(self) -> list[str]:
+        return [f"{self.senders[s]}->{self.receivers[r]}" for s, r in self.edges]
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def index(self, name: str) -> int:
+        """The index of an edge ``"sender->receiver"``."""
+        return self.edge_names.index(name)
+
+    def mask(self, names: Sequence[str] = ()) -> torch.Tensor:
+        """A ``[n_edges]`` mask with the named edges set."""
+        m = torch.zeros(len(self.edges))
+        for name in names:
+            m[self.index(name)] = 1
+        return m
+
+
+def edge_graph(model: "WrappedModel | nn.Module") -> EdgeGraph:
+    """The edge graph of a model whose catalog has embed, head_out, mlp_out, head_in, mlp_in and logits_in."""
+    m = wrap(model)
+    missing = [f for f in NEEDED if f not in m.catalog]
+    if missing:
+        raise ValueError(
+            f"an edge graph needs the site families {', '.join(NEEDED)}; {m.catalog.model_name} lacks "
+            f"{', '.join(missing)} (the transformers adapter adds head_in / mlp_in / logits_in for pre-LN models)"
+        )
+    n_layers = m.catalog.family("head_out").layers
+    n_heads = m.catalog.family("head_out").axis("head").size
+    senders, sender_keys = ["embed"], [("embed", 1)]
+    receivers: list[str] = []
+    receiver_keys: list[tuple[str, int, tuple[int, ...]]] = []
+    receiver_of: list[tuple[int, tuple[int, ...]]] = []
+    edges: list[tuple[int, int]] = []
+
+    def add_receivers(key: str, names_slots: list[tuple[str, tuple[int, ...]]], slot_shape: tuple[int, ...]):
+        k = len(receiver_keys)
+        receiver_keys.append((key, len(senders), slot_shape))
+        for name, slot in names_slots:
+            receiver_of.append((k, slot))
+            r = len(receivers)
+            receivers.append(name)
+            edges.extend((s, r) for s in range(len(senders)))
+
+    for layer in range(n_layers):
+        add_receivers(
+            f"head_in.{layer}",
+            [(f"head_in.{layer}[qkv={q},head={h}]", (q, h)) for q in range(3) for h in range(n_heads)],
+            (3, n_heads),
+        )
+        senders += [f"head_out.{layer}[head={h}]" for h in range(n_heads)]
+        sender_keys.append((f"head_out.{layer}", n_heads))
+        add_receivers(f"mlp_in.{layer}", [(f"mlp_in.{layer}", ())], ())
+        senders.append(f"mlp_out.{layer}")
+        sender_keys.append((f"mlp_out.{layer}", 1))
+    add_receivers("logits_in", [("logits_in", ())], ())
+    edges.sort(key=lambda e: (EdgeGraph._stage(receivers[e[1]]), e[1], e[0]))
+    return EdgeGraph(senders, receivers, edges, sender_keys, receiver_keys, receiver_of)
+
+
+def _as_senders(value: torch.Tensor, key: str) -> torch.Tensor:
+    """A sender activation as ``[rows, pos, k, d]`` (head_out already is)."""
+    return value if key.startswith("head_out") else value.unsqueeze(2)
+
+
+class _State:
+    """One forward's sender differences ``ablated - current``, appended as the senders fire."""
+
+    def __init__(self):
+        self.diffs: list[torch.Tensor] = []
+
+
+class _Sender(Intervention):
+    kind = "_edge_sender"
+
+    def __init__(self, state: _State, key: str, ablated: torch.Tensor | None):
+        self.state, self.key, self.ablated = state, key, ablated
+
+    def apply(self, x, ctx):
+        if self.ablated is not None:
+            ablated = self.ablated.to(x.dtype).expand_as(x) if self.ablated.shape[0] == 1 else self.ablated.to(x.dtype)
+            self.state.diffs.append(_as_senders(ablated - x, self.key))
+        return x
+
+
+class _Receiver(Intervention):
+    kind = "_edge_receiver"
+
+    def __init__(self, state: _State, n_in: int, mask: torch.Tensor, rows_per_mask: int):
+        self.state, self.n_in, self.mask, self.rows = state, n_in, mask, rows_per_mask  # mask [k, n_in, *slots]
+
+    def apply(self, x, ctx):
+        diffs = torch.cat(self.state.diffs, dim=2)
+        if diffs.shape[2] != self.n_in:
+            raise RuntimeError(f"edge patching at {ctx.site}: {diffs.shape[2]} senders fired, expected {self.n_in}")
+        mask = self.mask.to(device=x.device, dtype=x.dtype).repeat_interleave(self.rows, dim=0)
+        if x.ndim == 5:  # head_in [rows, pos, 3, head, d]
+            return x + torch.einsum("bpsd,bsrh->bprhd", diffs, mask)
+        return x + torch.einsum("bpsd,bs->bpd", diffs, mask)
+
+
+class _Interpolate(Intervention):
+    """Row block ``j`` takes ``base + alpha_j * (target - base)`` (EAP-IG)."""
+
+    kind = "_interpolate"
+
+    def __init__(self, base: torch.Tensor, target: torch.Tensor, alphas: torch.Tensor):
+        self.base, self.target, self.alphas = base, target, alphas
+
+    def apply(self, x, ctx):
+        n = self.base.shape[0]
+        alpha = self.alphas.to(x.device, x.dtype).repeat_interleave(n).view(-1, *([1] * (x.ndim - 1)))
+        steps = len(self.alphas)
+        base = self.base.to(x.dtype).repeat(steps, *([1] * (x.ndim - 1)))
+        target = self.target.to(x.dtype).expand_as(self.base).repeat(steps, *([1] * (x.ndim - 1)))
+        return base + alpha * (target - base)
+
+
+class _Patcher:
+    """Clean inputs, ablated sender values and the graph: runs any stack of edge masks in one forward."""
+
+    def __init__(self, model, clean, corrupt, ablation: Ablation, reference, graph: EdgeGraph | None):
+        if ablation not in ("resample", "zero", "mean"):
+            raise ValueError(f"ablation must be 'resample', 'zero' or 'mean', got {ablation!r}")
+        self.m = m = wrap(model)
+        self.graph = graph or edge_graph(m)
+        self.clean = m.prepare(clean)
+        self.n = rows_of(self.clean)
+        self.keys = [k for k, _ in self.graph.sender_keys]
+        self.ablation = ablation
+        self.forwards = 0
+        self.clean_out: torch.Tensor | None = None
+        if ablation == "resample":
+            if corrupt is None:
+                raise ValueError("ablation='resample' needs the corrupt inputs")
+            source = self._execute(m.prepare(corrupt), capture=self.keys).cache
+            self.ablated = {k: source[k] for k in self.keys}
+        elif ablation == "mean":
+            ref = m.prepare(reference if reference is not None else clean)
+            source = self._execute(ref, capture=self.keys).cache
+            self.ablated = {k: source[k].mean(dim=0, keepdim=True) for k in self.keys}
+        else:
+            self.ablated = None
+
+    def _execute(self, inputs, bounds=(), capture=(), grad=False):
+        self.forwards += 1
+        return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad)
+
+    def ablated_for(self, key: str, reps: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ablated is None:
+            return torch.zeros(1, *like.shape[1:], dtype=like.dtype, device=like.device)
+        a = self.ablated[key]
+        return a if a.shape[0] == 1 or reps == 1 else a.repeat(reps, *([1] * (a.ndim - 1)))
+
+    def dense(self, masks: torch.Tensor) -> list[torch.Tensor]:
+        """Flat ``[k, n_edges]`` masks as one ``[k, n_in, *slots]`` tensor per receiver key."""
+        g = self.graph
+        out = [torch.zeros(masks.shape[0], n_in, *slots) for _, n_in, slots in g.receiver_keys]
+        for e, (s, r) in enumerate(g.edges):
+            k, slot = g.receiver_of[r]
+            out[k][(slice(None), s, *slot)] = masks[:, e]
+        return out
+
+    def run(self, masks: torch.Tensor):
+        masks = torch.as_tensor(masks, dtype=torch.float32)
+        masks = masks.unsqueeze(0) if masks.ndim == 1 else masks
+        if masks.shape[1] != len(self.graph):
+            raise ValueError(f"an edge mask has {len(self.graph)} entries (one per edge), got {masks.shape[1]}")
+        k = masks.shape[0]
+        inputs = repeat_rows(self.clean, k)
+        state = _State()
+        bounds = []
+        for key in self.keys:
+            abl = None if self.ablated is None else self.ablated_for(key, k)
+            bounds.append(Bound(Site.parse(key), _Sender(state, key, abl) if abl is not None else _ZeroSender(state, key)))
+        for (key, n_in, _), dense in zip(self.graph.receiver_keys, self.dense(masks)):
+            bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, dense, self.n)))
+        return self._execute(inputs, bounds).output
+
+
+class _ZeroSender(_Sender):
+    def __init__(self, state, key):
+        super().__init__(state, key, None)
+
+    def apply(self, x, ctx):
+        self.state.diffs.append(_as_senders(-x, self.key))
+        return x
+
+
+def patch_edges(
+    model: "WrappedModel | nn.Module",
+    clean: Any,
+    corrupt: Any,
+    edge_mask: "torch.Tensor | Sequence[float]",
+    *,
+    ablation: Ablation = "resample",
+    reference: Any = None,
+    graph: EdgeGraph | None = None,
+) -> torch.Tensor:
+    """The output of the clean run with the masked edges patched (see the module docstring).
+
+    ``edge_mask`` is ``[n_edges]`` or ``[k, n_edges]`` (``k`` variants as row blocks of one forward;
+    output rows ``j * n : (j + 1) * n`` belong to mask ``j``).
+    """
+    return _Patcher(model, clean, corrupt, ablation, reference, graph).run(edge_mask)
+
+
+def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dict[str, torch.Tensor], steps: int):
+    """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts."""
+    g = p.graph
+    diffs = []
+    for key in p.keys:
+        clean_s = clean_senders[key]
+        abl = p.ablated_for(key, 1, clean_s)
+        diffs.append(_as_senders(abl.to(clean_s.dtype).expand_as(clean_s) - clean_s, key))
+    sd = torch.cat(diffs, dim=2).double()  # [n, pos, S, d]
+    per_key = []
+    for key, n_in, slots in g.receiver_keys:
+        grad = grads[key].double()
+        grad = grad.view(steps, p.n, *grad.shape[1:]).mean(dim=0)
+        if slots:
+            per_key.append(torch.einsum("bpsd,bprhd->srh", sd[:, :, :n_in], grad) / p.n)
+        else:
+            per_key.append(torch.einsum("bpsd,bpd->s", sd[:, :, :n_in], grad) / p.n)
+    flat = torch.cat([t.reshape(-1) for t in per_key]).cpu().numpy()  # one transfer, no per-edge sync
+    return flat[_flat_index(g)]
+
+
+def _flat_index(g: EdgeGraph) -> np.ndarray:
+    """Per edge, its position in the concatenated per-receiver-key ``[n_in, *slots]`` tensors."""
+    if getattr(g, "_flat", None) is None:
+        offsets = np.cumsum([0] + [n_in * int(np.prod(slots, dtype=int)) for _, n_in, slots in g.receiver_keys])
+        index = np.empty(len(g.edges), dtype=np.int64)
+        for e, (s, r) in enumerate(g.edges):
+            k, slot = g.receiver_of[r]
+            _, n_in, slots = g.receiver_keys[k]
+            index[e] = offsets[k] + np.ravel_multi_index((s, *slot), (n_in, *slots))
+        g._flat = index
+    return g._flat
+
+
+def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int):
+    """One forward with grad over ``steps`` row blocks of the clean inputs, taps at every receiver, one backward."""
+    inputs = repeat_rows(p.clean, steps)
+    taps = {key: _Tap() for key, _, _ in p.graph.receiver_keys}
+    bounds = extra + [Bound(Site.parse(k), t) for k, t in taps.items()]
+    run = p._execute(inputs, bounds, capture=p.keys, grad=True)
+    n = p.n
+    clean_out = p.clean_out if p.clean_out is not None else run.output.detach()[:n]
+    ctx = MetricContext(torch.arange(n, device=run.output.device).repeat(steps), clean_out, inputs.get("attention_mask"))
+    values = metric(run.output, ctx)
+    keys = list(taps)
+    grads = torch.autograd.grad(values.sum(), [taps[k].delta for k in keys], allow_unused=True)
+    out = {}
+    for k, gr in zip(keys, grads):
+        out[k] = torch.zeros_like(taps[k].delta) if gr is None else gr
+    senders = {k: run.cache[k].detach()[:n] for k in p.keys}
+    return out, senders, values.detach()[:n]
+
+
+def _result(p: _Patcher, scores, method: str, metric: Metric, extra: dict) -> Result:
+    metadata = {
+        "method": method,
+        "metric": metric.name,
+        "ablation": p.ablation,
+        "convention": "noising: clean base, patched edges carry the ablated sender value",
+        "n_prompts": p.n,
+        "n_edges": len(p.graph),
+        "forwards": p.forwards,
+        "seed": None,
+        **extra,
+        "model": p.m.describe(),
+        "adapter": p.m.adapter.name,
+        "versions": collect_versions(),
+    }
+    return Result(np.asarray(scores, dtype=float), ("edge",), {"edge": p.graph.edge_names}, metadata)
+
+
+def eap(
+    model, clean, corrupt, metric: "Metric | Callable", *, ablation: Ablation = "resample", reference: Any = None,
+    graph: EdgeGraph | None = None,
+) -> Result:
+    """Edge attribution patching: ``(ablated_s - clean_s) . d metric / d input_r`` on the clean run, every edge.
+
+    Cost: one capture forward of the ablation source (none for ``zero``), one forward with grad, one backward.
+    """
+    metric = as_metric(metric)
+    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p.clean_out = None
+    grads, senders, values = _gradient_run(p, metric, [], 1)
+    return _result(p, _edge_scores(p, grads, senders, 1), "eap", metric, {"backwards": 1})
+
+
+def eap_ig(
+    model, clean, corrupt, metric: "Metric | Callable", *, steps: int = 5, variant: Literal["inputs", "activations"] = "inputs",
+    ablation: Ablation = "resample", reference: Any = None, graph: EdgeGraph | None = None,
+) -> Result:
+    """EAP with integrated gradients: the receiver gradients averaged over ``steps`` points
+    ``alpha = k / steps`` (``k = 0 .. steps-1``) between the clean and the ablated run.
+
+    ``variant="inputs"``: the embeddings (``embed``) are interpolated; ``"activations"``: every
+    sender output is interpolated at once. All steps are row blocks of one forward with grad; one backward.
+    """
+    if variant not in ("inputs", "activations"):
+        raise ValueError(f"variant must be 'inputs' or 'activations', got {variant!r}")
+    metric = as_metric(metric)
+    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    clean_run = p._execute(p.clean, capture=p.keys)
+    p.clean_out = clean_run.output
+    alphas = torch.arange(steps, dtype=torch.float64) / steps
+    keys = ["embed"] if variant == "inputs" else p.keys
+    extra = []
+    for key in keys:
+        base = clean_run.cache[key]
+        target = p.ablated_for(key, 1, base)
+        extra.append(Bound(Site.parse(key), _Interpolate(base.clone(), target.clone(), alphas)))
+    grads, _, _ = _gradient_run(p, metric, extra, steps)
+    senders = {k: clean_run.cache[k] for k in p.keys}
+    return _result(p, _edge_scores(p, grads, senders, steps), "eap_ig", metric,
+                   {"backwards": 1, "steps": steps, "variant": variant})
+
+
+def acdc(
+    model, clean, corrupt, metric: "Metric | Callable | None" = None, *, threshold: float, ablation: Ablation = "resample",
+    reference: Any = None, change: Literal["increase", "abs"] | None = None, batch_size: int = 64,
+    graph: EdgeGraph | None = None,
+) -> Result:
+    """ACDC (Conmy et al. 2023): over receivers in reverse topological order, and their incoming edges
+    from the latest sender back, remove (patch) an edge when that changes the metric by less than
+    ``threshold``; removals stick. The metric defaults to ``kl_to_clean()`` with ``change="increase"``
+    (a removal that lowers the KL is always taken); any other metric uses ``change="abs"``.
+
+    Batched, with the result of the sequential greedy algorithm: a round evaluates every remaining
+    candidate of the receiver alone (row blocks of one forward, up to ``batch_size`` rows each); from
+    the first acceptable one ``i`` a second forward evaluates the running removals ``todo[i]``,
+    ``todo[i:i+2]``, ...; they are accepted while each step stays under the threshold, the first
+    failure is rejected, and the next round starts after it. A receiver whose edges all go costs two
+    forwards; one whose edges all stay costs one.
+    The Result holds 1 for every edge kept in the circuit, 0 for removed ones.
+    """
+    change = change or ("increase" if metric is None else "abs")
+    metric = as_metric(metric if metric is not None else kl_to_clean())
+    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    clean_out = p._execute(p.clean).output
+    n, g = p.n, p.graph
+
+    def evaluate(masks: torch.Tensor) -> torch.Tensor:
+        out = []
+        per = max(1, batch_size // n)
+        for start in range(0, masks.shape[0], per):
+            chunk = masks[start : start + per]
+            output = p.run(chunk)
+            ctx = MetricContext(torch.arange(n, device=output.device).repeat(chunk.shape[0]), clean_out, None)
+            with torch.inference_mode():
+                out.append(metric(output, ctx).double().view(chunk.shape[0], n).mean(dim=1).cpu())
+        return torch.cat(out)
+
+    def score(values: torch.Tensor, current: float) -> torch.Tensor:
+        return values - current if change == "increase" else (values - current).abs()
+
+    removed = torch.zeros(len(g))
+    current = float(evaluate(removed[None])[0])
+    incoming: dict[int, list[int]] = {}
+    for e, (s, r) in enumerate(g.edges):
+        incoming.setdefault(r, []).append(e)
+    for r in sorted(incoming, key=lambda r: (EdgeGraph._stage(g.receivers[r]), r), reverse=True):
+        todo = sorted(incoming[r], key=lambda e: g.edges[e][0], reverse=True)
+        while todo:
+            # Round: every remaining candidate alone against the current circuit (one batched forward) ...
+            masks = removed.repeat(len(todo), 1)
+            masks[torch.arange(len(todo)), torch.tensor(todo)] = 1
+            ok = torch.nonzero(score(evaluate(masks), current) < threshold).flatten()
+            if len(ok) == 0:
+                break
+            # ... then, from the first acceptable one, the running removals todo[i], todo[i:i+2], ... (one more
+            # forward): accepted while each step passes, exactly as one at a time; the first failure is rejected.
+            i = int(ok[0])
+            run = todo[i:]
+            masks = removed.repeat(len(run), 1)
+            for j, e in enumerate(run):
+                masks[j:, e] = 1
+            values = evaluate(masks)
+            j = 0
+            while j < len(run) and score(values[j : j + 1], current)[0] < threshold:
+                removed[run[j]] = 1
+                current = float(values[j])
+                j += 1
+            todo = run[j + 1 :]
+    kept = 1 - removed.numpy()
+    return _result(p, kept, "acdc", metric, {
+        "threshold": threshold, "change": change, "final_metric": current,
+        "kept": [name for name, k in zip(g.edge_names, kept) if k],
+    })
