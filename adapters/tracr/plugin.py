@@ -1,0 +1,10 @@
+"""Entry point of the tracr adapter (group ``crosspatch``, name ``tracr``)."""
+
+from crosspatch.hookspecs import hookimpl
+
+from .adapter import TracrAdapter
+
+
+@hookimpl
+def register_adapters(register):
+    register(TracrAdapter())
