@@ -189,7 +189,9 @@ class _Interpolate(Intervention):
         steps = len(self.alphas)
         base = self.base.to(x.dtype).repeat(steps, *([1] * (x.ndim - 1)))
         target = self.target.to(x.dtype).expand_as(self.base).repeat(steps, *([1] * (x.ndim - 1)))
-        return base + alpha * (target - base)
+        # The interpolated value, with the gradient of the sender's own input passed straight through, so
+        # receivers upstream of this sender still see the paths that run through it.
+        return base + alpha * (target - base) + (x - x.detach())
 
 
 class _Patcher:
