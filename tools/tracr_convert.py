@@ -40,7 +40,7 @@ from tracr.compiler import (
     rasp_to_graph,
 )
 from tracr.compiler.compiling import COMPILER_BOS, COMPILER_PAD
-from tracr.craft import bases, transformers
+from tracr.craft import bases
 from tracr.rasp import rasp
 
 MAX_SEQ_LEN = 5

@@ -7,12 +7,13 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
+from ..adapter import repeat_rows
 from ..engine import Bound, execute
 from ..interventions import Patch
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
+from ..metrics import Metric, MetricContext
+from ..model import WrappedModel
 from ..progress import progress_bar
+from .pairs import prepare_pair
 from ..results import Result, collect_versions
 from ..sites import Site
 
@@ -41,17 +42,11 @@ def activation_patching(
 
     Sites are patched in batches: up to ``batch_size`` rows (sites x prompts) per forward.
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    m = wrap(model)
-    metric = as_metric(metric)
-    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    _check_pair(clean_in, corrupt_in)
-    n = rows_of(corrupt_in)
-    sweep = m.catalog.expand(sites, m.adapter.sizes(corrupt_in))
+    pair = prepare_pair(model, clean, corrupt, metric, direction)
+    m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
+    sweep = m.catalog.expand(sites, pair.sizes)
     keys = list(dict.fromkeys(site.key for site in sweep.sites))
 
-    base_in, source_in = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
     # The baseline hooks the same sites as the patched runs: some reaches change the numerics
     # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
@@ -99,12 +94,3 @@ def activation_patching(
     }
     return Result(values, sweep.dims, sweep.coords, metadata)
 
-
-def _check_pair(clean: dict, corrupt: dict) -> None:
-    for key in clean.keys() & corrupt.keys():
-        a, b = clean[key], corrupt[key]
-        if isinstance(a, torch.Tensor) and a.shape != b.shape:
-            raise ValueError(
-                f"clean and corrupt {key!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}; activation "
-                f"patching pairs them row by row and position by position, so they must match"
-            )

@@ -49,14 +49,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
+from ..adapter import repeat_rows
 from ..engine import Bound, execute
 from ..interventions import Intervention
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
+from ..metrics import Metric, MetricContext
+from ..model import WrappedModel
 from ..results import Result, collect_versions
 from ..selection import axis_index, select
 from ..sites import Site
+from .pairs import prepare_pair
 
 __all__ = ["attribution_patching", "compare"]
 
@@ -111,16 +112,10 @@ def attribution_patching(
     Returns a Result with the dims and coords of ``activation_patching`` for the same pattern.
     See the module docstring for the formula, the conventions and the cost.
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    m = wrap(model)
-    metric = as_metric(metric)
-    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    _check_pair(clean_in, corrupt_in)
-    n = rows_of(corrupt_in)
-    sweep = m.catalog.expand(sites, m.adapter.sizes(corrupt_in))
+    pair = prepare_pair(model, clean, corrupt, metric, direction)
+    m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
+    sweep = m.catalog.expand(sites, pair.sizes)
     keys = list(dict.fromkeys(site.key for site in sweep.sites))
-    base_in, source_in = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
 
     # Forward 1: the source activations, under inference mode.
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
@@ -192,16 +187,6 @@ def attribution_patching(
         "versions": collect_versions(),
     }
     return Result(scores.reshape(sweep.shape), sweep.dims, sweep.coords, metadata)
-
-
-def _check_pair(clean: dict, corrupt: dict) -> None:
-    for key in clean.keys() & corrupt.keys():
-        a, b = clean[key], corrupt[key]
-        if isinstance(a, torch.Tensor) and a.shape != b.shape:
-            raise ValueError(
-                f"clean and corrupt {key!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}; they are paired "
-                f"row by row and position by position, so they must match"
-            )
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..engine import execute
 from ..interventions import ApplyContext, Intervention
 from ..model import WrappedModel, wrap
 from ..sites import Site, SiteError

@@ -13,7 +13,6 @@ Unlike DAS, the model's own parameters train here; every run goes through the en
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch

@@ -32,7 +32,7 @@ from ..metrics import Metric, MetricContext, as_metric
 from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
 from ..sites import Site
-from .attribution import _check_pair
+from .pairs import check_pair
 
 __all__ = ["Mediation", "mediation"]
 
@@ -99,7 +99,7 @@ def mediation(
     m = wrap(model)
     metric = as_metric(metric)
     clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    _check_pair(clean_in, corrupt_in)
+    check_pair(clean_in, corrupt_in)
     n = rows_of(clean_in)
     items = [mediators] if isinstance(mediators, (str, Site)) else list(mediators)
     sites = [m.catalog.resolve(s, m.adapter.sizes(clean_in)) for s in items]

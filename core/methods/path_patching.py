@@ -34,16 +34,16 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
+from ..adapter import repeat_rows
 from ..cache import Cache
 from ..engine import Bound, execute
 from ..interventions import Patch
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
+from ..metrics import Metric, MetricContext
+from ..model import WrappedModel
 from ..progress import progress_bar
 from ..results import Result, collect_versions
 from ..sites import Site
-from .attribution import _check_pair
+from .pairs import prepare_pair
 
 __all__ = ["path_patching"]
 
@@ -68,14 +68,8 @@ def path_patching(
     With ``normalize`` values are divided by ``metric(source) - metric(base)`` (the total effect of
     switching all inputs), so 1 means the path carries the whole effect.
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    m = wrap(model)
-    metric = as_metric(metric)
-    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    _check_pair(clean_in, corrupt_in)
-    n = rows_of(clean_in)
-    sizes = m.adapter.sizes(clean_in)
+    pair = prepare_pair(model, clean, corrupt, metric, direction)
+    m, metric, n, sizes, base_in, source_in = pair.model, pair.metric, pair.n, pair.sizes, pair.base, pair.source
     cat = m.catalog
     sender_sweep = cat.expand(senders, sizes)
     swept = isinstance(receivers, (str, Site)) and cat.resolve(receivers, sizes).is_pattern
@@ -89,7 +83,6 @@ def path_patching(
     receiver_keys = list(dict.fromkeys(r.key for r in all_receivers))
     keys = list(dict.fromkeys([s.key for s in sender_sweep.sites] + receiver_keys + [f.key for f in frozen]))
 
-    base_in, source_in = (clean_in, corrupt_in) if direction == "noising" else (corrupt_in, clean_in)
     base = execute(m.module, m.adapter, cat, base_in, capture=keys)
     source = execute(m.module, m.adapter, cat, source_in, capture=[s.key for s in sender_sweep.sites])
     clean_out = base.output if direction == "noising" else source.output

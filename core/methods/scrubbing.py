@@ -46,7 +46,6 @@ from ..interventions import Patch
 from ..metrics import Metric, MetricContext, as_metric
 from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
-from ..sites import Site
 from .das import take_rows
 
 __all__ = ["Hypothesis", "causal_scrubbing", "equivalence_classes", "example"]

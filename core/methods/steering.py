@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..adapter import batch_size as rows_of, repeat_rows
-from ..catalog import SiteFamily
 from ..engine import Bound, execute
 from ..interventions import Add
 from ..metrics import Metric, MetricContext, as_metric

@@ -1,0 +1,53 @@
+"""The setup every clean/corrupt method shares: wrap, prepare both inputs, check they pair up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapter import Inputs, batch_size
+from ..metrics import Metric, as_metric
+from ..model import WrappedModel, wrap
+
+__all__ = ["Pair", "prepare_pair", "check_pair"]
+
+
+@dataclass
+class Pair:
+    """Prepared clean and corrupt inputs; ``base`` is the run patched into, ``source`` the one patched from."""
+
+    model: WrappedModel
+    metric: Metric
+    clean: Inputs
+    corrupt: Inputs
+    n: int
+    base: Inputs
+    source: Inputs
+    sizes: dict[str, int]
+
+
+def check_pair(clean: Inputs, corrupt: Inputs) -> None:
+    """Clean and corrupt inputs are paired row by row and position by position, so shapes must match."""
+    for key in clean.keys() & corrupt.keys():
+        a, b = clean[key], corrupt[key]
+        if isinstance(a, torch.Tensor) and a.shape != b.shape:
+            raise ValueError(
+                f"clean and corrupt {key!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}; they are paired "
+                f"row by row and position by position, so they must match"
+            )
+
+
+def prepare_pair(
+    model: "WrappedModel | nn.Module", clean: Any, corrupt: Any, metric: "Metric | Callable", direction: str
+) -> Pair:
+    """Denoising patches clean activations into the corrupt run; noising the other way round."""
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    m = wrap(model)
+    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
+    check_pair(clean_in, corrupt_in)
+    base, source = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
+    return Pair(m, as_metric(metric), clean_in, corrupt_in, batch_size(corrupt_in), base, source, m.adapter.sizes(corrupt_in))
