@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= crosspatch-out
 
-.PHONY: install dev demo test clean
+.PHONY: install dev demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ demo: install
 test: install
 	$(BIN)/pip install --quiet ./plugins/crosspatch-torchvision ./plugins/crosspatch-template
 	$(BIN)/python -m pytest -q tests plugins/crosspatch-torchvision/tests plugins/crosspatch-template/tests
+
+BENCH := .venv-bench
+
+$(BENCH)/bin/python:
+	$(PYTHON) -m venv $(BENCH)
+
+# The peers (TransformerLens, pyvene, nnsight) live only in .venv-bench, never in .venv.
+bench: $(BENCH)/bin/python
+	$(BENCH)/bin/pip install --quiet torch==2.14.1
+	$(BENCH)/bin/pip install --quiet -e ".[bench]"
+	$(BENCH)/bin/python benchmarks/run_all.py
 
 clean:
 	rm -rf build dist *.egg-info $(OUT) .pytest_cache

@@ -1,0 +1,252 @@
+"""Side-by-side benchmark: crosspatch against TransformerLens, pyvene and nnsight on the same weights.
+
+Run from the bench venv (``make bench``): ``.venv-bench/bin/python benchmarks/run_all.py``.
+First checks that every library's patching results agree (max abs difference <= 1e-4), then times
+hook overhead, the resid_pre sweep, the head_out sweep and attribution patching, and measures peak
+memory. Every number is a ratio against a baseline measured in the same run (median of repeats).
+
+Peak memory on CPU: before each measurement the process's peak RSS is reset (``/proc/self/clear_refs``
+with ``5``) after ``gc`` and ``malloc_trim``; the result is the peak RSS reached during the call minus
+the RSS before it. On CUDA it is ``torch.cuda.max_memory_allocated`` (not exercised here: no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from peers import LIBS, Crosspatch, Setup  # noqa: E402
+
+TOL = 1e-4
+
+
+def timed(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def paired(fns: dict, repeats: int) -> dict:
+    """Median times of cheap calls, interleaved so a load spike hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory(fn) -> float:
+    """Peak extra memory (bytes) of one call of ``fn``."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS:")
+    fn()
+    return _status("VmHWM:") - before
+
+
+def uptime() -> str:
+    return open("/proc/loadavg").read().split()[0:3].__str__()
+
+
+def machine() -> str:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    import transformers
+
+    versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    for mod in ("transformer_lens", "pyvene", "nnsight"):
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{mod} {version(mod)}")
+        except Exception:  # noqa: BLE001
+            pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, `nproc` = {nproc}, CPU: {cpu}, {gpu}; {', '.join(versions)}; "
+        f"torch threads {torch.get_num_threads()}; Python {platform.python_version()}"
+    )
+
+
+def check_agreement(libs: dict) -> list[str]:
+    ref = libs["crosspatch"]
+    lines = []
+    for task in ("resid_pre_sweep", "head_out_sweep", "atp_heads"):
+        want = getattr(ref, task)().double()
+        scale = float(want.abs().max())
+        for name, lib in libs.items():
+            if name == "crosspatch" or not hasattr(lib, task):
+                continue
+            got = torch.as_tensor(getattr(lib, task)()).double()
+            err = float((got - want).abs().max())
+            ok = "ok" if err <= TOL else "DISAGREE"
+            lines.append(f"{task:16s} {name:16s} max|diff| {err:.2e} (max|effect| {scale:.3f}) {ok}")
+    return lines
+
+
+def bench_size(setup: Setup, repeats: int, only=None) -> dict:
+    args = setup.build()
+    model, clean = args[0], args[1]
+    # Each library wraps its own copy of the same weights: nnsight and pyvene leave wrappers / hooks on
+    # the module they are given, which must not slow the others (or the bare baseline) down.
+    libs = {cls.name: cls(copy.deepcopy(model), *args[1:]) for cls in LIBS if only is None or cls.name in only}
+    baseline = Crosspatch(model, *args[1:])  # the pristine model: the bare HF forward
+    res = {"setup": setup, "load": uptime()}
+    res["agreement"] = check_agreement(libs)
+    cp, tl = libs["crosspatch"], libs.get("TransformerLens")
+
+    # (1) hook overhead: capture of every resid_pre and resid_post vs the bare HF forward (interleaved)
+    fns = {"hf_bare": lambda: baseline.bare(clean), "crosspatch": lambda: cp.capture(clean)}
+    if tl is not None:
+        fns["tl_bare"] = lambda: tl.bare(clean)
+        fns["TransformerLens"] = lambda: tl.capture(clean)
+    if "nnsight" in libs:
+        fns["nnsight"] = lambda: libs["nnsight"].capture(clean)
+    res["forward"] = paired(fns, max(repeats, 20))
+
+    # (2)-(4) sweeps and attribution: median of `repeats`; the loops of hundreds of forwards need no warm-up
+    for task in ("resid_pre_sweep", "head_out_sweep", "atp_heads"):
+        res[task] = {}
+        for name, lib in libs.items():
+            if hasattr(lib, task):
+                res[task][name] = timed(getattr(lib, task), repeats, warmup=(task == "atp_heads"))
+    # (5) peak memory of the resid_pre sweep and of AtP
+    res["memory"] = {}
+    for task in ("resid_pre_sweep", "atp_heads"):
+        for name, lib in libs.items():
+            if hasattr(lib, task):
+                res["memory"][(task, name)] = peak_memory(getattr(lib, task))
+    res["load_end"] = uptime()
+    return res
+
+
+def report(results: list[dict]) -> str:
+    out = []
+    peers = ["TransformerLens", "pyvene", "nnsight"]
+    out.append("| size | load (start / end) | capture every resid site vs bare HF forward: crosspatch | TransformerLens (vs its bare) | nnsight |")
+    out.append("|---|---|---|---|---|")
+    for r in results:
+        s, f = r["setup"], r["forward"]
+        tl = f"{f['TransformerLens'] / f['tl_bare']:.2f}x ({f['tl_bare'] / f['hf_bare']:.2f}x HF)" if "TransformerLens" in f else "-"
+        nn = f"{f['nnsight'] / f['hf_bare']:.2f}x" if "nnsight" in f else "-"
+        out.append(
+            f"| {s.layers}L seq {s.seq} batch {s.batch} | {r['load']} / {r['load_end']} | "
+            f"**{f['crosspatch'] / f['hf_bare']:.3f}x** (bare {f['hf_bare'] * 1e3:.1f} ms) | {tl} | {nn} |"
+        )
+    for task, title in (("resid_pre_sweep", "resid_pre sweep (layers x positions)"), ("head_out_sweep", "head_out sweep (layers x heads)")):
+        out.append("")
+        out.append(f"| {title} | sites | crosspatch | " + " | ".join(f"{p} (x slower than crosspatch)" for p in peers) + " | crosspatch bare forwards per site |")
+        out.append("|---|---|---|" + "---|" * len(peers) + "---|")
+        for r in results:
+            s, t = r["setup"], r[task]
+            sites = s.layers * (s.seq if task == "resid_pre_sweep" else s.heads)
+            cells = [f"{t[p]:.2f} s ({t[p] / t['crosspatch']:.2f}x)" if p in t else "-" for p in peers]
+            out.append(
+                f"| {s.layers}L seq {s.seq} batch {s.batch} | {sites} | {t['crosspatch']:.3f} s | " + " | ".join(cells)
+                + f" | {t['crosspatch'] / (sites * r['forward']['hf_bare']):.2f} |"
+            )
+    out.append("")
+    out.append("| attribution patching, all heads | crosspatch | forward-equivalents (bare HF forwards) | TransformerLens hook AtP | its forward-equivalents (bare TL forwards) |")
+    out.append("|---|---|---|---|---|")
+    for r in results:
+        s, t, f = r["setup"], r["atp_heads"], r["forward"]
+        tl = f"{t['TransformerLens'] * 1e3:.1f} ms | {t['TransformerLens'] / f['tl_bare']:.2f}" if "TransformerLens" in t else "- | -"
+        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / f['hf_bare']:.2f}** | {tl} |")
+    out.append("")
+    out.append("| peak extra memory (MiB) | task | crosspatch | " + " | ".join(peers) + " |")
+    out.append("|---|---|---|" + "---|" * len(peers))
+    for r in results:
+        s, m = r["setup"], r["memory"]
+        for task in ("resid_pre_sweep", "atp_heads"):
+            cells = [f"{m[(task, p)] / 2**20:.1f}" if (task, p) in m else "-" for p in ["crosspatch", *peers]]
+            out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {task} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Agreement (crosspatch vs each peer, same weights, denoising logit-diff effects):")
+    out.append("")
+    out.append("```")
+    for r in results:
+        s = r["setup"]
+        out.extend(f"{s.layers}L seq {s.seq} batch {s.batch}: {line}" for line in r["agreement"])
+    out.append("```")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", default="4x16x8,8x16x8,4x16x32", help="layers x seq x batch, comma-separated (default: ~9 min here)"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
+    parser.add_argument("--only", default=None, help="comma-separated library names")
+    parser.add_argument("--out", default=None, help="write the markdown tables here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    only = args.only.split(",") if args.only else None
+    results = []
+    print(machine(), flush=True)
+    for spec in args.sizes.split(","):
+        layers, seq, batch = (int(x) for x in spec.split("x"))
+        start = time.perf_counter()
+        results.append(bench_size(Setup(layers, seq, batch), args.repeats, only))
+        print(f"size {spec} done in {time.perf_counter() - start:.0f} s, load {uptime()}", flush=True)
+        text = report(results)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(machine() + "\n\n" + text + "\n")
+    print(text)
+    bad = [line for r in results for line in r["agreement"] if "DISAGREE" in line]
+    if bad:
+        print("\nDISAGREEMENT:\n" + "\n".join(bad))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
