@@ -13,6 +13,7 @@ from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
 from crosspatch.catalog import Axis, Catalog, SiteFamily
 from crosspatch.reach import ModuleInput, ModuleOutput, submodule
 
+from . import clip
 from .architectures import ARCHITECTURES, architecture_for
 from .inputs import input_families
 from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
@@ -38,7 +39,8 @@ class _OutputField:
 
 
 class TransformersAdapter(Adapter):
-    """GPT-2, GPT-NeoX, Llama / Mistral / Qwen2 (grouped-query attention) and BERT / RoBERTa."""
+    """GPT-2, GPT-NeoX, Llama / Mistral / Qwen2 (grouped-query attention) and BERT / RoBERTa;
+    ``CLIPModel`` (``model_type == "clip"``) is served by :mod:`.clip` under the two-tower site names."""
 
     name = "transformers"
 
@@ -47,6 +49,8 @@ class TransformersAdapter(Adapter):
         return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
     def catalog(self, model: nn.Module) -> Catalog:
+        if clip.is_clip(model):
+            return clip.catalog(model)
         config = model.config
         arch = architecture_for(config)
         if arch is None:
@@ -123,6 +127,8 @@ class TransformersAdapter(Adapter):
         return None
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
+        if clip.is_clip(model):
+            return clip.prepare(model, inputs)
         if isinstance(inputs, Mapping):
             prepared = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         else:
@@ -141,18 +147,26 @@ class TransformersAdapter(Adapter):
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
+        if clip.is_clip(model):
+            return clip.forward(model, inputs)
         extra = {"use_cache": False} if "use_cache" in _forward_parameters(type(model)) else {}
         return model(**inputs, **extra, return_dict=True)
 
     def output(self, raw: Any) -> torch.Tensor:
+        if isinstance(raw, clip.TwoTowerOutput):
+            return raw.primary
         logits = getattr(raw, "logits", None)
         return logits if logits is not None else raw.last_hidden_state
 
     def sizes(self, inputs: Inputs) -> dict[str, int]:
+        if "images" in inputs or "texts" in inputs:  # prepared two-tower (CLIP) inputs
+            return clip.sizes(inputs)
         tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
         return {"pos": tokens.shape[1], "key_pos": tokens.shape[1]}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
+        if clip.is_clip(model):
+            return clip.describe(model)
         config = model.config
         return {
             "class": type(model).__name__,
@@ -163,6 +177,12 @@ class TransformersAdapter(Adapter):
             "d_model": config.hidden_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
+
+    def readout(self, model: nn.Module, tower: str = "vision"):
+        """How a CLIP tower reads its embedding off its last residual stream (see :mod:`.clip`)."""
+        if not clip.is_clip(model):
+            raise NotImplementedError(f"{type(model).__name__} has no two-tower embedding readout")
+        return clip.readout(model, tower)
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}

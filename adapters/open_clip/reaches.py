@@ -1,0 +1,106 @@
+"""Reaches inside open_clip residual attention blocks.
+
+A block computes ``x + ls_1(attn(ln_1(x)))`` then ``+ ls_2(mlp(ln_2(x)))``; ``ls_1`` and ``ls_2`` are
+LayerScale modules or ``nn.Identity`` and are always called as modules, so their outputs are exactly
+what attention and the MLP write into the residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from crosspatch.reach import Callback, Handle, submodule
+
+__all__ = ["AttentionPattern", "HeadWrite", "ResidualMid"]
+
+
+def _gamma(module: nn.Module) -> torch.Tensor | None:
+    """The LayerScale factor of ``ls_1`` (None for ``nn.Identity``)."""
+    return None if isinstance(module, nn.Identity) else getattr(module, "gamma", None)
+
+
+class AttentionPattern:
+    """Attention probabilities ``[batch, head, pos, key_pos]``, read and written at the unfused
+    attention's ``pattern`` hook point. ``resolve(layer)`` gives the unfused attention module that
+    runs in that layer (the model's own when it is unfused, else the twin swapped in during runs)."""
+
+    def __init__(self, resolve: Callable[[int], nn.Module]):
+        self.resolve = resolve
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        def hook(module, args, output):
+            return callback(output)
+
+        return [self.resolve(layer).pattern.register_forward_hook(hook)]
+
+
+class HeadWrite:
+    """Each head's exact write into the residual stream, ``[batch, pos, head, d_model]``.
+
+    The heads enter ``out_proj`` side by side; head ``h`` writes ``gamma * (z_h @ W_h)`` where ``W_h``
+    are its columns of the projection and ``gamma`` the block's LayerScale (1 without one). The
+    heads plus ``gamma * out_proj.bias`` sum to ``attn_out``. A new value is written back as
+    ``attn_out + sum_h(new_h - old_h)``, so unchanged heads change nothing.
+    """
+
+    def __init__(self, root: nn.Module, out_proj: str, scale: str, n_heads: int):
+        self.root, self.out_proj, self.scale, self.n_heads = root, out_proj, scale, n_heads
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        n_heads = self.n_heads
+        proj = submodule(self.root, self.out_proj, layer)
+        scale = submodule(self.root, self.scale, layer)
+        stash: dict[str, torch.Tensor] = {}
+
+        def before_projection(module, args):
+            stash["z"] = args[0]
+
+        def after_scale(module, args, output):
+            z = stash.pop("z")
+            weight = proj.weight.T  # [n_heads * d_head, d_model]
+            d_in = z.shape[-1]
+            per_head = weight.reshape(n_heads, d_in // n_heads, weight.shape[-1])
+            heads = torch.einsum("bphe,hed->bphd", z.reshape(*z.shape[:-1], n_heads, d_in // n_heads), per_head)
+            gamma = _gamma(module)
+            if gamma is not None:
+                heads = heads * gamma
+            new = callback(heads)
+            if new is None:
+                return None
+            return output + (new - heads).sum(dim=2)
+
+        return [proj.register_forward_pre_hook(before_projection), scale.register_forward_hook(after_scale)]
+
+
+class ResidualMid:
+    """``resid_mid``: the block input plus what attention writes (``ls_1``'s output).
+
+    Written by shifting the attention write by ``new - old``, so the residual branch and the MLP's
+    layer norm both see the new value.
+    """
+
+    def __init__(self, root: nn.Module, block: str, scale: str):
+        self.root, self.block, self.scale = root, block, scale
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        stash: dict[str, torch.Tensor] = {}
+
+        def before_block(module, args, kwargs):
+            stash["x"] = args[0] if args else kwargs.get("q_x", kwargs.get("x"))
+
+        def after_scale(module, args, output):
+            resid = output + stash.pop("x")
+            new = callback(resid)
+            if new is None:
+                return None
+            return output + (new - resid)
+
+        block = submodule(self.root, self.block, layer)
+        scale = submodule(self.root, self.scale, layer)
+        return [
+            block.register_forward_pre_hook(before_block, with_kwargs=True),
+            scale.register_forward_hook(after_scale),
+        ]
