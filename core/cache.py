@@ -6,7 +6,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .sites import Site, SiteError, Span
+from .selection import index_for, select
+from .sites import Site, SiteError
 
 __all__ = ["Cache"]
 
@@ -39,27 +40,9 @@ class Cache(Mapping[str, torch.Tensor]):
         names = self.axes.get(site.key)
         if names is None:
             raise SiteError(f"the cache does not know the axes of {site.key!r}; cannot select {site}")
-        index: list = [slice(None)]
-        selection = site.selection
-        for name in names:
-            value = selection.pop(name, None)
-            if value is None:
-                index.append(slice(None))
-            elif isinstance(value, int):
-                index.append(slice(value, value + 1) if value != -1 else slice(-1, None))
-            elif isinstance(value, Span):
-                index.append(slice(value.start, value.stop))
-            elif isinstance(value, tuple):
-                index.append(list(value))
-            else:
-                raise SiteError(f"cannot index the cache with pattern {site}; expand it first")
-        if selection:
-            raise SiteError(f"site {site}: {site.key!r} has axes {names}, not {sorted(selection)}")
-        out = full
-        for dim, idx in enumerate(index):  # axis by axis, so that several index sets make an outer product
-            if idx != slice(None):
-                out = out[(slice(None),) * dim + (idx,)]
-        return out
+        if len(names) != full.ndim - 1:
+            raise SiteError(f"the cache holds {site.key!r} with shape {tuple(full.shape)} but axes {names}")
+        return select(full, index_for(site, names, full.shape[1:], full.device))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

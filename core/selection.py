@@ -13,7 +13,7 @@ import torch
 from .catalog import SiteFamily
 from .sites import Site, SiteError, Span
 
-__all__ = ["axis_index", "select"]
+__all__ = ["axis_index", "index_for", "select"]
 
 
 def axis_index(site: Site, family: SiteFamily, shape: Sequence[int], device: torch.device) -> tuple:
@@ -23,9 +23,17 @@ def axis_index(site: Site, family: SiteFamily, shape: Sequence[int], device: tor
             f"site {site}: the activation has shape {tuple(shape)} but family {family.name!r} "
             f"declares axes ({', '.join(family.axis_names)}); the adapter's catalog is wrong"
         )
+    return index_for(site, family.axis_names, shape, device)
+
+
+def index_for(site: Site, axis_names: Sequence[str], shape: Sequence[int], device: torch.device) -> tuple:
+    """:func:`axis_index` given the axis names alone (what a :class:`~crosspatch.Cache` knows)."""
     selection = site.selection
+    unknown = sorted(set(selection) - set(axis_names))
+    if unknown:
+        raise SiteError(f"site {site}: {site.key!r} has axes ({', '.join(axis_names)}), not {unknown}")
     parts: list = []
-    for axis, size in zip(family.axis_names, shape):
+    for axis, size in zip(axis_names, shape):
         value = selection.get(axis)
         if value is None:
             parts.append(slice(None))

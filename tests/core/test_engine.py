@@ -675,3 +675,13 @@ def test_float64_model_gives_float64_outputs_and_captures(toy, x, x_other):
     assert all(v.device.type == "cpu" for v in run.cache.values())
     plain = toy.run(xd, capture="hidden.0")
     close(plain.output, hand(toy.module, xd)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_cache_selection_is_checked_like_a_run(toy, x):
+    cache = toy.capture(x, "hidden.0")
+    assert cache["hidden.0[pos=-1]"].shape == (x.shape[0], 1, 4)
+    assert torch.equal(cache["hidden.0[pos={0,2},dim={1,3}]"], cache["hidden.0"][:, [0, 2]][:, :, [1, 3]])
+    with pytest.raises(cp.SiteError, match="out of range"):
+        cache[f"hidden.0[pos={x.shape[1]}]"]
+    with pytest.raises(cp.SiteError, match="not \\['head'\\]"):
+        cache["hidden.0[head=1]"]
