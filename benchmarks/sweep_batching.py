@@ -7,43 +7,19 @@ the results travel between machines. Run: ``python benchmarks/sweep_batching.py`
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from common import gpt2_setup, median_time, size_arguments
 
 import crosspatch as cp
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    size_arguments(parser, seq=16, prompts=8)
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_head=8, n_embd=args.d_model, vocab_size=1000, n_positions=128)
-    model = GPT2LMHeadModel(config).eval()
-    m = cp.wrap(model)
-    clean = torch.randint(0, 1000, (args.prompts, args.seq))
-    corrupt = clean.clone()
-    corrupt[:, args.seq // 2] = (corrupt[:, args.seq // 2] + 1) % 1000
-    metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 1000)
-    torch.set_num_threads(torch.get_num_threads())
+    setup = gpt2_setup(args.layers, args.d_model, args.seq, args.prompts)
+    model, m, clean, corrupt, metric = setup.model, setup.m, setup.clean, setup.corrupt, setup.metric
 
     with torch.inference_mode():
         bare = median_time(lambda: model(clean, use_cache=False), args.repeats)

@@ -1,0 +1,52 @@
+"""What the single-library benchmarks share: a median timer and one random-init GPT-2 with a
+clean/corrupt pair that differs in the middle token."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import crosspatch as cp
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def size_arguments(parser: argparse.ArgumentParser, *, seq: int, prompts: int) -> None:
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--repeats", type=int, default=5)
+
+
+@dataclass
+class Setup:
+    model: GPT2LMHeadModel
+    m: cp.WrappedModel
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    metric: cp.metrics.Metric
+
+
+def gpt2_setup(layers: int, d_model: int, seq: int, prompts: int) -> Setup:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_head=8, n_embd=d_model, vocab_size=1000, n_positions=128)
+    model = GPT2LMHeadModel(config).eval()
+    clean = torch.randint(0, 1000, (prompts, seq))
+    corrupt = clean.clone()
+    corrupt[:, seq // 2] = (corrupt[:, seq // 2] + 1) % 1000
+    metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 1000)
+    return Setup(model, cp.wrap(model), clean, corrupt, metric)
