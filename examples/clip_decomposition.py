@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 import crosspatch as cp
 from crosspatch import zoo
+from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
 from crosspatch.tasks.shapes import ShapesTask
@@ -49,13 +50,7 @@ def main() -> None:
 
     if not zoo.cached(MODEL):
         print(f"training {MODEL} (first run only; it is cached afterwards)...")
-    loaded = zoo.load(MODEL)
-    model = loaded.model
-    if args.library == "transformers":
-        from crosspatch.adapters.open_clip import to_transformers
-
-        model = to_transformers(model)
-    m = cp.wrap(model)
+    m, loaded = load_wrapped(args.library)
 
     # 1. Images of held-out combinations; every caption of every combination.
     task = ShapesTask()
@@ -71,7 +66,7 @@ def main() -> None:
 
     # 3. Direct logit attribution against the captions that differ in one attribute.
     text = F.normalize(cross_modal.encode_texts(m, ids).double(), dim=-1)
-    scale = float(model.logit_scale.detach().exp())  # open_clip and HuggingFace CLIP both name it so
+    scale = float(m.module.logit_scale.detach().exp())  # open_clip and HuggingFace CLIP both name it so
     f = batch.factors
     alternatives = {
         "colour": [{**f, "colour": torch.full_like(labels, c)} for c in range(len(task.colours))],

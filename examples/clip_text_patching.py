@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 import crosspatch as cp
 from crosspatch import zoo
+from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.methods import cross_modal
 from crosspatch.tasks.shapes import ShapesTask
 
@@ -49,13 +50,8 @@ def main() -> None:
     # 1. The model and its tokenizer.
     if not zoo.cached(MODEL):
         print(f"training {MODEL} (first run only; it is cached afterwards)...")
-    loaded = zoo.load(MODEL)
-    model = loaded.model
-    if args.library == "transformers":
-        from crosspatch.adapters.open_clip import to_transformers
-
-        model = to_transformers(model)
-    m, tok = cp.wrap(model), loaded.tokenizer
+    m, loaded = load_wrapped(args.library)
+    tok = loaded.tokenizer
 
     # 2. Pairs differing in one factor; keep those whose captions differ in exactly one token.
     pairs = ShapesTask().pairs(3 * args.n, seed=args.seed, split="test", factor=args.factor)

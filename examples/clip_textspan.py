@@ -27,8 +27,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-import crosspatch as cp
 from crosspatch import zoo
+from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
 from crosspatch.tasks.shapes import ShapesTask
@@ -50,13 +50,7 @@ def main() -> None:
 
     if not zoo.cached(MODEL):
         print(f"training {MODEL} (first run only; it is cached afterwards)...")
-    loaded = zoo.load(MODEL)
-    model = loaded.model
-    if args.library == "transformers":
-        from crosspatch.adapters.open_clip import to_transformers
-
-        model = to_transformers(model)
-    m = cp.wrap(model)
+    m, loaded = load_wrapped(args.library)
 
     # 1. Per-head direct contributions for images with known factors.
     task = ShapesTask()

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 import crosspatch as cp
 from crosspatch import zoo
+from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.methods import cross_modal
 from crosspatch.tasks.shapes import ShapesTask
 
@@ -40,13 +41,7 @@ MODEL = "shapes-clip"
 def load(library: str):
     if not zoo.cached(MODEL):
         print(f"training {MODEL} (first run only; it is cached afterwards)...")
-    loaded = zoo.load(MODEL)
-    model = loaded.model
-    if library == "transformers":
-        from crosspatch.adapters.open_clip import to_transformers
-
-        model = to_transformers(model)
-    return cp.wrap(model), loaded
+    return load_wrapped(library)
 
 
 def main() -> None:

@@ -345,6 +345,23 @@ def load_shapes_clip(folder: Path | None) -> Loaded:
     return Loaded(model, tokenizer, {})
 
 
+def load_wrapped(library: str = "open_clip", *, seed: int = 0):
+    """``shapes-clip`` from the zoo (trained on first use), wrapped; ``library="transformers"`` serves the
+    same weights as a HuggingFace ``CLIPModel``. Returns ``(wrapped model, Loaded)``."""
+    import crosspatch as cp
+    from crosspatch import zoo
+
+    loaded = zoo.load("shapes-clip", seed=seed)
+    model = loaded.model
+    if library == "transformers":
+        from .convert import to_transformers
+
+        model = to_transformers(model)
+    elif library != "open_clip":
+        raise ValueError(f"library must be 'open_clip' or 'transformers', got {library!r}")
+    return cp.wrap(model), loaded
+
+
 ZOO_MODELS: list[ZooModel] = [
     ZooModel(
         name="shapes-clip",
