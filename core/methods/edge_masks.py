@@ -19,7 +19,6 @@ patch weights, row blocks of one forward, gradients flowing into the weights).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -31,10 +30,10 @@ from ..engine import Bound
 from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
 from ..sites import Site
 from .edges import EdgeGraph, _flat_index, _Patcher, _Receiver, _result, _Sender, _State, _ZeroSender
+from .masks import expected_open, kept_gates, relaxed_gates
 
 __all__ = ["learn_edge_masks", "masked_edges_output", "dense_masks", "ablated_senders", "EdgeMaskParams"]
 
-_GAMMA, _ZETA, _BETA = -0.1, 1.1, 2.0 / 3.0
 
 
 def ablated_senders(
@@ -102,23 +101,15 @@ class EdgeMaskParams(nn.Module):
 
     def gate(self, samples: int = 1) -> torch.Tensor:
         """``[samples, n_edges]`` relaxed gates (training)."""
-        if self.mode == "sigmoid":
-            return torch.sigmoid(self.logits / self.temperature).expand(samples, -1)
-        u = torch.rand(samples, self.logits.shape[0], dtype=self.logits.dtype, device=self.logits.device)
-        u = u.clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + self.logits) / _BETA)
-        return (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+        gates = relaxed_gates(self.logits, self.mode, self.temperature, (samples, self.logits.shape[0]))
+        return gates.expand(samples, -1)
 
     def expected_l0(self) -> torch.Tensor:
-        if self.mode == "sigmoid":
-            return torch.sigmoid(self.logits / self.temperature).sum()
-        return torch.sigmoid(self.logits - _BETA * math.log(-_GAMMA / _ZETA)).sum()
+        return expected_open(self.logits, self.mode, self.temperature)
 
     def kept(self) -> torch.Tensor:
         """The binary mask: the deterministic gate above 1/2."""
-        if self.mode == "sigmoid":
-            return self.logits > 0
-        return (torch.sigmoid(self.logits) * (_ZETA - _GAMMA) + _GAMMA) > 0.5
+        return kept_gates(self.logits, self.mode)
 
 
 def learn_edge_masks(

@@ -46,6 +46,31 @@ logger = logging.getLogger(__name__)
 _GAMMA, _ZETA, _BETA = -0.1, 1.1, 2.0 / 3.0
 
 
+def relaxed_gates(logits: torch.Tensor, mode: str, temperature: Any = 1.0, noise_shape=None) -> torch.Tensor:
+    """Training-time gates in [0, 1]: ``sigmoid(logits / T)``, or hard-concrete samples (Louizos et al.)
+    with noise of ``noise_shape`` (default: the logits' shape) broadcast against the logits."""
+    if mode == "sigmoid":
+        return torch.sigmoid(logits / temperature)
+    shape = logits.shape if noise_shape is None else noise_shape
+    u = torch.rand(shape, dtype=logits.dtype, device=logits.device).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((u.log() - (-u).log1p() + logits) / _BETA)
+    return (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+
+
+def expected_open(logits: torch.Tensor, mode: str, temperature: Any = 1.0) -> torch.Tensor:
+    """The expected number of open gates (differentiable): the sparsity penalty."""
+    if mode == "sigmoid":
+        return torch.sigmoid(logits / temperature).sum()
+    return torch.sigmoid(logits - _BETA * math.log(-_GAMMA / _ZETA)).sum()
+
+
+def kept_gates(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    """The binary mask: True where the deterministic gate is above 1/2."""
+    if mode == "sigmoid":
+        return logits > 0
+    return (torch.sigmoid(logits) * (_ZETA - _GAMMA) + _GAMMA) > 0.5
+
+
 @register
 class LearnedMask(TrainableIntervention):
     """A learned gate per unit: keep the activation (1) or ablate it (0).
@@ -83,23 +108,15 @@ class LearnedMask(TrainableIntervention):
         for sigmoid). Eval mode: the binary mask :meth:`kept` (so an evaluated mask is exactly a subset)."""
         if not self.training:
             return self.kept().to(self.logits.dtype)
-        if self.mode == "sigmoid":
-            return torch.sigmoid(self.logits / self.temperature)
-        u = torch.rand_like(self.logits).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + self.logits) / _BETA)
-        return (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+        return relaxed_gates(self.logits, self.mode, self.temperature)
 
     def expected_l0(self) -> torch.Tensor:
         """Expected number of gates that are open (differentiable)."""
-        if self.mode == "sigmoid":
-            return torch.sigmoid(self.logits / self.temperature).sum()
-        return torch.sigmoid(self.logits - _BETA * math.log(-_GAMMA / _ZETA)).sum()
+        return expected_open(self.logits, self.mode, self.temperature)
 
     def kept(self) -> torch.Tensor:
         """The binary mask: True where the (deterministic) gate is above 1/2."""
-        if self.mode == "sigmoid":
-            return self.logits > 0
-        return (torch.sigmoid(self.logits) * (_ZETA - _GAMMA) + _GAMMA) > 0.5
+        return kept_gates(self.logits, self.mode)
 
     def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         z = self.gate()
