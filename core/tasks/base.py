@@ -16,6 +16,7 @@ import torch
 __all__ = ["TextPair", "TokenizedPairs", "Task", "tokenize_pairs", "TaskError", "words"]
 
 Split = Literal["train", "test"]
+SPLITS: tuple[str, ...] = ("train", "test")
 
 
 class TaskError(ValueError):
@@ -80,6 +81,22 @@ def words(text: str) -> list[str]:
     a text task's ``vocabulary()`` lists tokens in this sense.
     """
     return _WORD.findall(text)
+
+
+def check_split(split: str, task: str) -> None:
+    if split not in SPLITS:
+        raise TaskError(f"unknown split {split!r} for task {task!r}; splits: {', '.join(SPLITS)}")
+
+
+def check_pair_arguments(task: "Task", n: int, factor: str | None, template: int | None) -> None:
+    """The arguments every text task's ``pairs`` takes, checked once for all of them."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise TaskError(f"n must be a positive int, got {n!r}")
+    if factor not in (None, *task.factors):
+        raise TaskError(f"task {task.name!r} has no factor {factor!r}; factors: {', '.join(task.factors)}")
+    templates = task.templates  # type: ignore[attr-defined]
+    if template is not None and template not in range(len(templates)):
+        raise TaskError(f"template must be in 0..{len(templates) - 1}, got {template!r}")
 
 
 def _single_token(tokenizer, text: str, what: str) -> int:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from ..metrics import Metric, MetricContext, _at, _wide
-from .base import Split, TaskError, TextPair, TokenizedPairs, _single_token, words
+from .base import Split, TaskError, TextPair, TokenizedPairs, _single_token, check_pair_arguments, check_split, words
 
 __all__ = [
     "CENTURIES", "GreaterThanTask", "NOUNS", "START_YEARS", "TEMPLATES", "answer_year", "distractor_year",
@@ -79,8 +79,7 @@ class GreaterThanTask:
 
     def start_years(self, split: Split = "test") -> tuple[int, ...]:
         """Start years of one split: multiples of 5 for ``test``, the rest for ``train``."""
-        if split not in ("train", "test"):
-            raise TaskError(f"split must be 'train' or 'test', got {split!r}")
+        check_split(split, self.name)
         return tuple(y for y in START_YEARS if (y % 5 == 0) == (split == "test"))
 
     def pairs(
@@ -93,12 +92,7 @@ class GreaterThanTask:
         template: int | None = None,
     ) -> list[TextPair]:
         """``n`` clean/corrupt pairs, the same for the same arguments; ``template`` fixes one template."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise TaskError(f"n must be a positive int, got {n!r}")
-        if factor not in (None, *self.factors):
-            raise TaskError(f"task {self.name!r} has no factor {factor!r}; factors: {', '.join(self.factors)}")
-        if template is not None and template not in range(len(self.templates)):
-            raise TaskError(f"template must be in 0..{len(self.templates) - 1}, got {template!r}")
+        check_pair_arguments(self, n, factor, template)
         starts = self.start_years(split)
         rng = random.Random(f"{self.name}/{split}/{seed}")
         out = []

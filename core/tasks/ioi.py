@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from .base import Split, TaskError, TextPair, words
+from .base import Split, TaskError, TextPair, check_pair_arguments, check_split, words
 
 __all__ = ["IOITask", "NAMES", "TRAIN_NAMES", "TEST_NAMES", "PLACES", "OBJECTS", "TEMPLATES"]
 
@@ -86,7 +86,7 @@ class IOITask:
 
     def names(self, split: Split = "test") -> tuple[str, ...]:
         """The names of one split (train and test share none)."""
-        _check_split(split)
+        check_split(split, self.name)
         return TRAIN_NAMES if split == "train" else TEST_NAMES
 
     def pairs(
@@ -103,12 +103,7 @@ class IOITask:
 
         ``template`` fixes one template (an index into :attr:`templates`), ``order`` one name order.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise TaskError(f"n must be a positive int, got {n!r}")
-        if factor not in (None, *self.factors):
-            raise TaskError(f"task {self.name!r} has no factor {factor!r}; factors: {', '.join(self.factors)}")
-        if template is not None and template not in range(len(self.templates)):
-            raise TaskError(f"template must be in 0..{len(self.templates) - 1}, got {template!r}")
+        check_pair_arguments(self, n, factor, template)
         if order is not None and order not in _ORDERS:
             raise TaskError(f"order must be 'ABBA' or 'BABA', got {order!r}")
         names = self.names(split)
@@ -141,7 +136,3 @@ class IOITask:
     def __repr__(self) -> str:
         return f"IOITask({len(self.templates)} templates, {len(TRAIN_NAMES)} train / {len(TEST_NAMES)} test names)"
 
-
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise TaskError(f"split must be 'train' or 'test', got {split!r}")

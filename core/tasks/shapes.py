@@ -51,7 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .base import Split, TaskError
+from .base import SPLITS, Split, TaskError, check_split
 
 __all__ = ["ShapesTask", "ShapeBatch", "ImagePairs", "SHAPES", "COLOURS"]
 
@@ -76,7 +76,6 @@ SYMMETRY: dict[str, float] = {"circle": 0.0, "square": 90.0, "triangle": 120.0, 
 
 _DEFAULT_SHAPES = ("circle", "square", "triangle", "cross")
 _DEFAULT_COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-_SPLITS = ("train", "test")
 _CHUNK = 2048  # images rendered per vectorised step; bounds memory at large n
 
 
@@ -339,7 +338,7 @@ class ShapesTask:
 
     def combinations(self, split: Split) -> list[tuple[int, int]]:
         """The (shape index, colour index) combinations a split draws."""
-        self._check_split(split)
+        check_split(split, self.name)
         held = {(self.shapes.index(s), self.colours.index(c)) for s, c in self.held_out}
         every = [(s, c) for s in range(len(self.shapes)) for c in range(len(self.colours))]
         return [sc for sc in every if (sc in held) == (split == "test")]
@@ -388,10 +387,6 @@ class ShapesTask:
     def _check_factor(self, factor: str) -> None:
         if factor not in self.factors:
             raise TaskError(f"unknown factor {factor!r} for task 'shapes'; factors: {', '.join(self.factors)}")
-
-    def _check_split(self, split: str) -> None:
-        if split not in _SPLITS:
-            raise TaskError(f"unknown split {split!r} for task 'shapes'; splits: {', '.join(_SPLITS)}")
 
     def _factor_tensors(self, factors: Mapping[str, Any], need: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Validated 1-d long tensors of equal length (0-d and length-1 values broadcast)."""
@@ -498,7 +493,7 @@ class ShapesTask:
     def _generator(self, seed: int, split: str, purpose: int) -> torch.Generator:
         if not isinstance(seed, int):
             raise TaskError(f"seed must be an int, got {seed!r}")
-        mixed = (seed * 0x9E3779B97F4A7C15 + _SPLITS.index(split) * 0xBF58476D1CE4E5B9 + purpose) % (2**63)
+        mixed = (seed * 0x9E3779B97F4A7C15 + SPLITS.index(split) * 0xBF58476D1CE4E5B9 + purpose) % (2**63)
         return torch.Generator().manual_seed(mixed)
 
     @staticmethod
@@ -518,7 +513,7 @@ class ShapesTask:
         """``n`` images from ``split``: a (shape, colour) combination uniform over the split's
         combinations, the other factors uniform and independent. Reproducible from ``seed``."""
         self._check_n(n)
-        self._check_split(split)
+        check_split(split, self.name)
         gen = self._generator(seed, split, purpose=1)
         return self.batch(self._draw(n, self.combinations(split), gen), split=split, device=device)
 
@@ -532,7 +527,7 @@ class ShapesTask:
         is uniform over those other values.
         """
         self._check_n(n)
-        self._check_split(split)
+        check_split(split, self.name)
         factor = self.default_factor if factor is None else factor
         self._check_factor(factor)
         gen = self._generator(seed, split, purpose=2 + self.factors.index(factor))
