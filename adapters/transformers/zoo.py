@@ -207,6 +207,17 @@ def load_gpt2(folder: Path | None) -> Loaded:
     return Loaded(model, tokenizer, {})
 
 
+def _training_record(recipe, model, steps: int, seconds: float) -> dict[str, Any]:
+    """What every zoo model's manifest records about its training."""
+    return {
+        "steps": steps,
+        "batch_size": recipe.batch_size,
+        "train_seconds": round(seconds, 2),
+        "parameters": _n_params(model),
+        "architecture": _arch(recipe),
+    }
+
+
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
 
@@ -321,11 +332,7 @@ def build_ioi(folder: Path, settings: TrainSettings, recipe: Recipe = IOI_RECIPE
         "accuracy_means": "answer is the top name (among all names); _vocab: top token; _vs_distractor: IO > S",
         "eval_prompts": recipe.eval_prompts,
         "eval_split": "test: prompts of held-out names only",
-        "steps": steps,
-        "batch_size": recipe.batch_size,
-        "train_seconds": round(seconds, 2),
-        "parameters": _n_params(model),
-        "architecture": _arch(recipe),
+        **_training_record(recipe, model, steps, seconds),
     })
     return metrics
 
@@ -398,11 +405,7 @@ def build_greater_than(folder: Path, settings: TrainSettings, recipe: Recipe = G
                           "boundary: start+1 beats start",
         "eval_prompts": recipe.eval_prompts,
         "eval_split": "test: prompts of held-out start years (multiples of 5)",
-        "steps": steps,
-        "batch_size": recipe.batch_size,
-        "train_seconds": round(seconds, 2),
-        "parameters": _n_params(model),
-        "architecture": _arch(recipe),
+        **_training_record(recipe, model, steps, seconds),
     })
     return metrics
 
