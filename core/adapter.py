@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from itertools import chain
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from .catalog import Catalog
+from .offload import execution_device
+
+if TYPE_CHECKING:
+    from .resume import Prefix, Resume
 
 __all__ = ["Adapter", "AdapterError", "Inputs", "batch_size", "repeat_rows", "model_device"]
 
@@ -55,6 +60,24 @@ class Adapter:
         """A JSON-able summary of the model for result metadata."""
         return {"class": type(model).__name__}
 
+    # Prefix reuse (optional; see crosspatch.resume). An adapter that can start a forward at a
+    # later block returns True from can_resume and implements the two methods below.
+
+    def can_resume(self, model: nn.Module) -> bool:
+        """True when :meth:`forward_keeping_prefix` and :meth:`resume` serve ``model``."""
+        return False
+
+    def forward_keeping_prefix(self, model: nn.Module, inputs: Inputs) -> "tuple[Any, Prefix]":
+        """:meth:`forward`, also returning the :class:`~crosspatch.resume.Prefix` later runs resume from."""
+        raise NotImplementedError(f"the {self.name!r} adapter cannot keep a prefix for resumed runs")
+
+    def resume(self, model: nn.Module, inputs: Inputs, resume: "Resume") -> Any:
+        """The raw output of ``inputs`` computed from ``resume.prefix`` at ``resume.layer`` / ``resume.pos``.
+
+        ``inputs`` are the prefix's inputs with their rows repeated; the output covers every position.
+        """
+        raise NotImplementedError(f"the {self.name!r} adapter cannot resume a forward part-way")
+
 
 def batch_size(inputs: Mapping[str, torch.Tensor]) -> int:
     for value in inputs.values():
@@ -74,8 +97,20 @@ def repeat_rows(inputs: Mapping[str, Any], times: int) -> Inputs:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
+    """The device inputs go to: where the model's input embedding computes, never ``meta``.
+
+    For a model dispatched by accelerate (``device_map``, offload) that is the embedding's execution
+    device (offloaded weights sit on ``meta`` between forwards, and the first parameter may belong to
+    any device of the map); for a model on one device, that device.
+    """
+    get_embedding = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get_embedding() if callable(get_embedding) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    modules = model.modules() if embedding is None else chain((embedding,), model.modules())
+    for module in modules:
+        device = execution_device(module)
+        if device is not None:
+            return device
     return torch.device("cpu")

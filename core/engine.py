@@ -19,6 +19,7 @@ from .cache import Cache
 from .catalog import Catalog, SiteFamily
 from .interventions import ApplyContext, Intervention
 from .reach import Handle
+from .resume import Prefix, Resume, windowed
 from .selection import axis_index, select
 from .sites import Site, SiteError
 
@@ -40,6 +41,7 @@ class Run:
     output: torch.Tensor
     cache: Cache
     raw: Any = None
+    prefix: Prefix | None = None  # kept when asked (``keep_prefix``), for resumed runs of the same inputs
 
 
 @dataclass
@@ -63,9 +65,17 @@ def execute(
     bounds: Sequence[Bound] = (),
     capture: Iterable[str] = (),
     grad: bool = False,
+    keep_prefix: bool = False,
+    resume: Resume | None = None,
 ) -> Run:
-    """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored."""
+    """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored.
+
+    ``keep_prefix`` also returns what later runs of the same inputs need to start part-way;
+    ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change.
+    """
     n_rows = batch_size(inputs)
+    if resume is not None and (capture or grad or keep_prefix):
+        raise ValueError("a resumed run computes only part of the model: it cannot capture, keep a prefix or take gradients")
     plans: dict[str, _Plan] = {}
 
     def plan_for(site: Site) -> _Plan:
@@ -80,6 +90,8 @@ def execute(
         fam = catalog.family(site.family)
         if not fam.writable:
             raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
+        if resume is not None:
+            site = _resumable(site, fam, bound.intervention, resume)
         plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
     for key in capture:
         plan_for(catalog.resolve(key)).capture = True
@@ -90,9 +102,16 @@ def execute(
     ordered = sorted(plans.items(), key=lambda kv: (catalog.order(kv[1].family.name), kv[1].layer or 0))
     try:
         for key, plan in ordered:
-            handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad)))
+            window = resume.pos if resume is not None else 0
+            handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
+        prefix = None
         with _grad_mode(grad):
-            raw = adapter.forward(model, inputs)
+            if resume is not None:
+                raw = adapter.resume(model, inputs, resume)
+            elif keep_prefix:
+                raw, prefix = adapter.forward_keeping_prefix(model, inputs)
+            else:
+                raw = adapter.forward(model, inputs)
             output = adapter.output(raw)
     finally:
         for handle in handles:
@@ -103,7 +122,25 @@ def execute(
             f"sites {', '.join(missed)} were never reached during the forward pass; "
             f"the adapter {adapter.name!r} reaches them through modules this call did not run"
         )
-    return Run(output, cache, raw)
+    return Run(output, cache, raw, prefix)
+
+
+def _resumable(site: Site, family: SiteFamily, intervention: Intervention, resume: Resume) -> Site:
+    """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
+    if not isinstance(site.layer, int) or site.layer < resume.layer:
+        raise SiteError(
+            f"site {site} is computed before block {resume.layer}, where this run resumes; "
+            f"resume at layer <= {site.layer} or run the whole model"
+        )
+    if resume.pos:
+        if "pos" not in family.axis_names:
+            raise SiteError(f"site {site}: family {family.name!r} has no 'pos' axis, so it cannot run from position {resume.pos}")
+        if not intervention.position_local:
+            raise SiteError(
+                f"{type(intervention).__name__} at {site} reads other positions of the activation, so it cannot "
+                f"run from position {resume.pos}; resume at pos=0"
+            )
+    return windowed(site, resume.pos, resume.prefix.length)
 
 
 def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
@@ -120,8 +157,9 @@ def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
     return slice(start, stop)
 
 
-def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool):
+def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool, window: int = 0):
     fam = plan.family
+    pos_axis = 1 + fam.axis_names.index("pos") if window else 0
 
     def on_value(value: torch.Tensor) -> torch.Tensor | None:
         plan.fired += 1
@@ -132,6 +170,8 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
                 target = out if bound.rows is None else out[bound.rows]
                 index = axis_index(bound.site, fam, target.shape[1:], target.device)
                 source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
+                if window and source is not None:  # the run holds positions window.. only
+                    source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
                 ctx = ApplyContext(bound.site, fam, index, target, source)
                 x = select(target, index)
                 if grad:  # the slot is overwritten below; an intervention may keep x for its backward pass

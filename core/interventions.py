@@ -56,6 +56,8 @@ class ApplyContext:
         return select(full, self.index, batched=False).unsqueeze(0)
 
     def require_source(self, kind: str) -> torch.Tensor:
+        """The source activation on the target's device and in its dtype (a source cache may live on
+        another device, e.g. captured on one GPU of a device map or moved to the CPU, or in another dtype)."""
         if self.source is None:
             raise SiteError(f"{kind} at {self.site}: no source activation was captured for {self.site.key}")
         if self.source.shape[1:] != self.target.shape[1:]:
@@ -63,13 +65,16 @@ class ApplyContext:
                 f"{kind} at {self.site}: the source activation has shape {tuple(self.source.shape)} but the "
                 f"target has {tuple(self.target.shape)}; source and target inputs must have the same length"
             )
-        return self.source
+        return self.source.to(device=self.target.device, dtype=self.target.dtype)
 
 
 class Intervention:
     """Base class. Subclasses are dataclasses with a unique ``kind``."""
 
     kind: ClassVar[str] = ""
+    # True when the result at each position depends only on that position (and the source's):
+    # such an intervention may run in a forward that skips the positions before it (crosspatch.resume).
+    position_local: ClassVar[bool] = False
 
     def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         raise NotImplementedError
@@ -119,6 +124,7 @@ class Patch(Intervention):
     """Interchange: replace the activation with a source run's (a Cache, or inputs to run)."""
 
     kind: ClassVar[str] = "patch"
+    position_local: ClassVar[bool] = True
     source: Any = None
 
     @property
@@ -135,6 +141,7 @@ class Zero(Intervention):
     """Zero ablation."""
 
     kind: ClassVar[str] = "zero"
+    position_local: ClassVar[bool] = True
 
     def apply(self, x, ctx):
         return torch.zeros_like(x)
@@ -151,6 +158,10 @@ class Mean(Intervention):
     @property
     def source_inputs(self) -> Any:
         return self.reference
+
+    @property
+    def position_local(self) -> bool:  # type: ignore[override]
+        return "pos" not in self.over
 
     def apply(self, x, ctx):
         ref = ctx.require_source("Mean")
@@ -170,6 +181,7 @@ class Resample(Intervention):
     """Resample ablation: each target row takes the activation of a random source row (seeded)."""
 
     kind: ClassVar[str] = "resample"
+    position_local: ClassVar[bool] = True
     source: Any = None
     seed: int = 0
 
@@ -206,6 +218,7 @@ class Add(Intervention):
     """Steering: add ``alpha * vector`` (broadcast over the family's axes)."""
 
     kind: ClassVar[str] = "add"
+    position_local: ClassVar[bool] = True
     vector: torch.Tensor = None  # type: ignore[assignment]
     alpha: float = 1.0
 
@@ -219,6 +232,7 @@ class Set(Intervention):
     ``Add.vector``; a scalar sets every selected element). ``Add`` is the shift, ``Patch`` the interchange."""
 
     kind: ClassVar[str] = "set"
+    position_local: ClassVar[bool] = True
     value: Any = None
 
     def apply(self, x, ctx):
@@ -232,6 +246,7 @@ class Scale(Intervention):
     """Multiply the activation by ``factor``."""
 
     kind: ClassVar[str] = "scale"
+    position_local: ClassVar[bool] = True
     factor: float = 0.0
 
     def apply(self, x, ctx):
@@ -243,6 +258,7 @@ class ProjectOut(Intervention):
     """Erasure: remove the span of ``basis`` (``[k, d]`` or ``[d]``) along the last axis."""
 
     kind: ClassVar[str] = "project_out"
+    position_local: ClassVar[bool] = True
     basis: torch.Tensor = None  # type: ignore[assignment]
 
     def apply(self, x, ctx):
@@ -257,8 +273,9 @@ class ProjectOut(Intervention):
                 f"(k directions along {last!r})"
             )
         # An orthonormal basis of the span, also when the given directions are dependent.
-        u, s, _ = torch.linalg.svd(basis.to(device=x.device, dtype=torch.float64).T, full_matrices=False)
-        q = u[:, s > s.max() * 1e-10].to(x.dtype)
+        # Computed where the basis lives (the rank cut reads values), then moved to the activation's device.
+        u, s, _ = torch.linalg.svd(basis.to(dtype=torch.float64).T, full_matrices=False)
+        q = u[:, s > s.max() * 1e-10].to(device=x.device, dtype=x.dtype)
         return x - (x @ q) @ q.T
 
 

@@ -17,6 +17,7 @@ from . import clip
 from .architectures import ARCHITECTURES, architecture_for
 from .inputs import input_families
 from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
+from .resume import forward_keeping_prefix, resume_forward
 
 
 class _OutputField:
@@ -177,6 +178,19 @@ class TransformersAdapter(Adapter):
             "d_model": config.hidden_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
+
+    def can_resume(self, model: nn.Module) -> bool:
+        # Prefix reuse needs a block list and an output laid out by position (not pooled).
+        if clip.is_clip(model) or architecture_for(model.config) is None:
+            return False
+        axes = self._logits_axes(model)
+        return axes is None or axes[0].name == "pos"
+
+    def forward_keeping_prefix(self, model: nn.Module, inputs: Inputs):
+        return forward_keeping_prefix(model, architecture_for(model.config), inputs)
+
+    def resume(self, model: nn.Module, inputs: Inputs, run):
+        return resume_forward(model, architecture_for(model.config), inputs, run)
 
     def readout(self, model: nn.Module, tower: str = "vision"):
         """How a CLIP tower reads its embedding off its last residual stream (see :mod:`.clip`)."""

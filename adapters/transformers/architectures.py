@@ -20,6 +20,7 @@ class Architecture:
     mlp_down: str  # MLP output projection; its input is the neuron activations
     resid_mid: str | None  # "sum": block input + attention output; a module path; None: no such point
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+    causal: bool = True  # each position attends only to itself and earlier positions
 
 
 _LLAMA = Architecture(
@@ -42,6 +43,7 @@ _BERT = Architecture(
     mlp="output.dense",
     mlp_down="output.dense",
     resid_mid="attention",
+    causal=False,
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crosspatch.catalog import Axis, SiteFamily
+from crosspatch.offload import reads_weights
 from crosspatch.reach import Callback, Handle, ModuleInput, submodule
 
 __all__ = ["InputLayout", "HeadIn", "input_families", "LAYOUTS"]
@@ -84,13 +85,13 @@ class HeadIn:
                 new = stash.get("new")
                 if new is None:
                     return None
-                x = stash["x"]
+                x = stash["x"].to(output.device)
                 weight = module.weight if conv1d else module.weight.T  # [d_model, out]
                 n_out = weight.shape[1] // len(roles)
                 heads = _heads(n_out, n_heads, projs[0], conv1d, len(roles))
                 d_head = n_out // heads
                 group = n_heads // heads
-                slots = torch.stack([new[:, :, r, ::group] for r in roles], dim=2)  # [b, p, R, heads, d]
+                slots = torch.stack([new[:, :, r, ::group] for r in roles], dim=2).to(output.device)  # [b, p, R, heads, d]
                 changed = (slots != x[:, :, None, None, :]).any(dim=-1, keepdim=True)
                 normed = _norm(ln, slots)
                 w = weight.reshape(weight.shape[0], len(roles), heads, d_head)
@@ -106,7 +107,7 @@ class HeadIn:
 
         role_sets = [(0, 1, 2)] if len(projs) == 1 else [(0,), (1,), (2,)]
         handles = [ln.register_forward_pre_hook(before_norm)]
-        handles += [p.register_forward_hook(splice(r)) for p, r in zip(projs, role_sets)]
+        handles += [p.register_forward_hook(reads_weights(splice(r), ln)) for p, r in zip(projs, role_sets)]
         return handles
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crosspatch.offload import reads_weights
 from crosspatch.reach import Callback, Handle, submodule
 
 
@@ -24,7 +25,7 @@ class HeadOut:
         n_heads, conv1d = self.n_heads, self.conv1d
 
         def hook(module, args, output):
-            z = args[0]
+            z = args[0].to(output.device)
             d_in = z.shape[-1]
             weight = module.weight if conv1d else module.weight.T  # [n_heads * d_head, d_model]
             per_head = weight.reshape(n_heads, d_in // n_heads, weight.shape[-1])
@@ -35,7 +36,7 @@ class HeadOut:
                 return None
             return output + (new - heads).sum(dim=2)
 
-        return [submodule(self.root, self.path, layer).register_forward_hook(hook)]
+        return [submodule(self.root, self.path, layer).register_forward_hook(reads_weights(hook))]
 
 
 class ResidualAfterAttention:
@@ -56,7 +57,7 @@ class ResidualAfterAttention:
 
         def after_attention(module, args, output):
             a = output if isinstance(output, torch.Tensor) else output[0]
-            resid = a + stash.pop("x")
+            resid = a + stash.pop("x").to(a.device)
             new = callback(resid)
             if new is None:
                 return None

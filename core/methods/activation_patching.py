@@ -13,6 +13,7 @@ from ..interventions import Patch
 from ..metrics import Metric, MetricContext
 from ..model import WrappedModel
 from ..progress import progress_bar
+from ..resume import resume_chunks
 from .pairs import prepare_pair
 from ..results import Result, collect_versions
 from ..sites import Site
@@ -30,6 +31,7 @@ def activation_patching(
     direction: Literal["denoising", "noising"] = "denoising",
     normalize: bool = False,
     batch_size: int = 64,
+    reuse_prefix: bool = True,
     progress: bool | None = None,
 ) -> Result:
     """Patch every site of a sweep, one at a time, and measure the metric's change.
@@ -41,6 +43,9 @@ def activation_patching(
     the site alone restores (denoising) the full clean-corrupt gap.
 
     Sites are patched in batches: up to ``batch_size`` rows (sites x prompts) per forward.
+    With ``reuse_prefix`` (and an adapter that can resume), a batch of sites at layer ``L`` and
+    position ``p`` starts from the unpatched run's residual at block ``L``, and in causal models
+    from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same.
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
@@ -50,7 +55,8 @@ def activation_patching(
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
     # The baseline hooks the same sites as the patched runs: some reaches change the numerics
     # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
-    base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys)
+    reuse = reuse_prefix and m.adapter.can_resume(m.module)
+    base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse)
     clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
     mask = base_in.get("attention_mask")
     ctx = MetricContext(torch.arange(n, device=clean_out.device), clean_out, mask)
@@ -59,18 +65,16 @@ def activation_patching(
     baseline = corrupt_metric if direction == "denoising" else clean_metric
 
     patch = Patch(source.cache)
-    per_forward = max(1, batch_size // n)
-    chunks = range(0, len(sweep), per_forward)
-    effects = []
-    for start in progress_bar(chunks, progress, desc=f"patching {len(sweep)} sites"):
-        chunk = sweep.sites[start : start + per_forward]
-        inputs = repeat_rows(base_in, len(chunk))
-        bounds = [Bound(site, patch, slice(j * n, (j + 1) * n)) for j, site in enumerate(chunk)]
-        run = execute(m.module, m.adapter, m.catalog, inputs, bounds)
-        rows = MetricContext(ctx.example.repeat(len(chunk)), clean_out, inputs.get("attention_mask"))
+    chunks = resume_chunks(sweep.sites, m.catalog, base.prefix, max(1, batch_size // n))
+    effects = torch.empty(len(sweep), n, dtype=torch.float64, device=baseline.device)
+    for members, resume in progress_bar(chunks, progress, desc=f"patching {len(sweep)} sites"):
+        inputs = repeat_rows(base_in, len(members))
+        bounds = [Bound(sweep.sites[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
+        run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume)
+        rows = MetricContext(ctx.example.repeat(len(members)), clean_out, inputs.get("attention_mask"))
         with torch.inference_mode():
-            effects.append(metric(run.output, rows).view(len(chunk), n) - baseline)
-    per_site = torch.cat(effects).double().mean(dim=1)
+            effects[members] = (metric(run.output, rows).view(len(members), n) - baseline).double()
+    per_site = effects.mean(dim=1)
     gap = (clean_metric - corrupt_metric).double().mean()
     if normalize:
         per_site = per_site / gap
@@ -82,6 +86,7 @@ def activation_patching(
         "sites": str(sites) if isinstance(sites, (str, Site)) else [str(s) for s in sites],
         "direction": direction,
         "normalize": normalize,
+        "reuse_prefix": reuse,
         "n_prompts": n,
         "seed": None,
         "baseline": {

@@ -1,0 +1,141 @@
+"""Prefix reuse in the engine, on a position-wise toy model whose adapter resumes by hand."""
+
+import pytest
+import torch
+from conftest import ToyNet, toy_adapter
+
+import crosspatch as cp
+from crosspatch.adapter import repeat_rows
+from crosspatch.engine import Bound, execute
+from crosspatch.resume import Prefix, Resume, resume_chunks, start_of, windowed
+from crosspatch.sites import Site, SiteError, Span
+
+
+def resumable_toy():
+    """The toy adapter, able to start at any layer and position (every position is independent)."""
+    base = toy_adapter()
+
+    class ResumableToy(type(base)):
+        def can_resume(self, model):
+            return True
+
+        def forward_keeping_prefix(self, model, inputs):
+            residuals = []
+            x = inputs["x"]
+            for layer in model.layers:
+                residuals.append(x)
+                x = torch.relu(layer(x))
+            out = model(inputs["x"])
+            return out, Prefix(residuals, out, causal=True, keys_values=[], length=x.shape[1])
+
+        def resume(self, model, inputs, run):
+            times = inputs["x"].shape[0] // run.prefix.rows
+            x = run.prefix.residuals[run.layer][:, run.pos :].repeat(times, 1, 1)
+            for layer in model.layers[run.layer :]:
+                x = torch.relu(layer(x))
+            head = run.prefix.output[:, : run.pos].repeat(times, 1, 1)
+            return torch.cat([head, model.head(x)], dim=1)
+
+    return ResumableToy()
+
+
+@pytest.fixture
+def toy():
+    model, adapter = ToyNet(), resumable_toy()
+    catalog = adapter.catalog(model)
+    g = torch.Generator().manual_seed(0)
+    base_in = {"x": torch.randn(3, 6, 4, generator=g)}
+    source_in = {"x": torch.randn(3, 6, 4, generator=g)}
+    return model, adapter, catalog, base_in, source_in
+
+
+def run_both(toy, bounds, layer, pos, times=2):
+    model, adapter, catalog, base_in, _ = toy
+    prefix = execute(model, adapter, catalog, base_in, keep_prefix=True).prefix
+    inputs = repeat_rows(base_in, times)
+    full = execute(model, adapter, catalog, inputs, bounds).output
+    resumed = execute(model, adapter, catalog, inputs, bounds, resume=Resume(prefix, layer, pos)).output
+    return full, resumed
+
+
+@pytest.mark.parametrize("site", ["hidden_in.1[pos=4]", "hidden.0[pos=3,dim=1]", "hidden.1[pos=2:5]", "hidden.1[pos={3,5}]"])
+@pytest.mark.parametrize("intervention", ["patch", "zero", "scale", "resample"])
+def test_resumed_run_equals_the_full_run(toy, site, intervention):
+    model, adapter, catalog, base_in, source_in = toy
+    source = execute(model, adapter, catalog, source_in, capture=[Site.parse(site).key]).cache
+    made = {
+        "patch": cp.Patch(source), "zero": cp.Zero(), "scale": cp.Scale(3.0), "resample": cp.Resample(source, seed=1),
+    }[intervention]
+    bounds = [Bound(Site.parse(site), made, slice(3, 6))]  # the second copy of the rows only
+    layer = Site.parse(site).layer
+    for pos in (0, 2):
+        full, resumed = run_both(toy, bounds, layer, pos)
+        torch.testing.assert_close(resumed, full, rtol=0, atol=1e-6)
+        assert not torch.equal(full[3:], full[:3])  # the intervention changed the patched rows
+
+
+def test_resume_refuses_what_it_cannot_reach(toy):
+    model, adapter, catalog, base_in, source_in = toy
+    prefix = execute(model, adapter, catalog, base_in, keep_prefix=True).prefix
+    with pytest.raises(SiteError, match="before block 1"):
+        execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.0"), cp.Zero())], resume=Resume(prefix, 1))
+    with pytest.raises(SiteError, match="touches position 1, before the resumed run's first position 2"):
+        execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1[pos=1]"), cp.Zero())], resume=Resume(prefix, 1, 2))
+    with pytest.raises(SiteError, match="reads other positions"):
+        execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1[pos=3]"), cp.Noise())], resume=Resume(prefix, 1, 2))
+    with pytest.raises(ValueError, match="cannot capture"):
+        execute(model, adapter, catalog, base_in, capture=["hidden.1"], resume=Resume(prefix, 1))
+    with pytest.raises(ValueError, match="resume position 9"):
+        Resume(prefix, 0, 9)
+    acausal = Prefix(prefix.residuals, prefix.output, causal=False, keys_values=[], length=6)
+    with pytest.raises(ValueError, match="not causal"):
+        Resume(acausal, 0, 2)
+
+
+def test_mean_is_position_local_only_when_it_keeps_positions():
+    assert cp.Mean(None).position_local
+    assert not cp.Mean(None, over=("batch", "pos")).position_local
+    assert cp.Patch().position_local and not cp.Noise().position_local
+
+
+def test_windowed_shifts_positions_and_start_of_reads_them(toy):
+    _, _, catalog, _, _ = toy
+    assert windowed(Site.parse("hidden.1[pos=4,dim=2]"), 3, 6) == Site.parse("hidden.1[pos=1,dim=2]")
+    assert windowed(Site.parse("hidden.1[pos=-1]"), 3, 6) == Site.parse("hidden.1[pos=2]")
+    assert windowed(Site.parse("hidden.1[pos={3,5}]"), 3, 6).selection["pos"] == (0, 2)
+    assert windowed(Site.parse("hidden.1[pos=4:]"), 3, 6).selection["pos"] == Span(1, None)
+    assert windowed(Site.parse("hidden.1"), 3, 6) == Site.parse("hidden.1")
+    assert start_of(Site.parse("hidden.1[pos={5,2}]"), catalog, 6, causal=True) == (1, 2)
+    assert start_of(Site.parse("hidden.1[pos=4]"), catalog, 6, causal=False) == (1, 0)
+    assert start_of(Site.parse("out[pos=4]"), catalog, 6, causal=True) is None
+
+
+def test_chunks_cover_every_site_once_and_resume_where_they_may(toy):
+    model, adapter, catalog, base_in, _ = toy
+    prefix = execute(model, adapter, catalog, base_in, keep_prefix=True).prefix
+    sites = catalog.expand(["hidden.*[pos=*]", "out[pos=*]"], {"pos": 6}).sites
+    chunks = resume_chunks(sites, catalog, prefix, per_forward=4)
+    members = sorted(i for chunk, _ in chunks for i in chunk)
+    assert members == list(range(len(sites)))
+    for chunk, resume in chunks:
+        assert len(chunk) <= 4
+        starts = [start_of(sites[i], catalog, 6, True) for i in chunk]
+        if resume is None:
+            assert all(s is None for s in starts)
+        else:
+            assert all(s[1] == resume.pos and s[0] >= resume.layer for s in starts)
+    assert sorted(i for chunk, _ in resume_chunks(sites, catalog, None, 5) for i in chunk) == members
+
+
+def test_sweep_with_reuse_equals_sweep_without(toy):
+    model, adapter, catalog, base_in, source_in = toy
+    from crosspatch.model import WrappedModel
+
+    m = WrappedModel(model, adapter)
+    metric = lambda out, ctx: out[:, -1, 0] - out[:, -1, 1]  # noqa: E731
+    kwargs = dict(sites="hidden.*[pos=*,dim=*]", metric=metric, progress=False, batch_size=12)
+    with_reuse = cp.activation_patching(m, base_in, source_in, **kwargs)
+    without = cp.activation_patching(m, base_in, source_in, reuse_prefix=False, **kwargs)
+    assert with_reuse.metadata["reuse_prefix"] and not without.metadata["reuse_prefix"]
+    assert abs(with_reuse.values).max() > 1e-3
+    assert abs(with_reuse.values - without.values).max() < 1e-6
