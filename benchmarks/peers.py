@@ -87,9 +87,20 @@ class Crosspatch:
     def capture(self, tokens):
         return self.m.run(tokens, capture=["resid_pre.*", "resid_post.*"]).cache
 
-    def resid_pre_sweep(self):
-        r = self.cp.activation_patching(self.m, self.clean, self.corrupt, "resid_pre.*[pos=*]", self.metric, progress=False)
+    def resid_pre_sweep(self, **options):
+        r = self.cp.activation_patching(
+            self.m, self.clean, self.corrupt, "resid_pre.*[pos=*]", self.metric, progress=False, **options
+        )
         return torch.as_tensor(r.values).reshape(self.layers, -1)
+
+    # The same sweep with crosspatch's savings switched off one by one (timed, not compared).
+    def resid_pre_sweep_every_site(self):
+        """Also the sites whose clean and corrupt values are equal (skipped by default: their effect is 0)."""
+        return self.resid_pre_sweep(skip_unchanged=False)
+
+    def resid_pre_sweep_recompute(self):
+        """Every site, and the whole model per site (no prefix reuse)."""
+        return self.resid_pre_sweep(skip_unchanged=False, reuse_prefix=False)
 
     def head_out_sweep(self):
         r = self.cp.activation_patching(self.m, self.clean, self.corrupt, "head_out.*[head=*]", self.metric, progress=False)

@@ -157,6 +157,8 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
         for name, lib in libs.items():
             if hasattr(lib, task):
                 res[task][name] = timed(getattr(lib, task), repeats, warmup=(task == "atp_heads"))
+    for variant in ("every_site", "recompute"):
+        res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
     # (5) peak memory of the resid_pre sweep and of AtP
     res["memory"] = {}
     for task in ("resid_pre_sweep", "atp_heads"):
@@ -181,13 +183,20 @@ def report(results: list[dict]) -> str:
             f"**{f['crosspatch'] / f['hf_bare']:.3f}x** (bare {f['hf_bare'] * 1e3:.1f} ms) | {tl} | {nn} |"
         )
     for task, title in (("resid_pre_sweep", "resid_pre sweep (layers x positions)"), ("head_out_sweep", "head_out sweep (layers x heads)")):
+        variants = [v for v in ("every_site", "recompute") if task == "resid_pre_sweep"]
+        heads = {"every_site": "crosspatch, every site run (TransformerLens x slower)",
+                 "recompute": "crosspatch, every site, no prefix reuse (TransformerLens x slower)"}
         out.append("")
-        out.append(f"| {title} | sites | crosspatch | " + " | ".join(f"{p} (x slower than crosspatch)" for p in peers) + " | crosspatch bare forwards per site |")
-        out.append("|---|---|---|" + "---|" * len(peers) + "---|")
+        out.append(f"| {title} | sites | crosspatch | " + " | ".join(f"{p} (x slower than crosspatch)" for p in peers)
+                   + "".join(f" | {heads[v]}" for v in variants) + " | crosspatch bare forwards per site |")
+        out.append("|---|---|---|" + "---|" * (len(peers) + len(variants)) + "---|")
         for r in results:
             s, t = r["setup"], r[task]
             sites = s.layers * (s.seq if task == "resid_pre_sweep" else s.heads)
             cells = [f"{t[p]:.2f} s ({t[p] / t['crosspatch']:.2f}x)" if p in t else "-" for p in peers]
+            for v in variants:
+                own = t[f"crosspatch_{v}"]
+                cells.append(f"{own:.3f} s" + (f" ({t['TransformerLens'] / own:.2f}x)" if "TransformerLens" in t else ""))
             out.append(
                 f"| {s.layers}L seq {s.seq} batch {s.batch} | {sites} | {t['crosspatch']:.3f} s | " + " | ".join(cells)
                 + f" | {t['crosspatch'] / (sites * r['forward']['hf_bare']):.2f} |"

@@ -1,4 +1,4 @@
-"""Batched sweeps against one forward per site, and hook overhead against the bare forward.
+"""Batched sweeps with and without prefix reuse against one forward per site, and hook overhead.
 
 Every number is a ratio against a baseline measured in the same run (median of repeats), so
 the results travel between machines. Run: ``python benchmarks/sweep_batching.py``.
@@ -25,28 +25,31 @@ def main() -> None:
         bare = median_time(lambda: model(clean, use_cache=False), args.repeats)
     capture = median_time(lambda: m.run(clean, capture="resid_pre.*"), args.repeats)
 
+    def sweep(sites: str, batch_size: int, reuse: bool) -> float:
+        return median_time(
+            lambda: cp.activation_patching(
+                m, clean, corrupt, sites, metric, batch_size=batch_size, reuse_prefix=reuse, progress=False
+            ),
+            args.repeats,
+        )
+
     rows = []
     for sites in ("resid_pre.*[pos=*]", "head_out.*[head=*]"):
         n_sites = len(m.catalog.expand(sites, {"pos": args.seq}))
-        one = median_time(
-            lambda: cp.activation_patching(m, clean, corrupt, sites, metric, batch_size=args.prompts, progress=False),
-            args.repeats,
-        )
-        batched = median_time(
-            lambda: cp.activation_patching(m, clean, corrupt, sites, metric, batch_size=256, progress=False),
-            args.repeats,
-        )
-        rows.append((sites, n_sites, one, batched))
+        one = sweep(sites, args.prompts, reuse=False)  # one site per forward, everything recomputed
+        batched = sweep(sites, 256, reuse=False)
+        reused = sweep(sites, 64, reuse=True)  # the defaults
+        rows.append((sites, n_sites, one, batched, reused))
 
     print(f"GPT-2 {args.layers} layers, d_model {args.d_model}, {args.prompts} prompts x {args.seq} tokens, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"bare forward {bare * 1e3:.1f} ms; forward capturing every resid_pre {capture * 1e3:.1f} ms "
           f"({capture / bare:.3f}x)")
-    for sites, n_sites, one, batched in rows:
-        print(f"{sites:22s} {n_sites:4d} sites: one site per forward {one:.3f} s, batched {batched:.3f} s "
-              f"({one / batched:.2f}x faster); {one / (n_sites * bare):.2f} and "
-              f"{batched / (n_sites * bare):.2f} bare forwards per site")
-
+    for sites, n_sites, one, batched, reused in rows:
+        per_site = [t / (n_sites * bare) for t in (one, batched, reused)]
+        print(f"{sites:22s} {n_sites:4d} sites, bare forwards per site: one site per forward {per_site[0]:.2f}, "
+              f"batched {per_site[1]:.2f}, batched with prefix reuse {per_site[2]:.2f} "
+              f"({one / reused:.2f}x faster than one per forward)")
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,7 @@ def activation_patching(
     normalize: bool = False,
     batch_size: int = 64,
     reuse_prefix: bool = True,
+    skip_unchanged: bool = True,
     progress: bool | None = None,
 ) -> Result:
     """Patch every site of a sweep, one at a time, and measure the metric's change.
@@ -46,16 +47,22 @@ def activation_patching(
     With ``reuse_prefix`` (and an adapter that can resume), a batch of sites at layer ``L`` and
     position ``p`` starts from the unpatched run's residual at block ``L``, and in causal models
     from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same.
+    With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
+    prompt: in a causal model, every position before the first token where the inputs differ) is
+    not run at all: writing the value already there changes nothing, so its effect is exactly 0.
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)
     keys = list(dict.fromkeys(site.key for site in sweep.sites))
 
-    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
     # The baseline hooks the same sites as the patched runs: some reaches change the numerics
     # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
+    # Both runs take the same path (keeping a prefix turns a key/value cache on), so equal inputs give
+    # bit-equal activations and skip_unchanged can trust torch.equal.
     reuse = reuse_prefix and m.adapter.can_resume(m.module)
+    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse)
+    source.prefix = None
     base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse)
     clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
     mask = base_in.get("attention_mask")
@@ -65,9 +72,14 @@ def activation_patching(
     baseline = corrupt_metric if direction == "denoising" else clean_metric
 
     patch = Patch(source.cache)
-    chunks = resume_chunks(sweep.sites, m.catalog, base.prefix, max(1, batch_size // n))
-    effects = torch.empty(len(sweep), n, dtype=torch.float64, device=baseline.device)
-    for members, resume in progress_bar(chunks, progress, desc=f"patching {len(sweep)} sites"):
+    effects = torch.zeros(len(sweep), n, dtype=torch.float64, device=baseline.device)
+    todo = [  # sweep indices of the sites to run
+        i for i, site in enumerate(sweep.sites)
+        if not (skip_unchanged and torch.equal(source.cache[site], base.cache[site]))
+    ]
+    chunks = resume_chunks([sweep.sites[i] for i in todo], m.catalog, base.prefix, max(1, batch_size // n))
+    for members, resume in progress_bar(chunks, progress, desc=f"patching {len(todo)} of {len(sweep)} sites"):
+        members = [todo[j] for j in members]
         inputs = repeat_rows(base_in, len(members))
         bounds = [Bound(sweep.sites[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
         run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume)
@@ -87,6 +99,7 @@ def activation_patching(
         "direction": direction,
         "normalize": normalize,
         "reuse_prefix": reuse,
+        "sites_run": len(todo),
         "n_prompts": n,
         "seed": None,
         "baseline": {

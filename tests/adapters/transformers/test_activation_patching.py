@@ -52,11 +52,14 @@ def test_grouped_query_attention_head_sweep_matches_loop(pair):
 def test_identical_clean_and_corrupt_give_zero_everywhere(gpt2, pair, direction):
     clean, _ = pair
     for sites in ["head_out.*[head=*]", "resid_pre.*[pos=*]", "attn_pattern.*[head=*]"]:
-        result = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), direction=direction, reuse_prefix=False)
+        kwargs = dict(direction=direction, skip_unchanged=False)  # run every site, so the engine is tested
+        result = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), reuse_prefix=False, **kwargs)
         assert np.all(result.values == 0.0), sites
         # Resuming at later positions attends over cached keys in a differently shaped kernel: float rounding only.
-        reused = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), direction=direction)
+        reused = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), **kwargs)
         np.testing.assert_allclose(reused.values, 0.0, atol=1e-6, err_msg=sites)
+        skipped = cp.activation_patching(gpt2, clean, clean, sites, _metric(clean), direction=direction)
+        assert skipped.metadata["sites_run"] == 0 and np.all(skipped.values == 0.0)
     kl = cp.activation_patching(gpt2, clean, clean, "resid_post.*", cp.metrics.kl_to_clean(), direction=direction)
     np.testing.assert_allclose(kl.values, 0.0, atol=1e-7)
 
@@ -121,3 +124,15 @@ def test_bad_inputs_are_refused(gpt2, pair):
         cp.activation_patching(gpt2, clean, corrupt, "attn_out.*", _metric(clean), direction="sideways")
     with pytest.raises(cp.SiteError, match="head_out"):
         cp.activation_patching(gpt2, clean, corrupt, "head_outt.*", _metric(clean))
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_sites_whose_source_equals_the_base_are_not_run(gpt2, pair, direction):
+    clean, corrupt = pair  # they differ at position 3 only: earlier positions are equal at every layer,
+    n_layers, length = gpt2.config.n_layer, clean.shape[1]  # and the embeddings differ at position 3 alone
+    run_all = cp.activation_patching(gpt2, clean, corrupt, "resid_pre.*[pos=*]", _metric(clean), direction=direction, skip_unchanged=False)
+    skipped = cp.activation_patching(gpt2, clean, corrupt, "resid_pre.*[pos=*]", _metric(clean), direction=direction)
+    assert run_all.metadata["sites_run"] == n_layers * length
+    assert skipped.metadata["sites_run"] == 1 + (n_layers - 1) * (length - 3)
+    np.testing.assert_allclose(skipped.values, run_all.values, rtol=0, atol=1e-6)
+    assert np.all(skipped.values[:, :3] == 0.0) and np.abs(skipped.values[:, 3:]).max() > 1e-3
