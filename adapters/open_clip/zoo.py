@@ -17,23 +17,41 @@ load it without crosspatch.
 
 **Data.** :class:`~crosspatch.tasks.shapes.ShapesTask` images (one coloured shape on black; factors
 shape, colour, scale, x, y, rotation) as they are, floats in [0, 1], no normalisation, with the
-task's captions ``"a red square at the top left"``. Training draws only the task's ``"train"``
-split: 8 of the 24 (shape, colour) combinations never occur in training, neither as images nor as
-captions.
+task's captions ``"a red square at the top left"``. Training draws only the ``"train"`` split of
+:func:`training_task`: the default task's six colours with three more (``extra_colours``: white,
+orange, purple) that occur with every shape. The 8 held-out (shape, colour) combinations of the
+default task (blue and magenta circles, yellow and cyan squares, magenta and red triangles, cyan and
+green crosses) never occur in training, neither as images nor as captions; the extra colours never
+occur in evaluation.
 
 **Training.** CLIP's symmetric contrastive loss over a batch of 128 images and their captions,
 with targets that know when two images of the batch share a caption. AdamW, warmup and cosine
 decay, 1000 steps, one thread, seeded (``torch.manual_seed`` for the weights, a generator for the
-data). One choice is not plain CLIP: the patch embedding (``visual.conv1``) is *designed and
-frozen*. 48 of its 64 filters apply one random kernel to all three colour channels alike, so they
-see the shape and not its colour; 16 read the mean of one channel over the patch, so they see the
-colour and not the shape. The model is an ordinary open_clip ``CLIP``; only its initial and
-untrained patch weights are special. Why: the train split makes colour predict shape (no blue
-circle exists there), and a freely trained patch embedding learns shape detectors that work for
-the colours they were trained with only. With colour-blind shape filters the model names the
-shape of held-out combinations more often: ``caption_accuracy`` was 0.35 to 0.55 with a freely
-trained patch embedding and 0.6 to 0.92 with these filters, depending on the seed (0.61 for the
-default build, seed 0; ``colour_accuracy`` was 0.99 to 1.0 in every run).
+data). A batch is 32 *anchors* drawn from a pool of 30,000 rendered train images, each with three
+minimal-pair partners rendered for the batch (:func:`minimal_pairs`): the same image with another
+shape, with another colour, and with another shape again (scale, position and rotation kept; only
+combinations of the train split). So every caption in the batch competes with captions that differ
+only in the shape word or only in the colour word, on images that differ only there.
+
+The patch embedding (``visual.conv1``) is *designed and frozen*. 48 of its 64 filters apply one
+random kernel to all three colour channels alike, so they see the shape and not its colour; 16
+read the mean of one channel over the patch, so they see the colour and not the shape. The model
+is an ordinary open_clip ``CLIP``; only its initial and untrained patch weights are special.
+
+Why this recipe. With only the six named colours, the train split makes colour predict shape (no
+blue circle exists there) and the image tower learns shape conditional on colour. A model of recipe
+version 1 (six colours, random batches) also trained on captions without the colour word named the
+shape of held-out images with ``"a circle"``-style captions in 12% of cases, below chance, and a
+linear probe on its image embeddings (fit on train images) in 32%; version 1's ``caption_accuracy``
+was 0.6 to 0.92 depending on the seed. Two changes make shape reading colour-independent, and each helps alone
+(in the experiments that chose this recipe, seed 0, with partners drawn from the pool rather than
+rendered as exact pairs: 0.61 plain, 0.84 with minimal pairs, 0.88 with white added, 0.95 with the
+three extra colours, 0.955 with both; captions that leave out the colour or shape word, as extra
+positives, did not help: 0.52). Every shape is seen with seven colours instead of four, so colour
+predicts shape much less; and the minimal pairs put images of one colour and different shapes (and
+of one shape and different colours) side by side in every batch, so a shape feature that works for
+some colours only costs loss at once. With both, ``caption_accuracy`` was 0.95 to 1.0 for seeds 0 to 5
+(docs/clip.md has the table).
 
 **Zero-shot accuracy** is measured on 1000 images of the ``"test"`` split, i.e. only held-out
 (shape, colour) combinations, each image scored against captions that differ from its own in
@@ -47,9 +65,9 @@ exactly one attribute:
   horizontal position (train and held-out): colour, shape and position all right.
 
 ``train_accuracy`` / ``train_caption_accuracy`` are the same on train-split images. The colour
-studies (``examples/clip_*.py``) patch and decompose exactly what ``accuracy`` measures. Shape is
-what the model gets wrong on held-out combinations; ``examples/clip_decomposition.py`` shows which
-heads carry shape and how their write depends on the colour.
+studies (``examples/clip_*.py``) patch and decompose exactly what ``accuracy`` measures;
+``caption_accuracy`` is the strict one (all three attributes right among all 216 captions), and the
+test suite holds the default build to at least 0.9 on it.
 """
 
 from __future__ import annotations
@@ -65,7 +83,7 @@ from typing import Any
 from crosspatch.zoo import Loaded, TrainSettings, ZooModel
 
 __all__ = ["ZOO_MODELS", "Recipe", "RECIPE", "CaptionSet", "build_shapes_clip", "load_shapes_clip",
-           "model_config", "zero_shot"]
+           "combination_mask", "minimal_pairs", "model_config", "training_task", "zero_shot"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +114,9 @@ class Recipe:
     colour_filters: int = 16  # patch filters that read one colour channel each; the others read all three alike
     filter_noise: float = 0.1  # per-channel noise on the shared patch filters
     freeze_patch_embedding: bool = True
-    pool_images: int = 30_000  # train images drawn once; batches resample them
+    pool_images: int = 30_000  # train images drawn once; each batch draws its anchors from them
+    pair_group: int = 4  # each anchor comes with pair_group - 1 minimal-pair partners (other shape, other colour, ...)
+    extra_colours: tuple[str, ...] = ("white", "orange", "purple")  # drawn with every shape, in training only
     eval_images: int = 1000
 
 
@@ -235,6 +255,55 @@ def _colour_blind_patches(model, recipe: Recipe, gen) -> None:
     model.visual.conv1.weight.requires_grad_(not recipe.freeze_patch_embedding)
 
 
+def training_task(recipe: Recipe = RECIPE):
+    """The task training draws from: the default :class:`ShapesTask` with ``recipe.extra_colours`` added.
+
+    The held-out (shape, colour) combinations are those of the default task, so its ``"test"``
+    split stays unseen; the extra colours occur with every shape.
+    """
+    from crosspatch.tasks.shapes import ShapesTask
+
+    task = ShapesTask(size=recipe.image_size)
+    if not recipe.extra_colours:
+        return task
+    return ShapesTask(size=recipe.image_size, colours=task.colours + tuple(recipe.extra_colours),
+                      held_out=task.held_out)
+
+
+def combination_mask(task, split: str = "train") -> "torch.Tensor":  # noqa: F821
+    """``mask[shape, colour]``: whether ``split`` of ``task`` draws that (shape, colour) combination."""
+    import torch
+
+    mask = torch.zeros(len(task.shapes), len(task.colours), dtype=torch.bool)
+    for s, c in task.combinations(split):
+        mask[s, c] = True
+    return mask
+
+
+def minimal_pairs(factors: dict, allowed, group: int, gen) -> dict:
+    """Anchor factors followed by ``group - 1`` blocks of partners that differ from them in one attribute.
+
+    Block ``j`` changes only the shape (odd ``j``) or only the colour (even ``j``) of every anchor, to a
+    value drawn uniformly among those whose (shape, colour) combination ``allowed[shape, colour]``
+    permits; scale, position and rotation stay. An anchor with no permitted alternative repeats itself.
+    Returns the factors of ``group * n`` rows, block by block.
+    """
+    import torch
+
+    S, C = allowed.shape
+    shape, colour = factors["shape"], factors["colour"]
+    blocks = [factors]
+    for j in range(1, group):
+        attribute, size = ("shape", S) if j % 2 else ("colour", C)
+        own = factors[attribute]
+        options = allowed[:, colour].T if attribute == "shape" else allowed[shape]  # [n, size]
+        options = options & (torch.arange(size) != own[:, None])
+        options = torch.where(options.any(dim=1, keepdim=True), options, torch.arange(size) == own[:, None])
+        other = torch.multinomial(options.float(), 1, generator=gen).squeeze(1)
+        blocks.append({**factors, attribute: other})
+    return {k: torch.cat([b[k] for b in blocks]) for k in factors}
+
+
 def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, progress: bool | None = None,
           log_every: int = 0):
     """Train ``shapes-clip``; returns ``(model, tokenizer, metrics)``."""
@@ -251,13 +320,14 @@ def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, p
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        task = ShapesTask(size=recipe.image_size)
+        task = ShapesTask(size=recipe.image_size)  # what the zero-shot accuracy is measured on
+        data = training_task(recipe)
         tokenizer = _tokenizer(recipe.context_length)
-        captions = CaptionSet(task, tokenizer)
         model = open_clip.CLIP(**model_config(recipe))
         _colour_blind_patches(model, recipe, gen)
-        pool = task.sample(recipe.pool_images, seed=seed, split="train")
-        factors = {k: pool.factors[k] for k in ("shape", "colour", "y", "x")}
+        pool = data.sample(recipe.pool_images, seed=seed, split="train")
+        allowed = combination_mask(data, "train")
+        captions = CaptionSet(data, tokenizer)
         table = captions.full  # [shape, colour, y, x] -> caption
         ids = captions.ids
 
@@ -272,14 +342,16 @@ def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, p
             return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps)))))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        B = recipe.batch_size
+        group = max(1, recipe.pair_group)
+        anchors = max(1, recipe.batch_size // group)
         model.train()
         start = time.perf_counter()
         for step in progress_bar(range(steps), progress, desc=f"training shapes-clip ({steps} steps)"):
-            pick = torch.randint(len(pool), (B,), generator=gen)
-            f = {k: v[pick] for k, v in factors.items()}
+            pick = torch.randint(len(pool), (anchors,), generator=gen)
+            f = minimal_pairs({k: v[pick] for k, v in pool.factors.items()}, allowed, group, gen)
+            images = torch.cat([pool.images[pick], data.render({k: v[anchors:] for k, v in f.items()})])
             texts = table[f["shape"], f["colour"], f["y"], f["x"]]
-            image = F.normalize(model.encode_image(pool.images[pick]), dim=-1)
+            image = F.normalize(model.encode_image(images), dim=-1)
             text = F.normalize(model.encode_text(ids[texts]), dim=-1)
             logits = model.logit_scale.exp() * image @ text.T  # [B images, B captions]
             same = (texts[:, None] == texts[None, :]).float()  # two images of a batch may share a caption
@@ -306,13 +378,14 @@ def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, p
         "train_caption_accuracy": train_metrics["caption_accuracy"],
         "eval_images": recipe.eval_images,
         "eval_split": "test (held-out shape-colour combinations)",
-        "candidates": len(captions.full_captions),
+        "candidates": len(CaptionSet(task).full_captions),
         "steps": steps,
-        "batch_size": B,
+        "batch_size": anchors * group,
         "train_seconds": round(seconds, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
         "recipe": asdict(recipe),
-        "task": {"name": "shapes", "size": recipe.image_size, "caption_template": task.caption_template},
+        "task": {"name": "shapes", "size": recipe.image_size, "caption_template": task.caption_template,
+                 "training_colours": list(data.colours)},
     })
     return model, tokenizer, metrics
 
@@ -371,6 +444,6 @@ ZOO_MODELS: list[ZooModel] = [
         task="shapes",
         build=build_shapes_clip,
         load=load_shapes_clip,
-        version="1",
+        version="2",
     ),
 ]
