@@ -28,15 +28,19 @@ from crosspatch.catalog import Axis, SiteFamily
 from crosspatch.offload import reads_weights
 from crosspatch.reach import Callback, Handle, ModuleInput, submodule
 
+from .slot_grad import slot_gradient
+
 __all__ = ["InputLayout", "HeadIn", "input_families", "LAYOUTS"]
 
 
 @dataclass(frozen=True)
 class InputLayout:
-    ln_in: str  # the block's input norm (relative to the block)
-    ln_mlp: str  # the norm in front of the MLP (relative to the block)
-    ln_final: str  # the final norm (relative to the base model)
+    ln_in: str | None  # the block's input norm (relative to the block); None: q/k/v read the block input itself
+    ln_mlp: str | None  # the norm in front of the MLP (relative to the block); None: no mlp_in site
+    ln_final: str | None  # the final norm (relative to the base model); None: no logits_in site
     qkv: tuple[str, ...]  # one fused projection (q, k, v side by side) or three
+    head_major: bool = False  # a fused projection's columns are [head, q/k/v, d_head] (GPT-NeoX), not [q/k/v, head, d_head]
+    reader: str | None = None  # without ln_in: the module whose input ``hidden_states`` the projections read
 
 
 LAYOUTS: dict[str, InputLayout] = {
@@ -47,11 +51,24 @@ LAYOUTS: dict[str, InputLayout] = {
         )
         for name in ("llama", "mistral", "qwen2")
     },
+    # Parallel residual (the default) has no point between attention and MLP: head_in only (see input_families).
+    "gpt_neox": InputLayout(
+        "input_layernorm", "post_attention_layernorm", "final_layer_norm", ("attention.query_key_value",), head_major=True
+    ),
+    # Post-LN encoders: the residual is normalised after each sum, so only head_in (no norm before q/k/v).
+    **{
+        name: InputLayout(
+            None, None, None, ("attention.self.query", "attention.self.key", "attention.self.value"), reader="attention.self"
+        )
+        for name in ("bert", "roberta")
+    },
 }
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The norm applied functionally with the module's own parameters (its hooks do not fire)."""
+def _norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """The norm applied functionally with the module's own parameters (its hooks do not fire); None: ``x``."""
+    if module is None:
+        return x
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
@@ -70,13 +87,14 @@ class HeadIn:
         self.root, self.block, self.layout, self.n_heads, self.conv1d = root, block, layout, n_heads, conv1d
 
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
-        n_heads, conv1d = self.n_heads, self.conv1d
-        ln = submodule(self.root, f"{self.block}.{self.layout.ln_in}", layer)
+        n_heads, conv1d, head_major = self.n_heads, self.conv1d, self.layout.head_major
+        ln = submodule(self.root, f"{self.block}.{self.layout.ln_in}", layer) if self.layout.ln_in else None
+        reader = ln if ln is not None else submodule(self.root, f"{self.block}.{self.layout.reader}", layer)
         projs = [submodule(self.root, f"{self.block}.{p}", layer) for p in self.layout.qkv]
         stash: dict[str, torch.Tensor | None] = {}
 
-        def before_norm(module, args):
-            x = args[0]
+        def before_norm(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1])
             stash["x"], stash["new"] = x, callback(value)
 
@@ -91,24 +109,49 @@ class HeadIn:
                 heads = _heads(n_out, n_heads, projs[0], conv1d, len(roles))
                 d_head = n_out // heads
                 group = n_heads // heads
-                slots = torch.stack([new[:, :, r, ::group] for r in roles], dim=2).to(output.device)  # [b, p, R, heads, d]
-                changed = (slots != x[:, :, None, None, :]).any(dim=-1, keepdim=True)
-                normed = _norm(ln, slots)
-                w = weight.reshape(weight.shape[0], len(roles), heads, d_head)
-                rec = torch.einsum("bprhd,drhe->bprhe", normed, w)
-                if module.bias is not None:
-                    rec = rec + module.bias.reshape(len(roles), heads, d_head)
-                orig = output.reshape(*output.shape[:2], len(roles), heads, d_head)
-                # Same values as the module's output, but gradients flow once, through the site's value only.
-                keep = orig.detach() + (rec - rec.detach()) if torch.is_grad_enabled() else orig
-                return torch.where(changed, rec.to(orig.dtype), keep).reshape(output.shape)
+                first = roles[0]
+                slots = new if len(roles) == 3 and group == 1 else new[:, :, first : first + len(roles), ::group]
+                slots = slots.to(output.device)  # [b, p, R, heads, d], a view
+                w, orig, bias = _by_role(weight, output, module.bias, len(roles), heads, d_head, head_major)
+                grad = torch.is_grad_enabled()
+                # Unchanged slots keep the module's numbers (and its parameter gradients); in grad mode each
+                # also gets its own input gradient from a zero-valued term (no norm or projection per slot).
+                keep = orig + slot_gradient(slots, x, ln, w, orig, bias) if grad else orig
+                # One check per layer (a host sync on accelerators): a pure read (a gradient tap, an
+                # identity write) recomputes nothing.
+                x_slots = x[:, :, None, None, :].expand_as(slots)
+                if torch.equal(slots, x_slots):
+                    return _as_output(keep, output, head_major) if grad else None
+                changed = (slots != x_slots).any(dim=-1, keepdim=True)
+                rec = torch.einsum("bprhd,drhe->bprhe", _norm(ln, slots), w)
+                if bias is not None:
+                    rec = rec + bias
+                return _as_output(torch.where(changed, rec.to(orig.dtype), keep), output, head_major)
 
             return hook
 
         role_sets = [(0, 1, 2)] if len(projs) == 1 else [(0,), (1,), (2,)]
-        handles = [ln.register_forward_pre_hook(before_norm)]
-        handles += [p.register_forward_hook(reads_weights(splice(r), ln)) for p, r in zip(projs, role_sets)]
+        handles = [reader.register_forward_pre_hook(before_norm, with_kwargs=True)]
+        handles += [p.register_forward_hook(reads_weights(splice(r), *([ln] if ln is not None else []))) for p, r in zip(projs, role_sets)]
         return handles
+
+
+def _by_role(weight, output, bias, n_roles: int, heads: int, d_head: int, head_major: bool):
+    """The projection's weight ``[d, R, heads, e]``, output ``[b, p, R, heads, e]`` and bias ``[R, heads, e]``
+    (views) whatever the column order of a fused projection."""
+    if head_major:  # columns [head, role, d_head]
+        w = weight.reshape(weight.shape[0], heads, n_roles, d_head).transpose(1, 2)
+        orig = output.reshape(*output.shape[:2], heads, n_roles, d_head).transpose(2, 3)
+        b = None if bias is None else bias.reshape(heads, n_roles, d_head).transpose(0, 1)
+        return w, orig, b
+    w = weight.reshape(weight.shape[0], n_roles, heads, d_head)
+    orig = output.reshape(*output.shape[:2], n_roles, heads, d_head)
+    return w, orig, None if bias is None else bias.reshape(n_roles, heads, d_head)
+
+
+def _as_output(value: torch.Tensor, output: torch.Tensor, head_major: bool) -> torch.Tensor:
+    """``[b, p, R, heads, e]`` back in the projection's own column order."""
+    return (value.transpose(2, 3) if head_major else value).reshape(output.shape)
 
 
 def _heads(n_out: int, n_heads: int, q_proj: nn.Module, conv1d: bool, n_roles: int) -> int:
@@ -125,18 +168,22 @@ def input_families(model: nn.Module, base: nn.Module, arch, block: str, n_heads:
     ``arch`` is the adapter's :class:`Architecture`, ``block`` its ``"<layers>.{layer}"`` path from ``base``.
     """
     layout = LAYOUTS.get(getattr(model.config, "model_type", None))
-    if layout is None or arch.resid_mid != "sum":
+    if layout is None:
         return []
     n_layers = len(submodule(base, arch.layers, None))
     pos, dim = Axis("pos"), Axis("dim", model.config.hidden_size)
+    where = "before the input norm" if layout.ln_in else "the block input (no norm in front)"
+    head_in = SiteFamily(
+        "head_in",
+        (pos, Axis("qkv", 3), Axis("head", n_heads), dim),
+        HeadIn(base, block, layout, n_heads, arch.conv1d),
+        n_layers,
+        f"residual each head's query/key/value reads, {where}",
+    )
+    if arch.resid_mid != "sum" or layout.ln_mlp is None or layout.ln_final is None:
+        return [head_in]  # parallel residual or post-LN: no residual-sum receivers for an edge graph
     return [
-        SiteFamily(
-            "head_in",
-            (pos, Axis("qkv", 3), Axis("head", n_heads), dim),
-            HeadIn(base, block, layout, n_heads, arch.conv1d),
-            n_layers,
-            "residual each head's query/key/value reads, before the input norm",
-        ),
+        head_in,
         SiteFamily(
             "mlp_in", (pos, dim), ModuleInput(base, f"{block}.{layout.ln_mlp}", name=None), n_layers,
             "residual the MLP reads, before its norm",

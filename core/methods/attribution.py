@@ -33,12 +33,13 @@ AtP* (Kramár et al. 2024), what is implemented here:
   with patching; plain AtP is kept in ``metadata["atp"]``.
 * **Attention softmax**: for ``attn_pattern`` sites the difference used is between the exact
   softmax patterns of the two runs (captured after the softmax), so the estimate linearises the
-  metric in the pattern only, never through the scores. That is AtP*'s exact-softmax treatment
-  for a node that is a head's whole pattern (query and keys patched together). For ``head_out``
-  sites the softmax is upstream of the site, so nothing inside the head is linearised.
-  NOT implemented: Kramár's separate query-side / key-side correction (recomputing
-  ``softmax(q' k^T)`` for a patched query or key, and the effect of an upstream node on later
-  heads' queries and keys). It needs query/key reaches that no adapter provides yet.
+  metric in the pattern only, never through the scores. For ``head_out`` sites the softmax is
+  upstream of the site, so nothing inside the head is linearised.
+* **Query/key fix** (``qk_fix=True``, :mod:`.qk_fix`): for ``head_in`` query and key sites (a head's
+  query or key input) the estimate is ``sum dmetric/dA * (A' - A)`` with ``A'`` the head's exact
+  pattern when that input comes from the source run, computed for every head and layer at once by one
+  extra forward of ``2 * n`` rows. Value sites keep plain AtP. Not implemented: the paper's correction
+  of an *upstream* node's effect through later heads' queries and keys (a forward-mode product per node).
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ from ..results import Result, collect_versions
 from ..selection import axis_index, select
 from ..sites import Site
 from .pairs import prepare_pair
+from .qk_fix import corrected_products, exact_patterns, qk_layers
 
 __all__ = ["attribution_patching", "compare"]
 
 
 class _Tap(Intervention):
-    """``x + delta`` with ``delta`` a zero leaf created on first use: the gradient handle of a site."""
+    """The site's value unchanged, kept as ``delta``: the gradient handle of the site (``d metric / d delta``
+    is the total derivative with respect to the site's value, every path through it counted once)."""
 
     kind = "_tap"
 
@@ -71,8 +74,14 @@ class _Tap(Intervention):
         self.delta: torch.Tensor | None = None
 
     def apply(self, x, ctx):
-        self.delta = torch.zeros_like(x, requires_grad=True)
-        return x + self.delta
+        # In grad mode the engine hands the intervention its own copy of the selection; a view would alias
+        # the activation, so take a copy then. No extra buffer otherwise.
+        if x._is_view():
+            x = x.clone()
+        if not x.requires_grad:
+            x.requires_grad_()  # a leaf copy: the site is upstream of everything that needs gradients
+        self.delta = x
+        return x
 
 
 class _StopGrad(Intervention):
@@ -106,8 +115,13 @@ def attribution_patching(
     grad_drop: bool = False,
     grad_drop_groups: Sequence[Sequence[str]] | None = None,
     normalize: bool = False,
+    qk_fix: bool = False,
 ) -> Result:
-    """AtP (and with ``grad_drop`` AtP*'s GradDrop) for every site of ``sites`` at once.
+    """AtP for every site of ``sites`` at once; AtP* is ``grad_drop=True, qk_fix=True``.
+
+    ``grad_drop``: AtP*'s GradDrop (no extra forward). ``qk_fix``: AtP*'s exact attention softmax for
+    ``head_in`` query and key sites (one extra forward of ``2 * n`` rows; :mod:`.qk_fix`). They are
+    separate switches because they fix separate failures and cost differently; either composes with the other.
 
     Returns a Result with the dims and coords of ``activation_patching`` for the same pattern.
     See the module docstring for the formula, the conventions and the cost.
@@ -116,6 +130,8 @@ def attribution_patching(
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)
     keys = list(dict.fromkeys(site.key for site in sweep.sites))
+    qk = qk_layers(sweep.sites, m.catalog) if qk_fix else []
+    patterns = [layer.pattern for layer in qk]
 
     # Forward 1: the source activations, under inference mode.
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
@@ -126,38 +142,54 @@ def attribution_patching(
         groups = [[m.catalog.resolve(k).key for k in g] for g in raw]
     blocks = 1 + len(groups)
     inputs = repeat_rows(base_in, blocks)
-    taps = {key: _Tap() for key in keys}
+    taps = {key: _Tap() for key in keys + patterns}
     bounds: list[Bound] = [Bound(Site.parse(key), tap) for key, tap in taps.items()]
     for b, group in enumerate(groups, start=1):  # after the taps: dropping a node's own layer zeroes it
         bounds += [Bound(Site.parse(k), _StopGrad(), slice(b * n, (b + 1) * n)) for k in group]
 
     # Forward 2 (with grad) and the one backward.
-    run = execute(m.module, m.adapter, m.catalog, inputs, bounds, capture=keys, grad=True)
+    run = execute(m.module, m.adapter, m.catalog, inputs, bounds, capture=keys + patterns, grad=True)
     base_out = run.output[:n].detach()
     clean_out = source.output if direction == "denoising" else base_out
     mask = inputs.get("attention_mask")
     ctx = MetricContext(torch.arange(n, device=base_out.device).repeat(blocks), clean_out, mask)
     values = metric(run.output, ctx)
-    deltas = [taps[k].delta for k in keys]
+    deltas = [taps[k].delta for k in keys + patterns]
     grads = torch.autograd.grad(values.sum(), deltas, allow_unused=True)
+    grads, pattern_grads = grads[: len(keys)], dict(zip(patterns, grads[len(keys) :]))
+
+    exact = {}
+    if qk:  # Forward 3: every needed head's pattern with its query / key input from the source run
+        base_cache = {lay.head_in: run.cache[lay.head_in].detach()[:n] for lay in qk}
+        exact = exact_patterns(m, base_in, base_cache, {lay.head_in: source.cache[lay.head_in] for lay in qk}, qk)
+    qk_of = {lay.head_in: lay.pattern for lay in qk}
 
     with torch.no_grad():
         base_metric = values[:n].detach()
         src_ctx = MetricContext(torch.arange(n, device=base_out.device), clean_out, source_in.get("attention_mask"))
         source_metric = metric(source.output, src_ctx)
         per_block = np.zeros((blocks, len(sweep)))
+        plain = np.zeros(len(sweep))
         for key, grad in zip(keys, grads):
             fam = m.catalog.family(Site.parse(key).family)
             a_base = run.cache[key].detach()[:n]
             diff = source.cache[key].to(a_base.dtype) - a_base
             grad = torch.zeros((blocks * n, *diff.shape[1:]), dtype=diff.dtype, device=diff.device) if grad is None else grad
             for b in range(blocks):
-                prod = (diff * grad[b * n : (b + 1) * n]).double()
+                rows = slice(b * n, (b + 1) * n)
+                prod = (diff * grad[rows]).double()
+                fixed = prod
+                if key in qk_of:
+                    pattern, g_pattern = run.cache[qk_of[key]].detach()[:n], pattern_grads[qk_of[key]]
+                    g_pattern = torch.zeros_like(pattern) if g_pattern is None else g_pattern[rows]
+                    fixed = corrected_products(prod, g_pattern.double(), pattern, exact[key])
                 for i, site in enumerate(sweep.sites):
                     if site.key != key:
                         continue
                     index = axis_index(site, fam, prod.shape[1:], prod.device)
-                    per_block[b, i] = float(select(prod, index).reshape(n, -1).sum(dim=1).mean())
+                    per_block[b, i] = float(select(fixed, index).reshape(n, -1).sum(dim=1).mean())
+                    if b == 0:
+                        plain[i] = float(select(prod, index).reshape(n, -1).sum(dim=1).mean())
     atp = per_block[0]
     if grad_drop:
         mags = np.abs(per_block[1:]).sum(axis=0) / max(len(groups) - 1, 1)
@@ -169,10 +201,11 @@ def attribution_patching(
     if normalize:
         scores = scores / gap
         atp = atp / gap
+        plain = plain / gap
 
     metadata = {
         "method": "attribution_patching",
-        "variant": "atp*_graddrop" if grad_drop else "atp",
+        "variant": _variant(grad_drop, qk_fix),
         "metric": metric.name,
         "sites": str(sites) if isinstance(sites, (str, Site)) else [str(s) for s in sites],
         "direction": direction,
@@ -180,13 +213,19 @@ def attribution_patching(
         "n_prompts": n,
         "seed": None,
         "grad_drop_groups": groups,
-        "atp": atp.tolist(),
+        "atp": plain.tolist(),
         "baseline": {"clean": float(clean_metric.double().mean()), "corrupt": float(corrupt_metric.double().mean())},
         "model": m.describe(),
         "adapter": m.adapter.name,
         "versions": collect_versions(),
     }
     return Result(scores.reshape(sweep.shape), sweep.dims, sweep.coords, metadata)
+
+
+def _variant(grad_drop: bool, qk_fix: bool) -> str:
+    if grad_drop and qk_fix:
+        return "atp*"
+    return "atp*_graddrop" if grad_drop else "atp*_qk" if qk_fix else "atp"
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

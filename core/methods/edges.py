@@ -35,6 +35,7 @@ from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
 from ..sites import Site
 from .attribution import _Tap
+from .edge_paths import connected
 
 __all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc"]
 
@@ -284,24 +285,37 @@ def patch_edges(
 
 
 def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dict[str, torch.Tensor], steps: int):
-    """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts."""
+    """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
+
+    Per receiver key one batched matmul over prompts, ``[senders, pos*d] @ [pos*d, receiver slots]``, in
+    the model's dtype; the per-prompt results are added in float64. Sender differences are laid out
+    ``[sender, prompt, pos*d]`` and receiver gradients ``[slot, prompt, pos*d]`` (``head_in`` gradients
+    arrive that way from the reach's backward), so nothing ``[.., senders, slots, d]`` is materialised
+    and no gradient is copied.
+    """
     g = p.graph
     diffs = []
     for key in p.keys:
         clean_s = clean_senders[key]
         abl = p.ablated_for(key, 1, clean_s)
-        diffs.append(_as_senders(abl.to(clean_s.dtype).expand_as(clean_s) - clean_s, key))
-    sd = torch.cat(diffs, dim=2).double()  # [n, pos, S, d]
+        diff = _as_senders(abl.to(clean_s.dtype).expand_as(clean_s) - clean_s, key)  # [n, pos, k, d]
+        diffs.append(diff.permute(2, 0, 1, 3).reshape(diff.shape[2], p.n, -1))
+    sd = torch.cat(diffs, dim=0)  # [S, n, pos*d]
     per_key = []
     for key, n_in, slots in g.receiver_keys:
-        grad = grads[key].double()
-        grad = grad.view(steps, p.n, *grad.shape[1:]).mean(dim=0)
-        if slots:
-            per_key.append(torch.einsum("bpsd,bprhd->srh", sd[:, :, :n_in], grad) / p.n)
-        else:
-            per_key.append(torch.einsum("bpsd,bpd->s", sd[:, :, :n_in], grad) / p.n)
+        grad = _slots_first(grads[key], p.n, steps).to(sd.dtype)  # [slots, n, pos*d]
+        per_prompt = torch.bmm(sd[:n_in].transpose(0, 1), grad.permute(1, 2, 0))  # [n, n_in, slots]
+        per_key.append(per_prompt.double().sum(dim=0) / p.n)
     flat = torch.cat([t.reshape(-1) for t in per_key]).cpu().numpy()  # one transfer, no per-edge sync
     return flat[_flat_index(g)]
+
+
+def _slots_first(grad: torch.Tensor, n: int, steps: int) -> torch.Tensor:
+    """A receiver gradient ``[steps*n, pos, *slots, d]`` as ``[slot, n, pos*d]``, averaged over steps
+    (a view when the gradient is laid out slot-major, as ``head_in``'s is)."""
+    g = grad.permute(2, 3, 0, 1, 4) if grad.ndim == 5 else grad.unsqueeze(0)  # [*slots, rows, pos, d]
+    g = g.reshape(-1, steps, n, g.shape[-2] * g.shape[-1])
+    return g.mean(dim=1) if steps > 1 else g[:, 0]
 
 
 def _flat_index(g: EdgeGraph) -> np.ndarray:
@@ -401,7 +415,7 @@ def eap_ig(
 def acdc(
     model, clean, corrupt, metric: "Metric | Callable | None" = None, *, threshold: float, ablation: Ablation = "resample",
     reference: Any = None, change: Literal["increase", "abs"] | None = None, batch_size: int = 64,
-    graph: EdgeGraph | None = None,
+    graph: EdgeGraph | None = None, prune: bool = True,
 ) -> Result:
     """ACDC (Conmy et al. 2023): over receivers in reverse topological order, and their incoming edges
     from the latest sender back, remove (patch) an edge when that changes the metric by less than
@@ -414,6 +428,9 @@ def acdc(
     ``todo[i:i+2]``, ...; they are accepted while each step stays under the threshold, the first
     failure is rejected, and the next round starts after it. A receiver whose edges all go costs two
     forwards; one whose edges all stay costs one.
+    ``prune`` (default): after the greedy pass, kept edges off every input-to-output path of kept edges
+    (a sender nothing kept feeds, a receiver whose node reaches no kept edge onward) are removed too
+    (:func:`~crosspatch.methods.edge_paths.connected`), and the final metric is re-measured (one forward).
     The Result holds 1 for every edge kept in the circuit, 0 for removed ones.
     """
     change = change or ("increase" if metric is None else "abs")
@@ -465,7 +482,14 @@ def acdc(
                 j += 1
             todo = run[j + 1 :]
     kept = 1 - removed.numpy()
+    pruned: list[str] = []
+    if prune:
+        linked = connected(g, kept)
+        pruned = [name for name, before, after in zip(g.edge_names, kept, linked) if before and not after]
+        if pruned:
+            kept = linked
+            current = float(evaluate(torch.as_tensor(1 - kept, dtype=removed.dtype)[None])[0])
     return _result(p, kept, "acdc", metric, {
         "threshold": threshold, "change": change, "final_metric": current,
-        "kept": [name for name, k in zip(g.edge_names, kept) if k],
+        "kept": [name for name, k in zip(g.edge_names, kept) if k], "pruned": pruned,
     })

@@ -11,6 +11,7 @@ import torch
 import crosspatch as cp
 from crosspatch.adapters.tracr import TracrAdapter, load, output_distance, output_score
 from crosspatch.methods.circuit_eval import roc
+from crosspatch.methods.edge_paths import connected
 from crosspatch.methods.edges import acdc, eap, eap_ig, edge_graph, patch_edges
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "tracr"
@@ -88,6 +89,9 @@ def test_acdc_zero_ablation_recovers_the_circuit(program, record_property):
     res = acdc(m, clean, None, output_distance(model.categorical), threshold=1e-12, ablation="zero",
                change="increase", graph=g)
     kept = set(res.metadata["kept"])
+    # The kept set is what pruning left: every kept edge lies on an input-to-output path of kept edges.
+    assert (connected(g, res.values) == res.values).all()
+    assert not set(res.metadata["pruned"]) & truth  # pruning never removes a ground-truth edge here
     # ACDC returns 1 (kept) / 0 (removed) per edge: the ROC of that binary score has one interior point
     assert kept == effective  # no false positives; every edge with an effect anywhere is kept
     auc = roc(res, truth).metadata["auc"]

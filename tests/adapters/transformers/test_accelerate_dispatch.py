@@ -120,7 +120,9 @@ def _sites(catalog, layer):
         f"head_out.{layer}[pos={{1,3}},head={{0,2}}]",
     ]
     if "head_in" in catalog:
-        sites += [f"head_in.{layer}[qkv=1,head=2]", f"resid_mid.{layer}[pos=4]"]
+        sites.append(f"head_in.{layer}[qkv=1,head=2]")
+    if "resid_mid" in catalog:  # GPT-NeoX's parallel residual has head_in but no resid_mid
+        sites.append(f"resid_mid.{layer}[pos=4]")
     return sites
 
 

@@ -85,8 +85,10 @@ def test_catalog_families(arch):
         expected.remove("resid_mid")
     if spec.logits is not None:
         expected.append("logits")
-    if arch in ("llama", "mistral", "qwen2"):  # pre-LN sequential decoders also have receiver-input sites
+    if arch in ("llama", "mistral", "qwen2", "neox_sequential"):  # pre-LN sequential decoders: receiver inputs
         expected += ["head_in", "mlp_in", "logits_in"]
+    else:  # parallel residual and post-LN encoders: per-head q/k/v inputs only
+        expected.append("head_in")
     assert sorted(names) == sorted(expected)
     cat = m.catalog
     assert cat.family("head_out").axis("head").size == N_HEAD  # query heads, also under grouped-query attention

@@ -9,6 +9,7 @@ import torch
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from crosspatch.interventions import Patch
+from crosspatch.methods.edge_paths import connected
 from crosspatch.methods.edges import acdc, eap, eap_ig, edge_graph, patch_edges
 from test_inputs import with_inputs
 
@@ -166,4 +167,29 @@ def test_batched_acdc_equals_the_sequential_greedy_algorithm(m):
             if abs(v - current) < 3e-4:
                 removed, current = trial, v
     assert 0 < fast.values.sum() < len(g)
-    np.testing.assert_array_equal(fast.values, 1 - removed.numpy())
+    np.testing.assert_array_equal(fast.values, connected(g, 1 - removed.numpy()))
+    raw = acdc(m, clean, corrupt, metric, threshold=3e-4, graph=g, prune=False)
+    np.testing.assert_array_equal(raw.values, 1 - removed.numpy())
+
+
+def test_acdc_prunes_the_edges_of_a_head_no_input_reaches():
+    """Head 0.1 reads nothing (zero value weights, a value bias) and the MLPs write only their output bias: their
+    writes are constants, so ACDC under zero ablation removes their incoming edges but keeps outgoing ones
+    (zeroing a constant moves the output). Those lie on no input-to-output path: pruning removes exactly them."""
+    m = _sparse_model()
+    with torch.no_grad():
+        m.module.transformer.h[0].attn.c_attn.weight[:, 128 + 16 : 128 + 32] = 0  # head 1's value columns
+    clean, _ = _pair()
+    g = edge_graph(m)
+    metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100)
+    raw = acdc(m, clean, None, metric, threshold=1e-12, ablation="zero", graph=g, prune=False)
+    constant = ("head_out.0[head=1]->", "mlp_out.0->", "mlp_out.1->")
+    out_of_head = {e for e in raw.metadata["kept"] if e.startswith(constant)}
+    assert any(e.startswith(constant[0]) for e in out_of_head)
+    assert out_of_head and not any(e.endswith("head=1]") and e.startswith("embed->head_in.0") for e in raw.metadata["kept"])
+    res = acdc(m, clean, None, metric, threshold=1e-12, ablation="zero", graph=g)
+    assert set(res.metadata["pruned"]) == out_of_head
+    assert set(res.metadata["kept"]) == set(raw.metadata["kept"]) - out_of_head
+    np.testing.assert_array_equal(res.values, connected(g, raw.values))
+    ablated = patch_edges(m, clean, None, torch.as_tensor(1 - res.values), ablation="zero", graph=g)
+    assert res.metadata["final_metric"] == pytest.approx(float(metric(ablated).double().mean()), abs=1e-12)
