@@ -161,28 +161,44 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
     fam = plan.family
     pos_axis = 1 + fam.axis_names.index("pos") if window else 0
 
+    def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor) -> torch.Tensor:
+        source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
+        if window and source is not None:  # the run holds positions window.. only
+            source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
+        new = bound.intervention.apply(x, ApplyContext(bound.site, fam, index, target, source))
+        if new.shape != x.shape:
+            raise SiteError(
+                f"{type(bound.intervention).__name__} at {bound.site} returned shape {tuple(new.shape)}, "
+                f"expected {tuple(x.shape)}"
+            )
+        return new.to(dtype=target.dtype, device=target.device)
+
     def on_value(value: torch.Tensor) -> torch.Tensor | None:
         plan.fired += 1
         out = value
-        if plan.bounds:
+        # A gradient run with one intervention on all of the value (the taps of attribution methods):
+        # its result is the new value as it is, when it is a fresh tensor in the graph. No copy of a value
+        # that may be many times the residual's size, and no backward through one.
+        whole = grad and len(plan.bounds) == 1 and plan.bounds[0].rows is None
+        if whole:
+            index = axis_index(plan.bounds[0].site, fam, value.shape[1:], value.device)
+            whole = all(isinstance(part, slice) and part == slice(None) for part in index)
+        if whole:
+            # A view is its own node in the graph: gradients with respect to it flow only through the
+            # intervention's result, as they would through the copy the general path makes.
+            x = value.view_as(value)
+            out = apply(plan.bounds[0], value, index, x)
+            if (out._base is not None and out._base is not value) or not out.requires_grad:
+                out = value.clone().copy_(out)  # a view of a source, or cut from the graph: write a copy
+        elif plan.bounds:
             out = value.clone()
             for bound in plan.bounds:
                 target = out if bound.rows is None else out[bound.rows]
                 index = axis_index(bound.site, fam, target.shape[1:], target.device)
-                source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
-                if window and source is not None:  # the run holds positions window.. only
-                    source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
-                ctx = ApplyContext(bound.site, fam, index, target, source)
                 x = select(target, index)
                 if grad:  # the slot is overwritten below; an intervention may keep x for its backward pass
                     x = x.clone()
-                new = bound.intervention.apply(x, ctx)
-                if new.shape != x.shape:
-                    raise SiteError(
-                        f"{type(bound.intervention).__name__} at {bound.site} returned shape {tuple(new.shape)}, "
-                        f"expected {tuple(x.shape)}"
-                    )
-                target[(slice(None), *index)] = new.to(dtype=target.dtype, device=target.device)
+                target[(slice(None), *index)] = apply(bound, target, index, x)
         if plan.capture:
             cache._store(key, out if grad else out.detach(), fam.axis_names)
         return out if plan.bounds else None
