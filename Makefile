@@ -21,8 +21,9 @@ demo: install
 	$(BIN)/python examples/ioi_study.py --out $(OUT)
 
 # The plugins are installed as a user would install them, so their entry points are exercised.
+# Ray (the `ray` extra) only for the Ray executor's tests, so `make demo` does not pull it in.
 test: install
-	$(BIN)/pip install --quiet ./plugins/crosspatch-torchvision ./plugins/crosspatch-template
+	$(BIN)/pip install --quiet ".[ray]" ./plugins/crosspatch-torchvision ./plugins/crosspatch-template
 	$(BIN)/python -m pytest -q tests plugins/crosspatch-torchvision/tests plugins/crosspatch-template/tests
 
 BENCH := .venv-bench

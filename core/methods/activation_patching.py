@@ -34,6 +34,7 @@ def activation_patching(
     reuse_prefix: bool = True,
     skip_unchanged: bool = True,
     progress: bool | None = None,
+    executor: Any = "local",
 ) -> Result:
     """Patch every site of a sweep, one at a time, and measure the metric's change.
 
@@ -50,7 +51,13 @@ def activation_patching(
     With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
     prompt: in a causal model, every position before the first token where the inputs differ) is
     not run at all: writing the value already there changes nothing, so its effect is exactly 0.
+    ``executor`` ("local", "ray" or an Executor) runs the sweep as shards on workers (:mod:`crosspatch.executors`).
     """
+    if executor != "local":  # sharded: each shard is this function on a block of sites and prompts
+        from ..executors import dispatch
+
+        arguments = {k: v for k, v in locals().items() if k not in ("executor", "dispatch")}
+        return dispatch(executor, "activation_patching", arguments)
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)

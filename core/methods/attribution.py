@@ -116,6 +116,7 @@ def attribution_patching(
     grad_drop_groups: Sequence[Sequence[str]] | None = None,
     normalize: bool = False,
     qk_fix: bool = False,
+    executor: Any = "local",
 ) -> Result:
     """AtP for every site of ``sites`` at once; AtP* is ``grad_drop=True, qk_fix=True``.
 
@@ -125,7 +126,14 @@ def attribution_patching(
 
     Returns a Result with the dims and coords of ``activation_patching`` for the same pattern.
     See the module docstring for the formula, the conventions and the cost.
+    ``executor`` ("local", "ray" or an Executor) runs prompt batches (GradDrop: site blocks) on workers
+    (:mod:`crosspatch.executors`).
     """
+    if executor != "local":  # sharded: each shard is this function on a block of prompts (or sites)
+        from ..executors import dispatch
+
+        arguments = {k: v for k, v in locals().items() if k not in ("executor", "dispatch")}
+        return dispatch(executor, "attribution_patching", arguments)
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)
