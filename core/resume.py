@@ -97,8 +97,13 @@ def start_of(site: Site, catalog: Catalog, length: int, causal: bool) -> tuple[i
 
 def windowed(site: Site, pos: int, length: int) -> Site:
     """``site`` as a run computing positions ``pos..length`` only sees it (its ``pos`` shifted by ``-pos``)."""
-    if pos == 0 or "pos" not in site.selection:
+    if pos == 0:
         return site
+    if "pos" not in site.selection:
+        raise SiteError(
+            f"site {site} covers every position, also those before the resumed run's first position {pos}; "
+            f"select positions >= {pos} or resume at pos=0"
+        )
     value = site.selection["pos"]
 
     def shift(i: int) -> int:

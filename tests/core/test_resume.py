@@ -81,6 +81,8 @@ def test_resume_refuses_what_it_cannot_reach(toy):
         execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.0"), cp.Zero())], resume=Resume(prefix, 1))
     with pytest.raises(SiteError, match="touches position 1, before the resumed run's first position 2"):
         execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1[pos=1]"), cp.Zero())], resume=Resume(prefix, 1, 2))
+    with pytest.raises(SiteError, match="covers every position"):
+        execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1"), cp.Zero())], resume=Resume(prefix, 1, 2))
     with pytest.raises(SiteError, match="reads other positions"):
         execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1[pos=3]"), cp.Noise())], resume=Resume(prefix, 1, 2))
     with pytest.raises(ValueError, match="cannot capture"):
@@ -104,7 +106,9 @@ def test_windowed_shifts_positions_and_start_of_reads_them(toy):
     assert windowed(Site.parse("hidden.1[pos=-1]"), 3, 6) == Site.parse("hidden.1[pos=2]")
     assert windowed(Site.parse("hidden.1[pos={3,5}]"), 3, 6).selection["pos"] == (0, 2)
     assert windowed(Site.parse("hidden.1[pos=4:]"), 3, 6).selection["pos"] == Span(1, None)
-    assert windowed(Site.parse("hidden.1"), 3, 6) == Site.parse("hidden.1")
+    assert windowed(Site.parse("hidden.1"), 0, 6) == Site.parse("hidden.1")
+    with pytest.raises(SiteError, match="covers every position"):
+        windowed(Site.parse("hidden.1"), 3, 6)
     assert start_of(Site.parse("hidden.1[pos={5,2}]"), catalog, 6, causal=True) == (1, 2)
     assert start_of(Site.parse("hidden.1[pos=4]"), catalog, 6, causal=False) == (1, 0)
     assert start_of(Site.parse("out[pos=4]"), catalog, 6, causal=True) is None
