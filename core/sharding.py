@@ -25,7 +25,7 @@ import torch
 
 from .metrics import Metric, MetricContext
 from .model import WrappedModel
-from .results import Result
+from .results import Result, collect_versions
 from .sites import Site
 
 __all__ = ["Study", "Shard", "ShardOutput", "plan_study", "split", "run_shard", "merge", "SHARDABLE"]
@@ -254,6 +254,12 @@ def merge(study: Study, shards: Sequence[Shard], outputs: dict[int, ShardOutput]
     metadata = dict(outputs[shards[0].index].metadata)  # the method's own keys, in its order
     metadata.update(sites=study.sites_label, normalize=study.normalize, n_prompts=n)
     metadata["baseline"] = {"clean": float(clean), "corrupt": float(corrupt)}
+    # Optional libraries are listed when imported: the workers import fewer than the user's process,
+    # which a local run would describe. A worker version that differs from this process's is kept.
+    workers, here = metadata.get("versions", {}), collect_versions()
+    metadata["versions"] = {**workers, **here}
+    if any(k in here and here[k] != v for k, v in workers.items()):
+        metadata["worker_versions"] = workers
     if "sites_run" in metadata:  # sites not skipped as unchanged: summed over site blocks, the most of any row block
         per_rows: dict[tuple[int, int], int] = {}
         for s in shards:

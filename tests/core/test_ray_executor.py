@@ -49,6 +49,7 @@ def make_model():
 
 def test_activation_patching_on_two_actors_equals_local(prompts, tmp_path):
     clean, corrupt = prompts
+    import diffusers  # noqa: F401  # an optional library this process has imported and the workers have not
     ref = cp.activation_patching(cp.wrap(make_model()), clean, corrupt, SITES, per_prompt_metric(), normalize=True, batch_size=16)
     ex = RayExecutor(sites_per_shard=4, rows_per_shard=3, checkpoint_dir=tmp_path, keep_actors=True)
     got = cp.activation_patching(make_model, clean, corrupt, SITES, per_prompt_metric(), normalize=True, batch_size=16, executor=ex)
