@@ -20,6 +20,7 @@ MODELS = {
     "gpt2": lambda: tiny_gpt2(n_layer=3),
     "llama": tiny_llama,
     "mistral": lambda: tiny_llama("mistral"),
+    "qwen2": lambda: tiny_llama("qwen2"),
     "neox-parallel": lambda: tiny_neox(True),
     "neox-sequential": lambda: tiny_neox(False),
     "bert": tiny_bert,
