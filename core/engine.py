@@ -91,7 +91,7 @@ def execute(
         if not fam.writable:
             raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
         if resume is not None:
-            site = _resumable(site, fam, bound.intervention, resume)
+            site = _resumable(site, bound.intervention, resume)
         plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
     for key in capture:
         plan_for(catalog.resolve(key)).capture = True
@@ -125,22 +125,19 @@ def execute(
     return Run(output, cache, raw, prefix)
 
 
-def _resumable(site: Site, family: SiteFamily, intervention: Intervention, resume: Resume) -> Site:
+def _resumable(site: Site, intervention: Intervention, resume: Resume) -> Site:
     """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
     if not isinstance(site.layer, int) or site.layer < resume.layer:
         raise SiteError(
             f"site {site} is computed before block {resume.layer}, where this run resumes; "
             f"resume at layer <= {site.layer} or run the whole model"
         )
-    if resume.pos:
-        if "pos" not in family.axis_names:
-            raise SiteError(f"site {site}: family {family.name!r} has no 'pos' axis, so it cannot run from position {resume.pos}")
-        if not intervention.position_local:
-            raise SiteError(
-                f"{type(intervention).__name__} at {site} reads other positions of the activation, so it cannot "
-                f"run from position {resume.pos}; resume at pos=0"
-            )
-    return windowed(site, resume.pos, resume.prefix.length)
+    if resume.pos and not intervention.position_local:
+        raise SiteError(
+            f"{type(intervention).__name__} at {site} reads other positions of the activation, so it cannot "
+            f"run from position {resume.pos}; resume at pos=0"
+        )
+    return windowed(site, resume.pos, resume.prefix.length)  # refuses a site that covers earlier positions
 
 
 def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:

@@ -12,7 +12,7 @@ rewrites a site for that shorter run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -37,7 +37,6 @@ class Prefix:
     causal: bool
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
     length: int
-    state: Any = None  # anything else the adapter needs to resume
 
     @property
     def rows(self) -> int:
