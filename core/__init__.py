@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "Adapter": "adapter", "AdapterError": "adapter",
     "Cache": "cache",
-    "Axis": "catalog", "Catalog": "catalog", "SiteFamily": "catalog", "Sweep": "catalog",
+    "Axis": "catalog", "Catalog": "catalog", "LinearFrom": "catalog", "SiteFamily": "catalog", "Sweep": "catalog",
     "Bound": "engine", "Run": "engine",
     "Add": "interventions", "ApplyContext": "interventions", "Intervention": "interventions", "Mean": "interventions",
     "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from . import metrics, tasks, zoo
     from .adapter import Adapter, AdapterError
     from .cache import Cache
-    from .catalog import Axis, Catalog, SiteFamily, Sweep
+    from .catalog import Axis, Catalog, LinearFrom, SiteFamily, Sweep
     from .engine import Bound, Run
     from .interventions import (
         Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,

@@ -78,6 +78,14 @@ class Adapter:
         """
         raise NotImplementedError(f"the {self.name!r} adapter cannot resume a forward part-way")
 
+    # Output at one position per row (optional; see crosspatch.output_positions).
+
+    def output_at(self, model: nn.Module, positions: torch.Tensor, families: set[str]) -> list:
+        """Hooks (handles) that make the next forward compute its output at ``positions`` (``[rows]``) only,
+        zeros elsewhere; ``[]`` when the adapter cannot, or when a family of ``families`` (those the run
+        reads or writes) lies between the restricted module and the output."""
+        return []
+
 
 def batch_size(inputs: Mapping[str, torch.Tensor]) -> int:
     for value in inputs.values():

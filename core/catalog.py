@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
 
 from .reach import Reach
 from .sites import ANY, Site, SiteError, Span
 
-__all__ = ["Axis", "SiteFamily", "Catalog", "Sweep"]
+__all__ = ["Axis", "LinearFrom", "SiteFamily", "Catalog", "Sweep"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,27 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class LinearFrom:
+    """A family whose value is a bias-free linear map of family ``source``'s value at the same layer,
+    applied independently at every index of the ``shared`` axes (each head's write is its ``head_z``
+    times its rows of the output projection).
+
+    First-order methods read ``source`` instead: ``(a' - a) . dmetric/da`` summed over the other axes
+    equals ``(s' - s) . dmetric/ds``, so nothing of the (wider) family itself is built. ``apply`` maps a
+    source value ``[batch, *source axes]`` at ``layer`` to this family's value ``[batch, *axes]``.
+    """
+
+    source: str
+    shared: tuple[str, ...]
+    apply: Callable[[torch.Tensor, "int | None"], torch.Tensor] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class SiteFamily:
-    """A kind of activation: its layout after the batch axis, its layers and its reach."""
+    """A kind of activation: its layout after the batch axis, its layers and its reach.
+
+    ``linear_from``, when set, says the family is a linear map of another one (:class:`LinearFrom`).
+    """
 
     name: str
     axes: tuple[Axis, ...]
@@ -36,6 +57,7 @@ class SiteFamily:
     layers: int | None = None
     doc: str = ""
     writable: bool = True
+    linear_from: LinearFrom | None = field(default=None, compare=False, repr=False)
 
     @property
     def axis_names(self) -> tuple[str, ...]:

@@ -67,15 +67,23 @@ def execute(
     grad: bool = False,
     keep_prefix: bool = False,
     resume: Resume | None = None,
+    output_at: torch.Tensor | None = None,
 ) -> Run:
     """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored.
 
     ``keep_prefix`` also returns what later runs of the same inputs need to start part-way;
     ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change.
+    ``output_at`` (``[rows]``, e.g. :meth:`Metric.positions`): the output is needed at that position of
+    each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
     """
     n_rows = batch_size(inputs)
-    if resume is not None and (capture or grad or keep_prefix):
-        raise ValueError("a resumed run computes only part of the model: it cannot capture, keep a prefix or take gradients")
+    if resume is not None and (capture or grad or keep_prefix or output_at is not None):
+        raise ValueError(
+            "a resumed run computes only part of the model: it cannot capture, keep a prefix, take gradients "
+            "or restrict its output"
+        )
+    if output_at is not None and tuple(output_at.shape) != (n_rows,):
+        raise ValueError(f"output_at holds one position per row: shape ({n_rows},), got {tuple(output_at.shape)}")
     plans: dict[str, _Plan] = {}
 
     def plan_for(site: Site) -> _Plan:
@@ -104,6 +112,8 @@ def execute(
         for key, plan in ordered:
             window = resume.pos if resume is not None else 0
             handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
+        if output_at is not None:
+            handles.extend(adapter.output_at(model, output_at, {plan.family.name for plan in plans.values()}))
         prefix = None
         with _grad_mode(grad):
             if resume is not None:

@@ -33,10 +33,22 @@ class MetricContext:
 
 @dataclass
 class Metric:
-    """A named metric; ``fn(output, ctx) -> [rows]``."""
+    """A named metric; ``fn(output, ctx) -> [rows]``.
+
+    ``position``: the one output position the metric reads (``-1``: each row's last real token), or
+    None when it may read any. With it, a run may compute the output at that position only.
+    """
 
     name: str
     fn: Callable[[torch.Tensor, MetricContext], torch.Tensor]
+    position: int | None = None
+
+    def positions(self, ctx: MetricContext, sizes: dict[str, int]) -> torch.Tensor | None:
+        """Per row, the output position the metric reads (``[rows]``), or None when it may read any (or
+        the inputs have no ``pos`` axis: ``sizes`` as :meth:`Adapter.sizes` gives them)."""
+        if self.position is None or "pos" not in sizes:
+            return None
+        return _position_index(self.position, ctx, sizes["pos"], ctx.example.device)
 
     def __call__(self, output: torch.Tensor, ctx: MetricContext | None = None) -> torch.Tensor:
         ctx = ctx or MetricContext.plain(output.shape[0], output.device)
@@ -74,13 +86,20 @@ def _per_prompt(values: "int | Sequence[int] | torch.Tensor", ctx: MetricContext
     return t.expand(ctx.example.shape[0]) if t.ndim == 0 else t.to(device)[ctx.example.to(device)]
 
 
+def _position_index(pos: int, ctx: MetricContext, length: int, device) -> torch.Tensor:
+    """``[rows]``: ``pos`` in every row; with padding, ``pos=-1`` is each row's last real token."""
+    if pos == -1 and ctx.attention_mask is not None:
+        mask = ctx.attention_mask.to(device).long()
+        return (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)  # left or right padding
+    return torch.full((ctx.example.shape[0],), pos % length, dtype=torch.long, device=device)
+
+
 def _at(output: torch.Tensor, pos: int, ctx: MetricContext) -> torch.Tensor:
     """``output[:, pos]``; with padding, ``pos=-1`` is each row's last real token."""
     if output.ndim == 2:  # no position axis (sequence classification)
         return output
     if pos == -1 and ctx.attention_mask is not None:
-        mask = ctx.attention_mask.to(output.device).long()
-        last = (mask * torch.arange(mask.shape[1], device=output.device)).argmax(dim=1)  # left or right padding
+        last = _position_index(pos, ctx, output.shape[1], output.device)
         return output[torch.arange(output.shape[0], device=output.device), last]
     return output[:, pos]
 
@@ -95,7 +114,7 @@ def logit_diff(answer, distractor, pos: int = -1) -> Metric:
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, a] - logits[rows, d]
 
-    return Metric("logit_diff", fn)
+    return Metric("logit_diff", fn, pos)
 
 
 def _token_score(name: str, token, pos: int, log: bool) -> Metric:
@@ -105,7 +124,7 @@ def _token_score(name: str, token, pos: int, log: bool) -> Metric:
         t = _per_prompt(token, ctx, scores.device)
         return scores[torch.arange(scores.shape[0], device=scores.device), t]
 
-    return Metric(name, fn)
+    return Metric(name, fn, pos)
 
 
 def probability(token, pos: int = -1) -> Metric:
@@ -130,4 +149,4 @@ def kl_to_clean(pos: int = -1) -> Metric:
         clean = _wide(_at(clean_rows, pos, MetricContext(ctx.example, None, mask))).log_softmax(dim=-1)
         return F.kl_div(patched, clean, log_target=True, reduction="none").sum(dim=-1)
 
-    return Metric("kl_to_clean", fn)
+    return Metric("kl_to_clean", fn, pos)

@@ -8,6 +8,7 @@ every method and every model family.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -376,6 +377,7 @@ def _module_version(module: str, distribution: str) -> str:
     return str(version) if version else _distribution_version(distribution)
 
 
+@functools.lru_cache(maxsize=None)  # reading a distribution's metadata costs milliseconds; it is fixed per process
 def _distribution_version(distribution: str) -> str:
     try:
         return importlib_metadata.version(distribution)

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
+from crosspatch.output_positions import restrict
 from crosspatch.reach import ModuleInput, ModuleOutput, submodule
 
 from . import clip
 from .architectures import ARCHITECTURES, architecture_for
 from .inputs import input_families
-from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
+from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
 from .resume import forward_keeping_prefix, resume_forward
 
 
@@ -69,6 +70,9 @@ class TransformersAdapter(Adapter):
         down = submodule(base, f"{block}.{arch.mlp_down}", 0)
         d_mlp = down.weight.shape[0] if arch.conv1d else down.weight.shape[1]
         pos, dim = Axis("pos"), Axis("dim", d_model)
+        o_proj = submodule(base, f"{block}.{arch.o_proj}", 0)
+        d_head = (o_proj.weight.shape[0] if arch.conv1d else o_proj.weight.shape[1]) // n_heads
+        head_out = HeadOut(base, f"{block}.{arch.o_proj}", n_heads, arch.conv1d)
 
         families = [
             SiteFamily("embed", (pos, dim), ModuleOutput(base, arch.embed), doc="token (+ position) embeddings"),
@@ -81,11 +85,19 @@ class TransformersAdapter(Adapter):
                 "attention probabilities (query pos, key pos)",
             ),
             SiteFamily(
+                "head_z",
+                (pos, Axis("head", n_heads), Axis("d_head", d_head)),
+                HeadZ(base, f"{block}.{arch.o_proj}", n_heads),
+                n_layers,
+                "each head's attention-weighted values, the output projection's input",
+            ),
+            SiteFamily(
                 "head_out",
                 (pos, Axis("head", n_heads), dim),
-                HeadOut(base, f"{block}.{arch.o_proj}", n_heads, arch.conv1d),
+                head_out,
                 n_layers,
                 "each head's write into the residual (without the output bias)",
+                linear_from=LinearFrom("head_z", ("pos", "head"), head_out.writes),
             ),
             SiteFamily("attn_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.attn}"), n_layers, "attention output"),
         ]
@@ -191,6 +203,13 @@ class TransformersAdapter(Adapter):
 
     def resume(self, model: nn.Module, inputs: Inputs, run):
         return resume_forward(model, architecture_for(model.config), inputs, run)
+
+    def output_at(self, model: nn.Module, positions: torch.Tensor, families: set[str]) -> list:
+        """A language-model head computed at one position per row (:mod:`crosspatch.output_positions`)."""
+        if clip.is_clip(model) or model is model.base_model or "logits" in families:
+            return []
+        head = model.get_output_embeddings()
+        return [] if head is None else restrict(head, positions)
 
     def readout(self, model: nn.Module, tower: str = "vision"):
         """How a CLIP tower reads its embedding off its last residual stream (see :mod:`.clip`)."""

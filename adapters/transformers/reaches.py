@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspatch.offload import reads_weights
+from crosspatch.offload import onloaded, reads_weights
 from crosspatch.reach import Callback, Handle, submodule
 
 
@@ -21,22 +21,51 @@ class HeadOut:
     def __init__(self, root: nn.Module, path: str, n_heads: int, conv1d: bool):
         self.root, self.path, self.n_heads, self.conv1d = root, path, n_heads, conv1d
 
+    def _per_head(self, module: nn.Module) -> torch.Tensor:
+        """The projection's weight as ``[head, d_head, d_model]``."""
+        weight = module.weight if self.conv1d else module.weight.T  # [n_heads * d_head, d_model]
+        return weight.reshape(self.n_heads, -1, weight.shape[-1])
+
+    def writes(self, z: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """Every head's write ``[batch, pos, head, d_model]`` from ``head_z`` ``[batch, pos, head, d_head]``
+        (no graph: for differences of captured values)."""
+        module = submodule(self.root, self.path, layer)
+        with onloaded(module), torch.no_grad():
+            return torch.einsum("bphe,hed->bphd", z, self._per_head(module).to(z.device, z.dtype))
+
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
-        n_heads, conv1d = self.n_heads, self.conv1d
+        n_heads = self.n_heads
 
         def hook(module, args, output):
             z = args[0].to(output.device)
-            d_in = z.shape[-1]
-            weight = module.weight if conv1d else module.weight.T  # [n_heads * d_head, d_model]
-            per_head = weight.reshape(n_heads, d_in // n_heads, weight.shape[-1])
-            z = z.reshape(*z.shape[:-1], n_heads, d_in // n_heads)
-            heads = torch.einsum("bphe,hed->bphd", z, per_head)
+            z = z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)
+            heads = torch.einsum("bphe,hed->bphd", z, self._per_head(module))
             new = callback(heads)
             if new is None:
                 return None
             return output + (new - heads).sum(dim=2)
 
         return [submodule(self.root, self.path, layer).register_forward_hook(reads_weights(hook))]
+
+
+class HeadZ:
+    """Each head's slice of the output projection's input, ``[batch, pos, head, d_head]``: the head's
+    attention-weighted values before the projection (TransformerLens's ``hook_z``)."""
+
+    def __init__(self, root: nn.Module, path: str, n_heads: int):
+        self.root, self.path, self.n_heads = root, path, n_heads
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        n_heads = self.n_heads
+
+        def hook(module, args):
+            z = args[0]
+            new = callback(z.unflatten(-1, (n_heads, z.shape[-1] // n_heads)))
+            if new is None:
+                return None
+            return (new.flatten(-2).to(z.dtype), *args[1:])
+
+        return [submodule(self.root, self.path, layer).register_forward_pre_hook(hook)]
 
 
 class ResidualAfterAttention:

@@ -16,7 +16,11 @@ pattern, so :func:`compare` can rank one against the other.
 Cost: one capture forward of the source inputs (inference mode), one forward of the base inputs
 with ``grad=True`` in which every needed site key gets a zero "tap" ``a + delta`` (``delta`` a
 zero leaf: values unchanged, the graph is not cut, frozen parameters do not matter), and a single
-``torch.autograd.grad`` of the summed metric with respect to all taps.
+``torch.autograd.grad`` of the summed metric with respect to all taps. A family that is a linear map
+of another (:class:`~crosspatch.catalog.LinearFrom`: ``head_out`` of ``head_z``) is tapped at its
+source, which gives the same products summed over the mixed axis without building any per-head
+write; a site that selects along that axis taps the family itself. When the metric reads one output
+position (:attr:`Metric.position`) both forwards compute the model's output head there only.
 
 AtP* (Kramár et al. 2024), what is implemented here:
 
@@ -56,7 +60,7 @@ from ..interventions import Intervention
 from ..metrics import Metric, MetricContext
 from ..model import WrappedModel
 from ..results import Result, collect_versions
-from ..selection import axis_index, select
+from ..selection import axis_index
 from ..sites import Site
 from .pairs import prepare_pair
 from .qk_fix import corrected_products, exact_patterns, qk_layers
@@ -137,12 +141,21 @@ def attribution_patching(
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)
-    keys = list(dict.fromkeys(site.key for site in sweep.sites))
+    by_key: dict[str, list[int]] = {}
+    for i, site in enumerate(sweep.sites):
+        by_key.setdefault(site.key, []).append(i)
+    keys = list(by_key)
+    reads = {key: _read_key(m.catalog, key, [sweep.sites[i] for i in by_key[key]]) for key in keys}  # what is tapped
+    tapped = list(dict.fromkeys(reads.values()))
     qk = qk_layers(sweep.sites, m.catalog) if qk_fix else []
     patterns = [layer.pattern for layer in qk]
 
-    # Forward 1: the source activations, under inference mode.
-    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys)
+    # Forward 1: the source activations, under inference mode. The output is needed only where the metric
+    # reads it; the base run's mask decides where it reads the clean output, so only equal masks restrict.
+    src_ctx = MetricContext(torch.arange(n), None, source_in.get("attention_mask"))
+    same_mask = _same(source_in.get("attention_mask"), base_in.get("attention_mask"))
+    source = execute(m.module, m.adapter, m.catalog, source_in, capture=tapped,
+                     output_at=metric.positions(src_ctx, pair.sizes) if same_mask else None)
 
     groups: list[list[str]] = []
     if grad_drop:
@@ -150,21 +163,20 @@ def attribution_patching(
         groups = [[m.catalog.resolve(k).key for k in g] for g in raw]
     blocks = 1 + len(groups)
     inputs = repeat_rows(base_in, blocks)
-    taps = {key: _Tap() for key in keys + patterns}
+    taps = {key: _Tap() for key in tapped + patterns}
     bounds: list[Bound] = [Bound(Site.parse(key), tap) for key, tap in taps.items()]
     for b, group in enumerate(groups, start=1):  # after the taps: dropping a node's own layer zeroes it
         bounds += [Bound(Site.parse(k), _StopGrad(), slice(b * n, (b + 1) * n)) for k in group]
 
     # Forward 2 (with grad) and the one backward.
-    run = execute(m.module, m.adapter, m.catalog, inputs, bounds, capture=keys + patterns, grad=True)
+    ctx = MetricContext(torch.arange(n).repeat(blocks), None, inputs.get("attention_mask"))
+    run = execute(m.module, m.adapter, m.catalog, inputs, bounds, capture=tapped + patterns, grad=True,
+                  output_at=metric.positions(ctx, pair.sizes))
     base_out = run.output[:n].detach()
-    clean_out = source.output if direction == "denoising" else base_out
-    mask = inputs.get("attention_mask")
-    ctx = MetricContext(torch.arange(n, device=base_out.device).repeat(blocks), clean_out, mask)
+    ctx.example, ctx.clean = ctx.example.to(base_out.device), source.output if direction == "denoising" else base_out
     values = metric(run.output, ctx)
-    deltas = [taps[k].delta for k in keys + patterns]
-    grads = torch.autograd.grad(values.sum(), deltas, allow_unused=True)
-    grads, pattern_grads = grads[: len(keys)], dict(zip(patterns, grads[len(keys) :]))
+    grads = torch.autograd.grad(values.sum(), [taps[k].delta for k in tapped + patterns], allow_unused=True)
+    grads, pattern_grads = dict(zip(tapped, grads[: len(tapped)])), dict(zip(patterns, grads[len(tapped) :]))
 
     exact = {}
     if qk:  # Forward 3: every needed head's pattern with its query / key input from the source run
@@ -174,30 +186,29 @@ def attribution_patching(
 
     with torch.no_grad():
         base_metric = values[:n].detach()
-        src_ctx = MetricContext(torch.arange(n, device=base_out.device), clean_out, source_in.get("attention_mask"))
+        src_ctx.example, src_ctx.clean = src_ctx.example.to(base_out.device), ctx.clean
         source_metric = metric(source.output, src_ctx)
         per_block = np.zeros((blocks, len(sweep)))
         plain = np.zeros(len(sweep))
-        for key, grad in zip(keys, grads):
-            fam = m.catalog.family(Site.parse(key).family)
-            a_base = run.cache[key].detach()[:n]
-            diff = source.cache[key].to(a_base.dtype) - a_base
+        for key in keys:
+            fam, read = m.catalog.family(Site.parse(key).family), reads[key]
+            a_base = run.cache[read].detach()[:n]
+            diff = source.cache[read].to(a_base.dtype) - a_base
+            grad = grads[read]
             grad = torch.zeros((blocks * n, *diff.shape[1:]), dtype=diff.dtype, device=diff.device) if grad is None else grad
+            mine = by_key[key]
             for b in range(blocks):
-                rows = slice(b * n, (b + 1) * n)
-                prod = (diff * grad[rows]).double()
-                fixed = prod
+                prod = (diff * grad[b * n : (b + 1) * n]).double()
+                if read != key:
+                    prod = _in_layout(prod, m.catalog.family(Site.parse(read).family), fam)
+                per_block[b, mine] = _site_sums(prod, [sweep.sites[i] for i in mine], fam)
+                if b == 0:
+                    plain[mine] = per_block[b, mine]
                 if key in qk_of:
                     pattern, g_pattern = run.cache[qk_of[key]].detach()[:n], pattern_grads[qk_of[key]]
-                    g_pattern = torch.zeros_like(pattern) if g_pattern is None else g_pattern[rows]
+                    g_pattern = torch.zeros_like(pattern) if g_pattern is None else g_pattern[b * n : (b + 1) * n]
                     fixed = corrected_products(prod, g_pattern.double(), pattern, exact[key])
-                for i, site in enumerate(sweep.sites):
-                    if site.key != key:
-                        continue
-                    index = axis_index(site, fam, prod.shape[1:], prod.device)
-                    per_block[b, i] = float(select(fixed, index).reshape(n, -1).sum(dim=1).mean())
-                    if b == 0:
-                        plain[i] = float(select(prod, index).reshape(n, -1).sum(dim=1).mean())
+                    per_block[b, mine] = _site_sums(fixed, [sweep.sites[i] for i in mine], fam)
     atp = per_block[0]
     if grad_drop:
         mags = np.abs(per_block[1:]).sum(axis=0) / max(len(groups) - 1, 1)
@@ -228,6 +239,53 @@ def attribution_patching(
         "versions": collect_versions(),
     }
     return Result(scores.reshape(sweep.shape), sweep.dims, sweep.coords, metadata)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+def _read_key(catalog, key: str, sites: Sequence[Site]) -> str:
+    """The site key to tap for ``key`` (``sites`` are its sites): the family's
+    :class:`~crosspatch.catalog.LinearFrom` source when it has one and no site selects along an axis the
+    map mixes (``head_out`` read as ``head_z``), else ``key`` itself."""
+    site = Site.parse(key)
+    linear = catalog.family(site.family).linear_from
+    if linear is None or any(set(s.selection) - set(linear.shared) for s in sites):
+        return key
+    return Site(linear.source, site.layer).key
+
+
+def _in_layout(prod: torch.Tensor, source, family) -> torch.Tensor:
+    """Products ``[n, *source axes]`` summed over the axes ``family.linear_from`` mixes, laid out on
+    ``family``'s axes (size 1 on the axes it does not share with the source)."""
+    shared = [a for a in source.axis_names if a in family.linear_from.shared]
+    mixed = [i + 1 for i, a in enumerate(source.axis_names) if a not in shared]
+    prod = prod.sum(dim=mixed) if mixed else prod
+    prod = prod.permute(0, *[shared.index(a) + 1 for a in family.axis_names if a in shared])
+    for i, a in enumerate(family.axis_names):
+        if a not in shared:
+            prod = prod.unsqueeze(i + 1)
+    return prod
+
+
+def _site_sums(prod: torch.Tensor, sites: Sequence[Site], family) -> np.ndarray:
+    """Per site, the prompt-mean of the products summed over the site's selection: one transfer of the
+    prompt-mean, then indexing on the host (one gather when every site picks one index on the same axes,
+    as a ``*`` sweep does)."""
+    mean = prod.mean(dim=0).cpu().numpy()
+    names = family.axis_names
+    picked = [a for a, _ in sites[0].sel]
+    if all([a for a, _ in s.sel] == picked and all(type(v) is int for _, v in s.sel) for s in sites):
+        axes = sorted(names.index(a) for a in picked)
+        summed = mean.sum(axis=tuple(i for i in range(len(names)) if i not in axes))  # the picked axes, in order
+        index = tuple(np.array([s.selection[names[i]] for s in sites]) % mean.shape[i] for i in axes)
+        return np.asarray(summed[index] if axes else np.full(len(sites), summed), dtype=float)
+    out = np.empty(len(sites))
+    for i, site in enumerate(sites):
+        index = axis_index(site, family, mean.shape, torch.device("cpu"))
+        out[i] = mean[tuple(p.numpy() if isinstance(p, torch.Tensor) else p for p in index)].sum()
+    return out
 
 
 def _variant(grad_drop: bool, qk_fix: bool) -> str:

@@ -34,7 +34,7 @@ from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
 from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
 from ..sites import Site
-from .attribution import _Tap
+from .attribution import _read_key, _Tap
 from .edge_paths import connected
 
 __all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc"]
@@ -206,24 +206,43 @@ class _Patcher:
         self.clean = m.prepare(clean)
         self.n = rows_of(self.clean)
         self.keys = [k for k, _ in self.graph.sender_keys]
+        # What a run captures for each sender: a family that is a linear map of another (head_out of
+        # head_z) is read as its source and mapped afterwards, so no forward builds per-head writes for it.
+        self.reads = {k: _read_key(m.catalog, k, [Site.parse(k)]) for k in self.keys}
         self.ablation = ablation
         self.forwards = 0
         self.clean_out: torch.Tensor | None = None
         if ablation == "resample":
             if corrupt is None:
                 raise ValueError("ablation='resample' needs the corrupt inputs")
-            source = self._execute(m.prepare(corrupt), capture=self.keys).cache
-            self.ablated = {k: source[k] for k in self.keys}
+            self.ablated = self.senders(m.prepare(corrupt))[1]
         elif ablation == "mean":
             ref = m.prepare(reference if reference is not None else clean)
-            source = self._execute(ref, capture=self.keys).cache
-            self.ablated = {k: source[k].mean(dim=0, keepdim=True) for k in self.keys}
+            self.ablated = {k: v.mean(dim=0, keepdim=True) for k, v in self.senders(ref)[1].items()}
         else:
             self.ablated = None
 
-    def _execute(self, inputs, bounds=(), capture=(), grad=False):
+    def _execute(self, inputs, bounds=(), capture=(), grad=False, output_at=None):
         self.forwards += 1
-        return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad)
+        return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad, output_at=output_at)
+
+    def senders(self, inputs, bounds=(), grad=False, output_at="unread"):
+        """A run of ``inputs`` and every sender's value in it (detached, ``[rows, ...]`` as the sender's family).
+
+        ``output_at``: the positions the caller reads the output at (``[rows]``), None for all of them;
+        by default the output is not read, so it is computed at position 0 only where the adapter can."""
+        if isinstance(output_at, str):
+            output_at = torch.zeros(rows_of(inputs), dtype=torch.long)
+        run = self._execute(inputs, bounds, list(dict.fromkeys(self.reads.values())), grad, output_at)
+        values = {}
+        with torch.no_grad():
+            for key, read in self.reads.items():
+                value = run.cache[read].detach()
+                if read != key:
+                    site = Site.parse(key)
+                    value = self.m.catalog.family(site.family).linear_from.apply(value, site.layer)
+                values[key] = value
+        return run, values
 
     def ablated_for(self, key: str, reps: int, like: torch.Tensor | None = None) -> torch.Tensor:
         if self.ablated is None:
@@ -240,7 +259,7 @@ class _Patcher:
             out[k][(slice(None), s, *slot)] = masks[:, e]
         return out
 
-    def run(self, masks: torch.Tensor):
+    def run(self, masks: torch.Tensor, output_at: torch.Tensor | None = None):
         masks = torch.as_tensor(masks, dtype=torch.float32)
         masks = masks.unsqueeze(0) if masks.ndim == 1 else masks
         if masks.shape[1] != len(self.graph):
@@ -254,7 +273,7 @@ class _Patcher:
             bounds.append(Bound(Site.parse(key), _Sender(state, key, abl) if abl is not None else _ZeroSender(state, key)))
         for (key, n_in, _), dense in zip(self.graph.receiver_keys, self.dense(masks)):
             bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, dense, self.n)))
-        return self._execute(inputs, bounds).output
+        return self._execute(inputs, bounds, output_at=output_at).output
 
 
 class _ZeroSender(_Sender):
@@ -287,25 +306,27 @@ def patch_edges(
 def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dict[str, torch.Tensor], steps: int):
     """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
 
-    Per receiver key one batched matmul over prompts, ``[senders, pos*d] @ [pos*d, receiver slots]``, in
-    the model's dtype; the per-prompt results are added in float64. Sender differences are laid out
-    ``[sender, prompt, pos*d]`` and receiver gradients ``[slot, prompt, pos*d]`` (``head_in`` gradients
-    arrive that way from the reach's backward), so nothing ``[.., senders, slots, d]`` is materialised
-    and no gradient is copied.
+    Per receiver key one matmul, ``[senders, prompt*pos*d] @ [prompt*pos*d, receiver slots]``, in the
+    model's dtype. Sender differences are laid out ``[sender, prompt*pos*d]`` (written once into one
+    buffer) and receiver gradients ``[slot, prompt*pos*d]`` (``head_in`` gradients arrive that way from
+    the reach's backward), so nothing ``[.., senders, slots, d]`` is materialised and no gradient is copied.
     """
     g = p.graph
-    diffs = []
+    first = clean_senders[p.keys[0]]
+    width = first.shape[0] * first.shape[1] * first.shape[-1]  # prompt * pos * d
+    sd = torch.empty(sum(k for _, k in g.sender_keys), width, dtype=first.dtype, device=first.device)
+    row = 0
     for key in p.keys:
         clean_s = clean_senders[key]
         abl = p.ablated_for(key, 1, clean_s)
         diff = _as_senders(abl.to(clean_s.dtype).expand_as(clean_s) - clean_s, key)  # [n, pos, k, d]
-        diffs.append(diff.permute(2, 0, 1, 3).reshape(diff.shape[2], p.n, -1))
-    sd = torch.cat(diffs, dim=0)  # [S, n, pos*d]
+        k = diff.shape[2]
+        sd[row : row + k].view(k, *diff.shape[:2], diff.shape[3]).copy_(diff.permute(2, 0, 1, 3))
+        row += k
     per_key = []
     for key, n_in, slots in g.receiver_keys:
         grad = _slots_first(grads[key], p.n, steps).to(sd.dtype)  # [slots, n, pos*d]
-        per_prompt = torch.bmm(sd[:n_in].transpose(0, 1), grad.permute(1, 2, 0))  # [n, n_in, slots]
-        per_key.append(per_prompt.double().sum(dim=0) / p.n)
+        per_key.append((sd[:n_in] @ grad.reshape(grad.shape[0], -1).T).double() / p.n)  # [n_in, slots]
     flat = torch.cat([t.reshape(-1) for t in per_key]).cpu().numpy()  # one transfer, no per-edge sync
     return flat[_flat_index(g)]
 
@@ -336,18 +357,18 @@ def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int):
     inputs = repeat_rows(p.clean, steps)
     taps = {key: _Tap() for key, _, _ in p.graph.receiver_keys}
     bounds = extra + [Bound(Site.parse(k), t) for k, t in taps.items()]
-    run = p._execute(inputs, bounds, capture=p.keys, grad=True)
     n = p.n
-    clean_out = p.clean_out if p.clean_out is not None else run.output.detach()[:n]
-    ctx = MetricContext(torch.arange(n, device=run.output.device).repeat(steps), clean_out, inputs.get("attention_mask"))
+    ctx = MetricContext(torch.arange(n).repeat(steps), None, inputs.get("attention_mask"))
+    run, senders = p.senders(inputs, bounds, grad=True, output_at=metric.positions(ctx, p.m.adapter.sizes(inputs)))
+    ctx.example = ctx.example.to(run.output.device)
+    ctx.clean = p.clean_out if p.clean_out is not None else run.output.detach()[:n]
     values = metric(run.output, ctx)
     keys = list(taps)
     grads = torch.autograd.grad(values.sum(), [taps[k].delta for k in keys], allow_unused=True)
     out = {}
     for k, gr in zip(keys, grads):
         out[k] = torch.zeros_like(taps[k].delta) if gr is None else gr
-    senders = {k: run.cache[k].detach()[:n] for k in p.keys}
-    return out, senders, values.detach()[:n]
+    return out, {k: v[:n] for k, v in senders.items()}, values.detach()[:n]
 
 
 def _result(p: _Patcher, scores, method: str, metric: Metric, extra: dict) -> Result:
@@ -397,17 +418,17 @@ def eap_ig(
         raise ValueError(f"variant must be 'inputs' or 'activations', got {variant!r}")
     metric = as_metric(metric)
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
-    clean_run = p._execute(p.clean, capture=p.keys)
+    ctx = MetricContext(torch.arange(p.n), None, p.clean.get("attention_mask"))
+    clean_run, senders = p.senders(p.clean, output_at=metric.positions(ctx, p.m.adapter.sizes(p.clean)))
     p.clean_out = clean_run.output
     alphas = torch.arange(steps, dtype=torch.float64) / steps
     keys = ["embed"] if variant == "inputs" else p.keys
     extra = []
     for key in keys:
-        base = clean_run.cache[key]
+        base = senders[key]
         target = p.ablated_for(key, 1, base)
         extra.append(Bound(Site.parse(key), _Interpolate(base.clone(), target.clone(), alphas)))
     grads, _, _ = _gradient_run(p, metric, extra, steps)
-    senders = {k: clean_run.cache[k] for k in p.keys}
     return _result(p, _edge_scores(p, grads, senders, steps), "eap_ig", metric,
                    {"backwards": 1, "steps": steps, "variant": variant})
 
@@ -436,16 +457,18 @@ def acdc(
     change = change or ("increase" if metric is None else "abs")
     metric = as_metric(metric if metric is not None else kl_to_clean())
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
-    clean_out = p._execute(p.clean).output
     n, g = p.n, p.graph
+    sizes = p.m.adapter.sizes(p.clean)
+    clean_out = p._execute(p.clean, output_at=metric.positions(MetricContext(torch.arange(n)), sizes)).output
 
     def evaluate(masks: torch.Tensor) -> torch.Tensor:
         out = []
         per = max(1, batch_size // n)
         for start in range(0, masks.shape[0], per):
             chunk = masks[start : start + per]
-            output = p.run(chunk)
-            ctx = MetricContext(torch.arange(n, device=output.device).repeat(chunk.shape[0]), clean_out, None)
+            ctx = MetricContext(torch.arange(n).repeat(chunk.shape[0]), clean_out, None)
+            output = p.run(chunk, metric.positions(ctx, sizes))
+            ctx.example = ctx.example.to(output.device)
             with torch.inference_mode():
                 out.append(metric(output, ctx).double().view(chunk.shape[0], n).mean(dim=1).cpu())
         return torch.cat(out)

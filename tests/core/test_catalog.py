@@ -326,7 +326,7 @@ def test_expand_toy_reshape_lines_up(cat):
 
 
 GPT2_FAMILIES = [
-    "embed", "resid_pre", "head_in", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_in", "mlp_act",
+    "embed", "resid_pre", "head_in", "attn_pattern", "head_z", "head_out", "attn_out", "resid_mid", "mlp_in", "mlp_act",
     "mlp_out", "resid_post", "logits_in", "logits",
 ]
 

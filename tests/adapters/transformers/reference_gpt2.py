@@ -43,7 +43,7 @@ def gpt2_reference(model, input_ids: torch.LongTensor) -> dict[str, torch.Tensor
 
     Layouts: "embed" [B,T,D]; per layer l: "resid_pre.l", "attn_out.l",
     "resid_mid.l", "mlp_out.l", "resid_post.l" [B,T,D]; "attn_pattern.l"
-    [B,H,Tq,Tk]; "head_out.l" [B,T,H,D] (no output bias); "mlp_act.l"
+    [B,H,Tq,Tk]; "head_z.l" [B,T,H,Dh]; "head_out.l" [B,T,H,D] (no output bias); "mlp_act.l"
     [B,T,M]; "logits" [B,T,V].
     """
     cfg = model.config
@@ -76,6 +76,7 @@ def gpt2_reference(model, input_ids: torch.LongTensor) -> dict[str, torch.Tensor
         pattern = scores.softmax(dim=-1)
         out[f"attn_pattern.{l}"] = pattern
         z = (pattern @ v).transpose(1, 2)  # [B,T,H,Dh]
+        out[f"head_z.{l}"] = z
         W_O = attn.c_proj.weight.view(H, Dh, D)  # rows of head h: W_O[h*Dh:(h+1)*Dh]
         head_out = torch.einsum("bthe,hed->bthd", z, W_O)  # [B,T,H,D]
         out[f"head_out.{l}"] = head_out

@@ -80,7 +80,7 @@ def close(a, b, atol=1e-5, msg=""):
 def test_catalog_families(arch):
     spec, model, m = build(arch)
     names = [fam.name for fam in m.sites()]
-    expected = ["embed", "resid_pre", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post"]
+    expected = ["embed", "resid_pre", "attn_pattern", "head_z", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post"]
     if spec.block == "parallel":
         expected.remove("resid_mid")
     if spec.logits is not None:

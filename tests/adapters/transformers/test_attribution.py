@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,48 @@ def test_costs_two_forwards_and_one_backward(gpt2, pair, monkeypatch, grad_drop)
     assert len(forwards) == 2 and len(backwards) == 1
     assert result.dims == ("site",) and len(result.coords["site"]) == 8 + 18 + 2 + 8
     assert not gpt2._forward_hooks and all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in gpt2.modules())
+
+
+def _unfactored(model) -> cp.WrappedModel:
+    """``model`` wrapped with ``head_out`` stripped of its ``linear_from``: AtP taps the per-head writes."""
+    m = cp.wrap(model)
+    fam = m.catalog.family("head_out")
+    m.catalog.families["head_out"] = dataclasses.replace(fam, linear_from=None)
+    return m
+
+
+@pytest.mark.parametrize("grad_drop", [False, True])
+@pytest.mark.parametrize("sites", ["head_out.*[head=*]", "head_out.1[pos=*,head={0,2}]", "head_out.0[pos=-1]"])
+def test_head_out_read_through_head_z_equals_the_per_head_writes(gpt2, pair, sites, grad_drop):
+    """(w' - w) . dm/dw over d_model equals (z' - z) . dm/dz over d_head: the two paths must agree."""
+    clean, corrupt = pair
+    metric = _metric(clean)
+    fast = attribution_patching(gpt2, clean, corrupt, sites, metric, grad_drop=grad_drop)
+    slow = attribution_patching(_unfactored(gpt2), clean, corrupt, sites, metric, grad_drop=grad_drop)
+    assert fast.coords == slow.coords and np.abs(slow.values).max() > 1e-4
+    np.testing.assert_allclose(fast.values, slow.values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast.metadata["atp"], slow.metadata["atp"], rtol=1e-4, atol=1e-6)
+
+
+def test_head_out_selecting_model_dims_taps_the_writes(gpt2, pair, monkeypatch):
+    """A site that selects along ``dim`` cannot be read through head_z; it taps head_out itself."""
+    import crosspatch.methods.attribution as attribution
+
+    clean, corrupt = pair
+    captured = []
+    real = attribution.execute
+
+    def recording(*args, **kwargs):
+        captured.append(list(kwargs.get("capture", ())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "execute", recording)
+    sites = ["head_out.1[head=2,dim=0:8]", "head_out.0[head=1]"]
+    result = attribution_patching(gpt2, clean, corrupt, sites, _metric(clean))
+    assert captured[0] == ["head_out.1", "head_z.0"]
+    monkeypatch.setattr(attribution, "execute", real)
+    slow = attribution_patching(_unfactored(gpt2), clean, corrupt, sites, _metric(clean))
+    np.testing.assert_allclose(result.values, slow.values, rtol=1e-4, atol=1e-6)
 
 
 def test_graddrop_invariants(gpt2, pair):

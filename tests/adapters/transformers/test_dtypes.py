@@ -10,7 +10,7 @@ import crosspatch as cp
 from conftest import randomize, tiny_gpt2, tiny_llama
 from reference_gpt2 import gpt2_reference
 
-ALL_SITES = ["embed", "resid_pre.*", "attn_pattern.*", "head_out.*", "attn_out.*", "resid_mid.*", "mlp_act.*",
+ALL_SITES = ["embed", "resid_pre.*", "attn_pattern.*", "head_z.*", "head_out.*", "attn_out.*", "resid_mid.*", "mlp_act.*",
              "mlp_out.*", "resid_post.*", "logits"]
 T = 9
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}

@@ -9,7 +9,7 @@ import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from reference_gpt2 import _ACTIVATIONS, _layer_norm, gpt2_reference
 
-FAMILIES = ["embed", "resid_pre", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post", "logits"]
+FAMILIES = ["embed", "resid_pre", "attn_pattern", "head_z", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post", "logits"]
 ALL_SITES = [f if f in ("embed", "logits") else f"{f}.*" for f in FAMILIES]
 N_LAYER, N_HEAD, D_HEAD, T = 2, 4, 16, 10
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -67,7 +67,8 @@ def edited_reference(model, input_ids, edits=None):
             scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))
             pattern = at(f"attn_pattern.{l}", scores.softmax(dim=-1))
             out[f"attn_pattern.{l}"] = pattern
-            z = (pattern @ v).transpose(1, 2)
+            z = at(f"head_z.{l}", (pattern @ v).transpose(1, 2))
+            out[f"head_z.{l}"] = z
             head_out = at(f"head_out.{l}", torch.einsum("bthe,hed->bthd", z, attn.c_proj.weight.view(H, Dh, D)))
             out[f"head_out.{l}"] = head_out
             attn_out = at(f"attn_out.{l}", head_out.sum(2) + attn.c_proj.bias)
@@ -216,6 +217,11 @@ def _write_cases(dtype):
             "head_out.0[pos=7,head={0,3}]",
             lambda src: cp.Patch(src),
             lambda sr: {"head_out.0": _set((slice(None), 7, [0, 3]), sr["head_out.0"][:, 7, [0, 3]])},
+        ),
+        (
+            "head_z.1[pos=3,head=1]",
+            lambda src: cp.Patch(src),
+            lambda sr: {"head_z.1": _set((slice(None), 3, 1), sr["head_z.1"][:, 3, 1])},
         ),
         ("logits[pos=-1]", lambda src: cp.Scale(2.0), lambda sr: {"logits": _set((slice(None), -1), lambda x: 2 * x)}),
     ]
@@ -409,7 +415,7 @@ def test_self_patch_of_every_site_changes_nothing():
     ids = ids_for(1)
     source = m.run(ids, capture=ALL_SITES)
     keys = _writable_keys(m, ids)
-    assert len(keys) == 2 + 8 * N_LAYER
+    assert len(keys) == 2 + 9 * N_LAYER
     run = m.run(ids, {k: cp.Patch(source.cache) for k in keys}, capture=ALL_SITES)
     torch.testing.assert_close(run.output, source.output, atol=0, rtol=0)
     for key in source.cache:

@@ -1,0 +1,101 @@
+"""A run whose metric reads one position computes the LM head there only: same numbers, same gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import crosspatch as cp
+from conftest import randomize, tiny_gpt2, tiny_llama
+from crosspatch.engine import Bound, execute
+from crosspatch.methods.attribution import attribution_patching
+from crosspatch.methods.edges import eap, eap_ig
+from crosspatch.metrics import Metric, MetricContext
+
+
+def _padded(side: str) -> dict:
+    torch.manual_seed(4)
+    ids = torch.randint(2, 100, (3, 8))
+    mask = torch.ones_like(ids)
+    if side == "right":
+        mask[0, 5:] = 0
+        mask[2, 7:] = 0
+    else:
+        mask[0, :3] = 0
+        mask[1, :1] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left", "none"])
+def test_output_at_the_metric_positions_equals_the_full_output_there(make, side):
+    m = cp.wrap(randomize(make()))
+    inputs = m.prepare(_padded(side) if side != "none" else torch.randint(2, 100, (3, 8)))
+    ctx = MetricContext(torch.arange(3), None, inputs.get("attention_mask"))
+    positions = cp.metrics.logit_diff(5, 6).positions(ctx, m.adapter.sizes(inputs))
+    if side == "right":
+        assert positions.tolist() == [4, 7, 6]  # each row's last real token
+    else:
+        assert positions.tolist() == [7, 7, 7]
+    full = execute(m.module, m.adapter, m.catalog, inputs).output
+    part = execute(m.module, m.adapter, m.catalog, inputs, output_at=positions).output
+    rows = torch.arange(3)
+    assert part.shape == full.shape
+    torch.testing.assert_close(part[rows, positions], full[rows, positions], atol=1e-5, rtol=0)
+    elsewhere = torch.ones(full.shape[:2], dtype=torch.bool)
+    elsewhere[rows, positions] = False
+    assert torch.all(part[elsewhere] == 0) and torch.all(full[elsewhere] != 0)
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.module.modules())
+
+
+def test_a_run_that_reads_or_writes_the_logits_computes_them_everywhere(gpt2, ids):
+    m = cp.wrap(gpt2)
+    inputs = m.prepare(ids)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    full = execute(m.module, m.adapter, m.catalog, inputs).output
+    run = execute(m.module, m.adapter, m.catalog, inputs, capture=["logits"], output_at=last)
+    torch.testing.assert_close(run.output, full, atol=0, rtol=0)
+    torch.testing.assert_close(run.cache["logits"], full, atol=0, rtol=0)
+    scaled = execute(m.module, m.adapter, m.catalog, inputs, [Bound(cp.Site.parse("logits[pos=0]"), cp.Scale(2.0))], output_at=last)
+    torch.testing.assert_close(scaled.output[:, 0], 2 * full[:, 0], atol=1e-6, rtol=0)
+
+
+def test_hooks_go_on_error_and_bad_positions_are_refused(gpt2, ids):
+    m = cp.wrap(gpt2)
+    inputs = m.prepare(ids)
+
+    class Boom(cp.Intervention):
+        def apply(self, x, ctx):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        execute(m.module, m.adapter, m.catalog, inputs, [Bound(cp.Site.parse("resid_pre.1"), Boom())],
+                output_at=torch.zeros(ids.shape[0], dtype=torch.long))
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in gpt2.modules())
+    with pytest.raises(ValueError, match=r"one position per row: shape \(3,\)"):
+        execute(m.module, m.adapter, m.catalog, inputs, output_at=torch.zeros(2, dtype=torch.long))
+
+
+def _everywhere(metric: Metric) -> Metric:
+    """The same metric with no declared position: its runs compute the output everywhere."""
+    return Metric(metric.name, metric.fn)
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "kl_to_clean"])
+def test_attribution_and_eap_are_unchanged_by_the_restriction(pair, metric):
+    model = randomize(tiny_gpt2(initializer_range=0.2))  # large effects, so KL's gradient is far from float error
+    clean, corrupt = pair
+    fn = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100) if metric == "logit_diff" else cp.metrics.kl_to_clean()
+    sites = ["head_out.*[head=*]", "resid_pre.*[pos=*]", "mlp_out.*"]
+    # KL to clean is at its minimum on the clean run: its gradient there is float error, so noising only for logit_diff.
+    for direction in ("denoising", "noising") if metric == "logit_diff" else ("denoising",):
+        fast = attribution_patching(model, clean, corrupt, sites, fn, direction=direction, grad_drop=True)
+        slow = attribution_patching(model, clean, corrupt, sites, _everywhere(fn), direction=direction, grad_drop=True)
+        assert np.abs(slow.values).max() > 1e-4
+        np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-7)
+        assert fast.metadata["baseline"] == pytest.approx(slow.metadata["baseline"], rel=1e-6, abs=1e-7)
+    np.testing.assert_allclose(eap(model, clean, corrupt, fn).values, eap(model, clean, corrupt, _everywhere(fn)).values,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(eap_ig(model, clean, corrupt, fn, steps=2).values,
+                               eap_ig(model, clean, corrupt, _everywhere(fn), steps=2).values, rtol=1e-5, atol=1e-7)
