@@ -120,6 +120,15 @@ class Catalog:
                 f"Families: {', '.join(self.families)}"
             ) from None
 
+    def through_source(self, site: Site) -> Site:
+        """``site`` on its family's :class:`LinearFrom` source when it selects only axes the map keeps
+        (``head_out.3[head=1]`` as ``head_z.3[head=1]``), else ``site`` itself. Patching, zeroing, resampling,
+        averaging or scaling the source is the same intervention on the family, at less cost."""
+        linear = self.family(site.family).linear_from
+        if linear is None or set(site.selection) - set(linear.shared):
+            return site
+        return Site(linear.source, site.layer, site.sel)
+
     def resolve(self, site: "Site | str", sizes: Mapping[str, int] | None = None) -> Site:
         """Check a site (concrete or pattern) against the model; normalise negative indices."""
         site = Site.parse(site)

@@ -61,7 +61,9 @@ def activation_patching(
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)
-    keys = list(dict.fromkeys(site.key for site in sweep.sites))
+    # Each site is patched where that costs least: a head's write as its head_z (the write is linear in it).
+    patched = [m.catalog.through_source(site) for site in sweep.sites]
+    keys = list(dict.fromkeys(site.key for site in patched))
 
     # The baseline hooks the same sites as the patched runs: some reaches change the numerics
     # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
@@ -81,14 +83,14 @@ def activation_patching(
     patch = Patch(source.cache)
     effects = torch.zeros(len(sweep), n, dtype=torch.float64, device=baseline.device)
     todo = [  # sweep indices of the sites to run
-        i for i, site in enumerate(sweep.sites)
+        i for i, site in enumerate(patched)
         if not (skip_unchanged and torch.equal(source.cache[site], base.cache[site]))
     ]
-    chunks = resume_chunks([sweep.sites[i] for i in todo], m.catalog, base.prefix, max(1, batch_size // n))
+    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, max(1, batch_size // n))
     for members, resume in progress_bar(chunks, progress, desc=f"patching {len(todo)} of {len(sweep)} sites"):
         members = [todo[j] for j in members]
         inputs = repeat_rows(base_in, len(members))
-        bounds = [Bound(sweep.sites[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
+        bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
         run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume)
         rows = MetricContext(ctx.example.repeat(len(members)), clean_out, inputs.get("attention_mask"))
         with torch.inference_mode():

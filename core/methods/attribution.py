@@ -246,14 +246,10 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def _read_key(catalog, key: str, sites: Sequence[Site]) -> str:
-    """The site key to tap for ``key`` (``sites`` are its sites): the family's
-    :class:`~crosspatch.catalog.LinearFrom` source when it has one and no site selects along an axis the
-    map mixes (``head_out`` read as ``head_z``), else ``key`` itself."""
-    site = Site.parse(key)
-    linear = catalog.family(site.family).linear_from
-    if linear is None or any(set(s.selection) - set(linear.shared) for s in sites):
-        return key
-    return Site(linear.source, site.layer).key
+    """The site key to tap for ``key`` (``sites`` are its sites): the family's linear source when every
+    site can be read there (:meth:`Catalog.through_source`: ``head_out`` as ``head_z``), else ``key``."""
+    through = {catalog.through_source(s).key for s in sites}
+    return through.pop() if len(through) == 1 else key
 
 
 def _in_layout(prod: torch.Tensor, source, family) -> torch.Tensor:

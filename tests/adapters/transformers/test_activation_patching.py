@@ -27,7 +27,7 @@ def _loop(m, clean, corrupt, sites, metric, direction="denoising"):
 
 
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-@pytest.mark.parametrize("sites", ["head_out.*[head=*]", "resid_pre.*[pos=*]", "mlp_out.1[pos=*]"])
+@pytest.mark.parametrize("sites", ["head_out.*[head=*]", "head_out.1[pos=*,head=1]", "resid_pre.*[pos=*]", "mlp_out.1[pos=*]"])
 def test_batched_sweep_equals_one_site_at_a_time(gpt2, pair, direction, sites):
     clean, corrupt = pair
     m = cp.wrap(gpt2)
