@@ -18,7 +18,7 @@ from .adapter import Adapter, Inputs, batch_size
 from .cache import Cache
 from .catalog import Catalog, SiteFamily
 from .interventions import ApplyContext, Intervention
-from .reach import Handle
+from .reach import Handle, aliases
 from .resume import Prefix, Resume, windowed
 from .selection import axis_index, select
 from .sites import Site, SiteError
@@ -77,10 +77,10 @@ def execute(
     each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
     """
     n_rows = batch_size(inputs)
-    if resume is not None and (capture or grad or keep_prefix or output_at is not None):
+    if resume is not None and (capture or grad or keep_prefix or (output_at is not None and resume.pos)):
         raise ValueError(
             "a resumed run computes only part of the model: it cannot capture, keep a prefix, take gradients "
-            "or restrict its output"
+            "or, from a later position, restrict its output"
         )
     if output_at is not None and tuple(output_at.shape) != (n_rows,):
         raise ValueError(f"output_at holds one position per row: shape ({n_rows},), got {tuple(output_at.shape)}")
@@ -99,7 +99,7 @@ def execute(
         if not fam.writable:
             raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
         if resume is not None:
-            site = _resumable(site, bound.intervention, resume)
+            site = _resumable(site, bound.intervention, resume, catalog)
         plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
     for key in capture:
         plan_for(catalog.resolve(key)).capture = True
@@ -135,9 +135,11 @@ def execute(
     return Run(output, cache, raw, prefix)
 
 
-def _resumable(site: Site, intervention: Intervention, resume: Resume) -> Site:
+def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: Catalog) -> Site:
     """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
-    if not isinstance(site.layer, int) or site.layer < resume.layer:
+    # A family without layers after the blocks (the final norm's input, the logits) is reached by every resumed run.
+    after_blocks = site.layer is None and _after_blocks(catalog, site.family)
+    if not after_blocks and (not isinstance(site.layer, int) or site.layer < resume.layer):
         raise SiteError(
             f"site {site} is computed before block {resume.layer}, where this run resumes; "
             f"resume at layer <= {site.layer} or run the whole model"
@@ -148,6 +150,12 @@ def _resumable(site: Site, intervention: Intervention, resume: Resume) -> Site:
             f"run from position {resume.pos}; resume at pos=0"
         )
     return windowed(site, resume.pos, resume.prefix.length)  # refuses a site that covers earlier positions
+
+
+def _after_blocks(catalog: Catalog, family: str) -> bool:
+    """True for a family without layers that the catalog (in forward order) lists after a family with layers."""
+    order = catalog.order(family)
+    return any(f.layers is not None and catalog.order(f.name) < order for f in catalog)
 
 
 def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
@@ -195,7 +203,7 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
             # intervention's result, as they would through the copy the general path makes.
             x = value.view_as(value)
             out = apply(plan.bounds[0], value, index, x)
-            if (out._base is not None and out._base is not value) or not out.requires_grad:
+            if (out._base is not None and not aliases(out, value)) or not out.requires_grad:
                 out = value.clone().copy_(out)  # a view of a source, or cut from the graph: write a copy
         elif plan.bounds:
             out = value.clone()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-__all__ = ["Handle", "Callback", "Reach", "ModuleOutput", "ModuleInput", "submodule"]
+__all__ = ["Handle", "Callback", "Reach", "ModuleOutput", "ModuleInput", "aliases", "submodule"]
 
 Callback = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -40,6 +40,16 @@ def submodule(root: nn.Module, path: str, layer: int | None) -> nn.Module:
         return root.get_submodule(name)
     except AttributeError as err:
         raise LookupError(f"no submodule {name!r} in {type(root).__name__}: {err}") from None
+
+
+def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a view of exactly its elements (same storage, offset, sizes and strides)."""
+    if a is b:
+        return True
+    if (a.dtype, a.device, a.shape, a.stride(), a.is_neg()) != (b.dtype, b.device, b.shape, b.stride(), b.is_neg()):
+        return False
+    ptr = a.untyped_storage().data_ptr()  # 0 without memory (meta, empty): not known to alias
+    return ptr != 0 and ptr == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset()
 
 
 def _replace_first(output: Any, index: int, new: torch.Tensor) -> Any:

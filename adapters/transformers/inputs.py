@@ -26,7 +26,7 @@ from torch import nn
 
 from crosspatch.catalog import Axis, SiteFamily
 from crosspatch.offload import reads_weights
-from crosspatch.reach import Callback, Handle, ModuleInput, submodule
+from crosspatch.reach import Callback, Handle, ModuleInput, aliases, submodule
 
 from .slot_grad import slot_gradient
 
@@ -96,7 +96,16 @@ class HeadIn:
         def before_norm(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1])
-            stash["x"], stash["new"] = x, callback(value)
+            new = callback(value)
+            stash["x"], stash["new"], stash["read"] = x, new, new is not None and aliases(new, value)
+            if new is None or not (torch.is_grad_enabled() and x.requires_grad):
+                return None
+            # Written, the projections' outputs reach x only through the slots (slot_gradient gives each its
+            # own gradient): the norm reads x cut from the graph, so x's gradient is not computed twice and
+            # then cancelled. Values and parameter gradients are unchanged.
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": x.detach()}
+            return (x.detach(), *args[1:]), kwargs
 
         def splice(roles: tuple[int, ...]):
             def hook(module, args, output):
@@ -117,10 +126,10 @@ class HeadIn:
                 # Unchanged slots keep the module's numbers (and its parameter gradients); in grad mode each
                 # also gets its own input gradient from a zero-valued term (no norm or projection per slot).
                 keep = orig + slot_gradient(slots, x, ln, w, orig, bias) if grad else orig
-                # One check per layer (a host sync on accelerators): a pure read (a gradient tap, an
-                # identity write) recomputes nothing.
+                # One check per layer (a host sync on accelerators), none for the value handed back as it
+                # was: a pure read (a gradient tap, an identity write) recomputes nothing.
                 x_slots = x[:, :, None, None, :].expand_as(slots)
-                if torch.equal(slots, x_slots):
+                if stash["read"] or _same_bits(slots, x_slots):
                     return _as_output(keep, output, head_major) if grad else None
                 changed = (slots != x_slots).any(dim=-1, keepdim=True)
                 rec = torch.einsum("bprhd,drhe->bprhe", _norm(ln, slots), w)
@@ -134,6 +143,21 @@ class HeadIn:
         handles = [reader.register_forward_pre_hook(before_norm, with_kwargs=True)]
         handles += [p.register_forward_hook(reads_weights(splice(r), *([ln] if ln is not None else []))) for p, r in zip(projs, role_sets)]
         return handles
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape) hold the same bits, compared eight bytes at a time when both
+    can be viewed so (half the element compares for float32, a quarter for half dtypes).
+
+    Stricter than ``==`` only for ``-0.0`` against ``0.0`` (which then takes the writing path, where it
+    counts as unchanged) and looser only for a NaN met as itself: either way a slot found equal holds ``x``.
+    """
+    if a.dtype == b.dtype and a.element_size() <= 8 and a.device == b.device:
+        try:
+            return torch.equal(a.view(torch.int64), b.view(torch.int64))
+        except RuntimeError:  # last dim not contiguous or not a whole number of int64s
+            pass
+    return torch.equal(a, b)
 
 
 def _by_role(weight, output, bias, n_roles: int, heads: int, d_head: int, head_major: bool):

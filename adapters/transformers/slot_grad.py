@@ -5,6 +5,8 @@ output; only its *gradient* must be its own: ``J_norm(x)^T W_slot^T g_slot`` (``
 head columns of the projection, ``g_slot`` the gradient at them). :func:`slot_gradient` adds a
 zero-valued term whose backward produces that gradient for every slot at once, from the norm's
 statistics of ``x`` (one ``[.., d]`` pass) instead of a norm and a projection per slot in the forward.
+It gives ``x`` no gradient: the module must read ``x`` cut from the graph (``HeadIn`` does), so that ``x``
+is reached through the slots alone, each path once, and no gradient is computed only to be cancelled.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ def _stats(norm: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch
     if norm is None:
         return h, torch.ones_like(h[..., :1]), torch.ones(h.shape[-1], dtype=h.dtype, device=h.device), "none"
     if isinstance(norm, nn.LayerNorm):
-        mu = h.mean(-1, keepdim=True)
-        rstd = torch.rsqrt((h - mu).pow(2).mean(-1, keepdim=True) + norm.eps)
+        xhat, _, rstd = torch.native_layer_norm(h, h.shape[-1:], None, None, norm.eps)  # one fused pass
         gamma = norm.weight if norm.weight is not None else torch.ones(h.shape[-1], device=h.device)
-        return (h - mu) * rstd, rstd, gamma.detach().to(h.dtype), "layer"
+        return xhat, rstd, gamma.detach().to(h.dtype), "layer"
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if eps is None or not hasattr(norm, "weight"):
         raise TypeError(f"head_in cannot differentiate through the norm {type(norm).__name__} (LayerNorm or RMSNorm expected)")
@@ -38,40 +39,34 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 class _SlotGradient(torch.autograd.Function):
-    """Value 0; the backward turns ``g [b, p, R, H, e]`` into every slot's gradient ``[b, p, R, H, d]``
-    and ``-sum`` of them for ``x`` (the slots' own path to ``x`` already counts them once).
+    """Value 0; the backward turns ``g [b, p, R, H, e]`` into every slot's gradient ``[b, p, R, H, d]``.
 
     With ``u = rstd * gamma * W_slot g`` the norm's backward is ``u - mean_d(u) - xhat * mean_d(u * xhat)``
-    (no mean term for an RMSNorm; just ``u`` with no norm). Both means are computed on small tensors: ``mean_d(u)`` from
-    ``wbar = sum_d gamma W`` and ``mean_d(u * xhat)`` from ``yhat = (gamma * xhat) W``, the projection's
-    own output without biases; only one ``[slot, b*p, d]`` buffer is written, by one batched matmul.
+    (no mean term for an RMSNorm; just ``u`` with no norm). ``mean_d(u)`` is linear in ``g``: it is gone
+    from ``wc``, ``gamma * W`` centred over ``d`` (for a LayerNorm), and ``mean_d(u * xhat)`` comes from
+    ``yhat = (gamma * xhat) W``, the projection's own output without biases. One batched matmul writes
+    the ``[slot, b*p, d]`` result, in that (slot-major) order, and one in-place pass corrects it.
     """
 
     @staticmethod
-    def forward(ctx, slots, x, xhat, rstd, wg, yhat, kind: str):
-        ctx.save_for_backward(xhat, rstd, wg, yhat)
+    def forward(ctx, slots, xhat, rstd, wc, yhat, kind: str):
+        ctx.save_for_backward(xhat, rstd, wc, yhat)
         ctx.kind = kind
         ctx.dtype = slots.dtype
-        return slots.new_zeros(*slots.shape[:-1], wg.shape[-1])
+        return slots.new_zeros(*slots.shape[:-1], wc.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        xhat, rstd, wg, yhat = ctx.saved_tensors  # wg = gamma * W  [d, R, H, e]
+        xhat, rstd, wc, yhat = ctx.saved_tensors  # wc: gamma * W [d, R, H, e], centred over d for a LayerNorm
         b, p, r, h, e = g.shape
-        d, rows, slots = wg.shape[0], b * p, r * h
+        d, rows, slots = wc.shape[0], b * p, r * h
         gs = g.to(xhat.dtype).reshape(rows, slots, e) * rstd.reshape(rows, 1, 1)
-        w = wg.reshape(d, slots, e).permute(1, 2, 0)  # [slot, e, d]
-        if ctx.kind == "layer":  # subtract mean_d(u) inside the matmul: one more column of g, a row of ones in W
-            mean = (gs * w.sum(-1)).sum(-1) / d
-            gs = torch.cat([gs, -mean[..., None]], dim=-1)
-            w = torch.cat([w, torch.ones_like(w[:, :1])], dim=1)
-        u = torch.bmm(gs.transpose(0, 1), w)  # [slot, rows, d]
+        u = torch.bmm(gs.transpose(0, 1), wc.reshape(d, slots, e).permute(1, 2, 0))  # [slot, rows, d]
         if ctx.kind != "none":
-            proj = (gs[..., :e] * yhat.reshape(rows, slots, e)).sum(-1) / d  # [rows, slot]
+            proj = (gs * yhat.reshape(rows, slots, e)).sum(-1) / d  # [rows, slot]
             u.addcmul_(xhat.reshape(1, rows, d), proj.T[..., None], value=-1)
-        grad = u.to(ctx.dtype)
-        grad_x = -grad.sum(dim=0).view(b, p, d)
-        return grad.view(r, h, b, p, d).permute(2, 3, 0, 1, 4), grad_x, None, None, None, None, None
+        grad = u.to(ctx.dtype).view(r, h, b, p, d).permute(2, 3, 0, 1, 4)
+        return grad, None, None, None, None, None
 
 
 def slot_gradient(
@@ -79,13 +74,20 @@ def slot_gradient(
 ) -> torch.Tensor:
     """Zero ``[b, p, R, H, e]`` whose gradient reaches each slot of ``slots [b, p, R, H, d]`` as if the slot
     had been normalised by ``norm`` at ``x [b, p, d]`` and projected by its columns ``weight [d, R, H, e]``;
-    ``output`` is the projection's output at ``x`` (``[b, p, R, H, e]``) and ``bias`` its bias (or None)."""
+    ``output`` is the projection's output at ``x`` (``[b, p, R, H, e]``) and ``bias`` its bias (or None).
+    ``x`` itself gets no gradient from it (see the module docstring)."""
     xhat, rstd, gamma, kind = _stats(norm, x)
     w = weight.detach().to(xhat.dtype)
-    yhat = output.detach().to(xhat.dtype)  # (gamma * xhat + beta) W + bias, minus the biases below
-    if bias is not None:
-        yhat = yhat - bias.detach().to(xhat.dtype).reshape(w.shape[1:])
+    # output = (gamma * xhat + beta) W + bias: yhat is output minus one constant [R, H, e]
+    shift = None if bias is None else bias.detach().to(xhat.dtype).reshape(w.shape[1:])
     beta = getattr(norm, "bias", None)
     if beta is not None:
-        yhat = yhat - torch.einsum("d,drhe->rhe", beta.detach().to(xhat.dtype), w)
-    return _SlotGradient.apply(slots, x, xhat, rstd, w * gamma[:, None, None, None], yhat, kind)
+        beta_w = (beta.detach().to(xhat.dtype) @ w.reshape(w.shape[0], -1)).view(w.shape[1:])
+        shift = beta_w if shift is None else shift + beta_w
+    yhat = output.detach().to(xhat.dtype)
+    if shift is not None:
+        yhat = yhat - shift
+    wc = torch.mul(w, gamma[:, None, None, None], out=torch.empty(w.shape, dtype=w.dtype, device=w.device))  # [d, slot, e]
+    if kind == "layer":
+        wc -= wc.mean(dim=0)  # mean_d(u) = g @ mean_d(gamma W): subtracted once here, not per row and slot
+    return _SlotGradient.apply(slots, xhat, rstd, wc, yhat, kind)

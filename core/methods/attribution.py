@@ -78,12 +78,12 @@ class _Tap(Intervention):
         self.delta: torch.Tensor | None = None
 
     def apply(self, x, ctx):
-        # In grad mode the engine hands the intervention its own copy of the selection; a view would alias
-        # the activation, so take a copy then. No extra buffer otherwise.
-        if x._is_view():
-            x = x.clone()
+        # The engine hands a whole-site tap a view of the activation (its own node in the graph) and any other
+        # selection as a copy; either is the handle. Only a view of a value outside the graph is copied, to
+        # become a leaf: the site is upstream of everything that needs gradients.
         if not x.requires_grad:
-            x.requires_grad_()  # a leaf copy: the site is upstream of everything that needs gradients
+            x = x.clone() if x._is_view() else x
+            x.requires_grad_()
         self.delta = x
         return x
 

@@ -33,6 +33,7 @@ from ..interventions import Intervention
 from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
 from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
+from ..resume import Prefix, Resume
 from ..sites import Site
 from .attribution import _read_key, _Tap
 from .edge_paths import connected
@@ -212,37 +213,58 @@ class _Patcher:
         self.ablation = ablation
         self.forwards = 0
         self.clean_out: torch.Tensor | None = None
+        self._ablated: dict[str, torch.Tensor] | None = None
+        # The ablated senders as read (head_z for heads); ``ablated`` holds them as the senders' own values.
+        self.ablated_raw: dict[str, torch.Tensor] | None = None
         if ablation == "resample":
             if corrupt is None:
                 raise ValueError("ablation='resample' needs the corrupt inputs")
-            self.ablated = self.senders(m.prepare(corrupt))[1]
+            self.ablated_raw = self.senders(m.prepare(corrupt))[1]
         elif ablation == "mean":
             ref = m.prepare(reference if reference is not None else clean)
-            self.ablated = {k: v.mean(dim=0, keepdim=True) for k, v in self.senders(ref)[1].items()}
-        else:
-            self.ablated = None
+            self.ablated_raw = {k: v.mean(dim=0, keepdim=True) for k, v in self.senders(ref)[1].items()}
 
-    def _execute(self, inputs, bounds=(), capture=(), grad=False, output_at=None):
+    @property
+    def ablated(self) -> dict[str, torch.Tensor] | None:
+        """Per sender key, its ablated value (``[1 or n, ...]`` as the sender's family), or None for zero ablation."""
+        if self._ablated is None and self.ablated_raw is not None:
+            self._ablated = {k: self.writes(k, v) for k, v in self.ablated_raw.items()}
+        return self._ablated
+
+    @ablated.setter
+    def ablated(self, values: dict[str, torch.Tensor]) -> None:
+        self._ablated = values
+
+    def _execute(self, inputs, bounds=(), capture=(), grad=False, output_at=None, **kwargs):
         self.forwards += 1
-        return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad, output_at=output_at)
+        return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad,
+                       output_at=output_at, **kwargs)
 
-    def senders(self, inputs, bounds=(), grad=False, output_at="unread"):
-        """A run of ``inputs`` and every sender's value in it (detached, ``[rows, ...]`` as the sender's family).
+    def senders(self, inputs, bounds=(), grad=False, output_at="unread", keep_prefix=False):
+        """A run of ``inputs`` and every sender's value in it as read (detached; :meth:`writes` maps it to the
+        sender's own value).
 
         ``output_at``: the positions the caller reads the output at (``[rows]``), None for all of them;
         by default the output is not read, so it is computed at position 0 only where the adapter can."""
         if isinstance(output_at, str):
             output_at = torch.zeros(rows_of(inputs), dtype=torch.long)
-        run = self._execute(inputs, bounds, list(dict.fromkeys(self.reads.values())), grad, output_at)
-        values = {}
+        capture = list(dict.fromkeys(self.reads.values()))
+        run = self._execute(inputs, bounds, capture, grad, output_at, keep_prefix=keep_prefix)
+        return run, {key: run.cache[read].detach() for key, read in self.reads.items()}
+
+    def writes(self, key: str, raw: torch.Tensor) -> torch.Tensor:
+        """Sender ``key``'s own value (``[rows, pos, head, d]`` for heads) from its value as read."""
+        if self.reads[key] == key:
+            return raw
+        site = Site.parse(key)
+        return self.m.catalog.family(site.family).linear_from.apply(raw, site.layer)
+
+    def sender_diff(self, key: str, clean_raw: torch.Tensor) -> torch.Tensor:
+        """``ablated - clean`` for sender ``key`` as ``[rows, pos, k, d]``, from its clean value as read (the
+        difference is taken before the linear map, which then runs once)."""
+        ablated = 0 if self.ablated_raw is None else self.ablated_raw[key].to(clean_raw.dtype).expand_as(clean_raw)
         with torch.no_grad():
-            for key, read in self.reads.items():
-                value = run.cache[read].detach()
-                if read != key:
-                    site = Site.parse(key)
-                    value = self.m.catalog.family(site.family).linear_from.apply(value, site.layer)
-                values[key] = value
-        return run, values
+            return _as_senders(self.writes(key, ablated - clean_raw), key)
 
     def ablated_for(self, key: str, reps: int, like: torch.Tensor | None = None) -> torch.Tensor:
         if self.ablated is None:
@@ -259,21 +281,62 @@ class _Patcher:
             out[k][(slice(None), s, *slot)] = masks[:, e]
         return out
 
-    def run(self, masks: torch.Tensor, output_at: torch.Tensor | None = None):
+    def keep_clean(self, output_at: torch.Tensor | None) -> "_CleanPrefix | None":
+        """One clean run kept so that :meth:`run` can start at the first block a mask patches (None when
+        the adapter cannot resume); its output is ``clean_out``."""
+        m = self.m
+        if not m.adapter.can_resume(m.module):
+            self.clean_out = self._execute(self.clean, output_at=output_at).output
+            return None
+        run, values = self.senders(self.clean, output_at=output_at, keep_prefix=True)
+        self.clean_out = run.output
+        # what a sender before the start adds: ablated - clean
+        return _CleanPrefix(run.prefix, {key: self.sender_diff(key, value) for key, value in values.items()})
+
+    def _start(self, dense: list[torch.Tensor]) -> int:
+        """The first block whose receivers any mask patches (the last block when only the logits' input is)."""
+        n_layers = self.m.catalog.family("head_out").layers
+        touched = [_layer(key, n_layers) for (key, _, _), d in zip(self.graph.receiver_keys, dense) if bool(d.any())]
+        return min(touched + [n_layers - 1], default=n_layers - 1)
+
+    def run(self, masks: torch.Tensor, output_at: torch.Tensor | None = None, clean: "_CleanPrefix | None" = None):
+        """The clean inputs once per mask row (row blocks), the masked edges patched. With ``clean``
+        (:meth:`keep_clean`) the run starts at the first block a mask patches: before it every value is
+        the clean run's, so the senders there add their ``ablated - clean`` as constants."""
         masks = torch.as_tensor(masks, dtype=torch.float32)
         masks = masks.unsqueeze(0) if masks.ndim == 1 else masks
         if masks.shape[1] != len(self.graph):
             raise ValueError(f"an edge mask has {len(self.graph)} entries (one per edge), got {masks.shape[1]}")
         k = masks.shape[0]
         inputs = repeat_rows(self.clean, k)
+        dense = self.dense(masks)
+        n_layers = self.m.catalog.family("head_out").layers
+        start = self._start(dense) if clean is not None else 0
+        resume = Resume(clean.prefix, start) if start > 0 else None
         state = _State()
         bounds = []
         for key in self.keys:
+            if resume is not None and _layer(key, n_layers) < start:
+                state.diffs.append(clean.diffs[key].repeat(k, *([1] * (clean.diffs[key].ndim - 1))))
+                continue
             abl = None if self.ablated is None else self.ablated_for(key, k)
             bounds.append(Bound(Site.parse(key), _Sender(state, key, abl) if abl is not None else _ZeroSender(state, key)))
-        for (key, n_in, _), dense in zip(self.graph.receiver_keys, self.dense(masks)):
-            bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, dense, self.n)))
-        return self._execute(inputs, bounds, output_at=output_at).output
+        for (key, n_in, _), d in zip(self.graph.receiver_keys, dense):
+            if resume is None or _layer(key, n_layers) >= start:  # the others are before the start and unpatched
+                bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, d, self.n)))
+        return self._execute(inputs, bounds, output_at=output_at, resume=resume).output
+
+
+@dataclass
+class _CleanPrefix:
+    prefix: Prefix
+    diffs: dict[str, torch.Tensor]  # per sender key, ablated - clean, [n, pos, k, d]
+
+
+def _layer(key: str, n_layers: int) -> int:
+    """The block a sender or receiver key belongs to: -1 for the embeddings, ``n_layers`` for the logits' input."""
+    layer = Site.parse(key).layer
+    return layer if isinstance(layer, int) else (-1 if key == "embed" else n_layers)
 
 
 class _ZeroSender(_Sender):
@@ -312,14 +375,12 @@ def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dic
     the reach's backward), so nothing ``[.., senders, slots, d]`` is materialised and no gradient is copied.
     """
     g = p.graph
-    first = clean_senders[p.keys[0]]
-    width = first.shape[0] * first.shape[1] * first.shape[-1]  # prompt * pos * d
-    sd = torch.empty(sum(k for _, k in g.sender_keys), width, dtype=first.dtype, device=first.device)
+    sd = None
     row = 0
     for key in p.keys:
-        clean_s = clean_senders[key]
-        abl = p.ablated_for(key, 1, clean_s)
-        diff = _as_senders(abl.to(clean_s.dtype).expand_as(clean_s) - clean_s, key)  # [n, pos, k, d]
+        diff = p.sender_diff(key, clean_senders[key])  # [n, pos, k, d]
+        if sd is None:
+            sd = diff.new_empty(sum(k for _, k in g.sender_keys), diff.shape[0] * diff.shape[1] * diff.shape[3])
         k = diff.shape[2]
         sd[row : row + k].view(k, *diff.shape[:2], diff.shape[3]).copy_(diff.permute(2, 0, 1, 3))
         row += k
@@ -425,7 +486,7 @@ def eap_ig(
     keys = ["embed"] if variant == "inputs" else p.keys
     extra = []
     for key in keys:
-        base = senders[key]
+        base = p.writes(key, senders[key])
         target = p.ablated_for(key, 1, base)
         extra.append(Bound(Site.parse(key), _Interpolate(base.clone(), target.clone(), alphas)))
     grads, _, _ = _gradient_run(p, metric, extra, steps)
@@ -436,7 +497,7 @@ def eap_ig(
 def acdc(
     model, clean, corrupt, metric: "Metric | Callable | None" = None, *, threshold: float, ablation: Ablation = "resample",
     reference: Any = None, change: Literal["increase", "abs"] | None = None, batch_size: int = 64,
-    graph: EdgeGraph | None = None, prune: bool = True,
+    graph: EdgeGraph | None = None, prune: bool = True, reuse_prefix: bool = True,
 ) -> Result:
     """ACDC (Conmy et al. 2023): over receivers in reverse topological order, and their incoming edges
     from the latest sender back, remove (patch) an edge when that changes the metric by less than
@@ -452,6 +513,9 @@ def acdc(
     ``prune`` (default): after the greedy pass, kept edges off every input-to-output path of kept edges
     (a sender nothing kept feeds, a receiver whose node reaches no kept edge onward) are removed too
     (:func:`~crosspatch.methods.edge_paths.connected`), and the final metric is re-measured (one forward).
+    ``reuse_prefix`` (default, where the adapter can resume): every patched run starts from the clean
+    run's residual at the first block whose receivers it patches (in reverse topological order that is
+    the current receiver's block); the numbers are the same.
     The Result holds 1 for every edge kept in the circuit, 0 for removed ones.
     """
     change = change or ("increase" if metric is None else "abs")
@@ -459,7 +523,10 @@ def acdc(
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
     n, g = p.n, p.graph
     sizes = p.m.adapter.sizes(p.clean)
-    clean_out = p._execute(p.clean, output_at=metric.positions(MetricContext(torch.arange(n)), sizes)).output
+    kept = p.keep_clean(metric.positions(MetricContext(torch.arange(n)), sizes)) if reuse_prefix else None
+    if not reuse_prefix:
+        p.clean_out = p._execute(p.clean, output_at=metric.positions(MetricContext(torch.arange(n)), sizes)).output
+    clean_out = p.clean_out
 
     def evaluate(masks: torch.Tensor) -> torch.Tensor:
         out = []
@@ -467,7 +534,7 @@ def acdc(
         for start in range(0, masks.shape[0], per):
             chunk = masks[start : start + per]
             ctx = MetricContext(torch.arange(n).repeat(chunk.shape[0]), clean_out, None)
-            output = p.run(chunk, metric.positions(ctx, sizes))
+            output = p.run(chunk, metric.positions(ctx, sizes), kept)
             ctx.example = ctx.example.to(output.device)
             with torch.inference_mode():
                 out.append(metric(output, ctx).double().view(chunk.shape[0], n).mean(dim=1).cpu())

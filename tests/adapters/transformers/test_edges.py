@@ -10,7 +10,7 @@ import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from crosspatch.interventions import Patch
 from crosspatch.methods.edge_paths import connected
-from crosspatch.methods.edges import acdc, eap, eap_ig, edge_graph, patch_edges
+from crosspatch.methods.edges import _Patcher, acdc, eap, eap_ig, edge_graph, patch_edges
 from test_inputs import with_inputs
 
 
@@ -170,6 +170,30 @@ def test_batched_acdc_equals_the_sequential_greedy_algorithm(m):
     np.testing.assert_array_equal(fast.values, connected(g, 1 - removed.numpy()))
     raw = acdc(m, clean, corrupt, metric, threshold=3e-4, graph=g, prune=False)
     np.testing.assert_array_equal(raw.values, 1 - removed.numpy())
+
+
+@pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
+def test_runs_resumed_from_the_clean_prefix_equal_full_runs(m, ablation):
+    """Before the first block a mask patches, every value is the clean run's: starting there changes nothing."""
+    clean, corrupt = _pair()
+    p = _Patcher(m, clean, corrupt, ablation, None, None)
+    kept = p.keep_clean(None)
+    g = p.graph
+    starts = []
+    real = p._execute
+
+    def recording(*args, **kwargs):
+        starts.append(None if kwargs.get("resume") is None else kwargs["resume"].layer)
+        return real(*args, **kwargs)
+
+    p._execute = recording
+    gen = torch.Generator().manual_seed(0)
+    for first in ("head_in.1", "mlp_in.1", "logits_in", "mlp_in.0"):  # receivers are in topological order
+        at = min(i for i, name in enumerate(g.receivers) if name.startswith(first))
+        allowed = torch.tensor([r >= at for _, r in g.edges], dtype=torch.float32)
+        masks = (torch.rand(3, len(g), generator=gen) < 0.5).float() * allowed
+        torch.testing.assert_close(p.run(masks, clean=kept), p.run(masks), atol=1e-5, rtol=0)
+    assert starts == [1, None, 1, None, 1, None, None, None]  # block 1 is the last; mlp_in.0 sits in block 0
 
 
 def test_acdc_prunes_the_edges_of_a_head_no_input_reaches():
