@@ -18,13 +18,16 @@ __all__ = ["sender_of", "connected"]
 
 
 def sender_of(receiver: str) -> str | None:
-    """The sender a receiver feeds inside its node (``None`` for ``logits_in``, the output)."""
+    """The sender a receiver feeds inside its node (``None`` for ``logits_in``, the output); a tower prefix
+    (``vision.head_in.1[...]``) carries over."""
     site = Site.parse(receiver)
-    if site.family == "head_in":
-        return f"head_out.{site.layer}[head={site.selection['head']}]"
-    if site.family == "mlp_in":
-        return f"mlp_out.{site.layer}"
-    if site.family == "logits_in":
+    tower, _, role = site.family.rpartition(".")
+    prefix = f"{tower}." if tower else ""
+    if role == "head_in":
+        return f"{prefix}head_out.{site.layer}[head={site.selection['head']}]"
+    if role == "mlp_in":
+        return f"{prefix}mlp_out.{site.layer}"
+    if role == "logits_in":
         return None
     raise ValueError(f"{receiver!r} is not a receiver of an edge graph (head_in, mlp_in or logits_in)")
 
@@ -40,7 +43,7 @@ def connected(graph, kept: "np.ndarray") -> np.ndarray:
     # Forward from embed: edges run in topological order of their receivers, and a receiver's node
     # sender comes after every edge into it.
     from_input = np.zeros(len(graph.senders), dtype=bool)
-    from_input[sender_index["embed"]] = True
+    from_input[0] = True  # the first sender is the embeddings
     reached = np.zeros(len(graph.receivers), dtype=bool)
     by_receiver: dict[int, list[int]] = {}
     for e, (s, r) in enumerate(graph.edges):

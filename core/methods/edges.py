@@ -54,6 +54,7 @@ class EdgeGraph:
     sender_keys: list[tuple[str, int]]  # (site key, number of senders in it), in firing order
     receiver_keys: list[tuple[str, int, tuple[int, ...]]]  # (site key, incoming senders = a prefix, slot shape)
     receiver_of: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # receiver -> (key index, slot)
+    tower: str = ""  # the family prefix of a two-tower model's tower ("vision."), else ""
 
     @property
     def nodes(self) -> list[str]:
@@ -69,11 +70,12 @@ class EdgeGraph:
     @staticmethod
     def _stage(name: str) -> int:
         site = Site.parse(name)
-        if site.family == "embed":
+        role = _role(site.family)
+        if role == "embed":
             return 0
-        if site.family == "logits_in":
+        if role == "logits_in":
             return 1 << 30
-        return 2 * int(site.layer) + (1 if site.family in ("head_out", "head_in") else 2)
+        return 2 * int(site.layer) + (1 if role in ("head_out", "head_in") else 2)
 
     @property
     def edge_names(self) -> list[str]:
@@ -94,18 +96,22 @@ class EdgeGraph:
         return m
 
 
-def edge_graph(model: "WrappedModel | nn.Module") -> EdgeGraph:
-    """The edge graph of a model whose catalog has embed, head_out, mlp_out, head_in, mlp_in and logits_in."""
+def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> EdgeGraph:
+    """The edge graph of a model whose catalog has embed, head_out, mlp_out, head_in, mlp_in and logits_in;
+    for a two-tower model, of one ``tower`` (``"vision"``: the families ``vision.embed``, ...)."""
     m = wrap(model)
-    missing = [f for f in NEEDED if f not in m.catalog]
+    t = f"{tower}." if tower else ""
+    missing = [t + f for f in NEEDED if t + f not in m.catalog]
     if missing:
+        towers = sorted({f.rpartition(".")[0] for f in m.catalog.families if f.endswith(".head_out")})
+        hint = f"; its towers: {', '.join(towers)} (pass tower=...)" if towers and not tower else ""
         raise ValueError(
-            f"an edge graph needs the site families {', '.join(NEEDED)}; {m.catalog.model_name} lacks "
-            f"{', '.join(missing)} (the transformers adapter adds head_in / mlp_in / logits_in for pre-LN models)"
+            f"an edge graph needs the site families {', '.join(t + f for f in NEEDED)}; {m.catalog.model_name} lacks "
+            f"{', '.join(missing)} (the transformers adapter adds head_in / mlp_in / logits_in for pre-LN models){hint}"
         )
-    n_layers = m.catalog.family("head_out").layers
-    n_heads = m.catalog.family("head_out").axis("head").size
-    senders, sender_keys = ["embed"], [("embed", 1)]
+    n_layers = m.catalog.family(t + "head_out").layers
+    n_heads = m.catalog.family(t + "head_out").axis("head").size
+    senders, sender_keys = [t + "embed"], [(t + "embed", 1)]
     receivers: list[str] = []
     receiver_keys: list[tuple[str, int, tuple[int, ...]]] = []
     receiver_of: list[tuple[int, tuple[int, ...]]] = []
@@ -122,23 +128,28 @@ def edge_graph(model: "WrappedModel | nn.Module") -> EdgeGraph:
 
     for layer in range(n_layers):
         add_receivers(
-            f"head_in.{layer}",
-            [(f"head_in.{layer}[qkv={q},head={h}]", (q, h)) for q in range(3) for h in range(n_heads)],
+            f"{t}head_in.{layer}",
+            [(f"{t}head_in.{layer}[qkv={q},head={h}]", (q, h)) for q in range(3) for h in range(n_heads)],
             (3, n_heads),
         )
-        senders += [f"head_out.{layer}[head={h}]" for h in range(n_heads)]
-        sender_keys.append((f"head_out.{layer}", n_heads))
-        add_receivers(f"mlp_in.{layer}", [(f"mlp_in.{layer}", ())], ())
-        senders.append(f"mlp_out.{layer}")
-        sender_keys.append((f"mlp_out.{layer}", 1))
-    add_receivers("logits_in", [("logits_in", ())], ())
+        senders += [f"{t}head_out.{layer}[head={h}]" for h in range(n_heads)]
+        sender_keys.append((f"{t}head_out.{layer}", n_heads))
+        add_receivers(f"{t}mlp_in.{layer}", [(f"{t}mlp_in.{layer}", ())], ())
+        senders.append(f"{t}mlp_out.{layer}")
+        sender_keys.append((f"{t}mlp_out.{layer}", 1))
+    add_receivers(f"{t}logits_in", [(f"{t}logits_in", ())], ())
     edges.sort(key=lambda e: (EdgeGraph._stage(receivers[e[1]]), e[1], e[0]))
-    return EdgeGraph(senders, receivers, edges, sender_keys, receiver_keys, receiver_of)
+    return EdgeGraph(senders, receivers, edges, sender_keys, receiver_keys, receiver_of, t)
+
+
+def _role(family: str) -> str:
+    """A family's name without its tower prefix (``vision.head_in`` -> ``head_in``)."""
+    return family.rpartition(".")[2]
 
 
 def _as_senders(value: torch.Tensor, key: str) -> torch.Tensor:
     """A sender activation as ``[rows, pos, k, d]`` (head_out already is)."""
-    return value if key.startswith("head_out") else value.unsqueeze(2)
+    return value if _role(Site.parse(key).family) == "head_out" else value.unsqueeze(2)
 
 
 class _State:
@@ -207,6 +218,7 @@ class _Patcher:
         self.clean = m.prepare(clean)
         self.n = rows_of(self.clean)
         self.keys = [k for k, _ in self.graph.sender_keys]
+        self.n_layers = m.catalog.family(self.graph.tower + "head_out").layers
         # What a run captures for each sender: a family that is a linear map of another (head_out of
         # head_z) is read as its source and mapped afterwards, so no forward builds per-head writes for it.
         self.reads = {k: _read_key(m.catalog, k, [Site.parse(k)]) for k in self.keys}
@@ -295,7 +307,7 @@ class _Patcher:
 
     def _start(self, dense: list[torch.Tensor]) -> int:
         """The first block whose receivers any mask patches (the last block when only the logits' input is)."""
-        n_layers = self.m.catalog.family("head_out").layers
+        n_layers = self.n_layers
         touched = [_layer(key, n_layers) for (key, _, _), d in zip(self.graph.receiver_keys, dense) if bool(d.any())]
         return min(touched + [n_layers - 1], default=n_layers - 1)
 
@@ -310,7 +322,7 @@ class _Patcher:
         k = masks.shape[0]
         inputs = repeat_rows(self.clean, k)
         dense = self.dense(masks)
-        n_layers = self.m.catalog.family("head_out").layers
+        n_layers = self.n_layers
         start = self._start(dense) if clean is not None else 0
         resume = Resume(clean.prefix, start) if start > 0 else None
         state = _State()
@@ -336,7 +348,7 @@ class _CleanPrefix:
 def _layer(key: str, n_layers: int) -> int:
     """The block a sender or receiver key belongs to: -1 for the embeddings, ``n_layers`` for the logits' input."""
     layer = Site.parse(key).layer
-    return layer if isinstance(layer, int) else (-1 if key == "embed" else n_layers)
+    return layer if isinstance(layer, int) else (-1 if _role(Site.parse(key).family) == "embed" else n_layers)
 
 
 class _ZeroSender(_Sender):
@@ -483,7 +495,7 @@ def eap_ig(
     clean_run, senders = p.senders(p.clean, output_at=metric.positions(ctx, p.m.adapter.sizes(p.clean)))
     p.clean_out = clean_run.output
     alphas = torch.arange(steps, dtype=torch.float64) / steps
-    keys = ["embed"] if variant == "inputs" else p.keys
+    keys = [p.keys[0]] if variant == "inputs" else p.keys  # the first sender is the embeddings
     extra = []
     for key in keys:
         base = p.writes(key, senders[key])
