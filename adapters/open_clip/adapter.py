@@ -27,18 +27,26 @@ import torch
 from torch import nn
 
 from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
 from crosspatch.reach import ModuleInput, ModuleOutput, submodule
 
+from crosspatch.adapters.transformers.inputs import HeadIn, InputLayout
+from crosspatch.adapters.transformers.reaches import HeadZ
+
 from . import twotower
+from .twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC
 from .attention import UnfusedAttention, is_fused
-from .reaches import AttentionPattern, HeadWrite, ResidualMid
+from .reaches import AttentionPattern, HeadWrite, ResidualMid, RunningModules
 
 __all__ = ["OpenClipAdapter"]
 
 logger = logging.getLogger(__name__)
 
 TOWERS = ("vision", "text")
+
+# head_in of a pre-LN residual attention block: ln_1, then the fused q/k/v projection of the unfused
+# attention (its ``in_proj``, reached through RunningModules); mlp_in is ln_2's input.
+_INPUTS = InputLayout("ln_1", "ln_2", None, ("attn.in_proj",))
 
 
 class _Tower:
@@ -185,25 +193,35 @@ class OpenClipAdapter(Adapter):
                        else "token + position embeddings entering the first block"),
             SiteFamily(p + "resid_pre", (pos, dim), ModuleInput(model, block, name=None), n,
                        "residual stream entering the block"),
+            SiteFamily(p + "head_in", (pos, Axis("qkv", 3), Axis("head", tower.n_heads), dim),
+                       HeadIn(RunningModules(model, tower.blocks, unfused.attention), block, _INPUTS, tower.n_heads, False),
+                       n, HEAD_IN_DOC),
             SiteFamily(p + "attn_pattern", (Axis("head", tower.n_heads), pos, Axis("key_pos", n_pos)),
                        AttentionPattern(unfused.attention), n, "attention probabilities (query pos, key pos)"),
         ]
         if tower.exact_heads:
-            families.append(SiteFamily(
-                p + "head_out", (pos, Axis("head", tower.n_heads), dim),
-                HeadWrite(model, f"{block}.attn.out_proj", f"{block}.ls_1", tower.n_heads), n,
-                "each head's write into the residual (heads + out_proj bias = attn_out)",
-            ))
+            head_out = HeadWrite(model, f"{block}.attn.out_proj", f"{block}.ls_1", tower.n_heads)
+            families += [
+                SiteFamily(p + "head_z", (pos, Axis("head", tower.n_heads), Axis("d_head", tower.width // tower.n_heads)),
+                           HeadZ(model, f"{block}.attn.out_proj", tower.n_heads), n, HEAD_Z_DOC),
+                SiteFamily(
+                    p + "head_out", (pos, Axis("head", tower.n_heads), dim), head_out, n,
+                    "each head's write into the residual (heads + out_proj bias = attn_out)",
+                    linear_from=LinearFrom(p + "head_z", ("pos", "head"), head_out.writes),
+                ),
+            ]
         else:
             logger.info("the %s tower normalises after attention (scale_attn): no exact per-head site", name)
         families += [
             SiteFamily(p + "attn_out", (pos, dim), ModuleOutput(model, f"{block}.ls_1"), n, "attention write"),
             SiteFamily(p + "resid_mid", (pos, dim), ResidualMid(model, block, f"{block}.ls_1"), n,
                        "residual after attention"),
+            SiteFamily(p + "mlp_in", (pos, dim), ModuleInput(model, f"{block}.ln_2", name=None), n, MLP_IN_DOC),
             SiteFamily(p + "mlp_act", (pos, Axis("neuron", tower.d_mlp)),
                        ModuleInput(model, f"{block}.mlp.c_proj", name=None), n, "MLP neuron activations"),
             SiteFamily(p + "mlp_out", (pos, dim), ModuleOutput(model, f"{block}.ls_2"), n, "MLP write"),
             SiteFamily(p + "resid_post", (pos, dim), ModuleOutput(model, block), n, "residual stream leaving the block"),
+            SiteFamily(p + "logits_in", (pos, dim), ModuleOutput(model, tower.transformer), doc=LOGITS_IN_DOC[name]),
         ]
         return families
 

@@ -12,7 +12,10 @@ load both ways, and it exposes two things:
 
 * ``pattern``, an identity submodule the attention probabilities ``[batch, head, query, key]`` pass
   through (after the softmax, before dropout);
-* ``out_proj``, called as a module on the heads side by side ``[batch, pos, head * d_head]``.
+* ``out_proj``, called as a module on the heads side by side ``[batch, pos, head * d_head]``;
+* ``in_proj``, the fused query/key/value projection called as a module on the normalised block
+  input (self-attention): ``F.linear`` with ``in_proj_weight`` / ``in_proj_bias``, holding no
+  parameters of its own (state dicts are unchanged). ``head_in`` splices each head's columns there.
 
 :func:`unfuse` returns a copy of a model with every block's attention unfused. The adapter does not
 need it: while a crosspatch run is under way it swaps each fused module for an unfused twin that
@@ -30,6 +33,27 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["UnfusedAttention", "unfuse", "residual_blocks", "is_fused"]
+
+
+class _InProjection(nn.Module):
+    """The owner's fused ``in_proj_weight`` / ``in_proj_bias`` applied as a module (a hook point, with
+    ``weight`` ``[3 * d_model, d_model]`` and ``bias`` read from the owner at every access). The owner
+    is kept outside the module tree, so it holds no parameters and adds no state-dict keys."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a child module: no cycle in the module tree
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._owner.in_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._owner.in_proj_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class UnfusedAttention(nn.Module):
@@ -71,6 +95,7 @@ class UnfusedAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.out_drop: nn.Module = nn.Identity()
         self.pattern = nn.Identity()  # hook point: attention probabilities [batch, head, query, key]
+        self.in_proj = _InProjection(self)  # hook point: the fused q/k/v projection (self-attention)
 
     # ------------------------------------------------------------------ construction
 
@@ -144,7 +169,9 @@ class UnfusedAttention(nn.Module):
         heads, d_head = self.num_heads, self.head_dim
 
         if self_attention:
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            in_proj = getattr(self, "in_proj", None)  # None: a module pickled before in_proj existed
+            qkv = in_proj(query) if in_proj is not None else F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            q, k, v = qkv.chunk(3, dim=-1)
         else:
             w = self.in_proj_weight.chunk(3)
             b = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)

@@ -14,7 +14,7 @@ from torch import nn
 
 from crosspatch.reach import Callback, Handle, submodule
 
-__all__ = ["AttentionPattern", "HeadWrite", "ResidualMid"]
+__all__ = ["AttentionPattern", "HeadWrite", "ResidualMid", "RunningModules"]
 
 
 def _gamma(module: nn.Module) -> torch.Tensor | None:
@@ -48,6 +48,16 @@ class HeadWrite:
 
     def __init__(self, root: nn.Module, out_proj: str, scale: str, n_heads: int):
         self.root, self.out_proj, self.scale, self.n_heads = root, out_proj, scale, n_heads
+
+    def writes(self, z: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """Every head's write ``[batch, pos, head, d_model]`` from ``head_z`` ``[batch, pos, head, d_head]``
+        (the projection's rows times LayerScale; no graph: for differences of captured values)."""
+        proj = submodule(self.root, self.out_proj, layer)
+        gamma = _gamma(submodule(self.root, self.scale, layer))
+        with torch.no_grad():
+            weight = proj.weight.T.to(z.device, z.dtype)  # [n_heads * d_head, d_model]
+            heads = torch.einsum("bphe,hed->bphd", z, weight.reshape(self.n_heads, -1, weight.shape[-1]))
+            return heads if gamma is None else heads * gamma.to(z.device, z.dtype)
 
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
         n_heads = self.n_heads
@@ -104,3 +114,26 @@ class ResidualMid:
             block.register_forward_pre_hook(before_block, with_kwargs=True),
             scale.register_forward_hook(after_scale),
         ]
+
+
+class RunningModules:
+    """The model's modules as a run meets them, for reaches that look modules up by path
+    (``get_submodule``, all :func:`crosspatch.reach.submodule` calls): ``<blocks>.<i>.attn[.<rest>]`` is the
+    unfused attention that runs in layer ``i`` (``resolve(i)``: the block's own when it is unfused, else
+    the twin swapped in during runs), every other path the model's own module.
+
+    It lets :class:`crosspatch.adapters.transformers.inputs.HeadIn` reach the fused query/key/value
+    projection (``attn.in_proj``) of a block whose ``nn.MultiheadAttention`` hides it outside runs.
+    """
+
+    def __init__(self, model: nn.Module, blocks: str, resolve: Callable[[int], nn.Module]):
+        self.model, self.blocks, self.resolve = model, blocks, resolve
+
+    def get_submodule(self, name: str) -> nn.Module:
+        head = f"{self.blocks}."
+        if name.startswith(head):
+            index, _, rest = name[len(head):].partition(".")
+            if index.isdigit() and (rest == "attn" or rest.startswith("attn.")):
+                attn = self.resolve(int(index))
+                return attn if rest == "attn" else attn.get_submodule(rest[len("attn."):])
+        return self.model.get_submodule(name)

@@ -36,8 +36,22 @@ from torch import nn
 
 __all__ = [
     "Candidates", "TwoTowerOutput", "Tap", "taps_for", "prepare_inputs", "split_inputs", "sizes",
-    "run_towers", "score", "is_two_tower_inputs",
+    "run_towers", "score", "is_two_tower_inputs", "HEAD_IN_DOC", "MLP_IN_DOC", "LOGITS_IN_DOC", "HEAD_Z_DOC",
 ]
+
+# The receiver-input families of each tower (the receivers of an edge graph), the same on both libraries.
+HEAD_IN_DOC = (
+    "residual each head's query/key/value projection reads, before the block's input norm "
+    "(captured: the block input in every slot; a written slot is normalised and projected on its own)"
+)
+HEAD_Z_DOC = "each head's attention-weighted values, the output projection's input"
+MLP_IN_DOC = "residual the MLP reads, before its norm (resid_mid; writing it changes the MLP's input only)"
+LOGITS_IN_DOC = {
+    "vision": "residual leaving the last block at every position, what the readout reads (it pools position 0, "
+              "then normalises); positions other than the pooled one do not reach the embedding",
+    "text": "final norm's input: the residual leaving the last block at every position (normalised, then "
+            "pooled at the end token)",
+}
 
 IMAGE_KEYS = ("images", "pixel_values")
 TEXT_KEYS = ("texts", "input_ids")

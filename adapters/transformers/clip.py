@@ -21,17 +21,22 @@ import torch
 from torch import nn
 
 from crosspatch.adapter import Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
 from crosspatch.reach import ModuleInput, ModuleOutput, submodule
 
 from crosspatch.adapters.open_clip import twotower
-from crosspatch.adapters.open_clip.twotower import TwoTowerOutput
+from crosspatch.adapters.open_clip.twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC, TwoTowerOutput
 
-from .reaches import AttentionPattern, HeadOut, ResidualAfterAttention
+from .inputs import HeadIn, InputLayout
+from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
 
 __all__ = ["is_clip", "catalog", "prepare", "forward", "sizes", "describe", "readout", "TwoTowerOutput"]
 
 _TOWERS = {"vision": "vision_model", "text": "text_model"}
+
+# CLIPEncoderLayer: layer_norm1, then self_attn.{q,k,v}_proj; layer_norm2, then mlp. The towers' final
+# norms are not in it: logits_in is the last layer's output (see _tower_families).
+_INPUTS = InputLayout("layer_norm1", "layer_norm2", None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 
 
 def is_clip(model: nn.Module) -> bool:
@@ -56,25 +61,37 @@ def _tower_families(model: nn.Module, name: str) -> list[SiteFamily]:
     pos, dim = Axis("pos", n_pos), Axis("dim", config.hidden_size)
     attn_config = submodule(model, f"{block}.self_attn", 0).config
     p = f"{name}."
+    head_out = HeadOut(model, f"{block}.self_attn.out_proj", heads, False)
     return [
         SiteFamily(p + "embed", (pos, dim), embed, doc=embed_doc),
         SiteFamily(p + "resid_pre", (pos, dim), ModuleInput(model, block), n, "residual stream entering the block"),
+        SiteFamily(p + "head_in", (pos, Axis("qkv", 3), Axis("head", heads), dim),
+                   HeadIn(model, block, _INPUTS, heads, False), n, HEAD_IN_DOC),
         SiteFamily(
             p + "attn_pattern", (Axis("head", heads), pos, Axis("key_pos", n_pos)),
             AttentionPattern(model, f"{block}.self_attn", attn_config), n,
             "attention probabilities (query pos, key pos)",
         ),
         SiteFamily(
-            p + "head_out", (pos, Axis("head", heads), dim), HeadOut(model, f"{block}.self_attn.out_proj", heads, False),
+            p + "head_z", (pos, Axis("head", heads), Axis("d_head", config.hidden_size // heads)),
+            HeadZ(model, f"{block}.self_attn.out_proj", heads), n, HEAD_Z_DOC,
+        ),
+        SiteFamily(
+            p + "head_out", (pos, Axis("head", heads), dim), head_out,
             n, "each head's write into the residual (heads + out_proj bias = attn_out)",
+            linear_from=LinearFrom(p + "head_z", ("pos", "head"), head_out.writes),
         ),
         SiteFamily(p + "attn_out", (pos, dim), ModuleOutput(model, f"{block}.self_attn"), n, "attention write"),
         SiteFamily(p + "resid_mid", (pos, dim), ResidualAfterAttention(model, block, f"{block}.self_attn"), n,
                    "residual after attention"),
+        SiteFamily(p + "mlp_in", (pos, dim), ModuleInput(model, f"{block}.layer_norm2", name=None), n, MLP_IN_DOC),
         SiteFamily(p + "mlp_act", (pos, Axis("neuron", config.intermediate_size)),
                    ModuleInput(model, f"{block}.mlp.fc2", name=None), n, "MLP neuron activations"),
         SiteFamily(p + "mlp_out", (pos, dim), ModuleOutput(model, f"{block}.mlp"), n, "MLP write"),
         SiteFamily(p + "resid_post", (pos, dim), ModuleOutput(model, block), n, "residual stream leaving the block"),
+        # The text tower's final_layer_norm reads exactly this; the vision tower's post_layernorm reads its
+        # position 0 (pooled first), so the last layer's output is the per-position point both share.
+        SiteFamily(p + "logits_in", (pos, dim), ModuleOutput(model, block.format(layer=n - 1)), doc=LOGITS_IN_DOC[name]),
     ]
 
 

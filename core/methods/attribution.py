@@ -97,15 +97,22 @@ class _StopGrad(Intervention):
         return x.detach()
 
 
-def _default_groups(catalog) -> list[list[str]]:
-    fams = [f for f in ("attn_out", "mlp_out") if f in catalog]
-    if not fams:
+def _default_groups(catalog, sites: Sequence[Site]) -> list[list[str]]:
+    """Per layer, its residual writes (``attn_out.l``, ``mlp_out.l``); with tower prefixes (``vision.``),
+    the layers of every tower the sites are in, tower by tower."""
+    towers = sorted({site.family.rpartition(".")[0] for site in sites})
+    groups = []
+    for tower in towers:
+        t = f"{tower}." if tower else ""
+        fams = [t + f for f in ("attn_out", "mlp_out") if t + f in catalog]
+        if fams:
+            groups += [[f"{f}.{layer}" for f in fams] for layer in range(catalog.family(fams[0]).layers or 1)]
+    if not groups:
         raise ValueError(
             "grad_drop needs the layers' residual writes; this catalog has no attn_out / mlp_out, so pass "
             "grad_drop_groups=[[site_key, ...] per layer]"
         )
-    layers = catalog.family(fams[0]).layers or 1
-    return [[f"{f}.{layer}" for f in fams] for layer in range(layers)]
+    return groups
 
 
 def attribution_patching(
@@ -159,7 +166,7 @@ def attribution_patching(
 
     groups: list[list[str]] = []
     if grad_drop:
-        raw = grad_drop_groups if grad_drop_groups is not None else _default_groups(m.catalog)
+        raw = grad_drop_groups if grad_drop_groups is not None else _default_groups(m.catalog, sweep.sites)
         groups = [[m.catalog.resolve(k).key for k in g] for g in raw]
     blocks = 1 + len(groups)
     inputs = repeat_rows(base_in, blocks)

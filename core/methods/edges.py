@@ -182,6 +182,12 @@ class _Receiver(Intervention):
         diffs = torch.cat(self.state.diffs, dim=2)
         if diffs.shape[2] != self.n_in:
             raise RuntimeError(f"edge patching at {ctx.site}: {diffs.shape[2]} senders fired, expected {self.n_in}")
+        rows = self.mask.shape[0] * self.rows
+        if diffs.shape[:2] != x.shape[:2] or x.shape[0] != rows:
+            raise ValueError(
+                f"edge patching at {ctx.site}: its activation has {x.shape[0]} rows, the run {rows}; with a two-tower "
+                f"model the graph's tower must be the one whose inputs are the rows"
+            )
         mask = self.mask.to(device=x.device, dtype=x.dtype).repeat_interleave(self.rows, dim=0)
         if x.ndim == 5:  # head_in [rows, pos, 3, head, d]
             return x + torch.einsum("bpsd,bsrh->bprhd", diffs, mask)

@@ -45,7 +45,13 @@ class QKLayer:
 
 
 def pattern_key(head_in_key: str) -> str:
-    return f"attn_pattern.{Site.parse(head_in_key).layer}"
+    """The ``attn_pattern`` key of a ``head_in`` key's layer, with its tower prefix (``vision.``) if any."""
+    site = Site.parse(head_in_key)
+    return f"{site.family[: -len('head_in')]}attn_pattern.{site.layer}"
+
+
+def _is_head_in(site: Site) -> bool:
+    return site.family.rpartition(".")[2] == "head_in"
 
 
 def _roles(site: Site) -> set[int]:
@@ -61,11 +67,12 @@ def _roles(site: Site) -> set[int]:
 
 def qk_layers(sites: list[Site], catalog) -> list[QKLayer]:
     """The layers whose query/key inputs ``sites`` touch; refuses selections the fix cannot serve."""
-    if any(s.family == "head_in" for s in sites) and "attn_pattern" not in catalog:
-        raise SiteError(f"qk_fix needs the attn_pattern family; {catalog.model_name} has none")
+    missing = {Site.parse(pattern_key(s.key)).family for s in sites if _is_head_in(s)} - set(catalog.families)
+    if missing:
+        raise SiteError(f"qk_fix needs the {', '.join(sorted(missing))} family; {catalog.model_name} has none")
     keys: dict[str, None] = {}
     for site in sites:
-        if site.family != "head_in" or not _roles(site) & {QUERY, KEY}:
+        if not _is_head_in(site) or not _roles(site) & {QUERY, KEY}:
             continue
         sel = site.selection
         if "dim" in sel:

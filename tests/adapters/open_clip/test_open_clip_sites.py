@@ -10,8 +10,12 @@ import crosspatch as cp
 from clip_models import CONTEXT, images, texts, tiny_open_clip
 from crosspatch.adapters.open_clip import unfuse
 
-TOWER_FAMILIES = ("embed", "resid_pre", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")
-LAYERED = [f for f in TOWER_FAMILIES if f != "embed"]
+TOWER_FAMILIES = (
+    "embed", "resid_pre", "head_in", "attn_pattern", "head_z", "head_out", "attn_out", "resid_mid", "mlp_in", "mlp_act",
+    "mlp_out", "resid_post", "logits_in",
+)
+# The families the sweeps below go through (the receiver inputs have their own tests in test_clip_head_in.py).
+LAYERED = ["resid_pre", "attn_pattern", "head_out", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post"]
 
 
 def every_site(tower: str) -> list[str]:
