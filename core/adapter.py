@@ -80,10 +80,10 @@ class Adapter:
 
     # Output at one position per row (optional; see crosspatch.output_positions).
 
-    def output_at(self, model: nn.Module, positions: torch.Tensor, families: set[str]) -> list:
+    def output_at(self, model: nn.Module, positions: torch.Tensor, keys: set[str]) -> list:
         """Hooks (handles) that make the next forward compute its output at ``positions`` (``[rows]``) only,
-        zeros elsewhere; ``[]`` when the adapter cannot, or when a family of ``families`` (those the run
-        reads or writes) lies between the restricted module and the output."""
+        zeros elsewhere; ``[]`` when the adapter cannot. ``keys`` are the site keys the run reads or writes:
+        nothing they name may be restricted (their values must stay whole)."""
         return []
 
 

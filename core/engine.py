@@ -113,7 +113,7 @@ def execute(
             window = resume.pos if resume is not None else 0
             handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
         if output_at is not None:
-            handles.extend(adapter.output_at(model, output_at, {plan.family.name for plan in plans.values()}))
+            handles.extend(adapter.output_at(model, output_at, set(plans)))
         prefix = None
         with _grad_mode(grad):
             if resume is not None:

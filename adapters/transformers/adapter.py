@@ -204,12 +204,21 @@ class TransformersAdapter(Adapter):
     def resume(self, model: nn.Module, inputs: Inputs, run):
         return resume_forward(model, architecture_for(model.config), inputs, run)
 
-    def output_at(self, model: nn.Module, positions: torch.Tensor, families: set[str]) -> list:
-        """A language-model head computed at one position per row (:mod:`crosspatch.output_positions`)."""
-        if clip.is_clip(model) or model is model.base_model or "logits" in families:
+    def output_at(self, model: nn.Module, positions: torch.Tensor, keys: set[str]) -> list:
+        """A language model's head computed at one position per row (:mod:`crosspatch.output_positions`), and in
+        a causal model also the last block's MLP, which only the head reads (each position on its own)."""
+        if clip.is_clip(model) or model is model.base_model or "logits" in keys:
             return []
         head = model.get_output_embeddings()
-        return [] if head is None else restrict(head, positions)
+        if head is None:
+            return []
+        handles = restrict(head, positions)
+        arch = architecture_for(model.config)
+        last = len(submodule(model.base_model, arch.layers, None)) - 1
+        after_mlp = {f"{f}.{last}" for f in ("mlp_in", "mlp_act", "mlp_out", "resid_post")} | {"logits_in"}
+        if arch.causal and not keys & after_mlp:
+            handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
+        return handles
 
     def readout(self, model: nn.Module, tower: str = "vision"):
         """How a CLIP tower reads its embedding off its last residual stream (see :mod:`.clip`)."""

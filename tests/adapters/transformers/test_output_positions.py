@@ -61,6 +61,25 @@ def test_a_run_that_reads_or_writes_the_logits_computes_them_everywhere(gpt2, id
     torch.testing.assert_close(scaled.output[:, 0], 2 * full[:, 0], atol=1e-6, rtol=0)
 
 
+def test_the_last_mlp_runs_at_the_positions_only_when_no_site_reads_it(gpt2, ids):
+    m = cp.wrap(gpt2)
+    inputs = m.prepare(ids)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    full = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_out.1", "mlp_out.0"])
+    seen = []
+    handle = gpt2.transformer.h[1].mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        early = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_out.0"], output_at=last)
+        late = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_out.1"], output_at=last)
+    finally:
+        handle.remove()
+    assert seen == [1, ids.shape[1]]  # restricted when only an earlier layer is read; whole when it is read
+    torch.testing.assert_close(early.cache["mlp_out.0"], full.cache["mlp_out.0"], atol=0, rtol=0)
+    torch.testing.assert_close(late.cache["mlp_out.1"], full.cache["mlp_out.1"], atol=0, rtol=0)
+    for run in (early, late):
+        torch.testing.assert_close(run.output[:, -1], full.output[:, -1], atol=1e-5, rtol=0)
+
+
 def test_hooks_go_on_error_and_bad_positions_are_refused(gpt2, ids):
     m = cp.wrap(gpt2)
     inputs = m.prepare(ids)
@@ -87,14 +106,15 @@ def test_attribution_and_eap_are_unchanged_by_the_restriction(pair, metric):
     model = randomize(tiny_gpt2(initializer_range=0.2))  # large effects, so KL's gradient is far from float error
     clean, corrupt = pair
     fn = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100) if metric == "logit_diff" else cp.metrics.kl_to_clean()
-    sites = ["head_out.*[head=*]", "resid_pre.*[pos=*]", "mlp_out.*"]
     # KL to clean is at its minimum on the clean run: its gradient there is float error, so noising only for logit_diff.
     for direction in ("denoising", "noising") if metric == "logit_diff" else ("denoising",):
-        fast = attribution_patching(model, clean, corrupt, sites, fn, direction=direction, grad_drop=True)
-        slow = attribution_patching(model, clean, corrupt, sites, _everywhere(fn), direction=direction, grad_drop=True)
-        assert np.abs(slow.values).max() > 1e-4
-        np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-7)
-        assert fast.metadata["baseline"] == pytest.approx(slow.metadata["baseline"], rel=1e-6, abs=1e-7)
+        # With mlp_out.1 the last MLP is read, so only the head is restricted; with heads alone the MLP is too.
+        for sites in (["head_out.*[head=*]", "resid_pre.*[pos=*]", "mlp_out.*"], "head_out.*[head=*]"):
+            fast = attribution_patching(model, clean, corrupt, sites, fn, direction=direction, grad_drop=True)
+            slow = attribution_patching(model, clean, corrupt, sites, _everywhere(fn), direction=direction, grad_drop=True)
+            assert np.abs(slow.values).max() > 1e-4
+            np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-7)
+            assert fast.metadata["baseline"] == pytest.approx(slow.metadata["baseline"], rel=1e-6, abs=1e-7)
     np.testing.assert_allclose(eap(model, clean, corrupt, fn).values, eap(model, clean, corrupt, _everywhere(fn)).values,
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(eap_ig(model, clean, corrupt, fn, steps=2).values,
