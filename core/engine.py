@@ -77,13 +77,13 @@ def execute(
     each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
     """
     n_rows = batch_size(inputs)
-    if resume is not None and (capture or grad or keep_prefix or (output_at is not None and resume.pos)):
-        raise ValueError(
-            "a resumed run computes only part of the model: it cannot capture, keep a prefix, take gradients "
-            "or, from a later position, restrict its output"
-        )
+    if resume is not None and (capture or grad or keep_prefix):
+        raise ValueError("a resumed run computes only part of the model: it cannot capture, keep a prefix or take gradients")
     if output_at is not None and tuple(output_at.shape) != (n_rows,):
         raise ValueError(f"output_at holds one position per row: shape ({n_rows},), got {tuple(output_at.shape)}")
+    if output_at is not None and resume is not None and resume.pos:
+        # The resumed run computes positions resume.pos.. only; positions before it come from the prefix.
+        output_at = output_at - resume.pos if bool((output_at >= resume.pos).all()) else None
     plans: dict[str, _Plan] = {}
 
     def plan_for(site: Site) -> _Plan:

@@ -14,7 +14,7 @@ from ..metrics import Metric, MetricContext
 from ..model import WrappedModel
 from ..progress import progress_bar
 from ..resume import resume_chunks
-from .pairs import prepare_pair
+from .pairs import prepare_pair, same_masks
 from ..results import Result, collect_versions
 from ..sites import Site
 
@@ -70,12 +70,17 @@ def activation_patching(
     # Both runs take the same path (keeping a prefix turns a key/value cache on), so equal inputs give
     # bit-equal activations and skip_unchanged can trust torch.equal.
     reuse = reuse_prefix and m.adapter.can_resume(m.module)
-    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse)
-    source.prefix = None
-    base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse)
-    clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
+    # Every run needs its output only where the metric reads it; the clean output is read where the base
+    # run's mask says, so the source run is restricted only when both masks agree.
     mask = base_in.get("attention_mask")
-    ctx = MetricContext(torch.arange(n, device=clean_out.device), clean_out, mask)
+    ctx = MetricContext(torch.arange(n), None, mask)
+    at = metric.positions(ctx, pair.sizes)
+    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse,
+                     output_at=at if same_masks(source_in, base_in) else None)
+    source.prefix = None
+    base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse, output_at=at)
+    clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
+    ctx.example, ctx.clean = ctx.example.to(clean_out.device), clean_out
     with torch.inference_mode():
         clean_metric, corrupt_metric = metric(clean_out, ctx), metric(corrupt_out, ctx)
     baseline = corrupt_metric if direction == "denoising" else clean_metric
@@ -91,7 +96,8 @@ def activation_patching(
         members = [todo[j] for j in members]
         inputs = repeat_rows(base_in, len(members))
         bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
-        run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume)
+        run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume,
+                      output_at=None if at is None else at.repeat(len(members)))
         rows = MetricContext(ctx.example.repeat(len(members)), clean_out, inputs.get("attention_mask"))
         with torch.inference_mode():
             effects[members] = (metric(run.output, rows).view(len(members), n) - baseline).double()

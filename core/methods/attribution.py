@@ -62,7 +62,7 @@ from ..model import WrappedModel
 from ..results import Result, collect_versions
 from ..selection import axis_index
 from ..sites import Site
-from .pairs import prepare_pair
+from .pairs import prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
 
 __all__ = ["attribution_patching", "compare"]
@@ -160,9 +160,8 @@ def attribution_patching(
     # Forward 1: the source activations, under inference mode. The output is needed only where the metric
     # reads it; the base run's mask decides where it reads the clean output, so only equal masks restrict.
     src_ctx = MetricContext(torch.arange(n), None, source_in.get("attention_mask"))
-    same_mask = _same(source_in.get("attention_mask"), base_in.get("attention_mask"))
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=tapped,
-                     output_at=metric.positions(src_ctx, pair.sizes) if same_mask else None)
+                     output_at=metric.positions(src_ctx, pair.sizes) if same_masks(source_in, base_in) else None)
 
     groups: list[list[str]] = []
     if grad_drop:
@@ -246,10 +245,6 @@ def attribution_patching(
         "versions": collect_versions(),
     }
     return Result(scores.reshape(sweep.shape), sweep.dims, sweep.coords, metadata)
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
 def _read_key(catalog, key: str, sites: Sequence[Site]) -> str:

@@ -12,7 +12,7 @@ from ..adapter import Inputs, batch_size
 from ..metrics import Metric, as_metric
 from ..model import WrappedModel, wrap
 
-__all__ = ["Pair", "prepare_pair", "check_pair"]
+__all__ = ["Pair", "prepare_pair", "check_pair", "same_masks"]
 
 
 @dataclass
@@ -51,3 +51,9 @@ def prepare_pair(
     check_pair(clean_in, corrupt_in)
     base, source = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
     return Pair(m, as_metric(metric), clean_in, corrupt_in, batch_size(corrupt_in), base, source, m.adapter.sizes(corrupt_in))
+
+
+def same_masks(a: Inputs, b: Inputs) -> bool:
+    """Whether two prepared inputs have the same attention mask (or neither has one)."""
+    x, y = a.get("attention_mask"), b.get("attention_mask")
+    return (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))

@@ -119,3 +119,18 @@ def test_attribution_and_eap_are_unchanged_by_the_restriction(pair, metric):
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(eap_ig(model, clean, corrupt, fn, steps=2).values,
                                eap_ig(model, clean, corrupt, _everywhere(fn), steps=2).values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_activation_patching_is_unchanged_by_the_restriction(side):
+    """Patched runs resume at later positions: their output positions shift with the resumed window."""
+    m = cp.wrap(randomize(tiny_gpt2(initializer_range=0.2)))
+    clean = _padded(side)
+    corrupt = {**clean, "input_ids": clean["input_ids"].clone()}
+    corrupt["input_ids"][:, 4] = (corrupt["input_ids"][:, 4] + 7) % 98 + 2
+    fn = cp.metrics.logit_diff(clean["input_ids"][:, -1], (clean["input_ids"][:, -1] + 1) % 100)
+    for sites in ("resid_pre.*[pos=*]", "head_out.*[head=*]", "mlp_out.1[pos=*]"):
+        fast = cp.activation_patching(m, clean, corrupt, sites, fn)
+        slow = cp.activation_patching(m, clean, corrupt, sites, _everywhere(fn))
+        assert np.abs(slow.values).max() > 1e-3
+        np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-6)
