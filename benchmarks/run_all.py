@@ -7,7 +7,8 @@ memory. Every number is a ratio against a baseline measured in the same run (med
 
 Peak memory on CPU: before each measurement the process's peak RSS is reset (``/proc/self/clear_refs``
 with ``5``) after ``gc`` and ``malloc_trim``; the result is the peak RSS reached during the call minus
-the RSS before it. On CUDA it is ``torch.cuda.max_memory_allocated`` (not exercised here: no GPU).
+the RSS before it, the median of 3 calls. On CUDA it is ``torch.cuda.max_memory_allocated`` (not
+exercised here: no GPU).
 """
 
 from __future__ import annotations
@@ -162,12 +163,12 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
                 res[task][name] = timed(getattr(lib, task), repeats, warmup=(task == "atp_heads"))
     for variant in ("every_site", "recompute"):
         res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
-    # (5) peak memory of the resid_pre sweep and of AtP
+    # (5) peak memory of the resid_pre sweep and of AtP: the median of 3 calls (one RSS peak is noisy)
     res["memory"] = {}
     for task in ("resid_pre_sweep", "atp_heads"):
         for name, lib in libs.items():
             if hasattr(lib, task):
-                res["memory"][(task, name)] = peak_memory(getattr(lib, task))
+                res["memory"][(task, name)] = statistics.median(peak_memory(getattr(lib, task)) for _ in range(3))
     res["load_end"] = uptime()
     return res
 

@@ -353,8 +353,8 @@ class _CleanPrefix:
 
 def _layer(key: str, n_layers: int) -> int:
     """The block a sender or receiver key belongs to: -1 for the embeddings, ``n_layers`` for the logits' input."""
-    layer = Site.parse(key).layer
-    return layer if isinstance(layer, int) else (-1 if _role(Site.parse(key).family) == "embed" else n_layers)
+    site = Site.parse(key)
+    return site.layer if isinstance(site.layer, int) else (-1 if _role(site.family) == "embed" else n_layers)
 
 
 class _ZeroSender(_Sender):
@@ -541,9 +541,11 @@ def acdc(
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
     n, g = p.n, p.graph
     sizes = p.m.adapter.sizes(p.clean)
-    kept = p.keep_clean(metric.positions(MetricContext(torch.arange(n)), sizes)) if reuse_prefix else None
-    if not reuse_prefix:
-        p.clean_out = p._execute(p.clean, output_at=metric.positions(MetricContext(torch.arange(n)), sizes)).output
+    at = metric.positions(MetricContext(torch.arange(n)), sizes)
+    if reuse_prefix:
+        kept = p.keep_clean(at)  # also sets p.clean_out
+    else:
+        kept, p.clean_out = None, p._execute(p.clean, output_at=at).output
     clean_out = p.clean_out
 
     def evaluate(masks: torch.Tensor) -> torch.Tensor:
