@@ -88,7 +88,9 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
 
         cache = DynamicCache(config=model.config)
         for i, (keys, values) in enumerate(prefix.keys_values):
-            cache.update(tiled(keys[:, :, :pos]), tiled(values[:, :, :pos]), i)
+            # Blocks before `layer` do not run; block 0's entry still tells the model how many positions came before.
+            if i >= layer or i == 0:
+                cache.update(tiled(keys[:, :, :pos]), tiled(values[:, :, :pos]), i)
         extra[_cache_argument(model)] = cache
 
     blocks = _blocks(model, arch)
@@ -109,7 +111,11 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
     finally:
         setattr(parent, name, blocks)
         handle.remove()
-    if pos:
+    if pos:  # the prefix's positions, copied into each repeat of the rows without a tiled copy first
         field = _output_field(raw)
-        raw[field] = torch.cat([tiled(prefix.output[:, :pos]).to(raw[field].dtype), raw[field]], dim=1)
+        tail = raw[field]
+        out = tail.new_empty(rows, pos + tail.shape[1], *tail.shape[2:])
+        out.view(times, prefix.rows, *out.shape[1:])[:, :, :pos] = prefix.output[:, :pos].to(tail.dtype)
+        out[:, pos:] = tail
+        raw[field] = out
     return raw
