@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["ANY", "Span", "Selector", "Site", "SiteError", "site_key"]
+__all__ = ["ANY", "Span", "Selector", "Site", "SiteError", "site_key", "split_tower"]
 
 ANY = "*"
 
@@ -124,6 +124,13 @@ def _selector(axis: str, value) -> Selector:
 
 def site_key(family: str, layer: int | str | None) -> str:
     return family if layer is None else f"{family}.{layer}"
+
+
+def split_tower(family: str) -> tuple[str, str]:
+    """A family name as its tower prefix and its role: ``"vision.head_in"`` -> ``("vision.", "head_in")``,
+    ``"head_in"`` -> ``("", "head_in")``."""
+    tower, dot, role = family.rpartition(".")
+    return tower + dot, role
 
 
 class _Parser:

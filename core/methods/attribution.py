@@ -14,9 +14,10 @@ Either way the Result has the dims and coords :func:`activation_patching` gives 
 pattern, so :func:`compare` can rank one against the other.
 
 Cost: one capture forward of the source inputs (inference mode), one forward of the base inputs
-with ``grad=True`` in which every needed site key gets a zero "tap" ``a + delta`` (``delta`` a
-zero leaf: values unchanged, the graph is not cut, frozen parameters do not matter), and a single
-``torch.autograd.grad`` of the summed metric with respect to all taps. A family that is a linear map
+with ``grad=True`` in which every needed site key gets a "tap" (the site's value as its own node in
+the graph, a leaf copy only where nothing upstream needs gradients: values unchanged, frozen
+parameters do not matter), and a single ``torch.autograd.grad`` of the summed metric with respect to
+all taps. A family that is a linear map
 of another (:class:`~crosspatch.catalog.LinearFrom`: ``head_out`` of ``head_z``) is tapped at its
 source, which gives the same products summed over the mixed axis without building any per-head
 write; a site that selects along that axis taps the family itself. When the metric reads one output
@@ -61,7 +62,7 @@ from ..metrics import Metric, MetricContext
 from ..model import WrappedModel
 from ..results import Result, collect_versions
 from ..selection import axis_index
-from ..sites import Site
+from ..sites import Site, split_tower
 from .pairs import prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
 
@@ -100,10 +101,8 @@ class _StopGrad(Intervention):
 def _default_groups(catalog, sites: Sequence[Site]) -> list[list[str]]:
     """Per layer, its residual writes (``attn_out.l``, ``mlp_out.l``); with tower prefixes (``vision.``),
     the layers of every tower the sites are in, tower by tower."""
-    towers = sorted({site.family.rpartition(".")[0] for site in sites})
     groups = []
-    for tower in towers:
-        t = f"{tower}." if tower else ""
+    for t in sorted({split_tower(site.family)[0] for site in sites}):
         fams = [t + f for f in ("attn_out", "mlp_out") if t + f in catalog]
         if fams:
             groups += [[f"{f}.{layer}" for f in fams] for layer in range(catalog.family(fams[0]).layers or 1)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sites import Site
+from ..sites import Site, split_tower
 
 __all__ = ["sender_of", "connected"]
 
@@ -21,8 +21,7 @@ def sender_of(receiver: str) -> str | None:
     """The sender a receiver feeds inside its node (``None`` for ``logits_in``, the output); a tower prefix
     (``vision.head_in.1[...]``) carries over."""
     site = Site.parse(receiver)
-    tower, _, role = site.family.rpartition(".")
-    prefix = f"{tower}." if tower else ""
+    prefix, role = split_tower(site.family)
     if role == "head_in":
         return f"{prefix}head_out.{site.layer}[head={site.selection['head']}]"
     if role == "mlp_in":

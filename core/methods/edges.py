@@ -34,7 +34,7 @@ from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
 from ..model import WrappedModel, wrap
 from ..results import Result, collect_versions
 from ..resume import Prefix, Resume
-from ..sites import Site
+from ..sites import Site, split_tower
 from .attribution import _read_key, _Tap
 from .edge_paths import connected
 
@@ -103,7 +103,7 @@ def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> E
     t = f"{tower}." if tower else ""
     missing = [t + f for f in NEEDED if t + f not in m.catalog]
     if missing:
-        towers = sorted({f.rpartition(".")[0] for f in m.catalog.families if f.endswith(".head_out")})
+        towers = sorted(t[:-1] for t, role in map(split_tower, m.catalog.families) if t and role == "head_out")
         hint = f"; its towers: {', '.join(towers)} (pass tower=...)" if towers and not tower else ""
         raise ValueError(
             f"an edge graph needs the site families {', '.join(t + f for f in NEEDED)}; {m.catalog.model_name} lacks "
@@ -143,8 +143,7 @@ def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> E
 
 
 def _role(family: str) -> str:
-    """A family's name without its tower prefix (``vision.head_in`` -> ``head_in``)."""
-    return family.rpartition(".")[2]
+    return split_tower(family)[1]
 
 
 def _as_senders(value: torch.Tensor, key: str) -> torch.Tensor:

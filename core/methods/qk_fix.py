@@ -29,7 +29,7 @@ import torch
 from ..adapter import repeat_rows
 from ..engine import Bound, execute
 from ..interventions import Intervention
-from ..sites import Site, SiteError
+from ..sites import Site, SiteError, split_tower
 
 __all__ = ["QKLayer", "qk_layers", "pattern_key", "exact_patterns", "corrected_products"]
 
@@ -47,11 +47,11 @@ class QKLayer:
 def pattern_key(head_in_key: str) -> str:
     """The ``attn_pattern`` key of a ``head_in`` key's layer, with its tower prefix (``vision.``) if any."""
     site = Site.parse(head_in_key)
-    return f"{site.family[: -len('head_in')]}attn_pattern.{site.layer}"
+    return f"{split_tower(site.family)[0]}attn_pattern.{site.layer}"
 
 
 def _is_head_in(site: Site) -> bool:
-    return site.family.rpartition(".")[2] == "head_in"
+    return split_tower(site.family)[1] == "head_in"
 
 
 def _roles(site: Site) -> set[int]:

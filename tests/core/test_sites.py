@@ -395,3 +395,11 @@ def test_random_strings_parse_or_raise_site_error():
         assert Site.parse(canonical) == site, text
         assert str(Site.parse(canonical)) == canonical, text
     assert parsed > 20  # the fuzz really reaches valid sites
+
+
+def test_split_tower():
+    from crosspatch.sites import split_tower
+
+    assert split_tower("vision.head_in") == ("vision.", "head_in")
+    assert split_tower("head_in") == ("", "head_in")
+    assert split_tower("latent.z") == ("latent.", "z")
