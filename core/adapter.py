@@ -86,6 +86,14 @@ class Adapter:
         nothing they name may be restricted (their values must stay whole)."""
         return []
 
+    # Gradient runs (optional).
+
+    def gradient_hooks(self, model: nn.Module) -> list:
+        """Hooks (handles) for a forward whose gradients will be taken that make its backward cheaper
+        without changing any forward value (e.g. one fused node for an activation written as a chain of
+        element-wise ops); ``[]`` when there are none."""
+        return []
+
 
 def batch_size(inputs: Mapping[str, torch.Tensor]) -> int:
     for value in inputs.values():

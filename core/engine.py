@@ -114,6 +114,8 @@ def execute(
             handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
         if output_at is not None:
             handles.extend(adapter.output_at(model, output_at, set(plans)))
+        if grad:
+            handles.extend(adapter.gradient_hooks(model))
         prefix = None
         with _grad_mode(grad):
             if resume is not None:

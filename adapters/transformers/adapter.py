@@ -18,6 +18,7 @@ from . import clip
 from .architectures import ARCHITECTURES, architecture_for
 from .inputs import input_families
 from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
+from .fused_backward import gelu_tanh_hooks
 from .resume import forward_keeping_prefix, resume_forward
 
 
@@ -219,6 +220,9 @@ class TransformersAdapter(Adapter):
         if arch.causal and not keys & after_mlp:
             handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
         return handles
+
+    def gradient_hooks(self, model: nn.Module) -> list:
+        return gelu_tanh_hooks(model)
 
     def readout(self, model: nn.Module, tower: str = "vision"):
         """How a CLIP tower reads its embedding off its last residual stream (see :mod:`.clip`)."""
