@@ -72,13 +72,15 @@ def execute(
     """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored.
 
     ``keep_prefix`` also returns what later runs of the same inputs need to start part-way;
-    ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change.
+    ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change. Its
+    captures hold what it computed: positions ``resume.pos..`` of sites at blocks ``resume.layer..``.
     ``output_at`` (``[rows]``, e.g. :meth:`Metric.positions`): the output is needed at that position of
     each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
     """
     n_rows = batch_size(inputs)
-    if resume is not None and (capture or grad or keep_prefix):
-        raise ValueError("a resumed run computes only part of the model: it cannot capture, keep a prefix or take gradients")
+    capture = list(capture)
+    if resume is not None and (grad or keep_prefix):
+        raise ValueError("a resumed run computes only part of the model: it cannot keep a prefix or take gradients")
     if output_at is not None and tuple(output_at.shape) != (n_rows,):
         raise ValueError(f"output_at holds one position per row: shape ({n_rows},), got {tuple(output_at.shape)}")
     if output_at is not None and resume is not None and resume.pos:
@@ -102,7 +104,10 @@ def execute(
             site = _resumable(site, bound.intervention, resume, catalog)
         plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
     for key in capture:
-        plan_for(catalog.resolve(key)).capture = True
+        site = catalog.resolve(key)
+        if resume is not None:
+            _capturable(site, resume, catalog)
+        plan_for(site).capture = True
 
     sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
     cache = Cache()
@@ -152,6 +157,18 @@ def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: 
             f"run from position {resume.pos}; resume at pos=0"
         )
     return windowed(site, resume.pos, resume.prefix.length)  # refuses a site that covers earlier positions
+
+
+def _capturable(site: Site, resume: Resume, catalog: Catalog) -> None:
+    """Refuse a capture the resumed run does not compute (whole)."""
+    computed = resume.own_inputs or (site.layer is None and _after_blocks(catalog, site.family))
+    if not computed and (not isinstance(site.layer, int) or site.layer < resume.layer):
+        raise SiteError(f"capture {site}: computed before block {resume.layer}, where this run resumes")
+    if resume.pos and "pos" not in catalog.family(site.family).axis_names:
+        raise SiteError(
+            f"capture {site}: the run computes positions {resume.pos}.. only and the family has no 'pos' axis "
+            f"to hold them on; resume at pos=0"
+        )
 
 
 def _after_blocks(catalog: Catalog, family: str) -> bool:

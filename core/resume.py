@@ -42,17 +42,30 @@ class Prefix:
     def rows(self) -> int:
         return self.output.shape[0]
 
+    def first_rows(self, n: int) -> "Prefix":
+        """The prefix of the first ``n`` rows (views, no copy)."""
+        if n == self.rows:
+            return self
+        return Prefix(
+            [r[:n] for r in self.residuals], self.output[:n], self.causal,
+            [(k[:n], v[:n]) for k, v in self.keys_values], self.length,
+        )
+
 
 @dataclass(frozen=True)
 class Resume:
     """Run blocks ``layer..`` on positions ``pos..`` only, everything before taken from ``prefix``.
 
     The batch is the prefix's rows repeated a whole number of times (as :func:`repeat_rows` makes).
+    With ``own_inputs`` (layer 0 only) the rows' inputs may differ from the prefix's from ``pos`` on:
+    the run embeds its own inputs there instead of starting from the prefix's residual, and attends
+    to the prefix's keys and values before ``pos``, which the inputs share.
     """
 
     prefix: Prefix
     layer: int
     pos: int = 0
+    own_inputs: bool = False
 
     def __post_init__(self):
         n_layers = len(self.prefix.residuals)
@@ -60,6 +73,8 @@ class Resume:
             raise ValueError(f"resume layer {self.layer} is outside the model's blocks 0..{n_layers - 1}")
         if not 0 <= self.pos < self.prefix.length:
             raise ValueError(f"resume position {self.pos} is outside the inputs' positions 0..{self.prefix.length - 1}")
+        if self.own_inputs and self.layer:
+            raise ValueError(f"a run on its own inputs starts at the embeddings (layer 0), not layer {self.layer}")
         if self.pos and not self.prefix.causal:
             raise ValueError(
                 f"resume position {self.pos}: the model is not causal, so every position depends on every "

@@ -19,7 +19,7 @@ from .architectures import ARCHITECTURES, architecture_for
 from .inputs import input_families
 from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
-from .resume import forward_keeping_prefix, resume_forward
+from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
 
 
 class _OutputField:
@@ -193,8 +193,9 @@ class TransformersAdapter(Adapter):
         }
 
     def can_resume(self, model: nn.Module) -> bool:
-        # Prefix reuse needs a block list and an output laid out by position (not pooled).
-        if clip.is_clip(model) or architecture_for(model.config) is None:
+        # Prefix reuse needs a block list and an output laid out by position (not pooled), and blocks
+        # that do not mix attention kinds (sweeps resume at later blocks).
+        if clip.is_clip(model) or architecture_for(model.config) is None or mixes_layer_types(model):
             return False
         axes = self._logits_axes(model)
         return axes is None or axes[0].name == "pos"

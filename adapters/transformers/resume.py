@@ -6,10 +6,18 @@ transformers' own forward with the block list cut to ``L..`` (restored afterward
 recorded residual put in place of the embeddings at block ``L``; resuming at position ``p``
 also passes only tokens ``p..`` with the recorded keys and values of tokens ``..p`` as the cache,
 so masks, positions and rotary embeddings are whatever transformers computes for a cached run.
+A run on its own inputs (``Resume.own_inputs``, block 0 only) embeds its tokens ``p..`` instead.
+
+The resumed batch is the prefix's rows repeated, yet its cache holds each block's prefix keys and
+values untiled (views of the prefix, no copy): a block's ``update`` builds the repeated prefix with
+the new states after it in one new tensor and stores nothing, so each block's full keys and values
+are freed when the block is done instead of all blocks' staying alive until the forward ends.
+Sliding-window blocks get the same; other cache layer types are filled with the tiled prefix.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -51,7 +59,7 @@ def forward_keeping_prefix(model: nn.Module, arch: Architecture, inputs: Inputs)
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        extra = {"use_cache": True} if arch.causal else {}
+        extra = {"use_cache": True, **_recording_cache(model)} if arch.causal else {}
         raw = model(**inputs, **extra, return_dict=True)
     finally:
         for handle in handles:
@@ -67,8 +75,35 @@ def forward_keeping_prefix(model: nn.Module, arch: Architecture, inputs: Inputs)
     return raw, prefix
 
 
+def _recording_cache(model: nn.Module) -> dict[str, Any]:
+    """The cache argument for keeping a prefix: sliding-window layers must keep every position, not their window.
+
+    Empty (the model makes its own cache) when the model has no sliding-window layers.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if not any(cache.is_sliding):
+        return {}
+    cache.activate_past_recording()  # the window's past is kept, the states returned are the same
+    return {_cache_argument(model): cache}
+
+
+def mixes_layer_types(model: nn.Module) -> bool:
+    """Whether the model's blocks mix attention kinds (``config.layer_types``: full and sliding-window).
+
+    transformers picks each block's mask by its place in the block list, so such a model cannot run
+    a block list cut at a later block."""
+    return len(set(getattr(model.config, "layer_types", None) or ())) > 1
+
+
 def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Resume) -> Any:
     prefix, layer, pos = run.prefix, run.layer, run.pos
+    if layer and mixes_layer_types(model):
+        raise ValueError(
+            f"resume at block {layer}: this model's blocks mix attention kinds ({sorted(set(model.config.layer_types))}) "
+            f"and transformers picks each block's mask by its place in the block list; resume at block 0"
+        )
     rows = batch_size(inputs)
     if rows % prefix.rows:
         raise ValueError(
@@ -84,24 +119,19 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
     if arch.causal:
         extra["use_cache"] = bool(pos)
     if pos:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        for i, (keys, values) in enumerate(prefix.keys_values):
-            # Blocks before `layer` do not run; block 0's entry still tells the model how many positions came before.
-            if i >= layer or i == 0:
-                cache.update(tiled(keys[:, :, :pos]), tiled(values[:, :, :pos]), i)
-        extra[_cache_argument(model)] = cache
+        extra[_cache_argument(model)] = _prefix_cache(model, prefix, layer, pos, times)
 
     blocks = _blocks(model, arch)
-    start = tiled(prefix.residuals[layer][:, pos:])
+    handle = None
+    if not run.own_inputs:  # else the model embeds the rows' own tokens pos..
+        start = tiled(prefix.residuals[layer][:, pos:])
 
-    def inject(module, args, kwargs):
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": start}
-        return (start, *args[1:]), kwargs
+        def inject(module, args, kwargs):
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": start}
+            return (start, *args[1:]), kwargs
 
-    handle = blocks[layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
+        handle = blocks[layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
     parent_path, _, name = arch.layers.rpartition(".")
     parent = submodule(model.base_model, parent_path, None)
     try:
@@ -110,8 +140,12 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
         raw = model(**trimmed, **extra, return_dict=True)
     finally:
         setattr(parent, name, blocks)
-        handle.remove()
-    if pos:  # the prefix's positions, copied into each repeat of the rows without a tiled copy first
+        if handle is not None:
+            handle.remove()
+    if pos:
+        # The cache holds the prefix's keys and values (the prefix keeps them); the output need not.
+        raw["cache" if raw.get("cache") is not None else "past_key_values"] = None
+        # The prefix's positions, copied into each repeat of the rows without a tiled copy first.
         field = _output_field(raw)
         tail = raw[field]
         out = tail.new_empty(rows, pos + tail.shape[1], *tail.shape[2:])
@@ -119,3 +153,82 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
         out[:, pos:] = tail
         raw[field] = out
     return raw
+
+
+def _prefix_cache(model: nn.Module, prefix: Prefix, layer: int, pos: int, times: int) -> Any:
+    """A transformers cache of the prefix's keys and values of positions ``..pos``, for a run from ``(layer, pos)``.
+
+    Plain and sliding-window blocks get entries holding the prefix untiled (views, so every block
+    gets one at no cost: masks may be sized from any block's entry). Other layer types are filled,
+    as transformers would, with the prefix tiled to the batch, for the blocks that run and block 0
+    (whose entry tells the model how many positions came before).
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    plain, sliding = _prefix_layer_classes()
+    cache = DynamicCache(config=model.config)
+    for i, (keys, values) in enumerate(prefix.keys_values):
+        keys, values = keys[:, :, :pos], values[:, :, :pos]
+        kind = type(cache.layers[i])
+        if kind is DynamicLayer:
+            cache.layers[i] = plain(keys, values)
+        elif kind is DynamicSlidingWindowLayer:
+            cache.layers[i] = sliding(cache.layers[i].sliding_window, keys, values)
+        elif i >= layer or i == 0:
+            cache.update(*(t.repeat(times, 1, 1, 1) if times > 1 else t for t in (keys, values)), i)
+    return cache
+
+
+def _repeated_before(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``prefix`` (``[prefix rows, heads, p, d]``) repeated down ``new``'s rows, ``new`` after it on the sequence axis.
+
+    Built in one new tensor: the prefix is written into each repeat through a view, never tiled first.
+    """
+    rows, length = new.shape[0], prefix.shape[-2]
+    if rows % prefix.shape[0]:
+        raise ValueError(f"{rows} rows of new keys/values are not a whole number of copies of {prefix.shape[0]}")
+    out = new.new_empty(*new.shape[:-2], length + new.shape[-2], new.shape[-1])
+    out.view(rows // prefix.shape[0], *prefix.shape[:-2], *out.shape[-2:])[..., :length, :] = prefix
+    out[..., length:, :] = new
+    return out
+
+
+@functools.cache
+def _prefix_layer_classes() -> tuple[type, type]:
+    """The cache layers of a resumed run, for plain and for sliding-window blocks.
+
+    Defined on first use so that importing crosspatch does not import transformers. Both hold the
+    prefix's keys and values untiled; ``update`` returns them repeated to the batch with the new
+    states after them but stores nothing, so a block's full keys and values live only while the
+    block runs. ``get_seq_length`` and ``get_mask_sizes`` (hence positions and masks) are those of a
+    layer filled with the prefix, also after the forward.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class PrefixLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return _repeated_before(self.keys, key_states), _repeated_before(self.values, value_states)
+
+    class SlidingPrefixLayer(DynamicSlidingWindowLayer):
+        """Holds what a sliding-window layer filled with the prefix keeps: its last ``sliding_window - 1`` positions."""
+
+        def __init__(self, sliding_window: int, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__(sliding_window)
+            self.lazy_initialization(keys, values)
+            self.keys = keys[:, :, -sliding_window + 1 :]
+            self.values = values[:, :, -sliding_window + 1 :]
+            self.cumulative_length = keys.shape[-2]
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return _repeated_before(self.keys, key_states), _repeated_before(self.values, value_states)
+
+    return PrefixLayer, SlidingPrefixLayer

@@ -31,6 +31,8 @@ def resumable_toy():
         def resume(self, model, inputs, run):
             times = inputs["x"].shape[0] // run.prefix.rows
             x = run.prefix.residuals[run.layer][:, run.pos :].repeat(times, 1, 1)
+            if run.own_inputs:
+                x = inputs["x"][:, run.pos :]
             for layer in model.layers[run.layer :]:
                 x = torch.relu(layer(x))
             head = run.prefix.output[:, : run.pos].repeat(times, 1, 1)
@@ -85,13 +87,28 @@ def test_resume_refuses_what_it_cannot_reach(toy):
         execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1"), cp.Zero())], resume=Resume(prefix, 1, 2))
     with pytest.raises(SiteError, match="reads other positions"):
         execute(model, adapter, catalog, base_in, [Bound(Site.parse("hidden.1[pos=3]"), cp.Noise())], resume=Resume(prefix, 1, 2))
-    with pytest.raises(ValueError, match="cannot capture"):
-        execute(model, adapter, catalog, base_in, capture=["hidden.1"], resume=Resume(prefix, 1))
+    with pytest.raises(SiteError, match="capture hidden.0: computed before block 1"):
+        execute(model, adapter, catalog, base_in, capture=["hidden.0"], resume=Resume(prefix, 1))
+    with pytest.raises(ValueError, match="cannot keep a prefix or take gradients"):
+        execute(model, adapter, catalog, base_in, grad=True, resume=Resume(prefix, 1))
+    with pytest.raises(ValueError, match="own inputs starts at the embeddings"):
+        Resume(prefix, 1, 2, own_inputs=True)
     with pytest.raises(ValueError, match="resume position 9"):
         Resume(prefix, 0, 9)
     acausal = Prefix(prefix.residuals, prefix.output, causal=False, keys_values=[], length=6)
     with pytest.raises(ValueError, match="not causal"):
         Resume(acausal, 0, 2)
+
+
+def test_a_resumed_run_captures_the_positions_it_computes(toy):
+    model, adapter, catalog, base_in, _ = toy
+    prefix = execute(model, adapter, catalog, base_in, keep_prefix=True).prefix
+    inputs = repeat_rows(base_in, 2)
+    full = execute(model, adapter, catalog, inputs, capture=["hidden.1", "out"]).cache
+    resumed = execute(model, adapter, catalog, inputs, capture=["hidden.1", "out"], resume=Resume(prefix, 1, 2)).cache
+    for key in ("hidden.1", "out"):
+        assert resumed[key].shape[1] == 4
+        torch.testing.assert_close(resumed[key], full[key][:, 2:], rtol=0, atol=1e-6)
 
 
 def test_mean_is_position_local_only_when_it_keeps_positions():
