@@ -45,6 +45,19 @@ def randomize(model, seed: int = 3):
     return model
 
 
+def padded_prompts(seed: int, rows: int = 3, length: int = 10, pad: str | None = None) -> dict:
+    """Random token rows (each its own prefix) with a mask: no padding, the first row's last 3 positions
+    padded (``"right"``) or the second row's first 2 (``"left"``)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    if pad == "right":
+        mask[0, -3:] = 0
+    elif pad == "left":
+        mask[1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def tiny_gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -13,11 +13,12 @@ the site selects and averaged over prompts. The convention follows :func:`activa
 Either way the Result has the dims and coords :func:`activation_patching` gives for the same
 pattern, so :func:`compare` can rank one against the other.
 
-Cost: one capture forward of the source inputs (inference mode), one forward of the base inputs
-with ``grad=True`` in which every needed site key gets a "tap" (the site's value as its own node in
-the graph, a leaf copy only where nothing upstream needs gradients: values unchanged, frozen
-parameters do not matter), and a single ``torch.autograd.grad`` of the summed metric with respect to
-all taps. A family that is a linear map
+Cost: one forward of the base inputs with ``grad=True`` in which every needed site key gets a "tap"
+(the site's value as its own node in the graph, a leaf copy only where nothing upstream needs
+gradients: values unchanged, frozen parameters do not matter), one capture forward of the source
+inputs (inference mode; in a causal model only from the first position where the two inputs differ,
+the earlier positions being the base run's: :mod:`.shared_prefix`, ``metadata["shared_positions"]``),
+and a single ``torch.autograd.grad`` of the summed metric with respect to all taps. A family that is a linear map
 of another (:class:`~crosspatch.catalog.LinearFrom`: ``head_out`` of ``head_z``) is tapped at its
 source, which gives the same products summed over the mixed axis without building any per-head
 write; a site that selects along that axis taps the family itself. When the metric reads one output
@@ -65,6 +66,7 @@ from ..selection import axis_index
 from ..sites import Site, split_tower
 from .pairs import prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
+from .shared_prefix import capture_sharing_prefix, may_share
 
 __all__ = ["attribution_patching", "compare"]
 
@@ -156,12 +158,6 @@ def attribution_patching(
     qk = qk_layers(sweep.sites, m.catalog) if qk_fix else []
     patterns = [layer.pattern for layer in qk]
 
-    # Forward 1: the source activations, under inference mode. The output is needed only where the metric
-    # reads it; the base run's mask decides where it reads the clean output, so only equal masks restrict.
-    src_ctx = MetricContext(torch.arange(n), None, source_in.get("attention_mask"))
-    source = execute(m.module, m.adapter, m.catalog, source_in, capture=tapped,
-                     output_at=metric.positions(src_ctx, pair.sizes) if same_masks(source_in, base_in) else None)
-
     groups: list[list[str]] = []
     if grad_drop:
         raw = grad_drop_groups if grad_drop_groups is not None else _default_groups(m.catalog, sweep.sites)
@@ -173,12 +169,25 @@ def attribution_patching(
     for b, group in enumerate(groups, start=1):  # after the taps: dropping a node's own layer zeroes it
         bounds += [Bound(Site.parse(k), _StopGrad(), slice(b * n, (b + 1) * n)) for k in group]
 
-    # Forward 2 (with grad) and the one backward.
+    # Forward 1, with grad, keeping what a run of inputs sharing its first positions can start from.
     ctx = MetricContext(torch.arange(n).repeat(blocks), None, inputs.get("attention_mask"))
     run = execute(m.module, m.adapter, m.catalog, inputs, bounds, capture=tapped + patterns, grad=True,
-                  output_at=metric.positions(ctx, pair.sizes))
+                  output_at=metric.positions(ctx, pair.sizes), keep_prefix=may_share(m, base_in, source_in))
     base_out = run.output[:n].detach()
-    ctx.example, ctx.clean = ctx.example.to(base_out.device), source.output if direction == "denoising" else base_out
+
+    # Forward 2: the source activations, under inference mode, from the first position where the inputs
+    # differ in a causal model. The output is needed only where the metric reads it; the base run's mask
+    # decides where it reads the clean output, so only equal masks restrict.
+    src_ctx = MetricContext(torch.arange(n), None, source_in.get("attention_mask"))
+    first = None if run.prefix is None else (inputs, run.prefix, {k: run.cache[k] for k in tapped})
+    run.prefix = None
+    src_out, src_values, shared = capture_sharing_prefix(
+        m, source_in, tapped, metric.positions(src_ctx, pair.sizes) if same_masks(source_in, base_in) else None, first
+    )
+    del first
+
+    # The one backward.
+    ctx.example, ctx.clean = ctx.example.to(base_out.device), src_out if direction == "denoising" else base_out
     values = metric(run.output, ctx)
     grads = torch.autograd.grad(values.sum(), [taps[k].delta for k in tapped + patterns], allow_unused=True)
     grads, pattern_grads = dict(zip(tapped, grads[: len(tapped)])), dict(zip(patterns, grads[len(tapped) :]))
@@ -186,19 +195,19 @@ def attribution_patching(
     exact = {}
     if qk:  # Forward 3: every needed head's pattern with its query / key input from the source run
         base_cache = {lay.head_in: run.cache[lay.head_in].detach()[:n] for lay in qk}
-        exact = exact_patterns(m, base_in, base_cache, {lay.head_in: source.cache[lay.head_in] for lay in qk}, qk)
+        exact = exact_patterns(m, base_in, base_cache, {lay.head_in: src_values[lay.head_in] for lay in qk}, qk)
     qk_of = {lay.head_in: lay.pattern for lay in qk}
 
     with torch.no_grad():
         base_metric = values[:n].detach()
         src_ctx.example, src_ctx.clean = src_ctx.example.to(base_out.device), ctx.clean
-        source_metric = metric(source.output, src_ctx)
+        source_metric = metric(src_out, src_ctx)
         per_block = np.zeros((blocks, len(sweep)))
         plain = np.zeros(len(sweep))
         for key in keys:
             fam, read = m.catalog.family(Site.parse(key).family), reads[key]
             a_base = run.cache[read].detach()[:n]
-            diff = source.cache[read].to(a_base.dtype) - a_base
+            diff = src_values[read].to(a_base.dtype) - a_base
             grad = grads[read]
             grad = torch.zeros((blocks * n, *diff.shape[1:]), dtype=diff.dtype, device=diff.device) if grad is None else grad
             mine = by_key[key]
@@ -236,6 +245,7 @@ def attribution_patching(
         "normalize": normalize,
         "n_prompts": n,
         "seed": None,
+        "shared_positions": shared,
         "grad_drop_groups": groups,
         "atp": plain.tolist(),
         "baseline": {"clean": float(clean_metric.double().mean()), "corrupt": float(corrupt_metric.double().mean())},

@@ -37,6 +37,7 @@ from ..resume import Prefix, Resume
 from ..sites import Site, split_tower
 from .attribution import _read_key, _Tap
 from .edge_paths import connected
+from .shared_prefix import capture_sharing_prefix, may_share
 
 __all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc"]
 
@@ -231,15 +232,34 @@ class _Patcher:
         self.forwards = 0
         self.clean_out: torch.Tensor | None = None
         self._ablated: dict[str, torch.Tensor] | None = None
-        # The ablated senders as read (head_z for heads); ``ablated`` holds them as the senders' own values.
-        self.ablated_raw: dict[str, torch.Tensor] | None = None
+        self._ablated_raw: dict[str, torch.Tensor] | None = None
+        self._corrupt = None
+        # A clean run's (inputs, prefix, senders as read), kept for the corrupt run to start where the inputs differ.
+        self.first: tuple | None = None
+        self.shared_positions = 0
         if ablation == "resample":
             if corrupt is None:
                 raise ValueError("ablation='resample' needs the corrupt inputs")
-            self.ablated_raw = self.senders(m.prepare(corrupt))[1]
+            self._corrupt = m.prepare(corrupt)
         elif ablation == "mean":
             ref = m.prepare(reference if reference is not None else clean)
-            self.ablated_raw = {k: v.mean(dim=0, keepdim=True) for k, v in self.senders(ref)[1].items()}
+            self._ablated_raw = {k: v.mean(dim=0, keepdim=True) for k, v in self.senders(ref)[1].items()}
+
+    @property
+    def ablated_raw(self) -> dict[str, torch.Tensor] | None:
+        """The ablated senders as read (head_z for heads), None for zero ablation; ``ablated`` holds them as the
+        senders' own values. The corrupt run is made on first use, from the positions it shares with
+        ``first`` when a clean run kept one (:mod:`.shared_prefix`)."""
+        if self._ablated_raw is None and self._corrupt is not None:
+            capture = list(dict.fromkeys(self.reads.values()))
+            last = self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1  # the output is not read
+            _, values, self.shared_positions = capture_sharing_prefix(
+                self.m, self._corrupt, capture, torch.full((self.n,), last, dtype=torch.long), self.first
+            )
+            self.forwards += 1
+            self.first = None
+            self._ablated_raw = {key: values[read].detach() for key, read in self.reads.items()}
+        return self._ablated_raw
 
     @property
     def ablated(self) -> dict[str, torch.Tensor] | None:
@@ -276,10 +296,11 @@ class _Patcher:
         site = Site.parse(key)
         return self.m.catalog.family(site.family).linear_from.apply(raw, site.layer)
 
-    def sender_diff(self, key: str, clean_raw: torch.Tensor) -> torch.Tensor:
-        """``ablated - clean`` for sender ``key`` as ``[rows, pos, k, d]``, from its clean value as read (the
-        difference is taken before the linear map, which then runs once)."""
-        ablated = 0 if self.ablated_raw is None else self.ablated_raw[key].to(clean_raw.dtype).expand_as(clean_raw)
+    def sender_diff(self, key: str, clean_raw: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``ablated - clean`` for sender ``key`` as ``[rows, pos, k, d]`` at positions ``start..``, from its clean
+        value as read (the difference is taken before the linear map, which then runs once)."""
+        clean_raw = clean_raw[:, start:]
+        ablated = 0 if self.ablated_raw is None else self.ablated_raw[key][:, start:].to(clean_raw.dtype).expand_as(clean_raw)
         with torch.no_grad():
             return _as_senders(self.writes(key, ablated - clean_raw), key)
 
@@ -386,16 +407,21 @@ def patch_edges(
 def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dict[str, torch.Tensor], steps: int):
     """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
 
-    Per receiver key one matmul, ``[senders, prompt*pos*d] @ [prompt*pos*d, receiver slots]``, in the
-    model's dtype. Sender differences are laid out ``[sender, prompt*pos*d]`` (written once into one
-    buffer) and receiver gradients ``[slot, prompt*pos*d]`` (``head_in`` gradients arrive that way from
-    the reach's backward), so nothing ``[.., senders, slots, d]`` is materialised and no gradient is copied.
+    Sums run over the positions from ``p.shared_positions`` on: before it the ablated run is the clean
+    run, so every sender difference there is exactly 0. Per receiver key one matmul,
+    ``[senders, prompt*pos*d] @ [prompt*pos*d, receiver slots]``, in the model's dtype. Sender
+    differences are laid out ``[sender, prompt*pos*d]`` (written once into one buffer) and receiver
+    gradients ``[slot, prompt*pos*d]`` (``head_in`` gradients arrive that way from the reach's backward:
+    a view over all positions, a copy of the positions summed over otherwise), so nothing
+    ``[.., senders, slots, d]`` is materialised.
     """
     g = p.graph
+    p.ablated_raw  # noqa: B018 (the ablated run, which sets the shared positions)
+    start = p.shared_positions
     sd = None
     row = 0
     for key in p.keys:
-        diff = p.sender_diff(key, clean_senders[key])  # [n, pos, k, d]
+        diff = p.sender_diff(key, clean_senders[key], start)  # [n, pos, k, d]
         if sd is None:
             sd = diff.new_empty(sum(k for _, k in g.sender_keys), diff.shape[0] * diff.shape[1] * diff.shape[3])
         k = diff.shape[2]
@@ -403,16 +429,17 @@ def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], clean_senders: dic
         row += k
     per_key = []
     for key, n_in, slots in g.receiver_keys:
-        grad = _slots_first(grads[key], p.n, steps).to(sd.dtype)  # [slots, n, pos*d]
+        grad = _slots_first(grads[key], p.n, steps, start).to(sd.dtype)  # [slots, n, pos*d]
         per_key.append((sd[:n_in] @ grad.reshape(grad.shape[0], -1).T).double() / p.n)  # [n_in, slots]
     flat = torch.cat([t.reshape(-1) for t in per_key]).cpu().numpy()  # one transfer, no per-edge sync
     return flat[_flat_index(g)]
 
 
-def _slots_first(grad: torch.Tensor, n: int, steps: int) -> torch.Tensor:
-    """A receiver gradient ``[steps*n, pos, *slots, d]`` as ``[slot, n, pos*d]``, averaged over steps
-    (a view when the gradient is laid out slot-major, as ``head_in``'s is)."""
-    g = grad.permute(2, 3, 0, 1, 4) if grad.ndim == 5 else grad.unsqueeze(0)  # [*slots, rows, pos, d]
+def _slots_first(grad: torch.Tensor, n: int, steps: int, start: int = 0) -> torch.Tensor:
+    """A receiver gradient ``[steps*n, pos, *slots, d]`` at positions ``start..`` as ``[slot, n, pos*d]``,
+    averaged over steps (a view when the gradient is laid out slot-major, as ``head_in``'s is)."""
+    g = grad[:, start:]
+    g = g.permute(2, 3, 0, 1, 4) if g.ndim == 5 else g.unsqueeze(0)  # [*slots, rows, pos, d]
     g = g.reshape(-1, steps, n, g.shape[-2] * g.shape[-1])
     return g.mean(dim=1) if steps > 1 else g[:, 0]
 
@@ -437,7 +464,12 @@ def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int):
     bounds = extra + [Bound(Site.parse(k), t) for k, t in taps.items()]
     n = p.n
     ctx = MetricContext(torch.arange(n).repeat(steps), None, inputs.get("attention_mask"))
-    run, senders = p.senders(inputs, bounds, grad=True, output_at=metric.positions(ctx, p.m.adapter.sizes(inputs)))
+    keep = steps == 1 and p._ablated_raw is None and p._corrupt is not None and may_share(p.m, p.clean, p._corrupt)
+    run, senders = p.senders(inputs, bounds, grad=True, output_at=metric.positions(ctx, p.m.adapter.sizes(inputs)),
+                             keep_prefix=keep)
+    if run.prefix is not None:  # the corrupt run, made after this one, starts where the two inputs differ
+        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in set(p.reads.values())})
+        run.prefix = None
     ctx.example = ctx.example.to(run.output.device)
     ctx.clean = p.clean_out if p.clean_out is not None else run.output.detach()[:n]
     values = metric(run.output, ctx)
@@ -458,6 +490,7 @@ def _result(p: _Patcher, scores, method: str, metric: Metric, extra: dict) -> Re
         "n_prompts": p.n,
         "n_edges": len(p.graph),
         "forwards": p.forwards,
+        "shared_positions": p.shared_positions,
         "seed": None,
         **extra,
         "model": p.m.describe(),
@@ -473,7 +506,9 @@ def eap(
 ) -> Result:
     """Edge attribution patching: ``(ablated_s - clean_s) . d metric / d input_r`` on the clean run, every edge.
 
-    Cost: one capture forward of the ablation source (none for ``zero``), one forward with grad, one backward.
+    Cost: one forward with grad and one backward of the clean inputs, then one capture forward of the
+    ablation source (none for ``zero``; for ``resample`` in a causal model only from the first position
+    where clean and corrupt differ, :mod:`.shared_prefix`, ``metadata["shared_positions"]``).
     """
     metric = as_metric(metric)
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)

@@ -160,3 +160,44 @@ def test_sweep_with_reuse_equals_sweep_without(toy):
     assert with_reuse.metadata["reuse_prefix"] and not without.metadata["reuse_prefix"]
     assert abs(with_reuse.values).max() > 1e-3
     assert abs(with_reuse.values - without.values).max() < 1e-6
+
+
+def test_agreeing_positions_compare_position_by_position():
+    from crosspatch.methods.shared_prefix import agreeing_positions
+
+    ids = torch.arange(12).reshape(2, 6)
+    other = ids.clone()
+    other[1, 4] = 99
+    mask = torch.ones(2, 6, dtype=torch.long)
+    assert agreeing_positions({"input_ids": ids, "attention_mask": mask}, {"input_ids": other, "attention_mask": mask}, 6) == 4
+    assert agreeing_positions({"input_ids": ids}, {"input_ids": ids.clone()}, 6) == 6
+    left = mask.clone()
+    left[0, 0] = 0  # a mask that differs at the first position
+    assert agreeing_positions({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids, "attention_mask": left}, 6) == 0
+    # anything not laid out by position must be equal
+    assert agreeing_positions({"input_ids": ids, "scale": torch.ones(2)}, {"input_ids": ids, "scale": torch.zeros(2)}, 6) == 0
+    assert agreeing_positions({"input_ids": ids, "flag": True}, {"input_ids": ids, "flag": False}, 6) == 0
+    assert agreeing_positions({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}, 6) == 0
+
+
+@pytest.mark.parametrize("first_difference", [0, 3, 6])
+def test_capture_sharing_a_prefix_equals_a_full_run(toy, first_difference):
+    from crosspatch.methods.shared_prefix import capture_sharing_prefix
+    from crosspatch.model import WrappedModel
+
+    model, adapter, catalog, base_in, source_in = toy
+    m = WrappedModel(model, adapter)
+    other = {"x": base_in["x"].clone()}
+    other["x"][:, first_difference:] = source_in["x"][:, first_difference:]
+    keys = ["hidden.0", "hidden.1", "out"]
+    base = execute(model, adapter, catalog, repeat_rows(base_in, 2), capture=keys, keep_prefix=True)
+    first = (repeat_rows(base_in, 2), base.prefix, {k: base.cache[k] for k in keys})  # more rows than the run
+    output, values, computed_from = capture_sharing_prefix(m, other, keys, None, first)
+    full = execute(model, adapter, catalog, other, capture=keys)
+    assert computed_from == first_difference
+    torch.testing.assert_close(output, full.output, rtol=0, atol=1e-6)
+    for key in keys:
+        assert values[key].shape == full.cache[key].shape
+        torch.testing.assert_close(values[key], full.cache[key], rtol=0, atol=1e-6)
+    # without a kept run it is a whole run
+    assert capture_sharing_prefix(m, other, keys, None, None)[2] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import padded_prompts as prompts
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
 
 import crosspatch as cp
@@ -25,17 +26,6 @@ MODELS = {
     "neox-sequential": lambda: tiny_neox(False),
     "bert": tiny_bert,
 }
-
-
-def prompts(seed: int, rows: int = 3, length: int = 10, pad: str | None = None) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (rows, length), generator=g)
-    mask = torch.ones_like(ids)
-    if pad == "right":
-        mask[0, -3:] = 0
-    elif pad == "left":
-        mask[1, :2] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 SITES = [

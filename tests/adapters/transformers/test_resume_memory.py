@@ -15,7 +15,7 @@ import gc
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_neox
+from conftest import padded_prompts, tiny_gpt2, tiny_llama, tiny_neox
 from transformers.cache_utils import Cache
 
 import crosspatch as cp
@@ -41,14 +41,7 @@ MODELS = {
 
 
 def prompts(seed: int, pad: str | None) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (ROWS, LENGTH), generator=g)
-    mask = torch.ones_like(ids)
-    if pad == "right":
-        mask[0, -3:] = 0
-    elif pad == "left":
-        mask[1, :2] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_prompts(seed, ROWS, LENGTH, pad)
 
 
 def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
