@@ -68,6 +68,7 @@ def execute(
     keep_prefix: bool = False,
     resume: Resume | None = None,
     output_at: torch.Tensor | None = None,
+    output_only: Iterable[str] = (),
 ) -> Run:
     """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored.
 
@@ -76,6 +77,8 @@ def execute(
     captures hold what it computed: positions ``resume.pos..`` of sites at blocks ``resume.layer..``.
     ``output_at`` (``[rows]``, e.g. :meth:`Metric.positions`): the output is needed at that position of
     each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
+    Sites the run reads or writes are computed whole, except ``output_only`` keys: the caller reads
+    those at the ``output_at`` positions only (elsewhere their values may be the restricted ones).
     """
     n_rows = batch_size(inputs)
     capture = list(capture)
@@ -118,7 +121,7 @@ def execute(
             window = resume.pos if resume is not None else 0
             handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
         if output_at is not None:
-            handles.extend(adapter.output_at(model, output_at, set(plans)))
+            handles.extend(adapter.output_at(model, output_at, set(plans) - set(output_only)))
         if grad:
             handles.extend(adapter.gradient_hooks(model))
         prefix = None

@@ -39,4 +39,6 @@ def restrict(head: nn.Module, positions: torch.Tensor) -> list[Handle]:
         full[rows, positions.to(output.device)] = output[:, 0]
         return full
 
-    return [head.register_forward_pre_hook(gather), head.register_forward_hook(scatter)]
+    # Other hooks of the module (installed before) see its input and output whole: gathering runs after
+    # their pre-hooks, scattering before their hooks.
+    return [head.register_forward_pre_hook(gather), head.register_forward_hook(scatter, prepend=True)]

@@ -217,7 +217,9 @@ class TransformersAdapter(Adapter):
         handles = restrict(head, positions)
         arch = architecture_for(model.config)
         last = len(submodule(model.base_model, arch.layers, None)) - 1
-        after_mlp = {f"{f}.{last}" for f in ("mlp_in", "mlp_act", "mlp_out", "resid_post")} | {"logits_in"}
+        # What the restricted MLP computes or what is summed from it; mlp_in (the input of the norm in front
+        # of the MLP, outside it in every layout that has one) stays whole and is read only by the MLP.
+        after_mlp = {f"{f}.{last}" for f in ("mlp_act", "mlp_out", "resid_post")} | {"logits_in"}
         if arch.causal and not keys & after_mlp:
             handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
         return handles

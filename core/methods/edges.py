@@ -234,8 +234,13 @@ class _Patcher:
         self._ablated: dict[str, torch.Tensor] | None = None
         self._ablated_raw: dict[str, torch.Tensor] | None = None
         self._corrupt = None
-        # A clean run's (inputs, prefix, senders as read), kept for the corrupt run to start where the inputs differ.
+        # A clean run's (inputs, prefix, senders as read), kept for the corrupt run to start where the inputs
+        # differ, and the positions that run computed its output at (its gradients are zero elsewhere).
         self.first: tuple | None = None
+        self.first_at: torch.Tensor | None = None
+        # The last MLP's write reaches only logits_in: where both are used only through logits_in's gradient,
+        # which is zero away from the positions the metric reads, the model may compute them at those alone.
+        self.output_only = (f"{self.graph.tower}mlp_out.{self.n_layers - 1}", f"{self.graph.tower}logits_in")
         self.shared_positions = 0
         if ablation == "resample":
             if corrupt is None:
@@ -252,12 +257,13 @@ class _Patcher:
         ``first`` when a clean run kept one (:mod:`.shared_prefix`)."""
         if self._ablated_raw is None and self._corrupt is not None:
             capture = list(dict.fromkeys(self.reads.values()))
-            last = self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1  # the output is not read
-            _, values, self.shared_positions = capture_sharing_prefix(
-                self.m, self._corrupt, capture, torch.full((self.n,), last, dtype=torch.long), self.first
-            )
+            if self.first is not None and self.first_at is not None:  # values for that run's gradients only
+                at, only = self.first_at, self.output_only
+            else:  # the output is not read
+                at, only = torch.full((self.n,), self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1), ()
+            _, values, self.shared_positions = capture_sharing_prefix(self.m, self._corrupt, capture, at, self.first, only)
             self.forwards += 1
-            self.first = None
+            self.first = self.first_at = None
             self._ablated_raw = {key: values[read].detach() for key, read in self.reads.items()}
         return self._ablated_raw
 
@@ -277,16 +283,17 @@ class _Patcher:
         return execute(self.m.module, self.m.adapter, self.m.catalog, inputs, bounds, capture, grad=grad,
                        output_at=output_at, **kwargs)
 
-    def senders(self, inputs, bounds=(), grad=False, output_at="unread", keep_prefix=False):
+    def senders(self, inputs, bounds=(), grad=False, output_at="unread", keep_prefix=False, output_only=()):
         """A run of ``inputs`` and every sender's value in it as read (detached; :meth:`writes` maps it to the
         sender's own value).
 
         ``output_at``: the positions the caller reads the output at (``[rows]``), None for all of them;
-        by default the output is not read, so it is computed at position 0 only where the adapter can."""
+        by default the output is not read, so it is computed at position 0 only where the adapter can.
+        ``output_only``: as for :func:`~crosspatch.engine.execute`."""
         if isinstance(output_at, str):
             output_at = torch.zeros(rows_of(inputs), dtype=torch.long)
         capture = list(dict.fromkeys(self.reads.values()))
-        run = self._execute(inputs, bounds, capture, grad, output_at, keep_prefix=keep_prefix)
+        run = self._execute(inputs, bounds, capture, grad, output_at, keep_prefix=keep_prefix, output_only=output_only)
         return run, {key: run.cache[read].detach() for key, read in self.reads.items()}
 
     def writes(self, key: str, raw: torch.Tensor) -> torch.Tensor:
@@ -465,10 +472,11 @@ def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int):
     n = p.n
     ctx = MetricContext(torch.arange(n).repeat(steps), None, inputs.get("attention_mask"))
     keep = steps == 1 and p._ablated_raw is None and p._corrupt is not None and may_share(p.m, p.clean, p._corrupt)
-    run, senders = p.senders(inputs, bounds, grad=True, output_at=metric.positions(ctx, p.m.adapter.sizes(inputs)),
-                             keep_prefix=keep)
+    at = metric.positions(ctx, p.m.adapter.sizes(inputs))
+    run, senders = p.senders(inputs, bounds, grad=True, output_at=at, keep_prefix=keep, output_only=p.output_only)
     if run.prefix is not None:  # the corrupt run, made after this one, starts where the two inputs differ
         p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in set(p.reads.values())})
+        p.first_at = at
         run.prefix = None
     ctx.example = ctx.example.to(run.output.device)
     ctx.clean = p.clean_out if p.clean_out is not None else run.output.detach()[:n]

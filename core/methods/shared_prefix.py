@@ -59,6 +59,7 @@ def capture_sharing_prefix(
     capture: Sequence[str],
     output_at: torch.Tensor | None,
     first: tuple[Inputs, Prefix, dict[str, torch.Tensor]] | None,
+    output_only: Sequence[str] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Run ``inputs`` capturing ``capture``: ``(output, {key: value}, computed_from)``.
 
@@ -66,7 +67,8 @@ def capture_sharing_prefix(
     ``values`` of the same keys cover at least as many rows, the first ones being these rows'
     counterparts). Where the model is causal and the two inputs agree on their first ``p`` positions,
     only positions ``p..`` are computed (``computed_from = p``) and the values' first ``p`` positions
-    are ``first``'s; otherwise it is a whole run (``computed_from = 0``).
+    are ``first``'s; otherwise it is a whole run (``computed_from = 0``). ``output_only``: as for
+    :func:`~crosspatch.engine.execute`.
     """
     n = batch_size(inputs)
     p = 0
@@ -76,13 +78,14 @@ def capture_sharing_prefix(
         if all("pos" in fam.axis_names for fam in families):
             p = agreeing_positions(inputs, {k: _first_rows(v, n) for k, v in first_inputs.items()}, prefix.length)
     if p == 0:
-        run = execute(m.module, m.adapter, m.catalog, inputs, capture=list(capture), output_at=output_at)
+        run = execute(m.module, m.adapter, m.catalog, inputs, capture=list(capture), output_at=output_at,
+                      output_only=output_only)
         return run.output, {k: run.cache[k] for k in capture}, 0
     prefix = first[1].first_rows(n)  # type: ignore[index]
     if p == prefix.length:  # the same inputs: the same run
         return prefix.output, {k: first[2][k][:n].detach() for k in capture}, p  # type: ignore[index]
     run = execute(m.module, m.adapter, m.catalog, inputs, capture=list(capture), output_at=output_at,
-                  resume=Resume(prefix, 0, p, own_inputs=True))
+                  output_only=output_only, resume=Resume(prefix, 0, p, own_inputs=True))
     out = {}
     for key, fam in zip(capture, families):
         axis = 1 + fam.axis_names.index("pos")

@@ -71,9 +71,15 @@ def test_the_last_mlp_runs_at_the_positions_only_when_no_site_reads_it(gpt2, ids
     try:
         early = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_out.0"], output_at=last)
         late = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_out.1"], output_at=last)
+        # mlp_in is the norm's input, in front of the MLP: reading or writing it leaves the MLP restricted
+        scaled = [Bound(cp.Site.parse("mlp_in.1"), cp.Scale(1.5))]
+        written = execute(m.module, m.adapter, m.catalog, inputs, scaled, capture=["mlp_in.1"], output_at=last)
     finally:
         handle.remove()
-    assert seen == [1, ids.shape[1]]  # restricted when only an earlier layer is read; whole when it is read
+    assert seen == [1, ids.shape[1], 1]  # restricted unless the MLP's own values are read
+    whole = execute(m.module, m.adapter, m.catalog, inputs, scaled, capture=["mlp_in.1"])
+    torch.testing.assert_close(written.cache["mlp_in.1"], whole.cache["mlp_in.1"], atol=0, rtol=0)
+    torch.testing.assert_close(written.output[:, -1], whole.output[:, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(early.cache["mlp_out.0"], full.cache["mlp_out.0"], atol=0, rtol=0)
     torch.testing.assert_close(late.cache["mlp_out.1"], full.cache["mlp_out.1"], atol=0, rtol=0)
     for run in (early, late):
@@ -115,8 +121,14 @@ def test_attribution_and_eap_are_unchanged_by_the_restriction(pair, metric):
             assert np.abs(slow.values).max() > 1e-4
             np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-7)
             assert fast.metadata["baseline"] == pytest.approx(slow.metadata["baseline"], rel=1e-6, abs=1e-7)
-    np.testing.assert_allclose(eap(model, clean, corrupt, fn).values, eap(model, clean, corrupt, _everywhere(fn)).values,
-                               rtol=1e-5, atol=1e-7)
+    seen = []  # positions the last MLP computes: EAP reads its write only through logits_in's gradient
+    handle = model.transformer.h[-1].mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        fast = eap(model, clean, corrupt, fn)
+    finally:
+        handle.remove()
+    assert seen == [1, 1]  # the run with gradients and the corrupt run
+    np.testing.assert_allclose(fast.values, eap(model, clean, corrupt, _everywhere(fn)).values, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(eap_ig(model, clean, corrupt, fn, steps=2).values,
                                eap_ig(model, clean, corrupt, _everywhere(fn), steps=2).values, rtol=1e-5, atol=1e-7)
 
