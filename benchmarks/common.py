@@ -26,12 +26,26 @@ def median_time(fn, repeats: int, clock=time.perf_counter) -> float:
     return statistics.median(times)
 
 
-def size_arguments(parser: argparse.ArgumentParser, *, seq: int, prompts: int) -> None:
+def paired(fns: dict, repeats: int, clock=time.process_time) -> dict:
+    """Median times of calls interleaved round by round (after one warm-up each), so a load spike or a
+    drift of the machine's speed hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = clock()
+            fn()
+            times[k].append(clock() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def size_arguments(parser: argparse.ArgumentParser, *, seq: int, prompts: int, repeats: int = 5) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--prompts", type=int, default=prompts)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
 
 
 @dataclass

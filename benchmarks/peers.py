@@ -112,6 +112,15 @@ class Crosspatch:
         r = attribution_patching(self.m, self.clean, self.corrupt, "head_out.*[head=*]", self.metric)
         return torch.as_tensor(r.values).reshape(self.layers, -1)
 
+    def atp_heads_unshared(self):
+        """AtP of a pair that differs at the first position too, so the source run shares no positions (timed)."""
+        from crosspatch.methods.attribution import attribution_patching
+
+        corrupt = self.corrupt.clone()
+        corrupt[:, 0] = (corrupt[:, 0] + 1) % VOCAB
+        r = attribution_patching(self.m, self.clean, corrupt, "head_out.*[head=*]", self.metric)
+        return torch.as_tensor(r.values).reshape(self.layers, -1)
+
 
 # --------------------------------------------------------------------------- TransformerLens
 def hooked_transformer(hf_model):

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from common import paired  # noqa: E402
 from peers import LIBS, Crosspatch, Setup  # noqa: E402
 
 TOL = 1e-4
@@ -45,19 +46,6 @@ def timed(fn, repeats: int, warmup: bool = True) -> float:
         fn()
         times.append(CLOCK() - start)
     return statistics.median(times)
-
-
-def paired(fns: dict, repeats: int) -> dict:
-    """Median times of cheap calls, interleaved so a load spike hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = CLOCK()
-            fn()
-            times[k].append(CLOCK() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
@@ -153,7 +141,7 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
         fns["TransformerLens"] = lambda: tl.capture(clean)
     if "nnsight" in libs:
         fns["nnsight"] = lambda: libs["nnsight"].capture(clean)
-    res["forward"] = paired(fns, max(repeats, 20))
+    res["forward"] = paired(fns, max(repeats, 20), CLOCK)
 
     # (2)-(4) sweeps and attribution: median of `repeats`; the loops of hundreds of forwards need no warm-up
     for task in ("resid_pre_sweep", "head_out_sweep", "atp_heads"):
@@ -163,6 +151,7 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
                 res[task][name] = timed(getattr(lib, task), repeats, warmup=(task == "atp_heads"))
     for variant in ("every_site", "recompute"):
         res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
+    res["atp_heads"]["crosspatch_unshared"] = timed(cp.atp_heads_unshared, repeats)
     # (5) peak memory of the resid_pre sweep and of AtP: the median of 3 calls (one RSS peak is noisy)
     res["memory"] = {}
     for task in ("resid_pre_sweep", "atp_heads"):
@@ -206,12 +195,13 @@ def report(results: list[dict]) -> str:
                 + f" | {t['crosspatch'] / (sites * r['forward']['hf_bare']):.2f} |"
             )
     out.append("")
-    out.append("| attribution patching, all heads | crosspatch | forward-equivalents (bare HF forwards) | TransformerLens hook AtP | its forward-equivalents (bare TL forwards) |")
-    out.append("|---|---|---|---|---|")
+    out.append("| attribution patching, all heads | crosspatch | forward-equivalents (bare HF forwards) | pair differing at position 0 too (nothing shared) | TransformerLens hook AtP | its forward-equivalents (bare TL forwards) |")
+    out.append("|---|---|---|---|---|---|")
     for r in results:
         s, t, f = r["setup"], r["atp_heads"], r["forward"]
         tl = f"{t['TransformerLens'] * 1e3:.1f} ms | {t['TransformerLens'] / f['tl_bare']:.2f}" if "TransformerLens" in t else "- | -"
-        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / f['hf_bare']:.2f}** | {tl} |")
+        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / f['hf_bare']:.2f}** | "
+                   f"{t['crosspatch_unshared'] / f['hf_bare']:.2f} | {tl} |")
     out.append("")
     out.append("| peak extra memory (MiB) | task | crosspatch | " + " | ".join(peers) + " |")
     out.append("|---|---|---|" + "---|" * len(peers))
