@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-__all__ = ["Handle", "Callback", "Reach", "ModuleOutput", "ModuleInput", "aliases", "submodule"]
+__all__ = ["Handle", "Callback", "Reach", "ModuleOutput", "ModuleInput", "SlotSink", "aliases", "attach_slot_sink", "slot_sink", "submodule"]
 
 Callback = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -50,6 +50,37 @@ def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     ptr = a.untyped_storage().data_ptr()  # 0 without memory (meta, empty): not known to alias
     return ptr != 0 and ptr == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset()
+
+
+class SlotSink(Protocol):
+    """Takes the per-slot gradients of a tap on a family of per-slot inputs (``head_in``: one slot per
+    role and head) row by row, instead of as the tap's gradient.
+
+    A reach that computes per-slot gradients (the transformers adapter's ``head_in``) and finds a sink
+    on the value handed back to it (:func:`slot_sink`) calls it once per batch row with the gradients
+    ``[roles, heads, pos - start, d]`` of that row's positions ``start..``, never writing all slots'
+    gradients at once; the tap's own gradient is then only right summed over the slots (what flows
+    further upstream). Edge attribution uses it to score edges as the backward produces them.
+    """
+
+    start: int
+
+    def __call__(self, row: int, grads: torch.Tensor, first_role: int, head_step: int) -> None:
+        """``grads`` are those of roles ``first_role..`` and heads ``0, head_step, 2 * head_step, ..``."""
+
+
+_SLOT_SINK = "_crosspatch_slot_sink"
+
+
+def attach_slot_sink(value: torch.Tensor, sink: SlotSink) -> torch.Tensor:
+    """``value`` (a tap's value, handed back to the reach as it is) carrying ``sink``."""
+    setattr(value, _SLOT_SINK, sink)
+    return value
+
+
+def slot_sink(value: torch.Tensor | None) -> SlotSink | None:
+    """The sink a value handed back to a reach carries, if any."""
+    return getattr(value, _SLOT_SINK, None)
 
 
 def _replace_first(output: Any, index: int, new: torch.Tensor) -> Any:

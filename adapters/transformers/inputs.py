@@ -26,7 +26,7 @@ from torch import nn
 
 from crosspatch.catalog import Axis, SiteFamily
 from crosspatch.offload import reads_weights
-from crosspatch.reach import Callback, Handle, ModuleInput, aliases, submodule
+from crosspatch.reach import Callback, Handle, ModuleInput, aliases, slot_sink, submodule
 
 from .slot_grad import slot_gradient
 
@@ -125,7 +125,8 @@ class HeadIn:
                 grad = torch.is_grad_enabled()
                 # Unchanged slots keep the module's numbers (and its parameter gradients); in grad mode each
                 # also gets its own input gradient from a zero-valued term (no norm or projection per slot).
-                keep = orig + slot_gradient(slots, x, ln, w, orig, bias) if grad else orig
+                sink = slot_sink(new) if stash["read"] else None
+                keep = orig + slot_gradient(slots, x, ln, w, orig, bias, sink, (first, group)) if grad else orig
                 # One check per layer (a host sync on accelerators), none for the value handed back as it
                 # was: a pure read (a gradient tap, an identity write) recomputes nothing.
                 x_slots = x[:, :, None, None, :].expand_as(slots)

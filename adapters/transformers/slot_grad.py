@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crosspatch.reach import SlotSink
+
 __all__ = ["slot_gradient"]
 
 
@@ -49,9 +51,9 @@ class _SlotGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, slots, xhat, rstd, wc, yhat, kind: str):
+    def forward(ctx, slots, xhat, rstd, wc, yhat, kind: str, sink, where: tuple[int, int]):
         ctx.save_for_backward(xhat, rstd, wc, yhat)
-        ctx.kind = kind
+        ctx.kind, ctx.sink, ctx.where = kind, sink, where
         ctx.dtype = slots.dtype
         return slots.new_zeros(*slots.shape[:-1], wc.shape[-1])
 
@@ -61,21 +63,46 @@ class _SlotGradient(torch.autograd.Function):
         b, p, r, h, e = g.shape
         d, rows, slots = wc.shape[0], b * p, r * h
         gs = g.to(xhat.dtype).reshape(rows, slots, e) * rstd.reshape(rows, 1, 1)
+        proj = (gs * yhat.reshape(rows, slots, e)).sum(-1) / d if ctx.kind != "none" else None  # [rows, slot]
+        if ctx.sink is not None:
+            return (_to_sink(ctx, gs, proj, xhat, wc, (b, p, r, h, d)),) + (None,) * 7
         u = torch.bmm(gs.transpose(0, 1), wc.reshape(d, slots, e).permute(1, 2, 0))  # [slot, rows, d]
-        if ctx.kind != "none":
-            proj = (gs * yhat.reshape(rows, slots, e)).sum(-1) / d  # [rows, slot]
+        if proj is not None:
             u.addcmul_(xhat.reshape(1, rows, d), proj.T[..., None], value=-1)
         grad = u.to(ctx.dtype).view(r, h, b, p, d).permute(2, 3, 0, 1, 4)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
+    """Hand the sink each row's per-slot gradients at positions ``sink.start..`` (one cache-sized block at a
+    time, never all of them at once) and return the slots' gradient as their sum spread evenly over them:
+    the input reads every slot, so what flows upstream is the same."""
+    b, p, r, h, d = shape
+    rows, slots, e = gs.shape
+    sink, start = ctx.sink, ctx.sink.start
+    summed = gs.reshape(rows, slots * e) @ wc.reshape(d, slots * e).T  # sum over slots of gs_slot @ wc_slot^T
+    if proj is not None:
+        summed.addcmul_(xhat.reshape(rows, d), proj.sum(1, keepdim=True), value=-1)
+    w = wc.reshape(d, slots, e).permute(1, 2, 0)  # [slot, e, d]
+    g_rows = gs.view(b, p, slots, e)
+    for i in range(b):
+        u = torch.bmm(g_rows[i, start:].transpose(0, 1), w)  # [slot, p - start, d]
+        if proj is not None:
+            u.addcmul_(xhat.view(b, p, d)[i, start:], proj.view(b, p, slots)[i, start:].T[..., None], value=-1)
+        sink(i, u.view(r, h, p - start, d), *ctx.where)
+    return (summed / slots).to(ctx.dtype).view(b, p, 1, 1, d).expand(b, p, r, h, d)
 
 
 def slot_gradient(
-    slots: torch.Tensor, x: torch.Tensor, norm: nn.Module | None, weight: torch.Tensor, output: torch.Tensor, bias: torch.Tensor | None
+    slots: torch.Tensor, x: torch.Tensor, norm: nn.Module | None, weight: torch.Tensor, output: torch.Tensor,
+    bias: torch.Tensor | None, sink: SlotSink | None = None, where: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Zero ``[b, p, R, H, e]`` whose gradient reaches each slot of ``slots [b, p, R, H, d]`` as if the slot
     had been normalised by ``norm`` at ``x [b, p, d]`` and projected by its columns ``weight [d, R, H, e]``;
     ``output`` is the projection's output at ``x`` (``[b, p, R, H, e]``) and ``bias`` its bias (or None).
-    ``x`` itself gets no gradient from it (see the module docstring)."""
+    ``x`` itself gets no gradient from it (see the module docstring). With a ``sink``
+    (:class:`~crosspatch.reach.SlotSink`) the per-slot gradients go to it, row by row, ``where`` saying
+    which roles and heads ``slots`` are (first role, head step), and the slots get their sum."""
     xhat, rstd, gamma, kind = _stats(norm, x)
     w = weight.detach().to(xhat.dtype)
     # output = (gamma * xhat + beta) W + bias: yhat is output minus one constant [R, H, e]
@@ -90,4 +117,4 @@ def slot_gradient(
     wc = torch.mul(w, gamma[:, None, None, None], out=torch.empty(w.shape, dtype=w.dtype, device=w.device))  # [d, slot, e]
     if kind == "layer":
         wc -= wc.mean(dim=0)  # mean_d(u) = g @ mean_d(gamma W): subtracted once here, not per row and slot
-    return _SlotGradient.apply(slots, xhat, rstd, wc, yhat, kind)
+    return _SlotGradient.apply(slots, xhat, rstd, wc, yhat, kind, sink, where)

@@ -85,3 +85,25 @@ def test_atp_and_eap_equal_their_whole_run_values(name, pad):
     np.testing.assert_allclose(shared.values, alone.values, rtol=1e-4, atol=1e-6 * np.abs(alone.values).max())
     # zero ablation has no ablated run to share anything with
     assert eap(m, clean, None, metric, ablation="zero", graph=graph).metadata["shared_positions"] == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "neox-sequential"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_eap_scoring_head_inputs_in_the_backward_equals_scoring_their_gradients(name, shared):
+    """EAP scores ``head_in`` edges as the backward makes each slot's gradient (never writing them all);
+    one-step EAP-IG reads the whole per-slot gradients: the same numbers, with grouped keys and values too."""
+    from crosspatch.methods.edges import _gradient_run, _Patcher, eap_ig
+
+    model = MODELS[name]()
+    m = cp.wrap(model)
+    clean, corrupt = pair("left")
+    if not shared:
+        corrupt["input_ids"][:, 0] = (corrupt["input_ids"][:, 0] + 1) % 100
+    metric = cp.metrics.logit_diff(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
+    graph = edge_graph(m)
+    fused, whole = eap(m, clean, corrupt, metric, graph=graph), eap_ig(m, clean, corrupt, metric, steps=1, graph=graph)
+    assert fused.metadata["shared_positions"] == (DIFFER if shared else 0)
+    np.testing.assert_allclose(fused.values, whole.values, rtol=1e-4, atol=1e-6 * np.abs(whole.values).max())
+    p = _Patcher(m, clean, corrupt, "resample", None, graph)
+    scored = _gradient_run(p, metric, [], 1, score=True)[4]
+    assert sorted(scored) == sorted(k for k, _, _ in graph.receiver_keys if k.startswith("head_in"))
