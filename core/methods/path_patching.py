@@ -13,11 +13,11 @@ With ``direction="noising"`` (the paper's convention; base = clean, source = cor
 
 ``direction="denoising"`` swaps the roles of the two runs (base = corrupt, source = clean).
 
-Receivers are any sites the engine reaches today: later ``resid_pre`` / ``resid_mid`` /
-``resid_post`` (the residual stream as the receiver), ``head_out`` or ``attn_out`` of later layers,
-``mlp_out`` ... A receiver given as a pattern with ``*`` is swept (one receiver at a time, a dim of
-the Result); a list of receivers is patched jointly. A head's query / key / value *inputs* as
-receivers need a per-head q/k/v input reach that no adapter has yet; they are not supported.
+Receivers are any sites the engine reaches: later ``resid_pre`` / ``resid_mid`` / ``resid_post``
+(the residual stream as the receiver), ``head_out`` or ``attn_out`` of later layers, ``mlp_out``,
+and a head's query / key / value inputs, ``head_in.l[qkv=r,head=h]`` (where the adapter has them:
+the path reaches that head only through that input). A receiver given as a pattern with ``*`` is
+swept (one receiver at a time, a dim of the Result); a list of receivers is patched jointly.
 
 Senders and frozen sites should be given at the same granularity (e.g. whole heads): a frozen site
 equal to a sender or a receiver is not frozen; partial overlaps are resolved by the sender patch,

@@ -91,3 +91,53 @@ def test_joint_receivers_denoising_and_identity(model, pair):
     norm = path_patching(model, clean, corrupt, "head_out.0[head=*]", "resid_pre.1", metric, normalize=True)
     np.testing.assert_allclose(norm.values * norm.metadata["total_effect"], whole.values, atol=1e-9)
     assert norm.metadata["method"] == "path_patching"
+
+
+def _through_one_head_input(model, m, clean, corrupt, sender_head, role, head, metric):
+    """Path patching into layer 1's head ``head`` through its ``role`` input (0 query, 1 key, 2 value),
+    step 3 written with plain torch hooks: that head's columns of ``c_attn`` are recomputed from the
+    step-2 residual, nothing else in layer 1 sees it (crosspatch's head_in reach is not used)."""
+    frozen = {f"head_out.0[head={h}]": cp.Patch(m.capture(clean, ["head_out.0"])) for h in range(4) if h != sender_head}
+    step2 = m.run(clean, {**frozen, f"head_out.0[head={sender_head}]": cp.Patch(m.capture(corrupt, ["head_out.0"]))},
+                  capture=["resid_pre.1"])
+    x_new = step2.cache["resid_pre.1"]
+    block = model.transformer.h[1]
+    d, d_head = model.config.n_embd, model.config.n_embd // model.config.n_head
+    cols = slice(role * d + head * d_head, role * d + (head + 1) * d_head)
+    with torch.no_grad():
+        replacement = block.attn.c_attn(block.ln_1(x_new))[..., cols]
+
+    def swap(module, args, output):
+        output = output.clone()
+        output[..., cols] = replacement
+        return output
+
+    handle = block.attn.c_attn.register_forward_hook(swap)
+    try:
+        with torch.no_grad():
+            out = model(clean).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        base = model(clean).logits
+    return (metric(out) - metric(base)).mean().item()
+
+
+def test_receivers_at_a_heads_query_key_and_value_inputs(model, pair):
+    """head_in receivers: each role of each head of layer 1 against the hand-hooked three steps."""
+    clean, corrupt = pair
+    metric = _metric(clean)
+    m = cp.wrap(model)
+    result = path_patching(m, clean, corrupt, "head_out.0[head=*]", "head_in.1[qkv=*,head=*]", metric)
+    assert result.dims == ("head", "receiver") and result.values.shape == (4, 12)
+    expected = np.array([
+        [_through_one_head_input(model, m, clean, corrupt, s, role, head, metric) for role in range(3) for head in range(4)]
+        for s in range(4)
+    ])
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(result.values, expected, atol=1e-5)
+    # Every head's query, key and value inputs at once carry what reaches layer 1's attention: the paths
+    # through the MLP of layer 1 and the direct path are left out, so the total differs.
+    attention = path_patching(m, clean, corrupt, "head_out.0[head=*]", ["head_in.1"], metric)
+    cut = path_patching(m, clean, corrupt, "head_out.0[head=*]", "resid_pre.1", metric)
+    assert not np.allclose(attention.values, cut.values, atol=1e-4)
