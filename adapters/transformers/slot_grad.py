@@ -84,11 +84,14 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
     if proj is not None:
         summed.addcmul_(xhat.reshape(rows, d), proj.sum(1, keepdim=True), value=-1)
     w = wc.reshape(d, slots, e).permute(1, 2, 0)  # [slot, e, d]
-    g_rows = gs.view(b, p, slots, e)
+    g_rows = gs.view(b, p, slots, e)[:, start:].transpose(1, 2)  # [b, slot, p - start, e]
+    if proj is not None:
+        x_rows = xhat.view(b, p, d)[:, start:]
+        p_rows = proj.view(b, p, slots)[:, start:].transpose(1, 2).unsqueeze(-1)  # [b, slot, p - start, 1]
     for i in range(b):
-        u = torch.bmm(g_rows[i, start:].transpose(0, 1), w)  # [slot, p - start, d]
+        u = torch.bmm(g_rows[i], w)  # [slot, p - start, d]
         if proj is not None:
-            u.addcmul_(xhat.view(b, p, d)[i, start:], proj.view(b, p, slots)[i, start:].T[..., None], value=-1)
+            u.addcmul_(x_rows[i], p_rows[i], value=-1)
         sink(i, u.view(r, h, p - start, d), *ctx.where)
     return (summed / slots).to(ctx.dtype).view(b, p, 1, 1, d).expand(b, p, r, h, d)
 
