@@ -37,6 +37,9 @@ TOL = 1e-4
 CLOCK = time.process_time
 
 
+MEMORY_TASKS = ("capture", "resid_pre_sweep", "head_out_sweep", "atp_heads")
+
+
 def timed(fn, repeats: int, warmup: bool = True) -> float:
     if warmup:
         fn()
@@ -152,12 +155,14 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
     for variant in ("every_site", "recompute"):
         res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
     res["atp_heads"]["crosspatch_unshared"] = timed(cp.atp_heads_unshared, repeats)
-    # (5) peak memory of the resid_pre sweep and of AtP: the median of 3 calls (one RSS peak is noisy)
+    # (5) peak memory of each: the median of 3 calls (one RSS peak is noisy)
     res["memory"] = {}
-    for task in ("resid_pre_sweep", "atp_heads"):
+    for task in MEMORY_TASKS:
         for name, lib in libs.items():
-            if hasattr(lib, task):
-                res["memory"][(task, name)] = statistics.median(peak_memory(getattr(lib, task)) for _ in range(3))
+            if task == "capture" and name == "pyvene":  # pyvene's capture is not measured (see peers.py)
+                continue
+            fn = (lambda lib=lib: lib.capture(clean)) if task == "capture" else getattr(lib, task)
+            res["memory"][(task, name)] = statistics.median(peak_memory(fn) for _ in range(3))
     res["load_end"] = uptime()
     return res
 
@@ -207,7 +212,7 @@ def report(results: list[dict]) -> str:
     out.append("|---|---|---|" + "---|" * len(peers))
     for r in results:
         s, m = r["setup"], r["memory"]
-        for task in ("resid_pre_sweep", "atp_heads"):
+        for task in MEMORY_TASKS:
             cells = [f"{m[(task, p)] / 2**20:.1f}" if (task, p) in m else "-" for p in ["crosspatch", *peers]]
             out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {task} | " + " | ".join(cells) + " |")
     out.append("")
