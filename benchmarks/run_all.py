@@ -159,8 +159,8 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
     res["memory"] = {}
     for task in MEMORY_TASKS:
         for name, lib in libs.items():
-            if task == "capture" and name == "pyvene":  # pyvene's capture is not measured (see peers.py)
-                continue
+            if task == "capture" and name == "pyvene" or task != "capture" and not hasattr(lib, task):
+                continue  # pyvene's capture and AtP are not written (see peers.py)
             fn = (lambda lib=lib: lib.capture(clean)) if task == "capture" else getattr(lib, task)
             res["memory"][(task, name)] = statistics.median(peak_memory(fn) for _ in range(3))
     res["load_end"] = uptime()

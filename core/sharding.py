@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .methods.pairs import ACCELERATOR_ROWS
 from .metrics import Metric, MetricContext
 from .model import WrappedModel
 from .results import Result, collect_versions
@@ -135,7 +136,8 @@ def split(study: Study, workers: int, sites_per_shard: int | None = None, rows_p
     rows_per_shard = min(rows_per_shard or n, n)
     if study.method == "activation_patching":
         # Whole forwards: a block starts where a local forward starts, so the rows each forward sees match.
-        per_forward = max(1, study.options.get("batch_size", 64) // rows_per_shard)
+        # (a batch size left to the device is planned as an accelerator's)
+        per_forward = max(1, (study.options.get("batch_size") or ACCELERATOR_ROWS) // rows_per_shard)
         sites_per_shard = per_forward * math.ceil(sites_per_shard / per_forward)
     for name, size in (("sites_per_shard", sites_per_shard), ("rows_per_shard", rows_per_shard)):
         if size < 1:

@@ -14,7 +14,7 @@ from ..metrics import Metric, MetricContext
 from ..model import WrappedModel
 from ..progress import progress_bar
 from ..resume import resume_chunks
-from .pairs import prepare_pair, same_masks
+from .pairs import prepare_pair, rows_per_forward, same_masks
 from ..results import Result, collect_versions
 from ..sites import Site
 
@@ -30,7 +30,7 @@ def activation_patching(
     *,
     direction: Literal["denoising", "noising"] = "denoising",
     normalize: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     reuse_prefix: bool = True,
     skip_unchanged: bool = True,
     progress: bool | None = None,
@@ -44,7 +44,8 @@ def activation_patching(
     prompts; with ``normalize`` it is divided by ``metric(clean) - metric(corrupt)``, so 1 means
     the site alone restores (denoising) the full clean-corrupt gap.
 
-    Sites are patched in batches: up to ``batch_size`` rows (sites x prompts) per forward.
+    Sites are patched in batches: up to ``batch_size`` rows (sites x prompts) per forward (None: 64
+    on an accelerator, one site's prompts on a CPU; :func:`~crosspatch.methods.pairs.rows_per_forward`).
     With ``reuse_prefix`` (and an adapter that can resume), a batch of sites at layer ``L`` and
     position ``p`` starts from the unpatched run's residual at block ``L``, and in causal models
     from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same.
@@ -91,7 +92,8 @@ def activation_patching(
         i for i, site in enumerate(patched)
         if not (skip_unchanged and torch.equal(source.cache[site], base.cache[site]))
     ]
-    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, max(1, batch_size // n))
+    per_forward = max(1, rows_per_forward(batch_size, m, n) // n)
+    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward)
     for members, resume in progress_bar(chunks, progress, desc=f"patching {len(todo)} of {len(sweep)} sites"):
         members = [todo[j] for j in members]
         inputs = repeat_rows(base_in, len(members))

@@ -24,7 +24,8 @@ equal to a sender or a receiver is not frozen; partial overlaps are resolved by 
 which is applied after the freezes.
 
 Cost: 2 capture forwards + ``ceil(senders / per_forward)`` step-2 forwards + step-3 forwards over
-``senders x receivers`` row blocks, each batched up to ``batch_size`` rows.
+``senders x receivers`` row blocks, each batched up to ``batch_size`` rows (None: 64 on an
+accelerator, one block per forward on a CPU; :func:`~crosspatch.methods.pairs.rows_per_forward`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..model import WrappedModel
 from ..progress import progress_bar
 from ..results import Result, collect_versions
 from ..sites import Site
-from .pairs import prepare_pair
+from .pairs import prepare_pair, rows_per_forward
 
 __all__ = ["path_patching"]
 
@@ -59,7 +60,7 @@ def path_patching(
     freeze: "str | Site | Sequence[str | Site] | None" = "head_out.*[head=*]",
     direction: Literal["noising", "denoising"] = "noising",
     normalize: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> Result:
     """Path patching of every sender (a sweep) through ``receivers``; see the module docstring.
@@ -93,6 +94,7 @@ def path_patching(
     hold, send = Patch(base.cache), Patch(source.cache)
     receiver_set = set(all_receivers)
     n_recv = len(receiver_sets)
+    batch_size = rows_per_forward(batch_size, m, n)
     step = max(1, batch_size // (n * n_recv))  # senders per forward: step 3 has senders x receivers blocks
     effects = torch.empty(len(sender_sweep), n_recv, dtype=torch.float64)
     chunks = range(0, len(sender_sweep), step)

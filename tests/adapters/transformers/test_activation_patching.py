@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crosspatch as cp
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 
 def _metric(clean):
@@ -136,3 +136,28 @@ def test_sites_whose_source_equals_the_base_are_not_run(gpt2, pair, direction):
     assert skipped.metadata["sites_run"] == 1 + (n_layers - 1) * (length - 3)
     np.testing.assert_allclose(skipped.values, run_all.values, rtol=0, atol=1e-6)
     assert np.all(skipped.values[:, :3] == 0.0) and np.abs(skipped.values[:, 3:]).max() > 1e-3
+
+
+def test_a_sweep_on_a_cpu_runs_one_sites_prompts_per_forward_unless_told():
+    """batch_size=None: one site per forward on a CPU (a loop's peak memory), the same values as 64 rows."""
+    from crosspatch.methods.pairs import rows_per_forward
+
+    model = tiny_gpt2()
+    m = cp.wrap(model)
+    assert rows_per_forward(None, m, 5) == 5 and rows_per_forward(12, m, 5) == 12
+    torch.manual_seed(0)
+    clean = torch.randint(0, 100, (3, 6))
+    corrupt = clean.clone()
+    corrupt[:, 0] = (corrupt[:, 0] + 1) % 100
+    metric = lambda out, ctx: out[:, -1, 0] - out[:, -1, 1]  # noqa: E731
+    seen = {"default": [], "batched": []}
+    runs = {}
+    for name, batch_size in (("default", None), ("batched", 64)):
+        hook = model.transformer.h[1].register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].shape[0]))
+        try:
+            runs[name] = cp.activation_patching(m, clean, corrupt, "head_out.1[head=*]", metric, progress=False,
+                                                batch_size=batch_size)
+        finally:
+            hook.remove()
+    assert max(seen["default"]) == 3 and max(seen["batched"]) == 12  # one head at a time; all four at once
+    np.testing.assert_allclose(runs["default"].values, runs["batched"].values, rtol=0, atol=1e-6)
