@@ -27,6 +27,7 @@ class WrappedModel:
         self.module = module
         self.adapter = adapter
         self.catalog: Catalog = adapter.catalog(module)  # built now, so an unsupported model fails at wrap()
+        self._capture_keys: dict[tuple, list[str]] = {}
 
     def sites(self) -> Catalog:
         """Every site family with its axes and sizes (print it for a table)."""
@@ -52,12 +53,15 @@ class WrappedModel:
         if isinstance(sites, (str, Site)):
             sites = [sites]
         sizes = self.adapter.sizes(inputs) if inputs is not None else {}
-        keys: dict[str, None] = {}
-        for pattern in sites:
-            site = self.catalog.resolve(pattern, sizes)
-            for concrete in self.catalog.expand(Site(site.family, site.layer), sizes).sites:
-                keys[concrete.key] = None
-        return list(keys)
+        memo = (tuple(sites), tuple(sorted(sizes.items())))  # the same patterns on inputs of the same sizes
+        if memo not in self._capture_keys:
+            keys: dict[str, None] = {}
+            for pattern in sites:
+                site = self.catalog.resolve(pattern, sizes)
+                for concrete in self.catalog.expand(Site(site.family, site.layer), sizes).sites:
+                    keys[concrete.key] = None
+            self._capture_keys[memo] = list(keys)
+        return list(self._capture_keys[memo])
 
     def run(
         self,

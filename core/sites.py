@@ -16,6 +16,7 @@ The string form round-trips: ``str(Site.parse(s)) == s`` for every canonical ``s
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -106,7 +107,13 @@ class Site:
             return text
         if not isinstance(text, str):
             raise SiteError(f"a site is a string like 'head_out.3[head=1]' or a Site, got {type(text).__name__}")
-        return _Parser(text).site()
+        return _parse(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> Site:
+    """Sites are immutable, so one parse serves every run that names the same text."""
+    return _Parser(text).site()
 
 
 def _selector(axis: str, value) -> Selector:
