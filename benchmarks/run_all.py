@@ -144,17 +144,20 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
         fns["TransformerLens"] = lambda: tl.capture(clean)
     if "nnsight" in libs:
         fns["nnsight"] = lambda: libs["nnsight"].capture(clean)
-    res["forward"] = paired(fns, max(repeats, 20), CLOCK)
+    res["forward"] = paired(fns, max(repeats, 40), CLOCK)
 
-    # (2)-(4) sweeps and attribution: median of `repeats`; the loops of hundreds of forwards need no warm-up
-    for task in ("resid_pre_sweep", "head_out_sweep", "atp_heads"):
+    # (2)-(3) sweeps: median of `repeats`; the loops of hundreds of forwards need no warm-up
+    for task in ("resid_pre_sweep", "head_out_sweep"):
         res[task] = {}
         for name, lib in libs.items():
-            if hasattr(lib, task):
-                res[task][name] = timed(getattr(lib, task), repeats, warmup=(task == "atp_heads"))
+            res[task][name] = timed(getattr(lib, task), repeats, warmup=False)
     for variant in ("every_site", "recompute"):
         res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
-    res["atp_heads"]["crosspatch_unshared"] = timed(cp.atp_heads_unshared, repeats)
+    # (4) attribution, counted in bare forwards: interleaved with them round by round
+    atp = {"hf_bare": lambda: baseline.bare(clean), "crosspatch": cp.atp_heads, "crosspatch_unshared": cp.atp_heads_unshared}
+    if tl is not None:
+        atp.update({"tl_bare": lambda: tl.bare(clean), "TransformerLens": tl.atp_heads})
+    res["atp_heads"] = paired(atp, max(repeats, 11), CLOCK)
     # (5) peak memory of each: the median of 3 calls (one RSS peak is noisy)
     res["memory"] = {}
     for task in MEMORY_TASKS:
@@ -203,10 +206,10 @@ def report(results: list[dict]) -> str:
     out.append("| attribution patching, all heads | crosspatch | forward-equivalents (bare HF forwards) | pair differing at position 0 too (nothing shared) | TransformerLens hook AtP | its forward-equivalents (bare TL forwards) |")
     out.append("|---|---|---|---|---|---|")
     for r in results:
-        s, t, f = r["setup"], r["atp_heads"], r["forward"]
-        tl = f"{t['TransformerLens'] * 1e3:.1f} ms | {t['TransformerLens'] / f['tl_bare']:.2f}" if "TransformerLens" in t else "- | -"
-        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / f['hf_bare']:.2f}** | "
-                   f"{t['crosspatch_unshared'] / f['hf_bare']:.2f} | {tl} |")
+        s, t = r["setup"], r["atp_heads"]
+        tl = f"{t['TransformerLens'] * 1e3:.1f} ms | {t['TransformerLens'] / t['tl_bare']:.2f}" if "TransformerLens" in t else "- | -"
+        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / t['hf_bare']:.2f}** | "
+                   f"{t['crosspatch_unshared'] / t['hf_bare']:.2f} | {tl} |")
     out.append("")
     out.append("| peak extra memory (MiB) | task | crosspatch | " + " | ".join(peers) + " |")
     out.append("|---|---|---|" + "---|" * len(peers))
