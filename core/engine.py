@@ -147,9 +147,7 @@ def execute(
 
 def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: Catalog) -> Site:
     """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
-    # A family without layers after the blocks (the final norm's input, the logits) is reached by every resumed run.
-    after_blocks = site.layer is None and _after_blocks(catalog, site.family)
-    if not after_blocks and (not isinstance(site.layer, int) or site.layer < resume.layer):
+    if _before_resume(site, resume, catalog):
         raise SiteError(
             f"site {site} is computed before block {resume.layer}, where this run resumes; "
             f"resume at layer <= {site.layer} or run the whole model"
@@ -164,14 +162,22 @@ def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: 
 
 def _capturable(site: Site, resume: Resume, catalog: Catalog) -> None:
     """Refuse a capture the resumed run does not compute (whole)."""
-    computed = resume.own_inputs or (site.layer is None and _after_blocks(catalog, site.family))
-    if not computed and (not isinstance(site.layer, int) or site.layer < resume.layer):
+    if _before_resume(site, resume, catalog):
         raise SiteError(f"capture {site}: computed before block {resume.layer}, where this run resumes")
     if resume.pos and "pos" not in catalog.family(site.family).axis_names:
         raise SiteError(
             f"capture {site}: the run computes positions {resume.pos}.. only and the family has no 'pos' axis "
             f"to hold them on; resume at pos=0"
         )
+
+
+def _before_resume(site: Site, resume: Resume, catalog: Catalog) -> bool:
+    """Whether ``site`` is computed before the block the run resumes at. A family without layers after
+    the blocks (the final norm's input, the logits) is computed by every resumed run, and a run on its
+    own inputs computes everything (from its first position)."""
+    if resume.own_inputs or (site.layer is None and _after_blocks(catalog, site.family)):
+        return False
+    return not isinstance(site.layer, int) or site.layer < resume.layer
 
 
 def _after_blocks(catalog: Catalog, family: str) -> bool:
