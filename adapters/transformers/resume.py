@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -119,7 +119,7 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
     if arch.causal:
         extra["use_cache"] = bool(pos)
     if pos:
-        extra[_cache_argument(model)] = _prefix_cache(model, prefix, layer, pos, times)
+        extra[_cache_argument(model)] = _prefix_cache(model, prefix, layer, pos, tiled)
 
     blocks = _blocks(model, arch)
     handle = None
@@ -145,17 +145,12 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
     if pos:
         # The cache holds the prefix's keys and values (the prefix keeps them); the output need not.
         raw["cache" if raw.get("cache") is not None else "past_key_values"] = None
-        # The prefix's positions, copied into each repeat of the rows without a tiled copy first.
         field = _output_field(raw)
-        tail = raw[field]
-        out = tail.new_empty(rows, pos + tail.shape[1], *tail.shape[2:])
-        out.view(times, prefix.rows, *out.shape[1:])[:, :, :pos] = prefix.output[:, :pos].to(tail.dtype)
-        out[:, pos:] = tail
-        raw[field] = out
+        raw[field] = _repeated_before(prefix.output[:, :pos].to(raw[field].dtype), raw[field], axis=1)
     return raw
 
 
-def _prefix_cache(model: nn.Module, prefix: Prefix, layer: int, pos: int, times: int) -> Any:
+def _prefix_cache(model: nn.Module, prefix: Prefix, layer: int, pos: int, tiled: Callable) -> Any:
     """A transformers cache of the prefix's keys and values of positions ``..pos``, for a run from ``(layer, pos)``.
 
     Plain and sliding-window blocks get entries holding the prefix untiled (views, so every block
@@ -175,21 +170,25 @@ def _prefix_cache(model: nn.Module, prefix: Prefix, layer: int, pos: int, times:
         elif kind is DynamicSlidingWindowLayer:
             cache.layers[i] = sliding(cache.layers[i].sliding_window, keys, values)
         elif i >= layer or i == 0:
-            cache.update(*(t.repeat(times, 1, 1, 1) if times > 1 else t for t in (keys, values)), i)
+            cache.update(tiled(keys), tiled(values), i)
     return cache
 
 
-def _repeated_before(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``prefix`` (``[prefix rows, heads, p, d]``) repeated down ``new``'s rows, ``new`` after it on the sequence axis.
+def _repeated_before(prefix: torch.Tensor, new: torch.Tensor, axis: int = -2) -> torch.Tensor:
+    """``prefix`` repeated down ``new``'s rows, ``new`` after it along the sequence ``axis`` (keys and values:
+    ``[rows, heads, pos, d]``; outputs: ``[rows, pos, ...]``).
 
     Built in one new tensor: the prefix is written into each repeat through a view, never tiled first.
     """
-    rows, length = new.shape[0], prefix.shape[-2]
+    rows, axis = new.shape[0], axis % new.ndim
     if rows % prefix.shape[0]:
-        raise ValueError(f"{rows} rows of new keys/values are not a whole number of copies of {prefix.shape[0]}")
-    out = new.new_empty(*new.shape[:-2], length + new.shape[-2], new.shape[-1])
-    out.view(rows // prefix.shape[0], *prefix.shape[:-2], *out.shape[-2:])[..., :length, :] = prefix
-    out[..., length:, :] = new
+        raise ValueError(f"{rows} rows are not a whole number of copies of the prefix's {prefix.shape[0]}")
+    length = prefix.shape[axis]
+    out = new.new_empty(*new.shape[:axis], length + new.shape[axis], *new.shape[axis + 1 :])
+    out.view(rows // prefix.shape[0], *prefix.shape[:1], *out.shape[1:]).narrow(axis + 1, 0, length).copy_(
+        prefix.expand(rows // prefix.shape[0], *prefix.shape)
+    )
+    out.narrow(axis, length, new.shape[axis]).copy_(new)
     return out
 
 
@@ -205,18 +204,19 @@ def _prefix_layer_classes() -> tuple[type, type]:
     """
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    class PrefixLayer(DynamicLayer):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-            super().__init__()
-            self.lazy_initialization(keys, values)
-            self.keys, self.values = keys, values
-
+    class Untiled:
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
             return _repeated_before(self.keys, key_states), _repeated_before(self.values, value_states)
 
-    class SlidingPrefixLayer(DynamicSlidingWindowLayer):
+    class PrefixLayer(Untiled, DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+    class SlidingPrefixLayer(Untiled, DynamicSlidingWindowLayer):
         """Holds what a sliding-window layer filled with the prefix keeps: its last ``sliding_window - 1`` positions."""
 
         def __init__(self, sliding_window: int, keys: torch.Tensor, values: torch.Tensor):
@@ -225,10 +225,5 @@ def _prefix_layer_classes() -> tuple[type, type]:
             self.keys = keys[:, :, -sliding_window + 1 :]
             self.values = values[:, :, -sliding_window + 1 :]
             self.cumulative_length = keys.shape[-2]
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return _repeated_before(self.keys, key_states), _repeated_before(self.values, value_states)
 
     return PrefixLayer, SlidingPrefixLayer
