@@ -229,6 +229,7 @@ class _Patcher:
         # What a run captures for each sender: a family that is a linear map of another (head_out of
         # head_z) is read as its source and mapped afterwards, so no forward builds per-head writes for it.
         self.reads = {k: _read_key(m.catalog, k, [Site.parse(k)]) for k in self.keys}
+        self.read_keys = list(dict.fromkeys(self.reads.values()))  # what a run captures, once each
         self.ablation = ablation
         self.forwards = 0
         self.clean_out: torch.Tensor | None = None
@@ -257,12 +258,11 @@ class _Patcher:
         senders' own values. The corrupt run is made on first use, from the positions it shares with
         ``first`` when a clean run kept one (:mod:`.shared_prefix`)."""
         if self._ablated_raw is None and self._corrupt is not None:
-            capture = list(dict.fromkeys(self.reads.values()))
             if self.first is not None and self.first_at is not None:  # values for that run's gradients only
                 at, only = self.first_at, self.output_only
             else:  # the output is not read
                 at, only = torch.full((self.n,), self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1), ()
-            _, values, self.shared_positions = capture_sharing_prefix(self.m, self._corrupt, capture, at, self.first, only)
+            _, values, self.shared_positions = capture_sharing_prefix(self.m, self._corrupt, self.read_keys, at, self.first, only)
             self.forwards += 1
             self.first = self.first_at = None
             self._ablated_raw = {key: values[read].detach() for key, read in self.reads.items()}
@@ -293,8 +293,7 @@ class _Patcher:
         ``output_only``: as for :func:`~crosspatch.engine.execute`."""
         if isinstance(output_at, str):
             output_at = torch.zeros(rows_of(inputs), dtype=torch.long)
-        capture = list(dict.fromkeys(self.reads.values()))
-        run = self._execute(inputs, bounds, capture, grad, output_at, keep_prefix=keep_prefix, output_only=output_only)
+        run = self._execute(inputs, bounds, self.read_keys, grad, output_at, keep_prefix=keep_prefix, output_only=output_only)
         return run, {key: run.cache[read].detach() for key, read in self.reads.items()}
 
     def writes(self, key: str, raw: torch.Tensor) -> torch.Tensor:
@@ -521,7 +520,7 @@ def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int, s
     run, senders = p.senders(inputs, bounds, grad=True, output_at=at, keep_prefix=keep, output_only=p.output_only)
     senders = {k: v[:n] for k, v in senders.items()}
     if run.prefix is not None:  # the corrupt run, made after this one, starts where the two inputs differ
-        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in set(p.reads.values())})
+        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in p.read_keys})
         p.first_at = at
         run.prefix = None
     ctx.example = ctx.example.to(run.output.device)
