@@ -22,8 +22,10 @@ demo: install
 
 # The plugins are installed as a user would install them, so their entry points are exercised.
 # Ray (the `ray` extra) only for the Ray executor's tests, so `make demo` does not pull it in.
+# lint-imports checks the layer contracts of pyproject.toml against the installed package.
 test: install
 	$(BIN)/pip install --quiet ".[ray]" ./plugins/crosspatch-torchvision ./plugins/crosspatch-template
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m pytest -q tests plugins/crosspatch-torchvision/tests plugins/crosspatch-template/tests
 
 BENCH := .venv-bench

@@ -54,7 +54,7 @@ def main() -> None:
 
     import ray
 
-    from crosspatch.ray_executor import RayExecutor, release_actors
+    from crosspatch.scale.ray_executor import RayExecutor, release_actors
 
     torch.set_num_threads(args.threads)
     s = gpt2_setup(args.layers, args.d_model, args.seq, args.prompts)

@@ -15,31 +15,43 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
+_moved.install()
+
 _EXPORTS: dict[str, str] = {
-    "Adapter": "adapter", "AdapterError": "adapter",
-    "Cache": "cache",
-    "Axis": "catalog", "Catalog": "catalog", "LinearFrom": "catalog", "SiteFamily": "catalog", "Sweep": "catalog",
-    "Bound": "engine", "Run": "engine",
-    "Add": "interventions", "ApplyContext": "interventions", "Intervention": "interventions", "Mean": "interventions",
-    "Noise": "interventions", "Patch": "interventions", "ProjectOut": "interventions", "Resample": "interventions",
-    "Scale": "interventions", "Set": "interventions", "Zero": "interventions",
-    "activation_patching": "methods",
-    "attribution_patching": "methods.attribution", "path_patching": "methods.path_patching",
+    "Adapter": "engine.adapter", "AdapterError": "engine.adapter",
+    "Cache": "engine.cache",
+    "Axis": "sites.catalog", "Catalog": "sites.catalog", "LinearFrom": "sites.catalog", "SiteFamily": "sites.catalog",
+    "Sweep": "sites.catalog",
+    "Bound": "engine.forward", "Run": "engine.forward",
+    "Add": "engine.interventions", "ApplyContext": "engine.interventions", "Intervention": "engine.interventions",
+    "Mean": "engine.interventions", "Noise": "engine.interventions", "Patch": "engine.interventions",
+    "ProjectOut": "engine.interventions", "Resample": "engine.interventions", "Scale": "engine.interventions",
+    "Set": "engine.interventions", "Zero": "engine.interventions",
+    # The two shardable methods take ``executor=`` here: crosspatch.scale wraps the plain methods.
+    "activation_patching": "scale.shardable", "attribution_patching": "scale.shardable",
+    "path_patching": "methods.path_patching",
     "mediation": "methods.mediation", "faithfulness": "methods.faithfulness",
     "faithfulness_table": "methods.faithfulness", "faithfulness_curve": "methods.faithfulness",
     "steering_vector": "methods.steering", "steering_curve": "methods.steering",
-    "fit_eraser": "methods.erasure", "Erase": "methods.erasure",
-    "train_das": "methods.das", "iia": "methods.das", "RotatedSubspace": "methods.das",
-    "BoundlessDAS": "methods.das", "LearnedMask": "methods.masks", "train_masks": "methods.masks",
+    "fit_eraser": "trainable.erasure", "Erase": "trainable.erasure",
+    "train_das": "trainable.das", "iia": "trainable.das", "RotatedSubspace": "trainable.das",
+    "BoundlessDAS": "trainable.das", "LearnedMask": "trainable.masks", "train_masks": "trainable.masks",
     "train_iit": "methods.iit",
-    "SAE": "sae", "train_sae": "sae", "load_sae": "sae", "SAEFeatures": "methods.sae_patching",
+    "SAE": "trainable.sae", "train_sae": "trainable.sae", "load_sae": "trainable.sae",
+    "SAEFeatures": "trainable.sae_features",
     "latent_traversal": "methods.latent", "factor_mediation": "methods.vae_metrics",
-    "WrappedModel": "model", "wrap": "model",
-    "Result": "results",
-    "Site": "sites", "SiteError": "sites", "Span": "sites",
+    "WrappedModel": "engine.model", "wrap": "engine.model",
+    "Result": "results.result",
+    "Site": "sites.site", "SiteError": "sites.site", "Span": "sites.site",
 }
-_RENAMED = {"intervention_from_dict": ("interventions", "from_dict")}
-_SUBMODULES = {"metrics", "tasks", "zoo", "testing", "report", "methods", "plugins", "trainable", "sae"}
+_RENAMED = {"intervention_from_dict": ("engine.interventions", "from_dict")}
+# Submodules reachable as attributes (``cp.metrics.logit_diff``), by the module that holds them.
+_SUBMODULES = {
+    "metrics": "results.metrics", "tasks": "zoo.tasks", "zoo": "zoo", "testing": "testing", "report": "results.report",
+    "methods": "methods", "plugins": "plugins", "trainable": "trainable", "sae": "trainable.sae",
+}
 
 __all__ = sorted([*_EXPORTS, *_RENAMED, "metrics", "tasks", "zoo"])
 
@@ -58,7 +70,9 @@ def __getattr__(name: str) -> Any:
         module, attr = _RENAMED[name]
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
+    elif f"{__name__}.{name}" in _moved.MOVED:  # cp.interventions: a module from before the packages
+        value = importlib.import_module(_moved.MOVED[f"{__name__}.{name}"])
     else:
         raise AttributeError(f"module 'crosspatch' has no attribute {name!r}")
     globals()[name] = value
@@ -70,29 +84,30 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from . import metrics, tasks, zoo
-    from .adapter import Adapter, AdapterError
-    from .cache import Cache
-    from .catalog import Axis, Catalog, LinearFrom, SiteFamily, Sweep
-    from .engine import Bound, Run
-    from .interventions import (
+    from . import zoo
+    from .engine.adapter import Adapter, AdapterError
+    from .engine.cache import Cache
+    from .engine.forward import Bound, Run
+    from .engine.interventions import (
         Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,
     )
-    from .interventions import from_dict as intervention_from_dict
-    from .methods import activation_patching
-    from .methods.attribution import attribution_patching
+    from .engine.interventions import from_dict as intervention_from_dict
+    from .engine.model import WrappedModel, wrap
     from .methods.faithfulness import faithfulness, faithfulness_curve, faithfulness_table
-    from .methods.mediation import mediation
-    from .methods.path_patching import path_patching
-    from .methods.das import BoundlessDAS, RotatedSubspace, iia, train_das
-    from .methods.erasure import Erase, fit_eraser
     from .methods.iit import train_iit
     from .methods.latent import latent_traversal
-    from .methods.masks import LearnedMask, train_masks
-    from .methods.sae_patching import SAEFeatures
+    from .methods.mediation import mediation
+    from .methods.path_patching import path_patching
     from .methods.steering import steering_curve, steering_vector
     from .methods.vae_metrics import factor_mediation
-    from .sae import SAE, load_sae, train_sae
-    from .model import WrappedModel, wrap
-    from .results import Result
-    from .sites import Site, SiteError, Span
+    from .results import metrics
+    from .results.result import Result
+    from .scale.shardable import activation_patching, attribution_patching
+    from .sites.catalog import Axis, Catalog, LinearFrom, SiteFamily, Sweep
+    from .sites.site import Site, SiteError, Span
+    from .trainable.das import BoundlessDAS, RotatedSubspace, iia, train_das
+    from .trainable.erasure import Erase, fit_eraser
+    from .trainable.masks import LearnedMask, train_masks
+    from .trainable.sae import SAE, load_sae, train_sae
+    from .trainable.sae_features import SAEFeatures
+    from .zoo import tasks

@@ -1,6 +1,6 @@
 """``python -m crosspatch``: same as the ``crosspatch`` command."""
 
-from .cli import main
+from .cli.app import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
-from crosspatch.tasks.shapes import ShapesTask
+from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
 

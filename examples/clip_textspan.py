@@ -27,11 +27,11 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
-from crosspatch.tasks.shapes import ShapesTask
+from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
 WORD_FACTORS = {"colour": "colour", "shape": "shape", "y": "y", "x": "x"}

@@ -16,8 +16,8 @@ import sys
 import torch
 
 import crosspatch as cp
-from crosspatch.methods.das import RotatedSubspace, iia, principal_angles, train_das
-from crosspatch.toys import D, SubspaceToy, subspace_adapter, subspace_pairs as pairs
+from crosspatch.trainable.das import RotatedSubspace, iia, principal_angles, train_das
+from crosspatch.zoo.toys import D, SubspaceToy, subspace_adapter, subspace_pairs as pairs
 
 
 def main(out: str = "das_study.png") -> None:

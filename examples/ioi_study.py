@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import crosspatch as cp
-from crosspatch import zoo
-from crosspatch.report import write_report
-from crosspatch.tasks import get_task
-from crosspatch.tasks.base import tokenize_pairs
+from crosspatch.zoo import store as zoo
+from crosspatch.results.report import write_report
+from crosspatch.zoo.tasks import get_task
+from crosspatch.zoo.tasks.base import tokenize_pairs
 
 MODEL, TASK = "ioi-gpt2-tiny", "ioi"
 SWEEPS = {

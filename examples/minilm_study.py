@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.transformers.minilm import mean_pool
-from crosspatch.report import write_report
+from crosspatch.results.report import write_report
 
 TEMPLATE = "she said the {} was the best thing she saw today."
 WORDS = [("cat", "dog"), ("car", "bus"), ("apple", "lemon"), ("piano", "guitar"), ("doctor", "lawyer"),

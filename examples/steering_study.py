@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.methods.steering import plot_curve, steering_curve
-from crosspatch.tasks import ShapesTask
+from crosspatch.zoo.tasks import ShapesTask
 
 MODEL = "shapes-vae"
 SITES = ["latent.z", "encoder.block.2", "decoder.block.0"]

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.methods.latent import decoder_inputs, traversal_figure, traversal_grid
 from crosspatch.methods.vae_metrics import factor_mediation, latent_metrics
-from crosspatch.tasks import ShapesTask
+from crosspatch.zoo.tasks import ShapesTask
 
 MODELS = {"beta4": ("shapes-vae", "β = 4"), "beta1": ("shapes-vae-beta1", "β = 1")}
 TRAVERSAL = tuple(np.round(np.linspace(-2.5, 2.5, 7), 2).tolist())

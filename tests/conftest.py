@@ -164,9 +164,9 @@ class ToyNet(nn.Module):
 
 
 def toy_adapter():
-    from crosspatch.adapter import Adapter, model_device
-    from crosspatch.catalog import Axis, Catalog, SiteFamily
-    from crosspatch.reach import ModuleInput, ModuleOutput
+    from crosspatch.engine.adapter import Adapter, model_device
+    from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+    from crosspatch.engine.reach import ModuleInput, ModuleOutput
 
     class ToyAdapter(Adapter):
         name = "toy"

@@ -12,7 +12,7 @@ this package does not import open_clip.
 
 from .adapter import OpenClipAdapter
 from .attention import UnfusedAttention, unfuse
-from .twotower import Candidates, TwoTowerOutput
+from crosspatch.adapters.transformers.twotower import Candidates, TwoTowerOutput
 
 __all__ = ["OpenClipAdapter", "UnfusedAttention", "unfuse", "Candidates", "TwoTowerOutput", "to_transformers"]
 

@@ -1,7 +1,7 @@
 """The open_clip adapter: both towers of an open_clip CLIP model on the shared site vocabulary.
 
 Sites are prefixed by tower (``vision.``, ``text.``); outputs are ``image_embed``, ``text_embed`` and
-``logits`` (see :mod:`crosspatch.adapters.open_clip.twotower` for inputs, rows and candidates).
+``logits`` (see :mod:`crosspatch.adapters.transformers.twotower` for inputs, rows and candidates).
 
 **Unfused attention during runs.** open_clip's default block computes attention inside
 ``nn.MultiheadAttention``, where no hook sees a head or a pattern. For the duration of each
@@ -26,15 +26,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
-from crosspatch.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
 from crosspatch.adapters.transformers.inputs import HeadIn, InputLayout
 from crosspatch.adapters.transformers.reaches import HeadZ
 
-from . import twotower
-from .twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC
+from crosspatch.adapters.transformers import twotower
+from crosspatch.adapters.transformers.twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC
 from .attention import UnfusedAttention, is_fused
 from .reaches import AttentionPattern, HeadWrite, ResidualMid, RunningModules
 

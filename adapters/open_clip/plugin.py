@@ -1,6 +1,6 @@
 """Entry point of the built-in open_clip adapter (group ``crosspatch``, name ``open_clip``)."""
 
-from crosspatch.hookspecs import hookimpl
+from crosspatch.plugins.hookspecs import hookimpl
 
 from .adapter import OpenClipAdapter
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from crosspatch.reach import Callback, Handle, submodule
+from crosspatch.engine.reach import Callback, Handle, submodule
 
 __all__ = ["AttentionPattern", "HeadWrite", "ResidualMid", "RunningModules"]
 

@@ -80,7 +80,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from crosspatch.zoo import Loaded, TrainSettings, ZooModel
+from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
 __all__ = ["ZOO_MODELS", "Recipe", "RECIPE", "CaptionSet", "build_shapes_clip", "load_shapes_clip",
            "combination_mask", "minimal_pairs", "model_config", "training_task", "zero_shot"]
@@ -261,7 +261,7 @@ def training_task(recipe: Recipe = RECIPE):
     The held-out (shape, colour) combinations are those of the default task, so its ``"test"``
     split stays unseen; the extra colours occur with every shape.
     """
-    from crosspatch.tasks.shapes import ShapesTask
+    from crosspatch.zoo.tasks.shapes import ShapesTask
 
     task = ShapesTask(size=recipe.image_size)
     if not recipe.extra_colours:
@@ -312,7 +312,7 @@ def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, p
     import torch.nn.functional as F
 
     from crosspatch.progress import progress_bar
-    from crosspatch.tasks.shapes import ShapesTask
+    from crosspatch.zoo.tasks.shapes import ShapesTask
 
     steps = recipe.steps if steps is None else steps
     threads = torch.get_num_threads()
@@ -422,7 +422,7 @@ def load_wrapped(library: str = "open_clip", *, seed: int = 0):
     """``shapes-clip`` from the zoo (trained on first use), wrapped; ``library="transformers"`` serves the
     same weights as a HuggingFace ``CLIPModel``. Returns ``(wrapped model, Loaded)``."""
     import crosspatch as cp
-    from crosspatch import zoo
+    from crosspatch.zoo import store as zoo
 
     loaded = zoo.load("shapes-clip", seed=seed)
     model = loaded.model

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspatch.adapter import Adapter, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
-from crosspatch.metrics import Metric
-from crosspatch.reach import ModuleInput, ModuleOutput
+from crosspatch.engine.adapter import Adapter, Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+from crosspatch.results.metrics import Metric
+from crosspatch.engine.reach import ModuleInput, ModuleOutput
 
 from .model import TracrTransformer
 

@@ -1,6 +1,6 @@
 """Entry point of the tracr adapter (group ``crosspatch``, name ``tracr``)."""
 
-from crosspatch.hookspecs import hookimpl
+from crosspatch.plugins.hookspecs import hookimpl
 
 from .adapter import TracrAdapter
 

@@ -9,10 +9,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
-from crosspatch.output_positions import restrict
-from crosspatch.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
+from crosspatch.engine.output_positions import restrict
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
 from . import clip
 from .architectures import ARCHITECTURES, architecture_for

@@ -3,7 +3,7 @@
 The transformers adapter hands ``model_type == "clip"`` models to this module, so a study written
 for open_clip models (``vision.head_out.*``, ``text.resid_pre.*``, ``logits``...) runs unchanged on
 a HuggingFace CLIP. Inputs, rows and candidates, and outputs are those of
-:mod:`crosspatch.adapters.open_clip.twotower` (``pixel_values`` / ``input_ids`` are accepted as
+:mod:`crosspatch.adapters.transformers.twotower` (``pixel_values`` / ``input_ids`` are accepted as
 aliases of ``images`` / ``texts``).
 
 Where the two libraries agree (pre-LN blocks, class-token pooling, causal text tower pooled at the
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosspatch.adapter import Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, LinearFrom, SiteFamily
-from crosspatch.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.adapter import Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
-from crosspatch.adapters.open_clip import twotower
-from crosspatch.adapters.open_clip.twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC, TwoTowerOutput
+from . import twotower
+from .twotower import HEAD_IN_DOC, HEAD_Z_DOC, LOGITS_IN_DOC, MLP_IN_DOC, TwoTowerOutput
 
 from .inputs import HeadIn, InputLayout
 from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspatch.catalog import Axis, SiteFamily
-from crosspatch.offload import reads_weights
-from crosspatch.reach import Callback, Handle, ModuleInput, aliases, slot_sink, submodule
+from crosspatch.sites.catalog import Axis, SiteFamily
+from crosspatch.engine.offload import reads_weights
+from crosspatch.engine.reach import Callback, Handle, ModuleInput, aliases, slot_sink, submodule
 
 from .slot_grad import slot_gradient
 

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from crosspatch.zoo import Loaded, ZooError, ZooModel
+from crosspatch.zoo.store import Loaded, ZooError, ZooModel
 
 __all__ = ["MINILM", "load_minilm", "mean_pool", "MAX_SEQ_LENGTH"]
 

@@ -1,6 +1,6 @@
 """Entry point of the built-in transformers adapter (group ``crosspatch``, name ``transformers``)."""
 
-from crosspatch.hookspecs import hookimpl
+from crosspatch.plugins.hookspecs import hookimpl
 
 from .adapter import TransformersAdapter
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspatch.offload import onloaded, reads_weights
-from crosspatch.reach import Callback, Handle, submodule
+from crosspatch.engine.offload import onloaded, reads_weights
+from crosspatch.engine.reach import Callback, Handle, submodule
 
 
 class HeadOut:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from crosspatch.adapter import Inputs, batch_size
-from crosspatch.reach import submodule
-from crosspatch.resume import Prefix, Resume
+from crosspatch.engine.adapter import Inputs, batch_size
+from crosspatch.engine.reach import submodule
+from crosspatch.engine.resume import Prefix, Resume
 
 from .architectures import Architecture
 

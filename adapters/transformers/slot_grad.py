@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crosspatch.reach import SlotSink
+from crosspatch.engine.reach import SlotSink
 
 __all__ = ["slot_gradient"]
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from crosspatch.zoo import Loaded, TrainSettings, ZooModel
+from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
 __all__ = ["GREATER_THAN_RECIPE", "IOI_RECIPE", "Recipe", "ZOO_MODELS", "load_gpt2", "word_tokenizer"]
 
@@ -269,7 +269,7 @@ IOI_FILLER: tuple[str, ...] = (
 
 def ioi_filler(rng: random.Random, n: int) -> list[str]:
     """``n`` filler sentences, each about one name drawn from all names (train and test)."""
-    from crosspatch.tasks.ioi import NAMES, OBJECTS, PLACES
+    from crosspatch.zoo.tasks.ioi import NAMES, OBJECTS, PLACES
 
     return [
         rng.choice(IOI_FILLER).format(x=rng.choice(NAMES), object=rng.choice(OBJECTS), place=rng.choice(PLACES))
@@ -279,7 +279,7 @@ def ioi_filler(rng: random.Random, n: int) -> list[str]:
 
 def ioi_vocabulary() -> list[str]:
     """The IOI task's vocabulary plus the filler's words."""
-    from crosspatch.tasks import IOITask, words
+    from crosspatch.zoo.tasks import IOITask, words
 
     vocab = set(IOITask().vocabulary())
     for fmt in IOI_FILLER:
@@ -291,8 +291,8 @@ def build_ioi(folder: Path, settings: TrainSettings, recipe: Recipe = IOI_RECIPE
     """Train ``ioi-gpt2-tiny`` into ``folder``; metrics on prompts of held-out (test) names."""
     import torch
 
-    from crosspatch.tasks import IOITask, tokenize_pairs
-    from crosspatch.tasks.ioi import NAMES, TEST_NAMES
+    from crosspatch.zoo.tasks import IOITask, tokenize_pairs
+    from crosspatch.zoo.tasks.ioi import NAMES, TEST_NAMES
 
     task = IOITask()
     steps = settings.steps if settings.steps is not None else recipe.steps
@@ -345,7 +345,7 @@ GREATER_THAN_RECIPE = Recipe(steps=800)
 def greater_than_sentences(rng: random.Random, n: int, starts: Sequence[int]) -> list[str]:
     """Complete sentences "The war lasted from the year 1732 to the year 1755 ." with the end year
     drawn uniformly above the start."""
-    from crosspatch.tasks.greater_than import CENTURIES, NOUNS, TEMPLATES
+    from crosspatch.zoo.tasks.greater_than import CENTURIES, NOUNS, TEMPLATES
 
     out = []
     for _ in range(n):
@@ -364,8 +364,8 @@ def build_greater_than(folder: Path, settings: TrainSettings, recipe: Recipe = G
     """
     import torch
 
-    from crosspatch.tasks import GreaterThanTask, greater_than_metric, tokenize_pairs
-    from crosspatch.tasks.greater_than import CORRUPT_START
+    from crosspatch.zoo.tasks import GreaterThanTask, greater_than_metric, tokenize_pairs
+    from crosspatch.zoo.tasks.greater_than import CORRUPT_START
 
     task = GreaterThanTask()
     steps = settings.steps if settings.steps is not None else recipe.steps

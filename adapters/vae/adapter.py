@@ -23,9 +23,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from crosspatch.adapter import Adapter, AdapterError, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
-from crosspatch.reach import ModuleInput, ModuleOutput
+from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+from crosspatch.engine.reach import ModuleInput, ModuleOutput
 
 from .protocol import TorchVAE
 from .reaches import BlockOutput, ChannelSlice, MidAttention, Point, through

@@ -4,7 +4,7 @@ Registering imports neither diffusers nor any weights: the adapter recognises an
 only if diffusers is already imported, and zoo models build or load when they are asked for.
 """
 
-from crosspatch.hookspecs import hookimpl
+from crosspatch.plugins.hookspecs import hookimpl
 
 from .adapter import VAEAdapter
 from .zoo import ZOO_MODELS

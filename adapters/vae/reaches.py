@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crosspatch.reach import Callback, Handle, submodule
+from crosspatch.engine.reach import Callback, Handle, submodule
 
 __all__ = ["ChannelSlice", "MidAttention", "BlockOutput", "Point", "through"]
 

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from crosspatch.zoo import Loaded, TrainSettings, ZooModel
+from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
 __all__ = ["ZOO_MODELS", "VAERecipe", "KLRecipe", "build_conv_vae", "load_conv_vae", "build_kl_vae", "load_kl_vae"]
 
@@ -101,7 +101,7 @@ def _data(settings: TrainSettings, size: int, steps: int, batch: int):
     """Train-split images (at most what training will draw) and a seeded generator for batches."""
     import torch
 
-    from crosspatch.tasks import ShapesTask
+    from crosspatch.zoo.tasks import ShapesTask
 
     task = ShapesTask()
     n = min(size, steps * batch)

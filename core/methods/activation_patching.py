@@ -7,16 +7,16 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..adapter import repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Patch
-from ..metrics import Metric, MetricContext
-from ..model import WrappedModel
+from ..engine.adapter import repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..results.metrics import Metric, MetricContext
+from ..engine.model import WrappedModel
 from ..progress import progress_bar
-from ..resume import resume_chunks
+from ..engine.resume import resume_chunks
 from .pairs import prepare_pair, rows_per_forward, same_masks
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 
 __all__ = ["activation_patching"]
 
@@ -34,7 +34,6 @@ def activation_patching(
     reuse_prefix: bool = True,
     skip_unchanged: bool = True,
     progress: bool | None = None,
-    executor: Any = "local",
 ) -> Result:
     """Patch every site of a sweep, one at a time, and measure the metric's change.
 
@@ -52,13 +51,7 @@ def activation_patching(
     With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
     prompt: in a causal model, every position before the first token where the inputs differ) is
     not run at all: writing the value already there changes nothing, so its effect is exactly 0.
-    ``executor`` ("local", "ray" or an Executor) runs the sweep as shards on workers (:mod:`crosspatch.executors`).
     """
-    if executor != "local":  # sharded: each shard is this function on a block of sites and prompts
-        from ..executors import dispatch
-
-        arguments = {k: v for k, v in locals().items() if k not in ("executor", "dispatch")}
-        return dispatch(executor, "activation_patching", arguments)
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)

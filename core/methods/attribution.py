@@ -56,14 +56,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Intervention
-from ..metrics import Metric, MetricContext
-from ..model import WrappedModel
-from ..results import Result, collect_versions
-from ..selection import axis_index
-from ..sites import Site, split_tower
+from ..engine.adapter import repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Intervention
+from ..results.metrics import Metric, MetricContext
+from ..engine.model import WrappedModel
+from ..results.result import Result, collect_versions
+from ..sites.selection import axis_index
+from ..sites.site import Site, split_tower
 from .pairs import prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
 from .shared_prefix import capture_sharing_prefix, may_share
@@ -128,7 +128,6 @@ def attribution_patching(
     grad_drop_groups: Sequence[Sequence[str]] | None = None,
     normalize: bool = False,
     qk_fix: bool = False,
-    executor: Any = "local",
 ) -> Result:
     """AtP for every site of ``sites`` at once; AtP* is ``grad_drop=True, qk_fix=True``.
 
@@ -138,14 +137,7 @@ def attribution_patching(
 
     Returns a Result with the dims and coords of ``activation_patching`` for the same pattern.
     See the module docstring for the formula, the conventions and the cost.
-    ``executor`` ("local", "ray" or an Executor) runs prompt batches (GradDrop: site blocks) on workers
-    (:mod:`crosspatch.executors`).
     """
-    if executor != "local":  # sharded: each shard is this function on a block of prompts (or sites)
-        from ..executors import dispatch
-
-        arguments = {k: v for k, v in locals().items() if k not in ("executor", "dispatch")}
-        return dispatch(executor, "attribution_patching", arguments)
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
     sweep = m.catalog.expand(sites, pair.sizes)

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..results import Result
+from ..results.result import Result
 
 __all__ = ["roc", "node_scores", "edge_nodes", "plot_roc"]
 

@@ -27,14 +27,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..adapter import repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Mean
-from ..metrics import logit_diff
-from ..model import WrappedModel, wrap
+from ..engine.adapter import repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Mean
+from ..results.metrics import logit_diff
+from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 from .activation_patching import activation_patching
 
 __all__ = [

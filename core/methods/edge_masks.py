@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import repeat_rows
-from ..engine import Bound
-from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
-from ..sites import Site
+from ..engine.adapter import repeat_rows
+from ..engine.forward import Bound
+from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..sites.site import Site
 from .edges import EdgeGraph, _flat_index, _Patcher, _Receiver, _result, _Sender, _State, _ZeroSender
-from .masks import expected_open, kept_gates, relaxed_gates
+from ..trainable.masks import expected_open, kept_gates, relaxed_gates
 
 __all__ = ["learn_edge_masks", "masked_edges_output", "dense_masks", "ablated_senders", "EdgeMaskParams"]
 

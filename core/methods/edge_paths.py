@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sites import Site, split_tower
+from ..sites.site import Site, split_tower
 
 __all__ = ["sender_of", "connected"]
 

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Intervention
-from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
-from ..model import WrappedModel, wrap
-from ..results import Result, collect_versions
-from ..reach import attach_slot_sink
-from ..resume import Prefix, Resume
-from ..sites import Site, split_tower
+from ..engine.adapter import batch_size as rows_of, repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Intervention
+from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..engine.model import WrappedModel, wrap
+from ..results.result import Result, collect_versions
+from ..engine.reach import attach_slot_sink
+from ..engine.resume import Prefix, Resume
+from ..sites.site import Site, split_tower
 from .attribution import _read_key, _Tap
 from .edge_paths import connected
 from .shared_prefix import capture_sharing_prefix, may_share

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of
-from ..engine import Bound, execute
-from ..interventions import Mean, Resample, Zero
-from ..metrics import Metric, MetricContext, as_metric, kl_to_clean
-from ..model import WrappedModel, wrap
+from ..engine.adapter import batch_size as rows_of
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Mean, Resample, Zero
+from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 
 __all__ = ["ABLATIONS", "faithfulness", "faithfulness_table", "faithfulness_curve", "plot_curve"]
 

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import batch_size as rows_of
-from ..cache import Cache
-from ..engine import Bound, execute
-from ..interventions import Patch
-from ..model import WrappedModel, wrap
+from ..engine.adapter import batch_size as rows_of
+from ..engine.cache import Cache
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
-from ..sites import Site
-from .das import _labels, last_position, take_rows
+from ..sites.site import Site
+from ..trainable.das import _labels, last_position, take_rows
 
 __all__ = ["train_iit", "interchange_accuracy", "interchange_effect"]
 

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Add, Intervention, Set
-from ..model import WrappedModel, wrap
+from ..engine.adapter import batch_size as rows_of, repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Add, Intervention, Set
+from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
-from ..sites import ANY, Site, SiteError
+from ..sites.site import ANY, Site, SiteError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of
-from ..engine import Bound, execute
-from ..interventions import Patch
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..engine.adapter import batch_size as rows_of
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..results.metrics import Metric, MetricContext, as_metric
+from ..engine.model import WrappedModel, wrap
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 from .pairs import check_pair
 
 __all__ = ["Mediation", "mediation"]

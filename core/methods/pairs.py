@@ -8,9 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapter import Inputs, batch_size, model_device
-from ..metrics import Metric, as_metric
-from ..model import WrappedModel, wrap
+from ..engine.adapter import Inputs, batch_size, model_device
+from ..results.metrics import Metric, as_metric
+from ..engine.model import WrappedModel, wrap
 
 __all__ = ["Pair", "prepare_pair", "check_pair", "same_masks", "rows_per_forward", "ACCELERATOR_ROWS"]
 

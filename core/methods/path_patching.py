@@ -35,15 +35,15 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..adapter import repeat_rows
-from ..cache import Cache
-from ..engine import Bound, execute
-from ..interventions import Patch
-from ..metrics import Metric, MetricContext
-from ..model import WrappedModel
+from ..engine.adapter import repeat_rows
+from ..engine.cache import Cache
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..results.metrics import Metric, MetricContext
+from ..engine.model import WrappedModel
 from ..progress import progress_bar
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 from .pairs import prepare_pair, rows_per_forward
 
 __all__ = ["path_patching"]

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter import repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Intervention
-from ..sites import Site, SiteError, split_tower
+from ..engine.adapter import repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Intervention
+from ..sites.site import Site, SiteError, split_tower
 
 __all__ = ["QKLayer", "qk_layers", "pattern_key", "exact_patterns", "corrected_products"]
 

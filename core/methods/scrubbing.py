@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of
-from ..cache import Cache
-from ..engine import Bound, execute
-from ..interventions import Patch
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
-from ..results import Result, collect_versions
-from .das import take_rows
+from ..engine.adapter import batch_size as rows_of
+from ..engine.cache import Cache
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..results.metrics import Metric, MetricContext, as_metric
+from ..engine.model import WrappedModel, wrap
+from ..results.result import Result, collect_versions
+from ..trainable.das import take_rows
 
 __all__ = ["Hypothesis", "causal_scrubbing", "equivalence_classes", "example"]
 

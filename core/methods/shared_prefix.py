@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapter import Inputs, batch_size
-from ..engine import execute
-from ..model import WrappedModel
-from ..resume import Prefix, Resume
-from ..sites import Site
+from ..engine.adapter import Inputs, batch_size
+from ..engine.forward import execute
+from ..engine.model import WrappedModel
+from ..engine.resume import Prefix, Resume
+from ..sites.site import Site
 
 __all__ = ["agreeing_positions", "capture_sharing_prefix", "may_share"]
 

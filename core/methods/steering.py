@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of, repeat_rows
-from ..engine import Bound, execute
-from ..interventions import Add
-from ..metrics import Metric, MetricContext, as_metric
-from ..model import WrappedModel, wrap
+from ..engine.adapter import batch_size as rows_of, repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Add
+from ..results.metrics import Metric, MetricContext, as_metric
+from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
-from ..results import Result, collect_versions
-from ..sites import Site, SiteError, Span
+from ..results.result import Result, collect_versions
+from ..sites.site import Site, SiteError, Span
 
 __all__ = ["steering_vector", "steering_curve", "plot_curve", "DEFAULT_OVER"]
 

@@ -60,12 +60,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import batch_size as rows_of
-from ..engine import execute
-from ..interventions import Patch
-from ..model import WrappedModel, wrap
-from ..results import Result, collect_versions
-from ..sites import Site
+from ..engine.adapter import batch_size as rows_of
+from ..engine.forward import execute
+from ..engine.interventions import Patch
+from ..engine.model import WrappedModel, wrap
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
 from .latent import Distance, _intervention, _value_list, output_distance, run_jobs, unit_sweep
 
 __all__ = [

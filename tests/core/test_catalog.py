@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import crosspatch as cp
-from crosspatch.catalog import Axis, Catalog, SiteFamily, Sweep
-from crosspatch.sites import ANY, Site, SiteError, Span
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily, Sweep
+from crosspatch.sites.site import ANY, Site, SiteError, Span
 
 
 @pytest.fixture

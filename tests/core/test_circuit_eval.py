@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crosspatch.methods.circuit_eval import edge_nodes, node_scores, plot_roc, roc
-from crosspatch.results import Result
+from crosspatch.results.result import Result
 
 
 def test_roc_matches_a_hand_computed_curve():

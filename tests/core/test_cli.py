@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import install_fake_dist
-from crosspatch import cli, plugins
-from crosspatch.plugins import reset_registry
+from crosspatch.cli import app as cli
+from crosspatch.plugins import registry as plugins
+from crosspatch.plugins.registry import reset_registry
 
 VENV_BIN = Path(sys.executable).parent
 CROSSPATCH_EXE = VENV_BIN / "crosspatch"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crosspatch import cli
-from crosspatch.plugins import get_registry, reset_registry
+from crosspatch.cli import app as cli
+from crosspatch.plugins.registry import get_registry, reset_registry
 
 pytest.importorskip("transformers")
 
@@ -23,7 +23,7 @@ def _build(folder: Path, settings) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from crosspatch.adapters.transformers.zoo import word_tokenizer
-    from crosspatch.tasks import IOITask
+    from crosspatch.zoo.tasks import IOITask
 
     tokenizer = word_tokenizer(IOITask().vocabulary())
     torch.manual_seed(settings.seed)
@@ -35,8 +35,8 @@ def _build(folder: Path, settings) -> dict:
 
 def _plugin() -> types.ModuleType:
     from crosspatch.adapters.transformers.zoo import load_gpt2
-    from crosspatch.hookspecs import hookimpl
-    from crosspatch.zoo import ZooModel
+    from crosspatch.plugins.hookspecs import hookimpl
+    from crosspatch.zoo.store import ZooModel
 
     module = types.ModuleType("fake_zoo_plugin")
 
@@ -145,7 +145,7 @@ def test_patch_end_to_end(fake_zoo, capsys):
 
 
 def test_unknown_model_site_task(fake_zoo, capsys):
-    from crosspatch import zoo
+    from crosspatch.zoo import store as zoo
 
     zoo.load(FAKE)  # built now, so the commands below print nothing about training
     capsys.readouterr()

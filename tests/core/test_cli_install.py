@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import install_fake_dist
-from crosspatch import cli, cli_install, plugins
-from crosspatch.plugins import reset_registry
+from crosspatch.cli import app as cli
+from crosspatch.cli import install as cli_install
+from crosspatch.plugins import registry as plugins
+from crosspatch.plugins.registry import reset_registry
 
 PIP = [sys.executable, "-m", "pip"]
 LIST = [sys.executable, "-m", "crosspatch", "plugins"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.methods.das import (
+from crosspatch.trainable.das import (
     BoundlessDAS, LowRankRotatedSubspace, RotatedSubspace, iia, principal_angles, train_das,
 )
-from crosspatch.toys import D, N_VALUES, SubspaceToy, subspace_adapter, subspace_pairs
-from crosspatch.trainable import TrainableIntervention, from_dict, load
+from crosspatch.zoo.toys import D, N_VALUES, SubspaceToy, subspace_adapter, subspace_pairs
+from crosspatch.trainable.base import TrainableIntervention, from_dict, load
 
 pairs = subspace_pairs
 
@@ -119,8 +119,8 @@ def test_to_dict_from_dict(cls):
 
 def test_registered_through_the_plugin_registry():
     """The `trainable` entry point registers the DAS interventions, so dicts round-trip by kind."""
-    from crosspatch.interventions import from_dict as intervention_from_dict
-    from crosspatch.plugins import get_registry, reset_registry
+    from crosspatch.engine.interventions import from_dict as intervention_from_dict
+    from crosspatch.plugins.registry import get_registry, reset_registry
 
     reset_registry()
     try:

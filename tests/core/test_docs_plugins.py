@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from crosspatch import hookspecs, plugins
-from crosspatch.testing import CHECKS
+from crosspatch.plugins import hookspecs
+from crosspatch.plugins import registry as plugins
+from crosspatch.testing.conformance import CHECKS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 

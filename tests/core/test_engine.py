@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.catalog import Catalog
+from crosspatch.sites.catalog import Catalog
 
 # ---------------------------------------------------------------- hand computations
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.methods.erasure import (
+from crosspatch.trainable.erasure import (
     Erase, fit_eraser, fit_leace, fit_mean_projection, probe_accuracy, site_activations,
 )
 

@@ -12,10 +12,11 @@ import pytest
 
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
-from crosspatch.executors import LocalExecutor, ShardError, resolve_executor
-from crosspatch.model_source import ModelSource
-from crosspatch.shard_store import ShardStore, study_key
-from crosspatch.sharding import ShardOutput, merge, plan_study, split
+from crosspatch.scale.dispatch import resolve_executor
+from crosspatch.scale.executors import LocalExecutor, ShardError
+from crosspatch.scale.model_source import ModelSource
+from crosspatch.scale.shard_store import ShardStore, study_key
+from crosspatch.scale.sharding import ShardOutput, merge, plan_study, split
 from sharding_cases import SITES, FailOnPrompt, assert_same_result, make_prompts, per_prompt_metric
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_persistent_failure_names_the_shard_and_a_rerun_resumes(model, prompts, 
     assert saved == ["s0-8_r0-2.json", "s0-8_r2-4.json"]
     calls_before = len(log.read_text().split())
     flag.unlink()
-    with caplog.at_level(logging.INFO, logger="crosspatch.executors"):
+    with caplog.at_level(logging.INFO, logger="crosspatch.scale.dispatch"):
         got = run()
     assert "resuming activation_patching: 2 of 3 shards loaded" in caplog.text
     assert set(log.read_text().split()[calls_before:]) == {"4"}, "only the block of rows 4:6 runs again"

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import crosspatch as cp
-from crosspatch.adapter import Adapter, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.engine.adapter import Adapter, model_device
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 from crosspatch.methods.faithfulness import ABLATIONS, faithfulness, faithfulness_curve, faithfulness_table, plot_curve
-from crosspatch.reach import ModuleOutput
+from crosspatch.engine.reach import ModuleOutput
 
 K = 6
 

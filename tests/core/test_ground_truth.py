@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosspatch.ground_truth import closed_form, closed_form_metric, residual_toy, true_edges, true_nodes
+from crosspatch.zoo.ground_truth import closed_form, closed_form_metric, residual_toy, true_edges, true_nodes
 from crosspatch.methods.circuit_eval import edge_nodes, node_scores, roc
 from crosspatch.methods.edges import acdc, eap, eap_ig, edge_graph, patch_edges
 

@@ -29,9 +29,9 @@ class MLP(nn.Module):
 
 
 def mlp_adapter():
-    from crosspatch.adapter import Adapter, model_device
-    from crosspatch.catalog import Axis, Catalog, SiteFamily
-    from crosspatch.reach import ModuleOutput
+    from crosspatch.engine.adapter import Adapter, model_device
+    from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+    from crosspatch.engine.reach import ModuleOutput
 
     class MLPAdapter(Adapter):
         name = "iit_mlp"

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import crosspatch as cp
-from crosspatch.methods.masks import LearnedMask, masked_output, train_masks
-from crosspatch.trainable import from_dict, load
+from crosspatch.trainable.masks import LearnedMask, masked_output, train_masks
+from crosspatch.trainable.base import from_dict, load
 
 HIDDEN, IMPORTANT = 16, (2, 5, 11)
 
@@ -35,9 +35,9 @@ class MaskToy(nn.Module):
 
 
 def mask_adapter():
-    from crosspatch.adapter import Adapter, model_device
-    from crosspatch.catalog import Axis, Catalog, SiteFamily
-    from crosspatch.reach import ModuleOutput
+    from crosspatch.engine.adapter import Adapter, model_device
+    from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+    from crosspatch.engine.reach import ModuleOutput
 
     class MaskAdapter(Adapter):
         name = "mask_toy"

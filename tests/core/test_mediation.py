@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import crosspatch as cp
-from crosspatch.adapter import Adapter, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
+from crosspatch.engine.adapter import Adapter, model_device
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 from crosspatch.methods.mediation import Mediation, mediation
-from crosspatch.reach import ModuleOutput
+from crosspatch.engine.reach import ModuleOutput
 
 
 class MedNet(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.metrics import Metric, MetricContext, as_metric, kl_to_clean, logit_diff, logprob, probability
+from crosspatch.results.metrics import Metric, MetricContext, as_metric, kl_to_clean, logit_diff, logprob, probability
 
 close = torch.testing.assert_close
 

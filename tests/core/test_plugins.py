@@ -15,9 +15,9 @@ import pluggy
 import pytest
 
 from conftest import install_fake_dist
-from crosspatch import plugins
-from crosspatch.hookspecs import hookimpl
-from crosspatch.plugins import PluginLoadWarning, Registry, get_registry, reset_registry
+from crosspatch.plugins import registry as plugins
+from crosspatch.plugins.hookspecs import hookimpl
+from crosspatch.plugins.registry import PluginLoadWarning, Registry, get_registry, reset_registry
 
 FAKE_MODULES = {
     "cpfake_good": '''

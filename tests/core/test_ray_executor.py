@@ -15,8 +15,8 @@ import conftest
 import sharding_cases
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
-from crosspatch.executors import ShardError
-from crosspatch.ray_executor import RayExecutor, release_actors
+from crosspatch.scale.executors import ShardError
+from crosspatch.scale.ray_executor import RayExecutor, release_actors
 from sharding_cases import SITES, FailOnPrompt, assert_same_result, make_prompts, per_prompt_metric
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +90,7 @@ def test_a_killed_actor_is_replaced_and_its_shard_retried(prompts, tmp_path, cap
     marker = tmp_path / "died"
     dying = cp.metrics.Metric("logit_diff", DieOnce(per_prompt_metric(), marker))
     ex = RayExecutor(sites_per_shard=4, max_retries=1, checkpoint_dir=tmp_path / "shards", keep_actors=True)
-    with caplog.at_level(logging.WARNING, logger="crosspatch.ray_executor"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.scale.ray_executor"):
         got = cp.activation_patching(make_model, clean, corrupt, SITES, dying, batch_size=12, executor=ex)
     assert marker.exists() and int(marker.read_text()) != os.getpid(), "an actor process died"
     assert "failed on attempt 1 of 2" in caplog.text and "the actor died" in caplog.text

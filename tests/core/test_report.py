@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crosspatch import Result
-from crosspatch.report import top_sites, write_report
+from crosspatch.results.report import top_sites, write_report
 
 
 def _heads() -> Result:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from crosspatch.results import Result, collect_versions
+from crosspatch.results.result import Result, collect_versions
 
 matplotlib.use("Agg")
 

@@ -5,10 +5,10 @@ import torch
 from conftest import ToyNet, toy_adapter
 
 import crosspatch as cp
-from crosspatch.adapter import repeat_rows
-from crosspatch.engine import Bound, execute
-from crosspatch.resume import Prefix, Resume, resume_chunks, start_of, windowed
-from crosspatch.sites import Site, SiteError, Span
+from crosspatch.engine.adapter import repeat_rows
+from crosspatch.engine.forward import Bound, execute
+from crosspatch.engine.resume import Prefix, Resume, resume_chunks, start_of, windowed
+from crosspatch.sites.site import Site, SiteError, Span
 
 
 def resumable_toy():
@@ -150,7 +150,7 @@ def test_chunks_cover_every_site_once_and_resume_where_they_may(toy):
 
 def test_sweep_with_reuse_equals_sweep_without(toy):
     model, adapter, catalog, base_in, source_in = toy
-    from crosspatch.model import WrappedModel
+    from crosspatch.engine.model import WrappedModel
 
     m = WrappedModel(model, adapter)
     metric = lambda out, ctx: out[:, -1, 0] - out[:, -1, 1]  # noqa: E731
@@ -183,7 +183,7 @@ def test_agreeing_positions_compare_position_by_position():
 @pytest.mark.parametrize("first_difference", [0, 3, 6])
 def test_capture_sharing_a_prefix_equals_a_full_run(toy, first_difference):
     from crosspatch.methods.shared_prefix import capture_sharing_prefix
-    from crosspatch.model import WrappedModel
+    from crosspatch.engine.model import WrappedModel
 
     model, adapter, catalog, base_in, source_in = toy
     m = WrappedModel(model, adapter)

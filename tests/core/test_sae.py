@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.methods.erasure import site_activations
+from crosspatch.trainable.erasure import site_activations
 from crosspatch.methods.sae_patching import SAEFeatures, sae_feature_ablation, sae_feature_patching
-from crosspatch.sae import SAE, load_sae, train_sae
+from crosspatch.trainable.sae import SAE, load_sae, train_sae
 
 
 def _sparse_data(n=4000, d=16, atoms=32, active=3, seed=0):

@@ -46,9 +46,9 @@ class AddMod4(nn.Module):
 
 
 def adapter():
-    from crosspatch.adapter import Adapter
-    from crosspatch.catalog import Axis, Catalog, SiteFamily
-    from crosspatch.reach import ModuleOutput
+    from crosspatch.engine.adapter import Adapter
+    from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+    from crosspatch.engine.reach import ModuleOutput
 
     class A(Adapter):
         name = "add_mod4"

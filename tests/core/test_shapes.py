@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from crosspatch.tasks.base import TaskError
-from crosspatch.tasks.shapes import COLOURS, SHAPES, ImagePairs, ShapeBatch, ShapesTask
+from crosspatch.zoo.tasks.base import TaskError
+from crosspatch.zoo.tasks.shapes import COLOURS, SHAPES, ImagePairs, ShapeBatch, ShapesTask
 
 FACTORS = ("shape", "colour", "scale", "x", "y", "rotation")
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from crosspatch.sites import ANY, Site, SiteError, Span, site_key
+from crosspatch.sites.site import ANY, Site, SiteError, Span, site_key
 
 # ---------------------------------------------------------------- canonical strings round-trip
 
@@ -398,7 +398,7 @@ def test_random_strings_parse_or_raise_site_error():
 
 
 def test_split_tower():
-    from crosspatch.sites import split_tower
+    from crosspatch.sites.site import split_tower
 
     assert split_tower("vision.head_in") == ("vision.", "head_in")
     assert split_tower("head_in") == ("", "head_in")

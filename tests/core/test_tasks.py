@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-from crosspatch import plugins
-from crosspatch.hookspecs import hookimpl
-from crosspatch.metrics import MetricContext
-from crosspatch.plugins import get_registry, reset_registry
-from crosspatch.tasks import (
+from crosspatch.plugins import registry as plugins
+from crosspatch.plugins.hookspecs import hookimpl
+from crosspatch.results.metrics import MetricContext
+from crosspatch.plugins.registry import get_registry, reset_registry
+from crosspatch.zoo.tasks import (
     GreaterThanTask,
     IOITask,
     TaskError,
@@ -22,8 +22,8 @@ from crosspatch.tasks import (
     tokenize_pairs,
     words,
 )
-from crosspatch.tasks import greater_than as gt
-from crosspatch.tasks import ioi
+from crosspatch.zoo.tasks import greater_than as gt
+from crosspatch.zoo.tasks import ioi
 
 TEXT_TASKS = [IOITask(), GreaterThanTask()]
 ids = pytest.mark.parametrize("task", TEXT_TASKS, ids=lambda t: t.name)
@@ -224,7 +224,7 @@ def test_builtin_tasks_are_registered_through_the_plugin_registry():
     assert isinstance(get_task("greater-than"), GreaterThanTask)
     assert get_task("shapes").name == "shapes"
     info = next(p for p in get_registry().plugins() if p.name == "tasks")
-    assert info.module == "crosspatch.tasks.plugin" and info.errors == []
+    assert info.module == "crosspatch.zoo.tasks.plugin" and info.errors == []
     assert set(info.registered["tasks"]) == {"ioi", "greater-than", "shapes"}
     for task in (get_task("ioi"), get_task("greater-than")):
         assert task.modality == "text" and task.description and task.factors

@@ -8,9 +8,9 @@ from torch import nn
 
 import crosspatch as cp
 from conftest import ToyNet, tiny_bert, tiny_gpt2, tiny_llama, toy_adapter
-from crosspatch.catalog import Axis, Catalog, SiteFamily
-from crosspatch.reach import ModuleOutput, submodule
-from crosspatch.testing import CHECKS, AdapterConformance, assert_conforms, check_adapter
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+from crosspatch.engine.reach import ModuleOutput, submodule
+from crosspatch.testing.conformance import CHECKS, AdapterConformance, assert_conforms, check_adapter
 
 POS, DIM = Axis("pos"), Axis("dim", 4)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosspatch import plugins, zoo
-from crosspatch.hookspecs import hookimpl
-from crosspatch.plugins import get_registry, reset_registry
-from crosspatch.zoo import Loaded, TrainSettings, ZooError, ZooModel
+from crosspatch.plugins import registry as plugins
+from crosspatch.zoo import store as zoo
+from crosspatch.plugins.hookspecs import hookimpl
+from crosspatch.plugins.registry import get_registry, reset_registry
+from crosspatch.zoo.store import Loaded, TrainSettings, ZooError, ZooModel
 
 
 class FakeBuilds:
@@ -194,7 +195,7 @@ def test_damaged_cache_is_rebuilt_with_a_warning(fake, cache, caplog, damage, pr
     folder = _folder(cache)
     damage(folder)
     assert not zoo.cached("fake-tiny")
-    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo.store"):
         loaded = zoo.load("fake-tiny")
     assert len(fake.builds) == 2
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -207,7 +208,7 @@ def test_folder_without_manifest_from_an_interrupted_build(fake, cache, caplog):
     folder = _folder(cache)
     folder.mkdir(parents=True)
     (folder / "weights.pt").write_bytes(b"half a file")
-    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo.store"):
         zoo.load("fake-tiny")
     assert len(fake.builds) == 1 and "partial" in caplog.text
     assert zoo.cached("fake-tiny")
@@ -233,7 +234,7 @@ def test_load_failure_on_an_intact_folder_rebuilds_once(fake, cache, caplog):
         return real(folder)
 
     fake.table["fake-tiny"] = dataclasses.replace(fake.spec, load=flaky)
-    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.zoo.store"):
         zoo.load("fake-tiny")
     assert len(fake.builds) == 2 and len(calls) == 2
     assert "weights from an older library" in caplog.text

@@ -24,9 +24,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from crosspatch.adapter import Adapter, Inputs, model_device
-from crosspatch.catalog import Axis, Catalog, SiteFamily
-from crosspatch.reach import ModuleInput, ModuleOutput
+from crosspatch.engine.adapter import Adapter, Inputs, model_device
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+from crosspatch.engine.reach import ModuleInput, ModuleOutput
 
 __all__ = ["MLPAdapter"]
 

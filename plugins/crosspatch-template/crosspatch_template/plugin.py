@@ -3,7 +3,7 @@
 Keep it cheap to import: crosspatch loads every plugin whenever it needs the registry.
 """
 
-from crosspatch.hookspecs import hookimpl
+from crosspatch.plugins.hookspecs import hookimpl
 
 from .adapter import MLPAdapter
 

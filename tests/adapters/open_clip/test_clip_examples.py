@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip import zoo as clip_zoo
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"

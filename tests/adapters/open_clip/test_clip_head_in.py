@@ -11,7 +11,7 @@ import torch
 import crosspatch as cp
 from clip_models import images, texts, tiny_open_clip
 from crosspatch.adapters.open_clip import to_transformers
-from crosspatch.interventions import Patch, Set
+from crosspatch.engine.interventions import Patch, Set
 from crosspatch.methods.attribution import _Tap
 
 TOWERS = ("vision", "text")

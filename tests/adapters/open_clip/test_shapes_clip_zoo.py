@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip import zoo as clip_zoo
 from crosspatch.methods import cross_modal
-from crosspatch.tasks.shapes import ShapesTask
+from crosspatch.zoo.tasks.shapes import ShapesTask
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_registered_through_the_open_clip_plugin():
-    from crosspatch.plugins import get_registry
+    from crosspatch.plugins.registry import get_registry
 
     spec = zoo.models()["shapes-clip"]
     assert spec.adapter == "open_clip" and spec.task == "shapes" and spec.trains

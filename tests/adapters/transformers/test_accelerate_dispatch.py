@@ -10,9 +10,9 @@ import torch
 
 import accelerate  # the `sharded` extra, part of `all`, which `make test` installs
 import crosspatch as cp
-from crosspatch.adapter import model_device
-from crosspatch.interventions import ApplyContext
-from crosspatch.offload import is_offloaded, onloaded
+from crosspatch.engine.adapter import model_device
+from crosspatch.engine.interventions import ApplyContext
+from crosspatch.engine.offload import is_offloaded, onloaded
 
 from conftest import randomize, tiny_gpt2, tiny_llama, tiny_neox
 
@@ -281,8 +281,8 @@ def test_two_device_map_moves_sources_and_parameters_to_the_activation(two_devic
 
 
 def _context(target, source=None):
-    from crosspatch.catalog import Axis, SiteFamily
-    from crosspatch.sites import Site
+    from crosspatch.sites.catalog import Axis, SiteFamily
+    from crosspatch.sites.site import Site
 
     fam = SiteFamily("resid_pre", (Axis("pos"), Axis("dim", target.shape[-1])), reach=None, layers=1)
     site = Site.parse("resid_pre.0[pos={0,2}]")

@@ -10,7 +10,7 @@ import torch
 
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
-from crosspatch.interventions import Patch
+from crosspatch.engine.interventions import Patch
 from crosspatch.methods.attribution import attribution_patching
 from crosspatch.methods.qk_fix import QKLayer, exact_patterns
 

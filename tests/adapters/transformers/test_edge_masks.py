@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.metrics import MetricContext
+from crosspatch.results.metrics import MetricContext
 from crosspatch.methods.circuit_eval import roc
 from crosspatch.methods.edge_masks import ablated_senders, learn_edge_masks, masked_edges_output
 from crosspatch.methods.edges import _Patcher, eap, edge_graph, patch_edges

@@ -8,7 +8,7 @@ import torch
 
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
-from crosspatch.interventions import Patch
+from crosspatch.engine.interventions import Patch
 from crosspatch.methods.edge_paths import connected
 from crosspatch.methods.edges import _Patcher, acdc, eap, eap_ig, edge_graph, patch_edges
 from test_inputs import with_inputs

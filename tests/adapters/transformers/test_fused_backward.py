@@ -9,9 +9,9 @@ from torch import nn
 from transformers import activations
 
 import crosspatch as cp
-from crosspatch.engine import Bound, execute
+from crosspatch.engine.forward import Bound, execute
 from crosspatch.methods.attribution import _Tap
-from crosspatch.sites import Site
+from crosspatch.sites.site import Site
 from crosspatch.adapters.transformers.fused_backward import gelu_tanh_hooks
 from conftest import tiny_gpt2
 

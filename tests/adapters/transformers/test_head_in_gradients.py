@@ -10,7 +10,7 @@ import torch
 
 import crosspatch as cp
 from conftest import randomize, tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
-from crosspatch.interventions import Patch
+from crosspatch.engine.interventions import Patch
 from crosspatch.methods.attribution import _Tap
 from test_head_in_parallel_post_ln import _sharpened
 

@@ -8,7 +8,7 @@ import torch
 
 import crosspatch as cp
 from conftest import randomize, tiny_bert, tiny_neox, tiny_roberta
-from crosspatch.interventions import Patch
+from crosspatch.engine.interventions import Patch
 
 MODELS = {
     "neox_parallel": lambda: tiny_neox(parallel=True),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2, tiny_llama
-from crosspatch.interventions import Patch, Set
+from crosspatch.engine.interventions import Patch, Set
 
 
 def with_inputs(model):

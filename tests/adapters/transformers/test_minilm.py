@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 
 import crosspatch as cp
-from crosspatch import cli, zoo
+from crosspatch.cli import app as cli
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.transformers.minilm import MINILM, load_minilm, mean_pool
 
 SENTENCES = ["a cat is sleeping on the old sofa.", "the dog runs."]
@@ -25,8 +26,8 @@ def minilm():
 @pytest.fixture
 def registered(monkeypatch):
     """`minilm` in the zoo (ad hoc, unless the transformers plugin already registers it)."""
-    from crosspatch.hookspecs import hookimpl
-    from crosspatch.plugins import get_registry, reset_registry
+    from crosspatch.plugins.hookspecs import hookimpl
+    from crosspatch.plugins.registry import get_registry, reset_registry
 
     class Plugin:
         @hookimpl

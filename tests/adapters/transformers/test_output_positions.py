@@ -8,10 +8,10 @@ import torch
 
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2, tiny_llama
-from crosspatch.engine import Bound, execute
+from crosspatch.engine.forward import Bound, execute
 from crosspatch.methods.attribution import attribution_patching
 from crosspatch.methods.edges import eap, eap_ig
-from crosspatch.metrics import Metric, MetricContext
+from crosspatch.results.metrics import Metric, MetricContext
 
 
 def _padded(side: str) -> dict:

@@ -13,9 +13,9 @@ from conftest import padded_prompts as prompts
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
 
 import crosspatch as cp
-from crosspatch.adapter import repeat_rows
-from crosspatch.engine import Bound, execute
-from crosspatch.resume import Resume
+from crosspatch.engine.adapter import repeat_rows
+from crosspatch.engine.forward import Bound, execute
+from crosspatch.engine.resume import Resume
 
 MODELS = {
     "gpt2": lambda: tiny_gpt2(n_layer=3),

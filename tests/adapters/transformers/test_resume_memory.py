@@ -19,9 +19,9 @@ from conftest import padded_prompts, tiny_gpt2, tiny_llama, tiny_neox
 from transformers.cache_utils import Cache
 
 import crosspatch as cp
-from crosspatch.adapter import repeat_rows
-from crosspatch.engine import Bound, execute
-from crosspatch.resume import Resume
+from crosspatch.engine.adapter import repeat_rows
+from crosspatch.engine.forward import Bound, execute
+from crosspatch.engine.resume import Resume
 
 LENGTH, ROWS, TIMES = 10, 3, 3
 

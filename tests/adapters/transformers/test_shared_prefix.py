@@ -12,11 +12,11 @@ import torch
 from conftest import padded_prompts, tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
 
 import crosspatch as cp
-from crosspatch.engine import execute
+from crosspatch.engine.forward import execute
 from crosspatch.methods.attribution import attribution_patching
 from crosspatch.methods.edges import eap, edge_graph
 from crosspatch.methods.shared_prefix import capture_sharing_prefix
-from crosspatch.model import WrappedModel
+from crosspatch.engine.model import WrappedModel
 
 MODELS = {
     "gpt2": lambda: tiny_gpt2(n_layer=3),

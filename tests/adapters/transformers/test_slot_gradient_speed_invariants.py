@@ -15,7 +15,7 @@ import crosspatch as cp
 import crosspatch.adapters.transformers.inputs as inputs
 from conftest import randomize, tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
 from crosspatch.adapters.transformers.inputs import LAYOUTS, HeadIn, _same_bits
-from crosspatch.reach import aliases as _aliases
+from crosspatch.engine.reach import aliases as _aliases
 from crosspatch.adapters.transformers.slot_grad import slot_gradient
 from crosspatch.methods.attribution import _Tap
 

@@ -10,9 +10,9 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import crosspatch as cp
-from crosspatch import zoo
-from crosspatch.tasks import get_task, greater_than_metric, tokenize_pairs
-from crosspatch.tasks.ioi import NAMES, TEST_NAMES
+from crosspatch.zoo import store as zoo
+from crosspatch.zoo.tasks import get_task, greater_than_metric, tokenize_pairs
+from crosspatch.zoo.tasks.ioi import NAMES, TEST_NAMES
 
 NAMES_ = ("ioi-gpt2-tiny", "greater-than-tiny")
 
@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_registered_through_the_transformers_plugin():
     from crosspatch.adapters.transformers.zoo import ZOO_MODELS
-    from crosspatch.plugins import get_registry
+    from crosspatch.plugins.registry import get_registry
 
     models = zoo.models()
     for name in NAMES_:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.adapter import AdapterError
+from crosspatch.engine.adapter import AdapterError
 from crosspatch.adapters.vae import ConvVAE, VAEAdapter
 from crosspatch.adapters.vae.reaches import _POINTS
-from crosspatch.interventions import Set
+from crosspatch.engine.interventions import Set
 from vae_helpers import images, tiny_kl
 
 close = torch.testing.assert_close

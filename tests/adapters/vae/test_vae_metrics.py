@@ -10,12 +10,12 @@ import torch
 
 import crosspatch as cp
 from crosspatch.adapters.vae import ConvVAE
-from crosspatch.interventions import Set
+from crosspatch.engine.interventions import Set
 from crosspatch.methods.latent import decode, decoder_inputs, encode, latent_traversal, traversal_figure, traversal_grid
 from crosspatch.methods.vae_metrics import (
     causal_effect_strength, circuit_modularity, effect_maps, factor_mediation, intervention_specificity, latent_metrics,
 )
-from crosspatch.tasks import ShapesTask
+from crosspatch.zoo.tasks import ShapesTask
 from vae_helpers import LinearVAE, images, tiny_kl
 
 close = torch.testing.assert_close

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch import zoo
+from crosspatch.zoo import store as zoo
 from crosspatch.adapters.vae import ConvVAE
 from crosspatch.adapters.vae import zoo as vae_zoo
-from crosspatch.tasks import ShapesTask
+from crosspatch.zoo.tasks import ShapesTask
 
 
 @pytest.fixture

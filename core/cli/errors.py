@@ -1,0 +1,5 @@
+"""The command line's user-facing error."""
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""

@@ -1,0 +1,78 @@
+"""Captured activations of one run, keyed by family and layer (``"resid_post.3"``)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+
+from ..sites.selection import index_for, select
+from ..sites.site import Site, SiteError
+
+__all__ = ["Cache"]
+
+
+class Cache(Mapping[str, torch.Tensor]):
+    """Full activations ``[batch, *axes]`` per site key.
+
+    Indexing with a site that has selections returns the selected part, every axis kept:
+    ``cache["resid_post.3[pos=2]"]`` has shape ``[batch, 1, d_model]``.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, axes: Mapping[str, tuple[str, ...]] | None = None):
+        self._tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self.axes: dict[str, tuple[str, ...]] = dict(axes or {})
+
+    def _store(self, key: str, value: torch.Tensor, axes: tuple[str, ...]) -> None:
+        self._tensors[key] = value
+        self.axes[key] = axes
+
+    def __getitem__(self, site: "str | Site") -> torch.Tensor:
+        site = Site.parse(site)
+        try:
+            full = self._tensors[site.key]
+        except KeyError:
+            raise KeyError(
+                f"site {site.key!r} was not captured; this cache holds: {', '.join(self._tensors) or 'nothing'}"
+            ) from None
+        if not site.sel:
+            return full
+        names = self.axes.get(site.key)
+        if names is None:
+            raise SiteError(f"the cache does not know the axes of {site.key!r}; cannot select {site}")
+        if len(names) != full.ndim - 1:
+            raise SiteError(f"the cache holds {site.key!r} with shape {tuple(full.shape)} but axes {names}")
+        return select(full, index_for(site, names, full.shape[1:], full.device))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, site: object) -> bool:
+        try:
+            return Site.parse(site).key in self._tensors  # type: ignore[arg-type]
+        except (SiteError, TypeError):
+            return False
+
+    def to(self, *args, **kwargs) -> "Cache":
+        return Cache({k: v.to(*args, **kwargs) for k, v in self._tensors.items()}, self.axes)
+
+    def detach(self) -> "Cache":
+        return Cache({k: v.detach() for k, v in self._tensors.items()}, self.axes)
+
+    @property
+    def batch_size(self) -> int | None:
+        return next(iter(self._tensors.values())).shape[0] if self._tensors else None
+
+    def to_dict(self) -> dict:
+        return {"tensors": dict(self._tensors), "axes": {k: list(v) for k, v in self.axes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Cache":
+        return cls(data["tensors"], {k: tuple(v) for k, v in data.get("axes", {}).items()})
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())
+        return f"Cache({body})"

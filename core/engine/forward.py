@@ -1,0 +1,285 @@
+"""The engine: one forward with captures and interventions, and nothing left behind.
+
+It installs a hook per (family, layer) the run needs, applies every intervention bound to that
+site (each to its own rows of the batch, so a sweep runs as one batched forward), captures what
+was asked, and removes exactly the handles it installed, also when the forward raises.
+Without ``grad`` the run is under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, Inputs, batch_size
+from .cache import Cache
+from ..sites.catalog import Catalog, SiteFamily
+from .interventions import ApplyContext, Intervention
+from .reach import Handle, aliases
+from .resume import Prefix, Resume, windowed
+from ..sites.selection import axis_index, select
+from ..sites.site import Site, SiteError
+
+__all__ = ["Bound", "Run", "execute"]
+
+@dataclass(frozen=True)
+class Bound:
+    """An intervention bound to a concrete site and to rows of the batch (all rows when None)."""
+
+    site: Site
+    intervention: Intervention
+    rows: slice | None = None
+
+
+@dataclass
+class Run:
+    """What one forward returns: the primary output, the captured activations and the raw output."""
+
+    output: torch.Tensor
+    cache: Cache
+    raw: Any = None
+    prefix: Prefix | None = None  # kept when asked (``keep_prefix``), for resumed runs of the same inputs
+
+
+@dataclass
+class _Plan:
+    family: SiteFamily
+    layer: int | None
+    bounds: list[Bound] = field(default_factory=list)
+    capture: bool = False
+    fired: int = 0
+
+
+def _grad_mode(grad: bool):
+    return torch.enable_grad() if grad else torch.inference_mode()
+
+
+def execute(
+    model: nn.Module,
+    adapter: Adapter,
+    catalog: Catalog,
+    inputs: Inputs,
+    bounds: Sequence[Bound] = (),
+    capture: Iterable[str] = (),
+    grad: bool = False,
+    keep_prefix: bool = False,
+    resume: Resume | None = None,
+    output_at: torch.Tensor | None = None,
+    output_only: Iterable[str] = (),
+) -> Run:
+    """Run ``model`` once on prepared ``inputs`` with ``bounds`` applied and ``capture`` keys stored.
+
+    ``keep_prefix`` also returns what later runs of the same inputs need to start part-way;
+    ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change. Its
+    captures hold what it computed: positions ``resume.pos..`` of sites at blocks ``resume.layer..``.
+    ``output_at`` (``[rows]``, e.g. :meth:`Metric.positions`): the output is needed at that position of
+    each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
+    Sites the run reads or writes are computed whole, except ``output_only`` keys: the caller reads
+    those at the ``output_at`` positions only (elsewhere their values may be the restricted ones).
+    """
+    n_rows = batch_size(inputs)
+    capture = list(capture)
+    if resume is not None and (grad or keep_prefix):
+        raise ValueError("a resumed run computes only part of the model: it cannot keep a prefix or take gradients")
+    if output_at is not None and tuple(output_at.shape) != (n_rows,):
+        raise ValueError(f"output_at holds one position per row: shape ({n_rows},), got {tuple(output_at.shape)}")
+    if output_at is not None and resume is not None and resume.pos:
+        # The resumed run computes positions resume.pos.. only; positions before it come from the prefix.
+        output_at = output_at - resume.pos if bool((output_at >= resume.pos).all()) else None
+    plans: dict[str, _Plan] = {}
+
+    def plan_for(site: Site) -> _Plan:
+        if site.key not in plans:
+            plans[site.key] = _Plan(catalog.family(site.family), site.layer)
+        return plans[site.key]
+
+    for bound in bounds:
+        site = catalog.resolve(bound.site)
+        if site.is_pattern:
+            raise SiteError(f"site {site} is a pattern; expand it (Catalog.expand) or use a sweep method")
+        fam = catalog.family(site.family)
+        if not fam.writable:
+            raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
+        if resume is not None:
+            site = _resumable(site, bound.intervention, resume, catalog)
+        plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
+    for key in capture:
+        site = catalog.resolve(key)
+        if resume is not None:
+            _capturable(site, resume, catalog)
+        plan_for(site).capture = True
+
+    sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
+    cache = Cache()
+    handles: list[Handle] = []
+    ordered = sorted(plans.items(), key=lambda kv: (catalog.order(kv[1].family.name), kv[1].layer or 0))
+    try:
+        for key, plan in ordered:
+            window = resume.pos if resume is not None else 0
+            handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
+        if output_at is not None:
+            handles.extend(adapter.output_at(model, output_at, set(plans) - set(output_only)))
+        if grad:
+            handles.extend(adapter.gradient_hooks(model))
+        prefix = None
+        with _grad_mode(grad):
+            if resume is not None:
+                raw = adapter.resume(model, inputs, resume)
+            elif keep_prefix:
+                raw, prefix = adapter.forward_keeping_prefix(model, inputs)
+            else:
+                raw = adapter.forward(model, inputs)
+            output = adapter.output(raw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [key for key, plan in plans.items() if plan.fired == 0]
+    if missed:
+        raise SiteError(
+            f"sites {', '.join(missed)} were never reached during the forward pass; "
+            f"the adapter {adapter.name!r} reaches them through modules this call did not run"
+        )
+    return Run(output, cache, raw, prefix)
+
+
+def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: Catalog) -> Site:
+    """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
+    if _before_resume(site, resume, catalog):
+        raise SiteError(
+            f"site {site} is computed before block {resume.layer}, where this run resumes; "
+            f"resume at layer <= {site.layer} or run the whole model"
+        )
+    if resume.pos and not intervention.position_local:
+        raise SiteError(
+            f"{type(intervention).__name__} at {site} reads other positions of the activation, so it cannot "
+            f"run from position {resume.pos}; resume at pos=0"
+        )
+    return windowed(site, resume.pos, resume.prefix.length)  # refuses a site that covers earlier positions
+
+
+def _capturable(site: Site, resume: Resume, catalog: Catalog) -> None:
+    """Refuse a capture the resumed run does not compute (whole)."""
+    if _before_resume(site, resume, catalog):
+        raise SiteError(f"capture {site}: computed before block {resume.layer}, where this run resumes")
+    if resume.pos and "pos" not in catalog.family(site.family).axis_names:
+        raise SiteError(
+            f"capture {site}: the run computes positions {resume.pos}.. only and the family has no 'pos' axis "
+            f"to hold them on; resume at pos=0"
+        )
+
+
+def _before_resume(site: Site, resume: Resume, catalog: Catalog) -> bool:
+    """Whether ``site`` is computed before the block the run resumes at. A family without layers after
+    the blocks (the final norm's input, the logits) is computed by every resumed run, and a run on its
+    own inputs computes everything (from its first position)."""
+    if resume.own_inputs or (site.layer is None and _after_blocks(catalog, site.family)):
+        return False
+    return not isinstance(site.layer, int) or site.layer < resume.layer
+
+
+def _after_blocks(catalog: Catalog, family: str) -> bool:
+    """True for a family without layers that the catalog (in forward order) lists after a family with layers."""
+    order = catalog.order(family)
+    return any(f.layers is not None and catalog.order(f.name) < order for f in catalog)
+
+
+def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
+    """Rows as a plain ``start:stop`` inside the batch; anything else is refused, not clipped."""
+    if rows is None:
+        return None
+    start, stop, step = rows.indices(n_rows)
+    inside = all(v is None or -n_rows <= v <= n_rows for v in (rows.start, rows.stop))
+    if step != 1 or stop <= start or not inside:
+        raise ValueError(
+            f"intervention at {site}: rows {rows} fall outside the batch of {n_rows} rows or are not a "
+            f"contiguous, non-empty block of it"
+        )
+    return slice(start, stop)
+
+
+def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool, window: int = 0):
+    fam = plan.family
+    pos_axis = 1 + fam.axis_names.index("pos") if window else 0
+
+    def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor) -> torch.Tensor:
+        source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
+        if window and source is not None:  # the run holds positions window.. only
+            source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
+        new = bound.intervention.apply(x, ApplyContext(bound.site, fam, index, target, source))
+        if new.shape != x.shape:
+            raise SiteError(
+                f"{type(bound.intervention).__name__} at {bound.site} returned shape {tuple(new.shape)}, "
+                f"expected {tuple(x.shape)}"
+            )
+        return new.to(dtype=target.dtype, device=target.device)
+
+    def on_value(value: torch.Tensor) -> torch.Tensor | None:
+        plan.fired += 1
+        out = value
+        # A gradient run with one intervention on all of the value (the taps of attribution methods):
+        # its result is the new value as it is, when it is a fresh tensor in the graph. No copy of a value
+        # that may be many times the residual's size, and no backward through one.
+        whole = grad and len(plan.bounds) == 1 and plan.bounds[0].rows is None
+        if whole:
+            index = axis_index(plan.bounds[0].site, fam, value.shape[1:], value.device)
+            whole = all(isinstance(part, slice) and part == slice(None) for part in index)
+        if whole:
+            # A view is its own node in the graph: gradients with respect to it flow only through the
+            # intervention's result, as they would through the copy the general path makes.
+            x = value.view_as(value)
+            out = apply(plan.bounds[0], value, index, x)
+            if (out._base is not None and not aliases(out, value)) or not out.requires_grad:
+                out = value.clone().copy_(out)  # a view of a source, or cut from the graph: write a copy
+        elif plan.bounds:
+            out = value.clone()
+            for bound in plan.bounds:
+                target = out if bound.rows is None else out[bound.rows]
+                index = axis_index(bound.site, fam, target.shape[1:], target.device)
+                x = select(target, index)
+                if grad:  # the slot is overwritten below; an intervention may keep x for its backward pass
+                    x = x.clone()
+                target[(slice(None), *index)] = apply(bound, target, index, x)
+        if plan.capture:
+            cache._store(key, out if grad else out.detach(), fam.axis_names)
+        return out if plan.bounds else None
+
+    return on_value
+
+
+def _source_tensor(source: Cache | None, key: str, grad: bool) -> torch.Tensor | None:
+    if source is None or key not in source:
+        return None
+    tensor = source[key]
+    if grad and tensor.is_inference():
+        tensor = tensor.clone()  # inference tensors cannot take part in autograd
+    return tensor
+
+
+def _resolve_sources(model, adapter, catalog, bounds: list[Bound], grad: bool) -> dict[int, Cache]:
+    """Per intervention, the Cache its source activations come from (running source inputs once)."""
+    by_input: dict[int, tuple[Any, set[str], list[Intervention]]] = {}
+    resolved: dict[int, Cache] = {}
+    for bound in bounds:
+        src = bound.intervention.source_inputs
+        if src is None:
+            continue
+        if isinstance(src, Cache):
+            if bound.site.key not in src:
+                raise SiteError(
+                    f"{type(bound.intervention).__name__} at {bound.site}: its source cache has no {bound.site.key!r} "
+                    f"(it holds {', '.join(src) or 'nothing'}); capture that site in the source run"
+                )
+            resolved[id(bound.intervention)] = src
+            continue
+        entry = by_input.setdefault(id(src), (src, set(), []))
+        entry[1].add(bound.site.key)
+        entry[2].append(bound.intervention)
+    for src, keys, users in by_input.values():
+        prepared = adapter.prepare(model, src)
+        cache = execute(model, adapter, catalog, prepared, capture=sorted(keys)).cache
+        for intervention in users:
+            resolved[id(intervention)] = cache
+    return resolved

@@ -1,0 +1,296 @@
+"""Interventions: small objects that turn an activation (and maybe a source's) into a new one.
+
+Each receives the selected part of the activation, ``x`` of shape ``[rows, *selected axes]``, and
+an :class:`ApplyContext` that carries the site, the full target activation and, for interventions
+that read other inputs (:class:`Patch`, :class:`Mean`, :class:`Resample`), the source activation.
+Parameters that live in activation space (``Add.vector``, ``ProjectOut.basis``) are given in the
+family's layout without the batch axis and are broadcast, then selected like the activation.
+
+Every intervention serialises to a plain dict (``to_dict``) and back (:func:`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .cache import Cache
+from ..sites.catalog import SiteFamily
+from ..sites.selection import select
+from ..sites.site import Site, SiteError
+
+__all__ = [
+    "ApplyContext", "Intervention", "Patch", "Zero", "Mean", "Resample", "Noise", "Add", "Scale",
+    "ProjectOut", "from_dict", "BUILTIN_INTERVENTIONS",
+]
+
+
+@dataclass
+class ApplyContext:
+    """What an intervention may read besides the selected activation."""
+
+    site: Site
+    family: SiteFamily
+    index: tuple
+    target: torch.Tensor
+    source: torch.Tensor | None = None
+
+    def select(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Select this site's axes from a batched tensor laid out like the target."""
+        return select(tensor, self.index)
+
+    def param(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Broadcast a parameter given in the family's layout (no batch axis) and select it."""
+        axes_shape = self.target.shape[1:]
+        tensor = tensor.to(device=self.target.device, dtype=self.target.dtype)
+        try:
+            full = tensor.expand(axes_shape)
+        except RuntimeError:
+            raise SiteError(
+                f"{name} has shape {tuple(tensor.shape)}, which does not broadcast to the activation of "
+                f"{self.site} with axes ({', '.join(self.family.axis_names)}) = {tuple(axes_shape)}"
+            ) from None
+        return select(full, self.index, batched=False).unsqueeze(0)
+
+    def require_source(self, kind: str) -> torch.Tensor:
+        """The source activation on the target's device and in its dtype (a source cache may live on
+        another device, e.g. captured on one GPU of a device map or moved to the CPU, or in another dtype)."""
+        if self.source is None:
+            raise SiteError(f"{kind} at {self.site}: no source activation was captured for {self.site.key}")
+        if self.source.shape[1:] != self.target.shape[1:]:
+            raise SiteError(
+                f"{kind} at {self.site}: the source activation has shape {tuple(self.source.shape)} but the "
+                f"target has {tuple(self.target.shape)}; source and target inputs must have the same length"
+            )
+        return self.source.to(device=self.target.device, dtype=self.target.dtype)
+
+
+class Intervention:
+    """Base class. Subclasses are dataclasses with a unique ``kind``."""
+
+    kind: ClassVar[str] = ""
+    # True when the result at each position depends only on that position (and the source's):
+    # such an intervention may run in a forward that skips the positions before it (crosspatch.resume).
+    position_local: ClassVar[bool] = False
+
+    def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def source_inputs(self) -> Any:
+        """Inputs (or a Cache) this intervention reads activations from, if any."""
+        return None
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = {"cache": value.to_dict()} if isinstance(value, Cache) else value
+        return out
+
+    @classmethod
+    def _from_fields(cls, data: Mapping) -> "Intervention":
+        kwargs = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                value = data[f.name]
+                if isinstance(value, Mapping) and set(value) == {"cache"}:
+                    value = Cache.from_dict(value["cache"])
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors are reduced in float32; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _as_rows(kind: str, site: Site, src: torch.Tensor, rows: int) -> torch.Tensor:
+    if src.shape[0] == rows:
+        return src
+    if src.shape[0] == 1:
+        return src.expand(rows, *src.shape[1:])
+    raise SiteError(
+        f"{kind} at {site}: the source has {src.shape[0]} rows but the target has {rows}; "
+        f"give a source with {rows} rows (one per target row) or 1 (shared)"
+    )
+
+
+@dataclass
+class Patch(Intervention):
+    """Interchange: replace the activation with a source run's (a Cache, or inputs to run)."""
+
+    kind: ClassVar[str] = "patch"
+    position_local: ClassVar[bool] = True
+    source: Any = None
+
+    @property
+    def source_inputs(self) -> Any:
+        return self.source
+
+    def apply(self, x, ctx):
+        src = ctx.select(ctx.require_source("Patch"))
+        return _as_rows("Patch", ctx.site, src, x.shape[0])
+
+
+@dataclass
+class Zero(Intervention):
+    """Zero ablation."""
+
+    kind: ClassVar[str] = "zero"
+    position_local: ClassVar[bool] = True
+
+    def apply(self, x, ctx):
+        return torch.zeros_like(x)
+
+
+@dataclass
+class Mean(Intervention):
+    """Mean ablation: the reference set's mean activation over ``over`` (``batch`` and/or axes)."""
+
+    kind: ClassVar[str] = "mean"
+    reference: Any = None
+    over: tuple[str, ...] = ("batch",)
+
+    @property
+    def source_inputs(self) -> Any:
+        return self.reference
+
+    @property
+    def position_local(self) -> bool:  # type: ignore[override]
+        return "pos" not in self.over
+
+    def apply(self, x, ctx):
+        ref = ctx.require_source("Mean")
+        names = ("batch",) + ctx.family.axis_names
+        unknown = set(self.over) - set(names)
+        if unknown:
+            raise SiteError(f"Mean at {ctx.site}: cannot average over {sorted(unknown)}; axes are {names}")
+        if "batch" not in self.over:
+            raise SiteError(f"Mean at {ctx.site}: over={tuple(self.over)} must include 'batch' (the reference set)")
+        dims = [names.index(n) for n in self.over]
+        mean = _wide(ref).mean(dim=dims, keepdim=True).to(ref.dtype).expand(1, *ref.shape[1:])
+        return ctx.select(mean).expand_as(x)
+
+
+@dataclass
+class Resample(Intervention):
+    """Resample ablation: each target row takes the activation of a random source row (seeded)."""
+
+    kind: ClassVar[str] = "resample"
+    position_local: ClassVar[bool] = True
+    source: Any = None
+    seed: int = 0
+
+    @property
+    def source_inputs(self) -> Any:
+        return self.source
+
+    def apply(self, x, ctx):
+        src = ctx.select(ctx.require_source("Resample"))
+        gen = torch.Generator(device=src.device).manual_seed(self.seed)
+        rows = torch.randint(src.shape[0], (x.shape[0],), generator=gen, device=src.device)
+        return src[rows]
+
+
+@dataclass
+class Noise(Intervention):
+    """Gaussian noise, ``scale`` times ``std`` (by default the activation's own std), as in causal tracing."""
+
+    kind: ClassVar[str] = "noise"
+    scale: float = 3.0
+    std: float | None = None
+    seed: int = 0
+
+    def apply(self, x, ctx):
+        std = self.std if self.std is not None else _wide(ctx.target).std()
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        wide = _wide(x)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=wide.dtype)
+        return (wide + noise * (self.scale * std)).to(x.dtype)
+
+
+@dataclass
+class Add(Intervention):
+    """Steering: add ``alpha * vector`` (broadcast over the family's axes)."""
+
+    kind: ClassVar[str] = "add"
+    position_local: ClassVar[bool] = True
+    vector: torch.Tensor = None  # type: ignore[assignment]
+    alpha: float = 1.0
+
+    def apply(self, x, ctx):
+        return x + self.alpha * ctx.param(torch.as_tensor(self.vector), "Add.vector")
+
+
+@dataclass
+class Set(Intervention):
+    """do(x = value): replace the activation with ``value`` (broadcast over the family's axes, like
+    ``Add.vector``; a scalar sets every selected element). ``Add`` is the shift, ``Patch`` the interchange."""
+
+    kind: ClassVar[str] = "set"
+    position_local: ClassVar[bool] = True
+    value: Any = None
+
+    def apply(self, x, ctx):
+        if self.value is None:
+            raise SiteError(f"Set at {ctx.site}: no value given; write Set(value)")
+        return ctx.param(torch.as_tensor(self.value), "Set.value").expand_as(x)
+
+
+@dataclass
+class Scale(Intervention):
+    """Multiply the activation by ``factor``."""
+
+    kind: ClassVar[str] = "scale"
+    position_local: ClassVar[bool] = True
+    factor: float = 0.0
+
+    def apply(self, x, ctx):
+        return x * self.factor
+
+
+@dataclass
+class ProjectOut(Intervention):
+    """Erasure: remove the span of ``basis`` (``[k, d]`` or ``[d]``) along the last axis."""
+
+    kind: ClassVar[str] = "project_out"
+    position_local: ClassVar[bool] = True
+    basis: torch.Tensor = None  # type: ignore[assignment]
+
+    def apply(self, x, ctx):
+        last = ctx.family.axis_names[-1]
+        if ctx.index[-1] != slice(None):
+            raise SiteError(f"ProjectOut at {ctx.site}: it acts on the whole {last!r} axis; do not select it")
+        basis = torch.as_tensor(self.basis)
+        basis = basis.unsqueeze(0) if basis.ndim == 1 else basis
+        if basis.ndim != 2 or basis.shape[1] != x.shape[-1]:
+            raise SiteError(
+                f"ProjectOut at {ctx.site}: basis has shape {tuple(basis.shape)}; expected [k, {x.shape[-1]}] "
+                f"(k directions along {last!r})"
+            )
+        # An orthonormal basis of the span, also when the given directions are dependent.
+        # Computed where the basis lives (the rank cut reads values), then moved to the activation's device.
+        u, s, _ = torch.linalg.svd(basis.to(dtype=torch.float64).T, full_matrices=False)
+        q = u[:, s > s.max() * 1e-10].to(device=x.device, dtype=x.dtype)
+        return x - (x @ q) @ q.T
+
+
+BUILTIN_INTERVENTIONS: dict[str, type[Intervention]] = {
+    cls.kind: cls for cls in (Patch, Zero, Mean, Resample, Noise, Add, Set, Scale, ProjectOut)
+}
+
+
+def from_dict(data: Mapping) -> Intervention:
+    """Rebuild an intervention from :meth:`Intervention.to_dict`, built-in or registered by a plugin."""
+    from ..plugins.registry import get_registry
+
+    kind = data.get("kind")
+    known = {**get_registry().interventions(), **BUILTIN_INTERVENTIONS}
+    cls = known.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown intervention kind {kind!r}; known kinds: {', '.join(sorted(known))}")
+    return cls._from_fields({k: v for k, v in data.items() if k != "kind"})

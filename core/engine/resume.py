@@ -1,0 +1,179 @@
+"""Prefix reuse: start a forward at a later block, and in causal models at a later position.
+
+An intervention at layer ``L`` cannot change anything computed before block ``L``; in a causal
+model, an intervention at position ``p`` cannot change positions before ``p``. A :class:`Resume`
+asks the adapter to restart from a :class:`Prefix` kept from one unpatched run of the same
+inputs: the residual entering every block (layer-prefix reuse) and, for causal models, every
+layer's keys and values (position-prefix reuse). The resumed run computes blocks ``L..`` on
+positions ``p..`` only, so sites there see activations ``p`` positions shorter; :func:`windowed`
+rewrites a site for that shorter run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..sites.catalog import Catalog
+from ..sites.site import Site, SiteError, Span
+
+__all__ = ["Prefix", "Resume", "start_of", "windowed"]
+
+
+@dataclass
+class Prefix:
+    """What one unpatched run keeps so later runs of the same inputs can start part-way.
+
+    ``residuals[l]`` is the residual entering block ``l`` (``[batch, pos, d]``), ``keys_values[l]``
+    that block's attention keys and values (causal models only, else empty), ``output`` the
+    run's primary output (its first positions are reused as they are) and ``causal`` whether
+    positions may be skipped.
+    """
+
+    residuals: list[torch.Tensor]
+    output: torch.Tensor
+    causal: bool
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.output.shape[0]
+
+    def first_rows(self, n: int) -> "Prefix":
+        """The prefix of the first ``n`` rows (views, no copy)."""
+        if n == self.rows:
+            return self
+        return Prefix(
+            [r[:n] for r in self.residuals], self.output[:n], self.causal,
+            [(k[:n], v[:n]) for k, v in self.keys_values], self.length,
+        )
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Run blocks ``layer..`` on positions ``pos..`` only, everything before taken from ``prefix``.
+
+    The batch is the prefix's rows repeated a whole number of times (as :func:`repeat_rows` makes).
+    With ``own_inputs`` (layer 0 only) the rows' inputs may differ from the prefix's from ``pos`` on:
+    the run embeds its own inputs there instead of starting from the prefix's residual, and attends
+    to the prefix's keys and values before ``pos``, which the inputs share.
+    """
+
+    prefix: Prefix
+    layer: int
+    pos: int = 0
+    own_inputs: bool = False
+
+    def __post_init__(self):
+        n_layers = len(self.prefix.residuals)
+        if not 0 <= self.layer < n_layers:
+            raise ValueError(f"resume layer {self.layer} is outside the model's blocks 0..{n_layers - 1}")
+        if not 0 <= self.pos < self.prefix.length:
+            raise ValueError(f"resume position {self.pos} is outside the inputs' positions 0..{self.prefix.length - 1}")
+        if self.own_inputs and self.layer:
+            raise ValueError(f"a run on its own inputs starts at the embeddings (layer 0), not layer {self.layer}")
+        if self.pos and not self.prefix.causal:
+            raise ValueError(
+                f"resume position {self.pos}: the model is not causal, so every position depends on every "
+                f"other one; only pos=0 (layer-prefix reuse) is possible"
+            )
+
+
+def _lowest(value, size: int) -> int | None:
+    """The lowest position a selector touches (None: it may touch position 0)."""
+    if isinstance(value, int):
+        return value % size
+    if isinstance(value, Span):
+        start = value.start if value.start is not None else 0
+        return start % size if start < 0 else start
+    if isinstance(value, tuple) and value:
+        return min(i % size for i in value)
+    return None
+
+
+def start_of(site: Site, catalog: Catalog, length: int, causal: bool) -> tuple[int, int] | None:
+    """The latest ``(layer, pos)`` a run patching ``site`` may resume from, or None (no reuse).
+
+    Sites without a layer (embeddings, logits) are computed outside the blocks and cannot resume;
+    a site's position counts only in causal models and only for families with a ``pos`` axis.
+    """
+    if not isinstance(site.layer, int):
+        return None
+    family = catalog.family(site.family)
+    pos = 0
+    if causal and "pos" in family.axis_names and "pos" in site.selection:
+        pos = _lowest(site.selection["pos"], length) or 0
+    return site.layer, pos
+
+
+def windowed(site: Site, pos: int, length: int) -> Site:
+    """``site`` as a run computing positions ``pos..length`` only sees it (its ``pos`` shifted by ``-pos``)."""
+    if pos == 0:
+        return site
+    if "pos" not in site.selection:
+        raise SiteError(
+            f"site {site} covers every position, also those before the resumed run's first position {pos}; "
+            f"select positions >= {pos} or resume at pos=0"
+        )
+    value = site.selection["pos"]
+
+    def shift(i: int) -> int:
+        j = i % length
+        if j < pos:
+            raise SiteError(
+                f"site {site} touches position {j}, before the resumed run's first position {pos}; "
+                f"resume at pos <= {j}"
+            )
+        return j - pos
+
+    if isinstance(value, int):
+        return site.with_(pos=shift(value))
+    if isinstance(value, Span):
+        start = shift(value.start if value.start is not None else 0)
+        stop = None if value.stop is None else (value.stop % length if value.stop < 0 else value.stop) - pos
+        return site.with_(pos=Span(start, stop))
+    if isinstance(value, tuple):
+        return site.with_(pos=tuple(shift(i) for i in value))
+    raise SiteError(f"site {site}: cannot window the pattern {value!r}; expand it first")
+
+
+# A forward costs about this many prompt rows of compute on top of its rows (hooks, masks, Python):
+# a site joins a batch that starts at an earlier layer only while that is cheaper than its own forward.
+FORWARD_OVERHEAD_ROWS = 8
+
+
+def resume_chunks(
+    sites: Sequence[Site], catalog: Catalog, prefix: Prefix | None, per_forward: int
+) -> list[tuple[list[int], Resume | None]]:
+    """Batches of ``sites`` (indices, at most ``per_forward`` each) and where each batch may resume.
+
+    Without a prefix the batches follow the sweep's order and run the whole model. With one,
+    sites are grouped by their start position and ordered by layer; a batch resumes at its first
+    site's layer, and a later site joins it only while recomputing the layers between costs less
+    than a forward of its own (``FORWARD_OVERHEAD_ROWS``).
+    """
+    if prefix is None:
+        return [(list(range(i, min(i + per_forward, len(sites)))), None) for i in range(0, len(sites), per_forward)]
+    n_layers, rows = len(prefix.residuals), prefix.rows
+    starts = [start_of(site, catalog, prefix.length, prefix.causal) for site in sites]
+    order = sorted(range(len(sites)), key=lambda i: (-1, -1, i) if starts[i] is None else (starts[i][1], starts[i][0], i))
+    chunks: list[tuple[list[int], Resume | None]] = []
+    for i in order:
+        start = starts[i]
+        if chunks:
+            members, resume = chunks[-1]
+            first = None if resume is None else (resume.layer, resume.pos)
+            if len(members) < per_forward and (start is None) == (first is None):
+                if start is None:
+                    members.append(i)
+                    continue
+                joined = rows * (n_layers - first[0])  # type: ignore[index]
+                alone = (rows + FORWARD_OVERHEAD_ROWS) * (n_layers - start[0])
+                if start[1] == first[1] and joined <= alone:  # type: ignore[index]
+                    members.append(i)
+                    continue
+        chunks.append(([i], None if start is None else Resume(prefix, *start)))
+    return chunks

@@ -1,0 +1,10 @@
+"""What a run is measured by and what a method returns.
+
+``metrics`` turn a model output into one number per batch row; ``result`` is the one labelled
+:class:`Result` every method returns (save, load, pandas, plots); ``report`` writes an HTML page of
+results. Independent of the engine: it imports only the site vocabulary.
+"""
+
+from .result import Result, collect_versions
+
+__all__ = ["Result", "collect_versions"]

@@ -1,0 +1,73 @@
+"""Run a study on an executor: plan it, cut it into shards, run the ones not saved yet, merge.
+
+``resolve_executor`` turns ``"local"`` / ``"ray"`` into an :class:`~crosspatch.scale.executors.Executor`;
+``dispatch`` is what a wrapped method (:mod:`crosspatch.scale.shardable`) calls for any executor but "local".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..progress import progress_bar
+from .executors import Executor, LocalExecutor, ShardError
+from .model_source import ModelSource
+from .ray_executor import RayExecutor
+from .shard_store import ShardStore, default_root, study_key
+from .sharding import merge, plan_study, run_shard, split
+
+__all__ = ["resolve_executor", "dispatch"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_executor(executor: "str | Executor") -> Executor:
+    """``"local"`` / ``"ray"`` or an :class:`Executor` instance."""
+    if isinstance(executor, Executor):
+        return executor
+    if executor == "local":
+        return LocalExecutor()
+    if executor == "ray":
+        return RayExecutor()
+    raise ValueError(
+        f"executor must be 'local', 'ray' or an Executor instance (LocalExecutor(...), RayExecutor(...)), "
+        f"got {executor!r}"
+    )
+
+
+def dispatch(executor: "str | Executor", method: str, arguments: dict[str, Any]):
+    """Run ``method`` as shards on ``executor`` and merge them: the Result the local run returns.
+
+    ``arguments`` are the method's own (``model``, ``clean``, ``corrupt``, ``sites``, ``metric`` and its
+    keywords), as the method received them."""
+    options = dict(arguments)
+    model, clean, corrupt, sites, metric = (options.pop(k) for k in ("model", "clean", "corrupt", "sites", "metric"))
+    normalize, progress = options.pop("normalize", False), options.pop("progress", None)
+    ex = resolve_executor(executor)
+    source = ModelSource(model)
+    with ex.open(source) as session:
+        study = session.call(plan_study, method, clean, corrupt, sites, metric, normalize, options)
+        shards = split(study, session.workers, ex.sites_per_shard, ex.rows_per_shard)
+        identity = source.identity()
+        store = ShardStore(ex.checkpoint_dir or default_root(), study_key(study, identity))
+        outputs = store.load(shards)
+        if outputs:
+            logger.info("resuming %s: %d of %d shards loaded from %s", method, len(outputs), len(shards), store.folder)
+        todo = [s for s in shards if s.index not in outputs]
+        about = {"method": method, "model": identity, "sites": study.sites_label, "shards": len(shards)}
+        stream = session.map(run_shard, study, todo, lambda s: s.describe(study))
+        desc = f"{method}: {len(shards)} shards on {session.workers} {ex.name} worker(s)"
+        try:
+            for shard, output in progress_bar(stream, progress, total=len(shards), initial=len(outputs), desc=desc):
+                store.save(shard, output, about)
+                outputs[shard.index] = output
+        except ShardError as exc:
+            saved = len(store.saved())
+            raise ShardError(
+                f"{exc} -- {saved} of {len(shards)} shards are saved in {store.folder}; running the same study "
+                f"again resumes from them", exc.shard, exc.cause, store.folder,
+            ) from exc
+    result = merge(study, shards, outputs)
+    if not ex.keep_checkpoints:
+        store.clear()
+    return result

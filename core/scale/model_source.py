@@ -1,0 +1,83 @@
+"""Where a worker gets its model: a zoo name, a local checkpoint folder, a zero-argument factory or
+the model itself. A worker loads it once and keeps it for every shard it runs.
+
+Only the zoo name, the folder and a module-level factory travel cheaply (a name, a path, a
+reference); a model object is pickled whole into every worker, so keep that for small models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..engine.model import WrappedModel, wrap
+from ..zoo.sources import load_model
+
+__all__ = ["ModelSource"]
+
+
+class ModelSource:
+    """How to build the wrapped model on a worker; ``identity()`` names it for resume keys."""
+
+    def __init__(self, spec: "str | Path | Callable[[], Any] | nn.Module | WrappedModel"):
+        if isinstance(spec, ModelSource):
+            spec = spec.spec
+        if not isinstance(spec, (str, Path, nn.Module, WrappedModel)) and not callable(spec):
+            raise TypeError(
+                f"a sharded run needs the model as a zoo name, a local checkpoint folder, a zero-argument "
+                f"factory or an nn.Module / WrappedModel; got {type(spec).__name__}"
+            )
+        self.spec = str(spec) if isinstance(spec, Path) else spec
+        self._identity: str | None = None
+
+    def load(self, device: Any = None) -> WrappedModel:
+        spec = self.spec
+        if isinstance(spec, str):
+            module = load_model(spec)
+        elif isinstance(spec, (nn.Module, WrappedModel)):
+            module = spec
+        else:
+            module = spec()
+        wrapped = wrap(module)
+        if device is not None:
+            wrapped.module.to(device)
+        return wrapped
+
+    def identity(self) -> str:
+        """A string that changes when the model would: name, folder, factory reference or weights hash
+        (computed once per source: a run makes a new source)."""
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return self._identity
+
+    def _compute_identity(self) -> str:
+        spec = self.spec
+        if isinstance(spec, str):
+            path = Path(spec).expanduser()
+            if path.is_dir():
+                stamp = max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=0)
+                return f"folder:{path.resolve()}@{stamp}"
+            return f"zoo:{spec}"
+        if isinstance(spec, (nn.Module, WrappedModel)):
+            module = spec.module if isinstance(spec, WrappedModel) else spec
+            from .shard_store import tensor_bytes
+
+            digest = hashlib.sha256(type(module).__qualname__.encode())
+            for name, tensor in module.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor_bytes(tensor))
+            return f"weights:{digest.hexdigest()}"
+        try:
+            ref = pickle.dumps(spec)
+        except Exception:  # a closure or lambda: its reference is the best we have
+            ref = f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}".encode()
+        return f"factory:{hashlib.sha256(ref).hexdigest()}"
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        shown = spec if isinstance(spec, str) else getattr(spec, "__qualname__", type(spec).__name__)
+        return f"ModelSource({shown!r})"
