@@ -29,7 +29,9 @@ from ..engine.adapter import repeat_rows
 from ..engine.forward import Bound
 from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
 from ..sites.site import Site
-from .edges import EdgeGraph, _flat_index, _Patcher, _Receiver, _result, _Sender, _State, _ZeroSender
+from .edges.graph import EdgeGraph
+from .edges.patching import _Patcher, _Receiver, _Sender, _State, _ZeroSender
+from .edges.result import _flat_index, _result
 from ..trainable.masks import expected_open, kept_gates, relaxed_gates
 
 __all__ = ["learn_edge_masks", "masked_edges_output", "dense_masks", "ablated_senders", "EdgeMaskParams"]

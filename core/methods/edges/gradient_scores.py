@@ -1,0 +1,206 @@
+"""EAP and EAP-IG: every edge scored as ``(ablated_s - clean_s) . d metric / d input_r`` from one forward
+with grad and one backward of the clean inputs (taps at every receiver), EAP-IG averaging the receiver
+gradients over interpolation steps run as row blocks (``_Interpolate``); ``head_in`` receivers are scored
+as the backward makes their per-slot gradients (``_SlotScores`` through a ``_SinkTap``), the others by one
+batched matmul over prompts (``_edge_scores``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+
+from ...engine.adapter import repeat_rows
+from ...engine.forward import Bound
+from ...engine.interventions import Intervention
+from ...engine.reach import attach_slot_sink
+from ...results.metrics import Metric, MetricContext, as_metric
+from ...results.result import Result
+from ...sites.site import Site
+from ..attribution import _Tap
+from ..shared_prefix import may_share
+from .graph import EdgeGraph, _role
+from .patching import Ablation, _Patcher
+from .result import _flat_index, _result
+
+
+class _Interpolate(Intervention):
+    """Row block ``j`` takes ``base + alpha_j * (target - base)`` (EAP-IG)."""
+
+    kind = "_interpolate"
+
+    def __init__(self, base: torch.Tensor, target: torch.Tensor, alphas: torch.Tensor):
+        self.base, self.target, self.alphas = base, target, alphas
+
+    def apply(self, x, ctx):
+        n = self.base.shape[0]
+        alpha = self.alphas.to(x.device, x.dtype).repeat_interleave(n).view(-1, *([1] * (x.ndim - 1)))
+        steps = len(self.alphas)
+        base = self.base.to(x.dtype).repeat(steps, *([1] * (x.ndim - 1)))
+        target = self.target.to(x.dtype).expand_as(self.base).repeat(steps, *([1] * (x.ndim - 1)))
+        # The interpolated value, with the gradient of the sender's own input passed straight through, so
+        # receivers upstream of this sender still see the paths that run through it.
+        return base + alpha * (target - base) + (x - x.detach())
+
+
+def _sender_diffs(p: _Patcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every sender's ``ablated - clean`` as one ``[prompt, sender, pos*d]`` buffer, at the positions from
+    ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0."""
+    p.ablated_raw  # noqa: B018 (the ablated run, which sets the shared positions)
+    sd, row = None, 0
+    for key in p.keys:
+        diff = p.sender_diff(key, clean_senders[key], p.shared_positions)  # [n, pos, k, d]
+        n, pos, k, d = diff.shape
+        if sd is None:
+            sd = diff.new_empty(n, sum(k for _, k in p.graph.sender_keys), pos * d)
+        sd[:, row : row + k].view(n, k, pos, d).copy_(diff.transpose(1, 2))
+        row += k
+    return sd
+
+
+def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, steps: int,
+                 scored: dict[str, torch.Tensor] | None = None):
+    """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
+
+    ``sd`` is :func:`_sender_diffs`. A receiver key in ``scored`` (``[n_in, *slots]``, summed over
+    prompts) was scored as the backward made its gradients (:class:`_SlotScores`); any other is one
+    batched matmul over prompts of ``[senders, pos*d] @ [pos*d, slots]`` with its gradient read as a
+    ``[slot, prompt, pos*d]`` view (``head_in`` gradients arrive slot-major from the reach's backward),
+    so nothing ``[.., senders, slots, d]`` is materialised.
+    """
+    per_key = []
+    for key, n_in, slots in p.graph.receiver_keys:
+        if scored and key in scored:
+            total = scored[key]
+        else:
+            grad = _slots_first(grads[key], p.n, steps, p.shared_positions).to(sd.dtype)  # [slots, n, pos*d]
+            total = torch.bmm(sd[:, :n_in], grad.permute(1, 2, 0)).sum(0)  # [n_in, slots]
+        per_key.append(total.double().reshape(-1) / p.n)
+    flat = torch.cat(per_key).cpu().numpy()  # one transfer, no per-edge sync
+    return flat[_flat_index(p.graph)]
+
+
+def _slots_first(grad: torch.Tensor, n: int, steps: int, start: int = 0) -> torch.Tensor:
+    """A receiver gradient ``[steps*n, pos, *slots, d]`` at positions ``start..`` as ``[slot, n, pos*d]``,
+    averaged over steps (a view when the gradient is laid out slot-major, as ``head_in``'s is)."""
+    g = grad[:, start:]
+    g = g.permute(2, 3, 0, 1, 4) if g.ndim == 5 else g.unsqueeze(0)  # [*slots, rows, pos, d]
+    g = g.reshape(-1, steps, n, g.shape[-2] * g.shape[-1])
+    return g.mean(dim=1) if steps > 1 else g[:, 0]
+
+
+class _SlotScores:
+    """One ``head_in`` key's edge scores ``[n_in, role, head]`` (summed over prompts), accumulated from its
+    per-slot gradients row by row as the backward makes them (:class:`~crosspatch.reach.SlotSink`), so the
+    ``[slots, rows, d]`` gradient is never written. ``start`` and ``sd`` are set before the backward."""
+
+    def __init__(self, n_in: int, slot_shape: tuple[int, ...]):
+        self.n_in, self.slot_shape = n_in, slot_shape
+        self.start = 0
+        self.sd: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None  # None until the reach hands over gradients
+
+    def __call__(self, row: int, grads: torch.Tensor, first_role: int, head_step: int) -> None:
+        r, h = grads.shape[:2]
+        part = self.sd[row, : self.n_in] @ grads.to(self.sd.dtype).reshape(r * h, -1).T  # [n_in, r*h]
+        if self.scores is None:
+            self.scores = part.new_zeros(self.n_in, *self.slot_shape)
+        self.scores[:, first_role : first_role + r, ::head_step] += part.view(self.n_in, r, h)
+
+
+class _SinkTap(_Tap):
+    """A tap whose value carries a :class:`_SlotScores` for the reach's backward."""
+
+    def __init__(self, sink: _SlotScores):
+        super().__init__()
+        self.sink = sink
+
+    def apply(self, x, ctx):
+        return attach_slot_sink(super().apply(x, ctx), self.sink)
+
+
+def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int, score: bool = False):
+    """One forward with grad over ``steps`` row blocks of the clean inputs, taps at every receiver, one backward.
+
+    Returns ``(grads, clean senders, metric values, sd, scored)``. With ``score`` (one step) the sender
+    differences ``sd`` are built between the forward and the backward, and ``head_in`` receivers are
+    scored as the backward makes their per-slot gradients (``scored``: the keys whose reach did so;
+    their ``grads`` entries are then only right summed over slots). Otherwise ``sd`` is None.
+    """
+    inputs = repeat_rows(p.clean, steps)
+    sinks = {key: _SlotScores(n_in, slots) for key, n_in, slots in p.graph.receiver_keys
+             if score and steps == 1 and _role(Site.parse(key).family) == "head_in"}
+    taps = {key: _SinkTap(sinks[key]) if key in sinks else _Tap() for key, _, _ in p.graph.receiver_keys}
+    bounds = extra + [Bound(Site.parse(k), t) for k, t in taps.items()]
+    n = p.n
+    ctx = MetricContext(torch.arange(n).repeat(steps), None, inputs.get("attention_mask"))
+    keep = steps == 1 and p._ablated_raw is None and p._corrupt is not None and may_share(p.m, p.clean, p._corrupt)
+    at = metric.positions(ctx, p.m.adapter.sizes(inputs))
+    run, senders = p.senders(inputs, bounds, grad=True, output_at=at, keep_prefix=keep, output_only=p.output_only)
+    senders = {k: v[:n] for k, v in senders.items()}
+    if run.prefix is not None:  # the corrupt run, made after this one, starts where the two inputs differ
+        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in p.read_keys})
+        p.first_at = at
+        run.prefix = None
+    ctx.example = ctx.example.to(run.output.device)
+    ctx.clean = p.clean_out if p.clean_out is not None else run.output.detach()[:n]
+    values = metric(run.output, ctx)
+    sd = None
+    if sinks:
+        sd = _sender_diffs(p, senders)
+        for sink in sinks.values():
+            sink.start, sink.sd = p.shared_positions, sd
+    keys = list(taps)
+    grads = torch.autograd.grad(values.sum(), [taps[k].delta for k in keys], allow_unused=True)
+    out = {}
+    for k, gr in zip(keys, grads):
+        out[k] = torch.zeros_like(taps[k].delta) if gr is None else gr
+    scored = {k: sink.scores for k, sink in sinks.items() if sink.scores is not None}
+    return out, senders, values.detach()[:n], sd, scored
+
+
+def eap(
+    model, clean, corrupt, metric: "Metric | Callable", *, ablation: Ablation = "resample", reference: Any = None,
+    graph: EdgeGraph | None = None,
+) -> Result:
+    """Edge attribution patching: ``(ablated_s - clean_s) . d metric / d input_r`` on the clean run, every edge.
+
+    Cost: one forward with grad and one backward of the clean inputs, then one capture forward of the
+    ablation source (none for ``zero``; for ``resample`` in a causal model only from the first position
+    where clean and corrupt differ, :mod:`~crosspatch.methods.shared_prefix`, ``metadata["shared_positions"]``).
+    """
+    metric = as_metric(metric)
+    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p.clean_out = None
+    grads, _, _, sd, scored = _gradient_run(p, metric, [], 1, score=True)
+    return _result(p, _edge_scores(p, grads, sd, 1, scored), "eap", metric, {"backwards": 1})
+
+
+def eap_ig(
+    model, clean, corrupt, metric: "Metric | Callable", *, steps: int = 5, variant: Literal["inputs", "activations"] = "inputs",
+    ablation: Ablation = "resample", reference: Any = None, graph: EdgeGraph | None = None,
+) -> Result:
+    """EAP with integrated gradients: the receiver gradients averaged over ``steps`` points
+    ``alpha = k / steps`` (``k = 0 .. steps-1``) between the clean and the ablated run.
+
+    ``variant="inputs"``: the embeddings (``embed``) are interpolated; ``"activations"``: every
+    sender output is interpolated at once. All steps are row blocks of one forward with grad; one backward.
+    """
+    if variant not in ("inputs", "activations"):
+        raise ValueError(f"variant must be 'inputs' or 'activations', got {variant!r}")
+    metric = as_metric(metric)
+    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    ctx = MetricContext(torch.arange(p.n), None, p.clean.get("attention_mask"))
+    clean_run, senders = p.senders(p.clean, output_at=metric.positions(ctx, p.m.adapter.sizes(p.clean)))
+    p.clean_out = clean_run.output
+    alphas = torch.arange(steps, dtype=torch.float64) / steps
+    keys = [p.keys[0]] if variant == "inputs" else p.keys  # the first sender is the embeddings
+    extra = []
+    for key in keys:
+        base = p.writes(key, senders[key])
+        target = p.ablated_for(key, 1, base)
+        extra.append(Bound(Site.parse(key), _Interpolate(base.clone(), target.clone(), alphas)))
+    grads = _gradient_run(p, metric, extra, steps)[0]
+    return _result(p, _edge_scores(p, grads, _sender_diffs(p, senders), steps), "eap_ig", metric,
+                   {"backwards": 1, "steps": steps, "variant": variant})
