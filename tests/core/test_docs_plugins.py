@@ -10,7 +10,7 @@ import pytest
 
 from crosspatch.plugins import hookspecs
 from crosspatch.plugins import registry as plugins
-from crosspatch.testing.conformance import CHECKS
+from crosspatch.testing import CHECKS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 

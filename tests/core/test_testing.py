@@ -10,7 +10,7 @@ import crosspatch as cp
 from conftest import ToyNet, tiny_bert, tiny_gpt2, tiny_llama, toy_adapter
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 from crosspatch.engine.reach import ModuleOutput, submodule
-from crosspatch.testing.conformance import CHECKS, AdapterConformance, assert_conforms, check_adapter
+from crosspatch.testing import CHECKS, AdapterConformance, assert_conforms, check_adapter
 
 POS, DIM = Axis("pos"), Axis("dim", 4)
 

@@ -7,7 +7,7 @@ import torch
 
 import crosspatch as cp
 from clip_models import images, texts, tiny_open_clip
-from crosspatch.testing.conformance import assert_conforms
+from crosspatch.testing import assert_conforms
 
 
 def pairs() -> dict:
