@@ -1,14 +1,10 @@
 """``crosspatch install`` and ``crosspatch uninstall``: pip, in the environment crosspatch runs in.
-
-Both run ``python -m pip`` with the interpreter running crosspatch (``sys.executable``), so a
-plugin lands where this crosspatch finds it, whatever ``pip`` is first on ``PATH``. pip's output
-streams through unchanged and its exit code is the command's. After a successful run the command
-prints what ``crosspatch plugins`` now lists, from a fresh interpreter (a new process sees new
-distributions and editable installs that this one cannot).
-
-Wire them into the CLI by listing :func:`add_install` and :func:`add_uninstall` in
-``crosspatch.cli._SUBCOMMANDS``. Importing this module is cheap: no torch, no plugin.
-"""
+Both run ``python -m pip`` with the interpreter running crosspatch (``sys.executable``), so a plugin
+lands where this crosspatch finds it, whatever ``pip`` is first on ``PATH``; pip's output streams
+through unchanged and its exit code is the command's; after a successful run the command prints what
+``crosspatch plugins`` now lists, from a fresh interpreter (a new process sees new distributions and
+editable installs that this one cannot). Importing this module is cheap (the standard library only:
+no torch, no plugin); ``crosspatch.cli.app`` lists :func:`add_install` and :func:`add_uninstall`."""
 
 from __future__ import annotations
 
