@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -15,8 +17,11 @@ from crosspatch.engine.output_positions import restrict
 from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
 from . import clip
-from .architectures import ARCHITECTURES, architecture_for
+from .architectures import ARCHITECTURES, Architecture
+from .infer import _DEPTH, _HEADS, _WIDTH, config_int
 from .inputs import input_families
+from .mapping import mapping_for
+from .proof import prove
 from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
 from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
@@ -41,6 +46,13 @@ class _OutputField:
         return [self.root.register_forward_hook(hook)]
 
 
+class InferenceWarning(UserWarning):
+    """Site families of an inferred architecture that failed their proof and are not served."""
+
+
+_CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
+
+
 class TransformersAdapter(Adapter):
     """GPT-2, GPT-NeoX, Llama / Mistral / Qwen2 (grouped-query attention) and BERT / RoBERTa;
     ``CLIPModel`` (``model_type == "clip"``) is served by :mod:`.clip` under the two-tower site names."""
@@ -54,29 +66,51 @@ class TransformersAdapter(Adapter):
     def catalog(self, model: nn.Module) -> Catalog:
         if clip.is_clip(model):
             return clip.catalog(model)
-        config = model.config
-        arch = architecture_for(config)
+        found = _CATALOGS.get(model)
+        if found is None:
+            found = _CATALOGS[model] = self._build_catalog(model)
+        return found
+
+    def _build_catalog(self, model: nn.Module) -> Catalog:
+        mapping = mapping_for(model)
+        arch = mapping.arch
         if arch is None:
+            config = model.config
             raise AdapterError(
-                f"the transformers adapter does not support {type(model).__name__} "
-                f"(model_type {getattr(config, 'model_type', None)!r}); supported model types: "
-                f"{', '.join(ARCHITECTURES)}. Add one with an entry in "
-                f"crosspatch.adapters.transformers.architectures, or serve it from a plugin adapter."
+                f"the transformers adapter cannot serve {type(model).__name__} (model_type "
+                f"{getattr(config, 'model_type', None)!r}): {mapping.error}. Model types in its table: "
+                f"{', '.join(ARCHITECTURES)}; wrap(model, adapter='generic') serves any module at module level."
             )
-        base = model.base_model
+        families = self._families(model, arch, mapping.layout)
+        if not mapping.inferred:
+            return Catalog(families, type(model).__name__)
+        families = [f for f in families if f.name not in mapping.notes]
+        catalog = Catalog(families, type(model).__name__)
+        failed = {**mapping.notes, **prove(model, self, catalog, arch, mapping.layout)}
+        if failed:
+            warnings.warn(
+                f"{type(model).__name__}: inferred site families not served: "
+                + "; ".join(f"{name} ({why})" for name, why in failed.items()),
+                InferenceWarning, stacklevel=3,
+            )
+        kept = [f for f in families if f.name not in failed]
+        return Catalog(kept, type(model).__name__, unavailable=failed)
+
+    def _families(self, model: nn.Module, arch: Architecture, layout) -> list[SiteFamily]:
+        config, base = model.config, model.base_model
         block = f"{arch.layers}.{{layer}}"
         n_layers = len(submodule(base, arch.layers, None))
-        n_heads = config.num_attention_heads
-        d_model = config.hidden_size
-        down = submodule(base, f"{block}.{arch.mlp_down}", 0)
-        d_mlp = down.weight.shape[0] if arch.conv1d else down.weight.shape[1]
-        pos, dim = Axis("pos"), Axis("dim", d_model)
+        n_heads = config_int(config, _HEADS)
         o_proj = submodule(base, f"{block}.{arch.o_proj}", 0)
-        d_head = (o_proj.weight.shape[0] if arch.conv1d else o_proj.weight.shape[1]) // n_heads
+        o_in = o_proj.weight.shape[0] if arch.conv1d else o_proj.weight.shape[1]
+        d_model = o_proj.weight.shape[1] if arch.conv1d else o_proj.weight.shape[0]
+        d_head = o_in // n_heads
+        pos, dim = Axis("pos"), Axis("dim", d_model)
         head_out = HeadOut(base, f"{block}.{arch.o_proj}", n_heads, arch.conv1d)
+        embed = ModuleOutput(base, arch.embed) if arch.embed is not None else ModuleInput(base, block.format(layer=0))
 
         families = [
-            SiteFamily("embed", (pos, dim), ModuleOutput(base, arch.embed), doc="token (+ position) embeddings"),
+            SiteFamily("embed", (pos, dim), embed, doc="token (+ position) embeddings"),
             SiteFamily("resid_pre", (pos, dim), ModuleInput(base, block), n_layers, "residual stream entering the block"),
             SiteFamily(
                 "attn_pattern",
@@ -108,26 +142,29 @@ class TransformersAdapter(Adapter):
         elif arch.resid_mid is not None:
             mid = ModuleOutput(base, f"{block}.{arch.resid_mid}")
             families.append(SiteFamily("resid_mid", (pos, dim), mid, n_layers, "residual after attention"))
-        families += [
-            SiteFamily(
+        if arch.mlp_down is not None:
+            down = submodule(base, f"{block}.{arch.mlp_down}", 0)
+            d_mlp = down.weight.shape[0] if arch.conv1d else down.weight.shape[1]
+            families.append(SiteFamily(
                 "mlp_act",
                 (pos, Axis("neuron", d_mlp)),
                 ModuleInput(base, f"{block}.{arch.mlp_down}", name=None),
                 n_layers,
                 "MLP neuron activations",
-            ),
+            ))
+        families += [
             SiteFamily("mlp_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.mlp}"), n_layers, "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
         ]
         # Receiver inputs (what each head, MLP and the final norm read) go where the forward reaches them.
         after = {"head_in": "resid_pre", "mlp_in": "resid_mid", "logits_in": "resid_post"}
-        for fam in input_families(model, base, arch, block, n_heads):
+        for fam in input_families(base, arch, layout, block, n_heads, d_model):
             names = [f.name for f in families]
             families.insert(names.index(after[fam.name]) + 1, fam)
         logits = self._logits_axes(model)
         if logits is not None:
             families.append(SiteFamily("logits", logits, _OutputField(model, "logits"), doc="model output"))
-        return Catalog(families, type(model).__name__)
+        return families
 
     @staticmethod
     def _logits_axes(model: nn.Module) -> tuple[Axis, ...] | None:
@@ -186,25 +223,29 @@ class TransformersAdapter(Adapter):
             "class": type(model).__name__,
             "model_type": config.model_type,
             "name_or_path": getattr(config, "name_or_path", "") or "",
-            "n_layers": config.num_hidden_layers,
-            "n_heads": config.num_attention_heads,
-            "d_model": config.hidden_size,
+            "n_layers": config_int(config, _DEPTH),
+            "n_heads": config_int(config, _HEADS),
+            "d_model": config_int(config, _WIDTH),
+            "mapping": "inferred" if mapping_for(model).inferred else "table",
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
 
     def can_resume(self, model: nn.Module) -> bool:
         # Prefix reuse needs a block list and an output laid out by position (not pooled), and blocks
         # that do not mix attention kinds (sweeps resume at later blocks).
-        if clip.is_clip(model) or architecture_for(model.config) is None or mixes_layer_types(model):
+        if clip.is_clip(model) or mixes_layer_types(model):
+            return False
+        mapping = mapping_for(model)
+        if mapping.arch is None or mapping.inferred:  # resuming an inferred layout is not proved yet
             return False
         axes = self._logits_axes(model)
         return axes is None or axes[0].name == "pos"
 
     def forward_keeping_prefix(self, model: nn.Module, inputs: Inputs):
-        return forward_keeping_prefix(model, architecture_for(model.config), inputs)
+        return forward_keeping_prefix(model, mapping_for(model).arch, inputs)
 
     def resume(self, model: nn.Module, inputs: Inputs, run):
-        return resume_forward(model, architecture_for(model.config), inputs, run)
+        return resume_forward(model, mapping_for(model).arch, inputs, run)
 
     def output_at(self, model: nn.Module, positions: torch.Tensor, keys: set[str]) -> list:
         """A language model's head computed at one position per row (:mod:`crosspatch.output_positions`), and in
@@ -215,7 +256,9 @@ class TransformersAdapter(Adapter):
         if head is None:
             return []
         handles = restrict(head, positions)
-        arch = architecture_for(model.config)
+        arch = mapping_for(model).arch
+        if arch is None:
+            return handles
         last = len(submodule(model.base_model, arch.layers, None)) - 1
         # What the restricted MLP computes or what is summed from it; mlp_in (the input of the norm in front
         # of the MLP, outside it in every layout that has one) stays whole and is read only by the MLP.

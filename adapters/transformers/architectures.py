@@ -12,12 +12,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Architecture:
     layers: str  # the block list, from the base model
-    embed: str  # module (from the base model) whose output is the embedding written into the residual
+    embed: str | None  # module (from the base model) whose output is the embedding written into the residual;
+    # None: the model computes it outside any module, and the first block's input is the embedding
     attn: str  # module whose output (element 0) is the attention's write into the residual
     attn_core: str  # module handed to the attention function (owner of the pattern)
     o_proj: str  # attention output projection; its input holds the heads side by side
     mlp: str  # module whose output is the MLP's write into the residual
-    mlp_down: str  # MLP output projection; its input is the neuron activations
+    mlp_down: str | None  # MLP output projection; its input is the neuron activations (None: no mlp_act)
     resid_mid: str | None  # "sum": block input + attention output; a module path; None: no such point
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     causal: bool = True  # each position attends only to itself and earlier positions

@@ -187,16 +187,15 @@ def _heads(n_out: int, n_heads: int, q_proj: nn.Module, conv1d: bool, n_roles: i
     return n_out // (q_out // n_heads)
 
 
-def input_families(model: nn.Module, base: nn.Module, arch, block: str, n_heads: int) -> list[SiteFamily]:
-    """``head_in``, ``mlp_in`` and ``logits_in`` for a supported pre-LN model, else ``[]``.
+def input_families(base: nn.Module, arch, layout: InputLayout | None, block: str, n_heads: int, d_model: int) -> list[SiteFamily]:
+    """``head_in``, ``mlp_in`` and ``logits_in`` for a model with a receiver layout, else ``[]``.
 
     ``arch`` is the adapter's :class:`Architecture`, ``block`` its ``"<layers>.{layer}"`` path from ``base``.
     """
-    layout = LAYOUTS.get(getattr(model.config, "model_type", None))
     if layout is None:
         return []
     n_layers = len(submodule(base, arch.layers, None))
-    pos, dim = Axis("pos"), Axis("dim", model.config.hidden_size)
+    pos, dim = Axis("pos"), Axis("dim", d_model)
     where = "before the input norm" if layout.ln_in else "the block input (no norm in front)"
     head_in = SiteFamily(
         "head_in",

@@ -102,7 +102,11 @@ class Sweep:
 class Catalog:
     """The site families of one wrapped model, in the order the forward pass reaches them."""
 
-    def __init__(self, families: Iterable[SiteFamily], model_name: str = "model"):
+    def __init__(self, families: Iterable[SiteFamily], model_name: str = "model",
+                 unavailable: Mapping[str, str] | None = None):
+        """``unavailable``: families the model has in principle but the adapter does not serve, with the
+        reason (an inferred mapping that failed its proof); listed by ``repr`` and named in errors."""
+        self.unavailable: dict[str, str] = dict(unavailable or {})
         self.families: dict[str, SiteFamily] = {}
         for fam in families:
             if fam.name in self.families:
@@ -126,6 +130,8 @@ class Catalog:
         try:
             return self.families[name]
         except KeyError:
+            if name in self.unavailable:
+                raise SiteError(f"{self.model_name} does not serve site family {name!r}: {self.unavailable[name]}") from None
             close = difflib.get_close_matches(name, self.families, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise SiteError(
@@ -218,6 +224,9 @@ class Catalog:
         lines = [f"Catalog of {self.model_name} ({len(self)} site families)"]
         for r in rows:
             lines.append("  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + ("  " + r[3] if r[3] else ""))
+        if self.unavailable:
+            lines.append("  not served:")
+            lines += [f"    {name}: {why}" for name, why in self.unavailable.items()]
         return "\n".join(lines)
 
 

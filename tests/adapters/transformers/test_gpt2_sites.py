@@ -521,13 +521,8 @@ def _opt():
     )
 
 
-def _gptj():
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    return GPTJForCausalLM(GPTJConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=50, rotary_dim=8, bos_token_id=0, eos_token_id=0))
-
-
-@pytest.mark.parametrize("build,cls", [(_t5, "T5ForConditionalGeneration"), (_opt, "OPTForCausalLM"), (_gptj, "GPTJForCausalLM")])
+# GPT-J is served by inference now (tests/adapters/transformers/test_inferred.py).
+@pytest.mark.parametrize("build,cls", [(_t5, "T5ForConditionalGeneration"), (_opt, "OPTForCausalLM")])
 def test_unsupported_model_raises_adapter_error(build, cls):
     model = build().eval()
     with pytest.raises(cp.AdapterError) as err:

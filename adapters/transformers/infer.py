@@ -1,0 +1,321 @@
+"""Architecture inference: where a transformers model keeps the modules behind every site, read off
+one probe forward instead of a table entry.
+
+The block list is the module list as long as the model is deep. Within the first block, one forward
+with a hook on every module says which module does what, by the values that flow: the attention is
+the module whose output (after a sandwich norm, if one takes it) plus the block input and the MLP's
+write gives the block output; the block is sequential when a module reads ``input + attention``,
+parallel when the MLP reads the same normed input as the attention; the output projection is the
+attention's linear layer whose output is the attention's output, the down projection the MLP's
+linear layer whose output is the MLP's; the input norm is what turns the block input into what the
+attention reads; the final norm is what turns the last block's output into what the unembedding
+reads. Names are only used to tell the query, key and value projections apart.
+
+What cannot be established this way is left out and said (:attr:`Inferred.notes`); what is
+established is then proved on the wrapped model (:mod:`.proof`) before it is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import Architecture
+from .inputs import InputLayout
+
+__all__ = ["InferenceError", "Inferred", "infer", "config_int"]
+
+_Q = ("q_proj", "query", "q", "wq", "q_lin")
+_K = ("k_proj", "key", "k", "wk", "k_lin")
+_V = ("v_proj", "value", "v", "wv", "v_lin")
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+_WIDTH = ("hidden_size", "n_embd", "d_model", "dim")
+_DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+class InferenceError(Exception):
+    """The model's structure does not fit a residual transformer as inference reads it."""
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """An inferred :class:`Architecture`, the receiver-input layout when found, and what was left out."""
+
+    arch: Architecture
+    layout: InputLayout | None
+    n_kv_heads: int
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def config_int(config: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, "to_tuple"):
+        return _first_tensor(value.to_tuple())
+    return None
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None, atol: float = 1e-5) -> bool:
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    return a is b or bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4))
+
+
+@dataclass
+class _Flow:
+    """First tensor input and output of every hooked module in one forward, and how often each ran."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def _probe(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor) -> _Flow:
+    flow, handles = _Flow(), []
+
+    def hooks(name: str):
+        def before(module, args, kwargs):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            flow.calls[name] = flow.calls.get(name, 0) + 1
+            if isinstance(x, torch.Tensor) and name not in flow.inputs:
+                flow.inputs[name] = x.detach().clone()  # a later in-place add must not change it
+
+        def after(module, args, kwargs, output):
+            y = _first_tensor(output)
+            if y is not None and name not in flow.outputs:
+                flow.outputs[name] = y.detach().clone()
+
+        return before, after
+
+    try:
+        for name, module in modules.items():
+            before, after = hooks(name)
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flow
+
+
+def _block_list(base: nn.Module, depth: int | None) -> str:
+    found = [
+        (name, len(module)) for name, module in base.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+    ]
+    if depth is not None:
+        found = [f for f in found if f[1] == depth]
+    if not found:
+        raise InferenceError(f"no list of {depth} identical blocks in {type(base).__name__}")
+    return min(found, key=lambda f: (f[0].count("."), -f[1]))[0]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _linears(module: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    return {f"{prefix}.{name}": sub for name, sub in module.named_modules() if name and _is_linear(sub)}
+
+
+def _out_features(linear: nn.Module) -> int:
+    return linear.weight.shape[1] if type(linear).__name__ == "Conv1D" else linear.weight.shape[0]
+
+
+def infer(model: nn.Module) -> Inferred:
+    """The Architecture of ``model`` read off one probe forward; InferenceError names what did not fit."""
+    config, base = model.config, model.base_model
+    n_heads, width = config_int(config, _HEADS), config_int(config, _WIDTH)
+    if n_heads is None or width is None:
+        raise InferenceError("the config names no number of attention heads or hidden size")
+    layers = _block_list(base, config_int(config, _DEPTH))
+    blocks = base.get_submodule(layers)
+    first, last = f"{layers}.0", f"{layers}.{len(blocks) - 1}"
+    modules = {first: blocks[0], last: blocks[-1]}
+    modules.update({f"{first}.{n}": m for n, m in blocks[0].named_modules() if n})
+    modules.update({n: m for n, m in base.named_children() if n != layers.split(".")[0]})
+    head = model.get_output_embeddings() if model is not base else None
+    if head is not None:
+        modules["<unembed>"] = head
+    vocab = config_int(config, ("vocab_size",)) or 2
+    device = next(model.parameters()).device
+    ids = torch.randint(0, min(vocab, 1000), (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        flow = _probe(model, modules, ids)
+    except Exception as exc:  # a model that does not run on token ids alone (encoder-decoder, images)
+        raise InferenceError(f"a probe forward on token ids failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    x, y = flow.inputs.get(first), flow.outputs.get(first)
+    if x is None or y is None or x.shape != y.shape or x.shape[-1] != width:
+        raise InferenceError(f"block {first} does not map a [batch, pos, {width}] residual to one of the same shape")
+    children = {n: m for n, m in blocks[0].named_children()}
+    rel = lambda name: name[len(first) + 1:]  # noqa: E731
+    out = lambda name: flow.outputs.get(f"{first}.{name}")  # noqa: E731
+    inp = lambda name: flow.inputs.get(f"{first}.{name}")  # noqa: E731
+
+    attn = next((n for n, m in children.items() if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()), None)
+    if attn is None:
+        raise InferenceError(f"no attention module among the children of {first} ({', '.join(children)})")
+    # The MLP: a module with weights (a linear layer itself in OPT) writing a residual-shaped output.
+    mlps = [n for n, m in children.items() if n != attn and out(n) is not None and out(n).shape == x.shape
+            and not _is_norm(m) and any(True for _ in m.parameters())]
+    if len(mlps) != 1:
+        raise InferenceError(f"expected one MLP beside the attention in {first}, found {mlps or 'none'}")
+    mlp = mlps[0]
+
+    def write_of(branch: str) -> str:
+        """The branch's module, or a norm that takes its output (a sandwich norm)."""
+        after = [n for n, m in children.items() if _is_norm(m) and _same(inp(n), out(branch), atol=0)]
+        return after[0] if after else branch
+
+    attn_w, mlp_w = write_of(attn), write_of(mlp)
+    if not _same(x + out(attn_w) + out(mlp_w), y):
+        raise InferenceError(
+            f"the block output is not its input + {attn_w} + {mlp_w} (a post-norm or another residual layout)"
+        )
+    mid = x + out(attn_w)
+    mid_readers = [n for n in children if n not in (attn, attn_w, mlp_w) and _same(inp(n), mid)]
+    in_norm = next((n for n, m in children.items() if _is_norm(m) and _same(inp(n), x, atol=0)), None)
+    if mid_readers:
+        resid_mid: str | None = "sum"
+        ln_mlp = next((n for n in mid_readers if _is_norm(children[n])), None)
+    elif in_norm is not None and _same(inp(mlp), out(in_norm)) or _same(inp(mlp), x):
+        resid_mid, ln_mlp = None, None  # parallel: the MLP reads the block input (normed) as the attention does
+    else:
+        raise InferenceError(f"the MLP {mlp} reads neither input + attention nor the block input")
+
+    for name in (attn, attn_w, mlp, mlp_w, in_norm, ln_mlp):
+        if name is not None and flow.calls.get(f"{first}.{name}", 0) != 1:
+            raise InferenceError(f"module {first}.{name} runs {flow.calls.get(f'{first}.{name}', 0)} times in one forward")
+    notes: dict[str, str] = {}
+    attn_out = out(attn)
+    o_proj = next((n for n, m in _linears(children[attn], attn).items()
+                   if _out_features(m) == width and _same(out(n), attn_out, atol=0)), None)
+    if o_proj is None:
+        raise InferenceError(f"no linear layer of {attn} produces its output (the per-head writes need one)")
+    conv1d = type(blocks[0].get_submodule(o_proj)).__name__ == "Conv1D"
+    o_in = blocks[0].get_submodule(o_proj).weight.shape[0 if conv1d else 1]
+    if o_in % n_heads:
+        raise InferenceError(f"{o_proj} reads {o_in} features, not a multiple of {n_heads} heads")
+    down = mlp if _is_linear(children[mlp]) else next(
+        (n for n, m in _linears(children[mlp], mlp).items() if _out_features(m) == width and _same(out(n), out(mlp), atol=0)), None
+    )
+    if down is None:
+        notes["mlp_act"] = f"no single linear layer of {mlp} produces its output (mixture of experts or another layout)"
+
+    embed = _embedding(base, flow, x, layers)
+    core = _pattern_owner(model, blocks[0], ids)
+    if core is None:
+        notes["attn_pattern"] = "the attention does not compute its pattern through transformers' attention functions"
+    arch = Architecture(
+        layers=layers, embed=embed, attn=attn_w, attn_core=core or attn, o_proj=o_proj, mlp=mlp_w, mlp_down=down,
+        resid_mid=resid_mid, conv1d=conv1d, causal=_causal(model, ids),
+    )
+    layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(base, flow, last),
+                           n_heads, o_in // n_heads, notes)
+    return Inferred(arch, layout, n_kv, notes)
+
+
+def _pattern_owner(model: nn.Module, block: nn.Module, ids: torch.Tensor) -> str | None:
+    """The module of ``block`` that transformers' attention function is handed (the pattern's owner)."""
+    from .reaches import AttentionPattern
+
+    seen: list[str] = []
+    handles = []
+    try:
+        for name, module in block.named_modules():
+            if name:
+                reach = AttentionPattern(block, name, model.config)
+                handles += reach.install(None, lambda pattern, name=name: seen.append(name))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[0] if seen else None
+
+
+def _causal(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether a change at the last position leaves every earlier position's output alone."""
+    other = ids.clone()
+    other[:, -1] = (other[:, -1] + 1) % max(int(ids.max()) + 1, 2)
+    with torch.no_grad():
+        a, b = (_first_tensor(model(input_ids=i, use_cache=False)) for i in (ids, other))
+    return bool(torch.equal(a[:, :-1], b[:, :-1]))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in name
+
+
+def _embedding(base: nn.Module, flow: _Flow, x: torch.Tensor, layers: str) -> str | None:
+    """The last module of the base model (outside the blocks) whose output is the first block's input;
+    None when the model computes it outside any module (then the first block's input is the embedding)."""
+    found = [n for n, y in flow.outputs.items() if "." not in n and n != layers and y is x]
+    found = found or [n for n, y in flow.outputs.items() if "." not in n and n != layers and _same(y, x, atol=0)]
+    return found[-1] if found else None
+
+
+def _final_norm(base: nn.Module, flow: _Flow, last: str) -> str | None:
+    y, unembed = flow.outputs.get(last), flow.inputs.get("<unembed>")
+    for name, module in base.named_children():
+        if _is_norm(module) and _same(flow.inputs.get(name), y, atol=0) and _same(flow.outputs.get(name), unembed, atol=0):
+            return name
+    return None
+
+
+def _plain_norm(module: nn.Module, x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    """A LayerNorm, or a norm that computes ``weight * x / rms(x)`` (what head_in recomputes and differentiates)."""
+    if isinstance(module, nn.LayerNorm):
+        return True
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or x is None:
+        return False
+    h = x.float()
+    return _same(weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), y)
+
+
+def _layout(attention: nn.Module, attn: str, flow: _Flow, first: str, in_norm: str | None, in_norm_module: nn.Module | None,
+            ln_mlp: str | None,
+            ln_final: str | None, n_heads: int, d_head: int, notes: dict[str, str]) -> tuple[InputLayout | None, int]:
+    """Where the query, key and value projections read: separate projections by name, each reading what
+    the attention reads. Fused projections are left to the table (their column order differs by family)."""
+    reads = flow.inputs.get(f"{first}.{attn}")
+    linears = {n[len(attn) + 1:]: m for n, m in _linears(attention, attn).items()
+               if _same(flow.inputs.get(f"{first}.{n}"), reads, atol=0)}
+    if in_norm_module is not None and not _plain_norm(
+        in_norm_module, flow.inputs.get(f"{first}.{in_norm}"), flow.outputs.get(f"{first}.{in_norm}")
+    ):
+        notes["head_in"] = f"the input norm {in_norm} is neither a LayerNorm nor weight * RMSNorm (head_in recomputes it per slot)"
+        return None, n_heads
+    by_role = []
+    for names in (_Q, _K, _V):
+        match = [n for n in linears if n.rsplit(".", 1)[-1] in names]
+        by_role.append(match[0] if len(match) == 1 else None)
+    if None in by_role:
+        found = ", ".join(linears) or "none"
+        notes["head_in"] = f"no separate query, key and value projections found (linear layers reading the attention input: {found})"
+        return None, n_heads
+    q, k, v = (linears[n] for n in by_role)
+    if _out_features(q) != n_heads * d_head or _out_features(k) != _out_features(v) or _out_features(k) % d_head:
+        notes["head_in"] = f"projection sizes {_out_features(q)}/{_out_features(k)}/{_out_features(v)} do not split into {d_head}-wide heads"
+        return None, n_heads
+    n_kv = _out_features(k) // d_head
+    qkv = tuple(f"{attn}.{n}" for n in by_role)
+    return InputLayout(in_norm, ln_mlp, ln_final, qkv, reader=None if in_norm else attn), n_kv

@@ -1,0 +1,201 @@
+"""The proof an inferred mapping passes before its families are served (:mod:`.infer`).
+
+On a short random input it checks, through the engine and against raw torch hooks:
+
+- the residual arithmetic: ``resid_post = resid_pre + attn_out + mlp_out`` at every layer, the MLP
+  reading ``resid_mid`` where the block is sequential, ``embed = resid_pre.0``;
+- the per-head sites: the heads' writes plus the output bias sum to the output projection's output,
+  ``head_z`` is that projection's input, ``mlp_act`` times the down projection is its output;
+- the receiver inputs: every ``head_in`` slot holds the block input, ``logits_in`` the last block's
+  output, and a patch of one head's query or key input equals a hand-written hook that recomputes
+  that head's columns of the projection;
+- attention patterns: rows that sum to one, nothing above the diagonal in a causal model, and the
+  model's output unchanged by the eager attention they need;
+- self-patching: every family patched at every layer from the same run changes nothing.
+
+A family that fails is not served; the reason is kept in the catalog (``m.sites()`` lists it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from crosspatch.engine.adapter import Adapter
+from crosspatch.engine.forward import Bound, execute
+from crosspatch.engine.cache import Cache
+from crosspatch.engine.interventions import Patch
+from crosspatch.engine.reach import submodule
+from crosspatch.sites.catalog import Catalog
+from crosspatch.sites.site import Site
+
+from .architectures import Architecture
+from .inputs import InputLayout, _norm
+
+__all__ = ["prove"]
+
+ATOL = 1e-4
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> str | None:
+    """None when close, else the largest difference."""
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return None if diff <= atol * max(1.0, b.double().abs().max().item()) else f"max difference {diff:.2e}"
+
+
+class _Raw:
+    """Raw hooks on one module per layer: its first input and its output, as torch hands them over."""
+
+    def __init__(self, root: nn.Module, path: str, layers: int):
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for layer in range(layers):
+            module = submodule(root, path, layer)
+            self.handles.append(module.register_forward_pre_hook(self._reads(layer)))
+            self.handles.append(module.register_forward_hook(self._writes(layer)))
+
+    def _reads(self, layer: int) -> Callable:
+        def hook(module, args):
+            self.inputs.setdefault(layer, args[0].detach())
+
+        return hook
+
+    def _writes(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            self.outputs.setdefault(layer, (output[0] if isinstance(output, tuple) else output).detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architecture, layout: InputLayout | None) -> dict[str, str]:
+    """The families of ``catalog`` that fail a check, each with the first failure."""
+    base = model.base_model
+    n = len(submodule(base, arch.layers, None))
+    vocab = getattr(model.config, "vocab_size", 2) or 2
+    ids = torch.randint(0, min(vocab, 1000), (2, 7), generator=torch.Generator().manual_seed(1))
+    inputs = adapter.prepare(model, ids)
+    failed: dict[str, str] = {}
+
+    def fail(family: str, why: str | None) -> None:
+        if why is not None and family in catalog and family not in failed:
+            failed[family] = why
+
+    block = f"{arch.layers}.{{layer}}"
+    keys = [f"{f.name}.{layer}" if f.layers is not None else f.name for f in catalog for layer in range(f.layers or 1)]
+    o_proj = _Raw(base, f"{block}.{arch.o_proj}", n)
+    down = _Raw(base, f"{block}.{arch.mlp_down}", n) if arch.mlp_down else None
+    try:
+        run = execute(model, adapter, catalog, inputs, capture=keys)
+    finally:
+        o_proj.remove()
+        if down is not None:
+            down.remove()
+    plain = execute(model, adapter, catalog, inputs)
+    with torch.inference_mode():
+        _check_values(model, catalog, arch, run, plain, o_proj, down, n, fail)
+
+    c = run.cache
+    has = lambda name: name in catalog  # noqa: E731
+    for fam in catalog:
+        if fam.name in failed:
+            continue
+        sites = [Site(fam.name, layer) for layer in (range(fam.layers) if fam.layers is not None else [None])]
+        # The pattern's run takes the eager attention, every other run the model's own.
+        reference = run.output if fam.name == "attn_pattern" else plain.output
+        try:
+            again = execute(model, adapter, catalog, inputs, [Bound(s, Patch(c)) for s in sites])
+            fail(fam.name, _close(again.output, reference, atol=1e-6))
+        except Exception as exc:  # a reach that cannot write: the family is not served
+            fail(fam.name, f"self-patch raised {type(exc).__name__}: {exc}")
+
+    if has("head_in") and "head_in" not in failed and layout is not None:
+        fail("head_in", _head_in_oracle(model, adapter, catalog, inputs, arch, layout, c["resid_pre.0"]))
+    if "head_z" in failed and has("head_out"):
+        fail("head_out", "its values are computed from head_z, which failed")
+    return failed
+
+
+def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_proj: _Raw, down: "_Raw | None", n: int,
+                  fail: Callable[[str, "str | None"], None]) -> None:
+    """The value checks of the module docstring, on one capture run of every family."""
+    base, c, block = model.base_model, run.cache, f"{arch.layers}.{{layer}}"
+    has = lambda name: name in catalog  # noqa: E731
+
+    for layer in range(n):
+        at = lambda name: c[f"{name}.{layer}"]  # noqa: E731
+        if has("attn_out") and has("mlp_out"):
+            why = _close(at("resid_pre") + at("attn_out") + at("mlp_out"), at("resid_post"))
+            fail("attn_out", why)
+            fail("mlp_out", why)
+        if has("resid_mid") and has("mlp_in"):
+            fail("resid_mid", _close(at("resid_mid"), at("mlp_in")))
+        if has("head_out"):
+            o = submodule(base, f"{block}.{arch.o_proj}", layer)
+            bias = o.bias if getattr(o, "bias", None) is not None else 0
+            fail("head_out", _close(at("head_out").sum(dim=2) + bias, o_proj.outputs[layer]))
+        if has("head_z"):
+            fail("head_z", _close(at("head_z").flatten(-2), o_proj.inputs[layer], atol=0))
+        if has("mlp_act") and down is not None:
+            d = submodule(base, f"{block}.{arch.mlp_down}", layer)
+            fail("mlp_act", _close(d(at("mlp_act")), down.outputs[layer]))
+        if has("head_in"):
+            x = at("resid_pre")
+            fail("head_in", _close(at("head_in"), x[:, :, None, None, :].expand_as(at("head_in")), atol=0))
+        if has("attn_pattern"):
+            p = at("attn_pattern")
+            fail("attn_pattern", _close(p.sum(-1), torch.ones_like(p.sum(-1))))
+            if arch.causal:
+                fail("attn_pattern", _close(p.triu(1), torch.zeros_like(p), atol=0))
+    if has("embed"):
+        fail("embed", _close(c["embed"], c["resid_pre.0"], atol=0))
+    if has("logits_in"):
+        fail("logits_in", _close(c["logits_in"], c[f"resid_post.{n - 1}"]))
+    if has("attn_pattern"):
+        fail("attn_pattern", _close(run.output, plain.output))
+
+
+
+def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout: InputLayout, x: torch.Tensor) -> str | None:
+    """Query head 1 and key/value head 0 of layer 0 given another input, against a hook that recomputes
+    those columns of the projection from the normed input."""
+    block0 = submodule(model.base_model, f"{arch.layers}.0", None)
+    ln = block0.get_submodule(layout.ln_in) if layout.ln_in else None
+    projections = [block0.get_submodule(p) for p in layout.qkv]
+    if len(projections) != 3 or not all(isinstance(p, nn.Linear) for p in projections):
+        return None  # the table's fused layouts are covered by their own tests
+    other = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    n_heads = catalog.family("head_in").axis("head").size
+    d_head = projections[0].out_features // n_heads
+    group = n_heads // (projections[1].out_features // d_head)
+    for role, head in ((0, 1), (1, 0)):
+        proj, cols = projections[role], slice(head * d_head, (head + 1) * d_head)
+
+        def hook(module, args, output, cols=cols):
+            out = output.clone()
+            with torch.no_grad():
+                out[..., cols] = torch.nn.functional.linear(_norm(ln, other), module.weight, module.bias)[..., cols]
+            return out
+
+        value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1]).clone()
+        value[:, :, role, head * (group if role else 1)] = other
+        source = Cache({"head_in.0": value}, {"head_in.0": catalog.family("head_in").axis_names})
+        patched = execute(model, adapter, catalog, inputs, [Bound(Site("head_in", 0), Patch(source))])
+        handle = proj.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                expected = adapter.output(adapter.forward(model, inputs))
+        finally:
+            handle.remove()
+        why = _close(patched.output, expected)
+        if why is not None:
+            return f"{'query' if role == 0 else 'key'} head {head}: the patch differs from a hook on its projection ({why})"
+    return None

@@ -1,0 +1,114 @@
+"""Tiny random models of any transformers model type, built from its config class (no downloads).
+
+``tiny_config("gemma2")`` takes the config class's defaults and shrinks every size field it knows
+(layers, widths, heads, experts, vocabulary, positions) so the model builds and runs on a CPU in
+well under a second; ``tiny_model`` builds it with seeded random weights. ``crosspatch verify
+--config TYPE`` and ``make coverage`` use them, and the tests build named families with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["TASKS", "tiny_config", "tiny_model", "model_types"]
+
+#: Sizes of the shrunk model: small, but with more than one head, key/value groups, and layers.
+_SIZES: dict[str, int] = {
+    # depth
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "num_decoder_layers": 2,
+    "encoder_layers": 2, "decoder_layers": 2,
+    # width
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64,
+    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "hidden_dim": 128,
+    # heads
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2,
+    "head_dim": 16, "d_kv": 16, "kv_channels": 16, "rotary_dim": 8,
+    # mixture of experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32, "expert_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    # vocabulary and positions
+    "vocab_size": 128, "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64,
+    "image_size": 32, "patch_size": 8,
+}
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id")
+
+#: The auto mappings a tiny model can be built for, by task.
+TASKS = ("causal-lm", "masked-lm", "seq2seq-lm", "image-classification")
+
+
+def _mapping(task: str) -> dict[str, str]:
+    from transformers.models.auto import modeling_auto as auto
+
+    names = {
+        "causal-lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "masked-lm": auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        "seq2seq-lm": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        "image-classification": auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    if task not in names:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return dict(names[task])
+
+
+def model_types(task: str = "causal-lm") -> list[str]:
+    """Every model type transformers maps for ``task``, sorted."""
+    return sorted(_mapping(task))
+
+
+def _shrink(config: Any) -> None:
+    for key, size in _SIZES.items():
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > size:
+            try:
+                setattr(config, key, size)
+            except (AttributeError, ValueError):
+                pass
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int):
+        for key in _TOKEN_IDS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value >= vocab:
+                setattr(config, key, vocab - 1 - _TOKEN_IDS.index(key))
+    layers = getattr(config, "layer_types", None)
+    depth = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)), None)
+    if isinstance(layers, (list, tuple)) and isinstance(depth, int) and len(layers) > depth:
+        # Keep one layer of each kind the model mixes (sliding and full attention) where it has both.
+        kinds = list(dict.fromkeys(layers))
+        config.layer_types = (kinds * depth)[:depth] if len(kinds) > 1 else list(layers[:depth])
+    if getattr(config, "sliding_window", None) and isinstance(config.sliding_window, int):
+        config.sliding_window = min(config.sliding_window, 4)
+    for sub in ("text_config", "vision_config", "encoder", "decoder"):
+        inner = getattr(config, sub, None)
+        if inner is not None and hasattr(inner, "to_dict"):
+            _shrink(inner)
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    """The config class of ``model_type`` with its defaults shrunk, then ``overrides`` applied."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model type {model_type!r}; transformers knows {len(CONFIG_MAPPING)} (e.g. llama, gemma2)")
+    config = CONFIG_MAPPING[model_type]()
+    _shrink(config)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(model_type: str, task: str = "causal-lm", seed: int = 0, **overrides: Any) -> Any:
+    """A tiny ``model_type`` for ``task`` with seeded random weights, in eval mode."""
+    import transformers
+
+    mapping = _mapping(task)
+    if model_type not in mapping:
+        raise ValueError(f"transformers has no {task} model for {model_type!r}")
+    cls = getattr(transformers, mapping[model_type])
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    return cls(config).eval()
