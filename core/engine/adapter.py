@@ -28,9 +28,13 @@ class Adapter:
 
     Subclasses set ``name`` and implement :meth:`matches`, :meth:`catalog`, :meth:`prepare`,
     :meth:`forward` and :meth:`output`. Register an instance with the ``register_adapters`` hook.
+
+    ``fallback = True`` marks an adapter that serves any model (it matches everything): ``wrap`` asks
+    it only after every other adapter declined, so it never shadows one written for the model.
     """
 
     name: str = ""
+    fallback: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         """True when this adapter is meant for ``model``. Must not import heavy libraries."""

@@ -118,7 +118,10 @@ def _bounds(interventions: Any) -> list[Bound]:
 
 
 def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Adapter:
-    """The adapter for ``model``: the one named, or the first registered one that matches."""
+    """The adapter for ``model``: the one named, or the first registered one that matches.
+
+    Adapters marked ``fallback`` (serving any module) are asked last, in plugin order among themselves.
+    """
     from ..plugins.registry import get_registry
 
     if isinstance(adapter, Adapter):
@@ -132,7 +135,7 @@ def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Ad
             f"no adapter named {adapter!r}; installed: {', '.join(a.name for a in adapters) or 'none'} "
             f"(`crosspatch plugins` lists them)"
         )
-    for candidate in adapters:
+    for candidate in sorted(adapters, key=lambda a: bool(getattr(a, "fallback", False))):  # stable
         if candidate.matches(model):
             return candidate
     cls = type(model)
