@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= crosspatch-out
 
-.PHONY: install dev demo test bench clean
+.PHONY: install dev demo test bench coverage clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(BENCH)/bin/python
 	$(BENCH)/bin/pip install --quiet torch==2.14.1
 	$(BENCH)/bin/pip install --quiet -e ".[bench]"
 	$(BENCH)/bin/python benchmarks/run_all.py
+
+# Which transformers model types are served, and how: builds a tiny model of every type, writes docs/coverage.md.
+coverage: install
+	$(BIN)/python tools/coverage.py
 
 clean:
 	rm -rf build dist *.egg-info $(OUT) .pytest_cache

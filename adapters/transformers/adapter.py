@@ -86,7 +86,7 @@ class TransformersAdapter(Adapter):
             return Catalog(families, type(model).__name__)
         families = [f for f in families if f.name not in mapping.notes]
         catalog = Catalog(families, type(model).__name__)
-        failed = {**mapping.notes, **prove(model, self, catalog, arch, mapping.layout)}
+        failed = {**mapping.notes, **prove(model, self, catalog, arch, mapping.layout).failed}
         if failed:
             warnings.warn(
                 f"{type(model).__name__}: inferred site families not served: "
@@ -165,6 +165,33 @@ class TransformersAdapter(Adapter):
         if logits is not None:
             families.append(SiteFamily("logits", logits, _OutputField(model, "logits"), doc="model output"))
         return families
+
+    def example_inputs(self, model: nn.Module) -> Any:
+        if clip.is_clip(model):
+            raise NotImplementedError("CLIP models take images and texts: pass inputs explicitly")
+        vocab = config_int(model.config, ("vocab_size",)) or 2
+        return torch.randint(0, min(vocab, 1000), (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def tiny_model(self, kind: str) -> nn.Module:
+        """A tiny random model of transformers model type ``kind`` (:mod:`.tiny`), causal LM first."""
+        from .tiny import TASKS, tiny_model
+
+        problems = []
+        for task in TASKS:
+            try:
+                return tiny_model(kind, task)
+            except ValueError as exc:
+                problems.append(str(exc))
+        raise ValueError(f"no tiny model of {kind!r}: {'; '.join(problems)}")
+
+    def family_oracles(self, model: nn.Module) -> dict[str, tuple[float, str | None]]:
+        """Per served family, the largest difference of the proof's checks (:mod:`.proof`) and its first
+        failure; ``crosspatch verify`` reports them next to the conformance suite's."""
+        if clip.is_clip(model):
+            return {}
+        mapping = mapping_for(model)
+        proof = prove(model, self, self.catalog(model), mapping.arch, mapping.layout)
+        return {name: (proof.errors.get(name, 0.0), proof.failed.get(name)) for name in proof.families}
 
     @staticmethod
     def _logits_axes(model: nn.Module) -> tuple[Axis, ...] | None:

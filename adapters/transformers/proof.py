@@ -18,7 +18,8 @@ A family that fails is not served; the reason is kept in the catalog (``m.sites(
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,17 +35,39 @@ from crosspatch.sites.site import Site
 from .architectures import Architecture
 from .inputs import InputLayout, _norm
 
-__all__ = ["prove"]
+__all__ = ["Proof", "prove"]
 
 ATOL = 1e-4
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> str | None:
-    """None when close, else the largest difference."""
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference, relative to ``b``'s scale when that exceeds 1; inf for a shape mismatch."""
     if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    return None if diff <= atol * max(1.0, b.double().abs().max().item()) else f"max difference {diff:.2e}"
+        return float("inf")
+    if not a.numel():
+        return 0.0
+    return (a.double() - b.double()).abs().max().item() / max(1.0, b.double().abs().max().item())
+
+
+@dataclass
+class Proof:
+    """Per family: the largest difference any check measured, and the first failure (not served)."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    families: tuple[str, ...] = ()
+
+    def check(self, family: str, a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
+        if family not in self.families:
+            return
+        diff = _diff(a, b)
+        self.errors[family] = max(self.errors.get(family, 0.0), diff)
+        if diff > atol:
+            self.fail(family, f"{what}: {'shape mismatch' if diff == float('inf') else f'max difference {diff:.2e}'}")
+
+    def fail(self, family: str, why: str) -> None:
+        if family in self.families and family not in self.failed:
+            self.failed[family] = why
 
 
 class _Raw:
@@ -76,18 +99,14 @@ class _Raw:
             handle.remove()
 
 
-def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architecture, layout: InputLayout | None) -> dict[str, str]:
-    """The families of ``catalog`` that fail a check, each with the first failure."""
+def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architecture, layout: InputLayout | None) -> Proof:
+    """Every check of the module docstring on ``catalog``'s families."""
     base = model.base_model
     n = len(submodule(base, arch.layers, None))
     vocab = getattr(model.config, "vocab_size", 2) or 2
     ids = torch.randint(0, min(vocab, 1000), (2, 7), generator=torch.Generator().manual_seed(1))
     inputs = adapter.prepare(model, ids)
-    failed: dict[str, str] = {}
-
-    def fail(family: str, why: str | None) -> None:
-        if why is not None and family in catalog and family not in failed:
-            failed[family] = why
+    proof = Proof(families=tuple(f.name for f in catalog))
 
     block = f"{arch.layers}.{{layer}}"
     keys = [f"{f.name}.{layer}" if f.layers is not None else f.name for f in catalog for layer in range(f.layers or 1)]
@@ -101,31 +120,30 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
             down.remove()
     plain = execute(model, adapter, catalog, inputs)
     with torch.inference_mode():
-        _check_values(model, catalog, arch, run, plain, o_proj, down, n, fail)
+        _check_values(model, catalog, arch, run, plain, o_proj, down, n, proof)
 
-    c = run.cache
-    has = lambda name: name in catalog  # noqa: E731
     for fam in catalog:
-        if fam.name in failed:
+        if fam.name in proof.failed:
             continue
         sites = [Site(fam.name, layer) for layer in (range(fam.layers) if fam.layers is not None else [None])]
         # The pattern's run takes the eager attention, every other run the model's own.
         reference = run.output if fam.name == "attn_pattern" else plain.output
         try:
-            again = execute(model, adapter, catalog, inputs, [Bound(s, Patch(c)) for s in sites])
-            fail(fam.name, _close(again.output, reference, atol=1e-6))
+            again = execute(model, adapter, catalog, inputs, [Bound(s, Patch(run.cache)) for s in sites])
         except Exception as exc:  # a reach that cannot write: the family is not served
-            fail(fam.name, f"self-patch raised {type(exc).__name__}: {exc}")
+            proof.fail(fam.name, f"self-patch raised {type(exc).__name__}: {exc}")
+        else:
+            proof.check(fam.name, again.output, reference, "self-patch changes the output", atol=1e-6)
 
-    if has("head_in") and "head_in" not in failed and layout is not None:
-        fail("head_in", _head_in_oracle(model, adapter, catalog, inputs, arch, layout, c["resid_pre.0"]))
-    if "head_z" in failed and has("head_out"):
-        fail("head_out", "its values are computed from head_z, which failed")
-    return failed
+    if "head_in" in catalog and "head_in" not in proof.failed and layout is not None:
+        _head_in_oracle(model, adapter, catalog, inputs, arch, layout, run.cache["resid_pre.0"], proof)
+    if "head_z" in proof.failed:
+        proof.fail("head_out", "its values are computed from head_z, which failed")
+    return proof
 
 
 def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_proj: _Raw, down: "_Raw | None", n: int,
-                  fail: Callable[[str, "str | None"], None]) -> None:
+                  proof: Proof) -> None:
     """The value checks of the module docstring, on one capture run of every family."""
     base, c, block = model.base_model, run.cache, f"{arch.layers}.{{layer}}"
     has = lambda name: name in catalog  # noqa: E731
@@ -133,45 +151,46 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
     for layer in range(n):
         at = lambda name: c[f"{name}.{layer}"]  # noqa: E731
         if has("attn_out") and has("mlp_out"):
-            why = _close(at("resid_pre") + at("attn_out") + at("mlp_out"), at("resid_post"))
-            fail("attn_out", why)
-            fail("mlp_out", why)
+            total = at("resid_pre") + at("attn_out") + at("mlp_out")
+            for family in ("attn_out", "mlp_out"):
+                proof.check(family, total, at("resid_post"), "resid_pre + attn_out + mlp_out != resid_post")
         if has("resid_mid") and has("mlp_in"):
-            fail("resid_mid", _close(at("resid_mid"), at("mlp_in")))
+            proof.check("resid_mid", at("resid_mid"), at("mlp_in"), "the MLP reads another value")
         if has("head_out"):
             o = submodule(base, f"{block}.{arch.o_proj}", layer)
             bias = o.bias if getattr(o, "bias", None) is not None else 0
-            fail("head_out", _close(at("head_out").sum(dim=2) + bias, o_proj.outputs[layer]))
+            proof.check("head_out", at("head_out").sum(dim=2) + bias, o_proj.outputs[layer], "heads + bias != projection")
         if has("head_z"):
-            fail("head_z", _close(at("head_z").flatten(-2), o_proj.inputs[layer], atol=0))
+            proof.check("head_z", at("head_z").flatten(-2), o_proj.inputs[layer], "not the projection's input", atol=0)
         if has("mlp_act") and down is not None:
             d = submodule(base, f"{block}.{arch.mlp_down}", layer)
-            fail("mlp_act", _close(d(at("mlp_act")), down.outputs[layer]))
+            proof.check("mlp_act", d(at("mlp_act")), down.outputs[layer], "down projection of mlp_act != its output")
         if has("head_in"):
             x = at("resid_pre")
-            fail("head_in", _close(at("head_in"), x[:, :, None, None, :].expand_as(at("head_in")), atol=0))
+            proof.check("head_in", at("head_in"), x[:, :, None, None, :].expand_as(at("head_in")), "a slot != resid_pre", atol=0)
         if has("attn_pattern"):
             p = at("attn_pattern")
-            fail("attn_pattern", _close(p.sum(-1), torch.ones_like(p.sum(-1))))
+            proof.check("attn_pattern", p.sum(-1), torch.ones_like(p.sum(-1)), "rows do not sum to 1")
             if arch.causal:
-                fail("attn_pattern", _close(p.triu(1), torch.zeros_like(p), atol=0))
+                proof.check("attn_pattern", p.triu(1), torch.zeros_like(p), "attends to later positions", atol=0)
     if has("embed"):
-        fail("embed", _close(c["embed"], c["resid_pre.0"], atol=0))
+        proof.check("embed", c["embed"], c["resid_pre.0"], "not resid_pre.0", atol=0)
     if has("logits_in"):
-        fail("logits_in", _close(c["logits_in"], c[f"resid_post.{n - 1}"]))
+        proof.check("logits_in", c["logits_in"], c[f"resid_post.{n - 1}"], "not the last resid_post")
     if has("attn_pattern"):
-        fail("attn_pattern", _close(run.output, plain.output))
+        proof.check("attn_pattern", run.output, plain.output, "the eager attention changes the output")
 
 
 
-def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout: InputLayout, x: torch.Tensor) -> str | None:
+def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout: InputLayout, x: torch.Tensor,
+                    proof: Proof) -> None:
     """Query head 1 and key/value head 0 of layer 0 given another input, against a hook that recomputes
     those columns of the projection from the normed input."""
     block0 = submodule(model.base_model, f"{arch.layers}.0", None)
     ln = block0.get_submodule(layout.ln_in) if layout.ln_in else None
     projections = [block0.get_submodule(p) for p in layout.qkv]
     if len(projections) != 3 or not all(isinstance(p, nn.Linear) for p in projections):
-        return None  # the table's fused layouts are covered by their own tests
+        return  # the table's fused layouts are covered by their own tests
     other = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
     n_heads = catalog.family("head_in").axis("head").size
     d_head = projections[0].out_features // n_heads
@@ -195,7 +214,5 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
                 expected = adapter.output(adapter.forward(model, inputs))
         finally:
             handle.remove()
-        why = _close(patched.output, expected)
-        if why is not None:
-            return f"{'query' if role == 0 else 'key'} head {head}: the patch differs from a hook on its projection ({why})"
-    return None
+        what = f"{'query' if role == 0 else 'key'} head {head}: the patch differs from a hook on its projection"
+        proof.check("head_in", patched.output, expected, what)

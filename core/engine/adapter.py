@@ -98,6 +98,21 @@ class Adapter:
         element-wise ops); ``[]`` when there are none."""
         return []
 
+    # Verification (optional): what ``crosspatch verify`` uses beside the conformance suite.
+
+    def example_inputs(self, model: nn.Module) -> Any:
+        """Inputs of at least two examples that run ``model``, for checks the user gives no inputs to."""
+        raise NotImplementedError(f"the {self.name!r} adapter has no example inputs; pass inputs explicitly")
+
+    def family_oracles(self, model: nn.Module) -> dict[str, tuple[float, "str | None"]]:
+        """The adapter's own checks per site family (an arithmetic identity, a hand-written hook):
+        ``{family: (largest difference measured, first failure or None)}``; ``{}`` when it has none."""
+        return {}
+
+    def tiny_model(self, kind: str) -> nn.Module:
+        """A small model with random weights of the named kind (``crosspatch verify --config KIND``)."""
+        raise NotImplementedError(f"the {self.name!r} adapter builds no tiny models")
+
 
 def batch_size(inputs: Mapping[str, torch.Tensor]) -> int:
     for value in inputs.values():

@@ -27,13 +27,15 @@ Built on the engine only; nothing in crosspatch imports it. The modules: ``repor
 ``runner`` (the list of checks and the machinery running them), the checks by group (``catalog_checks``,
 ``capture_checks``, ``write_checks``, ``device_checks``, ``cleanup_checks``) with their helpers
 (``tensors``, ``hooks``, ``probes``), ``check`` (:func:`check_adapter`, :func:`assert_conforms`) and
-``pytest_mixin`` (:class:`AdapterConformance`).
+``pytest_mixin`` (:class:`AdapterConformance`), and ``verify`` (per-family verdicts: the suite read
+family by family together with the adapter's own oracles, what ``crosspatch verify`` prints).
 """
 
 from .check import assert_conforms, check_adapter
 from .pytest_mixin import AdapterConformance
 from .report import CheckResult, ConformanceReport
 from .runner import CHECKS
+from .verify import FamilyStatus, Verification, verify
 
 __all__ = [
     "CHECKS",
@@ -42,4 +44,7 @@ __all__ = [
     "ConformanceReport",
     "assert_conforms",
     "check_adapter",
+    "FamilyStatus",
+    "Verification",
+    "verify",
 ]
