@@ -11,9 +11,6 @@ fills it: the first inputs of each size run one probe forward (:mod:`.probe`) on
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,20 +25,10 @@ from .families import build_families
 from .fields import primary_tensor
 from .inputs import as_inputs, call_arguments
 from .naming import site_specs
-from .probe import Probe, input_signature, run_probe
+from .probe import input_signature, run_probe
+from .state import known
 
 __all__ = ["GenericAdapter"]
-
-#: Probes kept per model, one per input signature (the sizes beyond the batch axis), most recent first.
-KEPT_PROBES = 8
-
-
-@dataclass
-class _ModelState:
-    """Per wrapped model: its catalogs (held weakly) and its recent probes (plain data, no module kept)."""
-
-    catalogs: "weakref.WeakSet[GenericCatalog]" = field(default_factory=weakref.WeakSet)
-    probes: "OrderedDict[tuple, Probe]" = field(default_factory=OrderedDict)
 
 
 class GenericAdapter(Adapter):
@@ -50,16 +37,11 @@ class GenericAdapter(Adapter):
     name = "generic"
     fallback = True
 
-    def __init__(self) -> None:
-        self._models: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
-
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, nn.Module)
 
     def catalog(self, model: nn.Module) -> Catalog:
-        catalog = GenericCatalog(type(model).__name__)
-        self._models.setdefault(model, _ModelState()).catalogs.add(catalog)
-        return catalog
+        return GenericCatalog(model)
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
         prepared = as_inputs(model, inputs)
@@ -85,20 +67,14 @@ class GenericAdapter(Adapter):
 
     def _read_sites(self, model: nn.Module, inputs: Inputs) -> None:
         """Refill the model's catalogs that were read from inputs of other sizes (or from none yet)."""
-        state = self._models.get(model)
+        state = known(model)
         if state is None:
             return
         signature = input_signature(model, inputs)
         stale = [c for c in state.catalogs if c.signature != signature]
         if not stale:
             return
-        probe = state.probes.get(signature)
-        if probe is None:
-            probe = run_probe(model, inputs, self.forward)
-            state.probes[signature] = probe
-            while len(state.probes) > KEPT_PROBES:
-                state.probes.popitem(last=False)
-        state.probes.move_to_end(signature)
+        probe = state.probe(signature, lambda: run_probe(model, inputs, self.forward))
         specs, missing = site_specs(probe)
         families = build_families(model, specs, probe.hints)
         for catalog in stale:

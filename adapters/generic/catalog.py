@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
+
+from torch import nn
 
 from crosspatch.sites.catalog import Catalog, SiteFamily
 from crosspatch.sites.site import SiteError
+
+from .state import state_of
 
 __all__ = ["GenericCatalog"]
 
@@ -18,10 +22,17 @@ class GenericCatalog(Catalog):
     Asking for a family that a shared, unrun or doubly named module would have had raises the reason.
     """
 
-    def __init__(self, model_name: str):
-        super().__init__((), model_name)
+    def __init__(self, model: nn.Module):
+        super().__init__((), type(model).__name__)
+        self.model = model
         self.signature: tuple | None = None
         self.missing: dict[str, SiteError] = {}
+        state_of(model).catalogs.add(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled (with its model, in a worker): register again, so new inputs refill it."""
+        self.__dict__.update(state)
+        state_of(self.model).catalogs.add(self)
 
     def show(self, signature: tuple, families: Iterable[SiteFamily], missing: Mapping[str, SiteError]) -> None:
         """Replace the families with those read from inputs of ``signature``."""

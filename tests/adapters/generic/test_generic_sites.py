@@ -254,3 +254,29 @@ def test_no_fallback_installed_still_refuses(monkeypatch):
 def test_an_instance_can_be_given_directly():
     m = cp.wrap(MLP().eval(), GenericAdapter())
     assert m.adapter.name == "generic" and m.capture(seeded(0, 2, 4), "module.head")["module.head"].shape == (2, 3)
+
+
+def test_a_pickled_wrapped_model_keeps_reading_sites():
+    import pickle
+
+    m = cp.wrap(CNN().eval())
+    m.prepare(seeded(0, 2, 3, 12, 12))
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy.module is not m.module and "module.features._0" in copy.catalog
+    cache = copy.capture(seeded(0, 2, 3, 16, 16), "module.features._0")  # new sizes: read again, on the copy
+    assert cache["module.features._0"].shape == (2, 4, 14, 14)
+    assert copy.catalog.family("module.features._0").axes[1].size == 14
+    assert m.catalog.family("module.features._0").axes[1].size == 10  # the original is its own
+
+
+def test_nothing_keeps_a_wrapped_model_alive():
+    import gc
+    import weakref
+
+    model = MLP().eval()
+    m = cp.wrap(model)
+    m.capture(seeded(0, 2, 4), "module.head")
+    alive = weakref.ref(model)
+    del m, model
+    gc.collect()
+    assert alive() is None
