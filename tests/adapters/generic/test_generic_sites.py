@@ -280,3 +280,19 @@ def test_nothing_keeps_a_wrapped_model_alive():
     del m, model
     gc.collect()
     assert alive() is None
+
+
+def test_a_module_under_two_names_has_the_first_and_the_second_says_so():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.same = self.fc
+
+        def forward(self, x):
+            return self.fc(x)
+
+    m = read(Alias().eval(), seeded(0, 2, 2))
+    assert "module.fc" in m.catalog and "module.same" not in m.catalog
+    with pytest.raises(SiteError, match="'same' is a second path to module 'fc'; its site is module.fc"):
+        m.catalog.resolve("module.same")
