@@ -43,6 +43,12 @@ def measure(model_type: str, task: str) -> dict:
     except Exception as exc:
         return {**row, "outcome": "not built", "why": _one_line(exc), "seconds": round(time.perf_counter() - start, 2)}
     inputs = _inputs(model, task)
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    except Exception as exc:
+        why = f"builds but does not run on a CPU from the shrunk config ({_one_line(exc)})"
+        return {**row, "outcome": "not built", "why": why, "seconds": round(time.perf_counter() - start, 2)}
     for adapter in ("transformers", "generic"):
         try:
             result = verify(model, inputs, adapter=adapter, cuda=False)

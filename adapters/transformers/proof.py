@@ -150,7 +150,7 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
 
     for layer in range(n):
         at = lambda name: c[f"{name}.{layer}"]  # noqa: E731
-        if has("attn_out") and has("mlp_out"):
+        if has("attn_out") and has("mlp_out") and arch.resid_mid in ("sum", None):  # not post-norm (BERT)
             total = at("resid_pre") + at("attn_out") + at("mlp_out")
             for family in ("attn_out", "mlp_out"):
                 proof.check(family, total, at("resid_post"), "resid_pre + attn_out + mlp_out != resid_post")

@@ -27,6 +27,7 @@ _SIZES: dict[str, int] = {
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
     "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2,
     "head_dim": 16, "d_kv": 16, "kv_channels": 16, "rotary_dim": 8,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 32,
     # mixture of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32, "expert_intermediate_size": 32,

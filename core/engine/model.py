@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -14,7 +15,7 @@ from .forward import Bound, Run, execute
 from .interventions import Intervention
 from ..sites.site import Site
 
-__all__ = ["WrappedModel", "wrap", "find_adapter"]
+__all__ = ["FallbackWarning", "WrappedModel", "wrap", "find_adapter"]
 
 class WrappedModel:
     """A model plus the adapter that maps its internals onto sites.
@@ -147,9 +148,31 @@ def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Ad
 
 
 def wrap(model: nn.Module, adapter: "str | Adapter | None" = None) -> WrappedModel:
-    """Wrap ``model`` with the adapter the plugin registry finds for it (or the one named)."""
+    """Wrap ``model`` with the adapter the plugin registry finds for it (or the one named).
+
+    When the adapter found (not named) matches the model but cannot serve it, a ``fallback`` adapter
+    serves it instead, with a warning that says why the first one could not.
+    """
     if isinstance(model, WrappedModel):
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module, got {type(model).__name__}")
-    return WrappedModel(model, find_adapter(model, adapter))
+    found = find_adapter(model, adapter)
+    try:
+        return WrappedModel(model, found)
+    except AdapterError as exc:
+        fallback = None if adapter is not None or getattr(found, "fallback", False) else _fallback(model)
+        if fallback is None:
+            raise
+        warnings.warn(f"{exc} -- serving it with the {fallback.name!r} adapter instead", FallbackWarning, stacklevel=2)
+        return WrappedModel(model, fallback)
+
+
+class FallbackWarning(UserWarning):
+    """The adapter meant for a model could not serve it; a fallback adapter does."""
+
+
+def _fallback(model: nn.Module) -> Adapter | None:
+    from ..plugins.registry import get_registry
+
+    return next((a for a in get_registry().adapters() if getattr(a, "fallback", False) and a.matches(model)), None)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..engine.adapter import Inputs
 from ..engine.forward import Run
-from .runner import Skip, SuiteBase, family_keys
+from .runner import Skip, SuiteBase, family_keys, fmt_exc
 from .tensors import map_tensors
 
 
@@ -33,6 +33,11 @@ class DeviceChecks(SuiteBase):
             raise Skip("the model has no floating-point parameters")
         model = copy.deepcopy(self.model).to(torch.float64)
         inputs = map_tensors(self.inputs, lambda t: t.to(torch.float64) if t.is_floating_point() else t)
+        try:  # the model alone, without the adapter: some kernels (grouped expert matmuls) take no float64
+            with torch.no_grad():
+                self.adapter.forward(model, self.adapter.prepare(model, inputs))
+        except RuntimeError as exc:
+            raise Skip(f"the model itself does not run in float64 ({fmt_exc(exc)})") from None
         _, run = self._copy_run("a float64 run", model, inputs)
         problems = []
         if run.output.is_floating_point() and run.output.dtype != torch.float64:

@@ -526,8 +526,11 @@ def _opt():
 def test_unsupported_model_raises_adapter_error(build, cls):
     model = build().eval()
     with pytest.raises(cp.AdapterError) as err:
-        cp.wrap(model).sites()
+        cp.wrap(model, "transformers").sites()
     message = str(err.value)
     assert cls in message
     for model_type in SUPPORTED:
         assert model_type in message
+    # Not named, the model is served at module level by the fallback adapter, with the reason as a warning.
+    with pytest.warns(UserWarning, match=cls):
+        assert cp.wrap(model).adapter.name == "generic"

@@ -150,7 +150,15 @@ def test_float64_is_refused_by_the_model_itself_not_by_crosspatch():
         model(ids())
 
 
-def test_a_model_inference_cannot_read_is_refused_with_the_reason():
-    model = tiny_model("opt")
-    with pytest.raises(cp.AdapterError, match="adapter='generic'"):
-        cp.wrap(model).sites()
+def test_a_model_inference_cannot_read_falls_back_to_module_sites_with_the_reason():
+    model = tiny_model("opt")  # its MLP is two linear layers on a flattened [batch * pos, dim] input
+    with pytest.raises(cp.AdapterError, match="expected one MLP"):
+        cp.wrap(model, "transformers")
+    with pytest.warns(UserWarning, match="expected one MLP"):
+        m = cp.wrap(model)
+    assert m.adapter.name == "generic"
+    x = ids()
+    cache = m.capture(x, ["module.model.decoder.layers.*"])
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cache["module.model.decoder.layers.0"], hidden[1], atol=0, rtol=0)
