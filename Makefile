@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= crosspatch-out
 
-.PHONY: install dev demo test bench coverage clean
+.PHONY: install dev demo test bench bench-env tl-agreement coverage clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,17 @@ $(BENCH)/bin/python:
 	$(PYTHON) -m venv $(BENCH)
 
 # The peers (TransformerLens, pyvene, nnsight) live only in .venv-bench, never in .venv.
-bench: $(BENCH)/bin/python
+bench-env: $(BENCH)/bin/python
 	$(BENCH)/bin/pip install --quiet torch==2.14.1
 	$(BENCH)/bin/pip install --quiet -e ".[bench]"
+
+bench: bench-env
 	$(BENCH)/bin/python benchmarks/run_all.py
+	$(BENCH)/bin/python benchmarks/tl_agreement.py
+
+# crosspatch against TransformerLens (or hand-written hooks) on the same weights, family by family.
+tl-agreement: bench-env
+	$(BENCH)/bin/python benchmarks/tl_agreement.py
 
 # Which transformers model types are served, and how: builds a tiny model of every type, writes docs/coverage.md.
 coverage: install
