@@ -31,6 +31,8 @@ __all__ = ["InferenceError", "Inferred", "infer", "config_int"]
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
+_MLP_WORDS = ("mlp", "feedforward", "moe", "experts")
 _HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 _WIDTH = ("hidden_size", "n_embd", "d_model", "dim")
 _DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -125,6 +127,14 @@ def _block_list(base: nn.Module, depth: int | None) -> str:
     return min(found, key=lambda f: (f[0].count("."), -f[1]))[0]
 
 
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -173,6 +183,9 @@ def infer(model: nn.Module) -> Inferred:
     # The MLP: a module with weights (a linear layer itself in OPT) writing a residual-shaped output.
     mlps = [n for n, m in children.items() if n != attn and out(n) is not None and out(n).shape == x.shape
             and not _is_norm(m) and any(True for _ in m.parameters())]
+    if len(mlps) > 1:  # gates and residual scales have weights too: prefer what is named or typed as an MLP
+        named = [n for n in mlps if n in _MLP_NAMES or any(w in type(children[n]).__name__.lower() for w in _MLP_WORDS)]
+        mlps = named if len(named) == 1 else mlps
     if len(mlps) != 1:
         raise InferenceError(f"expected one MLP beside the attention in {first}, found {mlps or 'none'}")
     mlp = mlps[0]
@@ -218,6 +231,17 @@ def infer(model: nn.Module) -> Inferred:
         notes["mlp_act"] = f"no single linear layer of {mlp} produces its output (mixture of experts or another layout)"
 
     embed = _embedding(base, flow, x, layers)
+    if embed is None:
+        notes["embed"] = "the model adds its embeddings outside any module (resid_pre.0 holds them)"
+    missing = [
+        (path, i) for path in (attn, attn_w, o_proj, mlp, mlp_w, in_norm, ln_mlp) if path
+        for i, block in enumerate(blocks) if not _has(block, path)
+    ]
+    if missing:
+        raise InferenceError(f"the blocks differ: block {missing[0][1]} has no {missing[0][0]} (a hybrid stack)")
+    if down is not None and not all(_has(block, down) for block in blocks):
+        notes["mlp_act"] = "the MLP differs between blocks (dense and mixture of experts)"
+        down = None
     core = _pattern_owner(model, blocks[0], ids)
     if core is None:
         notes["attn_pattern"] = "the attention does not compute its pattern through transformers' attention functions"
@@ -227,6 +251,9 @@ def infer(model: nn.Module) -> Inferred:
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(base, flow, last),
                            n_heads, o_in // n_heads, notes)
+    if layout is not None and not all(_has(block, p) for block in blocks for p in layout.qkv):
+        notes["head_in"] = "the query, key and value projections differ between blocks"
+        layout = None
     return Inferred(arch, layout, n_kv, notes)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .architectures import Architecture, architecture_for
+from .architectures import ARCHITECTURES, Architecture, architecture_for
 from .infer import InferenceError, infer
 from .inputs import LAYOUTS, InputLayout
 
@@ -43,8 +43,40 @@ def mapping_for(model: nn.Module) -> Mapping:
             try:
                 inferred = infer(model)
             except InferenceError as exc:
-                found = Mapping(None, error=str(exc))
+                found = _by_structure(model) or Mapping(None, error=str(exc))
             else:
                 found = Mapping(inferred.arch, inferred.layout, True, dict(inferred.notes))
         _MAPPINGS[model] = found
     return found
+
+
+def _by_structure(model: nn.Module) -> Mapping | None:
+    """The first table layout whose every module path exists in ``model`` (BERT's in ELECTRA, CamemBERT,
+    ERNIE ...), to be proved like an inferred one; None when no layout fits."""
+    base = model.base_model
+    for model_type, arch in ARCHITECTURES.items():
+        try:
+            blocks = base.get_submodule(arch.layers)
+            paths = [arch.attn, arch.attn_core, arch.o_proj, arch.mlp, arch.mlp_down]
+            paths += [arch.resid_mid] if arch.resid_mid not in (None, "sum") else []
+            if arch.embed is not None:
+                base.get_submodule(arch.embed)
+            for block in blocks:
+                for path in paths:
+                    block.get_submodule(path)
+        except (AttributeError, TypeError):
+            continue
+        layout = LAYOUTS.get(model_type)
+        notes = {}
+        if layout is not None and not all(_exists(block, p) for block in blocks for p in layout.qkv):
+            layout, notes = None, {"head_in": f"the {model_type} layout's query, key and value projections are not all there"}
+        return Mapping(arch, layout, True, notes)
+    return None
+
+
+def _exists(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

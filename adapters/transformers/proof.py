@@ -9,8 +9,9 @@ On a short random input it checks, through the engine and against raw torch hook
 - the receiver inputs: every ``head_in`` slot holds the block input, ``logits_in`` the last block's
   output, and a patch of one head's query or key input equals a hand-written hook that recomputes
   that head's columns of the projection;
-- attention patterns: rows that sum to one, nothing above the diagonal in a causal model, and the
-  model's output unchanged by the eager attention they need;
+- attention patterns: probabilities whose rows sum to at most one (attention sinks take the rest),
+  nothing above the diagonal in a causal model, and the model's output unchanged by the eager
+  attention they need;
 - self-patching: every family patched at every layer from the same run changes nothing.
 
 A family that fails is not served; the reason is kept in the catalog (``m.sites()`` lists it).
@@ -118,7 +119,9 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
         o_proj.remove()
         if down is not None:
             down.remove()
-    plain = execute(model, adapter, catalog, inputs)
+    # The pattern's capture takes the eager attention; every other family is patched from, and compared
+    # with, a run on the model's own attention.
+    plain = execute(model, adapter, catalog, inputs, capture=[k for k in keys if not k.startswith("attn_pattern")])
     with torch.inference_mode():
         _check_values(model, catalog, arch, run, plain, o_proj, down, n, proof)
 
@@ -126,14 +129,13 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
         if fam.name in proof.failed:
             continue
         sites = [Site(fam.name, layer) for layer in (range(fam.layers) if fam.layers is not None else [None])]
-        # The pattern's run takes the eager attention, every other run the model's own.
-        reference = run.output if fam.name == "attn_pattern" else plain.output
+        source = run if fam.name == "attn_pattern" else plain
         try:
-            again = execute(model, adapter, catalog, inputs, [Bound(s, Patch(run.cache)) for s in sites])
+            again = execute(model, adapter, catalog, inputs, [Bound(s, Patch(source.cache)) for s in sites])
         except Exception as exc:  # a reach that cannot write: the family is not served
             proof.fail(fam.name, f"self-patch raised {type(exc).__name__}: {exc}")
         else:
-            proof.check(fam.name, again.output, reference, "self-patch changes the output", atol=1e-6)
+            proof.check(fam.name, again.output, source.output, "self-patch changes the output", atol=1e-6)
 
     if "head_in" in catalog and "head_in" not in proof.failed and layout is not None:
         _head_in_oracle(model, adapter, catalog, inputs, arch, layout, run.cache["resid_pre.0"], proof)
@@ -170,7 +172,9 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
             proof.check("head_in", at("head_in"), x[:, :, None, None, :].expand_as(at("head_in")), "a slot != resid_pre", atol=0)
         if has("attn_pattern"):
             p = at("attn_pattern")
-            proof.check("attn_pattern", p.sum(-1), torch.ones_like(p.sum(-1)), "rows do not sum to 1")
+            # Rows sum to 1, or less where attention sinks take a share (the output check below is the oracle).
+            proof.check("attn_pattern", p.sum(-1).clamp(min=1), torch.ones_like(p.sum(-1)), "rows sum above 1")
+            proof.check("attn_pattern", p.clamp(max=0), torch.zeros_like(p), "negative probabilities", atol=0)
             if arch.causal:
                 proof.check("attn_pattern", p.triu(1), torch.zeros_like(p), "attends to later positions", atol=0)
     if has("embed"):

@@ -109,7 +109,9 @@ _ACTIVE: dict[int, Callback] = {}
 _SWITCHED: dict[int, list] = {}  # id(config) -> [config, previous implementation, users]
 
 
-def _pattern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _pattern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None, **kwargs):
+    """transformers' eager attention, calling back with the pattern: logit soft-capping (Gemma 2) and
+    attention sinks (``s_aux``, one extra logit per head dropped after the softmax) as transformers does."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
@@ -117,10 +119,18 @@ def _pattern_attention(module, query, key, value, attention_mask, scaling=None, 
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
     wide = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    pattern = F.softmax(scores, dim=-1, dtype=wide).to(query.dtype)
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        combined = torch.cat([scores, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        pattern = F.softmax(combined, dim=-1, dtype=wide)[..., :-1].to(query.dtype)
+    else:
+        pattern = F.softmax(scores, dim=-1, dtype=wide).to(query.dtype)
     callback = _ACTIVE.get(id(module))
     if callback is not None:
         new = callback(pattern)

@@ -61,14 +61,24 @@ def model_types(task: str = "causal-lm") -> list[str]:
     return sorted(_mapping(task))
 
 
+def _depth(config: Any) -> int | None:
+    return next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(config, k, None), int)), None)
+
+
 def _shrink(config: Any) -> None:
+    before = _depth(config)
     for key, size in _SIZES.items():
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > size:
-            try:
+        try:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > size:
                 setattr(config, key, size)
-            except (AttributeError, ValueError):
-                pass
+        except Exception:  # a per-layer attribute, a read-only or validated field: keep the default
+            pass
+    depth = _depth(config)
+    if before and depth and depth < before:  # per-layer lists (GPT-Neo's attention_layers ...) follow the depth
+        for key, value in list(vars(config).items()):
+            if key != "layer_types" and isinstance(value, (list, tuple)) and len(value) == before:
+                setattr(config, key, type(value)(value[:depth]))
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):
         for key in _TOKEN_IDS:
@@ -76,7 +86,6 @@ def _shrink(config: Any) -> None:
             if isinstance(value, int) and value >= vocab:
                 setattr(config, key, vocab - 1 - _TOKEN_IDS.index(key))
     layers = getattr(config, "layer_types", None)
-    depth = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)), None)
     if isinstance(layers, (list, tuple)) and isinstance(depth, int) and len(layers) > depth:
         # Keep one layer of each kind the model mixes (sliding and full attention) where it has both.
         kinds = list(dict.fromkeys(layers))

@@ -162,3 +162,25 @@ def test_a_model_inference_cannot_read_falls_back_to_module_sites_with_the_reaso
     with torch.no_grad():
         hidden = model(x, output_hidden_states=True).hidden_states
     torch.testing.assert_close(cache["module.model.decoder.layers.0"], hidden[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("gemma2", {"initializer_range": 0.1, "attn_logit_softcapping": 5.0}),  # logit soft-capping
+    ("gpt_oss", {"initializer_range": 0.1}),  # attention sinks: rows sum to less than 1
+])
+def test_patterns_equal_transformers_eager_attentions(model_type, overrides):
+    model = tiny_model(model_type, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = cp.wrap(model)
+    assert "attn_pattern" in {f.name for f in m.sites()}, m.catalog.unavailable
+    x = ids(7)
+    cache = m.capture(x, ["attn_pattern.*"])
+    before, model.config._attn_implementation = model.config._attn_implementation, "eager"
+    try:
+        with torch.no_grad():
+            expected = model(x, output_attentions=True).attentions
+    finally:
+        model.config._attn_implementation = before
+    for layer, pattern in enumerate(expected):
+        torch.testing.assert_close(cache[f"attn_pattern.{layer}"], pattern, atol=1e-6, rtol=0)
