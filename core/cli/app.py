@@ -95,18 +95,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line per warning, no source echo
         try:
-            args = parser.parse_args(argv)
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exc:  # --help / --version
+                code = exc.code
+                return code if isinstance(code, int) else (0 if code is None else EXIT_ERROR)
             if args.verbose:
                 logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
             if args.command is None:
                 parser.print_help()
                 return 0
             return int(args.func(args) or 0)
-        except SystemExit as exc:  # --help / --version
-            code = exc.code
-            return code if isinstance(code, int) else (0 if code is None else EXIT_ERROR)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
+        except SystemExit as exc:  # from code the command ran (a plugin, a library): never a silent exit
+            logger.debug("SystemExit during the command", exc_info=True)
+            print(
+                f"{PROG}: error: code run by '{args.command}' raised SystemExit({exc.code!r}) and ended it "
+                f"early (-v shows where)",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        except KeyboardInterrupt as exc:
+            notes = " ".join(getattr(exc, "__notes__", ()))  # e.g. which plugin was loading
+            print(f"{PROG}: interrupted" + (f": {notes}" if notes else ""), file=sys.stderr)
             return 130
         except CLIError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -22,7 +22,8 @@ def add_plugins(sub: Any) -> None:
         description=(
             "List the plugins found through the 'crosspatch' entry-point group, what each "
             "registered (adapters, models, tasks, interventions) and any load errors. "
-            "Filter with CROSSPATCH_PLUGINS (allow-list) and CROSSPATCH_DISABLE_PLUGINS."
+            "Filter with CROSSPATCH_PLUGINS (allow-list) and CROSSPATCH_DISABLE_PLUGINS. Built-in names win "
+            "every clash with a plugin's; CROSSPATCH_PREFER=plugin:name makes a plugin's win instead."
         ),
     )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

@@ -8,11 +8,11 @@ this package imports nothing else of crosspatch. The conformance suite for plugi
 """
 
 from .registry import (
-    DISABLE_ENV_VAR, ENTRY_POINT_GROUP, KINDS, PLUGINS_ENV_VAR, PluginInfo, PluginLoadWarning, Registry,
-    get_registry, reset_registry,
+    BUILTIN_DISTRIBUTION, DISABLE_ENV_VAR, ENTRY_POINT_GROUP, KINDS, PLUGINS_ENV_VAR, PREFER_ENV_VAR, PluginInfo,
+    PluginLoadWarning, Registry, get_registry, matches, reset_registry,
 )
 
 __all__ = [
-    "DISABLE_ENV_VAR", "ENTRY_POINT_GROUP", "KINDS", "PLUGINS_ENV_VAR", "PluginInfo", "PluginLoadWarning",
-    "Registry", "get_registry", "reset_registry",
+    "BUILTIN_DISTRIBUTION", "DISABLE_ENV_VAR", "ENTRY_POINT_GROUP", "KINDS", "PLUGINS_ENV_VAR", "PREFER_ENV_VAR",
+    "PluginInfo", "PluginLoadWarning", "Registry", "get_registry", "matches", "reset_registry",
 ]

@@ -13,14 +13,28 @@ Environment variables (read when the registry loads):
     loaded; set but empty means none at all.
 ``CROSSPATCH_DISABLE_PLUGINS``
     Comma-separated entry-point names to skip.  Applied after the allow-list.
+``CROSSPATCH_PREFER``
+    Comma-separated ``plugin:name`` pairs (``name`` may be ``*``): in a clash over ``name`` (an
+    adapter, zoo model, task or intervention kind) the item of ``plugin`` wins, also over a
+    built-in one, and its adapters are asked before the built-in ones.
 
-Plugins added with :meth:`Registry.register` are not affected by either.
+Plugins added with :meth:`Registry.register` are not affected by the first two.
+
+Names: the entry points of the ``crosspatch`` distribution itself are the built-in plugins. In a
+clash of names a built-in item always wins over a plugin's, whatever the load order; between
+plugins the first one loaded wins; ``CROSSPATCH_PREFER`` overrides both. The warning names the
+plugin whose item was dropped.
+
+Loading is all or nothing: an interrupted load (``KeyboardInterrupt`` while a plugin imports or
+registers) leaves the registry unloaded, so the next use loads every plugin again.
+``SystemExit`` from a plugin is a failure of that plugin, reported and skipped like an exception.
 
 Importing this module is cheap: it imports neither torch nor any plugin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -31,21 +45,24 @@ import threading
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pluggy
 
 from . import hookspecs
 
 __all__ = [
+    "BUILTIN_DISTRIBUTION",
     "DISABLE_ENV_VAR",
     "ENTRY_POINT_GROUP",
     "KINDS",
     "PLUGINS_ENV_VAR",
+    "PREFER_ENV_VAR",
     "PluginInfo",
     "PluginLoadWarning",
     "Registry",
     "get_registry",
+    "matches",
     "reset_registry",
 ]
 
@@ -54,6 +71,13 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "crosspatch"
 PLUGINS_ENV_VAR = "CROSSPATCH_PLUGINS"
 DISABLE_ENV_VAR = "CROSSPATCH_DISABLE_PLUGINS"
+PREFER_ENV_VAR = "CROSSPATCH_PREFER"
+#: The distribution whose entry points are the built-in plugins.
+BUILTIN_DISTRIBUTION = "crosspatch"
+
+#: What a plugin may raise that is reported as its failure; any other BaseException
+#: (KeyboardInterrupt) is the user stopping the load and propagates.
+_PLUGIN_FAILURES = (Exception, SystemExit)
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,8 @@ class PluginInfo:
     disabled: bool = False
     #: Whether the plugin object was imported and added to the plugin manager.
     loaded: bool = False
+    #: An entry point of the ``crosspatch`` distribution itself: its names win every clash.
+    builtin: bool = False
 
     @property
     def status(self) -> str:
@@ -131,6 +157,8 @@ def _format_exc(exc: BaseException) -> str:
 
 
 def _describe(info: PluginInfo) -> str:
+    if info.builtin:
+        return f"crosspatch's built-in plugin {info.name!r}"
     if info.distribution:
         version = f" {info.version}" if info.version else ""
         return f"plugin {info.name!r} ({info.distribution}{version})"
@@ -147,11 +175,39 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, PluginLoadWarning, stacklevel=level)
 
 
+def _warn_interrupted(exc: BaseException, msg: str) -> None:
+    """Report an interrupted load while ``exc`` propagates: as a warning (also when warnings are
+    errors) and as a note on ``exc``, which the command line prints."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(msg)
+    with contextlib.suppress(Warning):
+        _warn(msg)
+
+
 def _env_names(var: str) -> set[str] | None:
     raw = os.environ.get(var)
     if raw is None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _preferences() -> set[tuple[str, str]]:
+    """``CROSSPATCH_PREFER`` as ``(plugin, name)`` pairs; a malformed entry is warned about and ignored."""
+    pairs = set()
+    for part in sorted(_env_names(PREFER_ENV_VAR) or ()):
+        plugin, colon, name = (x.strip() for x in part.partition(":"))
+        if not (colon and plugin and name):
+            _warn(
+                f"{PREFER_ENV_VAR}: {part!r} is not of the form plugin:name (e.g. myplugin:transformers, "
+                f"or myplugin:* for every name of the plugin); ignored"
+            )
+            continue
+        pairs.add((plugin, name))
+    return pairs
+
+
+def _is_builtin(distribution: str | None) -> bool:
+    return distribution is not None and distribution.replace("_", "-").lower() == BUILTIN_DISTRIBUTION
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -185,7 +241,15 @@ class Registry:
 
     Order: entry points in discovery order, then plugins added with
     :meth:`register` in call order.  When two plugins register the same name,
-    the first one wins and a :class:`PluginLoadWarning` names both.
+    a built-in plugin's item wins, else the first one's (``CROSSPATCH_PREFER``
+    overrides both), and a :class:`PluginLoadWarning` names the plugin that lost.
+    :meth:`adapters` lists preferred adapters first, then the built-in ones,
+    then the others, each in plugin order: the order ``cp.wrap`` asks them in.
+
+    Loading and collecting are all or nothing: a ``KeyboardInterrupt`` (or any
+    other ``BaseException`` that is not ``SystemExit``) raised while a plugin
+    imports or registers propagates, and the registry forgets the partial
+    work, so the next call starts it again.
 
     Pass ``entry_points=False`` for a registry that only holds plugins added
     with :meth:`register` (useful in tests and embedded uses).
@@ -194,14 +258,19 @@ class Registry:
     def __init__(self, *, entry_points: bool = True) -> None:
         self._use_entry_points = entry_points
         self._lock = threading.RLock()
-        self._loaded = False
         self._busy = False
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """The state before anything is loaded (also after an interrupted load)."""
+        self._loaded = False
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self._infos: dict[str, PluginInfo] = {}  # insertion order = plugin order
         self._load_errors: list[str] = []  # errors not tied to one plugin
         # kind -> item name -> (item, plugin name); only for collected kinds
         self._items: dict[str, dict[str, tuple[Any, str]]] = {}
+        self._prefer: set[tuple[str, str]] = set()
 
     # -- public API ---------------------------------------------------------
 
@@ -212,8 +281,12 @@ class Registry:
             return [info._copy() for info in self._infos.values()]
 
     def adapters(self) -> list[Any]:
-        """Registered adapters, in plugin order."""
-        return list(self._collected("adapters").values())
+        """Registered adapters: preferred ones, then built-in ones, then the others, each in plugin order."""
+        with self._lock:
+            self._collected("adapters")
+            entries = list(self._items["adapters"].items())
+            rank = {name: self._rank(plugin, name) for name, (_, plugin) in entries}
+            return [item for name, (item, _) in sorted(entries, key=lambda e: -rank[e[0]])]
 
     def models(self) -> dict[str, Any]:
         """Zoo model specs by name."""
@@ -236,11 +309,19 @@ class Registry:
                 out.extend(info.errors)
             return out
 
+    def owner(self, kind: str, name: str) -> str | None:
+        """The plugin whose ``kind`` item (``"adapters"``, ...) called ``name`` is kept, or None."""
+        with self._lock:
+            self._collected(kind)
+            entry = self._items[kind].get(name)
+            return None if entry is None else entry[1]
+
     def register(self, plugin: object, name: str | None = None) -> str:
         """Add a plugin (a module or object with hook implementations).
 
-        Entry points are loaded first, so they keep precedence on duplicate
-        names.  Unlike an entry point, a mistake here raises to the caller:
+        A plugin added here is never built in: on a clash of names a built-in
+        item wins, else the first one loaded (``CROSSPATCH_PREFER`` overrides).
+        Unlike an entry point, a mistake here raises to the caller:
         :class:`ValueError` if the name or object is already registered,
         :class:`pluggy.PluginValidationError` if a hook implementation does
         not match its specification.  Errors raised by the plugin's hooks are
@@ -260,11 +341,12 @@ class Registry:
             else:
                 module = type(plugin).__module__
             info = PluginInfo(name=name, module=module, loaded=True)
-            self._infos[name] = info
-            logger.debug("registered crosspatch plugin %r in code", name)
-            self._check_unknown_hooks(info, plugin)
-            for kind in list(self._items):  # kinds already collected
-                self._collect_from(kind, info)
+            with self._undo_on_interrupt(forget=name):
+                self._infos[name] = info
+                logger.debug("registered crosspatch plugin %r in code", name)
+                self._check_unknown_hooks(info, plugin)
+                for kind in list(self._items):  # kinds already collected
+                    self._collect_from(kind, info)
             return name
 
     @property
@@ -283,11 +365,15 @@ class Registry:
             raise RuntimeError("the crosspatch plugin registry was used while it was loading plugins")
         self._busy = True
         try:
+            self._prefer = _preferences()
             if self._use_entry_points:
                 self._load_entry_points()
+            self._loaded = True
+        except BaseException:
+            self._fresh()  # all or nothing: the next use loads every plugin again
+            raise
         finally:
             self._busy = False
-            self._loaded = True
 
     def _load_entry_points(self) -> None:
         allow = _env_names(PLUGINS_ENV_VAR)
@@ -302,7 +388,8 @@ class Registry:
             return
         for ep in eps:
             dist, version = _dist_of(ep)
-            info = PluginInfo(name=ep.name, distribution=dist, version=version, module=ep.module)
+            info = PluginInfo(name=ep.name, distribution=dist, version=version, module=ep.module,
+                              builtin=_is_builtin(dist))
             if ep.name in self._infos:
                 other = self._infos[ep.name]
                 msg = (
@@ -320,12 +407,19 @@ class Registry:
             try:
                 obj = ep.load()
                 self._pm.register(obj, ep.name)
-            except Exception as exc:
+            except _PLUGIN_FAILURES as exc:
                 msg = f"{_describe(info)} failed to load: {_format_exc(exc)}; skipped"
                 info.errors.append(msg)
                 logger.debug(msg, exc_info=True)
                 _warn(msg)
                 continue
+            except BaseException as exc:
+                _warn_interrupted(
+                    exc,
+                    f"loading crosspatch plugins was interrupted ({_format_exc(exc)}) while importing "
+                    f"{_describe(info)}; nothing was kept, the next use loads the plugins again"
+                )
+                raise
             info.loaded = True
             logger.debug("loaded crosspatch plugin %r from %s", ep.name, ep.value)
             self._check_unknown_hooks(info, obj)
@@ -345,14 +439,29 @@ class Registry:
         with self._lock:
             self._ensure_loaded()
             if kind not in self._items:
-                self._items[kind] = {}
-                for info in self._infos.values():
-                    self._collect_from(kind, info)
+                with self._undo_on_interrupt():
+                    self._items[kind] = {}
+                    for info in list(self._infos.values()):
+                        self._collect_from(kind, info)
             return {name: item for name, (item, _) in self._items[kind].items()}
 
     def _collect_all(self) -> None:
         for kind in KINDS:
             self._collected(kind)
+
+    @contextlib.contextmanager
+    def _undo_on_interrupt(self, forget: str | None = None) -> Iterator[None]:
+        """Restore what is collected (and drop plugin ``forget``) when the block is interrupted."""
+        items = {kind: dict(table) for kind, table in self._items.items()}
+        infos = {name: info._copy() for name, info in self._infos.items()}
+        try:
+            yield
+        except BaseException:
+            self._items = items
+            self._infos = infos
+            if forget is not None and self._pm.has_plugin(forget):
+                self._pm.unregister(name=forget)
+            raise
 
     def _collect_from(self, kind: str, info: PluginInfo) -> None:
         """Call ``info``'s implementations of the ``kind`` hook, one call at a time."""
@@ -383,7 +492,7 @@ class Registry:
         kwargs = {arg: available[arg] for arg in impl.argnames}
         try:
             impl.function(**kwargs)
-        except Exception as exc:
+        except _PLUGIN_FAILURES as exc:
             msg = (
                 f"{_describe(info)} failed in {spec.hook}: {_format_exc(exc)}; "
                 f"its {spec.kind} from this hook were skipped"
@@ -392,27 +501,90 @@ class Registry:
             logger.debug(msg, exc_info=True)
             _warn(msg)
             return None
+        except BaseException as exc:
+            _warn_interrupted(
+                exc,
+                f"{_describe(info)} was interrupted in {spec.hook} ({_format_exc(exc)}); nothing it "
+                f"registered was kept, the next use asks it again"
+            )
+            raise
         finally:
             open_ = False
         return pending
+
+    def _rank(self, plugin: str, name: str) -> int:
+        """2: the user prefers this plugin's ``name``; 1: a built-in plugin; 0: any other plugin."""
+        if (plugin, name) in self._prefer or (plugin, "*") in self._prefer:
+            return 2
+        info = self._infos.get(plugin)
+        return 1 if info is not None and info.builtin else 0
 
     def _merge(self, spec: _Kind, info: PluginInfo, items: Iterable[Any]) -> None:
         table = self._items[spec.kind]
         for item in items:
             key = getattr(item, spec.key_attr)
-            if key in table:
-                owner = self._infos[table[key][1]]
-                if owner is info and table[key][0] is item:
-                    continue  # same object registered twice by one plugin
-                msg = (
-                    f"{_describe(info)} registered {spec.noun} {key!r}, already registered by "
-                    f"{_describe(owner)}; keeping the one from {owner.name!r}"
-                )
-                info.errors.append(msg)
-                _warn(msg)
+            if key not in table:
+                table[key] = (item, info.name)
+                info.registered.setdefault(spec.kind, []).append(key)
                 continue
-            table[key] = (item, info.name)
-            info.registered.setdefault(spec.kind, []).append(key)
+            owner = self._infos[table[key][1]]
+            if owner is info:
+                if table[key][0] is not item:
+                    msg = f"{_describe(info)} registered {spec.noun} {key!r} twice; keeping the first"
+                    info.errors.append(msg)
+                    _warn(msg)
+                continue
+            new_rank, old_rank = self._rank(info.name, key), self._rank(owner.name, key)
+            winner, loser = (info, owner) if new_rank > old_rank else (owner, info)
+            if winner is info:  # the name changes hands, keeping its place in the table
+                table[key] = (item, info.name)
+                info.registered.setdefault(spec.kind, []).append(key)
+                kept = owner.registered.get(spec.kind, [])
+                if key in kept:
+                    kept.remove(key)
+                if not kept:
+                    owner.registered.pop(spec.kind, None)
+            if max(new_rank, old_rank) == 2:
+                logger.info("%s %r: %s is used, as %s asks", spec.noun, key, _describe(winner), PREFER_ENV_VAR)
+                if self._rank(loser.name, key) < 2:
+                    continue
+            why = "a built-in name stays built in" if self._rank(winner.name, key) == 1 else "the first one loaded wins"
+            msg = (
+                f"{_describe(loser)} registered {spec.noun} {key!r}, which {_describe(winner)} also registers; "
+                f"{why}, so the {spec.noun} of {loser.name!r} is dropped "
+                f"(to use it instead, set {PREFER_ENV_VAR}={loser.name}:{key})"
+            )
+            loser.errors.append(msg)
+            _warn(msg)
+
+    def _adapter_plugin(self, adapter: Any) -> PluginInfo | None:
+        for item, plugin in self._items.get("adapters", {}).values():
+            if item is adapter:
+                return self._infos.get(plugin)
+        return None
+
+
+def matches(adapter: Any, model: Any, registry: "Registry | None" = None) -> bool:
+    """``adapter.matches(model)``, False (with a :class:`PluginLoadWarning` naming the adapter and its
+    plugin) when it raises: one broken plugin must not keep ``cp.wrap`` from serving any model.
+    ``KeyboardInterrupt`` propagates."""
+    try:
+        return bool(adapter.matches(model))
+    except _PLUGIN_FAILURES as exc:
+        reg = registry if registry is not None else _registry
+        info = None
+        if reg is not None:
+            with reg._lock:
+                info = reg._adapter_plugin(adapter)
+        where = f" of {_describe(info)}" if info is not None else ""
+        cls = type(model)
+        msg = (
+            f"adapter {getattr(adapter, 'name', type(adapter).__name__)!r}{where} raised in matches() for "
+            f"{cls.__module__}.{cls.__qualname__}: {_format_exc(exc)}; skipped"
+        )
+        logger.debug(msg, exc_info=True)
+        _warn(msg)
+        return False
 
 
 def _validate(spec: _Kind, item: Any) -> None:

@@ -443,3 +443,333 @@ def test_importing_plugins_and_cli_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- built-in names cannot be taken over ------------------------------------------------------
+
+EVIL = {
+    "cpfake_evil": '''
+        from crosspatch.hookspecs import hookimpl
+
+        class Evil:
+            name = "transformers"
+            def matches(self, model):
+                return True
+
+        class EvilModel:
+            name = "ioi-gpt2-tiny"
+
+        class EvilTask:
+            name = "ioi"
+
+        class EvilIntervention:
+            kind = "das_rotation"
+
+        class Extra:
+            name = "evil-extra"
+            def matches(self, model):
+                return False
+
+        @hookimpl
+        def register_adapters(register):
+            register(Evil())
+            register(Extra())
+
+        @hookimpl
+        def register_models(register):
+            register(EvilModel())
+
+        @hookimpl
+        def register_tasks(register):
+            register(EvilTask())
+
+        @hookimpl
+        def register_interventions(register):
+            register(EvilIntervention)
+    ''',
+}
+BUILTINS_USED = ("transformers", "tasks", "trainable")
+
+
+@pytest.fixture
+def evil(tmp_path, monkeypatch, clean):
+    """A plugin claiming built-in names, next to the built-ins it clashes with; returns a function that
+    puts its entry point ``"first"`` or ``"last"``."""
+    install_fake_dist(tmp_path, EVIL, {"fp_evil": "cpfake_evil"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    real = importlib.metadata.entry_points
+    monkeypatch.setenv(plugins.PLUGINS_ENV_VAR, ",".join(("fp_evil", *BUILTINS_USED)))
+    monkeypatch.delenv(plugins.PREFER_ENV_VAR, raising=False)
+
+    def order(where: str) -> None:
+        def entry_points(**kw):
+            eps = list(real(**kw))
+            fake = [ep for ep in eps if ep.name == "fp_evil"]
+            rest = [ep for ep in eps if ep.name != "fp_evil"]
+            return fake + rest if where == "first" else rest + fake
+
+        monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+        sys.modules.pop("cpfake_evil", None)
+        reset_registry()
+
+    yield order
+    sys.modules.pop("cpfake_evil", None)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_plugin_cannot_take_a_built_in_name_whatever_the_load_order(evil, where):
+    evil(where)
+    reg = get_registry()
+    (adapters, models, tasks, interventions, infos), msgs = collect(lambda: load_everything(reg))
+    by_name = {a.name: a for a in adapters}
+    assert type(by_name["transformers"]).__module__.startswith("crosspatch.adapters.transformers")
+    assert type(models["ioi-gpt2-tiny"]).__module__.startswith("crosspatch.")
+    assert type(tasks["ioi"]).__module__.startswith("crosspatch.zoo.tasks")
+    assert interventions["das_rotation"].__module__ == "crosspatch.trainable.das"
+    assert "evil-extra" in by_name  # adding a name is fine
+    assert [a.name for a in adapters][-1] == "evil-extra"  # built-in adapters are asked first
+    info = {i.name: i for i in infos}
+    assert info["fp_evil"].registered == {"adapters": ["evil-extra"]}
+    assert info["transformers"].builtin and not info["fp_evil"].builtin
+    assert "transformers" in info["transformers"].registered["adapters"]
+    assert info["transformers"].errors == [] and info["tasks"].errors == []
+    # one warning per clash, each naming the plugin that lost and how to prefer it
+    assert len(msgs) == 4, msgs
+    for noun, name in (("adapter", "transformers"), ("model", "ioi-gpt2-tiny"), ("task", "ioi"),
+                       ("intervention", "das_rotation")):
+        (msg,) = [m for m in msgs if f"registered {noun} '{name}'" in m]
+        assert msg.startswith("plugin 'fp_evil' (fakeplug 0.1) registered")
+        assert "built-in" in msg and "dropped" in msg and f"CROSSPATCH_PREFER=fp_evil:{name}" in msg
+    assert sorted(info["fp_evil"].errors) == sorted(msgs)
+    assert reg.owner("adapters", "transformers") == "transformers"
+
+
+def test_prefer_lets_the_user_pick_a_plugin_over_a_built_in(evil, monkeypatch):
+    monkeypatch.setenv(plugins.PREFER_ENV_VAR, "fp_evil:transformers, fp_evil:ioi")
+    evil("last")
+    reg = get_registry()
+    (adapters, models, tasks, _ivs, infos), msgs = collect(lambda: load_everything(reg))
+    assert type(adapters[0]).__module__ == "cpfake_evil" and adapters[0].name == "transformers"  # asked first
+    assert type(tasks["ioi"]).__module__ == "cpfake_evil"
+    assert type(models["ioi-gpt2-tiny"]).__module__ != "cpfake_evil"  # not preferred: the built-in stays
+    assert not any("adapter 'transformers'" in m or "task 'ioi'" in m for m in msgs)  # asked for: no warning
+    info = {i.name: i for i in infos}
+    assert "transformers" not in info["transformers"].registered.get("adapters", [])
+    assert set(info["fp_evil"].registered["adapters"]) == {"transformers", "evil-extra"}
+
+
+def test_prefer_star_takes_every_name_of_the_plugin(evil, monkeypatch):
+    monkeypatch.setenv(plugins.PREFER_ENV_VAR, "fp_evil:*")
+    evil("first")
+    reg = get_registry()
+    (adapters, models, tasks, interventions, _infos), msgs = collect(lambda: load_everything(reg))
+    assert msgs == []
+    assert type(models["ioi-gpt2-tiny"]).__module__ == "cpfake_evil"
+    assert interventions["das_rotation"].__module__ == "cpfake_evil"
+    assert [a.name for a in adapters][:2] == ["transformers", "evil-extra"]
+
+
+def test_malformed_prefer_warns_and_is_ignored(clean, monkeypatch):
+    monkeypatch.setenv(plugins.PREFER_ENV_VAR, "nocolon")
+    reg = Registry(entry_points=False)
+    _, msgs = collect(reg.adapters)
+    assert len(msgs) == 1 and "'nocolon'" in msgs[0] and "plugin:name" in msgs[0]
+
+
+def test_between_plugins_the_first_wins_and_the_loser_is_named():
+    class P:
+        def __init__(self):
+            @hookimpl
+            def register_models(register):
+                register(_Named("m"))
+
+            self.register_models = register_models
+
+    reg = Registry(entry_points=False)
+    reg.register(P(), "early")
+    reg.register(P(), "late")
+    models, msgs = collect(reg.models)
+    assert reg.owner("models", "m") == "early"
+    (msg,) = msgs
+    assert msg.startswith("plugin 'late' registered model 'm'") and "first one loaded" in msg
+
+
+# -- an adapter whose matches() raises is skipped ------------------------------------------------
+
+
+class _Raising:
+    name = "raises"
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def matches(self, model):
+        raise self.exc
+
+
+def test_matches_that_raises_is_a_warning_naming_the_adapter_and_plugin():
+    adapter = _Raising(ZeroDivisionError("bad plugin"))
+
+    class P:
+        @hookimpl
+        def register_adapters(self, register):
+            register(adapter)
+
+    reg = Registry(entry_points=False)
+    reg.register(P(), "shaky")
+    reg.adapters()
+    ok, msgs = collect(lambda: plugins.matches(adapter, object(), reg))
+    assert ok is False
+    (msg,) = msgs
+    assert "adapter 'raises' of plugin 'shaky'" in msg and "ZeroDivisionError: bad plugin" in msg
+    assert "builtins.object" in msg and "skipped" in msg
+    _, msgs = collect(lambda: plugins.matches(_Raising(SystemExit(3)), object(), reg))
+    assert "SystemExit: 3" in msgs[0]
+    with pytest.raises(KeyboardInterrupt):
+        plugins.matches(_Raising(KeyboardInterrupt()), object(), reg)
+
+
+# -- interrupts and exits while plugins load -------------------------------------------------------
+
+MOODY = {
+    "cpfake_moody_import": '''
+        import os
+        from crosspatch.hookspecs import hookimpl
+        if os.environ.get("CPFAKE_MOOD") == "import-interrupt":
+            raise KeyboardInterrupt
+        if os.environ.get("CPFAKE_MOOD") == "import-exit":
+            raise SystemExit(4)
+
+        class A:
+            name = "moody-a"
+
+        @hookimpl
+        def register_adapters(register):
+            register(A())
+    ''',
+    "cpfake_moody_hook": '''
+        import os, sys
+        from crosspatch.hookspecs import hookimpl
+
+        class T:
+            name = "moody-task"
+
+        @hookimpl
+        def register_tasks(register):
+            register(T())
+            if os.environ.get("CPFAKE_MOOD") == "hook-interrupt":
+                raise KeyboardInterrupt
+            if os.environ.get("CPFAKE_MOOD") == "hook-exit":
+                sys.exit(3)
+    ''',
+    "cpfake_steady": '''
+        from crosspatch.hookspecs import hookimpl
+
+        class S:
+            name = "steady-task"
+
+        @hookimpl
+        def register_tasks(register):
+            register(S())
+    ''',
+}
+MOODY_EPS = {"fp_steady": "cpfake_steady", "fp_moody_import": "cpfake_moody_import", "fp_moody_hook": "cpfake_moody_hook"}
+
+
+@pytest.fixture
+def moody(tmp_path, monkeypatch, clean):
+    install_fake_dist(tmp_path, MOODY, MOODY_EPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(plugins.PLUGINS_ENV_VAR, ",".join(MOODY_EPS))
+    importlib.invalidate_caches()
+    for mod in MOODY:
+        sys.modules.pop(mod, None)
+    yield monkeypatch
+    for mod in MOODY:
+        sys.modules.pop(mod, None)
+
+
+@pytest.mark.parametrize("mood", ["import-interrupt", "hook-interrupt"])
+def test_an_interrupted_load_is_not_remembered(moody, mood):
+    moody.setenv("CPFAKE_MOOD", mood)
+    reg = get_registry()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            reg.plugins()
+    plugin = "fp_moody_import" if mood == "import-interrupt" else "fp_moody_hook"
+    (msg,) = [str(w.message) for w in caught]
+    assert f"plugin {plugin!r}" in msg and "interrupted" in msg and "again" in msg
+    moody.delenv("CPFAKE_MOOD")
+    (adapters, _models, tasks, *_), msgs = collect(lambda: load_everything(reg))
+    assert msgs == []
+    assert [a.name for a in adapters] == ["moody-a"]
+    assert sorted(tasks) == ["moody-task", "steady-task"]
+    assert {i.name: i.status for i in reg.plugins() if i.name in MOODY_EPS} == dict.fromkeys(MOODY_EPS, "ok")
+
+
+@pytest.mark.parametrize("mood, plugin, what", [
+    ("import-exit", "fp_moody_import", "failed to load: SystemExit: 4"),
+    ("hook-exit", "fp_moody_hook", "failed in register_tasks: SystemExit: 3"),
+])
+def test_system_exit_from_a_plugin_is_its_failure(moody, mood, plugin, what):
+    moody.setenv("CPFAKE_MOOD", mood)
+    reg = get_registry()
+    (_adapters, _models, tasks, *_rest, infos), msgs = collect(lambda: load_everything(reg))
+    (msg,) = msgs
+    assert f"plugin {plugin!r}" in msg and what in msg
+    assert "steady-task" in tasks
+    assert {i.name: i.status for i in infos}[plugin] in ("failed", "errors")
+
+
+def test_plugins_command_lists_a_plugin_that_calls_sys_exit(moody, capsys):
+    from crosspatch.cli import app
+
+    moody.setenv("CPFAKE_MOOD", "hook-exit")
+    assert app.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "fp_steady" in out and "fp_moody_hook" in out
+    assert "SystemExit: 3" in out
+
+
+def test_plugins_command_interrupted_while_loading_exits_130(moody, capsys):
+    from crosspatch.cli import app
+
+    moody.setenv("CPFAKE_MOOD", "import-interrupt")
+    assert app.main(["plugins"]) == 130
+    err = capsys.readouterr().err
+    assert "fp_moody_import" in err and "interrupted" in err
+
+
+def test_an_interrupted_register_in_code_leaves_nothing_behind():
+    class Interrupting:
+        @hookimpl
+        def register_adapters(self, register):
+            register(_Named("half"))
+            raise KeyboardInterrupt
+
+    reg = Registry(entry_points=False)
+    reg.adapters()  # adapters collected: register() collects from the new plugin at once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            reg.register(Interrupting(), "int")
+    assert reg.adapters() == [] and reg.plugins() == []
+    reg.register(types.ModuleType("again"), "int")  # the name is free again
+
+
+def test_a_command_ended_by_system_exit_says_so(monkeypatch, capsys):
+    from crosspatch.cli import app
+
+    def exits(args):
+        raise SystemExit(0)
+
+    parser = app.build_parser()
+    monkeypatch.setattr(app, "build_parser", lambda: parser)
+    parser.set_defaults(func=exits)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    sub.choices["plugins"].set_defaults(func=exits)
+    assert app.main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SystemExit(0)" in err and "'plugins'" in err
