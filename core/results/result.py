@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .formats import FormatError, json_field, read_json
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -31,7 +33,7 @@ __all__ = ["Result", "collect_versions"]
 FORMAT = "crosspatch.result"
 FORMAT_VERSION = 1
 
-_MAX_TICKS = 30
+_ALL_TICKS = 64  # every label is drawn up to this many; beyond, every 2nd, 5th, 10th ... so that at most this many are
 _AUTO_ANNOTATE_CELLS = 150
 _NAN_COLOUR = "0.6"
 _OPTIONAL_LIBRARIES = ("transformers", "diffusers", "open_clip")
@@ -42,14 +44,19 @@ class Result:
     """A labelled float64 array plus the metadata needed to reproduce it.
 
     `coords` maps a dim to its labels (ints or strs); dims left out get
-    `range(n)`. `metadata` holds model, adapter, method, metric, seed,
-    versions, ... and must be JSON-able (see `save`).
+    `range(n)`. A `pos` dim of a model with a tokenizer is labelled with the
+    tokens ("3 John": index and token; `sel(pos=3)` still works). `metadata`
+    holds model, adapter, method, metric, seed, versions, ... and must be
+    JSON-able (see `save`). `skipped`, when given, is a boolean array shaped
+    like `values`: True where a site was not run because its effect is 0 by
+    construction (drawn hatched, not as a computed zero; saved with the result).
     """
 
     values: np.ndarray
     dims: tuple[str, ...]
     coords: dict[str, list] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    skipped: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if hasattr(self.values, "detach"):  # a torch tensor, possibly bf16 or on GPU
@@ -80,6 +87,12 @@ class Result:
                 )
             coords[dim] = labels
         self.coords = coords
+        if self.skipped is not None:
+            self.skipped = np.array(self.skipped, dtype=bool)
+            if self.skipped.shape != self.values.shape:
+                raise ValueError(
+                    f"skipped has shape {self.skipped.shape} but values has {self.values.shape}; it marks each value"
+                )
 
     # ------------------------------------------------------------------ views
 
@@ -101,6 +114,8 @@ class Result:
             and self.metadata == other.metadata
             and self.values.shape == other.values.shape
             and bool(np.array_equal(self.values, other.values, equal_nan=True))
+            and (self.skipped is None) == (other.skipped is None)
+            and (self.skipped is None or bool(np.array_equal(self.skipped, other.skipped)))
         )
 
     def to_pandas(self) -> pd.DataFrame:
@@ -124,30 +139,38 @@ class Result:
     # -------------------------------------------------------------- selection
 
     def sel(self, **labels: Any) -> Result:
-        """Pick one label along each named dim, dropping those dims."""
+        """Pick one label along each named dim, dropping those dims. An int picks the position of a dim
+        labelled "3 John"-style (index, then the token)."""
         index: list[Any] = [slice(None)] * len(self.dims)
         for dim, label in labels.items():
             axis = self._axis(dim)
             matches = [i for i, existing in enumerate(self.coords[dim]) if existing == label]
+            if not matches and isinstance(label, int) and not isinstance(label, bool):
+                prefix = f"{label} "
+                matches = [i for i, existing in enumerate(self.coords[dim])
+                           if isinstance(existing, str) and existing.startswith(prefix)]
             if not matches:
                 raise KeyError(f"label {label!r} not in dim {dim!r}; labels are {_preview(self.coords[dim])}")
             if len(matches) > 1:
                 raise ValueError(f"label {label!r} appears {len(matches)} times in dim {dim!r}; it is ambiguous")
             index[axis] = matches[0]
-        return self._drop(labels, self.values[tuple(index)])
+        skipped = self.skipped
+        return self._drop(labels, self.values[tuple(index)], None if skipped is None else skipped[tuple(index)])
 
     def mean(self, dim: str) -> Result:
-        """Average over one named dim, dropping it."""
-        return self._drop([dim], self.values.mean(axis=self._axis(dim)))
+        """Average over one named dim, dropping it (a mean is skipped only where every site in it was)."""
+        axis = self._axis(dim)
+        skipped = self.skipped
+        return self._drop([dim], self.values.mean(axis=axis), None if skipped is None else skipped.all(axis=axis))
 
     def _axis(self, dim: str) -> int:
         if dim not in self.dims:
             raise KeyError(f"no dim {dim!r}; dims are {list(self.dims)}")
         return self.dims.index(dim)
 
-    def _drop(self, dropped: Any, values: np.ndarray) -> Result:
+    def _drop(self, dropped: Any, values: np.ndarray, skipped: np.ndarray | None = None) -> Result:
         kept = tuple(d for d in self.dims if d not in dropped)
-        return Result(values, kept, {d: list(self.coords[d]) for d in kept}, dict(self.metadata))
+        return Result(values, kept, {d: list(self.coords[d]) for d in kept}, dict(self.metadata), skipped)
 
     # ---------------------------------------------------------------- storage
 
@@ -167,31 +190,53 @@ class Result:
             "values": _encode(self.values.tolist()),
             "metadata": _jsonable(self.metadata),
         }
+        if self.skipped is not None:
+            document["skipped"] = self.skipped.tolist()
         path.write_text(json.dumps(document, allow_nan=False), encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Result:
-        """Read a file written by `save`; the ".json" suffix may be omitted."""
+        """Read a file written by `save`; the ".json" suffix may be omitted.
+
+        Anything malformed in the file is a :class:`~crosspatch.results.formats.FormatError` naming the
+        file and the field.
+        """
         path = Path(path)
         if not path.is_file():
             path = _with_suffix(path, ".json")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a crosspatch result: invalid JSON ({error})") from error
-        if not isinstance(document, dict) or document.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a crosspatch result (expected format {FORMAT!r})")
-        if document.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has result format version {document['version']}; "
-                f"this crosspatch reads up to {FORMAT_VERSION}"
-            )
-        dims = document["dims"]
-        coords = document["coords"]
+        if not path.is_file():
+            raise FileNotFoundError(f"no result file {path}")
+        document = read_json(path, "a crosspatch result")
+        if document.get("format") != FORMAT:
+            raise FormatError(f"{path} is not a crosspatch result: field 'format' is {document.get('format')!r}, expected {FORMAT!r}")
+        version = json_field(document, "version", int, path, 0)
+        if version > FORMAT_VERSION:
+            raise FormatError(f"{path} has result format version {version}; this crosspatch reads up to {FORMAT_VERSION}")
+        dims = json_field(document, "dims", list, path)
+        if not all(isinstance(d, str) for d in dims):
+            raise FormatError(f"{path}: field 'dims' should be a list of strings, got {dims!r}")
+        coords = json_field(document, "coords", dict, path)
+        for d in dims:
+            if not isinstance(coords.get(d), list):
+                raise FormatError(f"{path}: field 'coords' should hold a list of labels for dim {d!r}")
+        metadata = json_field(document, "metadata", dict, path, {})
         shape = tuple(len(coords[d]) for d in dims)  # keeps empty axes that nested lists lose
-        values = np.array(_decode(document["values"]), dtype=np.float64).reshape(shape)
-        return cls(values, tuple(dims), coords, document["metadata"])
+        try:
+            values = np.array(_decode(json_field(document, "values", (list, int, float, type(None)), path)), dtype=np.float64)
+            values = values.reshape(shape)
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{path}: field 'values' does not hold numbers of shape {shape} (the coords' sizes): {exc}") from None
+        skipped = json_field(document, "skipped", (list, bool, type(None)), path, None)
+        if skipped is not None:
+            try:
+                skipped = np.array(skipped, dtype=bool).reshape(shape)
+            except ValueError:
+                raise FormatError(f"{path}: field 'skipped' should be true/false values of shape {shape}") from None
+        try:
+            return cls(values, tuple(dims), coords, metadata, skipped)
+        except ValueError as exc:
+            raise FormatError(f"{path}: {exc}") from None
 
     # --------------------------------------------------------------- plotting
 
@@ -234,25 +279,36 @@ class Result:
         if self.metadata.get("normalize"):
             label += " (normalised)"
 
+        skipped = self.skipped
+        if skipped is not None and not skipped.any():
+            skipped = None
         if self.values.ndim == 2:
-            image = ax.imshow(data, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
+            shown = data if skipped is None else np.ma.masked_where(skipped, data)
+            image = ax.imshow(shown, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
             figure.colorbar(image, ax=ax, label=label)
             _ticks(ax.yaxis, self.coords[self.dims[0]])
             _ticks(ax.xaxis, self.coords[self.dims[1]], rotate=True)
             ax.set_ylabel(self.dims[0])
             ax.set_xlabel(self.dims[1])
+            if skipped is not None:
+                _hatch_cells(ax, skipped)
             if annotate or (annotate is None and data.size <= _AUTO_ANNOTATE_CELLS):
-                _annotate(ax, self.values, norm)
+                _annotate(ax, self.values, norm, skipped)
         else:
             positions = np.arange(data.size)
-            ax.bar(positions, np.nan_to_num(data), color=colormap(norm(data)), edgecolor="0.35", linewidth=0.5)
+            colours = colormap(norm(data))
+            ax.bar(positions, np.nan_to_num(data), color=colours, edgecolor="0.35", linewidth=0.5)
             ax.axhline(0.0, color="0.2", linewidth=0.8)
             for position in positions[np.isnan(data)]:
                 ax.text(position, 0.0, "nan", ha="center", va="bottom", fontsize=7, color=_NAN_COLOUR)
+            if skipped is not None:
+                _hatch_bars(ax, positions[skipped], limit)
             ax.set_xlim(-0.6, data.size - 0.4)
             _ticks(ax.xaxis, self.coords[self.dims[0]], rotate=True)
             ax.set_xlabel(self.dims[0])
             ax.set_ylabel(label)
+        if skipped is not None:
+            _skipped_legend(ax)
 
         title = self._default_title() if title is None else title
         if title:
@@ -351,22 +407,58 @@ def _with_suffix(path: str | Path, suffix: str) -> Path:
 
 
 def _ticks(axis: Any, labels: list, rotate: bool = False) -> None:
-    """Label an axis with coordinate labels, showing at most ~_MAX_TICKS of them."""
-    needed = max(1, math.ceil(len(labels) / _MAX_TICKS))
-    magnitude = 10 ** math.floor(math.log10(needed))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= needed)  # 1, 2, 5, 10, 20, ...
+    """Label an axis with coordinate labels: every one up to _ALL_TICKS, else every 2nd, 5th, 10th, ...
+    (at most _ALL_TICKS of them); smaller type when there are many."""
+    step = 1
+    if len(labels) > _ALL_TICKS:
+        needed = math.ceil(len(labels) / _ALL_TICKS)
+        magnitude = 10 ** math.floor(math.log10(needed))
+        step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= needed)  # 1, 2, 5, 10, 20, ...
     positions = list(range(0, len(labels), step))
     texts = [str(labels[i]) for i in positions]
     axis.set_ticks(positions, texts)
+    if len(positions) > 40:
+        axis.set_tick_params(labelsize=6)
+    elif len(positions) > 20:
+        axis.set_tick_params(labelsize=7)
     wordy = any(isinstance(labels[i], str) and len(labels[i]) > 2 for i in positions)
     if rotate and (wordy or len(positions) > 20):
         axis.set_tick_params(labelrotation=90)
 
 
-def _annotate(ax: Axes, values: np.ndarray, norm: Any) -> None:
-    """Write each cell's value, in white where the colour is dark."""
+_SKIPPED_COLOUR = "0.93"
+_SKIPPED_HATCH = "////"
+_SKIPPED_LABEL = "not run: 0 by construction"
+
+
+def _hatch_cells(ax: Axes, skipped: np.ndarray) -> None:
+    """Grey, hatched cells where a site was not run (its effect is 0 by construction)."""
+    from matplotlib.patches import Rectangle
+
+    for row, col in zip(*np.nonzero(skipped)):
+        ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, facecolor=_SKIPPED_COLOUR, edgecolor="0.6",
+                               hatch=_SKIPPED_HATCH, linewidth=0))
+
+
+def _hatch_bars(ax: Axes, positions: np.ndarray, limit: float) -> None:
+    """A low grey, hatched bar where a site was not run, so a skipped 0 does not read as a computed one."""
+    height = 0.04 * limit
+    ax.bar(positions, 2 * height, bottom=-height, color=_SKIPPED_COLOUR, edgecolor="0.6", hatch=_SKIPPED_HATCH,
+           linewidth=0.5)
+
+
+def _skipped_legend(ax: Axes) -> None:
+    from matplotlib.patches import Patch
+
+    handle = Patch(facecolor=_SKIPPED_COLOUR, edgecolor="0.6", hatch=_SKIPPED_HATCH, label=_SKIPPED_LABEL)
+    ax.legend(handles=[handle], loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False,
+              borderaxespad=0.2, handlelength=1.5)
+
+
+def _annotate(ax: Axes, values: np.ndarray, norm: Any, skipped: np.ndarray | None = None) -> None:
+    """Write each cell's value, in white where the colour is dark (nothing in a skipped cell)."""
     for (row, col), value in np.ndenumerate(values):
-        if np.isnan(value):
+        if np.isnan(value) or (skipped is not None and skipped[row, col]):
             continue
         colour = "white" if abs(norm(value) - 0.5) > 0.3 else "black"
         ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=8, color=colour)

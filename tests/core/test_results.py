@@ -243,7 +243,7 @@ def test_plot_all_zero_uses_unit_limits():
 def test_plot_thins_ticks_on_large_grids():
     figure = Result(np.ones((4, 200)), ("layer", "pos")).plot()
     ax = figure.axes[0]
-    assert len(ax.get_xticks()) <= 30
+    assert len(ax.get_xticks()) <= 64
     assert len(ax.texts) == 0  # too many cells to annotate by default
 
 
@@ -284,3 +284,75 @@ def test_collect_versions_reports_core_and_never_imports_optional():
     assert versions["numpy"] == np.__version__
     assert {name for name in optional if name in versions} == before
     assert {name for name in optional if name in sys.modules} == before
+
+
+# ---------------------------------------------------------------- malformed files: one error naming file and field
+
+
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        (b"\xff\xfe not utf-8", "not UTF-8"),
+        (b"[1, 2]", "JSON list, not an object"),
+        (b'{"format": "crosspatch.result", "dims": "layer", "coords": {}, "values": []}', "field 'dims'"),
+        (b'{"format": "crosspatch.result", "dims": ["layer"], "coords": [], "values": []}', "field 'coords'"),
+        (b'{"format": "crosspatch.result", "dims": ["layer"], "coords": {"layer": [0, 1]}, "values": ["x", 1]}',
+         "field 'values'"),
+        (b'{"format": "crosspatch.result", "dims": ["layer"], "coords": {"layer": [0]}, "values": [1], '
+         b'"metadata": 3}', "field 'metadata'"),
+        (b'{"format": "crosspatch.result", "version": "1", "dims": [], "coords": {}, "values": 1}', "field 'version'"),
+        (b'{"format": "crosspatch.result", "dims": ["layer"], "coords": {"layer": [0]}, "values": [1], '
+         b'"skipped": [true, false]}', "field 'skipped'"),
+        (b'{"format": "crosspatch.result", "dims": ["layer"], "coords": {"layer": [0]}}', "field 'values' is missing"),
+    ],
+)
+def test_malformed_result_files_raise_one_error_naming_the_file_and_field(tmp_path, content, field):
+    from crosspatch.results.formats import FormatError
+
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(FormatError, match=field) as info:
+        Result.load(path)
+    assert "bad.json" in str(info.value)
+
+
+# ---------------------------------------------------------------- skipped sites and position labels
+
+
+def test_skipped_sites_survive_save_load_sel_and_mean(tmp_path):
+    skipped = np.array([[True, True, False], [True, False, False]])
+    res = Result(np.array([[0.0, 0.0, 0.5], [0.0, 0.2, -0.1]]), ("layer", "pos"),
+                 {"pos": ["0 When", "1 Mary", "2 and"]}, {}, skipped)
+    back = Result.load(res.save(tmp_path / "r"))
+    assert back == res and back.skipped.tolist() == skipped.tolist()
+    assert res.sel(layer=1).skipped.tolist() == [True, False, False]
+    assert res.sel(pos=1).skipped.tolist() == [True, False]  # an int picks "1 Mary"
+    assert res.mean("layer").skipped.tolist() == [True, False, False]  # skipped where every layer was
+    assert Result(res.values, res.dims, res.coords) != res
+    with pytest.raises(ValueError, match="skipped has shape"):
+        Result(np.zeros(3), ("pos",), skipped=np.zeros(2, dtype=bool))
+
+
+def test_plots_draw_skipped_sites_hatched(tmp_path):
+    skipped = np.array([[True, True, False], [True, False, False]])
+    res = Result(np.array([[0.0, 0.0, 0.5], [0.0, 0.2, -0.1]]), ("layer", "pos"), {}, {"metric": "m"}, skipped)
+    ax = res.plot().axes[0]
+    assert len([p for p in ax.patches if p.get_hatch()]) == 3
+    assert [t.get_text() for t in ax.texts] == ["0.5", "0.2", "-0.1"]  # no number in a skipped cell
+    line = res.sel(layer=0)
+    ax = line.plot().axes[0]
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 2 and "0 by construction" in ax.get_legend().get_texts()[0].get_text()
+    figure = res.plot()
+    figure.savefig(tmp_path / "skipped.png")
+
+
+@pytest.mark.parametrize("n, shown", [(14, 14), (64, 64), (65, 33), (200, 40), (1000, 50)])
+def test_every_position_is_labelled_up_to_64(n, shown):
+    labels = [f"{i} tok{i}" for i in range(n)]
+    res = Result(np.linspace(-1, 1, 2 * n).reshape(2, n), ("layer", "pos"), {"pos": labels})
+    ax = res.plot().axes[0]
+    texts = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(texts) == shown and texts[0] == "0 tok0"
+    if n <= 64:
+        assert texts == labels
