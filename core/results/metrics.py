@@ -4,13 +4,17 @@ A metric is called as ``metric(output, ctx)`` and returns a tensor of shape ``[r
 batched sweep the rows of many interventions share one forward; ``ctx.example`` says which
 prompt each row belongs to, so per-prompt targets (answer tokens, the clean output) line up.
 Any callable works: one taking only ``output`` is wrapped by :func:`as_metric`.
+
+Answers may be token ids or text (``logit_diff(" Mary", " John")``): a metric with text answers
+turns them into ids with a model's tokenizer (:meth:`Metric.resolve`), which the methods do with
+the model they run; called before that, it says so.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,27 @@ class Metric:
     name: str
     fn: Callable[[torch.Tensor, MetricContext], torch.Tensor]
     position: int | None = None
+    # Text answers awaiting a tokenizer ({"answer": " Mary", ...}) and the factory that takes their ids.
+    texts: dict[str, Any] = field(default_factory=dict, repr=False)
+    rebuild: Callable[..., "Metric"] | None = field(default=None, repr=False)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """True while the metric holds text answers that no tokenizer has turned into ids yet."""
+        return bool(self.texts)
+
+    def resolve(self, token_id: Callable[[str, str], int]) -> "Metric":
+        """This metric with its text answers as token ids; ``token_id(text, argument)`` gives the one id of
+        a text (``WrappedModel.token_id`` does, with the model's tokenizer, and refuses several tokens)."""
+        if not self.texts or self.rebuild is None:
+            return self
+        ids = {}
+        for name, value in self.texts.items():
+            if isinstance(value, str):
+                ids[name] = token_id(value, name)
+            else:
+                ids[name] = [token_id(v, name) if isinstance(v, str) else v for v in value]
+        return self.rebuild(**ids)
 
     def positions(self, ctx: MetricContext, sizes: dict[str, int]) -> torch.Tensor | None:
         """Per row, the output position the metric reads (``[rows]``), or None when it may read any (or
@@ -51,6 +76,13 @@ class Metric:
         return _position_index(self.position, ctx, sizes["pos"], ctx.example.device)
 
     def __call__(self, output: torch.Tensor, ctx: MetricContext | None = None) -> torch.Tensor:
+        if self.texts:
+            given = ", ".join(f"{k}={v!r}" for k, v in self.texts.items())
+            raise ValueError(
+                f"metric {self.name!r} has text answers ({given}) that no tokenizer has turned into token ids yet: "
+                f"pass it to a method with a model that has a tokenizer (cp.wrap(model, tokenizer=tok)), or "
+                f"resolve it yourself: metric.resolve(m.token_id)"
+            )
         ctx = ctx or MetricContext.plain(output.shape[0], output.device)
         value = self.fn(output, ctx)
         if not isinstance(value, torch.Tensor) or value.shape != (output.shape[0],):
@@ -81,9 +113,34 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _per_prompt(values: "int | Sequence[int] | torch.Tensor", ctx: MetricContext, device) -> torch.Tensor:
+def _per_prompt(
+    values: "int | Sequence[int] | torch.Tensor", ctx: MetricContext, device, what: str = "token", vocab: int | None = None
+) -> torch.Tensor:
+    """Token ids per row: one shared id, or one per prompt looked up by ``ctx.example``; ``what`` names the
+    argument in errors, ``vocab`` is the size of the axis the ids index."""
     t = torch.as_tensor(values, device=device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
+        raise ValueError(
+            f"{what} must be token ids: one int, or one per prompt (shape [prompts]); got {t.dtype} of shape {tuple(t.shape)}"
+        )
+    prompts = int(ctx.example.max()) + 1 if ctx.example.numel() else 0
+    if t.ndim == 1 and t.shape[0] < prompts:
+        raise ValueError(
+            f"{what} has {t.shape[0]} ids but the run has {prompts} prompts; give one id per prompt ({prompts}) "
+            f"or a single id shared by all"
+        )
+    if vocab is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        bad = int(t.max()) if int(t.max()) >= vocab else int(t.min())
+        raise ValueError(f"{what} holds token id {bad}, outside the output's vocabulary of {vocab} (ids 0..{vocab - 1})")
     return t.expand(ctx.example.shape[0]) if t.ndim == 0 else t.to(device)[ctx.example.to(device)]
+
+
+def _texts(**arguments: Any) -> dict[str, Any]:
+    """The arguments given as text (a string, or a list holding strings)."""
+    return {
+        name: value for name, value in arguments.items()
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value))
+    }
 
 
 def _position_index(pos: int, ctx: MetricContext, length: int, device) -> torch.Tensor:
@@ -105,23 +162,36 @@ def _at(output: torch.Tensor, pos: int, ctx: MetricContext) -> torch.Tensor:
 
 
 def logit_diff(answer, distractor, pos: int = -1) -> Metric:
-    """Logit of the answer token minus the distractor's, at ``pos`` (per prompt or shared ids)."""
+    """Logit of the answer token minus the distractor's, at ``pos``. Each is a token id shared by every
+    prompt, one id per prompt, or text (``" Mary"``, or one string per prompt) of exactly one token."""
+    texts = _texts(answer=answer, distractor=distractor)
+    if texts:
+        rebuild = lambda **ids: logit_diff(ids.get("answer", answer), ids.get("distractor", distractor), pos)  # noqa: E731
+        return Metric("logit_diff", _unresolved, pos, texts, rebuild)
 
     def fn(output, ctx):
         logits = _at(output, pos, ctx)
-        a = _per_prompt(answer, ctx, logits.device)
-        d = _per_prompt(distractor, ctx, logits.device)
+        a = _per_prompt(answer, ctx, logits.device, "logit_diff answer", logits.shape[-1])
+        d = _per_prompt(distractor, ctx, logits.device, "logit_diff distractor", logits.shape[-1])
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, a] - logits[rows, d]
 
     return Metric("logit_diff", fn, pos)
 
 
+def _unresolved(output: torch.Tensor, ctx: MetricContext) -> torch.Tensor:  # pragma: no cover - Metric refuses first
+    raise ValueError("a metric with text answers needs a tokenizer")
+
+
 def _token_score(name: str, token, pos: int, log: bool) -> Metric:
+    if _texts(token=token):
+        rebuild = lambda token: _token_score(name, token, pos, log)  # noqa: E731
+        return Metric(name, _unresolved, pos, {"token": token}, rebuild)
+
     def fn(output, ctx):
         logits = _wide(_at(output, pos, ctx))
         scores = logits.log_softmax(dim=-1) if log else logits.softmax(dim=-1)
-        t = _per_prompt(token, ctx, scores.device)
+        t = _per_prompt(token, ctx, scores.device, f"{name} token", scores.shape[-1])
         return scores[torch.arange(scores.shape[0], device=scores.device), t]
 
     return Metric(name, fn, pos)

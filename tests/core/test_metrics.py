@@ -270,3 +270,36 @@ def test_metrics_on_a_toy_run_match_hand(toy):
         hand = toy.module(x)[:, -1]
     close(logit_diff([0, 2], [1, 1])(out), torch.stack([hand[0, 0] - hand[0, 1], hand[1, 2] - hand[1, 1]]))
     close(probability(2)(out), hand.softmax(-1)[:, 2])
+
+
+# ---------------------------------------------------------------- wrong answers name the argument and sizes
+
+
+def test_logit_diff_with_too_few_answers_names_the_argument_and_sizes(logits):
+    ctx = MetricContext(torch.arange(3))
+    with pytest.raises(ValueError, match=r"logit_diff answer has 2 ids but the run has 3 prompts"):
+        logit_diff([1, 2], 3)(logits, ctx)
+    with pytest.raises(ValueError, match=r"logit_diff distractor has 1 ids but the run has 3 prompts"):
+        logit_diff([1, 2, 3], [4])(logits, ctx)
+
+
+def test_ids_outside_the_vocabulary_name_the_argument_and_the_vocabulary(logits):
+    with pytest.raises(ValueError, match=r"logit_diff answer holds token id 6, outside the output's vocabulary of 6"):
+        logit_diff(6, 1)(logits)
+    with pytest.raises(ValueError, match=r"logit_diff distractor holds token id -1"):
+        logit_diff(0, [1, -1, 2])(logits)
+    with pytest.raises(ValueError, match=r"probability token holds token id 10"):
+        probability(10)(logits)
+    with pytest.raises(ValueError, match=r"answer must be token ids.*float"):
+        logit_diff(torch.tensor([1.0, 2.0, 3.0]), 0)(logits)
+
+
+def test_text_answers_resolve_with_a_token_id_function(logits):
+    ids = {" a": 1, " b": 4}
+    metric = logit_diff(" a", " b")
+    assert metric.needs_tokens
+    resolved = metric.resolve(lambda text, what: ids[text])
+    close(resolved(logits), logit_diff(1, 4)(logits))
+    per_prompt = logit_diff([" a", " b", " a"], 0).resolve(lambda text, what: ids[text])
+    close(per_prompt(logits), logit_diff([1, 4, 1], 0)(logits))
+    close(logprob(" b").resolve(lambda t, w: ids[t])(logits), logprob(4)(logits))
