@@ -1,7 +1,8 @@
 """crosspatch: causal interventions inside neural networks, one engine for every architecture.
 
     import crosspatch as cp
-    m = cp.wrap(model)                                   # adapter found through the plugin registry
+    m = cp.wrap(model, tokenizer=tok)                    # adapter found through the plugin registry
+    m = cp.wrap("ioi-gpt2-tiny")                         # or a zoo model / checkpoint folder with its tokenizer
     cache = m.capture(clean_ids, ["resid_post.*"])
     out = m.run(corrupt_ids, {"resid_post.1[pos=3]": cp.Patch(cache)})
     res = cp.activation_patching(m, clean_ids, corrupt_ids, "head_out.*[head=*]",
@@ -42,7 +43,8 @@ _EXPORTS: dict[str, str] = {
     "SAE": "trainable.sae", "train_sae": "trainable.sae", "load_sae": "trainable.sae",
     "SAEFeatures": "trainable.sae_features",
     "latent_traversal": "methods.latent", "factor_mediation": "methods.vae_metrics",
-    "WrappedModel": "engine.model", "wrap": "engine.model",
+    "WrappedModel": "engine.model", "wrap": "zoo.sources", "Fn": "engine.interventions",
+    "TokenizationError": "engine.text", "FormatError": "results.formats",
     "Result": "results.result",
     "Site": "sites.site", "SiteError": "sites.site", "Span": "sites.site",
 }
@@ -89,10 +91,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .engine.cache import Cache
     from .engine.forward import Bound, Run
     from .engine.interventions import (
-        Add, ApplyContext, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,
+        Add, ApplyContext, Fn, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,
     )
     from .engine.interventions import from_dict as intervention_from_dict
-    from .engine.model import WrappedModel, wrap
+    from .engine.model import WrappedModel
+    from .engine.text import TokenizationError
+    from .results.formats import FormatError
+    from .zoo.sources import wrap
     from .methods.faithfulness import faithfulness, faithfulness_curve, faithfulness_table
     from .methods.iit import train_iit
     from .methods.latent import latent_traversal

@@ -6,14 +6,16 @@ that read other inputs (:class:`Patch`, :class:`Mean`, :class:`Resample`), the s
 Parameters that live in activation space (``Add.vector``, ``ProjectOut.basis``) are given in the
 family's layout without the batch axis and are broadcast, then selected like the activation.
 
-Every intervention serialises to a plain dict (``to_dict``) and back (:func:`from_dict`).
+Every intervention serialises to a plain dict (``to_dict``) and back (:func:`from_dict`), except
+:class:`Fn`, a plain Python function, which refuses to.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -24,7 +26,7 @@ from ..sites.site import Site, SiteError
 
 __all__ = [
     "ApplyContext", "Intervention", "Patch", "Zero", "Mean", "Resample", "Noise", "Add", "Scale",
-    "ProjectOut", "from_dict", "BUILTIN_INTERVENTIONS",
+    "ProjectOut", "Fn", "from_dict", "BUILTIN_INTERVENTIONS",
 ]
 
 
@@ -277,6 +279,66 @@ class ProjectOut(Intervention):
         u, s, _ = torch.linalg.svd(basis.to(dtype=torch.float64).T, full_matrices=False)
         q = u[:, s > s.max() * 1e-10].to(device=x.device, dtype=x.dtype)
         return x - (x @ q) @ q.T
+
+
+@dataclass
+class Fn(Intervention):
+    """A plain function as an intervention: ``fn(x)`` returns the new activation, shaped like ``x``.
+
+    ``x`` is what every intervention receives: the selected activation, ``[rows, *selected axes]``,
+    for the rows the intervention is bound to. With ``needs_source`` (inputs to run, or a Cache, as
+    :class:`Patch` takes) the function is called ``fn(x, source)`` with the source activation selected
+    the same way, one row per target row. A function with a parameter named ``ctx`` also gets the
+    :class:`ApplyContext` (site, full target). Gradients flow through it in a ``grad=True`` run.
+    ``m.run(x, {"resid_post.0": lambda a: a * 0})`` wraps a bare function in ``Fn`` itself.
+    A function does not serialise: :meth:`to_dict` raises, naming it.
+    """
+
+    kind: ClassVar[str] = "fn"
+    fn: Callable[..., torch.Tensor] = None  # type: ignore[assignment]
+    needs_source: Any = None
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Fn wraps a function (x) -> new x, got {type(self.fn).__name__}")
+        try:
+            self._wants_ctx = "ctx" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            self._wants_ctx = False
+
+    @property
+    def source_inputs(self) -> Any:
+        return self.needs_source
+
+    @property
+    def name(self) -> str:
+        """The function's name and, when known, where it is defined (``<lambda> at study.py:12``)."""
+        fn = self.fn
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        code = getattr(fn, "__code__", None)
+        return f"{name} at {code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}" if code else name
+
+    def apply(self, x, ctx):
+        args: list[Any] = [x]
+        if self.needs_source is not None:
+            args.append(_as_rows(f"Fn({self.name})", ctx.site, ctx.select(ctx.require_source("Fn")), x.shape[0]))
+        new = self.fn(*args, ctx=ctx) if self._wants_ctx else self.fn(*args)
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(
+                f"Fn({self.name}) at {ctx.site} returned {type(new).__name__}; it must return a tensor shaped like "
+                f"its input {tuple(x.shape)}"
+            )
+        return new
+
+    def to_dict(self) -> dict:
+        raise TypeError(
+            f"Fn({self.name}) wraps a Python function, which does not serialise; to save an intervention use a "
+            f"built-in one (Zero, Scale, Add, Set, ...) or a registered Intervention subclass"
+        )
+
+    def __repr__(self) -> str:
+        source = ", needs_source=..." if self.needs_source is not None else ""
+        return f"Fn({self.name}{source})"
 
 
 BUILTIN_INTERVENTIONS: dict[str, type[Intervention]] = {

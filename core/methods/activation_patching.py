@@ -18,7 +18,11 @@ from .pairs import prepare_pair, rows_per_forward, same_masks
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
 
-__all__ = ["activation_patching"]
+__all__ = ["activation_patching", "check_gap", "label_positions"]
+
+# |clean - corrupt| at or below this, relative to the larger baseline (and absolutely, near 0), is no gap
+# to normalise by: float rounding alone makes differences of that size.
+_GAP_RTOL, _GAP_ATOL = 1e-5, 1e-7
 
 
 def activation_patching(
@@ -41,7 +45,11 @@ def activation_patching(
     the behaviour?); ``noising`` runs the clean inputs with one corrupt activation patched in
     (what breaks it?). The value is ``metric(patched) - metric(unpatched run)``, averaged over
     prompts; with ``normalize`` it is divided by ``metric(clean) - metric(corrupt)``, so 1 means
-    the site alone restores (denoising) the full clean-corrupt gap.
+    the site alone restores (denoising) the full clean-corrupt gap (a gap of about zero raises, naming
+    both baselines, rather than dividing by it).
+    Inputs may be text when the model has a tokenizer (``cp.wrap(model, tokenizer=tok)``): a string or
+    a list of them each; the metric may name its answers as text (``logit_diff(" Mary", " John")``).
+    With a tokenizer the ``pos`` coordinate is labelled with the clean prompt's tokens (``"3 John"``).
 
     Sites are patched in batches: up to ``batch_size`` rows (sites x prompts) per forward (None: 64
     on an accelerator, one site's prompts on a CPU; :func:`~crosspatch.methods.pairs.rows_per_forward`).
@@ -50,7 +58,8 @@ def activation_patching(
     from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same.
     With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
     prompt: in a causal model, every position before the first token where the inputs differ) is
-    not run at all: writing the value already there changes nothing, so its effect is exactly 0.
+    not run at all: writing the value already there changes nothing, so its effect is exactly 0;
+    ``Result.skipped`` marks those sites (plots draw them hatched; ``metadata["sites_run"]`` counts the others).
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
@@ -78,6 +87,9 @@ def activation_patching(
     with torch.inference_mode():
         clean_metric, corrupt_metric = metric(clean_out, ctx), metric(corrupt_out, ctx)
     baseline = corrupt_metric if direction == "denoising" else clean_metric
+    gap = (clean_metric - corrupt_metric).double().mean()
+    if normalize:
+        check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), metric.name)
 
     patch = Patch(source.cache)
     effects = torch.zeros(len(sweep), n, dtype=torch.float64, device=baseline.device)
@@ -87,20 +99,28 @@ def activation_patching(
     ]
     per_forward = max(1, rows_per_forward(batch_size, m, n) // n)
     chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward)
-    for members, resume in progress_bar(chunks, progress, desc=f"patching {len(todo)} of {len(sweep)} sites"):
-        members = [todo[j] for j in members]
-        inputs = repeat_rows(base_in, len(members))
-        bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
-        run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume,
-                      output_at=None if at is None else at.repeat(len(members)))
-        rows = MetricContext(ctx.example.repeat(len(members)), clean_out, inputs.get("attention_mask"))
-        with torch.inference_mode():
-            effects[members] = (metric(run.output, rows).view(len(members), n) - baseline).double()
+    bar = progress_bar(range(len(todo)), progress, desc=f"patching {len(todo)} of {len(sweep)} sites", unit="site")
+    try:
+        for members, resume in chunks:
+            members = [todo[j] for j in members]
+            inputs = repeat_rows(base_in, len(members))
+            bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
+            run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume,
+                          output_at=None if at is None else at.repeat(len(members)))
+            rows = MetricContext(ctx.example.repeat(len(members)), clean_out, inputs.get("attention_mask"))
+            with torch.inference_mode():
+                effects[members] = (metric(run.output, rows).view(len(members), n) - baseline).double()
+            if hasattr(bar, "update"):  # a progress bar counts sites, not forwards
+                bar.update(len(members))
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
     per_site = effects.mean(dim=1)
-    gap = (clean_metric - corrupt_metric).double().mean()
     if normalize:
         per_site = per_site / gap
     values = per_site.reshape(sweep.shape).cpu().numpy()
+    skipped = torch.ones(len(sweep), dtype=torch.bool)
+    skipped[todo] = False
 
     metadata = {
         "method": "activation_patching",
@@ -120,5 +140,29 @@ def activation_patching(
         "adapter": m.adapter.name,
         "versions": collect_versions(),
     }
-    return Result(values, sweep.dims, sweep.coords, metadata)
+    coords = label_positions(dict(sweep.coords), m.position_labels(pair.clean))
+    return Result(values, sweep.dims, coords, metadata, skipped.reshape(sweep.shape).numpy())
+
+
+def check_gap(clean: float, corrupt: float, metric: str) -> None:
+    """Refuse to normalise by a clean-corrupt gap of (about) zero: the values would be NaN or noise."""
+    gap = clean - corrupt
+    if abs(gap) <= _GAP_ATOL + _GAP_RTOL * max(abs(clean), abs(corrupt)):
+        raise ValueError(
+            f"normalize=True divides by the clean-corrupt gap of {metric}, which is {gap:.3g} (clean {clean:.6g}, "
+            f"corrupt {corrupt:.6g}): the inputs do not change the metric, so there is nothing to restore. Check that "
+            f"clean and corrupt differ where the metric looks (and the answers are the right tokens), or use "
+            f"normalize=False"
+        )
+
+
+def label_positions(coords: dict[str, list], labels: list[str] | None) -> dict[str, list]:
+    """``coords`` with the ``pos`` and ``key_pos`` indices replaced by ``"3 John"``-style token labels."""
+    if not labels:
+        return coords
+    for dim in ("pos", "key_pos"):
+        values = coords.get(dim)
+        if values and all(isinstance(v, int) and -len(labels) <= v < len(labels) for v in values):
+            coords[dim] = [labels[v] for v in values]
+    return coords
 

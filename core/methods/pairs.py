@@ -11,8 +11,11 @@ from torch import nn
 from ..engine.adapter import Inputs, batch_size, model_device
 from ..results.metrics import Metric, as_metric
 from ..engine.model import WrappedModel, wrap
+from ..engine.text import check_same_lengths, is_text
 
-__all__ = ["Pair", "prepare_pair", "check_pair", "same_masks", "rows_per_forward", "ACCELERATOR_ROWS"]
+__all__ = [
+    "Pair", "prepare_pair", "check_pair", "model_metric", "same_masks", "rows_per_forward", "ACCELERATOR_ROWS",
+]
 
 
 @dataclass
@@ -47,10 +50,20 @@ def prepare_pair(
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
     m = wrap(model)
+    if is_text(clean) and is_text(corrupt):  # a length mismatch is shown token by token
+        check_same_lengths(m.tokenizer, clean, corrupt)
     clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
     check_pair(clean_in, corrupt_in)
     base, source = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
-    return Pair(m, as_metric(metric), clean_in, corrupt_in, batch_size(corrupt_in), base, source, m.adapter.sizes(corrupt_in))
+    metric = model_metric(m, metric)
+    return Pair(m, metric, clean_in, corrupt_in, batch_size(corrupt_in), base, source, m.adapter.sizes(corrupt_in))
+
+
+def model_metric(m: WrappedModel, metric: "Metric | Callable") -> Metric:
+    """``metric`` as a :class:`Metric`, its text answers (``logit_diff(" Mary", " John")``) turned into
+    token ids with the model's tokenizer."""
+    metric = as_metric(metric)
+    return metric.resolve(m.token_id) if metric.needs_tokens else metric
 
 
 def same_masks(a: Inputs, b: Inputs) -> bool:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
-    "CACHE_ENV_VAR", "Loaded", "TrainSettings", "ZooError", "ZooModel", "cache_dir", "cached", "get",
-    "load", "model_dir", "models", "train",
+    "CACHE_ENV_VAR", "Loaded", "TrainSettings", "ZooError", "ZooModel", "cache_dir", "cached", "did_you_mean",
+    "get", "load", "model_dir", "models", "train",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,18 @@ def get(name: str) -> ZooModel:
     if name not in registered:
         known = ", ".join(sorted(registered)) or "none registered"
         raise ZooError(
-            f"no zoo model named {name!r}; the zoo has: {known} "
+            f"no zoo model named {name!r}{did_you_mean(name, registered)}; the zoo has: {known} "
             f"(plugins add models with the register_models hook; `crosspatch zoo list` shows them)"
         )
     return registered[name]
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """``" (did you mean 'ioi-gpt2-tiny'?)"`` for a close match among ``known`` names, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def model_dir(name: str, seed: int = 0, steps: int | None = None) -> Path:

@@ -4,57 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from crosspatch.cli import app as cli
-from crosspatch.plugins.registry import get_registry, reset_registry
 
 pytest.importorskip("transformers")
 
-FAKE = "fake-ioi-tiny"
-
-
-def _build(folder: Path, settings) -> dict:
-    """An untrained 2-layer GPT-2 with the word-level IOI tokenizer: all `patch` needs."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from crosspatch.adapters.transformers.zoo import word_tokenizer
-    from crosspatch.zoo.tasks import IOITask
-
-    tokenizer = word_tokenizer(IOITask().vocabulary())
-    torch.manual_seed(settings.seed)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=len(tokenizer))
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return {"accuracy": 0.0}
-
-
-def _plugin() -> types.ModuleType:
-    from crosspatch.adapters.transformers.zoo import load_gpt2
-    from crosspatch.plugins.hookspecs import hookimpl
-    from crosspatch.zoo.store import ZooModel
-
-    module = types.ModuleType("fake_zoo_plugin")
-
-    @hookimpl
-    def register_models(register):
-        register(ZooModel(FAKE, "tiny untrained GPT-2 for CLI tests", "transformers", "ioi", _build, load_gpt2))
-
-    module.register_models = register_models
-    return module
-
-
-@pytest.fixture
-def fake_zoo(tmp_path, monkeypatch):
-    monkeypatch.setenv("CROSSPATCH_CACHE", str(tmp_path / "cache"))
-    reset_registry()
-    get_registry().register(_plugin(), "fake-zoo")
-    yield tmp_path
-    reset_registry()
+from fake_zoo import FAKE, fake_zoo  # noqa: F401  (a fixture)
 
 
 def _run(argv, capsys):

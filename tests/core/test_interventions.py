@@ -371,3 +371,84 @@ def test_unknown_kind_raises_listing_known_kinds():
         cp.intervention_from_dict({"kind": "nope"})
     with pytest.raises(ValueError, match="unknown intervention kind None"):
         cp.intervention_from_dict({})
+
+
+# ---------------------------------------------------------------- Fn: plain functions
+
+
+def test_a_plain_function_is_an_intervention(toy, x):
+    want = toy.run(x, {"hidden.0[pos=1]": cp.Zero()}, capture="hidden.0")
+    got = toy.run(x, {"hidden.0[pos=1]": lambda a: a * 0}, capture="hidden.0")
+    assert torch.equal(got.output, want.output) and torch.equal(got.cache["hidden.0"], want.cache["hidden.0"])
+    fn = toy.run(x, {"hidden.0[pos=1]": cp.Fn(lambda a: a * 0)}).output
+    assert torch.equal(fn, want.output)
+    # the function receives the selection, shaped [rows, *selected axes], as built-ins do
+    shapes = []
+    toy.run(x, {"hidden.0[pos=1:3]": lambda a: shapes.append(tuple(a.shape)) or a})
+    assert shapes == [(3, 2, 4)]
+
+
+def test_fn_with_a_source_equals_patch_and_binds_rows_like_builtins(toy, x, ref):
+    src = toy.capture(ref[:3], "hidden.0")
+    want = toy.run(x, {"hidden.0[pos=2]": cp.Patch(src)}).output
+    got = toy.run(x, {"hidden.0[pos=2]": cp.Fn(lambda a, s: s, needs_source=src)}).output
+    assert torch.equal(got, want)
+    by_inputs = toy.run(x, {"hidden.0[pos=2]": cp.Fn(lambda a, s: s, needs_source=ref[:3])}).output
+    assert torch.equal(by_inputs, want)
+    # rows: a sweep-style batch of two blocks, each bound to its rows, equals the runs one at a time
+    tiled = torch.cat([x, x])
+    bounds = [cp.Bound(cp.Site.parse("hidden.0"), cp.Fn(lambda a: a * 2), rows=slice(0, 3)),
+              cp.Bound(cp.Site.parse("hidden.0"), cp.Fn(lambda a: a * 3), rows=slice(3, 6))]
+    out = toy.run(tiled, bounds).output
+    assert torch.equal(out[:3], toy.run(x, {"hidden.0": cp.Scale(2.0)}).output)
+    assert torch.equal(out[3:], toy.run(x, {"hidden.0": cp.Scale(3.0)}).output)
+    seen = []
+    toy.run(x, {"hidden.0[pos=2]": cp.Fn(lambda a, ctx: seen.append(ctx.site) or a)})
+    assert str(seen[0]) == "hidden.0[pos=2]"
+
+
+def test_fn_does_not_serialise_and_says_which_function(toy, x):
+    def halve(a):
+        return a / 2
+
+    with pytest.raises(TypeError, match=r"Fn\(.*halve at test_interventions.py:\d+\) wraps a Python function, "
+                                        r"which does not serialise"):
+        cp.Fn(halve).to_dict()
+    with pytest.raises(TypeError, match="<lambda>.*does not serialise"):
+        cp.Fn(lambda a: a).to_dict()
+    with pytest.raises(TypeError, match=r"returns_float.*returned float; it must return a tensor"):
+        toy.run(x, {"hidden.0": cp.Fn(returns_float)})
+    with pytest.raises(TypeError, match="expected an Intervention .* or a function"):
+        toy.run(x, {"hidden.0": 3})
+
+
+def returns_float(a):
+    return 0.5
+
+
+def test_gradients_flow_through_a_function(toy, x):
+    w = torch.tensor(2.0, requires_grad=True)
+    run = toy.run(x, {"hidden.0": lambda a: a * w}, grad=True)
+    run.output.sum().backward()
+    assert w.grad is not None and w.grad.abs() > 0
+    # equal to the gradient of the same edit written by hand
+    w2 = torch.tensor(2.0, requires_grad=True)
+    net = toy.module
+    h = torch.relu(net.layers[0](x)) * w2
+    net.head(torch.relu(net.layers[1](h))).sum().backward()
+    close(w.grad, w2.grad)
+
+
+# ---------------------------------------------------------------- sites given once
+
+
+def test_capture_reads_an_iterable_of_sites_once(toy, x):
+    first = toy.capture(x, (s for s in ["hidden.0", "hidden.1"]))
+    assert sorted(first) == ["hidden.0", "hidden.1"]
+    again = toy.capture(x, (s for s in ["hidden.0", "hidden.1"]))  # the memo was not poisoned
+    assert sorted(again) == ["hidden.0", "hidden.1"]
+    assert sorted(toy.run(x, capture=iter(["hidden.1"])).cache) == ["hidden.1"]
+    with pytest.raises(TypeError, match="sites must be a site pattern string, a Site, or an iterable"):
+        toy.capture(x, 3)
+    with pytest.raises(TypeError, match="list of lists"):
+        toy.capture(x, [["hidden.0"]])
