@@ -14,15 +14,11 @@ from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel
 from ..progress import progress_bar
 from ..engine.resume import resume_chunks
-from .pairs import prepare_pair, rows_per_forward, same_masks
+from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward, same_masks
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
 
-__all__ = ["activation_patching", "check_gap", "label_positions"]
-
-# |clean - corrupt| at or below this, relative to the larger baseline (and absolutely, near 0), is no gap
-# to normalise by: float rounding alone makes differences of that size.
-_GAP_RTOL, _GAP_ATOL = 1e-5, 1e-7
+__all__ = ["activation_patching"]
 
 
 def activation_patching(
@@ -142,27 +138,3 @@ def activation_patching(
     }
     coords = label_positions(dict(sweep.coords), m.position_labels(pair.clean))
     return Result(values, sweep.dims, coords, metadata, skipped.reshape(sweep.shape).numpy())
-
-
-def check_gap(clean: float, corrupt: float, metric: str) -> None:
-    """Refuse to normalise by a clean-corrupt gap of (about) zero: the values would be NaN or noise."""
-    gap = clean - corrupt
-    if abs(gap) <= _GAP_ATOL + _GAP_RTOL * max(abs(clean), abs(corrupt)):
-        raise ValueError(
-            f"normalize=True divides by the clean-corrupt gap of {metric}, which is {gap:.3g} (clean {clean:.6g}, "
-            f"corrupt {corrupt:.6g}): the inputs do not change the metric, so there is nothing to restore. Check that "
-            f"clean and corrupt differ where the metric looks (and the answers are the right tokens), or use "
-            f"normalize=False"
-        )
-
-
-def label_positions(coords: dict[str, list], labels: list[str] | None) -> dict[str, list]:
-    """``coords`` with the ``pos`` and ``key_pos`` indices replaced by ``"3 John"``-style token labels."""
-    if not labels:
-        return coords
-    for dim in ("pos", "key_pos"):
-        values = coords.get(dim)
-        if values and all(isinstance(v, int) and -len(labels) <= v < len(labels) for v in values):
-            coords[dim] = [labels[v] for v in values]
-    return coords
-

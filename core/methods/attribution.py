@@ -64,7 +64,7 @@ from ..engine.model import WrappedModel
 from ..results.result import Result, collect_versions
 from ..sites.selection import axis_index
 from ..sites.site import Site, split_tower
-from .pairs import prepare_pair, same_masks
+from .pairs import check_gap, label_positions, prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
 from .shared_prefix import capture_sharing_prefix, may_share
 
@@ -224,6 +224,7 @@ def attribution_patching(
     clean_metric, corrupt_metric = (source_metric, base_metric) if direction == "denoising" else (base_metric, source_metric)
     gap = float((clean_metric - corrupt_metric).double().mean())
     if normalize:
+        check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), metric.name)
         scores = scores / gap
         atp = atp / gap
         plain = plain / gap
@@ -245,7 +246,8 @@ def attribution_patching(
         "adapter": m.adapter.name,
         "versions": collect_versions(),
     }
-    return Result(scores.reshape(sweep.shape), sweep.dims, sweep.coords, metadata)
+    coords = label_positions(dict(sweep.coords), m.position_labels(pair.clean))
+    return Result(scores.reshape(sweep.shape), sweep.dims, coords, metadata)
 
 
 def _read_key(catalog, key: str, sites: Sequence[Site]) -> str:

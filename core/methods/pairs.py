@@ -14,8 +14,13 @@ from ..engine.model import WrappedModel, wrap
 from ..engine.text import check_same_lengths, is_text
 
 __all__ = [
-    "Pair", "prepare_pair", "check_pair", "model_metric", "same_masks", "rows_per_forward", "ACCELERATOR_ROWS",
+    "Pair", "prepare_pair", "check_pair", "check_gap", "label_positions", "model_metric", "same_masks",
+    "rows_per_forward", "ACCELERATOR_ROWS",
 ]
+
+# |clean - corrupt| at or below this, relative to the larger baseline (and absolutely, near 0), is no gap
+# to normalise by: float rounding alone makes differences of that size.
+_GAP_RTOL, _GAP_ATOL = 1e-5, 1e-7
 
 
 @dataclass
@@ -64,6 +69,31 @@ def model_metric(m: WrappedModel, metric: "Metric | Callable") -> Metric:
     token ids with the model's tokenizer."""
     metric = as_metric(metric)
     return metric.resolve(m.token_id) if metric.needs_tokens else metric
+
+
+def check_gap(clean: float, corrupt: float, metric: str, names: tuple[str, str] = ("clean", "corrupt")) -> None:
+    """Refuse to normalise by a clean-corrupt gap of (about) zero: the values would be NaN or noise.
+    ``names`` say what the two baselines are called in the method (path patching: source and base)."""
+    gap = clean - corrupt
+    if abs(gap) <= _GAP_ATOL + _GAP_RTOL * max(abs(clean), abs(corrupt)):
+        a, b = names
+        raise ValueError(
+            f"normalize=True divides by the {a}-{b} gap of {metric}, which is {gap:.3g} ({a} {clean:.6g}, "
+            f"{b} {corrupt:.6g}): the inputs do not change the metric, so there is nothing to restore. Check that "
+            f"{a} and {b} differ where the metric looks (and the answers are the right tokens), or use "
+            f"normalize=False"
+        )
+
+
+def label_positions(coords: dict[str, list], labels: list[str] | None) -> dict[str, list]:
+    """``coords`` with the ``pos`` and ``key_pos`` indices replaced by ``"3 John"``-style token labels."""
+    if not labels:
+        return coords
+    for dim in ("pos", "key_pos"):
+        values = coords.get(dim)
+        if values and all(isinstance(v, int) and -len(labels) <= v < len(labels) for v in values):
+            coords[dim] = [labels[v] for v in values]
+    return coords
 
 
 def same_masks(a: Inputs, b: Inputs) -> bool:

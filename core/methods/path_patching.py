@@ -44,7 +44,7 @@ from ..engine.model import WrappedModel
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
-from .pairs import prepare_pair, rows_per_forward
+from .pairs import check_gap, prepare_pair, rows_per_forward
 
 __all__ = ["path_patching"]
 
@@ -90,6 +90,9 @@ def path_patching(
     ctx = MetricContext(torch.arange(n, device=base.output.device), clean_out, base_in.get("attention_mask"))
     with torch.inference_mode():
         base_metric, source_metric = metric(base.output, ctx), metric(source.output, ctx)
+    if normalize:
+        check_gap(float(source_metric.double().mean()), float(base_metric.double().mean()), metric.name,
+                  ("source", "base"))
 
     hold, send = Patch(base.cache), Patch(source.cache)
     receiver_set = set(all_receivers)

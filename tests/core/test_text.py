@@ -213,3 +213,8 @@ def test_results_are_labelled_with_tokens_and_mark_skipped_sites(m, tok):
     hatched = [p for p in ax.patches if p.get_hatch()]
     assert len(hatched) == int(res.skipped.sum())
     assert "0 by construction" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_attribution_patching_takes_text_and_labels_positions(m):
+    res = cp.attribution_patching(m, CLEAN, CORRUPT, "resid_pre.*[pos=*]", cp.metrics.logit_diff(" Mary", " John"))
+    assert res.coords["pos"][9] == "9 John" and res.values.shape == (2, 14)
