@@ -6,7 +6,9 @@ An :class:`SAE` maps activations ``x`` (``[..., d_in]``) to sparse features and 
     x_hat = decode(f) = f @ W_dec + b_dec
 
 with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` (the sae-lens layout, so its folders load
-as they are: ``cfg.json`` + ``sae_weights.safetensors``). ``train_sae`` fits a TopK SAE (MSE) or a
+as they are: ``cfg.json`` + ``sae_weights.safetensors``). A loaded SAE knows its site: a sae-lens
+``hook_name`` (``blocks.3.hook_resid_post``, ``blocks.3.attn.hook_z`` …) becomes the crosspatch site
+(``resid_post.3``, ``head_z.3`` …) in ``sae.site``, so ``m.run(x, {sae.site: SAEFeatures(sae, [7])})``. ``train_sae`` fits a TopK SAE (MSE) or a
 ReLU SAE (MSE + L1 on features weighted by decoder row norms), seeded, on a tensor of activations;
 :func:`crosspatch.methods.erasure.site_activations` collects those from any site.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +25,10 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
+from ..results.formats import FormatError, json_field, read_json
+from ..sites.site import Site, SiteError
 
-__all__ = ["SAE", "train_sae", "load_sae", "SAE_CFG", "SAE_WEIGHTS"]
+__all__ = ["SAE", "train_sae", "load_sae", "site_of_hook", "SAE_CFG", "SAE_WEIGHTS", "SAE_LENS_HOOKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,31 @@ SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
 Kind = Literal["relu", "topk", "jumprelu"]
 _ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+#: sae-lens (TransformerLens) hook names inside ``blocks.<layer>.`` and the crosspatch family each is.
+#: ``attn.hook_z`` SAEs read every head's z concatenated (``d_in = n_heads * d_head``), which
+#: :class:`~crosspatch.trainable.sae_features.SAEFeatures` does on ``head_z``.
+SAE_LENS_HOOKS: dict[str, str] = {
+    "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out", "attn.hook_z": "head_z", "hook_z": "head_z",
+    "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out",
+    "mlp.hook_post": "mlp_act", "hook_mlp_post": "mlp_act", "hook_post": "mlp_act",
+}
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def site_of_hook(hook_name: str) -> str:
+    """The crosspatch site of a sae-lens ``hook_name`` (``blocks.3.hook_resid_post`` -> ``resid_post.3``);
+    a ValueError naming the hook and the ones that map when it has none."""
+    match = _BLOCK_HOOK.fullmatch(hook_name.strip())
+    family = SAE_LENS_HOOKS.get(match.group(2)) if match else None
+    if family is None:
+        known = ", ".join(f"blocks.<L>.{h} -> {f}.<L>" for h, f in SAE_LENS_HOOKS.items())
+        raise ValueError(
+            f"hook_name {hook_name!r} has no crosspatch site: the hooks that map are {known}. Name the site yourself: "
+            f"load_sae(path, site='resid_post.3')"
+        )
+    return f"{family}.{int(match.group(1))}"
 
 
 class SAE(nn.Module):
@@ -54,6 +84,7 @@ class SAE(nn.Module):
         self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, k
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.metadata: dict = dict(metadata or {})
+        self.site: str | None = self.metadata.get("site")  # the crosspatch site it reads, when known
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
@@ -112,7 +143,7 @@ class SAE(nn.Module):
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "hook_name": self.metadata.get("site", ""),
+            "hook_name": self.site or self.metadata.get("site") or "",
             "metadata": self.metadata,
         }
         if self.kind == "topk":
@@ -138,22 +169,33 @@ class SAE(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, kind={self.kind!r}{k}"
 
 
-def load_sae(path: "str | Path", device: "str | torch.device" = "cpu") -> SAE:
+def load_sae(path: "str | Path", device: "str | torch.device" = "cpu", *, site: "str | None" = None) -> SAE:
     """Load an SAE from a folder with ``cfg.json`` + ``sae_weights.safetensors`` (sae-lens or ours).
 
     Reads ``d_in``, ``d_sae``, the architecture (``architecture``: standard / topk / jumprelu, or an
-    older ``activation_fn``: relu / topk with ``activation_fn_kwargs.k``), ``apply_b_dec_to_input``.
-    Folders that need activation normalisation or a scaling factor are refused rather than loaded
-    wrong.
+    older ``activation_fn``: relu / topk with ``activation_fn_kwargs.k``), ``apply_b_dec_to_input``,
+    and the site: a sae-lens ``hook_name`` is mapped to the crosspatch site (:func:`site_of_hook`; one
+    without a crosspatch family is an error naming it), a crosspatch site string is kept; ``site``
+    names it yourself. Folders that need activation normalisation or a scaling factor are refused
+    rather than loaded wrong; a malformed ``cfg.json`` is a FormatError naming the field.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     cfg_path, weights_path = path / SAE_CFG, path / SAE_WEIGHTS
     if not cfg_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {SAE_CFG} and {SAE_WEIGHTS}")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    weights = load_file(str(weights_path))
+    cfg = read_json(cfg_path, "an SAE config")
+    for name, kind in (("d_in", int), ("d_sae", int), ("hook_name", (str, type(None))),
+                       ("architecture", (str, type(None))), ("activation_fn_kwargs", (dict, type(None))),
+                       ("metadata", (dict, type(None))), ("apply_b_dec_to_input", bool),
+                       ("normalize_activations", (str, type(None))), ("k", (int, type(None)))):
+        json_field(cfg, name, kind, cfg_path, None)
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{weights_path} is not a safetensors file of SAE weights: {exc}") from None
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in weights]
     if missing:
         raise ValueError(f"{weights_path} lacks {missing}; it holds {sorted(weights)}")
@@ -177,8 +219,12 @@ def load_sae(path: "str | Path", device: "str | torch.device" = "cpu") -> SAE:
             f"d_in={d_in}, d_sae={d_sae} (expected W_enc [d_in, d_sae], W_dec [d_sae, d_in])"
         )
     dtype = weights["W_enc"].dtype
-    sae = SAE(d_in, d_sae, kind, int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", True)),
-              {**(cfg.get("metadata") or {}), "hook_name": cfg.get("hook_name"), "loaded_from": str(path)}, dtype)
+    hook = cfg.get("hook_name")
+    site = _site(hook, site, cfg_path)
+    meta = {**(cfg.get("metadata") or {}), "hook_name": hook, "loaded_from": str(path)}
+    if site is not None:
+        meta["site"] = site
+    sae = SAE(d_in, d_sae, kind, int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", True)), meta, dtype)
     state = {name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if kind == "jumprelu":
         if "threshold" not in weights:
@@ -186,6 +232,24 @@ def load_sae(path: "str | Path", device: "str | torch.device" = "cpu") -> SAE:
         state["threshold"] = weights["threshold"]
     sae.load_state_dict(state)
     return sae.to(device)
+
+
+def _site(hook: str | None, given: str | None, cfg_path: Path) -> str | None:
+    """The crosspatch site of an SAE folder: ``given``, else its ``hook_name`` as a crosspatch site or mapped
+    from sae-lens; None when the folder names none."""
+    if given is not None:
+        return str(Site.parse(given))
+    if not hook:
+        return None
+    if not _BLOCK_HOOK.fullmatch(hook):
+        try:
+            return str(Site.parse(hook))  # our own SAEs write the crosspatch site
+        except SiteError:
+            pass
+    try:
+        return site_of_hook(hook)
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
 
 
 def train_sae(

@@ -8,7 +8,7 @@ use it are :mod:`crosspatch.methods.sae_patching`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -56,19 +56,13 @@ class SAEFeatures(Intervention):
     def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         if self.sae is None:
             raise SiteError(f"SAEFeatures at {ctx.site}: no SAE given")
-        name = feature_axis(ctx.family.axis_names, self.axis)
-        i = ctx.family.axis_names.index(name) + 1
-        if ctx.index[i - 1] != slice(None):
-            raise SiteError(f"SAEFeatures at {ctx.site}: the SAE reads the whole {name!r} axis; do not select it")
-        if x.shape[i] != self.sae.d_in:
-            raise SiteError(f"SAEFeatures at {ctx.site}: the SAE has d_in={self.sae.d_in} but {name!r} has {x.shape[i]}")
-        last = x.movedim(i, -1)
+        to_last, from_last = self._layout(x, ctx)
+        last = to_last(x)
         sae = self.sae
         dtype = sae.W_dec.dtype
         f = sae.encode(last.to(device=sae.W_dec.device))
         if self.op == "reconstruct":
-            new = sae.decode(f).to(device=x.device, dtype=x.dtype)
-            return new.movedim(-1, i)
+            return from_last(sae.decode(f).to(device=x.device, dtype=x.dtype))
         g = f.clone()
         idx = self._index()
         if self.op == "ablate":
@@ -85,7 +79,34 @@ class SAEFeatures(Intervention):
                 raise SiteError(
                     f"SAEFeatures at {ctx.site}: the source has {src.shape[0]} rows but the target has {x.shape[0]}"
                 )
-            f_src = sae.encode(src.movedim(i, -1).to(device=sae.W_dec.device)).expand_as(f)
+            f_src = sae.encode(to_last(src).to(device=sae.W_dec.device)).expand_as(f)
             g[..., idx] = f_src[..., idx]
         delta = (g - f) @ sae.W_dec  # = decode(g) - decode(f), exactly zero where nothing changed
-        return (last + delta.to(device=x.device, dtype=x.dtype)).movedim(-1, i)
+        return from_last(last + delta.to(device=x.device, dtype=x.dtype))
+
+    def _layout(self, x: torch.Tensor, ctx: ApplyContext) -> tuple[Callable, Callable]:
+        """How the activation's feature axis becomes the last one, and back. The SAE reads one axis
+        (``axis``, else ``dim`` / ``channel`` / the last); an SAE whose ``d_in`` is ``head x d_head`` reads
+        every head of a ``head_z``-like family at once (sae-lens ``hook_z`` SAEs: heads concatenated)."""
+        names = ctx.family.axis_names
+        d_in = self.sae.d_in
+        heads, d_head = ctx.target.shape[-2:]
+        if self.axis is None and names[-2:] == ("head", "d_head") and d_head != d_in:
+            if heads * d_head == d_in:
+                for name, part in zip(names[-2:], ctx.index[-2:]):
+                    if part != slice(None):
+                        raise SiteError(
+                            f"SAEFeatures at {ctx.site}: the SAE reads every head's {names[-1]!r} at once "
+                            f"(d_in={d_in} = head x d_head); do not select {name!r}"
+                        )
+                return (lambda t: t.flatten(-2)), (lambda t: t.unflatten(-1, (heads, -1)))
+        name = feature_axis(names, self.axis)
+        i = names.index(name) + 1
+        if ctx.index[i - 1] != slice(None):
+            raise SiteError(f"SAEFeatures at {ctx.site}: the SAE reads the whole {name!r} axis; do not select it")
+        if x.shape[i] != d_in:
+            raise SiteError(
+                f"SAEFeatures at {ctx.site}: the SAE has d_in={d_in} but {name!r} has {x.shape[i]}"
+                + (f" (and head x d_head = {heads * d_head})" if names[-2:] == ("head", "d_head") else "")
+            )
+        return (lambda t: t.movedim(i, -1)), (lambda t: t.movedim(-1, i))

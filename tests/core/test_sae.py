@@ -185,3 +185,105 @@ def test_sae_on_toy_adapter_channel_axis(toy):
     assert torch.equal(toy.run(xs, {"out": SAEFeatures(sae, [], axis="class")}).output, plain)
     edited = toy.run(xs, {"out": SAEFeatures(sae, None, "ablate", axis="class")}).output
     assert edited.shape == plain.shape
+
+
+# ---------------------------------------------------------------- sae-lens hook names -> crosspatch sites
+
+
+def _sae_lens_folder(folder, hook_name, d_in, d_sae=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5, "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_enc": 0.1 * torch.randn(d_sae, generator=g), "b_dec": 0.1 * torch.randn(d_in, generator=g)}
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "hook_name": hook_name,
+           "hook_layer": 1, "model_name": "tiny", "context_size": 16, "prepend_bos": False}
+    _write_sae_lens(folder, cfg, w)
+    return w
+
+
+@pytest.mark.parametrize("hook, site, d_in", [
+    ("blocks.1.hook_resid_post", "resid_post.1", 64),
+    ("blocks.1.hook_resid_pre", "resid_pre.1", 64),
+    ("blocks.0.hook_resid_mid", "resid_mid.0", 64),
+    ("blocks.1.attn.hook_z", "head_z.1", 64),
+    ("blocks.1.hook_mlp_out", "mlp_out.1", 64),
+    ("blocks.1.hook_attn_out", "attn_out.1", 64),
+    ("blocks.1.mlp.hook_post", "mlp_act.1", 256),
+    ("blocks.1.hook_mlp_post", "mlp_act.1", 256),
+])
+def test_sae_lens_hook_names_map_to_sites_that_run(tmp_path, hook, site, d_in):
+    from conftest import tiny_gpt2
+
+    _sae_lens_folder(tmp_path / "sae", hook, d_in)
+    sae = load_sae(tmp_path / "sae")
+    assert sae.site == site and sae.metadata["hook_name"] == hook
+    m = cp.wrap(tiny_gpt2())
+    ids = torch.randint(2, 100, (3, 6), generator=torch.Generator().manual_seed(1))
+    plain = m.run(ids).output
+    assert torch.equal(m.run(ids, {sae.site: SAEFeatures(sae, [], "ablate")}).output, plain)
+    edited = m.run(ids, {sae.site: SAEFeatures(sae, None, "ablate")}).output
+    assert not torch.equal(edited, plain)
+    # our own save writes the crosspatch site as hook_name, and reads it back
+    assert load_sae(sae.save(tmp_path / "again")).site == site
+
+
+def test_hook_z_sae_reads_every_head_concatenated(tmp_path):
+    """A sae-lens hook_z SAE has d_in = n_heads * d_head: the edit equals the formula on z flattened head-major."""
+    from conftest import tiny_gpt2
+
+    w = _sae_lens_folder(tmp_path / "z", "blocks.1.attn.hook_z", 64)
+    sae = load_sae(tmp_path / "z")
+    m = cp.wrap(tiny_gpt2())
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(2, 100, (3, 7), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 3] = (clean[:, 3] + 5) % 98 + 2
+    z = m.capture(clean, "head_z.1")["head_z.1"]  # [3, 7, 4, 16]
+    flat = z.flatten(-2)
+    f = torch.relu((flat - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    j = int(f.abs().sum((0, 1)).argmax())
+    want = (flat - f[..., j : j + 1] * w["W_dec"][j]).unflatten(-1, (4, 16))
+    got = m.run(clean, {sae.site: SAEFeatures(sae, [j], "ablate")}, capture="head_z.1").cache["head_z.1"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # rows bound as in a sweep, and the SAE sweeps of crosspatch.methods
+    bounds = [cp.Bound(cp.Site.parse(sae.site), SAEFeatures(sae, [j], "ablate"), rows=slice(0, 3))]
+    tiled = m.run(torch.cat([clean, clean]), bounds).output
+    torch.testing.assert_close(tiled[:3], m.run(clean, {sae.site: SAEFeatures(sae, [j], "ablate")}).output)
+    assert torch.equal(tiled[3:], m.run(clean).output)
+    metric = cp.metrics.logit_diff(5, 7)
+    res = sae_feature_patching(m, clean, corrupt, sae.site, sae, metric, features=[0, j])
+    assert res.values.shape == (2,) and np.isfinite(res.values).all()
+    assert np.isfinite(sae_feature_ablation(m, clean, sae.site + "[pos=-1]", sae, metric, features=[j]).values).all()
+    with pytest.raises(cp.SiteError, match="do not select 'head'"):
+        m.run(clean, {"head_z.1[head=0]": SAEFeatures(sae, [j])})
+
+
+def test_a_hook_without_a_crosspatch_family_is_named(tmp_path):
+    _sae_lens_folder(tmp_path / "q", "blocks.1.attn.hook_q", 64)
+    with pytest.raises(ValueError, match=r"cfg.json: hook_name 'blocks.1.attn.hook_q' has no crosspatch site.*"
+                                         r"load_sae\(path, site="):
+        load_sae(tmp_path / "q")
+    sae = load_sae(tmp_path / "q", site="resid_pre.1")  # named by hand
+    assert sae.site == "resid_pre.1"
+
+
+@pytest.mark.parametrize("cfg_text, field", [
+    (b"\xff\xfe", "not UTF-8"),
+    (b"{bad json", "invalid JSON"),
+    (b'["a list"]', "not an object"),
+    (b'{"d_in": "64", "d_sae": 12}', "field 'd_in'"),
+    (b'{"d_in": 64, "d_sae": 12, "hook_name": 3}', "field 'hook_name'"),
+    (b'{"d_in": 64, "d_sae": 12, "activation_fn_kwargs": [3]}', "field 'activation_fn_kwargs'"),
+])
+def test_malformed_sae_folders_raise_format_error_naming_file_and_field(tmp_path, cfg_text, field):
+    from crosspatch.results.formats import FormatError
+
+    _sae_lens_folder(tmp_path / "s", "blocks.1.hook_resid_post", 64)
+    (tmp_path / "s" / "cfg.json").write_bytes(cfg_text)
+    with pytest.raises(FormatError, match=field) as info:
+        load_sae(tmp_path / "s")
+    assert "cfg.json" in str(info.value)
+    (tmp_path / "s" / "cfg.json").write_text('{"d_in": 64, "d_sae": 12}')
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(FormatError, match="sae_weights.safetensors"):
+        load_sae(tmp_path / "s")
