@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..engine.interventions import ApplyContext, Intervention
+from ..results.formats import FormatError, json_field, read_json
 from ..sites.site import SiteError
 
 __all__ = [
@@ -161,27 +162,52 @@ class TrainableIntervention(nn.Module, Intervention):
 
 
 def load(path: "str | Path", device: "torch.device | str | None" = None) -> TrainableIntervention:
-    """Read a folder written by :meth:`TrainableIntervention.save` onto the CPU, then ``.to(device)``."""
+    """Read a folder written by :meth:`TrainableIntervention.save` onto the CPU, then ``.to(device)``.
+
+    A malformed ``config.json`` is a FormatError naming the field; its ``weights`` must name a file
+    inside the folder.
+    """
     folder = Path(path)
     config_path = folder / _CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {_CONFIG}; it was not written by TrainableIntervention.save")
-    meta = json.loads(config_path.read_text())
+    meta = read_json(config_path, "a crosspatch trainable intervention config")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not a crosspatch trainable intervention (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path} has format version {meta['format_version']}; this crosspatch reads up to {FORMAT_VERSION}"
-        )
-    weights = folder / meta.get("weights", _SAFETENSORS)
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FormatError(f"{config_path} is not a crosspatch trainable intervention (format {meta.get('format')!r})")
+    version = json_field(meta, "format_version", int, config_path, 0)
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{config_path} has format version {version}; this crosspatch reads up to {FORMAT_VERSION}")
+    kind = json_field(meta, "kind", str, config_path)
+    config = json_field(meta, "config", dict, config_path, {})
+    weights = _weights_file(folder, json_field(meta, "weights", str, config_path, _SAFETENSORS), config_path)
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights), device="cpu")
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    module = TrainableIntervention.from_dict({"kind": meta["kind"], "config": meta.get("config", {}), "state": state})
+            state = load_file(str(weights), device="cpu")
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FormatError(f"{config_path}: field 'weights' names {weights.name}, which is not in {folder}") from None
+    except Exception as exc:
+        raise FormatError(f"{weights} (field 'weights' of {config_path}) is not a weights file: {exc}") from None
+    try:
+        module = TrainableIntervention.from_dict({"kind": kind, "config": config, "state": state})
+    except (TypeError, RuntimeError) as exc:  # constructor arguments or weights that do not fit the kind
+        raise FormatError(f"{config_path}: field 'config' does not rebuild a {kind!r} intervention: {exc}") from None
     return module.to(device) if device is not None else module
+
+
+def _weights_file(folder: Path, name: str, config_path: Path) -> Path:
+    """The weights file a config names: a file inside ``folder`` (no absolute path, no ``..``, no link out)."""
+    candidate = folder / name
+    inside = folder.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or inside not in candidate.resolve().parents:
+        raise FormatError(
+            f"{config_path}: field 'weights' is {name!r}, which points outside the folder; it names a file in it "
+            f"({_SAFETENSORS} or {_TORCH})"
+        )
+    return candidate
 
 
 def from_dict(data: Mapping) -> TrainableIntervention:
