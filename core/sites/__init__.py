@@ -6,6 +6,6 @@ model offers with their axes and reaches (and the :class:`Reach` protocol an ada
 else of it. ``crosspatch.sites`` gives the grammar's names, as before the package existed.
 """
 
-from .site import ANY, Selector, Site, SiteError, Span, site_key, split_tower
+from .site import ANY, LAST, Selector, Site, SiteError, Span, site_key, site_sequence, split_tower
 
-__all__ = ["ANY", "Span", "Selector", "Site", "SiteError", "site_key", "split_tower"]
+__all__ = ["ANY", "LAST", "Span", "Selector", "Site", "SiteError", "site_key", "site_sequence", "split_tower"]

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
-from .site import ANY, Site, SiteError, Span
+from .site import ANY, LAST, POSITION_AXES, Site, SiteError, Span, site_sequence, span_range
 
 __all__ = ["Axis", "LinearFrom", "SiteFamily", "Catalog", "Sweep", "Reach", "Handle", "Callback"]
 
@@ -149,7 +149,10 @@ class Catalog:
         return Site(linear.source, site.layer, site.sel)
 
     def resolve(self, site: "Site | str", sizes: Mapping[str, int] | None = None) -> Site:
-        """Check a site (concrete or pattern) against the model; normalise negative indices."""
+        """Check a site (concrete or pattern) against the model; normalise negative layers and indices.
+
+        Negative positions (``pos``, ``key_pos``) are checked against ``sizes`` but kept as written: the
+        end they count from belongs to the inputs a run is given (:func:`~crosspatch.sites.selection.check_padding`)."""
         site = Site.parse(site)
         fam = self.family(site.family)
         layer = site.layer
@@ -186,7 +189,7 @@ class Catalog:
         if isinstance(patterns, (str, Site)):
             return self._expand_one(self.resolve(patterns, sizes), sizes or {})
         sites: list[Site] = []
-        for p in patterns:
+        for p in site_sequence(patterns):
             sites.extend(self._expand_one(self.resolve(p, sizes), sizes or {}).sites)
         return Sweep(tuple(sites), ("site",), {"site": [str(s) for s in sites]})
 
@@ -240,17 +243,25 @@ def _check_selector(site: Site, axis: str, value, size: int | None):
 
     if value == ANY:
         return value
+    if value == LAST:
+        if axis not in POSITION_AXES:
+            raise SiteError(
+                f"site {site}: 'last' is each row's last real token, for a position axis "
+                f"({', '.join(POSITION_AXES)}), not {axis!r}"
+            )
+        return value
+    keep = axis in POSITION_AXES  # a position counted from the end keeps its sign (see resolve)
     if isinstance(value, Span):
         if size is None:
             return value
-        start, stop, _ = slice(value.start, value.stop).indices(size)
-        if stop <= start:
-            raise SiteError(f"site {site}: the range {value} selects nothing on axis {axis!r} of size {size}")
-        return Span(start, stop)
+        start, stop = span_range(site, axis, value, size)
+        return value if keep else Span(start, stop)
     if isinstance(value, tuple):
         if not value:
             raise SiteError(f"site {site}: an empty set of indices selects nothing on axis {axis!r}")
-        return tuple(sorted({check_index(i) for i in value}))
+        checked = [check_index(i) for i in value]
+        return value if keep else tuple(sorted(set(checked)))
     if isinstance(value, int) and not isinstance(value, bool):
-        return check_index(value)
-    raise SiteError(f"site {site}: axis {axis!r} got {value!r}; use an int, a:b, {{a,b}} or '*'")
+        checked_int = check_index(value)
+        return value if keep else checked_int
+    raise SiteError(f"site {site}: axis {axis!r} got {value!r}; use an int, a:b, {{a,b}}, '*' or 'last'")

@@ -1,7 +1,13 @@
 """Turn a concrete site's axis selections into an index over its activation.
 
 Selections keep every axis (an int ``i`` selects ``i:i+1``), so an intervention always sees a
-tensor laid out like the family, ``[rows, *axes]``, just smaller.
+tensor laid out like the family, ``[rows, *axes]``, just smaller. Ranges are checked against the
+activation, never clipped: an empty or out-of-range one is a :class:`SiteError` naming the size.
+
+``last`` selects a different column in each row (its last real token), which no shared index can
+say: :func:`last_positions` gives the column per row, :func:`take_rows` reads them out as an axis
+of size 1 (the site then selects index 0 of it, :func:`at_first`) and :func:`put_rows` writes them
+back. :func:`check_padding` refuses a negative position where rows are padded on the right.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ from typing import Sequence
 import torch
 
 from .catalog import SiteFamily
-from .site import Site, SiteError, Span
+from .site import LAST, POSITION_AXES, Site, SiteError, Span, span_range
 
-__all__ = ["axis_index", "index_for", "select"]
+__all__ = [
+    "axis_index", "at_first", "check_padding", "index_for", "last_axes", "last_columns", "last_positions",
+    "put_rows", "row_ends", "select", "take_rows",
+]
 
 
 def axis_index(site: Site, family: SiteFamily, shape: Sequence[int], device: torch.device) -> tuple:
@@ -38,12 +47,17 @@ def index_for(site: Site, axis_names: Sequence[str], shape: Sequence[int], devic
         if value is None:
             parts.append(slice(None))
         elif isinstance(value, Span):
-            parts.append(slice(value.start, value.stop))
+            parts.append(slice(*span_range(site, axis, value, size)))
         elif isinstance(value, tuple):
             bad = [i for i in value if not -size <= i < size]
             if bad:
                 raise SiteError(f"site {site}: indices {bad} are out of range for axis {axis!r} of size {size}")
             parts.append([i % size for i in value])
+        elif value == LAST:
+            raise SiteError(
+                f"site {site}: {axis}=last is a different column in each row; it is read with take_rows, "
+                f"not with one index"
+            )
         elif isinstance(value, int):
             if not -size <= value < size:
                 raise SiteError(f"site {site}: index {value} is out of range for axis {axis!r} of size {size}")
@@ -65,3 +79,126 @@ def index_for(site: Site, axis_names: Sequence[str], shape: Sequence[int], devic
 def select(tensor: torch.Tensor, index: tuple, batched: bool = True) -> torch.Tensor:
     """Apply an :func:`axis_index` to a tensor with (``batched``) or without a leading batch axis."""
     return tensor[(slice(None), *index)] if batched else tensor[index]
+
+
+# -- rows of their own: padding and ``last`` --------------------------------------------------------
+
+
+def row_ends(mask: torch.Tensor) -> torch.Tensor:
+    """``[rows]``: one past each row's last real token in an attention mask ``[rows, columns]``
+    (0 for a row of padding only). Left and right padding alike."""
+    real = mask.ne(0)
+    return (real * torch.arange(1, real.shape[1] + 1, device=mask.device)).amax(dim=1)
+
+
+def _first_column(mask: torch.Tensor, size: int, offset: int) -> int | None:
+    """The mask column where an axis of ``size`` starts: ``offset`` for the positions of a run that
+    computes columns ``offset..`` only, 0 for an axis over every column; None when the mask does not
+    cover the axis (its length differs)."""
+    columns = mask.shape[1]
+    if size + offset == columns:
+        return offset
+    return 0 if size == columns else None
+
+
+def _negative(value: object) -> bool:
+    if isinstance(value, Span):
+        return any(v is not None and v < 0 for v in (value.start, value.stop))
+    if isinstance(value, tuple):
+        return any(i < 0 for i in value)
+    return isinstance(value, int) and value < 0
+
+
+def check_padding(
+    site: Site, axis_names: Sequence[str], shape: Sequence[int], mask: torch.Tensor | None, offset: int = 0
+) -> None:
+    """Refuse a negative position on rows padded on the right: it counts from the batch's last column,
+    which is padding in those rows, while the metrics' ``pos=-1`` is each row's last real token.
+
+    ``shape`` is ``[*axes]``; ``offset``: the run computes positions ``offset..`` only.
+    """
+    if mask is None:
+        return
+    for axis, value in site.sel:
+        if axis not in POSITION_AXES or axis not in axis_names or not _negative(value):
+            continue
+        if _first_column(mask, shape[list(axis_names).index(axis)], offset) is None:
+            continue
+        columns = mask.shape[1]
+        ends = row_ends(mask)
+        short = (ends < columns).nonzero().flatten().tolist()
+        if short:
+            shown = ", ".join(f"row {r} at {int(ends[r]) - 1}" for r in short[:4]) + (", ..." if len(short) > 4 else "")
+            raise SiteError(
+                f"site {site}: the inputs are padded on the right ({len(short)} of {len(ends)} rows end before "
+                f"column {columns - 1}: last real token of {shown}), so {axis}={value} counts from the batch's last "
+                f"column, not from each row's last token (which the metrics read at -1). Write {axis}=last for "
+                f"each row's last real token, pad on the left, or give columns 0..{columns - 1}"
+            )
+
+
+def last_axes(site: Site) -> list[str]:
+    """The axes ``site`` selects ``last`` on."""
+    return [axis for axis, value in site.sel if value == LAST]
+
+
+def last_positions(
+    site: Site, axis: str, size: int, rows: int, mask: torch.Tensor | None, offset: int = 0
+) -> torch.Tensor:
+    """``[rows]``: the column of each row's last real token along ``axis`` (of ``size``), by ``mask``
+    (``[rows, columns]``; None: no padding, the last column). ``offset`` as in :func:`check_padding`."""
+    if mask is None:
+        return torch.full((rows,), size - 1, dtype=torch.long)
+    if mask.shape[0] != rows:
+        raise SiteError(f"site {site}: the attention mask has {mask.shape[0]} rows, the activation {rows}")
+    first = _first_column(mask, size, offset)
+    if first is None:
+        raise SiteError(
+            f"site {site}: {axis}=last reads each row's attention mask, which has {mask.shape[1]} columns, "
+            f"but axis {axis!r} has {size} positions"
+        )
+    last = row_ends(mask) - 1 - first
+    empty = (last < 0).nonzero().flatten().tolist()
+    if empty:
+        where = "" if not first else f" at or after position {first}, where this run starts"
+        raise SiteError(f"site {site}: rows {empty[:8]} have no real token{where}, so {axis}=last selects nothing")
+    return last
+
+
+def last_columns(
+    site: Site, axis_names: Sequence[str], tensor: torch.Tensor, mask: torch.Tensor | None, offset: int = 0
+) -> list[tuple[int, torch.Tensor]]:
+    """The picks :func:`take_rows` needs for ``site``'s ``last`` axes on ``tensor`` (``[rows, *axes]``);
+    ``[]`` when it selects ``last`` nowhere."""
+    names = list(axis_names)
+    return [
+        (1 + names.index(axis),
+         last_positions(site, axis, tensor.shape[1 + names.index(axis)], tensor.shape[0], mask, offset))
+        for axis in last_axes(site) if axis in names
+    ]
+
+
+def at_first(site: Site) -> Site:
+    """``site`` with every ``last`` replaced by index 0 (of the axis :func:`take_rows` leaves)."""
+    return Site(site.family, site.layer, tuple((a, 0 if v == LAST else v) for a, v in site.sel))
+
+
+def take_rows(tensor: torch.Tensor, picks: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """``tensor`` with each ``(dim, columns)`` of ``picks`` cut to size 1: row ``r`` keeps ``columns[r]``
+    of that dim (``dim`` counts the batch axis). A copy."""
+    rows = torch.arange(tensor.shape[0], device=tensor.device)
+    for dim, columns in picks:
+        moved = tensor.movedim(dim, 1)
+        tensor = moved[rows, columns.to(tensor.device)].unsqueeze(1).movedim(1, dim)
+    return tensor
+
+
+def put_rows(tensor: torch.Tensor, picks: Sequence[tuple[int, torch.Tensor]], value: torch.Tensor) -> None:
+    """Write ``value`` (``tensor`` as :func:`take_rows` cut it) back into ``tensor`` in place."""
+    (dim, columns), rest = picks[0], picks[1:]
+    if rest:
+        inner = take_rows(tensor, picks[:1])
+        put_rows(inner, rest, value)
+        value = inner
+    rows = torch.arange(tensor.shape[0], device=tensor.device)
+    tensor.movedim(dim, 1)[rows, columns.to(tensor.device)] = value.movedim(dim, 1)[:, 0]

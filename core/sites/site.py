@@ -9,21 +9,52 @@ selections along named axes::
     latent.z[dim=4]           a family without layers
     resid_post.3[pos=2:5]     positions 2, 3 and 4 together, as one site
     head_out.1[head={0,2}]    heads 0 and 2 together, as one site
+    resid_post.1[pos=last]    each row's last real token (by the attention mask)
 
 ``*`` marks a sweep: one concrete site per index. An axis that is not named is taken whole.
 The string form round-trips: ``str(Site.parse(s)) == s`` for every canonical ``s``.
+
+Positions are columns of the batch, the same in every row; a negative one counts from the last
+column. ``last`` (on ``pos`` and ``key_pos``) is each row's own last real token, what the metrics
+read at ``pos=-1``; with right padding the two differ, and a negative position there is refused
+(:func:`crosspatch.sites.selection.check_padding`).
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 import re
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
-__all__ = ["ANY", "Span", "Selector", "Site", "SiteError", "site_key", "split_tower"]
+__all__ = [
+    "ANY", "LAST", "POSITION_AXES", "Span", "Selector", "Site", "SiteError", "site_key", "site_sequence",
+    "span_range", "split_tower",
+]
 
 ANY = "*"
+#: Each row's last real token (the attention mask's last 1), on a position axis.
+LAST = "last"
+#: Axes that count tokens: where ``last`` applies and where the attention mask says what is padding.
+POSITION_AXES = ("pos", "key_pos")
+
+
+class SiteError(ValueError):
+    """A site string or site that does not fit the grammar or the model's catalog."""
+
+
+def _index(value: Any, what: str) -> int:
+    """``value`` as an int (Python, numpy or 0-d integer tensor); bools, floats and strings are refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (bool, str, bytes, float)):
+        raise SiteError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise SiteError(f"{what} must be an int, got {value!r} ({type(value).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -33,20 +64,24 @@ class Span:
     start: int | None = None
     stop: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _index(value, f"a range's {name}"))
+
     def __str__(self) -> str:
         return f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
 
 
-Selector = Union[int, str, Span, tuple[int, ...]]  # int, ANY, Span or a set of indices
-
-
-class SiteError(ValueError):
-    """A site string or site that does not fit the grammar or the model's catalog."""
-
+Selector = Union[int, str, Span, tuple[int, ...]]  # int, ANY, LAST, Span or a set of indices
 
 _DIGITS = frozenset("0123456789")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FAMILY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _INT = re.compile(r"-?[0-9]+")
+_MAX_DIGITS = 18  # any index or layer fits; longer numbers are refused, not converted
+_SELECTORS = "an int, a range a:b (a slice or Span), a set of ints {a,b} (a list, set or tuple), '*' or 'last'"
 
 
 def _fail(text: str, at: int, what: str) -> SiteError:
@@ -70,6 +105,38 @@ class Site:
     family: str
     layer: int | str | None = None
     sel: tuple[tuple[str, Selector], ...] = ()
+
+    def __post_init__(self) -> None:
+        if _plain(self):  # the common case, as sweeps build thousands: nothing to check further
+            return
+        if not isinstance(self.family, str) or not _FAMILY.fullmatch(self.family):
+            raise SiteError(
+                f"a site's family is a name such as 'resid_pre', 'head_out' or 'latent.z', got {self.family!r}"
+            )
+        _NAMES.add(self.family)
+        layer = self.layer
+        if layer is not None and not (isinstance(layer, str) and layer == ANY):
+            if isinstance(layer, str):
+                raise SiteError(
+                    f"site {self.family}: layer {layer!r} is a string; a layer is an int, '*' or None "
+                    f"(parse text with Site.parse('{self.family}.{layer}'))"
+                )
+            object.__setattr__(self, "layer", _index(layer, f"site {self.family}: the layer"))
+        sel = self.sel.items() if isinstance(self.sel, Mapping) else self.sel
+        if not isinstance(sel, Iterable) or isinstance(sel, (str, bytes)):
+            raise SiteError(f"site {self.family}: sel is a tuple of (axis, selector) pairs, got {self.sel!r}")
+        pairs: list[tuple[str, Selector]] = []
+        for pair in sel:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise SiteError(f"site {self.family}: sel is a tuple of (axis, selector) pairs, got the item {pair!r}")
+            axis, value = pair
+            if not isinstance(axis, str) or not _IDENT.fullmatch(axis):
+                raise SiteError(f"site {self.family}: an axis is a name such as 'pos' or 'head', got {axis!r}")
+            if any(a == axis for a, _ in pairs):
+                raise SiteError(f"site {self.family}: axis {axis!r} is selected twice")
+            pairs.append((axis, _selector(axis, value)))
+            _NAMES.add(axis)
+        object.__setattr__(self, "sel", tuple(pairs))
 
     @classmethod
     def make(cls, family: str, layer: int | str | None = None, **selection: Selector) -> "Site":
@@ -116,17 +183,78 @@ def _parse(text: str) -> Site:
     return _Parser(text).site()
 
 
-def _selector(axis: str, value) -> Selector:
-    """Normalise a Python value (int, '*', slice, list, set, tuple, Span) into a selector."""
+#: Family and axis names already checked (a bounded set: the names of the models in use).
+_NAMES: set[str] = set()
+
+
+def _plain(site: Site) -> bool:
+    """Whether ``site`` is already in normal form with names checked before (no work to do)."""
+    layer = site.layer
+    if type(site.family) is not str or site.family not in _NAMES or not (type(layer) is int or layer is None or (type(layer) is str and layer == ANY)):
+        return False
+    if type(site.sel) is not tuple:
+        return False
+    seen = []
+    for pair in site.sel:
+        if type(pair) is not tuple or len(pair) != 2 or pair[0] not in _NAMES or pair[0] in seen:
+            return False
+        value = pair[1]
+        if not (type(value) is int or type(value) is Span or (type(value) is str and value in (ANY, LAST))):
+            return False
+        seen.append(pair[0])
+    return True
+
+
+def _selector(axis: str, value: Any) -> Selector:
+    """Normalise a Python value (int, '*', 'last', slice, list, set, tuple, Span) into a selector."""
+    if isinstance(value, Span):
+        return value
+    if isinstance(value, str):
+        if value in (ANY, LAST):
+            return value
+        raise SiteError(f"axis {axis!r}: the selection {value!r} is not one; a selection is {_SELECTORS}")
     if isinstance(value, slice):
         if value.step not in (None, 1):
             raise SiteError(f"axis {axis!r}: steps are not supported in a selection, got {value}")
         return Span(value.start, value.stop)
-    if isinstance(value, (list, set, tuple)):
+    if isinstance(value, (list, set, frozenset, tuple)):
         if not value:
             raise SiteError(f"axis {axis!r}: an empty set of indices selects nothing")
-        return tuple(sorted(set(value)))
-    return value
+        return tuple(sorted({_index(v, f"axis {axis!r}: an index in a set") for v in value}))
+    try:
+        return _index(value, f"axis {axis!r}: a selection")
+    except SiteError:
+        raise SiteError(
+            f"axis {axis!r}: the selection {value!r} ({type(value).__name__}) is not one; a selection is {_SELECTORS}"
+        ) from None
+
+
+def span_range(site: "Site", axis: str, span: Span, size: int) -> tuple[int, int]:
+    """``(start, stop)`` of ``span`` on an axis of ``size``: refused, not clipped, when a bound lies
+    outside ``-size..size`` or the range is empty."""
+    where = f"axis {axis!r} of size {size}" + (" (the inputs' length)" if axis in POSITION_AXES else "")
+    if any(v is not None and not -size <= v <= size for v in (span.start, span.stop)):
+        raise SiteError(f"site {site}: the range {span} reaches outside {where}; bounds run from {-size} to {size}")
+    start, stop, _ = slice(span.start, span.stop).indices(size)
+    if stop <= start:
+        raise SiteError(f"site {site}: the range {span} selects nothing on {where}")
+    return start, stop
+
+
+def site_sequence(sites: Any) -> tuple["str | Site", ...]:
+    """Sites as given to ``capture`` or a sweep: one site string or :class:`Site`, or an ordered
+    iterable of them (a list, a tuple, a generator: read once). Sets are refused (their order is not
+    defined, and it is the order of the results), so are mappings and nested lists."""
+    accepted = "a site string, a Site, or a list or tuple of them"
+    if isinstance(sites, (str, Site)):
+        return (sites,)
+    if isinstance(sites, (Set, Mapping)) or not isinstance(sites, Iterable) or isinstance(sites, bytes):
+        raise SiteError(f"sites are {accepted}; got {type(sites).__name__} {sites!r:.80}")
+    out = tuple(sites)
+    for i, item in enumerate(out):
+        if not isinstance(item, (str, Site)):
+            raise SiteError(f"sites are {accepted}; item {i} is a {type(item).__name__}: {item!r:.80}")
+    return out
 
 
 def site_key(family: str, layer: int | str | None) -> str:
@@ -185,6 +313,9 @@ class _Parser:
         m = _INT.match(self.text, self.i)
         if not m:
             raise _fail(self.text, self.i, "expected an integer")
+        digits = len(m.group().lstrip("-"))
+        if digits > _MAX_DIGITS:
+            raise _fail(self.text, self.i, f"an integer of {digits} digits; indices and layers have at most {_MAX_DIGITS}")
         self.i = m.end()
         return int(m.group())
 
@@ -216,6 +347,11 @@ class _Parser:
                 values.append(self._int())
             self._expect("}")
             return tuple(sorted(set(values)))
+        if _IDENT.match(self.text, self.i):
+            at = self.i
+            if self._ident("") == LAST:
+                return LAST
+            raise _fail(self.text, at, "expected an index, a range a:b, a set {a,b}, '*' or 'last'")
         start = self._int() if (c in _DIGITS or c == "-") else None
         if self._peek() == ":":
             self.i += 1
@@ -223,5 +359,5 @@ class _Parser:
             stop = self._int() if (c in _DIGITS or c == "-") else None
             return Span(start, stop)
         if start is None:
-            raise _fail(self.text, self.i, "expected an index, a range a:b, a set {a,b} or '*'")
+            raise _fail(self.text, self.i, "expected an index, a range a:b, a set {a,b}, '*' or 'last'")
         return start

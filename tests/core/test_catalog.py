@@ -172,8 +172,28 @@ def test_resolve_normalises_negative_layers_and_indices(cat, text, expected):
     assert str(cat.resolve(text)) == expected
 
 
-def test_resolve_normalises_negative_positions_given_sizes(cat):
-    assert cat.resolve("hidden.0[pos=-1]", {"pos": 5}) == Site.parse("hidden.0[pos=4]")
+def test_resolve_checks_negative_positions_given_sizes_and_keeps_them(cat):
+    # The end a position counts from is the inputs' (and with padding, each row's): the engine applies it.
+    assert cat.resolve("hidden.0[pos=-1]", {"pos": 5}) == Site.parse("hidden.0[pos=-1]")
+    assert cat.resolve("hidden.0[pos=-3:]", {"pos": 5}) == Site.parse("hidden.0[pos=-3:]")
+    with pytest.raises(SiteError, match="index -6 is out of range for axis 'pos' of size 5"):
+        cat.resolve("hidden.0[pos=-6]", {"pos": 5})
+    assert cat.resolve("hidden.0[dim=-1]", {"pos": 5}) == Site.parse("hidden.0[dim=3]")  # not a position
+
+
+@pytest.mark.parametrize("text", ["hidden.0[pos=100:200]", "hidden.0[pos=5:2]", "hidden.0[pos=8:]",
+                                  "hidden.0[pos=-9:]", "hidden.0[pos=2:9]", "hidden.0[pos=-4:0]"])
+def test_ranges_outside_the_input_or_empty_are_refused_not_clipped(cat, text):
+    with pytest.raises(SiteError, match=r"axis 'pos' of size 8 \(the inputs' length\)") as info:
+        cat.resolve(text, {"pos": 8})
+    assert text in str(info.value)
+
+
+def test_last_is_a_position_selector(cat):
+    assert cat.resolve("hidden.0[pos=last]", {"pos": 5}) == Site.parse("hidden.0[pos=last]")
+    assert cat.resolve(Site.make("hidden", 0, pos="last")).selection["pos"] == "last"
+    with pytest.raises(SiteError, match="for a position axis .*not 'dim'"):
+        cat.resolve("hidden.0[dim=last]")
 
 
 def test_resolve_puts_selections_in_the_family_axis_order(cat):
@@ -184,7 +204,7 @@ def test_resolve_puts_selections_in_the_family_axis_order(cat):
 
 
 def test_resolve_rejects_non_index_selectors(cat):
-    with pytest.raises(SiteError, match="use an int"):
+    with pytest.raises(SiteError, match="a selection is an int"):
         cat.resolve(Site("hidden", 0, (("dim", True),)))
 
 
@@ -241,7 +261,24 @@ def test_expand_concrete_site_is_a_single_site_with_no_dims(cat):
 
 def test_expand_normalises_like_resolve(cat):
     sweep = cat.expand("hidden.-1[dim=*,pos=-1]", sizes={"pos": 4})
-    assert [str(s) for s in sweep.sites] == [f"hidden.1[pos=3,dim={d}]" for d in range(4)]
+    assert [str(s) for s in sweep.sites] == [f"hidden.1[pos=-1,dim={d}]" for d in range(4)]
+
+
+@pytest.mark.parametrize("patterns, words", [
+    ({"hidden.0", "hidden.1"}, "got set"),
+    ([["hidden.0"], "hidden.1"], "item 0 is a list"),
+    (5, "got int"),
+    ({"hidden.0": 1}, "got dict"),
+])
+def test_expand_refuses_unordered_or_nested_patterns(cat, patterns, words):
+    with pytest.raises(SiteError, match="a site string, a Site, or a list or tuple of them") as info:
+        cat.expand(patterns)
+    assert words in str(info.value)
+
+
+def test_expand_reads_a_generator_once(cat):
+    sweep = cat.expand(s for s in ["hidden.0", "hidden.1"])
+    assert sweep.coords == {"site": ["hidden.0", "hidden.1"]}
 
 
 def test_expand_list_gives_site_dim(cat):

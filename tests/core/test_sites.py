@@ -38,6 +38,10 @@ CANONICAL = {
     "logits[pos=-1]": Site("logits", None, (("pos", -1),)),
     "a.b.c.d.12": Site("a.b.c.d", 12),
     "_private.x_1.0": Site("_private.x_1", 0),
+    "resid_post.1[pos=last]": Site("resid_post", 1, (("pos", "last"),)),
+    "attn_pattern.0[head=1,pos=last,key_pos=last]": Site(
+        "attn_pattern", 0, (("head", 1), ("pos", "last"), ("key_pos", "last"))
+    ),
 }
 
 
@@ -309,6 +313,11 @@ BAD = [
     ("x.1[pos=1] ", 10, "unexpected text"),
     ("x.1[pos=1:2:3]", 11, "expected ']'"),
     ("x.1[2=1]", 4, "axis name"),
+    ("x.1[pos=first]", 8, "or 'last'"),
+    ("x.1[pos=last:]", 12, "expected ']'"),
+    ("x.1[pos=" + "9" * 5000 + "]", 8, "integer of 5000 digits"),
+    ("x." + "1" * 19, 2, "integer of 19 digits"),
+    ("x.1[pos={1," + "-" + "7" * 40 + "}]", 11, "integer of 40 digits"),
 ]
 
 
@@ -321,6 +330,70 @@ def test_bad_strings_raise_site_error_with_caret(text, index, words):
     assert words in message
     assert _reported_index(message) == index
     assert _caret_column(message, text) == index
+
+
+@pytest.mark.parametrize("layer, words", [
+    (1.0, "must be an int, got 1.0 (float)"),
+    ("1", "layer '1' is a string"),
+    (True, "must be an int, got True (bool)"),
+    ([1], "must be an int, got [1] (list)"),
+])
+def test_site_layer_must_be_an_int_a_star_or_none(layer, words):
+    with pytest.raises(SiteError) as info:
+        Site("resid_post", layer)
+    assert words in str(info.value) and "resid_post" in str(info.value)
+
+
+def test_site_layer_accepts_integer_like_values():
+    np = pytest.importorskip("numpy")
+    site = Site("resid_post", np.int64(2), (("pos", np.int32(3)),))
+    assert site == Site.parse("resid_post.2[pos=3]") and type(site.layer) is int
+    assert hash(site) == hash(Site.parse("resid_post.2[pos=3]"))
+
+
+@pytest.mark.parametrize("family", ["", "1x", "a-b", "a..b", None, 3])
+def test_site_family_must_parse(family):
+    with pytest.raises(SiteError, match="family is a name"):
+        Site(family, 0)
+
+
+@pytest.mark.parametrize("sel, words", [
+    ((("pos", 1.5),), "1.5 (float) is not one"),
+    ((("pos", "first"),), "'first' is not one"),
+    ((("pos", None),), "None (NoneType) is not one"),
+    ((("pos", ()),), "empty set"),
+    ((("pos", (1, "a")),), "must be an int"),
+    ((("pos", 1), ("pos", 2)), "selected twice"),
+    ((("2x", 1),), "an axis is a name"),
+    (("pos",), "pairs"),
+    ("pos=1", "pairs"),
+])
+def test_site_selections_say_what_is_accepted(sel, words):
+    with pytest.raises(SiteError) as info:
+        Site("x", 1, sel)
+    assert words in str(info.value)
+
+
+def test_span_bounds_must_be_ints():
+    with pytest.raises(SiteError, match="range's start must be an int"):
+        Span(1.0, 3)
+    with pytest.raises(SiteError, match="range's stop must be an int"):
+        Site.make("x", 1, pos=slice(0, "3"))
+
+
+def test_site_sequence_accepts_one_site_or_an_ordered_iterable_once():
+    from crosspatch.sites.site import site_sequence
+
+    site = Site.parse("x.1")
+    assert site_sequence("x.1") == ("x.1",)
+    assert site_sequence(site) == (site,)
+    assert site_sequence(["x.1", site]) == ("x.1", site)
+    assert site_sequence(s for s in ["a", "b"]) == ("a", "b")
+    for bad, words in [({"x.1"}, "got set"), (5, "got int"), ([["x.1"]], "item 0 is a list"),
+                       ({"x.1": 1}, "got dict"), (b"x.1", "got bytes"), ([None], "item 0 is a NoneType")]:
+        with pytest.raises(SiteError, match="a site string, a Site, or a list or tuple of them") as info:
+            site_sequence(bad)
+        assert words in str(info.value)
 
 
 def test_site_error_is_a_value_error():
