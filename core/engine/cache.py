@@ -6,7 +6,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from ..sites.selection import index_for, select
+from ..sites.selection import at_first, check_padding, index_for, last_columns, select, take_rows
 from ..sites.site import Site, SiteError
 
 __all__ = ["Cache"]
@@ -16,12 +16,21 @@ class Cache(Mapping[str, torch.Tensor]):
     """Full activations ``[batch, *axes]`` per site key.
 
     Indexing with a site that has selections returns the selected part, every axis kept:
-    ``cache["resid_post.3[pos=2]"]`` has shape ``[batch, 1, d_model]``.
+    ``cache["resid_post.3[pos=2]"]`` has shape ``[batch, 1, d_model]``. ``attention_mask``
+    (``[batch, positions]``, kept by the run that captured the cache) says where each row's real
+    tokens are: ``cache["resid_post.3[pos=last]"]`` is each row's last one, and a negative position on
+    rows padded on the right is refused, as in a run.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, axes: Mapping[str, tuple[str, ...]] | None = None):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        axes: Mapping[str, tuple[str, ...]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
         self._tensors: dict[str, torch.Tensor] = dict(tensors or {})
         self.axes: dict[str, tuple[str, ...]] = dict(axes or {})
+        self.attention_mask = attention_mask
 
     def _store(self, key: str, value: torch.Tensor, axes: tuple[str, ...]) -> None:
         self._tensors[key] = value
@@ -42,6 +51,10 @@ class Cache(Mapping[str, torch.Tensor]):
             raise SiteError(f"the cache does not know the axes of {site.key!r}; cannot select {site}")
         if len(names) != full.ndim - 1:
             raise SiteError(f"the cache holds {site.key!r} with shape {tuple(full.shape)} but axes {names}")
+        check_padding(site, names, full.shape[1:], self.attention_mask)
+        picks = last_columns(site, names, full, self.attention_mask)
+        if picks:
+            full, site = take_rows(full, picks), at_first(site)
         return select(full, index_for(site, names, full.shape[1:], full.device))
 
     def __iter__(self) -> Iterator[str]:
@@ -57,21 +70,28 @@ class Cache(Mapping[str, torch.Tensor]):
             return False
 
     def to(self, *args, **kwargs) -> "Cache":
-        return Cache({k: v.to(*args, **kwargs) for k, v in self._tensors.items()}, self.axes)
+        moved = {k: v.to(*args, **kwargs) for k, v in self._tensors.items()}
+        mask = self.attention_mask
+        if mask is not None:  # the mask follows the tensors' device; a dtype is for activations only
+            mask = mask.to(next((v.device for v in moved.values()), mask.device))
+        return Cache(moved, self.axes, mask)
 
     def detach(self) -> "Cache":
-        return Cache({k: v.detach() for k, v in self._tensors.items()}, self.axes)
+        return Cache({k: v.detach() for k, v in self._tensors.items()}, self.axes, self.attention_mask)
 
     @property
     def batch_size(self) -> int | None:
         return next(iter(self._tensors.values())).shape[0] if self._tensors else None
 
     def to_dict(self) -> dict:
-        return {"tensors": dict(self._tensors), "axes": {k: list(v) for k, v in self.axes.items()}}
+        out = {"tensors": dict(self._tensors), "axes": {k: list(v) for k, v in self.axes.items()}}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Cache":
-        return cls(data["tensors"], {k: tuple(v) for k, v in data.get("axes", {}).items()})
+        return cls(data["tensors"], {k: tuple(v) for k, v in data.get("axes", {}).items()}, data.get("attention_mask"))
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())

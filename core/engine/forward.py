@@ -4,6 +4,12 @@ It installs a hook per (family, layer) the run needs, applies every intervention
 site (each to its own rows of the batch, so a sweep runs as one batched forward), captures what
 was asked, and removes exactly the handles it installed, also when the forward raises.
 Without ``grad`` the run is under ``torch.inference_mode``.
+
+Selections are checked against the activation they meet: an empty or out-of-range range is a
+:class:`SiteError`, never a run that changes nothing. When the inputs carry an ``attention_mask``,
+``pos=last`` is each row's last real token (a source is read at its own rows' last real tokens, by
+its cache's mask), and a negative position on rows padded on the right is refused
+(:func:`~crosspatch.sites.selection.check_padding`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from ..sites.catalog import Catalog, SiteFamily
 from .interventions import ApplyContext, Intervention
 from .reach import Handle, aliases
 from .resume import Prefix, Resume, windowed
-from ..sites.selection import axis_index, select
-from ..sites.site import Site, SiteError
+from ..sites.selection import (
+    at_first, axis_index, check_padding, last_axes, last_columns, put_rows, select, take_rows,
+)
+from ..sites.site import LAST, Site, SiteError
 
 __all__ = ["Bound", "Run", "execute"]
 
@@ -49,6 +57,7 @@ class _Plan:
     family: SiteFamily
     layer: int | None
     bounds: list[Bound] = field(default_factory=list)
+    written: list[Site] = field(default_factory=list)  # each bound's site before a resumed run's shift
     capture: bool = False
     fired: int = 0
 
@@ -90,6 +99,7 @@ def execute(
         # The resumed run computes positions resume.pos.. only; positions before it come from the prefix.
         output_at = output_at - resume.pos if bool((output_at >= resume.pos).all()) else None
     plans: dict[str, _Plan] = {}
+    mask = _attention_mask(inputs, n_rows)
 
     def plan_for(site: Site) -> _Plan:
         if site.key not in plans:
@@ -103,9 +113,12 @@ def execute(
         fam = catalog.family(site.family)
         if not fam.writable:
             raise SiteError(f"site {site}: family {fam.name!r} can be captured but not intervened on")
+        written = site
         if resume is not None:
             site = _resumable(site, bound.intervention, resume, catalog)
-        plan_for(site).bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
+        plan = plan_for(site)
+        plan.bounds.append(Bound(site, bound.intervention, _check_rows(site, bound.rows, n_rows)))
+        plan.written.append(written)
     for key in capture:
         site = catalog.resolve(key)
         if resume is not None:
@@ -113,13 +126,14 @@ def execute(
         plan_for(site).capture = True
 
     sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
-    cache = Cache()
+    window = resume.pos if resume is not None else 0
+    cache = Cache(attention_mask=None if mask is None else mask[:, window:])
     handles: list[Handle] = []
     ordered = sorted(plans.items(), key=lambda kv: (catalog.order(kv[1].family.name), kv[1].layer or 0))
     try:
         for key, plan in ordered:
-            window = resume.pos if resume is not None else 0
-            handles.extend(plan.family.reach.install(plan.layer, _callback(key, plan, sources, cache, grad, window)))
+            callback = _callback(key, plan, sources, cache, grad, window, mask)
+            handles.extend(plan.family.reach.install(plan.layer, callback))
         if output_at is not None:
             handles.extend(adapter.output_at(model, output_at, set(plans) - set(output_only)))
         if grad:
@@ -145,6 +159,14 @@ def execute(
     return Run(output, cache, raw, prefix)
 
 
+def _attention_mask(inputs: Inputs, n_rows: int) -> torch.Tensor | None:
+    """The inputs' ``attention_mask`` (``[rows, columns]``), which says which positions are padding."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[0] == n_rows:
+        return mask
+    return None
+
+
 def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: Catalog) -> Site:
     """``site`` as the resumed run sees it, or an error saying why the run cannot reach it."""
     if _before_resume(site, resume, catalog):
@@ -157,6 +179,8 @@ def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: 
             f"{type(intervention).__name__} at {site} reads other positions of the activation, so it cannot "
             f"run from position {resume.pos}; resume at pos=0"
         )
+    if site.selection.get("pos") == LAST:
+        return site  # each row's own column: shifted, and checked to be computed, when the run applies it
     return windowed(site, resume.pos, resume.prefix.length)  # refuses a site that covers earlier positions
 
 
@@ -200,14 +224,25 @@ def _check_rows(site: Site, rows: slice | None, n_rows: int) -> slice | None:
     return slice(start, stop)
 
 
-def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool, window: int = 0):
+def _callback(
+    key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, grad: bool, window: int = 0,
+    mask: torch.Tensor | None = None,
+):
     fam = plan.family
     pos_axis = 1 + fam.axis_names.index("pos") if window else 0
 
-    def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor) -> torch.Tensor:
-        source = _source_tensor(sources.get(id(bound.intervention)), key, grad)
+    def source_of(bound: Bound, last: bool) -> torch.Tensor | None:
+        """The source activation in the run's window; with ``last``, its own rows' last real tokens."""
+        held = sources.get(id(bound.intervention))
+        source = _source_tensor(held, key, grad)
         if window and source is not None:  # the run holds positions window.. only
             source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
+        if source is None or not last:
+            return source
+        return take_rows(source, last_columns(bound.site, fam.axis_names, source, held.attention_mask, window))
+
+    def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        source = source_of(bound, last)
         new = bound.intervention.apply(x, ApplyContext(bound.site, fam, index, target, source))
         if new.shape != x.shape:
             raise SiteError(
@@ -216,13 +251,18 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
             )
         return new.to(dtype=target.dtype, device=target.device)
 
+    def rows_mask(bound: Bound) -> torch.Tensor | None:
+        return mask if mask is None or bound.rows is None else mask[bound.rows]
+
     def on_value(value: torch.Tensor) -> torch.Tensor | None:
         plan.fired += 1
         out = value
+        for bound, written in zip(plan.bounds, plan.written):
+            check_padding(written, fam.axis_names, value.shape[1:], rows_mask(bound), window)
         # A gradient run with one intervention on all of the value (the taps of attribution methods):
         # its result is the new value as it is, when it is a fresh tensor in the graph. No copy of a value
         # that may be many times the residual's size, and no backward through one.
-        whole = grad and len(plan.bounds) == 1 and plan.bounds[0].rows is None
+        whole = grad and len(plan.bounds) == 1 and plan.bounds[0].rows is None and not last_axes(plan.bounds[0].site)
         if whole:
             index = axis_index(plan.bounds[0].site, fam, value.shape[1:], value.device)
             whole = all(isinstance(part, slice) and part == slice(None) for part in index)
@@ -237,11 +277,16 @@ def _callback(key: str, plan: _Plan, sources: dict[int, Cache], cache: Cache, gr
             out = value.clone()
             for bound in plan.bounds:
                 target = out if bound.rows is None else out[bound.rows]
-                index = axis_index(bound.site, fam, target.shape[1:], target.device)
+                picks = last_columns(bound.site, fam.axis_names, target, rows_mask(bound), window)
+                if picks:  # each row's own column: a copy with those axes cut to it, written back below
+                    whole_target, target = target, take_rows(target, picks)
+                index = axis_index(at_first(bound.site) if picks else bound.site, fam, target.shape[1:], target.device)
                 x = select(target, index)
                 if grad:  # the slot is overwritten below; an intervention may keep x for its backward pass
                     x = x.clone()
-                target[(slice(None), *index)] = apply(bound, target, index, x)
+                target[(slice(None), *index)] = apply(bound, target, index, x, bool(picks))
+                if picks:
+                    put_rows(whole_target, picks, target)
         if plan.capture:
             cache._store(key, out if grad else out.detach(), fam.axis_names)
         return out if plan.bounds else None

@@ -685,3 +685,236 @@ def test_cache_selection_is_checked_like_a_run(toy, x):
         cache[f"hidden.0[pos={x.shape[1]}]"]
     with pytest.raises(cp.SiteError, match="not \\['head'\\]"):
         cache["hidden.0[head=1]"]
+
+
+# ---------------------------------------------------------------- no silent no-ops
+
+
+@pytest.mark.parametrize("site", ["hidden.1[pos=100:200]", "hidden.1[pos=4:2]", "hidden.1[pos=5:]",
+                                  "hidden.1[pos=-4:0]", "hidden.1[pos=2:9]", "hidden.1[pos=-6:]"])
+def test_an_empty_or_out_of_range_range_is_a_site_error_naming_the_length(toy, x, site):
+    before = hook_state(toy.module)
+    with pytest.raises(cp.SiteError, match=r"axis 'pos' of size 5 \(the inputs' length\)") as info:
+        toy.run(x, {site: cp.Zero()})
+    assert site in str(info.value)
+    with pytest.raises(cp.SiteError, match="size 5"):
+        toy.capture(x, "hidden.1")[site]
+    assert hook_state(toy.module) == before
+
+
+@pytest.mark.parametrize("site", ["resid_post.1[pos=100:200]", "resid_post.1[pos=5:2]", "resid_post.1[pos=10:]",
+                                  "attn_pattern.1[key_pos=-4:0]"])
+def test_gpt2_empty_ranges_are_refused(gpt2, ids, site):
+    m = cp.wrap(gpt2)
+    before = hook_state(gpt2)
+    with pytest.raises(cp.SiteError, match=r"of size 10 \(the inputs' length\)"):
+        m.run(ids, {site: cp.Zero()})
+    assert hook_state(gpt2) == before
+
+
+# ---------------------------------------------------------------- positions with padding: last and -1
+
+
+def masked_toy():
+    """The toy net with an adapter that keeps an attention mask (the net itself ignores it)."""
+    from conftest import ToyNet, toy_adapter
+
+    class MaskedToyAdapter(type(toy_adapter())):
+        name = "toy_masked"
+
+        def prepare(self, model, inputs):
+            out = super().prepare(model, inputs)
+            if isinstance(inputs, dict) and "attention_mask" in inputs:
+                out["attention_mask"] = inputs["attention_mask"]
+            return out
+
+    return cp.wrap(ToyNet().eval(), MaskedToyAdapter())
+
+
+def _mask(pad: str | None, rows: int = 3, length: int = 5) -> torch.Tensor:
+    mask = torch.ones(rows, length, dtype=torch.long)
+    if pad == "right":
+        mask[0, 3:] = 0  # row 0 ends at position 2
+        mask[2, 4:] = 0  # row 2 at 3
+    elif pad == "left":
+        mask[1, :2] = 0
+    return mask
+
+
+def _lasts(mask: torch.Tensor) -> list[int]:
+    return [int(row.nonzero().max()) for row in mask]
+
+
+def per_row(edit_row):
+    """An edit of a full activation that calls ``edit_row(v, r)`` for every row."""
+
+    def edit(v):
+        for r in range(v.shape[0]):
+            edit_row(v, r)
+        return v
+
+    return edit
+
+
+@pytest.mark.parametrize("pad", [None, "right", "left"])
+def test_last_is_each_rows_last_real_token(x, pad):
+    m, mask = masked_toy(), _mask(pad)
+    lasts = _lasts(mask)
+    run = m.run({"x": x, "attention_mask": mask}, {"hidden.0[pos=last,dim=1]": cp.Scale(3.0)}, capture="hidden.0")
+
+    def edit(v, r):
+        v[r, lasts[r], 1] *= 3.0
+
+    expected, acts = hand(m.module, x, {"hidden.0": per_row(edit)})
+    close(run.output, expected)
+    got = run.cache["hidden.0[pos=last]"]
+    assert got.shape == (3, 1, 4)
+    close(got[:, 0], torch.stack([acts["hidden.0"][r, lasts[r]] for r in range(3)]))
+
+
+@pytest.mark.parametrize("site", ["hidden.0[pos=-1]", "hidden.0[pos=-2:]", "hidden.0[pos={-1,0}]", "hidden.0[pos=:-1]"])
+def test_a_negative_position_on_right_padding_is_refused(x, site):
+    m, mask = masked_toy(), _mask("right")
+    before = hook_state(m.module)
+    inputs = {"x": x, "attention_mask": mask}
+    with pytest.raises(cp.SiteError, match="padded on the right") as info:
+        m.run(inputs, {site: cp.Zero()})
+    message = str(info.value)
+    assert site in message and "row 0 at 2, row 2 at 3" in message and "pos=last" in message
+    assert hook_state(m.module) == before
+    cache = m.capture(inputs, "hidden.0")  # capturing is fine; selecting from it is checked the same way
+    with pytest.raises(cp.SiteError, match="padded on the right"):
+        cache[site]
+    m.run(inputs, {"hidden.0[pos=2]": cp.Zero()})  # columns counted from the start are columns
+
+
+def test_with_left_padding_minus_one_and_last_agree(x):
+    m, mask = masked_toy(), _mask("left")
+    inputs = {"x": x, "attention_mask": mask}
+    a = m.run(inputs, {"hidden.1[pos=-1]": cp.Zero()}).output
+    b = m.run(inputs, {"hidden.1[pos=last]": cp.Zero()}).output
+    assert torch.equal(a, b)
+
+
+def test_last_patch_reads_each_source_rows_own_last_token(x, x_other):
+    m = masked_toy()
+    right, left = _mask("right"), _mask("left")
+    source = m.capture({"x": x_other, "attention_mask": right}, "hidden.1")
+    assert torch.equal(source.attention_mask, right)
+    run = m.run({"x": x, "attention_mask": left}, {"hidden.1[pos=last]": cp.Patch(source)})
+    src = hand(m.module, x_other)[1]["hidden.1"]
+    to, frm = _lasts(left), _lasts(right)
+
+    def edit(v, r):
+        v[r, to[r]] = src[r, frm[r]]
+
+    close(run.output, hand(m.module, x, {"hidden.1": per_row(edit)})[0])
+    from_inputs = m.run({"x": x, "attention_mask": left},
+                        {"hidden.1[pos=last]": cp.Patch({"x": x_other, "attention_mask": right})})
+    assert torch.equal(from_inputs.output, run.output)
+
+
+def test_last_on_bound_rows_uses_those_rows_masks(x):
+    m, mask = masked_toy(), _mask("right")
+    inputs = {"x": x, "attention_mask": mask}
+    run = m.run(inputs, [cp.Bound(cp.Site.parse("hidden.0[pos=last]"), cp.Zero(), rows=slice(0, 1)),
+                         cp.Bound(cp.Site.parse("hidden.0[pos=last]"), cp.Scale(2.0), rows=slice(2, 3))])
+    lasts = _lasts(mask)
+
+    def edit(v, r):
+        if r == 0:
+            v[r, lasts[r]] = 0
+        elif r == 2:
+            v[r, lasts[r]] *= 2
+
+    close(run.output, hand(m.module, x, {"hidden.0": per_row(edit)})[0])
+
+
+def test_last_in_a_grad_run_cuts_exactly_the_written_tokens_from_the_graph(x):
+    m, mask = masked_toy(), _mask("right")
+    leaf = x.clone().requires_grad_(True)
+    run = m.run({"x": leaf, "attention_mask": mask}, {"hidden.0[pos=last]": cp.Scale(0.0)}, grad=True)
+    run.output.sum().backward()
+    lasts = _lasts(mask)
+    cut = torch.zeros(3, 5, dtype=torch.bool)
+    cut[torch.arange(3), torch.tensor(lasts)] = True
+    assert torch.all(leaf.grad[cut] == 0)  # the toy keeps positions apart: a zeroed token has no gradient
+    assert torch.all(leaf.grad[~cut].abs().sum(-1) > 0)
+
+
+def test_the_cache_keeps_its_mask_through_to_detach_and_to_dict(x):
+    m, mask = masked_toy(), _mask("right")
+    cache = m.capture({"x": x, "attention_mask": mask}, "hidden.0")
+    for copy in (cache.to(torch.float64), cache.detach(), cp.Cache.from_dict(cache.to_dict())):
+        assert torch.equal(copy.attention_mask, mask)
+        close(copy["hidden.0[pos=last]"].to(torch.float32), cache["hidden.0[pos=last]"])
+    assert cp.Cache(dict(cache), cache.axes)["hidden.0[pos=last]"].shape == (3, 1, 4)  # no mask: last column
+
+
+def test_last_on_an_axis_the_mask_does_not_cover_is_refused(x):
+    m = masked_toy()
+    with pytest.raises(cp.SiteError, match="mask, which has 7 columns, but axis 'pos' has 5"):
+        m.run({"x": x, "attention_mask": torch.ones(3, 7, dtype=torch.long)}, {"hidden.0[pos=last]": cp.Zero()})
+    with pytest.raises(cp.SiteError, match=r"rows \[1\] have no real token"):
+        m.run({"x": x, "attention_mask": torch.tensor([[1] * 5, [0] * 5, [1] * 5])}, {"hidden.0[pos=last]": cp.Zero()})
+
+
+def _tiny(kind):
+    from conftest import tiny_gpt2, tiny_llama
+
+    return tiny_gpt2() if kind == "gpt2" else tiny_llama()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_transformers_last_is_the_token_the_metrics_read(kind, pad):
+    from conftest import padded_prompts
+
+    m = cp.wrap(_tiny(kind))
+    inputs = padded_prompts(4, pad=pad)
+    lasts = _lasts(inputs["attention_mask"])
+    # the metric's position -1 is each row's last real token: the same one pos=last names
+    metric = cp.metrics.logit_diff(3, 5)
+    run = m.run(inputs, capture="logits")
+    ctx = cp.metrics.MetricContext(torch.arange(3), None, inputs["attention_mask"])
+    logits = run.cache["logits[pos=last]"][:, 0]
+    close(metric(run.output, ctx), logits[:, 3] - logits[:, 5])
+    # an edit at pos=last is an edit at each row's last real token, as a hand-written hook makes it
+    block = m.module.transformer.h[0] if kind == "gpt2" else m.module.model.layers[0]
+
+    def hook(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        for r, p in enumerate(lasts):
+            hidden[r, p] = 0
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = m.module(**inputs).logits
+    finally:
+        handle.remove()
+    got = m.run(inputs, {"resid_post.0[pos=last]": cp.Zero()}).output
+    close(got, expected)
+    if pad == "left":  # the last column is every row's last token
+        assert torch.equal(m.run(inputs, {"resid_post.0[pos=-1]": cp.Zero()}).output, got)
+    else:
+        with pytest.raises(cp.SiteError, match="padded on the right"):
+            m.run(inputs, {"resid_post.0[pos=-1]": cp.Zero()})
+
+
+def test_activation_patching_at_last_on_right_padded_prompts(gpt2):
+    from conftest import padded_prompts
+
+    m = cp.wrap(gpt2)
+    clean, corrupt = padded_prompts(5, pad="right"), padded_prompts(6, pad="right")
+    metric = cp.metrics.logit_diff(3, 5)
+    res = cp.activation_patching(m, clean, corrupt, "resid_pre.*[pos=last]", metric, progress=False)
+    clean_cache = m.capture(clean, "resid_pre.*")
+    ctx = cp.metrics.MetricContext(torch.arange(3), None, corrupt["attention_mask"])
+    base = metric(m.run(corrupt).output, ctx)
+    for layer in range(2):
+        out = m.run(corrupt, {f"resid_pre.{layer}[pos=last]": cp.Patch(clean_cache)}).output
+        assert res.values[layer] == pytest.approx(float((metric(out, ctx) - base).double().mean()), abs=1e-5)
+    with pytest.raises(cp.SiteError, match="padded on the right"):
+        cp.activation_patching(m, clean, corrupt, "resid_pre.*[pos=-1]", metric, progress=False)
