@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .errors import PROG, CLIError
 from .model_options import add_model_options, load_model
 
 __all__ = ["add_sites"]
@@ -29,6 +30,11 @@ def add_sites(sub: Any) -> None:
 def _cmd_sites(args: argparse.Namespace) -> int:
     from ..engine.model import wrap
 
+    if not args.model.strip():
+        raise CLIError(
+            f"MODEL is empty ({args.model!r}); give a zoo name ('{PROG} zoo list' lists them) or the path of a "
+            f"local checkpoint folder"
+        )
     loaded = load_model(args.model, args)
     print(repr(wrap(loaded.model).sites()))
     return 0

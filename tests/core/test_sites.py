@@ -476,3 +476,16 @@ def test_split_tower():
     assert split_tower("vision.head_in") == ("vision.", "head_in")
     assert split_tower("head_in") == ("", "head_in")
     assert split_tower("latent.z") == ("latent.", "z")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("model", ["", "   "])
+def test_sites_command_with_an_empty_model_is_one_line_exit_2(model, capsys):
+    from crosspatch.cli import app
+
+    assert app.main(["sites", model]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "MODEL is empty" in err and "zoo list" in err
