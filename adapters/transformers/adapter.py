@@ -16,7 +16,7 @@ from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
 from crosspatch.engine.output_positions import restrict
 from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
-from . import clip
+from . import clip, seq2seq
 from .architectures import ARCHITECTURES, Architecture
 from .infer import _DEPTH, _HEADS, _WIDTH, config_int
 from .inputs import input_families
@@ -66,6 +66,8 @@ class TransformersAdapter(Adapter):
     def catalog(self, model: nn.Module) -> Catalog:
         if clip.is_clip(model):
             return clip.catalog(model)
+        if seq2seq.is_seq2seq(model):
+            return seq2seq.catalog(model)
         found = _CATALOGS.get(model)
         if found is None:
             found = _CATALOGS[model] = self._build_catalog(model)
@@ -169,6 +171,8 @@ class TransformersAdapter(Adapter):
     def example_inputs(self, model: nn.Module) -> Any:
         if clip.is_clip(model):
             raise NotImplementedError("CLIP models take images and texts: pass inputs explicitly")
+        if seq2seq.is_seq2seq(model):
+            return seq2seq.example_inputs(model)
         vocab = config_int(model.config, ("vocab_size",)) or 2
         return torch.randint(0, min(vocab, 1000), (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -176,6 +180,8 @@ class TransformersAdapter(Adapter):
         """A tiny random model of transformers model type ``kind`` (:mod:`.tiny`), causal LM first."""
         from .tiny import TASKS, tiny_model
 
+        if seq2seq.serves(kind):  # the encoder-decoder model, not its decoder alone (BartForCausalLM)
+            return tiny_model(kind, "seq2seq-lm")
         problems = []
         for task in TASKS:
             try:
@@ -207,6 +213,8 @@ class TransformersAdapter(Adapter):
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
         if clip.is_clip(model):
             return clip.prepare(model, inputs)
+        if seq2seq.is_seq2seq(model):
+            return seq2seq.prepare(model, inputs)
         if isinstance(inputs, Mapping):
             prepared = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         else:
@@ -227,6 +235,8 @@ class TransformersAdapter(Adapter):
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
         if clip.is_clip(model):
             return clip.forward(model, inputs)
+        if seq2seq.is_seq2seq(model):
+            return seq2seq.forward(model, inputs)
         extra = {"use_cache": False} if "use_cache" in _forward_parameters(type(model)) else {}
         return model(**inputs, **extra, return_dict=True)
 
@@ -239,12 +249,16 @@ class TransformersAdapter(Adapter):
     def sizes(self, inputs: Inputs) -> dict[str, int]:
         if "images" in inputs or "texts" in inputs:  # prepared two-tower (CLIP) inputs
             return clip.sizes(inputs)
+        if seq2seq.is_prepared(inputs):
+            return seq2seq.sizes(inputs)
         tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
         return {"pos": tokens.shape[1], "key_pos": tokens.shape[1]}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         if clip.is_clip(model):
             return clip.describe(model)
+        if seq2seq.is_seq2seq(model):
+            return seq2seq.describe(model)
         config = model.config
         return {
             "class": type(model).__name__,
@@ -262,6 +276,8 @@ class TransformersAdapter(Adapter):
         # that do not mix attention kinds (sweeps resume at later blocks).
         if clip.is_clip(model) or mixes_layer_types(model):
             return False
+        if seq2seq.is_seq2seq(model):
+            return False
         mapping = mapping_for(model)
         if mapping.arch is None or mapping.inferred:  # resuming an inferred layout is not proved yet
             return False
@@ -278,6 +294,8 @@ class TransformersAdapter(Adapter):
         """A language model's head computed at one position per row (:mod:`crosspatch.output_positions`), and in
         a causal model also the last block's MLP, which only the head reads (each position on its own)."""
         if clip.is_clip(model) or model is model.base_model or "logits" in keys:
+            return []
+        if seq2seq.is_seq2seq(model):
             return []
         head = model.get_output_embeddings()
         if head is None:

@@ -507,10 +507,12 @@ def test_attn_implementation_restored_after_exception(where):
 SUPPORTED = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "bert", "roberta"]
 
 
-def _t5():
-    from transformers import T5Config, T5ForConditionalGeneration
+def _switch_transformers():  # T5 with mixture-of-experts MLPs (T5 itself is served: test_seq2seq.py)
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=50))
+    config = SwitchTransformersConfig(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                      vocab_size=50, num_experts=2)
+    return SwitchTransformersForConditionalGeneration(config)
 
 
 def _opt():
@@ -522,7 +524,8 @@ def _opt():
 
 
 # GPT-J is served by inference now (tests/adapters/transformers/test_inferred.py).
-@pytest.mark.parametrize("build,cls", [(_t5, "T5ForConditionalGeneration"), (_opt, "OPTForCausalLM")])
+@pytest.mark.parametrize("build,cls", [(_switch_transformers, "SwitchTransformersForConditionalGeneration"),
+                                       (_opt, "OPTForCausalLM")])
 def test_unsupported_model_raises_adapter_error(build, cls):
     model = build().eval()
     with pytest.raises(cp.AdapterError) as err:
