@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from ..zoo.sources import quiet_transformers
-from .errors import Parser
+from .errors import CLIError, Parser
 from .tables import format_rows
 
 __all__ = ["add_zoo"]
@@ -64,6 +64,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             print("\nCACHED: trained and cached for seed 0 ('-': pretrained, nothing to train).")
         return 0
 
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps} (leave it out for the model's own)")
     entry = zoo.get(args.name)
     if not entry.trains:
         print(f"{args.name} is pretrained; there is nothing to train")
@@ -71,6 +73,19 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     quiet = quiet_transformers() if entry.adapter == "transformers" else contextlib.nullcontext()
     with quiet:
         loaded = zoo.train(args.name, seed=args.seed, steps=args.steps)
-    summary = ", ".join(f"{k}={v}" for k, v in loaded.info.items() if isinstance(v, (int, float, str)))
-    print(f"trained {args.name} (seed {args.seed})" + (f": {summary}" if summary else ""))
+    print(f"trained {args.name} (seed {args.seed}), cached in {loaded.info.get('path')}")
+    rows = _metric_rows(loaded.info.get("manifest", {}).get("metrics") or {})
+    if rows:
+        print("\n".join("  " + line for line in format_rows([("METRIC", "VALUE"), *rows])))
     return 0
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The build's numbers as (name, value) rows: floats to 4 significant digits; text, lists and
+    mappings (notes, the architecture) are left to the manifest."""
+    rows = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        rows.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    return rows

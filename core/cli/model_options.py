@@ -63,8 +63,13 @@ def parse_device(name: str | None) -> Any:
         device = torch.device(name)
     except RuntimeError as exc:
         raise CLIError(f"--device {name!r}: {_one_line(exc)}") from None
+    if device.type == "meta":
+        raise CLIError(f"--device {name!r}: the meta device holds shapes, not data, so no model runs there; "
+                       f"use cpu, cuda[:N] or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name!r}: MPS is not available here; use --device cpu")
     return device
 
 

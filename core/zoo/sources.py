@@ -32,6 +32,8 @@ def find_model(spec: "str | os.PathLike") -> "ZooModel | Path":
     """The zoo entry called ``spec``, else ``spec`` as a local folder; ZooError naming both options
     (with the closest zoo name when it looks like a typo, and saying so when a path does not exist)."""
     spec = os.fspath(spec)
+    if not spec.strip():
+        raise ZooError("unknown model '': give a zoo name ('crosspatch zoo list') or a checkpoint folder")
     known = models()
     if spec in known:
         return known[spec]

@@ -138,3 +138,100 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     line = _error_line(proc.stderr)
     assert "unknown model" in line and "missing" in line
+
+
+# ---------------------------------------------------------------- your own prompts, and arguments checked first
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Paul gave a drink to"
+
+
+def test_patch_on_texts_of_your_own(fake_zoo, capsys):
+    out_dir = fake_zoo / "texts"
+    code, out, err = _run(["patch", "--model", FAKE, "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary",
+                           "--distractor", " John", "--sites", "resid_pre.*[pos=*]", "--out", out_dir], capsys)
+    assert code == 0, err
+    from crosspatch import Result
+
+    res = Result.load(out_dir / "resid_pre.json")
+    assert res.coords["pos"][:2] == ["0 When", "1 Mary"] and res.coords["pos"][9] == "9 John"
+    assert res.skipped[:, :9].all()  # positions before the first difference are not run
+    assert "your prompts" in (out_dir / "index.html").read_text()
+    code, out, err = _run(["patch", "--model", FAKE, "--clean", CLEAN, CLEAN, "--corrupt", CORRUPT, CORRUPT,
+                           "--metric", "kl", "--sites", "head_out.*[head=*]", "--out", fake_zoo / "kl"], capsys)
+    assert code == 0, err
+
+
+def test_patch_text_errors_are_one_line(fake_zoo, capsys):
+    from crosspatch.zoo import store as zoo
+
+    zoo.load(FAKE)
+    capsys.readouterr()
+    common = ["patch", "--model", FAKE, "--out", fake_zoo / "x", "--sites", "resid_pre.0"]
+    _one_line_error(*_run(common + ["--clean", "When Mary went", "--corrupt", "When Mary", "--answer", " a",
+                                    "--distractor", " b"], capsys),
+                    "3 and 2 tokens", "['When', 'Mary', 'went'] vs corrupt ['When', 'Mary']")
+    _one_line_error(*_run(common + ["--clean", "When Zork went", "--corrupt", "When Mary went", "--answer", " Mary",
+                                    "--distractor", " John"], capsys), "does not know 'Zork'")
+    _one_line_error(*_run(common + ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Mary John",
+                                    "--distractor", " John"], capsys), "answer ' Mary John' is 2 tokens")
+    _one_line_error(*_run(common + ["--clean", CLEAN, "--corrupt", CORRUPT], capsys), "--metric logit_diff needs --answer")
+    _one_line_error(*_run(common + ["--clean", CLEAN], capsys), "--clean and --corrupt come together")
+    _one_line_error(*_run(common + ["--clean", CLEAN, "--corrupt", CORRUPT, "--task", "ioi", "--metric", "kl"], capsys),
+                    "either --task or --clean")
+    _one_line_error(*_run(common + ["--clean", CLEAN, CLEAN, "--corrupt", CORRUPT, "--metric", "kl"], capsys),
+                    "2 --clean prompts but 1 --corrupt")
+    assert not (fake_zoo / "x").exists()
+
+
+def test_bad_numbers_devices_and_out_folders_exit_2_before_any_work(fake_zoo, capsys):
+    from crosspatch.zoo import store as zoo
+
+    (fake_zoo / "afile").write_text("x")
+    base = ["patch", "--model", FAKE, "--n", "2"]
+    cases = [
+        (base + ["--batch-size", "0"], "--batch-size must be at least 1"),
+        (base + ["--batch-size", "-3"], "--batch-size must be at least 1"),
+        (base + ["--n", "0"], "--n must be at least 1"),
+        (base + ["--n", "100000000"], "can generate"),
+        (base + ["--out", fake_zoo / "afile"], "that is a file"),
+        (base + ["--out", fake_zoo / "afile" / "sub"], "is a file, so no folder"),
+        (base + ["--out", "/proc/crosspatch-report"], "cannot write"),
+        (base + ["--device", "meta"], "meta device"),
+        (["sites", FAKE, "--device", "meta"], "meta device"),
+        (["zoo", "train", FAKE, "--steps", "0"], "--steps must be at least 1"),
+        (["zoo", "train", FAKE, "--steps", "-1"], "--steps must be at least 1"),
+        (["patch", "--model", "", "--n", "2"], "''"),
+        (["sites", "fake-ioi-tnyi"], "did you mean 'fake-ioi-tiny'?"),
+        (base + ["--task", "iio"], "did you mean 'ioi'?"),
+    ]
+    for argv, words in cases:
+        _one_line_error(*_run(argv, capsys), words)
+    assert not zoo.cached(FAKE)  # none of them loaded (or trained) the model
+
+
+def test_batch_size_default_is_the_python_one():
+    from crosspatch.cli.app import build_parser
+
+    args = build_parser().parse_args(["patch", "--model", "x"])
+    assert args.batch_size is None  # activation_patching's own default: 64 on an accelerator, one site per forward on a CPU
+
+
+def test_a_folder_without_a_tokenizer_says_so(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "weights-only"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)).save_pretrained(folder)
+    capsys.readouterr()
+    _one_line_error(*_run(["patch", "--model", folder, "--task", "ioi", "--out", tmp_path / "o"], capsys),
+                    "weights-only holds no tokenizer (none of tokenizer.json", "save it there")
+
+
+def test_zoo_train_prints_its_metrics_as_a_table(fake_zoo, capsys):
+    code, out, _ = _run(["zoo", "train", FAKE], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"trained {FAKE} (seed 0), cached in ")
+    assert lines[1].split() == ["METRIC", "VALUE"]
+    rows = dict(line.split() for line in lines[2:])
+    assert rows == {"accuracy": "0", "steps": "1", "train_seconds": "0.01"}  # the note (text) is left out

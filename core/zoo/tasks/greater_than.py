@@ -107,6 +107,10 @@ class GreaterThanTask:
             out.append(TextPair(clean, corrupt, answer, distractor, "start_year", meta, answer_prefix=""))
         return out
 
+    def max_pairs(self, split: Split = "test") -> int:
+        """How many distinct pairs ``split`` has: start years x nouns x centuries x templates."""
+        return len(self.start_years(split)) * len(NOUNS) * len(CENTURIES) * len(self.templates)
+
     def vocabulary(self) -> list[str]:
         """Every token (in the sense of :func:`crosspatch.tasks.words`) a prompt or answer can contain:
         the template words, the nouns and every two-digit number 00..99."""

@@ -126,6 +126,12 @@ class IOITask:
             out.append(TextPair(clean, corrupt, io, s, "subject_repeat", meta))
         return out
 
+    def max_pairs(self, split: Split = "test") -> int:
+        """How many distinct pairs ``split`` has: ordered (io, s, c) name triples x orders x templates x
+        places x objects (``pairs`` draws with replacement, so ``n`` may exceed it only with repeats)."""
+        k = len(self.names(split))
+        return k * (k - 1) * (k - 2) * len(_ORDERS) * len(self.templates) * len(PLACES) * len(OBJECTS)
+
     def vocabulary(self) -> list[str]:
         """Every token (in the sense of :func:`crosspatch.tasks.words`) a prompt or answer can contain."""
         vocab: set[str] = set(NAMES) | set(PLACES) | set(OBJECTS)
