@@ -16,7 +16,7 @@ from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
 from crosspatch.engine.output_positions import restrict
 from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
-from . import clip, seq2seq
+from . import clip, seq2seq, seq2seq_proof
 from .architectures import ARCHITECTURES, Architecture
 from .infer import _DEPTH, _HEADS, _WIDTH, config_int
 from .inputs import input_families
@@ -195,6 +195,8 @@ class TransformersAdapter(Adapter):
         failure; ``crosspatch verify`` reports them next to the conformance suite's."""
         if clip.is_clip(model):
             return {}
+        if seq2seq.is_seq2seq(model):
+            return seq2seq_proof.prove(model, self)
         mapping = mapping_for(model)
         proof = prove(model, self, self.catalog(model), mapping.arch, mapping.layout)
         return {name: (proof.errors.get(name, 0.0), proof.failed.get(name)) for name in proof.families}

@@ -4,6 +4,8 @@ and the conformance suite."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,6 +117,25 @@ def test_conformance_suite_passes(model_type):
     atol = 1e-4 if model_type == "mt5" else 1e-5
     report = check_adapter(model_of(model_type), inputs(pad=True), "transformers", atol=atol, cuda=False)
     assert not report.failures, str(report)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_family_is_exact_against_transformers(model_type):
+    """The adapter's own oracles (crosspatch verify): hidden states, eager attentions, block arithmetic."""
+    oracles = TransformersAdapter().family_oracles(model_of(model_type))
+    assert set(oracles) == {f.name for f in cp.wrap(model_of(model_type)).sites()}
+    for family, (error, failure) in oracles.items():
+        assert failure is None and error <= 1e-5, (family, error, failure)
+
+
+def test_the_oracles_catch_a_pattern_without_t5s_position_bias(monkeypatch):
+    model = model_of("t5")
+    wrong = tuple(dataclasses.replace(s, relative_bias=False) for s in seq2seq.LAYOUTS["t5"])
+    monkeypatch.setitem(seq2seq.LAYOUTS, "t5", wrong)
+    oracles = TransformersAdapter().family_oracles(model)
+    for family in ("encoder.attn_pattern", "decoder.attn_pattern"):
+        assert "not transformers' pattern" in oracles[family][1]
+    assert oracles["encoder.resid_pre"][1] is None  # read without the pattern's eager attention
 
 
 def test_verify_config_builds_the_encoder_decoder_model():
