@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     # The two shardable methods take ``executor=`` here: crosspatch.scale wraps the plain methods.
     "activation_patching": "scale.shardable", "attribution_patching": "scale.shardable",
     "path_patching": "methods.path_patching",
+    "cdt": "methods.cdt",
     "mediation": "methods.mediation", "faithfulness": "methods.faithfulness",
     "faithfulness_table": "methods.faithfulness", "faithfulness_curve": "methods.faithfulness",
     "steering_vector": "methods.steering", "steering_curve": "methods.steering",

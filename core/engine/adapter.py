@@ -113,6 +113,13 @@ class Adapter:
         """A small model with random weights of the named kind (``crosspatch verify --config KIND``)."""
         raise NotImplementedError(f"the {self.name!r} adapter builds no tiny models")
 
+    # Contextual decomposition (optional; see crosspatch.methods.cdt).
+
+    def decomposed_forward(self, model: nn.Module) -> Any:
+        """The model's forward over ``(rel, irrel)`` pairs that CD-T runs (a
+        :class:`crosspatch.methods.cdt.DecomposedForward`), or None when the adapter has none for ``model``."""
+        return None
+
 
 def batch_size(inputs: Mapping[str, torch.Tensor]) -> int:
     for value in inputs.values():
