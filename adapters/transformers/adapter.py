@@ -323,6 +323,12 @@ class TransformersAdapter(Adapter):
             raise NotImplementedError(f"{type(model).__name__} has no two-tower embedding readout")
         return clip.readout(model, tower)
 
+    def decomposed_forward(self, model: nn.Module):
+        """CD-T's forward over ``(rel, irrel)`` pairs (:mod:`.cdt_blocks`): GPT-2, the Llama family, BERT / RoBERTa."""
+        from .cdt_blocks import decomposed_forward
+
+        return decomposed_forward(model, self)
+
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
