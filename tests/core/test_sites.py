@@ -402,7 +402,7 @@ def test_site_error_is_a_value_error():
 
 
 # ---------------------------------------------------------------- property: random valid sites round-trip
-# hypothesis is not installed in the venv, so this is a seeded random generator instead.
+# The grammar alone, with a seeded generator; test_fuzz_sites.py takes hypothesis' strings through the engine.
 
 _AXES = ["pos", "head", "dim", "neuron", "channel", "key_pos", "vocab", "x_1"]
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"
