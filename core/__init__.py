@@ -44,7 +44,8 @@ _EXPORTS: dict[str, str] = {
     "SAE": "trainable.sae", "train_sae": "trainable.sae", "load_sae": "trainable.sae",
     "SAEFeatures": "trainable.sae_features",
     "latent_traversal": "methods.latent", "factor_mediation": "methods.vae_metrics",
-    "WrappedModel": "engine.model", "wrap": "zoo.sources", "Fn": "engine.interventions",
+    "WrappedModel": "engine.model", "TrainingModeWarning": "engine.model", "wrap": "zoo.sources",
+    "Fn": "engine.interventions",
     "TokenizationError": "engine.text", "FormatError": "results.formats",
     "Result": "results.result",
     "Site": "sites.site", "SiteError": "sites.site", "Span": "sites.site",
@@ -95,7 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         Add, ApplyContext, Fn, Intervention, Mean, Noise, Patch, ProjectOut, Resample, Scale, Set, Zero,
     )
     from .engine.interventions import from_dict as intervention_from_dict
-    from .engine.model import WrappedModel
+    from .engine.model import TrainingModeWarning, WrappedModel
     from .engine.text import TokenizationError
     from .results.formats import FormatError
     from .zoo.sources import wrap

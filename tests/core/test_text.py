@@ -55,6 +55,7 @@ def test_wrap_puts_a_model_in_training_mode_into_eval_mode_and_says_so_once():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
     assert model.training  # as transformers builds it: dropout is active
+    assert cp.TrainingModeWarning is TrainingModeWarning
     with pytest.warns(TrainingModeWarning, match=r"GPT2LMHeadModel was in training mode.*train_ok=True"):
         m = cp.wrap(model)
     assert not model.training and not any(mod.training for mod in model.modules())
