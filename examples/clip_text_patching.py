@@ -49,7 +49,7 @@ def main() -> None:
 
     # 1. The model and its tokenizer.
     if not zoo.cached(MODEL):
-        print(f"training {MODEL} (first run only; it is cached afterwards)...")
+        print(f"training {MODEL} on first use: five to seven minutes on a CPU; cached afterwards...")
     m, loaded = load_wrapped(args.library)
     tok = loaded.tokenizer
 

@@ -49,7 +49,7 @@ def main() -> None:
     start = time.perf_counter()
 
     if not zoo.cached(MODEL):
-        print(f"training {MODEL} (first run only; it is cached afterwards)...")
+        print(f"training {MODEL} on first use: five to seven minutes on a CPU; cached afterwards...")
     m, loaded = load_wrapped(args.library)
 
     # 1. Per-head direct contributions for images with known factors.

@@ -40,7 +40,7 @@ MODEL = "shapes-clip"
 
 def load(library: str):
     if not zoo.cached(MODEL):
-        print(f"training {MODEL} (first run only; it is cached afterwards)...")
+        print(f"training {MODEL} on first use: five to seven minutes on a CPU; cached afterwards...")
     return load_wrapped(library)
 
 

@@ -6,12 +6,12 @@ with a random rotation R; the output is (a + b) mod 4. So `a` lives in a known 2
 model's counterfactual labels and measure interchange-intervention accuracy on held-out pairs;
 a random rotation is the baseline.
 
-    python examples/das_study.py [out.png]
+    python examples/das_study.py [--out das_study.png]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -20,7 +20,12 @@ from crosspatch.trainable.das import RotatedSubspace, iia, principal_angles, tra
 from crosspatch.zoo.toys import D, SubspaceToy, subspace_adapter, subspace_pairs as pairs
 
 
-def main(out: str = "das_study.png") -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_file", nargs="?", default=None, metavar="OUT", help=argparse.SUPPRESS)  # the old spelling
+    parser.add_argument("--out", default="das_study.png", help="where the plot goes (default das_study.png)")
+    args = parser.parse_args()
+    out = args.out_file or args.out
     torch.set_num_threads(1)
     m = cp.wrap(SubspaceToy().eval(), subspace_adapter())
     (base, source, labels), (tb, ts, tl) = pairs(512, seed=1), pairs(512, seed=2)
@@ -52,4 +57,4 @@ def main(out: str = "das_study.png") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -2,7 +2,8 @@
 
 IOI prompts look like "When Mary and John went to the store, John gave a drink to" -> " Mary".
 The model is `ioi-gpt2-tiny` from the crosspatch zoo: a small GPT-2 trained on such prompts on
-your CPU the first time you run this (then cached; CROSSPATCH_CACHE moves the cache).
+your CPU the first time you run this, in one to two minutes (then cached; CROSSPATCH_CACHE moves
+the cache). The prompts go in as text: the model comes with its tokenizer.
 
 Each corrupted prompt differs from its clean twin in one factor (the task's pairs say which),
 so the clean answer is no longer implied. We patch one clean activation at a time into the
@@ -27,7 +28,6 @@ import crosspatch as cp
 from crosspatch.zoo import store as zoo
 from crosspatch.results.report import write_report
 from crosspatch.zoo.tasks import get_task
-from crosspatch.zoo.tasks.base import tokenize_pairs
 
 MODEL, TASK = "ioi-gpt2-tiny", "ioi"
 SWEEPS = {
@@ -44,29 +44,26 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
 
-    # 1. The model: trained and cached on first use, loaded from the cache afterwards.
+    # 1. The model and its tokenizer: trained and cached on first use, loaded from the cache afterwards.
     if not zoo.cached(MODEL):
-        print(f"training {MODEL} (first run only; it is cached afterwards)...")
-    loaded = zoo.load(MODEL)
-    model = cp.wrap(loaded.model)
+        print(f"training {MODEL} on first use: one to two minutes on a CPU (more on a busy one); cached afterwards...")
+    model = cp.wrap(MODEL)
     print(f"{MODEL} ready after {time.perf_counter() - start:.1f} s")
 
-    # 2. Clean / corrupted prompt pairs from the held-out split, as token ids.
+    # 2. Clean / corrupted prompt pairs from the held-out split, as text.
     pairs = get_task(TASK).pairs(args.n, seed=args.seed, split="test")
-    data = tokenize_pairs(pairs, loaded.tokenizer)
-    print(f"{len(data)} pairs, e.g.\n  clean:   {pairs[0].clean!r} -> {pairs[0].answer!r}")
+    clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+    print(f"{len(pairs)} pairs, e.g.\n  clean:   {pairs[0].clean!r} -> {pairs[0].answer!r}")
     print(f"  corrupt: {pairs[0].corrupt!r}")
 
-    # 3. The metric: logit(answer) - logit(distractor) at the last position, per prompt.
-    metric = cp.metrics.logit_diff(data.answer, data.distractor)
+    # 3. The metric: logit(answer) - logit(distractor) at the last position, per prompt (answers as text).
+    metric = cp.metrics.logit_diff([p.answer_prefix + p.answer for p in pairs],
+                                   [p.answer_prefix + p.distractor for p in pairs])
 
-    # 4. One activation-patching sweep per site pattern; positions labelled with the first prompt's tokens.
-    tokens = [f"{i} {loaded.tokenizer.decode([t]).strip()}" for i, t in enumerate(data.clean[0].tolist())]
+    # 4. One activation-patching sweep per site pattern; positions come labelled with the first prompt's tokens.
     results = {}
     for name, sites in SWEEPS.items():
-        result = cp.activation_patching(model, data.clean, data.corrupt, sites, metric, normalize=True)
-        if "pos" in result.dims:
-            result = cp.Result(result.values, result.dims, {**result.coords, "pos": tokens}, result.metadata)
+        result = cp.activation_patching(model, clean, corrupt, sites, metric, normalize=True)
         results[name] = result
         top = result.to_pandas().sort_values("value", ascending=False).head(3)
         print(f"\n{name}: sites restoring most of the clean-corrupt gap\n{top.to_string(index=False)}")
@@ -77,7 +74,7 @@ def main() -> None:
     context = {
         "model": f"{MODEL} ({model.describe()['n_layers']} layers, {model.describe()['n_heads']} heads)",
         "task": f"{TASK}, test split",
-        "prompts": f"{len(data)} pairs, e.g. {pairs[0].clean!r} vs {pairs[0].corrupt!r}",
+        "prompts": f"{len(pairs)} pairs, e.g. {pairs[0].clean!r} vs {pairs[0].corrupt!r}",
         "metric": "logit_diff(answer, distractor), denoising, normalised (1 = clean restored)",
         "seed": args.seed,
         "versions": results["heads"].metadata["versions"],

@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if not zoo.cached(MODEL, seed=args.seed):
-        print(f"training {MODEL} (first run only; it is cached afterwards)...")
+        print(f"training {MODEL} on first use: two to three minutes on a CPU; cached afterwards...")
     m = cp.wrap(zoo.load(MODEL, seed=args.seed).model)
 
     task = ShapesTask()

@@ -41,7 +41,7 @@ ENCODER_SITE = "encoder.block.2"  # the last encoder block: 32 channels on a 4x4
 
 def study(name: str, label: str, task: ShapesTask, args) -> dict:
     if not zoo.cached(name, seed=args.seed):
-        print(f"training {name} (first run only; it is cached afterwards)...")
+        print(f"training {name} on first use: two to three minutes on a CPU; cached afterwards...")
     loaded = zoo.load(name, seed=args.seed, progress=args.progress)
     m = cp.wrap(loaded.model)
     kl = loaded.info["kl_per_latent"]
