@@ -62,3 +62,27 @@ def test_your_first_study_runs_step_by_step(tmp_path, monkeypatch, quick_ioi_mod
         assert (tmp_path / name).stat().st_size > 500, name
     out = capsys.readouterr().out
     assert "'When', 'Mary', 'and', 'John'" in out and "logit difference" in out
+
+
+def test_the_family_table_lists_every_family_a_catalog_shows():
+    """Every family the transformers adapter (GPT-2, Llama, BERT) and the generic adapter can show."""
+    pytest.importorskip("transformers")
+    import sys
+
+    import torch
+
+    import crosspatch as cp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+    text = README.read_text()
+    table = text[text.index("| family | axes | what |"):text.index("Any model no adapter serves")]
+    listed = set(re.findall(r"`([a-z_]+)(?:\.<path>)?`", table))
+    families = set()
+    for model in (tiny_gpt2(), tiny_llama(), tiny_bert(), tiny_bert("cls")):
+        families |= set(cp.wrap(model).catalog.families)
+    generic = cp.wrap(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()).eval(), adapter="generic")
+    families |= {name.split(".")[0] for name in generic.catalog.families}
+    missing = sorted(f for f in families if f not in listed)
+    assert not missing, f"README's family table lacks {missing}"
