@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FormatError", "read_json", "json_field"]
+__all__ = ["FormatError", "read_json", "read_versioned", "json_field"]
 
 _MISSING = object()
 
@@ -33,6 +33,18 @@ def read_json(path: "str | Path", what: str) -> dict[str, Any]:
         raise FormatError(f"{path} is not {what}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
     if not isinstance(document, dict):
         raise FormatError(f"{path} is not {what}: it holds a JSON {type(document).__name__}, not an object")
+    return document
+
+
+def read_versioned(path: "str | Path", what: str, fmt: str, version_field: str, readable: int) -> dict[str, Any]:
+    """:func:`read_json` of a file whose ``format`` field must be ``fmt`` and whose ``version_field`` (an
+    integer, 0 when absent) at most ``readable``."""
+    document = read_json(path, what)
+    if document.get("format") != fmt:
+        raise FormatError(f"{path} is not {what}: field 'format' is {document.get('format')!r}, expected {fmt!r}")
+    version = json_field(document, version_field, int, path, 0)
+    if version > readable:
+        raise FormatError(f"{path} has format version {version}; this crosspatch reads up to {readable}")
     return document
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .formats import FormatError, json_field, read_json
+from .formats import FormatError, json_field, read_versioned
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -207,12 +207,7 @@ class Result:
             path = _with_suffix(path, ".json")
         if not path.is_file():
             raise FileNotFoundError(f"no result file {path}")
-        document = read_json(path, "a crosspatch result")
-        if document.get("format") != FORMAT:
-            raise FormatError(f"{path} is not a crosspatch result: field 'format' is {document.get('format')!r}, expected {FORMAT!r}")
-        version = json_field(document, "version", int, path, 0)
-        if version > FORMAT_VERSION:
-            raise FormatError(f"{path} has result format version {version}; this crosspatch reads up to {FORMAT_VERSION}")
+        document = read_versioned(path, "a crosspatch result", FORMAT, "version", FORMAT_VERSION)
         dims = json_field(document, "dims", list, path)
         if not all(isinstance(d, str) for d in dims):
             raise FormatError(f"{path}: field 'dims' should be a list of strings, got {dims!r}")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..engine.interventions import ApplyContext, Intervention
-from ..results.formats import FormatError, json_field, read_json
+from ..results.formats import FormatError, json_field, read_versioned
 from ..sites.site import SiteError
 
 __all__ = [
@@ -171,12 +171,7 @@ def load(path: "str | Path", device: "torch.device | str | None" = None) -> Trai
     config_path = folder / _CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {_CONFIG}; it was not written by TrainableIntervention.save")
-    meta = read_json(config_path, "a crosspatch trainable intervention config")
-    if meta.get("format") != FORMAT:
-        raise FormatError(f"{config_path} is not a crosspatch trainable intervention (format {meta.get('format')!r})")
-    version = json_field(meta, "format_version", int, config_path, 0)
-    if version > FORMAT_VERSION:
-        raise FormatError(f"{config_path} has format version {version}; this crosspatch reads up to {FORMAT_VERSION}")
+    meta = read_versioned(config_path, "a crosspatch trainable intervention", FORMAT, "format_version", FORMAT_VERSION)
     kind = json_field(meta, "kind", str, config_path)
     config = json_field(meta, "config", dict, config_path, {})
     weights = _weights_file(folder, json_field(meta, "weights", str, config_path, _SAFETENSORS), config_path)
