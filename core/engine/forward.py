@@ -239,6 +239,13 @@ def _callback(
             source = source.narrow(pos_axis, window, source.shape[pos_axis] - window)
         if source is None or not last:
             return source
+        target_rows = rows_mask(bound)
+        if held.attention_mask is None and target_rows is not None and bool((target_rows[:, -1] == 0).any()):
+            raise SiteError(
+                f"{type(bound.intervention).__name__} at {bound.site}: 'last' reads each source row's last real token, "
+                f"but the source cache keeps no attention mask while the rows it patches are padded on the right; "
+                f"capture the source with run or capture (they keep it) or give Cache(..., attention_mask=...)"
+            )
         return take_rows(source, last_columns(bound.site, fam.axis_names, source, held.attention_mask, window))
 
     def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor, last: bool = False) -> torch.Tensor:

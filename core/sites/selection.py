@@ -52,7 +52,7 @@ def index_for(site: Site, axis_names: Sequence[str], shape: Sequence[int], devic
             bad = [i for i in value if not -size <= i < size]
             if bad:
                 raise SiteError(f"site {site}: indices {bad} are out of range for axis {axis!r} of size {size}")
-            parts.append([i % size for i in value])
+            parts.append(sorted({i % size for i in value}))  # a set: -1 and size-1 are one index
         elif value == LAST:
             raise SiteError(
                 f"site {site}: {axis}=last is a different column in each row; it is read with take_rows, "

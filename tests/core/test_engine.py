@@ -918,3 +918,19 @@ def test_activation_patching_at_last_on_right_padded_prompts(gpt2):
         assert res.values[layer] == pytest.approx(float((metric(out, ctx) - base).double().mean()), abs=1e-5)
     with pytest.raises(cp.SiteError, match="padded on the right"):
         cp.activation_patching(m, clean, corrupt, "resid_pre.*[pos=-1]", metric, progress=False)
+
+
+def test_last_from_a_cache_without_a_mask_into_right_padded_rows_is_refused(x, x_other):
+    m = masked_toy()
+    source = m.capture({"x": x_other, "attention_mask": _mask("right")}, "hidden.1")
+    bare = cp.Cache(dict(source), source.axes)  # e.g. rows cut out by hand: the mask is gone
+    with pytest.raises(cp.SiteError, match="source cache keeps no attention mask"):
+        m.run({"x": x, "attention_mask": _mask("right")}, {"hidden.1[pos=last]": cp.Patch(bare)})
+    m.run({"x": x, "attention_mask": _mask("left")}, {"hidden.1[pos=last]": cp.Patch(bare)})  # last columns
+
+
+def test_a_set_naming_one_index_twice_selects_it_once(toy, x):
+    cache = toy.capture(x, "hidden.0")
+    assert torch.equal(cache["hidden.0[pos={0,-5}]"], cache["hidden.0[pos=0]"])
+    run = toy.run(x, {"hidden.0[pos={0,-5}]": cp.Add(torch.tensor(1.0))}, capture="hidden.0")
+    close(run.cache["hidden.0"], cache["hidden.0"] + torch.eye(5)[0].view(1, 5, 1))
