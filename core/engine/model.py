@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import sys
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -330,8 +332,17 @@ def _evaluate(model: nn.Module, train_ok: bool) -> None:
     warnings.warn(
         f"{type(model).__name__} was in training mode, where dropout makes identical runs differ: crosspatch put it "
         f"in eval mode (model.eval()). To keep training mode, wrap it with cp.wrap(model, train_ok=True).",
-        TrainingModeWarning, stacklevel=3,
+        TrainingModeWarning, stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside crosspatch, so a warning points at the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1  # the frame that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _fallback(model: nn.Module) -> Adapter | None:

@@ -204,7 +204,7 @@ def test_the_probe_leaves_a_training_model_untouched_and_no_hooks():
     model = CNN().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    cp.wrap(model).prepare(seeded(0, 4, 3, 12, 12))
+    cp.wrap(model, train_ok=True).prepare(seeded(0, 4, 3, 12, 12))  # wrap would put it in eval mode
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch-norm statistics too
     assert torch.equal(rng, torch.get_rng_state()) and model.training and no_hooks_left(model)
 
