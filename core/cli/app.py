@@ -73,6 +73,8 @@ _USER_ERRORS = (
     ("crosspatch.zoo.store", "ZooError"),
     ("crosspatch.zoo.tasks.base", "TaskError"),
     ("crosspatch.engine.adapter", "AdapterError"),
+    ("crosspatch.engine.text", "TokenizationError"),
+    ("crosspatch.results.formats", "FormatError"),
 )
 
 

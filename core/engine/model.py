@@ -247,6 +247,7 @@ def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Ad
 
     Adapters marked ``fallback`` (serving any module) are asked last, in plugin order among themselves.
     """
+    from ..plugins import registry as plugin_registry
     from ..plugins.registry import get_registry
 
     if isinstance(adapter, Adapter):
@@ -261,7 +262,7 @@ def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Ad
             f"(`crosspatch plugins` lists them)"
         )
     for candidate in sorted(adapters, key=lambda a: bool(getattr(a, "fallback", False))):  # stable
-        if candidate.matches(model):
+        if plugin_registry.matches(candidate, model):  # a matches() that raises is skipped, with a warning
             return candidate
     cls = type(model)
     raise AdapterError(
@@ -346,6 +347,7 @@ def _caller_level() -> int:
 
 
 def _fallback(model: nn.Module) -> Adapter | None:
+    from ..plugins import registry as plugin_registry
     from ..plugins.registry import get_registry
 
-    return next((a for a in get_registry().adapters() if getattr(a, "fallback", False) and a.matches(model)), None)
+    return next((a for a in get_registry().adapters() if getattr(a, "fallback", False) and plugin_registry.matches(a, model)), None)

@@ -30,7 +30,7 @@ MODELS = {
 
 SITES = [
     "resid_pre.1[pos=4]", "head_out.1[pos=5,head=2]", "attn_out.1[pos=6]", "mlp_act.1[pos={4,7},neuron=3:9]",
-    "mlp_out.1[pos=3]", "resid_post.1[pos=-2]", "attn_pattern.1[pos=6]", "head_in.1[pos=5,qkv=0,head=1]",
+    "mlp_out.1[pos=3]", "resid_post.1[pos=last]", "mlp_out.1[pos=last]", "attn_pattern.1[pos=6]", "head_in.1[pos=5,qkv=0,head=1]",
 ]
 
 
