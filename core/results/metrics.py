@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..sites.selection import row_ends
+
 __all__ = ["MetricContext", "Metric", "as_metric", "logit_diff", "probability", "logprob", "kl_to_clean"]
 
 
@@ -144,18 +146,18 @@ def _texts(**arguments: Any) -> dict[str, Any]:
 
 
 def _position_index(pos: int, ctx: MetricContext, length: int, device) -> torch.Tensor:
-    """``[rows]``: ``pos`` in every row; with padding, ``pos=-1`` is each row's last real token."""
-    if pos == -1 and ctx.attention_mask is not None:
-        mask = ctx.attention_mask.to(device).long()
-        return (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)  # left or right padding
+    """``[rows]``: ``pos`` in every row; with padding, a negative ``pos`` counts back from each row's last
+    real token (``-1`` is that token), as ``pos=last`` does for sites."""
+    if pos < 0 and ctx.attention_mask is not None:
+        return (row_ends(ctx.attention_mask.to(device)) + pos).clamp(min=0)  # left or right padding
     return torch.full((ctx.example.shape[0],), pos % length, dtype=torch.long, device=device)
 
 
 def _at(output: torch.Tensor, pos: int, ctx: MetricContext) -> torch.Tensor:
-    """``output[:, pos]``; with padding, ``pos=-1`` is each row's last real token."""
+    """``output[:, pos]``; with padding, a negative ``pos`` counts back from each row's last real token."""
     if output.ndim == 2:  # no position axis (sequence classification)
         return output
-    if pos == -1 and ctx.attention_mask is not None:
+    if pos < 0 and ctx.attention_mask is not None:
         last = _position_index(pos, ctx, output.shape[1], output.device)
         return output[torch.arange(output.shape[0], device=output.device), last]
     return output[:, pos]

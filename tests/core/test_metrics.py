@@ -303,3 +303,14 @@ def test_text_answers_resolve_with_a_token_id_function(logits):
     per_prompt = logit_diff([" a", " b", " a"], 0).resolve(lambda text, what: ids[text])
     close(per_prompt(logits), logit_diff([1, 4, 1], 0)(logits))
     close(logprob(" b").resolve(lambda t, w: ids[t])(logits), logprob(4)(logits))
+
+
+def test_negative_positions_count_back_from_each_rows_last_real_token():
+    """pos=-2 with right padding reads the token before each row's last real one, as pos=-1 reads the last."""
+    logits = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ctx = cp.metrics.MetricContext(torch.arange(2), None, mask)
+    for pos, columns in ((-1, [2, 4]), (-2, [1, 3])):
+        got = cp.metrics.logit_diff(0, 1, pos=pos)(logits, ctx)
+        expected = torch.stack([logits[r, c, 0] - logits[r, c, 1] for r, c in enumerate(columns)])
+        torch.testing.assert_close(got, expected)
