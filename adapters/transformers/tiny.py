@@ -118,7 +118,8 @@ def tiny_model(model_type: str, task: str = "causal-lm", seed: int = 0, **overri
     mapping = _mapping(task)
     if model_type not in mapping:
         raise ValueError(f"transformers has no {task} model for {model_type!r}")
-    cls = getattr(transformers, mapping[model_type])
+    names = mapping[model_type]
+    cls = getattr(transformers, names if isinstance(names, str) else names[0])  # DeiT maps to two classes: the first
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     return cls(config).eval()
