@@ -16,6 +16,7 @@ from torch import nn
 
 from ..engine.model import WrappedModel, wrap
 from ..zoo.sources import load_model
+from .identity import fingerprint, tensor_bytes
 
 __all__ = ["ModelSource"]
 
@@ -48,11 +49,25 @@ class ModelSource:
         return wrapped
 
     def identity(self) -> str:
-        """A string that changes when the model would: name, folder, factory reference or weights hash
-        (computed once per source: a run makes a new source)."""
+        """A string that changes when the model would: zoo name, folder and its files' times, weights hash,
+        or a factory's canonical description (:mod:`crosspatch.scale.identity`: its code, defaults,
+        closure and the globals it reads). Computed once per source (a run makes a new source); raises
+        :class:`~crosspatch.scale.identity.Opaque` for a factory it cannot describe."""
         if self._identity is None:
             self._identity = self._compute_identity()
         return self._identity
+
+    def older_identities(self) -> tuple[str, ...]:
+        """How the previous study-key format named this model, where it differs: a factory by its pickle
+        (or its name), to recognise the folders runs under that format left."""
+        spec = self.spec
+        if isinstance(spec, (str, nn.Module, WrappedModel)):
+            return ()
+        try:
+            ref = pickle.dumps(spec)
+        except Exception:  # a closure or lambda: that format named it by module and qualname
+            ref = f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}".encode()
+        return (f"factory:{hashlib.sha256(ref).hexdigest()}",)
 
     def _compute_identity(self) -> str:
         spec = self.spec
@@ -64,18 +79,13 @@ class ModelSource:
             return f"zoo:{spec}"
         if isinstance(spec, (nn.Module, WrappedModel)):
             module = spec.module if isinstance(spec, WrappedModel) else spec
-            from .shard_store import tensor_bytes
-
             digest = hashlib.sha256(type(module).__qualname__.encode())
             for name, tensor in module.state_dict().items():
                 digest.update(name.encode())
                 digest.update(tensor_bytes(tensor))
             return f"weights:{digest.hexdigest()}"
-        try:
-            ref = pickle.dumps(spec)
-        except Exception:  # a closure or lambda: its reference is the best we have
-            ref = f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}".encode()
-        return f"factory:{hashlib.sha256(ref).hexdigest()}"
+        name = getattr(spec, "__qualname__", type(spec).__qualname__)
+        return f"factory:{name}:{fingerprint(spec, 'the model factory')[:32]}"
 
     def __repr__(self) -> str:
         spec = self.spec

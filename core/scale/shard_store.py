@@ -1,10 +1,13 @@
 """Finished shards on disk, so a run that fails part-way resumes instead of starting over.
 
-Layout: ``<root>/<study key>/<shard tag>.json`` plus ``about.json`` (what the key was made from,
-for a human reading the folder). The key is a hash of everything that decides a shard's numbers
-(method, options, prepared inputs, concrete sites, metric, model), so a different study never
-picks up another one's shards. Each file is written to a temporary name and renamed into place: a
-file either is complete or is not there. The study's folder is removed once its Result is merged.
+Layout: ``<root>/<study key>/<shard tag>.json`` plus ``about.json`` (the key format, method, model,
+sites and shard count, for a human reading the folder and for recognising a study's leftovers). The
+key hashes a canonical description of everything that decides a shard's numbers
+(:mod:`crosspatch.scale.identity`: method, options, prepared inputs, concrete sites, metric, model,
+library versions), so the same study finds its shards from any process, and a different study never
+picks up another one's. Each file is written to a temporary name and renamed into place: a file
+either is complete or is not there. The study's folder is removed once its Result is merged, with
+the folders earlier runs of the same study left under a key format that could not resume.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import pickle
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +24,16 @@ from typing import Any
 
 import torch
 
-from ..results.metrics import Metric
+from .identity import describe, tensor_bytes
 from .sharding import Shard, ShardOutput, Study
 
-__all__ = ["ShardStore", "study_key", "default_root", "tensor_bytes"]
+__all__ = ["ShardStore", "study_key", "study_about", "default_root", "tensor_bytes", "KEY_FORMAT"]
 
 logger = logging.getLogger(__name__)
+
+#: The study-key format. Folders without it in ``about.json`` were keyed by pickled bytes (format 1),
+#: which changed on every round trip, so they never resume; a completed study removes its own.
+KEY_FORMAT = 2
 
 
 def default_root() -> Path:
@@ -36,62 +43,41 @@ def default_root() -> Path:
     return cache_dir() / "shards"
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """dtype, shape and raw bytes of a tensor: what a content hash needs."""
-    flat = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    return f"{tensor.dtype}{tuple(tensor.shape)}".encode() + flat
+def _versions() -> dict[str, str]:
+    """What computes the numbers besides the study: crosspatch, torch, Python (bytecode differs by version)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def _metric_bytes(metric: Any) -> bytes:
-    """The metric's identity: its pickle; for closures and lambdas cloudpickle's (by value), else the
-    code and the values it closes over."""
     try:
-        return pickle.dumps(metric)
-    except Exception:
-        pass
-    for name in ("cloudpickle", "ray.cloudpickle"):
-        try:
-            import importlib
-
-            return importlib.import_module(name).dumps(metric)
-        except Exception:
-            continue
-    return _structure(metric).encode()
-
-
-def _structure(obj: Any, depth: int = 0) -> str:
-    """Code and closed-over values of a callable, as text (the fallback when nothing can pickle it)."""
-    if depth > 4:
-        return repr(obj)
-    target = obj.fn if isinstance(obj, Metric) else obj
-    code = getattr(target, "__code__", None)
-    if code is None:
-        return f"{type(obj).__qualname__}:{getattr(obj, 'name', '')}:{repr(getattr(obj, '__dict__', obj))}"
-    cells = [_structure(c.cell_contents, depth + 1) for c in (target.__closure__ or ())]
-    return f"{getattr(obj, 'name', '')}:{code.co_code.hex()}:{code.co_consts!r}:{cells}"
+        mine = version("crosspatch")
+    except PackageNotFoundError:  # running from a source tree
+        mine = "source"
+    return {"crosspatch": mine, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def study_key(study: Study, model_identity: str) -> str:
-    """A hash of what decides the study's numbers; equal arguments give equal keys."""
-    digest = hashlib.sha256()
+    """A hash of a canonical description of what decides the study's numbers: equal in any process for
+    equal arguments (a metric holding tensors too), different when any of them differs. Raises
+    :class:`~crosspatch.scale.identity.Opaque` when part of the study cannot be described."""
+    inputs = {"clean": study.clean, "corrupt": study.corrupt}
+    description = {
+        "format": KEY_FORMAT,
+        "method": study.method,
+        "model": model_identity,
+        "normalize": study.normalize,
+        "options": describe(study.options, "the method's options"),
+        "sites": [str(s) for s in study.sites],
+        "inputs": describe(inputs, "the inputs"),
+        "metric": describe(study.metric, "metric"),
+        "versions": _versions(),
+    }
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    def add(label: str, data: bytes) -> None:
-        digest.update(label.encode() + b"\0" + hashlib.sha256(data).digest())
 
-    add("method", study.method.encode())
-    add("model", model_identity.encode())
-    add("normalize", str(study.normalize).encode())
-    add("options", json.dumps(study.options, sort_keys=True, default=repr).encode())
-    add("sites", "\n".join(map(str, study.sites)).encode())
-    for side, inputs in (("clean", study.clean), ("corrupt", study.corrupt)):
-        for name in sorted(inputs):
-            value = inputs[name]
-            if isinstance(value, torch.Tensor):
-                add(f"{side}.{name}", tensor_bytes(value))
-            else:
-                add(f"{side}.{name}", repr(value).encode())
-    add("metric", _metric_bytes(study.metric))
-    return digest.hexdigest()[:24]
+def study_about(study: Study, method: str, model_identity: str, shards: int) -> dict[str, Any]:
+    """What ``about.json`` records: enough to tell a person, and a later run, which study a folder holds."""
+    return {"key_format": KEY_FORMAT, "method": method, "model": model_identity, "sites": study.sites_label,
+            "shards": shards}
 
 
 class ShardStore:
@@ -126,6 +112,27 @@ class ShardStore:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def leftovers(self, about: dict[str, Any], model_identities: "tuple[str, ...]" = ()) -> list[Path]:
+        """Folders beside this one that earlier runs of the same study left under an older key format:
+        same method, sites and model (its identity now, or as the older format named it), no
+        ``key_format``. Such a folder can never resume (its key changed on every run), so it is safe
+        to remove; a folder of the current format is another study's and is kept."""
+        root = self.folder.parent
+        if not root.is_dir():
+            return []
+        models = {about["model"], *model_identities}
+        sites = json.loads(json.dumps(about["sites"], default=str))
+        found = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p != self.folder):
+            try:
+                old = json.loads((folder / "about.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if (isinstance(old, dict) and "key_format" not in old and old.get("method") == about["method"]
+                    and old.get("sites") == sites and old.get("model") in models):
+                found.append(folder)
+        return found
 
     @staticmethod
     def _write(path: Path, data: dict[str, Any]) -> None:
