@@ -5,24 +5,31 @@
     res = cp.activation_patching("ioi-gpt2-tiny", clean, corrupt, "head_out.*[head=*]", metric, executor=ex)
 
 Ray is imported only when a run starts (``pip install "crosspatch[ray]"``). With no running Ray
-connection the executor calls ``ray.init(address=address, **init_options)`` (``address=None``
-starts a local cluster on this machine) and leaves Ray up for the next study; it stops the actors
-it started when the study ends. An actor that dies is replaced (it loads the model again) and its
-shard retried; see :mod:`crosspatch.executors` for retries, errors and resume.
+connection the executor connects to ``address`` (or ``$RAY_ADDRESS``) when one is given, and
+otherwise starts a local cluster that stays on this machine: every Ray service and worker listens on
+127.0.0.1 only, and no dashboard runs. It leaves Ray up for the next study and stops the actors it
+started when the study ends. An actor that dies is replaced (it loads the model again) and its shard
+retried; see :mod:`crosspatch.executors` for retries, errors and resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import os
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 from .executors import Executor, Session, ShardError
 from .model_source import ModelSource
 
-__all__ = ["RayExecutor", "release_actors"]
+__all__ = ["RayExecutor", "release_actors", "LOOPBACK"]
 
 logger = logging.getLogger(__name__)
+
+#: The address a local cluster started for the user binds every service to.
+LOOPBACK = "127.0.0.1"
 
 
 def _ray():
@@ -59,7 +66,8 @@ class RayExecutor(Executor):
 
     ``actors``: how many (default: as many as the cluster's CPUs, or GPUs when
     ``num_gpus_per_actor`` > 0, hold). ``address``: the cluster for ``ray.init`` when Ray is not
-    initialised yet (``"auto"`` or ``"ray://host:10001"``; ``None`` starts a local one).
+    initialised yet (``"auto"``, ``"host:6379"`` or ``"ray://host:10001"``); ``None`` uses
+    ``$RAY_ADDRESS`` when set, else starts a local cluster bound to 127.0.0.1 (:meth:`connect`).
     ``num_cpus_per_actor`` / ``num_gpus_per_actor`` / ``resources``: what each actor reserves (the
     actor uses that many torch threads; with GPUs the model goes to ``cuda`` unless ``device`` says
     otherwise). ``init_options``: more ``ray.init`` keywords (``runtime_env``, ``num_cpus``...).
@@ -84,11 +92,33 @@ class RayExecutor(Executor):
         self.init_options = dict(init_options or {})
 
     def open(self, source: ModelSource) -> Session:
+        return _RaySession(self.connect(), self, source)
+
+    def connect(self):
+        """Ray, initialised, as the ``ray`` module. A connection already made (``ray.init`` by the user) is
+        used as it is. Else an address the user gave (``address=``, or Ray's ``$RAY_ADDRESS``) is joined;
+        with none, a local cluster is started that stays on this machine: its node is 127.0.0.1, so every
+        Ray service and worker listens on loopback only, and no dashboard runs (``init_options`` may
+        override both; a local cluster on another address is refused)."""
         ray = _ray()
-        if not ray.is_initialized():
-            logger.info("starting Ray (address=%s)", self.address)
-            ray.init(address=self.address, **self.init_options)
-        return _RaySession(ray, self, source)
+        if ray.is_initialized():
+            return ray
+        options = dict(self.init_options)
+        address = options.pop("address", None) if self.address is None else self.address
+        if address is None:
+            address = os.environ.get("RAY_ADDRESS") or None
+        if address is not None and address != "local":
+            logger.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, **options)
+            return ray
+        options.setdefault("include_dashboard", False)
+        node_ip = options.setdefault("_node_ip_address", LOOPBACK)
+        logger.info("starting a local Ray cluster on %s", node_ip)
+        with _loopback_allowed(ray):
+            ray.init(address="local", **options)
+        if _is_loopback(node_ip):
+            _check_loopback(ray)
+        return ray
 
     def actor_count(self, ray) -> int:
         available = ray.cluster_resources()
@@ -103,6 +133,50 @@ class RayExecutor(Executor):
         if self.num_gpus_per_actor:
             return max(1, int(available.get("GPU", 0) // self.num_gpus_per_actor))
         return max(1, int(available.get("CPU", 1) // max(self.num_cpus_per_actor, 1e-9)))
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or name (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+@contextlib.contextmanager
+def _loopback_allowed(ray) -> Iterator[None]:
+    """Let ``ray.init`` keep a loopback node address. On Linux Ray replaces ``127.0.0.1`` by the
+    machine's outward address (so that other nodes could reach it); with its switch for single-machine
+    clusters (the one ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets at import) off, it keeps loopback.
+    Restored afterwards; a Ray without the switch is left alone (:func:`_check_loopback` then decides)."""
+    ray_constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)  # a Ray that moved it: the check after init holds
+    if before is None:
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _check_loopback(ray) -> None:
+    """The started cluster's node must be on loopback: a cluster registered on an outward address would
+    listen there too. Shut it down and say so otherwise."""
+    addresses = sorted({str(node.get("NodeManagerAddress")) for node in ray.nodes()})
+    outward = [a for a in addresses if not _is_loopback(a)]
+    if outward:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray cluster registered its node at {', '.join(outward)}, not {LOOPBACK}, so its services "
+            f"would listen on that address; this Ray version ignores the loopback node address. Start Ray "
+            f"yourself (ray.init(...)) or pass address= for a cluster you have secured (docs/scaling.md)"
+        )
 
 
 class _RaySession(Session):
