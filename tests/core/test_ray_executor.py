@@ -1,40 +1,78 @@
-"""The Ray executor on a local two-CPU Ray cluster that this module starts (loopback only) and stops:
-the same Result as the local run, a killed actor replaced and its shard retried, a persistent failure
-reported by shard and resumed from the saved shards."""
+"""The Ray executor on a local two-CPU Ray cluster that this module starts through the executor itself
+and stops: no socket of that cluster listens off loopback; the same Result as the local run; a killed
+actor replaced and its shard retried; a study with tensor answers that fails part-way names the shard
+and resumes from its saved shards, for a factory, a zoo name and an in-process model."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import ray
 
 import conftest
+import fake_zoo
 import sharding_cases
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
-from crosspatch.scale.executors import ShardError
 from crosspatch.scale.ray_executor import RayExecutor, release_actors
-from sharding_cases import SITES, FailOnPrompt, assert_same_result, make_prompts, per_prompt_metric
+from sharding_cases import (
+    SITES, assert_same_result, fail_then_resume, failing_metric, make_prompts, model_source, per_prompt_metric,
+    tensor_metric,
+)
+
+_BY_VALUE = (conftest, sharding_cases, fake_zoo)
+
+
+def _register_fake_zoo():
+    """Runs in every Ray worker as it starts: the test's zoo model, as a plugin would register it."""
+    from crosspatch.plugins.registry import get_registry
+
+    get_registry().register(fake_zoo.plugin(), "fake-zoo")
+
+
+@pytest.fixture(scope="module")
+def zoo_cache(tmp_path_factory):
+    """The crosspatch cache the workers build the test's zoo model in; the driver's local run uses it too,
+    so both load the same folder (the Result's metadata names it)."""
+    return tmp_path_factory.mktemp("zoo-cache")
+
+
+@pytest.fixture
+def driver_zoo(zoo_cache, monkeypatch):
+    from crosspatch.plugins.registry import get_registry, reset_registry
+
+    monkeypatch.setenv("CROSSPATCH_CACHE", str(zoo_cache))
+    reset_registry()
+    get_registry().register(fake_zoo.plugin(), "fake-zoo")
+    yield
+    reset_registry()
+
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
-    """One local cluster for the module: starting Ray costs seconds, so the tests share it."""
+def cluster(zoo_cache):
+    """One local cluster for the module, started as a user's first study starts it (no address: this
+    machine only); starting Ray costs seconds, so the tests share it."""
     assert not ray.is_initialized(), "another test left Ray running"
+    address = os.environ.pop("RAY_ADDRESS", None)
     # Workers cannot import the test modules: ship their classes and functions by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.register_pickle_by_value(conftest)
-    ray.cloudpickle.register_pickle_by_value(sharding_cases)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    for module in (sys.modules[__name__], *_BY_VALUE):
+        ray.cloudpickle.register_pickle_by_value(module)
+    RayExecutor(init_options=dict(
+        num_cpus=2, log_to_driver=False, configure_logging=False,
+        runtime_env={"worker_process_setup_hook": _register_fake_zoo, "env_vars": {"CROSSPATCH_CACHE": str(zoo_cache)}},
+    )).connect()
     yield
     release_actors()
     ray.shutdown()
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.unregister_pickle_by_value(conftest)
-    ray.cloudpickle.unregister_pickle_by_value(sharding_cases)
+    for module in (sys.modules[__name__], *_BY_VALUE):
+        ray.cloudpickle.unregister_pickle_by_value(module)
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +83,106 @@ def prompts():
 def make_model():
     """A picklable zero-argument factory, as a user would pass for a model built in code."""
     return randomize(tiny_gpt2())
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _proc_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """Listening TCP and bound UDP sockets of ``pids``: /proc/net/{tcp,udp}[6] by inode, matched to the
+    processes' open files."""
+    by_inode: dict[str, tuple[str, int]] = {}
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if name.startswith("tcp") and state != "0A":  # 0A: LISTEN
+                continue
+            host, port = local.split(":")
+            raw = bytes.fromhex(host)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is little-endian
+            by_inode[inode] = (str(ipaddress.ip_address(raw)), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:[") and link[8:-1] in by_inode:
+                found.append((pid, *by_inode[link[8:-1]]))
+    return found
+
+
+def _listening_sockets() -> tuple[list[tuple[int, str, int]], str]:
+    """Every listening TCP / bound UDP socket of this process and the Ray processes it started."""
+    try:
+        import psutil
+    except ImportError:
+        if not Path("/proc/net/tcp").exists():
+            pytest.skip("neither psutil nor /proc/net/tcp is available to list the cluster's sockets")
+        return _proc_sockets(_descendants(os.getpid())), "/proc"
+    me = psutil.Process()
+    found = []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # SOCK_DGRAM bound
+                found.append((proc.pid, c.laddr.ip, c.laddr.port))
+    return found, "psutil"
+
+
+def _loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_the_started_cluster_listens_on_loopback_only():
+    """GCS, raylet, agents and every worker: a socket on 0.0.0.0, :: or the machine's address would let
+    anyone who reaches this machine run code in the cluster."""
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def pid(self):
+            return os.getpid()
+
+    probe = Probe.remote()
+    worker = ray.get(probe.pid.remote())  # a worker process with its own server
+    try:
+        sockets, how = _listening_sockets()
+        from_proc = _proc_sockets(_descendants(os.getpid())) if Path("/proc/net/tcp").exists() else sockets
+    finally:
+        ray.kill(probe)
+    assert {port for _, _, port in from_proc} == {port for _, _, port in sockets}, f"/proc and psutil agree: {sorted(from_proc)} {sorted(sockets)}"
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    outward = [s for s in sockets if not _loopback(s[1])]
+    assert not outward, f"listening off loopback ({how}): {outward}"
+    assert len(sockets) >= 4 and worker in {pid for pid, _, _ in sockets}, f"found too few to prove anything: {sockets}"
 
 
 def test_activation_patching_on_two_actors_equals_local(prompts, tmp_path):
@@ -98,28 +236,20 @@ def test_a_killed_actor_is_replaced_and_its_shard_retried(prompts, tmp_path, cap
     assert_same_result(got, ref)
 
 
-def test_persistent_failure_names_the_shard_and_a_rerun_resumes(prompts, tmp_path, caplog):
+@pytest.mark.parametrize("source", ["factory", "zoo", "module"])
+def test_a_study_with_tensor_answers_fails_by_shard_and_resumes(source, prompts, tmp_path, caplog, request):
+    """The README's metric (tensor answers) comes back from an actor unpickled: its study key must not
+    change, so a rerun loads the saved shards and runs only the failed block."""
     clean, corrupt = prompts
-    flag, log = tmp_path / "fail", tmp_path / "calls.log"
-    flag.touch()
-    failing = cp.metrics.Metric("logit_diff", FailOnPrompt(per_prompt_metric(), 5, flag, log))
+    spec, local = model_source(source, request, "driver_zoo", make_model)
+    failing, flag, log = failing_metric(tmp_path)
     ex = RayExecutor(rows_per_shard=2, sites_per_shard=8, max_retries=1, checkpoint_dir=tmp_path / "shards",
                      keep_actors=True)
-    run = lambda: cp.activation_patching(make_model, clean, corrupt, SITES, failing, batch_size=16, executor=ex)  # noqa: E731
-    with pytest.raises(ShardError, match=r"shard 2 \(8 site\(s\) .*prompt rows 4:6\) failed on all 2 attempts: "
-                                          r"RuntimeError: injected failure for prompt 5") as info:
-        run()
-    saved = sorted(p.name for p in info.value.saved.glob("s*.json"))
-    assert saved == ["s0-8_r0-2.json", "s0-8_r2-4.json"], "the finished shards are kept"
-    calls_before = len(log.read_text().split())
-    flag.unlink()
-    with caplog.at_level(logging.INFO, logger="crosspatch"):
-        got = run()
-    assert "resuming activation_patching: 2 of 3 shards loaded" in caplog.text
+    run = lambda: cp.activation_patching(spec, clean, corrupt, SITES, failing, batch_size=16, executor=ex)  # noqa: E731
+    _, got = fail_then_resume(run, flag, log, caplog, r"shard 2 \(\d site\(s\) .*prompt rows 4:6\) failed on all 2 "
+                                                      r"attempts: RuntimeError: injected failure for prompt 5")
     assert "reusing 2 running actor(s)" in caplog.text, "keep_actors: the next study finds the model loaded"
-    assert set(log.read_text().split()[calls_before:]) == {"4"}, "only the failed block runs again"
-    ref = cp.activation_patching(cp.wrap(make_model()), clean, corrupt, SITES, per_prompt_metric(), batch_size=16)
-    assert_same_result(got, ref)
+    assert_same_result(got, cp.activation_patching(local, clean, corrupt, SITES, tensor_metric(), batch_size=16))
 
 
 def test_actors_asking_for_what_the_cluster_lacks_are_refused(prompts, tmp_path):
