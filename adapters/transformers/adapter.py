@@ -18,11 +18,12 @@ from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 
 from . import clip, seq2seq, seq2seq_proof
 from .architectures import ARCHITECTURES, Architecture
-from .infer import _DEPTH, _HEADS, _WIDTH, config_int
+from .examples import example_inputs, prepare_images, takes_images
+from .infer import _DEPTH, _HEADS, _WIDTH, config_int, sizing_config
 from .inputs import input_families
 from .mapping import mapping_for
 from .proof import prove
-from .reaches import AttentionPattern, HeadOut, HeadZ, ResidualAfterAttention
+from .reaches import AttentionPattern, BranchWrite, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
 from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
 
@@ -83,7 +84,7 @@ class TransformersAdapter(Adapter):
                 f"{getattr(config, 'model_type', None)!r}): {mapping.error}. Model types in its table: "
                 f"{', '.join(ARCHITECTURES)}; wrap(model, adapter='generic') serves any module at module level."
             )
-        families = self._families(model, arch, mapping.layout)
+        families = self._families(model, arch, mapping.layout, mapping.positions, mapping.n_heads)
         if not mapping.inferred:
             return Catalog(families, type(model).__name__)
         families = [f for f in families if f.name not in mapping.notes]
@@ -98,17 +99,20 @@ class TransformersAdapter(Adapter):
         kept = [f for f in families if f.name not in failed]
         return Catalog(kept, type(model).__name__, unavailable=failed)
 
-    def _families(self, model: nn.Module, arch: Architecture, layout) -> list[SiteFamily]:
+    def _families(self, model: nn.Module, arch: Architecture, layout, positions: int | None = None,
+                  n_heads: int | None = None) -> list[SiteFamily]:
         config, base = model.config, model.base_model
         block = f"{arch.layers}.{{layer}}"
         n_layers = len(submodule(base, arch.layers, None))
-        n_heads = config_int(config, _HEADS)
+        n_heads = n_heads or config_int(sizing_config(model), _HEADS)
         o_proj = submodule(base, f"{block}.{arch.o_proj}", 0)
         o_in = o_proj.weight.shape[0] if arch.conv1d else o_proj.weight.shape[1]
         d_model = o_proj.weight.shape[1] if arch.conv1d else o_proj.weight.shape[0]
         d_head = o_in // n_heads
-        pos, dim = Axis("pos"), Axis("dim", d_model)
+        pos, dim = Axis("pos", positions), Axis("dim", d_model)  # a vision encoder's positions are the config's
         head_out = HeadOut(base, f"{block}.{arch.o_proj}", n_heads, arch.conv1d)
+        pattern = (ModuleInput(base, f"{block}.{arch.pattern_input}", name=None) if arch.pattern_input
+                   else AttentionPattern(base, f"{block}.{arch.attn_core}", config))
         embed = ModuleOutput(base, arch.embed) if arch.embed is not None else ModuleInput(base, block.format(layer=0))
 
         families = [
@@ -116,8 +120,8 @@ class TransformersAdapter(Adapter):
             SiteFamily("resid_pre", (pos, dim), ModuleInput(base, block), n_layers, "residual stream entering the block"),
             SiteFamily(
                 "attn_pattern",
-                (Axis("head", n_heads), pos, Axis("key_pos")),
-                AttentionPattern(base, f"{block}.{arch.attn_core}", config),
+                (Axis("head", n_heads), pos, Axis("key_pos", positions)),
+                pattern,
                 n_layers,
                 "attention probabilities (query pos, key pos)",
             ),
@@ -136,7 +140,7 @@ class TransformersAdapter(Adapter):
                 "each head's write into the residual (without the output bias)",
                 linear_from=LinearFrom("head_z", ("pos", "head"), head_out.writes),
             ),
-            SiteFamily("attn_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.attn}"), n_layers, "attention output"),
+            SiteFamily("attn_out", (pos, dim), _write(base, f"{block}.{arch.attn}", arch.attn_residual), n_layers, "attention output"),
         ]
         if arch.resid_mid == "sum":
             mid = ResidualAfterAttention(base, block, f"{block}.{arch.attn}")
@@ -155,7 +159,7 @@ class TransformersAdapter(Adapter):
                 "MLP neuron activations",
             ))
         families += [
-            SiteFamily("mlp_out", (pos, dim), ModuleOutput(base, f"{block}.{arch.mlp}"), n_layers, "MLP output"),
+            SiteFamily("mlp_out", (pos, dim), _write(base, f"{block}.{arch.mlp}", arch.mlp_residual), n_layers, "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
         ]
         # Receiver inputs (what each head, MLP and the final norm read) go where the forward reaches them.
@@ -173,8 +177,7 @@ class TransformersAdapter(Adapter):
             raise NotImplementedError("CLIP models take images and texts: pass inputs explicitly")
         if seq2seq.is_seq2seq(model):
             return seq2seq.example_inputs(model)
-        vocab = config_int(model.config, ("vocab_size",)) or 2
-        return torch.randint(0, min(vocab, 1000), (2, 8), generator=torch.Generator().manual_seed(0))
+        return example_inputs(model, length=8)
 
     def tiny_model(self, kind: str) -> nn.Module:
         """A tiny random model of transformers model type ``kind`` (:mod:`.tiny`), causal LM first."""
@@ -203,6 +206,8 @@ class TransformersAdapter(Adapter):
 
     @staticmethod
     def _logits_axes(model: nn.Module) -> tuple[Axis, ...] | None:
+        if type(model).__name__.endswith("ForImageClassification"):  # SigLIP's is its own base model
+            return (Axis("label", model.config.num_labels),)
         if model is model.base_model:
             return None
         head = model.get_output_embeddings()
@@ -217,6 +222,8 @@ class TransformersAdapter(Adapter):
             return clip.prepare(model, inputs)
         if seq2seq.is_seq2seq(model):
             return seq2seq.prepare(model, inputs)
+        if takes_images(model):
+            return prepare_images(model, inputs)
         if isinstance(inputs, Mapping):
             prepared = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         else:
@@ -254,6 +261,8 @@ class TransformersAdapter(Adapter):
         if seq2seq.is_prepared(inputs):
             return seq2seq.sizes(inputs)
         tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if tokens is None:  # images: the catalog sizes pos by the config's image size
+            return {}
         return {"pos": tokens.shape[1], "key_pos": tokens.shape[1]}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
@@ -261,14 +270,14 @@ class TransformersAdapter(Adapter):
             return clip.describe(model)
         if seq2seq.is_seq2seq(model):
             return seq2seq.describe(model)
-        config = model.config
+        config, sized = model.config, sizing_config(model)
         return {
             "class": type(model).__name__,
             "model_type": config.model_type,
             "name_or_path": getattr(config, "name_or_path", "") or "",
-            "n_layers": config_int(config, _DEPTH),
-            "n_heads": config_int(config, _HEADS),
-            "d_model": config_int(config, _WIDTH),
+            "n_layers": config_int(sized, _DEPTH),
+            "n_heads": mapping_for(model).n_heads or config_int(sized, _HEADS),
+            "d_model": config_int(sized, _WIDTH),
             "mapping": "inferred" if mapping_for(model).inferred else "table",
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
@@ -310,7 +319,8 @@ class TransformersAdapter(Adapter):
         # What the restricted MLP computes or what is summed from it; mlp_in (the input of the norm in front
         # of the MLP, outside it in every layout that has one) stays whole and is read only by the MLP.
         after_mlp = {f"{f}.{last}" for f in ("mlp_act", "mlp_out", "resid_post")} | {"logits_in"}
-        if arch.causal and not keys & after_mlp:
+        # An MLP handed the residual it adds (BLOOM) reads it whole: it cannot run at one position alone.
+        if arch.causal and arch.mlp_residual is None and not keys & after_mlp:
             handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
         return handles
 
@@ -328,6 +338,11 @@ class TransformersAdapter(Adapter):
         from .cdt_blocks import decomposed_forward
 
         return decomposed_forward(model, self)
+
+
+def _write(base: nn.Module, path: str, residual: str | None):
+    """A branch's write: its module's output, or that minus the residual it was handed and added."""
+    return ModuleOutput(base, path) if residual is None else BranchWrite(base, path, residual)
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}

@@ -22,6 +22,16 @@ class Architecture:
     resid_mid: str | None  # "sum": block input + attention output; a module path; None: no such point
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     causal: bool = True  # each position attends only to itself and earlier positions
+    # The argument (by name) through which ``attn`` / ``mlp`` is handed the residual it adds to its own
+    # output (BLOOM); None: the module's output is the write itself.
+    attn_residual: str | None = None
+    mlp_residual: str | None = None
+    pattern_input: str | None = None  # a module whose input is the pattern, where the attention computes it inline
+
+    @property
+    def residual_sum(self) -> bool:
+        """Whether ``resid_post = resid_pre + attn_out + mlp_out`` (every layout but post-LN)."""
+        return self.resid_mid in ("sum", None) or self.attn_residual is not None
 
 
 _LLAMA = Architecture(

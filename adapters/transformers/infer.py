@@ -2,14 +2,17 @@
 one probe forward instead of a table entry.
 
 The block list is the module list as long as the model is deep. Within the first block, one forward
-with a hook on every module says which module does what, by the values that flow: the attention is
-the module whose output (after a sandwich norm, if one takes it) plus the block input and the MLP's
-write gives the block output; the block is sequential when a module reads ``input + attention``,
-parallel when the MLP reads the same normed input as the attention; the output projection is the
-attention's linear layer whose output is the attention's output, the down projection the MLP's
-linear layer whose output is the MLP's; the input norm is what turns the block input into what the
-attention reads; the final norm is what turns the last block's output into what the unembedding
-reads. Names are only used to tell the query, key and value projections apart.
+(on token ids, or on images for a vision encoder) with a hook on every module says which module does
+what, by the values that flow: the attention and the MLP are the modules whose writes (their outputs,
+after a sandwich norm or a layer scale that takes them; or their outputs minus the residual they were
+handed and add themselves, as in BLOOM: :mod:`.branches`) add to the block input to give the block
+output; the block is sequential when a module reads ``input + attention``, parallel when the MLP reads
+the same normed input as the attention; the output projection is the attention's linear layer whose
+output is the attention's write, the down projection the MLP's linear layer whose output is the MLP's;
+the input norm is what turns the block input into what the attention reads; the final norm is what
+turns the last block's output into what the unembedding reads; the pattern is what transformers'
+attention function computes, or else the input of an attention submodule that is one (BLOOM's
+dropout). Names are only used to tell the query, key and value projections apart.
 
 What cannot be established this way is left out and said (:attr:`Inferred.notes`); what is
 established is then proved on the wrapped model (:mod:`.proof`) before it is served.
@@ -24,9 +27,12 @@ import torch
 from torch import nn
 
 from .architectures import Architecture
+from .branches import branches, is_norm
+from .examples import example_inputs, forward_kwargs, takes_images
 from .inputs import InputLayout
+from .probe import Flow, first_tensor, probe, same
 
-__all__ = ["InferenceError", "Inferred", "infer", "config_int"]
+__all__ = ["InferenceError", "Inferred", "infer", "config_int", "sizing_config"]
 
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
@@ -50,6 +56,8 @@ class Inferred:
     layout: InputLayout | None
     n_kv_heads: int
     notes: dict[str, str] = field(default_factory=dict)
+    positions: int | None = None  # a vision encoder's positions (patches and class tokens) at the config's image size
+    n_heads: int | None = None  # the heads the attention computes (its pattern's), where it could be read
 
 
 def config_int(config: Any, names: tuple[str, ...]) -> int | None:
@@ -60,59 +68,15 @@ def config_int(config: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    if hasattr(value, "to_tuple"):
-        return _first_tensor(value.to_tuple())
-    return None
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None, atol: float = 1e-5) -> bool:
-    if a is None or b is None or a.shape != b.shape:
-        return False
-    return a is b or bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4))
-
-
-@dataclass
-class _Flow:
-    """First tensor input and output of every hooked module in one forward, and how often each ran."""
-
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-
-
-def _probe(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor) -> _Flow:
-    flow, handles = _Flow(), []
-
-    def hooks(name: str):
-        def before(module, args, kwargs):
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
-            flow.calls[name] = flow.calls.get(name, 0) + 1
-            if isinstance(x, torch.Tensor) and name not in flow.inputs:
-                flow.inputs[name] = x.detach().clone()  # a later in-place add must not change it
-
-        def after(module, args, kwargs, output):
-            y = _first_tensor(output)
-            if y is not None and name not in flow.outputs:
-                flow.outputs[name] = y.detach().clone()
-
-        return before, after
-
-    try:
-        for name, module in modules.items():
-            before, after = hooks(name)
-            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(module.register_forward_hook(after, with_kwargs=True))
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return flow
+def sizing_config(model: nn.Module) -> Any:
+    """The config that names the blocks' sizes: the model's own, else the sub-config of what the model
+    reads, ``vision_config`` for images (SigLIP's image classifier), ``text_config`` for token ids."""
+    config = model.config
+    order = ("vision_config", "text_config") if takes_images(model) else ("text_config",)
+    for sub in (config, *(getattr(config, name, None) for name in order)):
+        if sub is not None and config_int(sub, _HEADS) is not None and config_int(sub, _WIDTH) is not None:
+            return sub
+    return config
 
 
 def _block_list(base: nn.Module, depth: int | None) -> str:
@@ -149,31 +113,31 @@ def _out_features(linear: nn.Module) -> int:
 
 def infer(model: nn.Module) -> Inferred:
     """The Architecture of ``model`` read off one probe forward; InferenceError names what did not fit."""
-    config, base = model.config, model.base_model
+    config, base = sizing_config(model), model.base_model
     n_heads, width = config_int(config, _HEADS), config_int(config, _WIDTH)
     if n_heads is None or width is None:
         raise InferenceError("the config names no number of attention heads or hidden size")
     layers = _block_list(base, config_int(config, _DEPTH))
     blocks = base.get_submodule(layers)
     first, last = f"{layers}.0", f"{layers}.{len(blocks) - 1}"
+    outside = _beside_blocks(base, layers)
     modules = {first: blocks[0], last: blocks[-1]}
     modules.update({f"{first}.{n}": m for n, m in blocks[0].named_modules() if n})
-    modules.update({n: m for n, m in base.named_children() if n != layers.split(".")[0]})
+    modules.update(outside)
     head = model.get_output_embeddings() if model is not base else None
     if head is not None:
         modules["<unembed>"] = head
-    vocab = config_int(config, ("vocab_size",)) or 2
-    device = next(model.parameters()).device
-    ids = torch.randint(0, min(vocab, 1000), (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    images = takes_images(model)
+    inputs = forward_kwargs(model, example_inputs(model))
     try:
-        flow = _probe(model, modules, ids)
-    except Exception as exc:  # a model that does not run on token ids alone (encoder-decoder, images)
-        raise InferenceError(f"a probe forward on token ids failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        flow = probe(model, modules, inputs)
+    except Exception as exc:  # a model that does not run on its example inputs alone (encoder-decoder)
+        what = "images" if images else "token ids"
+        raise InferenceError(f"a probe forward on {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     x, y = flow.inputs.get(first), flow.outputs.get(first)
     if x is None or y is None or x.shape != y.shape or x.shape[-1] != width:
         raise InferenceError(f"block {first} does not map a [batch, pos, {width}] residual to one of the same shape")
     children = {n: m for n, m in blocks[0].named_children()}
-    rel = lambda name: name[len(first) + 1:]  # noqa: E731
     out = lambda name: flow.outputs.get(f"{first}.{name}")  # noqa: E731
     inp = lambda name: flow.inputs.get(f"{first}.{name}")  # noqa: E731
 
@@ -182,7 +146,7 @@ def infer(model: nn.Module) -> Inferred:
         raise InferenceError(f"no attention module among the children of {first} ({', '.join(children)})")
     # The MLP: a module with weights (a linear layer itself in OPT) writing a residual-shaped output.
     mlps = [n for n, m in children.items() if n != attn and out(n) is not None and out(n).shape == x.shape
-            and not _is_norm(m) and any(True for _ in m.parameters())]
+            and not is_norm(m) and any(True for _ in m.parameters())]
     if len(mlps) > 1:  # gates and residual scales have weights too: prefer what is named or typed as an MLP
         named = [n for n in mlps if n in _MLP_NAMES or any(w in type(children[n]).__name__.lower() for w in _MLP_WORDS)]
         mlps = named if len(named) == 1 else mlps
@@ -190,23 +154,19 @@ def infer(model: nn.Module) -> Inferred:
         raise InferenceError(f"expected one MLP beside the attention in {first}, found {mlps or 'none'}")
     mlp = mlps[0]
 
-    def write_of(branch: str) -> str:
-        """The branch's module, or a norm that takes its output (a sandwich norm)."""
-        after = [n for n, m in children.items() if _is_norm(m) and _same(inp(n), out(branch), atol=0)]
-        return after[0] if after else branch
-
-    attn_w, mlp_w = write_of(attn), write_of(mlp)
-    if not _same(x + out(attn_w) + out(mlp_w), y):
+    found = branches(flow, first, children, attn, mlp)
+    if found is None:
         raise InferenceError(
-            f"the block output is not its input + {attn_w} + {mlp_w} (a post-norm or another residual layout)"
+            f"the block output is not its input + the writes of {attn} and {mlp} (a post-norm or another residual layout)"
         )
-    mid = x + out(attn_w)
-    mid_readers = [n for n in children if n not in (attn, attn_w, mlp_w) and _same(inp(n), mid)]
-    in_norm = next((n for n, m in children.items() if _is_norm(m) and _same(inp(n), x, atol=0)), None)
+    attn_w, mlp_w, mid = found.attn, found.mlp, found.mid
+    mid_readers = [n for n in children if n not in (attn, attn_w, mlp_w) and same(inp(n), mid)]
+    in_norm = next((n for n, m in children.items() if is_norm(m) and same(inp(n), x, atol=0)), None)
     if mid_readers:
-        resid_mid: str | None = "sum"
-        ln_mlp = next((n for n in mid_readers if _is_norm(children[n])), None)
-    elif in_norm is not None and _same(inp(mlp), out(in_norm)) or _same(inp(mlp), x):
+        # The stream after attention: input + write, or the output of an attention that adds the residual itself.
+        resid_mid: str | None = "sum" if found.attn_residual is None else attn
+        ln_mlp = next((n for n in mid_readers if is_norm(children[n])), None)
+    elif in_norm is not None and same(inp(mlp), out(in_norm)) or same(inp(mlp), x):
         resid_mid, ln_mlp = None, None  # parallel: the MLP reads the block input (normed) as the attention does
     else:
         raise InferenceError(f"the MLP {mlp} reads neither input + attention nor the block input")
@@ -215,22 +175,33 @@ def infer(model: nn.Module) -> Inferred:
         if name is not None and flow.calls.get(f"{first}.{name}", 0) != 1:
             raise InferenceError(f"module {first}.{name} runs {flow.calls.get(f'{first}.{name}', 0)} times in one forward")
     notes: dict[str, str] = {}
-    attn_out = out(attn)
+    # The pattern: what transformers' attention function is handed, else an attention submodule's input.
+    owner = _pattern_owner(model, blocks[0], inputs)
+    reads = None if owner else _pattern_input(flow, first, attn, x.shape[1])
+    if reads is not None and not all(_has(block, reads[0]) for block in blocks):
+        reads = None
+    if owner or reads:
+        n_heads = (owner or reads)[1]  # the heads the attention computes, whichever the config names
+    else:
+        notes["attn_pattern"] = "the attention does not compute its pattern through transformers' attention functions"
+    # A write computed as output - residual matches its projection up to rounding; a module's own output exactly.
+    attn_out, attn_tol = (found.attn_write, 1e-5) if found.attn_residual else (out(attn), 0)
     o_proj = next((n for n, m in _linears(children[attn], attn).items()
-                   if _out_features(m) == width and _same(out(n), attn_out, atol=0)), None)
+                   if _out_features(m) == width and same(out(n), attn_out, atol=attn_tol)), None)
     if o_proj is None:
         raise InferenceError(f"no linear layer of {attn} produces its output (the per-head writes need one)")
     conv1d = type(blocks[0].get_submodule(o_proj)).__name__ == "Conv1D"
     o_in = blocks[0].get_submodule(o_proj).weight.shape[0 if conv1d else 1]
     if o_in % n_heads:
         raise InferenceError(f"{o_proj} reads {o_in} features, not a multiple of {n_heads} heads")
+    mlp_out, mlp_tol = (found.mlp_write, 1e-5) if found.mlp_residual else (out(mlp), 0)
     down = mlp if _is_linear(children[mlp]) else next(
-        (n for n, m in _linears(children[mlp], mlp).items() if _out_features(m) == width and _same(out(n), out(mlp), atol=0)), None
+        (n for n, m in _linears(children[mlp], mlp).items() if _out_features(m) == width and same(out(n), mlp_out, atol=mlp_tol)), None
     )
     if down is None:
         notes["mlp_act"] = f"no single linear layer of {mlp} produces its output (mixture of experts or another layout)"
 
-    embed = _embedding(base, flow, x, layers)
+    embed = _embedding(flow, x, outside)
     if embed is None:
         notes["embed"] = "the model adds its embeddings outside any module (resid_pre.0 holds them)"
     missing = [
@@ -242,66 +213,87 @@ def infer(model: nn.Module) -> Inferred:
     if down is not None and not all(_has(block, down) for block in blocks):
         notes["mlp_act"] = "the MLP differs between blocks (dense and mixture of experts)"
         down = None
-    core = _pattern_owner(model, blocks[0], ids)
-    if core is None:
-        notes["attn_pattern"] = "the attention does not compute its pattern through transformers' attention functions"
     arch = Architecture(
-        layers=layers, embed=embed, attn=attn_w, attn_core=core or attn, o_proj=o_proj, mlp=mlp_w, mlp_down=down,
-        resid_mid=resid_mid, conv1d=conv1d, causal=_causal(model, ids),
+        layers=layers, embed=embed, attn=attn_w, attn_core=owner[0] if owner else attn, o_proj=o_proj, mlp=mlp_w, mlp_down=down,
+        resid_mid=resid_mid, conv1d=conv1d, causal=not images and _causal(model, inputs),
+        attn_residual=found.attn_residual, mlp_residual=found.mlp_residual, pattern_input=reads[0] if reads else None,
     )
-    layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(base, flow, last),
+    layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
                            n_heads, o_in // n_heads, notes)
     if layout is not None and not all(_has(block, p) for block in blocks for p in layout.qkv):
         notes["head_in"] = "the query, key and value projections differ between blocks"
         layout = None
-    return Inferred(arch, layout, n_kv, notes)
+    return Inferred(arch, layout, n_kv, notes, x.shape[1] if images else None, n_heads)
 
 
-def _pattern_owner(model: nn.Module, block: nn.Module, ids: torch.Tensor) -> str | None:
-    """The module of ``block`` that transformers' attention function is handed (the pattern's owner)."""
+def _beside_blocks(base: nn.Module, layers: str) -> dict[str, nn.Module]:
+    """The modules beside the block list: children of the base model and of every module on the way to
+    the list (SigLIP's ``vision_model.embeddings`` beside ``vision_model.encoder.layers``)."""
+    parts, found = layers.split("."), {}
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        parent = base.get_submodule(prefix) if prefix else base
+        for name, child in parent.named_children():
+            if name != part:
+                found[f"{prefix}.{name}" if prefix else name] = child
+    return found
+
+
+def _pattern_owner(model: nn.Module, block: nn.Module, inputs: dict[str, Any]) -> tuple[str, int] | None:
+    """The module of ``block`` that transformers' attention function is handed (the pattern's owner), and
+    the pattern's heads."""
     from .reaches import AttentionPattern
 
-    seen: list[str] = []
+    seen: list[tuple[str, int]] = []
     handles = []
     try:
         for name, module in block.named_modules():
             if name:
                 reach = AttentionPattern(block, name, model.config)
-                handles += reach.install(None, lambda pattern, name=name: seen.append(name))
+                handles += reach.install(None, lambda pattern, name=name: seen.append((name, pattern.shape[1])))
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
     return seen[0] if seen else None
 
 
-def _causal(model: nn.Module, ids: torch.Tensor) -> bool:
+def _pattern_input(flow: Flow, first: str, attn: str, positions: int) -> tuple[str, int] | None:
+    """A module of the attention, run once, whose input is the pattern ``[batch, head, pos, key_pos]``:
+    rows of non-negative numbers that sum to one (BLOOM computes it inline and hands it to a dropout),
+    and the pattern's heads."""
+    prefix = f"{first}.{attn}."
+    for name, p in flow.inputs.items():
+        if not name.startswith(prefix) or flow.calls.get(name) != 1 or p.ndim != 4 or p.shape[2:] != (positions, positions):
+            continue
+        if p.is_floating_point() and bool((p >= 0).all()) and same(p.sum(-1), torch.ones_like(p[..., 0])):
+            return name[len(first) + 1:], p.shape[1]
+    return None
+
+
+def _causal(model: nn.Module, inputs: dict[str, Any]) -> bool:
     """Whether a change at the last position leaves every earlier position's output alone."""
+    ids = inputs["input_ids"]
     other = ids.clone()
     other[:, -1] = (other[:, -1] + 1) % max(int(ids.max()) + 1, 2)
     with torch.no_grad():
-        a, b = (_first_tensor(model(input_ids=i, use_cache=False)) for i in (ids, other))
+        a, b = (first_tensor(model(**{**inputs, "input_ids": i})) for i in (ids, other))
     return bool(torch.equal(a[:, :-1], b[:, :-1]))
 
 
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in name
-
-
-def _embedding(base: nn.Module, flow: _Flow, x: torch.Tensor, layers: str) -> str | None:
-    """The last module of the base model (outside the blocks) whose output is the first block's input;
-    None when the model computes it outside any module (then the first block's input is the embedding)."""
-    found = [n for n, y in flow.outputs.items() if "." not in n and n != layers and y is x]
-    found = found or [n for n, y in flow.outputs.items() if "." not in n and n != layers and _same(y, x, atol=0)]
+def _embedding(flow: Flow, x: torch.Tensor, outside: dict[str, nn.Module]) -> str | None:
+    """The last module beside the blocks whose output is the first block's input; None when the model
+    computes it outside any module (then the first block's input is the embedding)."""
+    found = [n for n, y in flow.outputs.items() if n in outside and y is x]
+    found = found or [n for n, y in flow.outputs.items() if n in outside and same(y, x, atol=0)]
     return found[-1] if found else None
 
 
-def _final_norm(base: nn.Module, flow: _Flow, last: str) -> str | None:
+def _final_norm(flow: Flow, last: str, outside: dict[str, nn.Module]) -> str | None:
     y, unembed = flow.outputs.get(last), flow.inputs.get("<unembed>")
-    for name, module in base.named_children():
-        if _is_norm(module) and _same(flow.inputs.get(name), y, atol=0) and _same(flow.outputs.get(name), unembed, atol=0):
+    for name, module in outside.items():
+        if is_norm(module) and same(flow.inputs.get(name), y, atol=0) and same(flow.outputs.get(name), unembed, atol=0):
             return name
     return None
 
@@ -315,17 +307,17 @@ def _plain_norm(module: nn.Module, x: torch.Tensor | None, y: torch.Tensor | Non
     if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or x is None:
         return False
     h = x.float()
-    return _same(weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), y)
+    return same(weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), y)
 
 
-def _layout(attention: nn.Module, attn: str, flow: _Flow, first: str, in_norm: str | None, in_norm_module: nn.Module | None,
+def _layout(attention: nn.Module, attn: str, flow: Flow, first: str, in_norm: str | None, in_norm_module: nn.Module | None,
             ln_mlp: str | None,
             ln_final: str | None, n_heads: int, d_head: int, notes: dict[str, str]) -> tuple[InputLayout | None, int]:
     """Where the query, key and value projections read: separate projections by name, each reading what
     the attention reads. Fused projections are left to the table (their column order differs by family)."""
     reads = flow.inputs.get(f"{first}.{attn}")
     linears = {n[len(attn) + 1:]: m for n, m in _linears(attention, attn).items()
-               if _same(flow.inputs.get(f"{first}.{n}"), reads, atol=0)}
+               if same(flow.inputs.get(f"{first}.{n}"), reads, atol=0)}
     if in_norm_module is not None and not _plain_norm(
         in_norm_module, flow.inputs.get(f"{first}.{in_norm}"), flow.outputs.get(f"{first}.{in_norm}")
     ):

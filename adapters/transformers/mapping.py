@@ -7,11 +7,13 @@ Looked up once per model object and kept while the model lives.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, Architecture, architecture_for
+from .examples import example_inputs, forward_kwargs, takes_images
 from .infer import InferenceError, infer
 from .inputs import LAYOUTS, InputLayout
 
@@ -27,6 +29,8 @@ class Mapping:
     inferred: bool = False
     notes: dict[str, str] = field(default_factory=dict)  # family -> why it is not served
     error: str | None = None  # why no Architecture at all
+    positions: int | None = None  # a vision encoder's positions at the config's image size (the pos axis)
+    n_heads: int | None = None  # the heads inference read off the pattern; None: the config's
 
 
 _MAPPINGS: "weakref.WeakKeyDictionary[nn.Module, Mapping]" = weakref.WeakKeyDictionary()
@@ -45,9 +49,27 @@ def mapping_for(model: nn.Module) -> Mapping:
             except InferenceError as exc:
                 found = _by_structure(model) or Mapping(None, error=str(exc))
             else:
-                found = Mapping(inferred.arch, inferred.layout, True, dict(inferred.notes))
+                found = Mapping(inferred.arch, inferred.layout, True, dict(inferred.notes), positions=inferred.positions,
+                                n_heads=inferred.n_heads)
+        if found.arch is not None and found.positions is None and takes_images(model):
+            found = replace(found, positions=_positions(model, found.arch))
         _MAPPINGS[model] = found
     return found
+
+
+def _positions(model: nn.Module, arch: Architecture) -> int:
+    """How many positions the first block of a vision encoder reads for an image of the config's size."""
+    seen: list[int] = []
+    block = model.base_model.get_submodule(arch.layers)[0]
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**forward_kwargs(model, example_inputs(model, rows=1)))
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def _by_structure(model: nn.Module) -> Mapping | None:

@@ -1,17 +1,22 @@
 """The proof an inferred mapping passes before its families are served (:mod:`.infer`).
 
-On a short random input it checks, through the engine and against raw torch hooks:
+On a short random input (token ids, or images for a vision encoder) it checks, through the engine and
+against raw torch hooks:
 
-- the residual arithmetic: ``resid_post = resid_pre + attn_out + mlp_out`` at every layer, the MLP
-  reading ``resid_mid`` where the block is sequential, ``embed = resid_pre.0``;
+- the residual arithmetic: ``resid_post = resid_pre + attn_out + mlp_out`` and ``resid_mid = resid_pre +
+  attn_out`` at every layer, the MLP reading ``resid_mid`` where the block is sequential,
+  ``embed = resid_pre.0``; a branch that adds the residual it is handed (BLOOM) writes what its
+  projection gives;
 - the per-head sites: the heads' writes plus the output bias sum to the output projection's output,
-  ``head_z`` is that projection's input, ``mlp_act`` times the down projection is its output;
+  one head zeroed equals a hook zeroing its slice of the projection's input, ``head_z`` is that
+  projection's input, ``mlp_act`` times the down projection is its output;
 - the receiver inputs: every ``head_in`` slot holds the block input, ``logits_in`` the last block's
   output, and a patch of one head's query or key input equals a hand-written hook that recomputes
   that head's columns of the projection;
 - attention patterns: probabilities whose rows sum to at most one (attention sinks take the rest),
-  nothing above the diagonal in a causal model, and the model's output unchanged by the eager
-  attention they need;
+  nothing above the diagonal in a causal model, as many heads as the per-head families split into,
+  and the model's output and every other site unchanged by the eager attention they need;
+- every capture shaped as its family declares;
 - self-patching: every family patched at every layer from the same run changes nothing.
 
 A family that fails is not served; the reason is kept in the catalog (``m.sites()`` lists it).
@@ -28,12 +33,13 @@ from torch import nn
 from crosspatch.engine.adapter import Adapter
 from crosspatch.engine.forward import Bound, execute
 from crosspatch.engine.cache import Cache
-from crosspatch.engine.interventions import Patch
+from crosspatch.engine.interventions import Patch, Zero
 from crosspatch.engine.reach import submodule
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.site import Site
 
 from .architectures import Architecture
+from .examples import example_inputs
 from .inputs import InputLayout, _norm
 
 __all__ = ["Proof", "prove"]
@@ -65,6 +71,16 @@ class Proof:
         self.errors[family] = max(self.errors.get(family, 0.0), diff)
         if diff > atol:
             self.fail(family, f"{what}: {'shape mismatch' if diff == float('inf') else f'max difference {diff:.2e}'}")
+
+    def check_close(self, family: str, a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+        """Elementwise within ``tol`` absolute plus ``tol`` relative (the conformance suite's bar for a
+        capture against a raw hook), where :meth:`check` scales by the largest value."""
+        if family not in self.families:
+            return
+        self.errors[family] = max(self.errors.get(family, 0.0), _diff(a, b))
+        if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=tol, atol=tol):
+            self.fail(family, f"{what}: max difference {(a.double() - b.double()).abs().max().item():.2e}"
+                      if a.shape == b.shape else f"{what}: shape mismatch")
 
     def fail(self, family: str, why: str) -> None:
         if family in self.families and family not in self.failed:
@@ -104,9 +120,7 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
     """Every check of the module docstring on ``catalog``'s families."""
     base = model.base_model
     n = len(submodule(base, arch.layers, None))
-    vocab = getattr(model.config, "vocab_size", 2) or 2
-    ids = torch.randint(0, min(vocab, 1000), (2, 7), generator=torch.Generator().manual_seed(1))
-    inputs = adapter.prepare(model, ids)
+    inputs = adapter.prepare(model, example_inputs(model, seed=1))
     proof = Proof(families=tuple(f.name for f in catalog))
 
     block = f"{arch.layers}.{{layer}}"
@@ -123,6 +137,7 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
     # with, a run on the model's own attention.
     plain = execute(model, adapter, catalog, inputs, capture=[k for k in keys if not k.startswith("attn_pattern")])
     with torch.inference_mode():
+        _check_shapes(catalog, run, proof)
         _check_values(model, catalog, arch, run, plain, o_proj, down, n, proof)
 
     for fam in catalog:
@@ -137,11 +152,33 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
         else:
             proof.check(fam.name, again.output, source.output, "self-patch changes the output", atol=1e-6)
 
+    if "head_out" in catalog and "head_out" not in proof.failed:
+        _head_out_oracle(model, adapter, catalog, inputs, arch, proof)
     if "head_in" in catalog and "head_in" not in proof.failed and layout is not None:
         _head_in_oracle(model, adapter, catalog, inputs, arch, layout, run.cache["resid_pre.0"], proof)
     if "head_z" in proof.failed:
         proof.fail("head_out", "its values are computed from head_z, which failed")
     return proof
+
+
+def _check_shapes(catalog: Catalog, run, proof: Proof) -> None:
+    """Every capture shaped ``[batch, *axes]`` with the sizes its family declares, and the pattern's heads
+    those the per-head families split the projections into (a config can name other heads)."""
+    for fam in catalog:
+        sizes = [a.size for a in fam.axes]
+        for layer in range(fam.layers) if fam.layers is not None else [None]:
+            got = run.cache[fam.name if layer is None else f"{fam.name}.{layer}"].shape[1:]
+            if len(got) != len(sizes) or any(s is not None and s != g for s, g in zip(sizes, got)):
+                declared = ", ".join(f"{a.name}={a.size or '*'}" for a in fam.axes)
+                proof.fail(fam.name, f"captured {tuple(got)} per row, declared [{declared}]")
+    if "attn_pattern" in catalog:
+        pattern = catalog.family("attn_pattern")
+        named = pattern.axis("head").size
+        for layer in range(pattern.layers):
+            heads = run.cache[f"attn_pattern.{layer}"].shape[1]
+            if heads != named:
+                for family in ("attn_pattern", "head_z", "head_out", "head_in"):
+                    proof.fail(family, f"the attention of layer {layer} computes {heads} heads, not {named}")
 
 
 def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_proj: _Raw, down: "_Raw | None", n: int,
@@ -152,10 +189,17 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
 
     for layer in range(n):
         at = lambda name: c[f"{name}.{layer}"]  # noqa: E731
-        if has("attn_out") and has("mlp_out") and arch.resid_mid in ("sum", None):  # not post-norm (BERT)
+        if has("attn_out") and has("mlp_out") and arch.residual_sum:  # not post-norm (BERT)
             total = at("resid_pre") + at("attn_out") + at("mlp_out")
             for family in ("attn_out", "mlp_out"):
                 proof.check(family, total, at("resid_post"), "resid_pre + attn_out + mlp_out != resid_post")
+            if has("resid_mid"):
+                proof.check("resid_mid", at("resid_pre") + at("attn_out"), at("resid_mid"), "resid_pre + attn_out != resid_mid")
+        # A write read as output - residual is what the branch's last projection gave (BLOOM: no bias after it).
+        if has("attn_out") and arch.attn_residual:
+            proof.check("attn_out", at("attn_out"), o_proj.outputs[layer], "output - residual != the output projection's")
+        if has("mlp_out") and arch.mlp_residual and down is not None:
+            proof.check("mlp_out", at("mlp_out"), down.outputs[layer], "output - residual != the down projection's")
         if has("resid_mid") and has("mlp_in"):
             proof.check("resid_mid", at("resid_mid"), at("mlp_in"), "the MLP reads another value")
         if has("head_out"):
@@ -183,7 +227,39 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
         proof.check("logits_in", c["logits_in"], c[f"resid_post.{n - 1}"], "not the last resid_post")
     if has("attn_pattern"):
         proof.check("attn_pattern", run.output, plain.output, "the eager attention changes the output")
+        for key, value in plain.cache.items():
+            proof.check_close("attn_pattern", run.cache[key], value, f"the eager attention changes {key}")
 
+
+def _head_out_oracle(model, adapter, catalog, inputs, arch: Architecture, proof: Proof) -> None:
+    """Head 1 of the last layer zeroed, against a hook that zeroes its slice of the output projection's input."""
+    fam = catalog.family("head_out")
+    n_heads, layer = fam.axis("head").size, fam.layers - 1
+    head = min(1, n_heads - 1)
+    o_proj = submodule(model.base_model, f"{arch.layers}.{{layer}}.{arch.o_proj}", layer)
+
+    def zero(module, args):
+        z = args[0].clone()
+        d_head = z.shape[-1] // n_heads
+        z[..., head * d_head:(head + 1) * d_head] = 0
+        return (z, *args[1:])
+
+    bound = Bound(Site.make("head_out", layer, head=head), Zero())
+    patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: o_proj.register_forward_pre_hook(zero))
+    proof.check("head_out", patched, expected, f"head {head} zeroed differs from a hook on the output projection's input")
+
+
+def _against_hook(model, adapter, catalog, inputs, bound: Bound, hook: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output with ``bound`` applied by the engine, and the output with the hand-written hook that
+    ``hook()`` installs (and returns the handle of) instead."""
+    patched = execute(model, adapter, catalog, inputs, [bound]).output
+    handle = hook()
+    try:
+        with torch.no_grad():
+            expected = adapter.output(adapter.forward(model, inputs))
+    finally:
+        handle.remove()
+    return patched, expected
 
 
 def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout: InputLayout, x: torch.Tensor,
@@ -211,12 +287,7 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
         value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1]).clone()
         value[:, :, role, head * (group if role else 1)] = other
         source = Cache({"head_in.0": value}, {"head_in.0": catalog.family("head_in").axis_names})
-        patched = execute(model, adapter, catalog, inputs, [Bound(Site("head_in", 0), Patch(source))])
-        handle = proj.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                expected = adapter.output(adapter.forward(model, inputs))
-        finally:
-            handle.remove()
+        bound = Bound(Site("head_in", 0), Patch(source))
+        patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: proj.register_forward_hook(hook))
         what = f"{'query' if role == 0 else 'key'} head {head}: the patch differs from a hook on its projection"
-        proof.check("head_in", patched.output, expected, what)
+        proof.check("head_in", patched, expected, what)

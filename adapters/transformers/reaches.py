@@ -1,6 +1,9 @@
-"""Reaches specific to transformer blocks: per-head writes, the mid-block residual, attention patterns."""
+"""Reaches specific to transformer blocks: per-head writes, the mid-block residual, branch writes that
+include the residual, attention patterns."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +102,47 @@ class ResidualAfterAttention:
             block.register_forward_pre_hook(before_block, with_kwargs=True),
             attn.register_forward_hook(after_attention),
         ]
+
+
+class BranchWrite:
+    """The write of a branch module that adds the residual it is handed to its own output (BLOOM's
+    attention and MLP take it as argument ``residual``): read as ``output - residual``, written back as
+    ``output + (new - write)``, that is ``residual + new`` (an unchanged write changes nothing)."""
+
+    def __init__(self, root: nn.Module, path: str, residual: str):
+        self.root, self.path, self.residual = root, path, residual
+
+    def install(self, layer: int | None, callback: Callback) -> list[Handle]:
+        module = submodule(self.root, self.path, layer)
+        name, position = self.residual, _position(module, self.residual)
+
+        def hook(module, args, kwargs, output):
+            if name in kwargs:
+                residual = kwargs[name]
+            elif position is not None and position < len(args):
+                residual = args[position]
+            else:
+                raise RuntimeError(f"{type(module).__name__} was called without its residual argument {name!r}")
+            y = output if isinstance(output, torch.Tensor) else output[0]
+            write = y - residual.to(y.device)
+            new = callback(write)
+            if new is None:
+                return None
+            shifted = y + (new - write)
+            return shifted if isinstance(output, torch.Tensor) else (shifted, *output[1:])
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+
+def _position(module: nn.Module, name: str) -> int | None:
+    """Where argument ``name`` of ``module.forward`` goes when passed by position."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
 
 
 # Attention patterns live inside transformers' attention function, where no module boundary exists.

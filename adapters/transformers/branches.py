@@ -1,0 +1,102 @@
+"""Which module writes each branch of a residual block (attention, MLP) into the residual stream, read
+off one probe forward (:mod:`.probe`).
+
+A branch's write is its module's output, or the output of a chain of modules each taking the one
+before it whole (a sandwich norm, DINOv2's layer scale). A branch module handed the residual stream
+as an argument may add it to its own output (BLOOM's attention and MLP): its write is then its output
+minus that argument. The reading under which block input + attention write + MLP write is the block
+output is the block's; the plain one is tried first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .probe import Flow, same
+
+__all__ = ["Branches", "branches", "is_norm"]
+
+
+def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in name
+
+
+@dataclass(frozen=True)
+class Branches:
+    """Where each branch's write comes from, and its value and the stream after attention in the probe."""
+
+    attn: str  # the module whose output is the attention's write (or holds it, with attn_residual)
+    mlp: str
+    attn_residual: str | None  # the argument handing ``attn`` the residual it adds; None: plain
+    mlp_residual: str | None
+    attn_write: torch.Tensor
+    mlp_write: torch.Tensor
+    mid: torch.Tensor  # block input + attention write
+
+
+def branches(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, mlp: str) -> Branches | None:
+    """The branches of block ``first`` (its children by name), or None when no reading adds up."""
+    x, y = flow.inputs.get(first), flow.outputs.get(first)
+    for inside in (False, True):
+        found = _reading(flow, first, children, attn, mlp, x, inside)
+        if found is not None and same(x + found.attn_write + found.mlp_write, y):
+            return found
+    return None
+
+
+def _reading(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, mlp: str, x: torch.Tensor,
+             inside: bool) -> Branches | None:
+    out = lambda name: flow.outputs.get(f"{first}.{name}")  # noqa: E731
+    attn_res = _handed(flow, f"{first}.{attn}", x) if inside else None
+    if attn_res is not None:
+        attn_w, a, mid = attn, out(attn) - x, out(attn)
+    else:
+        attn_w = _chain(flow, first, children, attn, (attn, mlp))
+        a = out(attn_w)
+        mid = x + a
+    mlp_res = _handed(flow, f"{first}.{mlp}", mid) if inside else None
+    if inside and attn_res is None and mlp_res is None:
+        return None  # the same as the plain reading
+    if mlp_res is not None:
+        mlp_w, m = mlp, out(mlp) - mid
+    else:
+        mlp_w = _chain(flow, first, children, mlp, (attn, mlp))
+        m = out(mlp_w)
+    if a is None or m is None or a.shape != x.shape or m.shape != x.shape:
+        return None
+    return Branches(attn_w, mlp_w, attn_res, mlp_res, a, m, mid)
+
+
+def _handed(flow: Flow, name: str, value: torch.Tensor) -> str | None:
+    """The argument of module ``name`` that was handed ``value``."""
+    return next((arg for arg, t in flow.beside.get(name, {}).items() if same(t, value, atol=0)), None)
+
+
+def _chain(flow: Flow, first: str, children: dict[str, nn.Module], branch: str, skip: tuple[str, ...]) -> str:
+    """The last of the modules with weights (or norms) each taking the previous one's output whole, and
+    nothing else of its shape, and giving one of its shape, from ``branch``'s output on: a sandwich norm, a
+    layer scale (not a module that mixes in the residual too); ``branch`` when none does."""
+    name, seen = branch, set(skip)
+    while True:
+        value = flow.outputs.get(f"{first}.{name}")
+        following = next((n for n, m in children.items() if n not in seen and (is_norm(m) or _weighted(m))
+                          and same(flow.inputs.get(f"{first}.{n}"), value, atol=0) and _shaped(flow, f"{first}.{n}", value)
+                          and not flow.beside.get(f"{first}.{n}")), None)
+        if following is None:
+            return name
+        name = following
+        seen.add(following)
+
+
+def _shaped(flow: Flow, name: str, value: torch.Tensor) -> bool:
+    """Whether module ``name`` gave an output shaped like ``value`` (a scale or norm, not a projection)."""
+    out = flow.outputs.get(name)
+    return out is not None and out.shape == value.shape
+
+
+def _weighted(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())

@@ -1,0 +1,87 @@
+"""One probe forward for architecture inference (:mod:`.infer`): what flowed in and out of given modules.
+
+For every hooked module it keeps its first tensor input and first tensor output (copies: a later
+in-place add must not change them), the tensor arguments beside the first that have its shape, by
+parameter name (where a block hands a branch the residual it adds: BLOOM), and how often it ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Flow", "probe", "same", "first_tensor"]
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, "to_tuple"):
+        return first_tensor(value.to_tuple())
+    return None
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None, atol: float = 1e-5) -> bool:
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    return a is b or bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4))
+
+
+@dataclass
+class Flow:
+    """First tensor input and output of every hooked module in one forward, and how often each ran."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    beside: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {argument: tensor}
+
+
+def _beside(module: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensor arguments other than the first with its shape, by parameter name."""
+    found = {k: v for k, v in kwargs.items() if k != "hidden_states" and isinstance(v, torch.Tensor) and v.shape == x.shape}
+    shaped = [i for i, a in enumerate(args) if i and isinstance(a, torch.Tensor) and a.shape == x.shape]
+    if shaped:
+        params = list(inspect.signature(module.forward).parameters.values())
+        for i in shaped:
+            if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
+                found[params[i].name] = args[i]
+    return {k: v.detach().clone() for k, v in found.items()}
+
+
+def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any]) -> Flow:
+    """``model(**inputs)`` once without gradients, with hooks on ``modules`` (removed after)."""
+    flow, handles = Flow(), []
+
+    def hooks(name: str):
+        def before(module, args, kwargs):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            flow.calls[name] = flow.calls.get(name, 0) + 1
+            if isinstance(x, torch.Tensor) and name not in flow.inputs:
+                flow.inputs[name] = x.detach().clone()
+                flow.beside[name] = _beside(module, args, kwargs, x)
+
+        def after(module, args, kwargs, output):
+            y = first_tensor(output)
+            if y is not None and name not in flow.outputs:
+                flow.outputs[name] = y.detach().clone()
+
+        return before, after
+
+    try:
+        for name, module in modules.items():
+            before, after = hooks(name)
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flow
