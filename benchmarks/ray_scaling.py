@@ -60,7 +60,8 @@ def main() -> None:
     s = gpt2_setup(args.layers, args.d_model, args.seq, args.prompts)
     n_sites = len(s.m.catalog.expand(args.sites, {"pos": args.seq}))
     study = dict(clean=s.clean, corrupt=s.corrupt, sites=args.sites, metric=s.metric, normalize=True)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # The executor starts the local cluster on loopback only (a bare ray.init would expose the outward address).
+    RayExecutor(init_options=dict(num_cpus=args.cpus, log_to_driver=False)).connect()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         def ray_run(actors: int, keep: bool = False):
