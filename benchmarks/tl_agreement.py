@@ -113,11 +113,7 @@ FAMILIES = [
         "MHA: convert_olmo2_weights reshapes K and V with n_heads (the OLMo-2 checkpoints are MHA)",
     ),
     Family("gptj", "inferred", "transformer.h", "attn.out_proj", "mlp", "auto"),
-    Family(
-        "gpt_neo", "inferred", "transformer.h", "attn.attention.out_proj", "mlp", "auto",
-        {"attention_layers": ["global", "local"]},
-        "attention_layers cut to the 2 layers (tiny_config keeps the default 24, which transformers refuses to load back)",
-    ),
+    Family("gpt_neo", "inferred", "transformer.h", "attn.attention.out_proj", "mlp", "auto"),
     Family("stablelm", "inferred", "model.layers", "self_attn.o_proj", "mlp", None),
     Family("smollm3", "inferred", "model.layers", "self_attn.o_proj", "mlp", None),
     Family("mixtral", "inferred", "model.layers", "self_attn.o_proj", "mlp", "auto"),
