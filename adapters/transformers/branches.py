@@ -3,8 +3,9 @@ off one probe forward (:mod:`.probe`).
 
 A branch's write is its module's output, or the output of a chain of modules each taking the one
 before it whole (a sandwich norm, DINOv2's layer scale). A branch module handed the residual stream
-as an argument may add it to its own output (BLOOM's attention and MLP): its write is then its output
-minus that argument. The reading under which block input + attention write + MLP write is the block
+as an argument may add it to its own output (BLOOM's attention and MLP, the ``output`` module of a
+ViT-style MLP handed ``input_tensor``, an attention that norms its input inside and adds it back): its
+write is then its output minus that argument. The reading under which block input + attention write + MLP write is the block
 output is the block's; the plain one is tried first.
 """
 
@@ -21,8 +22,10 @@ __all__ = ["Branches", "branches", "is_norm"]
 
 
 def is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in name
+    """A torch norm, or a module named as one that holds no linear layer (``RobertaPreLayerNormOutput`` does)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
+        return True
+    return "norm" in type(module).__name__.lower() and not any(isinstance(m, nn.Linear) for m in module.modules())
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,12 @@ def _reading(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, 
 
 
 def _handed(flow: Flow, name: str, value: torch.Tensor) -> str | None:
-    """The argument of module ``name`` that was handed ``value``."""
-    return next((arg for arg, t in flow.beside.get(name, {}).items() if same(t, value, atol=0)), None)
+    """The argument of module ``name`` that was handed ``value``: one beside its first input, or the first
+    itself (a branch that norms its input inside and adds it back: RoBERTa-PreLayerNorm's attention)."""
+    found = next((arg for arg, t in flow.beside.get(name, {}).items() if same(t, value, atol=0)), None)
+    if found is None and same(flow.inputs.get(name), value, atol=0):
+        found = flow.first.get(name)
+    return found
 
 
 def _chain(flow: Flow, first: str, children: dict[str, nn.Module], branch: str, skip: tuple[str, ...]) -> str:

@@ -130,7 +130,7 @@ def infer(model: nn.Module) -> Inferred:
     images = takes_images(model)
     inputs = forward_kwargs(model, example_inputs(model))
     try:
-        flow = probe(model, modules, inputs)
+        flow = probe(model, modules, inputs, width)
     except Exception as exc:  # a model that does not run on its example inputs alone (encoder-decoder)
         what = "images" if images else "token ids"
         raise InferenceError(f"a probe forward on {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None

@@ -1,8 +1,9 @@
 """One probe forward for architecture inference (:mod:`.infer`): what flowed in and out of given modules.
 
 For every hooked module it keeps its first tensor input and first tensor output (copies: a later
-in-place add must not change them), the tensor arguments beside the first that have its shape, by
-parameter name (where a block hands a branch the residual it adds: BLOOM), and how often it ran.
+in-place add must not change them) and the first input's parameter name, the tensor arguments beside
+the first as wide as the residual ``[batch, pos, width]``, by parameter name (where a block hands a
+branch the residual it adds: BLOOM), and how often it ran.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def same(a: torch.Tensor | None, b: torch.Tensor | None, atol: float = 1e-5) -> bool:
+    """Equal within ``atol`` (and a relative 1e-4); with ``atol=0``, the same numbers (a tensor handed on)."""
     if a is None or b is None or a.shape != b.shape:
         return False
+    if atol == 0:
+        return a is b or torch.equal(a, b)
     return a is b or bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4))
 
 
@@ -41,22 +45,29 @@ class Flow:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     beside: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {argument: tensor}
+    first: dict[str, str] = field(default_factory=dict)  # name -> the parameter name of its first input
 
 
-def _beside(module: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Tensor arguments other than the first with its shape, by parameter name."""
-    found = {k: v for k, v in kwargs.items() if k != "hidden_states" and isinstance(v, torch.Tensor) and v.shape == x.shape}
-    shaped = [i for i, a in enumerate(args) if i and isinstance(a, torch.Tensor) and a.shape == x.shape]
+def _positional(module: nn.Module) -> list[str]:
+    """The names ``module.forward`` gives its positional arguments, in order."""
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _beside(module: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    """Tensor arguments other than the first that are as wide as the residual, by parameter name."""
+    wide = lambda v: v is not x and isinstance(v, torch.Tensor) and v.ndim == 3 and v.shape[-1] == width  # noqa: E731
+    found = {k: v for k, v in kwargs.items() if wide(v)}
+    shaped = [i for i, a in enumerate(args) if wide(a)]
     if shaped:
-        params = list(inspect.signature(module.forward).parameters.values())
-        for i in shaped:
-            if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
-                found[params[i].name] = args[i]
+        names = _positional(module)
+        found.update({names[i]: args[i] for i in shaped if i < len(names)})
     return {k: v.detach().clone() for k, v in found.items()}
 
 
-def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any]) -> Flow:
-    """``model(**inputs)`` once without gradients, with hooks on ``modules`` (removed after)."""
+def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any], width: int) -> Flow:
+    """``model(**inputs)`` once without gradients, with hooks on ``modules`` (removed after); ``width``
+    is the residual's, for the arguments beside the first that are kept."""
     flow, handles = Flow(), []
 
     def hooks(name: str):
@@ -65,7 +76,9 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any
             flow.calls[name] = flow.calls.get(name, 0) + 1
             if isinstance(x, torch.Tensor) and name not in flow.inputs:
                 flow.inputs[name] = x.detach().clone()
-                flow.beside[name] = _beside(module, args, kwargs, x)
+                flow.beside[name] = _beside(module, args, kwargs, x, width)
+                names = _positional(module) if x is not kwargs.get("hidden_states") else []
+                flow.first[name] = names[0] if names else "hidden_states"
 
         def after(module, args, kwargs, output):
             y = first_tensor(output)

@@ -1,8 +1,9 @@
 """Vision encoders (ViT, DeiT, DINOv2 with its layer scale, SigLIP's vision tower) on images, and BLOOM,
-whose attention and MLP add the residual they are handed themselves (MPT's MLP too): served by
-architecture inference (crosspatch.adapters.transformers.infer) and its proof, checked here by the
-conformance suite and against transformers' own hidden states and attentions and hand-written hooks;
-heads are counted off the pattern where the config names others (Whisper's decoder)."""
+whose attention and MLP add the residual they are handed themselves (so do MPT's MLP and
+RoBERTa-PreLayerNorm's ViT-style branches): served by architecture inference
+(crosspatch.adapters.transformers.infer) and its proof, checked here by the conformance suite and against
+transformers' own hidden states and attentions and hand-written hooks; heads are counted off the
+pattern where the config names others (Whisper's decoder)."""
 
 from __future__ import annotations
 
@@ -257,3 +258,31 @@ def test_heads_are_the_patterns_where_the_config_names_others():
     assert m.catalog.family("head_out").axis("head").size == 4 == m.describe()["n_heads"]
     x = inputs("bloom", 12)
     assert m.capture(x, ["attn_pattern.0"])["attn_pattern.0"].shape[1] == 4
+
+
+def test_pre_ln_roberta_adds_the_residual_inside_both_branches():
+    """RoBERTa-PreLayerNorm: the attention norms its input inside and adds it back, the MLP's ``output`` module
+    adds the ``input_tensor`` it is handed (the ViT-style ``dense(x) + input_tensor``)."""
+    model = tiny_model("roberta-prelayernorm", "masked-lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = cp.wrap(model)
+    arch = mapping_for(model).arch
+    assert (arch.attn_residual, arch.mlp_residual) == ("hidden_states", "input_tensor")
+    x = inputs("bloom", 13)
+    layer = model.roberta_prelayernorm.encoder.layer[1]
+    seen = {}
+    handles = [_hooked(layer.attention.output.dense, lambda out: seen.setdefault("attn", out.clone())),
+               _hooked(layer.output.dense, lambda out: seen.setdefault("mlp", out.clone()))]
+    try:
+        cache = m.capture(x, ["attn_out.1", "mlp_out.1", "resid_pre.*"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(cache["attn_out.1"], seen["attn"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cache["mlp_out.1"], seen["mlp"], atol=1e-6, rtol=0)
+    hidden = forward(model, "bloom", x, output_hidden_states=True).hidden_states
+    for i in range(2):
+        torch.testing.assert_close(cache[f"resid_pre.{i}"], hidden[i], atol=0, rtol=0)
+    report = check_adapter(model, x, m.adapter, cuda=False)
+    assert not report.failures, str(report)
