@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "activation_patching": "scale.shardable", "attribution_patching": "scale.shardable",
     "path_patching": "methods.path_patching",
     "cdt": "methods.cdt",
+    "localize": "methods.localize",
     "mediation": "methods.mediation", "faithfulness": "methods.faithfulness",
     "faithfulness_table": "methods.faithfulness", "faithfulness_curve": "methods.faithfulness",
     "steering_vector": "methods.steering", "steering_curve": "methods.steering",

@@ -1,0 +1,464 @@
+"""Coarse-to-fine localisation (``cp.localize``): AtP* ranks the sites of every level, exact activation
+patching verifies them, level by level, until no unverified site can matter by the rule below.
+
+Levels, coarse to fine (``start="components"``; ``docs/localize.md`` has the rule in full):
+
+``layer``          ``attn_out.L``, ``mlp_out.L``                       (``resid_pre.L`` with ``start="resid"``)
+``layer_pos``      ``attn_out.L[pos=p]``, ``mlp_out.L[pos=p]``         (``resid_pre.L[pos=p]``)
+``component``      ``head_out.L[head=h]``, ``mlp_out.L``
+``component_pos``  ``head_out.L[pos=p,head=h]``, ``mlp_out.L[pos=p]``
+``neuron``         ``mlp_act.L[pos=p,neuron=i]`` (``neurons=True``)
+
+One AtP* call (``attribution_patching(grad_drop=True)``) estimates every site of every level. A site
+listed at two levels (``mlp_out.L`` is a layer and a component) is one site, verified at most once, and a
+candidate at both. A site's *parents* are the coarser sites it is a summand of: ``attn_out.L[pos=p]`` of
+``attn_out.L``, ``head_out.L[head=h]`` of ``attn_out.L``, ``head_out.L[pos=p,head=h]`` of
+``attn_out.L[pos=p]`` and of ``head_out.L[head=h]``, ``mlp_out.L[pos=p]`` of ``mlp_out.L``,
+``mlp_act.L[pos=p,neuron=i]`` of ``mlp_out.L[pos=p]`` (the residual stream of ``start="resid"`` is no sum
+of finer sites, so it is a parent of nothing).
+
+The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - metric(corrupt)|`` (1 with
+``normalize``) and ``tau = tol * scale``:
+
+* the *threshold* is ``tau``; with ``k``, ``max(tau, the k-th largest |exact effect| among the level's
+  sites)`` once ``k`` of them are verified;
+* a site's *bound* is ``|estimate| * (1 + rho)``, ``rho`` the :data:`ERROR_QUANTILE` quantile of AtP*'s
+  relative errors ``|exact - estimate| / |estimate|`` on the verified sites of its family at this level
+  with ``|estimate| >= tau`` (the level's, then every level's, while the family has fewer than three);
+* a verified parent's *unexplained part* is ``|exact(P) - sum of its children at this level|``, a child
+  counted by its exact effect when verified, by its estimate otherwise;
+* the ``layer`` level verifies all its sites, whatever AtP* says (the anchor: AtP* can be blind to a
+  whole layer). At every other level a round verifies, in one ``activation_patching`` call: while fewer
+  than ``k`` of the level's sites, or fewer than three of a family's, are verified, the largest bounds
+  that make them up (they set the threshold and ``rho``); after that every unverified site whose bound
+  reaches the threshold, and, of every parent whose unexplained part plus its likeliest unverified child's
+  bound reaches the threshold, as many more unverified children (largest bound first) as it has verified
+  ones, at least one. The level stops when a round would verify nothing; each round verifies at least one
+  site, so it stops.
+
+``tol=0`` (and no ``k``) verifies every site: the result is the exhaustive sweep's. Verified values are
+``activation_patching``'s own for those sites (the same function is called on them).
+
+Forwards are counted as rows through the model divided by the number of prompts (a forward of ``n``
+prompts is one, however rows are batched), a backward as two forwards: AtP* with GradDrop over ``L``
+layer groups costs ``3 (L + 1) + 1`` (one gradient forward of ``(L + 1) n`` rows, its backward, the
+source run), an ``activation_patching`` call ``2 + metadata["sites_run"]`` (the clean and corrupt runs
+and one per site run). The exhaustive sweep is counted the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..engine.model import WrappedModel
+from ..progress import progress_bar
+from ..results.metrics import Metric
+from ..results.result import Result, collect_versions
+from ..sites.site import Site
+from .activation_patching import activation_patching
+from .attribution import attribution_patching
+from .pairs import label_positions, prepare_pair
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["localize", "Localization", "LEVELS", "level_patterns", "atp_forwards", "patching_forwards"]
+
+#: The levels, coarse to fine.
+LEVELS = ("layer", "layer_pos", "component", "component_pos", "neuron")
+_DEFAULT = ("layer", "layer_pos", "component", "component_pos")
+_RESID_LEVELS = ("layer", "layer_pos")
+#: Relative errors needed at a level before its own quantile replaces the one of every level so far.
+_OWN_ERRORS = 3
+#: The quantile of AtP*'s relative errors that inflates every estimate (``rho``).
+ERROR_QUANTILE = 0.9
+
+
+def level_patterns(level: str, start: str = "components", layers: int | None = None) -> list[str]:
+    """The site patterns of ``level``; ``layers`` (the model's depth) names ``start="resid"``'s last
+    residual, ``resid_post`` of the last layer."""
+    if level in _RESID_LEVELS and start == "resid":
+        if layers is None:
+            raise ValueError("start='resid' needs the number of layers to name the last residual")
+        pos = "[pos=*]" if level == "layer_pos" else ""
+        return [f"resid_pre.*{pos}", f"resid_post.{layers - 1}{pos}"]
+    return {
+        "layer": ["attn_out.*", "mlp_out.*"],
+        "layer_pos": ["attn_out.*[pos=*]", "mlp_out.*[pos=*]"],
+        "component": ["head_out.*[head=*]", "mlp_out.*"],
+        "component_pos": ["head_out.*[pos=*,head=*]", "mlp_out.*[pos=*]"],
+        "neuron": ["mlp_act.*[pos=*,neuron=*]"],
+    }[level]
+
+
+def atp_forwards(result: Result) -> int:
+    """Forwards an ``attribution_patching`` call spent, from its metadata: the gradient forward of one row
+    block per GradDrop group plus one, its backward (two forwards) and the source run; ``qk_fix`` is not
+    counted (localize does not use it)."""
+    blocks = 1 + len(result.metadata.get("grad_drop_groups") or [])
+    return 3 * blocks + 1
+
+
+def patching_forwards(result: Result) -> int:
+    """Forwards an ``activation_patching`` call spent: the clean and corrupt runs and one per site run."""
+    return 2 + int(result.metadata["sites_run"])
+
+
+@dataclass
+class _Unit:
+    site: str
+    family: str
+    level: str  # the first walked level that lists it
+    estimate: float
+    parents: list[str] = field(default_factory=list)
+    value: float | None = None
+    skipped: bool = False
+
+    @property
+    def best(self) -> float:
+        return self.estimate if self.value is None else self.value
+
+
+def _parents(site: Site) -> list[str]:
+    """The coarser sites ``site`` is a summand of (see the module docstring)."""
+    fam, layer, sel = site.family, site.layer, site.selection
+    pos, head = sel.get("pos"), sel.get("head")
+    if fam in ("attn_out", "mlp_out") and pos is not None:
+        return [f"{fam}.{layer}"]
+    if fam == "head_out":
+        if pos is None:
+            return [f"attn_out.{layer}"]
+        return [f"attn_out.{layer}[pos={pos}]", f"head_out.{layer}[head={head}]"]
+    if fam == "mlp_act":
+        return [f"mlp_out.{layer}[pos={pos}]"]
+    return []
+
+
+@dataclass(repr=False)
+class Localization:
+    """What :func:`localize` found: per level a Result over its sites, the AtP* estimates and the cost.
+
+    ``levels[name]`` has dims ``("site",)``: the exact effect where the site was verified, the AtP* estimate
+    elsewhere; its metadata says which (``verified``, ``estimate``, ``skipped``: lists over the sites) and
+    how the level went (``rounds``, ``threshold``, ``rho`` per family, ``verified_count``,
+    ``max_unverified_bound``, ``unverified_mass`` (their sum), ``max_unexplained``, ``forwards``).
+    ``sweeps[pattern]`` is the same for one pattern with its own dims (``head_out.*[pos=*,head=*]``:
+    layer, pos, head), comparable with ``activation_patching`` of the pattern. ``forwards`` is the total
+    spent (rows / prompts; a backward counts two) and ``metadata["cost"]`` its parts.
+    """
+
+    levels: dict[str, Result]
+    sweeps: dict[str, Result]
+    estimates: Result
+    forwards: int
+    metadata: dict[str, Any]
+
+    def __getitem__(self, level: str) -> Result:
+        if level not in self.levels:
+            raise KeyError(f"no level {level!r}; this localisation walked {list(self.levels)}")
+        return self.levels[level]
+
+    def __repr__(self) -> str:
+        parts = [f"{name}: {r.metadata['verified_count']}/{r.values.size} verified" for name, r in self.levels.items()]
+        return f"Localization({'; '.join(parts)}; {self.forwards} forwards)"
+
+    @property
+    def verified(self) -> dict[str, float]:
+        """Every site patched exactly, with its effect."""
+        out: dict[str, float] = {}
+        for res in self.levels.values():
+            for site, value, done in zip(res.coords["site"], res.values, res.metadata["verified"]):
+                if done:
+                    out[site] = float(value)
+        return out
+
+    def sweep(self, pattern: str) -> Result:
+        """The Result of one pattern (``"head_out.*[pos=*,head=*]"``) with its own dims."""
+        if pattern not in self.sweeps:
+            raise KeyError(f"no pattern {pattern!r}; patterns: {list(self.sweeps)}")
+        return self.sweeps[pattern]
+
+    def to_pandas(self) -> "pd.DataFrame":
+        """One row per site and level: level, site, estimate, value (exact if verified), verified, skipped."""
+        import pandas as pd
+
+        rows = []
+        for name, res in self.levels.items():
+            meta = res.metadata
+            for i, site in enumerate(res.coords["site"]):
+                rows.append({"level": name, "site": site, "estimate": meta["estimate"][i], "value": res.values[i],
+                             "verified": meta["verified"][i], "skipped": meta["skipped"][i]})
+        return pd.DataFrame(rows)
+
+    def top(self, k: int = 10, level: str | None = None) -> "pd.DataFrame":
+        """The ``k`` sites of ``level`` (default: the finest walked) with the largest ``|value|``."""
+        level = level or list(self.levels)[-1]
+        frame = self.to_pandas()
+        frame = frame[frame["level"] == level]
+        return frame.iloc[np.argsort(-np.abs(frame["value"].to_numpy()), kind="stable")[:k]].reset_index(drop=True)
+
+
+def localize(
+    model: "WrappedModel | nn.Module",
+    clean: Any,
+    corrupt: Any,
+    metric: "Metric | Callable",
+    *,
+    tol: float = 0.02,
+    k: int | None = None,
+    start: Literal["components", "resid"] = "components",
+    levels: Sequence[str] | None = None,
+    neurons: bool = False,
+    direction: Literal["denoising", "noising"] = "denoising",
+    normalize: bool = False,
+    batch_size: int | None = None,
+    reuse_prefix: bool = True,
+    progress: bool | None = None,
+) -> Localization:
+    """Walk from layers to (layer, position), heads and MLPs, then head-position (and neurons), ranking
+    each level by AtP* and verifying with exact activation patching until no unverified site's bound
+    reaches the threshold: ``tol`` times the clean-corrupt gap, and with ``k`` at least the ``k``-th
+    largest exact effect of the level (``k`` is how many sites per level you want ranked exactly).
+
+    ``levels`` picks levels out of :data:`LEVELS` (default: all but ``neuron``, which ``neurons=True``
+    adds); ``levels=["component_pos"]`` is AtP* verified without the coarser levels. ``start="resid"``
+    makes the first two levels the residual stream (``resid_pre.L``, ``resid_pre.L[pos=p]`` and the last
+    layer's ``resid_post``) instead of the attention and MLP writes. ``direction``, ``normalize``,
+    ``batch_size`` and ``reuse_prefix`` are passed to ``activation_patching`` and (the first two) to
+    ``attribution_patching``. ``tol=0`` without ``k`` verifies every site. Returns a
+    :class:`Localization`; the module docstring and ``docs/localize.md`` give the rule and the cost count.
+    """
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0 (a fraction of the clean-corrupt gap), got {tol!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive int or None, got {k!r}")
+    if start not in ("components", "resid"):
+        raise ValueError(f"start must be 'components' or 'resid', got {start!r}")
+    walked = _walked(levels, neurons)
+
+    pair = prepare_pair(model, clean, corrupt, metric, direction)
+    m, metric = pair.model, pair.metric
+    layers = next((m.catalog.family(f).layers for f in ("resid_pre", "attn_out") if f in m.catalog), None)
+    patterns = {lv: [p for p in level_patterns(lv, start, layers) if Site.parse(p).family in m.catalog]
+                for lv in walked}
+    missing = [lv for lv in walked if not patterns[lv]]
+    if missing:
+        raise ValueError(
+            f"{m.catalog.model_name} has none of the site families of level(s) {missing} "
+            f"({', '.join(p for lv in missing for p in level_patterns(lv, start, layers))})"
+        )
+    unique = list(dict.fromkeys(p for lv in walked for p in patterns[lv]))
+    common = dict(direction=direction, normalize=normalize)
+
+    estimates = attribution_patching(m, clean, corrupt, unique, metric, grad_drop=True, **common)
+    cost = {"attribution": atp_forwards(estimates), "baseline_runs": 0, "patched_sites": 0}
+    baseline = estimates.metadata["baseline"]
+    scale = 1.0 if normalize else abs(baseline["clean"] - baseline["corrupt"])
+    tau = tol * scale
+    if tau == 0 and tol > 0 and k is None:
+        warnings.warn(f"the clean-corrupt gap of {metric.name} is 0, so tol={tol} is 0 too: every site is verified",
+                      stacklevel=2)
+
+    # Sites of each pattern in the order AtP* returned them (expand concatenates the patterns' sweeps).
+    sweeps = {p: m.catalog.expand(p, pair.sizes) for p in unique}
+    names, offset = {}, 0
+    for p in unique:
+        names[p] = estimates.coords["site"][offset : offset + len(sweeps[p])]
+        offset += len(sweeps[p])
+    units: dict[str, _Unit] = {}
+    for lv in walked:
+        for p in patterns[lv]:
+            for name, site, value in zip(names[p], sweeps[p].sites, _values(estimates, unique, sweeps, p)):
+                if name not in units:
+                    units[name] = _Unit(name, site.family, lv, float(value), _parents(site))
+    order = {lv: i for i, lv in enumerate(walked)}
+    for unit in units.values():  # a parent counts when it is walked at an earlier level
+        unit.parents = [q for q in unit.parents if q in units and order[units[q].level] < order[unit.level]]
+
+    def verify(todo: list[_Unit]) -> None:
+        res = activation_patching(m, clean, corrupt, [u.site for u in todo], metric, batch_size=batch_size,
+                                  reuse_prefix=reuse_prefix, progress=False, **common)
+        skipped = res.skipped if res.skipped is not None else np.zeros(len(todo), dtype=bool)
+        for u, value, skip in zip(todo, res.values, skipped):
+            u.value, u.skipped = float(value), bool(skip)
+        cost["baseline_runs"] += 2
+        cost["patched_sites"] += int(res.metadata["sites_run"])
+
+    stats: dict[str, dict[str, Any]] = {}
+    bar = progress_bar(walked, progress, desc="localize", unit="level")
+    for lv in bar:
+        before = _total(cost)
+        listed = [units[name] for name in _level_sites(lv, patterns, names)]
+        families = list(dict.fromkeys(u.family for u in listed))
+        rounds = 0
+        while True:
+            threshold = _threshold(tau, listed, k)
+            rhos = {f: _rho([u for u in listed if u.family == f], listed, units.values(), tau) for f in families}
+            bounds = {u.site: abs(u.estimate) * (1 + rhos[u.family]) for u in listed}
+            unexplained = _unexplained(listed, units)
+            if lv == "layer":  # the anchor: every layer, whatever AtP* says (it can be blind to a whole layer)
+                todo = [u for u in listed if u.value is None]
+            else:
+                todo = _pick(listed, families, bounds, threshold, k, unexplained)
+            if not todo:
+                break
+            verify(todo)
+            rounds += 1
+        rest = [bounds[u.site] for u in listed if u.value is None]
+        stats[lv] = {
+            "rounds": rounds, "threshold": float(threshold),
+            "verified_count": sum(units[n].value is not None for n in _level_sites(lv, patterns, names)),
+            "max_unverified_bound": float(max(rest, default=0.0)), "unverified_mass": float(sum(rest)),
+            "max_unexplained": float(max((d for d, _ in unexplained.values()), default=0.0)),
+            "rho": {f: float(r) for f, r in rhos.items()},
+            "forwards": _total(cost) - before,
+        }
+
+    forwards = _total(cost)
+    metadata = {
+        "method": "localize",
+        "metric": metric.name,
+        "direction": direction,
+        "normalize": normalize,
+        "tol": tol,
+        "k": k,
+        "start": start,
+        "levels": list(walked),
+        "patterns": {lv: patterns[lv] for lv in walked},
+        "scale": scale,
+        "tau": tau,
+        "baseline": baseline,
+        "n_prompts": pair.n,
+        "forwards": forwards,
+        "cost": dict(cost),
+        "model": m.describe(),
+        "adapter": m.adapter.name,
+        "versions": collect_versions(),
+    }
+    level_results = {}
+    for lv in walked:
+        sites = [units[n] for n in _level_sites(lv, patterns, names)]
+        level_results[lv] = Result(
+            np.array([u.best for u in sites]), ("site",), {"site": [u.site for u in sites]},
+            {**_unit_lists(sites), **stats[lv], "level": lv, "method": "localize", "metric": metric.name, "tol": tol,
+             "k": k},
+        )
+    labels = m.position_labels(pair.clean)
+    pattern_results = {}
+    for p in unique:
+        sweep, sites = sweeps[p], [units[n] for n in names[p]]
+        lists = {key: np.array(value).reshape(sweep.shape).tolist() for key, value in _unit_lists(sites).items()}
+        pattern_results[p] = Result(
+            np.array([u.best for u in sites]).reshape(sweep.shape), sweep.dims,
+            label_positions(dict(sweep.coords), labels), {**lists, "pattern": p, "method": "localize",
+                                                           "metric": metric.name, "tol": tol, "k": k},
+        )
+    return Localization(level_results, pattern_results, estimates, forwards, metadata)
+
+
+def _walked(levels: Sequence[str] | None, neurons: bool) -> tuple[str, ...]:
+    if levels is None:
+        return _DEFAULT + (("neuron",) if neurons else ())
+    if isinstance(levels, str):
+        levels = [levels]
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown or not levels:
+        raise ValueError(f"levels must name some of {list(LEVELS)}; got {list(levels)}")
+    chosen = set(levels) | ({"neuron"} if neurons else set())
+    return tuple(lv for lv in LEVELS if lv in chosen)
+
+
+def _values(estimates: Result, unique: list[str], sweeps: dict, pattern: str) -> np.ndarray:
+    start = sum(len(sweeps[p]) for p in unique[: unique.index(pattern)])
+    return estimates.values[start : start + len(sweeps[pattern])]
+
+
+def _level_sites(level: str, patterns: dict[str, list[str]], names: dict[str, list[str]]) -> list[str]:
+    return [n for p in patterns[level] for n in names[p]]
+
+
+def _total(cost: dict[str, int]) -> int:
+    return cost["attribution"] + cost["baseline_runs"] + cost["patched_sites"]
+
+
+def _threshold(tau: float, listed: list[_Unit], k: int | None) -> float:
+    """``tau``, raised with ``k`` to the ``k``-th largest exact effect among the level's sites once there is one."""
+    if k is None:
+        return tau
+    exact = sorted((abs(u.value) for u in listed if u.value is not None), reverse=True)
+    return max(tau, exact[k - 1]) if len(exact) >= k else tau
+
+
+def _errors(units: Any, tau: float) -> list[float]:
+    """AtP*'s relative errors ``|exact - estimate| / |estimate|`` on the verified sites with ``|estimate| >= tau``
+    (and non-zero)."""
+    return [abs(u.value - u.estimate) / abs(u.estimate) for u in units
+            if u.value is not None and u.estimate != 0 and abs(u.estimate) >= tau]
+
+
+def _rho(family: list[_Unit], listed: list[_Unit], every: Any, tau: float) -> float:
+    """The :data:`ERROR_QUANTILE` quantile of AtP*'s relative errors on one family's sites of a level once it
+    has :data:`_OWN_ERRORS` of them; before, on the level's, and before that on every level's (0 with none)."""
+    pools = [_errors(family, tau), _errors(listed, tau), _errors(every, tau)]
+    pool = next((p for p in pools if len(p) >= _OWN_ERRORS), pools[-1])
+    return float(np.quantile(pool, ERROR_QUANTILE)) if pool else 0.0
+
+
+def _unexplained(listed: list[_Unit], units: dict[str, _Unit]) -> dict[str, tuple[float, list[_Unit]]]:
+    """Per verified parent with unverified children among ``listed``: the part of its exact effect those
+    children do not account for, ``|exact(P) - sum of children|`` (a child counted by its exact effect when
+    verified, its estimate otherwise), and the children."""
+    children: dict[str, list[_Unit]] = {}
+    for u in listed:
+        for q in u.parents:
+            children.setdefault(q, []).append(u)
+    return {
+        q: (abs(units[q].value - sum(u.best for u in kids)), kids)
+        for q, kids in children.items()
+        if units[q].value is not None and any(u.value is None for u in kids)
+    }
+
+
+def _pick(listed: list[_Unit], families: list[str], bounds: dict[str, float], threshold: float, k: int | None,
+          unexplained: dict) -> list[_Unit]:
+    """The sites a round verifies (see the module docstring): while the level has fewer than ``k`` exact
+    effects, or a family fewer than :data:`_OWN_ERRORS`, the largest bounds that make them up; then every
+    site whose bound reaches the threshold and more children of every parent left unexplained."""
+    candidates = sorted((u for u in listed if u.value is None and bounds[u.site] >= threshold),
+                        key=lambda u: -bounds[u.site])
+    first: dict[str, _Unit] = {}
+    if k is not None:
+        first.update((u.site, u) for u in candidates[: max(0, k - sum(u.value is not None for u in listed))])
+    for f in families:
+        need = _OWN_ERRORS - sum(u.value is not None for u in listed if u.family == f)
+        fresh = [u for u in candidates if u.family == f and u.site not in first]
+        first.update((u.site, u) for u in fresh[: max(0, need)])
+    if first:
+        return list(first.values())
+    return candidates + _more_children(unexplained, threshold, bounds, candidates)
+
+
+def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float], todo: list[_Unit]) -> list[_Unit]:
+    """Of each parent whose unexplained part could lift its likeliest unverified child to ``threshold`` (``D``
+    plus that child's bound reaches it), as many unverified children (largest bound first) as it has verified
+    ones, at least one: the verified children of such a parent double each round."""
+    more: list[_Unit] = []
+    for d, kids in unexplained.values():
+        taken = {u.site for u in todo + more}
+        open_ = sorted((u for u in kids if u.value is None and u.site not in taken), key=lambda u: -bounds[u.site])
+        if open_ and d + bounds[open_[0].site] >= threshold:
+            more += open_[: max(1, sum(u.value is not None for u in kids))]
+    return more
+
+
+def _unit_lists(sites: list[_Unit]) -> dict[str, list]:
+    return {
+        "verified": [u.value is not None for u in sites],
+        "estimate": [u.estimate for u in sites],
+        "skipped": [u.skipped for u in sites],
+    }

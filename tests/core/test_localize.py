@@ -1,0 +1,217 @@
+"""cp.localize: verified effects are activation patching's own values, tol=0 is the exhaustive sweep,
+planted heads are found, and the forwards it reports are the rows it ran."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import crosspatch as cp
+from crosspatch.methods.localize import LEVELS, Localization, level_patterns, localize
+
+from conftest import tiny_gpt2
+
+PLANTED = [(1, 2), (2, 0)]
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _planted(scale: float = 8.0):
+    """A 3-layer GPT-2 with heads 1.2 and 2.0's output projections scaled up, a pair differing at position 3
+    and the logit difference the corruption moves most."""
+    model = tiny_gpt2(n_layer=3)
+    d_head = 64 // 4
+    with torch.no_grad():
+        for layer, head in PLANTED:
+            model.transformer.h[layer].attn.c_proj.weight[head * d_head : (head + 1) * d_head] *= scale
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(2, 100, (4, 8), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 3] = (clean[:, 3] + 17) % 98 + 2
+    with torch.no_grad():
+        moved = model(clean).logits[:, -1] - model(corrupt).logits[:, -1]
+    return cp.wrap(model), clean, corrupt, cp.metrics.logit_diff(moved.argmax(-1), moved.argmin(-1))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted()
+
+
+@pytest.fixture(scope="module")
+def sweeps(planted):
+    """activation_patching of every pattern of every level (start="components"), normalised."""
+    m, clean, corrupt, metric = planted
+    patterns = dict.fromkeys(p for lv in LEVELS[:4] for p in level_patterns(lv))
+    return {p: cp.activation_patching(m, clean, corrupt, p, metric, normalize=True, progress=False) for p in patterns}
+
+
+def test_verified_effects_are_activation_patchings_values(planted, sweeps):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05)
+    checked = 0
+    for pattern, res in loc.sweeps.items():
+        verified = np.array(res.metadata["verified"], dtype=bool)
+        assert verified.shape == res.values.shape
+        np.testing.assert_array_equal(res.values[verified], sweeps[pattern].values[verified])  # exactly
+        estimate = np.array(res.metadata["estimate"])
+        np.testing.assert_array_equal(res.values[~verified], estimate[~verified])
+        checked += int(verified.sum())
+    assert 0 < checked == len(loc.verified)
+    assert sum(r.metadata["verified_count"] for r in loc.levels.values()) >= checked  # shared sites counted per level
+    # the same for sites given as a list: one call of activation_patching on the verified sites
+    sites = sorted(loc.verified)
+    again = cp.activation_patching(m, clean, corrupt, sites, metric, normalize=True, progress=False)
+    assert again.values.tolist() == [loc.verified[s] for s in sites]
+
+
+def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted, sweeps):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0)
+    for name, res in loc.levels.items():
+        assert all(res.metadata["verified"]), name
+        assert res.metadata["max_unverified_bound"] == 0.0
+    for pattern, res in loc.sweeps.items():
+        assert res.dims == sweeps[pattern].dims and res.coords == sweeps[pattern].coords
+        np.testing.assert_array_equal(res.values, sweeps[pattern].values)
+        order = np.argsort(-np.abs(res.values.reshape(-1)), kind="stable")
+        assert order.tolist() == np.argsort(-np.abs(sweeps[pattern].values.reshape(-1)), kind="stable").tolist()
+        skipped = sweeps[pattern].skipped
+        assert np.array(res.metadata["skipped"]).tolist() == skipped.tolist()  # positions before 3 are not run
+    fine = sum(sweeps[p].metadata["sites_run"] for p in level_patterns("component_pos"))
+    assert loc.forwards > fine + 2  # everything, plus AtP* and the coarser levels
+
+
+def test_the_planted_heads_are_found(planted):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05)
+    heads = loc.top(2, level="component")
+    assert set(heads["site"]) == {f"head_out.{layer}[head={head}]" for layer, head in PLANTED}
+    assert heads["verified"].all()
+    fine = loc.top(3)  # the finest level: the planted heads' writes at the last position lead it
+    assert {f"head_out.{layer}[pos=7,head={head}]" for layer, head in PLANTED} <= set(fine["site"])
+    assert fine["verified"].all()
+    # fewer sites verified than listed: the rule stopped
+    finest = loc.levels["component_pos"]
+    assert finest.metadata["verified_count"] < finest.values.size
+    assert finest.metadata["max_unverified_bound"] < finest.metadata["threshold"]
+
+
+def _truth(m, sweeps) -> dict[str, float]:
+    truth = {}
+    for p in level_patterns("component_pos"):
+        sweep = m.catalog.expand(p, {"pos": 8})
+        truth.update(zip(map(str, sweep.sites), sweeps[p].values.reshape(-1).tolist()))
+    return truth
+
+
+def test_with_k_the_top_k_are_verified_and_the_threshold_rises(planted, sweeps):
+    m, clean, corrupt, metric = planted
+    truth = _truth(m, sweeps)
+    top3 = sorted(truth, key=lambda s: -abs(truth[s]))[:3]
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.0, k=3)
+    res = loc.levels["component_pos"]
+    assert res.metadata["threshold"] > 0  # the 3rd largest exact effect, not tol
+    assert set(top3) <= set(loc.verified)
+    assert set(loc.top(3)["site"]) == set(top3)
+    assert res.metadata["verified_count"] < res.values.size
+    # the planted head 1.2 at the corrupted position, which AtP* puts at less than half its effect
+    missed = "head_out.1[pos=3,head=2]"
+    assert missed in top3 and loc.estimates.values[loc.estimates.coords["site"].index(missed)] < truth[missed] / 2
+
+
+def test_the_layer_level_catches_what_atp_cannot_see():
+    """tracr's hist: attention saturated, ReLUs off, so AtP* is 0 at every site. Verifying AtP*'s ranking
+    alone finds nothing; the layers, always patched, leave their whole effect unexplained, which sends
+    localize down to the sites."""
+    from crosspatch.adapters.tracr import TracrAdapter, load, output_score
+
+    model = load(DATA / "tracr", "hist")
+    m = cp.wrap(model, TracrAdapter())
+    refs = [r["ids"] for r in json.loads((DATA / "tracr" / "hist.json").read_text())["reference"]]
+    ids = torch.tensor([r for r in refs if len(r) == 6])
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (ids[torch.randperm(len(ids), generator=gen)[:8]] for _ in range(2))
+    metric = output_score(model.categorical)
+    loc = localize(m, clean, corrupt, metric, tol=0.05)
+    assert not np.any(loc.estimates.values)
+    flat = localize(m, clean, corrupt, metric, tol=0.05, levels=["component_pos"])
+    assert flat.verified == {}
+    for pattern in level_patterns("component_pos"):
+        exact = cp.activation_patching(m, clean, corrupt, pattern, metric, progress=False)
+        big = np.abs(exact.values) >= 0.05 * loc.metadata["scale"]
+        assert big.any()
+        found = loc.sweep(pattern)
+        assert np.array(found.metadata["verified"])[big].all()
+        np.testing.assert_array_equal(found.values[big], exact.values[big])
+
+
+def test_forwards_are_the_rows_run(planted, monkeypatch):
+    m, clean, corrupt, metric = planted
+    rows = []
+    modules = ["crosspatch.methods.activation_patching", "crosspatch.methods.attribution",
+               "crosspatch.methods.shared_prefix"]
+    for name in modules:
+        module = importlib.import_module(name)
+        real = module.execute
+
+        def counting(module_, adapter, catalog, inputs, *args, _real=real, **kwargs):
+            rows.append(inputs["input_ids"].shape[0])
+            return _real(module_, adapter, catalog, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(module, "execute", counting)
+    loc = localize(m, clean, corrupt, metric, tol=0.05)
+    n, blocks = clean.shape[0], 1 + 3  # AtP* row blocks: the plain one and one per layer dropped
+    assert sum(rows) % n == 0
+    assert loc.forwards == sum(rows) // n + 2 * blocks  # + the backward through the gradient forward, as two
+    cost = loc.metadata["cost"]
+    assert cost["attribution"] == 3 * blocks + 1
+    assert loc.forwards == cost["attribution"] + cost["baseline_runs"] + cost["patched_sites"]
+    assert loc.forwards == sum(r.metadata["forwards"] for r in loc.levels.values()) + cost["attribution"]
+
+
+def test_start_resid_walks_the_residual_stream(planted):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, start="resid", levels=["layer", "layer_pos"])
+    assert loc.metadata["patterns"]["layer"] == ["resid_pre.*", "resid_post.2"]
+    res = loc.sweep("resid_pre.*[pos=*]")
+    assert res.dims == ("layer", "pos")
+    # the whole residual entering a layer restores the clean run: the gap, on every verified layer
+    layer = loc.levels["layer"]
+    verified = np.array(layer.metadata["verified"])
+    np.testing.assert_allclose(layer.values[verified], 1.0, atol=1e-4)
+
+
+def test_the_result_reads_as_tables(planted):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, neurons=True)
+    assert isinstance(loc, Localization) and list(loc.levels) == list(LEVELS)
+    assert "verified" in repr(loc) and f"{loc.forwards} forwards" in repr(loc)
+    frame = loc.to_pandas()
+    assert set(frame.columns) == {"level", "site", "estimate", "value", "verified", "skipped"}
+    assert frame["verified"].sum() >= len(loc.verified)
+    assert loc["neuron"].values.size == 3 * 8 * 256
+    with pytest.raises(KeyError, match="walked"):
+        loc["heads"]
+    with pytest.raises(KeyError, match="patterns"):
+        loc.sweep("head_out.*")
+    assert loc.estimates.metadata["variant"] == "atp*_graddrop"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"tol": -0.1}, "tol must be >= 0"), ({"k": 0}, "k must be a positive int"),
+     ({"start": "embed"}, "start must be"), ({"levels": ["heads"]}, "levels must name")],
+)
+def test_bad_arguments_raise(planted, options, message):
+    m, clean, corrupt, metric = planted
+    with pytest.raises(ValueError, match=message):
+        localize(m, clean, corrupt, metric, **options)
+
+
+def test_exported():
+    assert cp.localize is localize
