@@ -69,6 +69,18 @@ def test_verified_effects_are_activation_patchings_values(planted, sweeps):
     assert again.values.tolist() == [loc.verified[s] for s in sites]
 
 
+def test_noising_verifies_with_noising_patching(planted):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, tol=0.05, direction="noising", levels=["layer", "component_pos"])
+    assert loc.estimates.metadata["direction"] == "noising"
+    for pattern in level_patterns("component_pos"):
+        exact = cp.activation_patching(m, clean, corrupt, pattern, metric, direction="noising", progress=False)
+        res = loc.sweep(pattern)
+        verified = np.array(res.metadata["verified"], dtype=bool)
+        assert verified.any()
+        np.testing.assert_array_equal(res.values[verified], exact.values[verified])
+
+
 def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted, sweeps):
     m, clean, corrupt, metric = planted
     loc = localize(m, clean, corrupt, metric, normalize=True, tol=0)
