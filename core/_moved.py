@@ -60,10 +60,15 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname == "crosspatch.tasks")
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(MOVED[spec.name])
+        module = importlib.import_module(MOVED[spec.name])
+        spec.loader_state = module.__spec__  # its own spec, for exec_module to put back
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module ran when it was imported under its own name."""
+        """The module ran when it was imported under its own name. The import system has just set its
+        ``__spec__`` to the old path's; give it back its own, or its relative imports would resolve
+        against the old parent (and warn that ``__package__ != __spec__.parent``)."""
+        module.__spec__ = module.__spec__.loader_state
 
 
 def install() -> None:

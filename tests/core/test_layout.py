@@ -94,3 +94,15 @@ def test_layer_contract_holds_and_fails_on_an_upward_import(tmp_path):
     broken = _lint(tmp_path / "upward", ("sites/site.py", "from crosspatch.methods import activation_patching"))
     assert broken.returncode != 0
     assert "crosspatch.sites.site -> crosspatch.methods" in broken.stdout
+
+
+def test_a_module_imported_by_its_old_path_keeps_its_own_spec():
+    """Its relative imports (also those inside functions) resolve in its own package, without an ImportWarning."""
+    import warnings
+
+    import crosspatch.model  # noqa: F401  (the old path of crosspatch.engine.model)
+    module = sys.modules["crosspatch.engine.model"]
+    assert module.__spec__.name == "crosspatch.engine.model" and module.__spec__.parent == module.__package__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec("from ..plugins import registry", vars(module).copy())
