@@ -266,14 +266,15 @@ def localize(
 
     # Sites of each pattern in the order AtP* returned them (expand concatenates the patterns' sweeps).
     sweeps = {p: m.catalog.expand(p, pair.sizes) for p in unique}
-    names, offset = {}, 0
+    names, values, offset = {}, {}, 0
     for p in unique:
         names[p] = estimates.coords["site"][offset : offset + len(sweeps[p])]
+        values[p] = estimates.values[offset : offset + len(sweeps[p])]
         offset += len(sweeps[p])
     units: dict[str, _Unit] = {}
     for lv in walked:
         for p in patterns[lv]:
-            for name, site, value in zip(names[p], sweeps[p].sites, _values(estimates, unique, sweeps, p)):
+            for name, site, value in zip(names[p], sweeps[p].sites, values[p]):
                 if name not in units:
                     units[name] = _Unit(name, site.family, lv, float(value), _parents(site))
     order = {lv: i for i, lv in enumerate(walked)}
@@ -371,11 +372,6 @@ def _walked(levels: Sequence[str] | None, neurons: bool) -> tuple[str, ...]:
         raise ValueError(f"levels must name some of {list(LEVELS)}; got {list(levels)}")
     chosen = set(levels) | ({"neuron"} if neurons else set())
     return tuple(lv for lv in LEVELS if lv in chosen)
-
-
-def _values(estimates: Result, unique: list[str], sweeps: dict, pattern: str) -> np.ndarray:
-    start = sum(len(sweeps[p]) for p in unique[: unique.index(pattern)])
-    return estimates.values[start : start + len(sweeps[pattern])]
 
 
 def _level_sites(level: str, patterns: dict[str, list[str]], names: dict[str, list[str]]) -> list[str]:
