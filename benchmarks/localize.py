@@ -14,6 +14,7 @@ least at the last position; values are normalised by the clean-corrupt gap.
 
     python benchmarks/localize.py                       # small and gpt2 geometries, zoo models: localize.md
     python benchmarks/localize.py --geometries small --seeds 0 1 --out /tmp/localize.md
+    python benchmarks/localize.py --render              # localize.md again from the last run's rows
 """
 
 from __future__ import annotations
@@ -227,7 +228,11 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=0.01)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "crosspatch" / "bench-localize")
     parser.add_argument("--out", type=Path, default=HERE / "localize.md")
+    parser.add_argument("--render", action="store_true", help="rewrite --out from the last run's rows in --cache")
     args = parser.parse_args()
+    if args.render:
+        write(json.loads((args.cache / "rows.json").read_text()), args)
+        return
     torch.set_num_threads(1)
 
     rows: list[dict] = []
@@ -286,8 +291,10 @@ def write(rows: list[dict], args) -> None:
         "backward as two); `AtP* + verify` is `localize(levels=['component_pos'])`, the same rule without the "
         "coarser levels. Planted heads found: of the planted heads, how many have their strongest "
         "(component, position) site, by the exhaustive sweep, verified (their ranks in the sweep are in the "
-        "last column of every case: a planted head's site ranked below k need not be). Targets: recall >= 0.95 at <= 10 % of the exhaustive sweep's forwards. The rule, the "
-        "count and what the method can miss: `docs/localize.md`.",
+        "last column of every case: a planted head's site ranked below k need not be). Seconds are wall clock "
+        "on a shared 2-core machine, the exhaustive sweep's from the run that cached it: indicative only. "
+        "Targets: recall >= 0.95 at <= 10 % of the exhaustive sweep's forwards. The rule, the count, what the "
+        "method can miss and a reading of these numbers: `docs/localize.md`.",
         "",
         f"Machine: {platform.machine()}, {platform.system()}, 1 torch thread, torch {torch.__version__}, "
         f"Python {sys.version.split()[0]}.",
