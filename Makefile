@@ -13,9 +13,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet ".[all,dev]"
 
-# An editable install for working on crosspatch itself.
+# An editable install for working on crosspatch itself. Strict mode lays the package out as installed
+# (links under build/), so lint-imports finds crosspatch.adapters; a new module needs `make dev` again.
 dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[all,dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev]" --config-settings editable_mode=strict
 
 demo: install
 	$(BIN)/python examples/ioi_study.py --out $(OUT)
