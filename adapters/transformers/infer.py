@@ -32,7 +32,7 @@ from .examples import example_inputs, forward_kwargs, takes_images
 from .inputs import InputLayout
 from .probe import Flow, first_tensor, probe, same
 
-__all__ = ["InferenceError", "Inferred", "infer", "config_int", "sizing_config"]
+__all__ = ["InferenceError", "Inferred", "infer", "config_int", "has_submodule", "sizing_config"]
 
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
@@ -91,7 +91,8 @@ def _block_list(base: nn.Module, depth: int | None) -> str:
     return min(found, key=lambda f: (f[0].count("."), -f[1]))[0]
 
 
-def _has(block: nn.Module, path: str) -> bool:
+def has_submodule(block: nn.Module, path: str) -> bool:
+    """Whether ``block`` has a submodule at ``path``."""
     try:
         block.get_submodule(path)
     except AttributeError:
@@ -178,7 +179,7 @@ def infer(model: nn.Module) -> Inferred:
     # The pattern: what transformers' attention function is handed, else an attention submodule's input.
     owner = _pattern_owner(model, blocks[0], inputs)
     reads = None if owner else _pattern_input(flow, first, attn, x.shape[1])
-    if reads is not None and not all(_has(block, reads[0]) for block in blocks):
+    if reads is not None and not all(has_submodule(block, reads[0]) for block in blocks):
         reads = None
     if owner or reads:
         n_heads = (owner or reads)[1]  # the heads the attention computes, whichever the config names
@@ -206,11 +207,11 @@ def infer(model: nn.Module) -> Inferred:
         notes["embed"] = "the model adds its embeddings outside any module (resid_pre.0 holds them)"
     missing = [
         (path, i) for path in (attn, attn_w, o_proj, mlp, mlp_w, in_norm, ln_mlp) if path
-        for i, block in enumerate(blocks) if not _has(block, path)
+        for i, block in enumerate(blocks) if not has_submodule(block, path)
     ]
     if missing:
         raise InferenceError(f"the blocks differ: block {missing[0][1]} has no {missing[0][0]} (a hybrid stack)")
-    if down is not None and not all(_has(block, down) for block in blocks):
+    if down is not None and not all(has_submodule(block, down) for block in blocks):
         notes["mlp_act"] = "the MLP differs between blocks (dense and mixture of experts)"
         down = None
     arch = Architecture(
@@ -220,7 +221,7 @@ def infer(model: nn.Module) -> Inferred:
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
                            n_heads, o_in // n_heads, notes)
-    if layout is not None and not all(_has(block, p) for block in blocks for p in layout.qkv):
+    if layout is not None and not all(has_submodule(block, p) for block in blocks for p in layout.qkv):
         notes["head_in"] = "the query, key and value projections differ between blocks"
         layout = None
     return Inferred(arch, layout, n_kv, notes, x.shape[1] if images else None, n_heads)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, Architecture, architecture_for
 from .examples import example_inputs, forward_kwargs, takes_images
-from .infer import InferenceError, infer
+from .infer import InferenceError, has_submodule, infer
 from .inputs import LAYOUTS, InputLayout
 
 __all__ = ["Mapping", "mapping_for"]
@@ -90,15 +90,8 @@ def _by_structure(model: nn.Module) -> Mapping | None:
             continue
         layout = LAYOUTS.get(model_type)
         notes = {}
-        if layout is not None and not all(_exists(block, p) for block in blocks for p in layout.qkv):
+        if layout is not None and not all(has_submodule(block, p) for block in blocks for p in layout.qkv):
             layout, notes = None, {"head_in": f"the {model_type} layout's query, key and value projections are not all there"}
         return Mapping(arch, layout, True, notes)
     return None
 
-
-def _exists(block: nn.Module, path: str) -> bool:
-    try:
-        block.get_submodule(path)
-    except AttributeError:
-        return False
-    return True

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .infer import config_int
+
 __all__ = ["TASKS", "tiny_config", "tiny_model", "model_types"]
 
 #: Sizes of the shrunk model: small, but with more than one head, key/value groups, and layers.
@@ -62,7 +64,7 @@ def model_types(task: str = "causal-lm") -> list[str]:
 
 
 def _depth(config: Any) -> int | None:
-    return next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(config, k, None), int)), None)
+    return config_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
 
 
 def _shrink(config: Any) -> None:
