@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -78,6 +78,20 @@ class Cache(Mapping[str, torch.Tensor]):
 
     def detach(self) -> "Cache":
         return Cache({k: v.detach() for k, v in self._tensors.items()}, self.axes, self.attention_mask)
+
+    def clone(self) -> "Cache":
+        """A copy of every tensor (outside inference mode, a copy autograd may use), the mask kept."""
+        return Cache({k: v.clone() for k, v in self._tensors.items()}, self.axes, self.attention_mask)
+
+    def rows(self, index: "slice | torch.Tensor | Sequence[int]", keys: "Sequence[str] | None" = None) -> "Cache":
+        """Batch rows ``index`` (a slice, or row indices, repeats allowed) of the tensors (those of ``keys``,
+        or all) and of the attention mask, so ``pos=last`` still finds each row's last real token."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        take = lambda t: t[index] if isinstance(index, slice) else t[index.to(t.device)]  # noqa: E731
+        names = list(self._tensors) if keys is None else list(keys)
+        mask = None if self.attention_mask is None else take(self.attention_mask)
+        return Cache({k: take(self._tensors[k]) for k in names}, {k: self.axes[k] for k in names if k in self.axes}, mask)
 
     @property
     def batch_size(self) -> int | None:

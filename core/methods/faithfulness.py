@@ -39,11 +39,12 @@ from torch import nn
 from ..engine.adapter import batch_size as rows_of
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Mean, Resample, Zero
-from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..results.metrics import Metric, MetricContext, kl_to_clean
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
+from .pairs import model_metric
 
 __all__ = ["ABLATIONS", "faithfulness", "faithfulness_table", "faithfulness_curve", "plot_curve"]
 
@@ -55,7 +56,7 @@ class _Setup:
 
     def __init__(self, model, inputs, candidates, metric, reference, seed, pos):
         self.m = wrap(model)
-        self.metric = as_metric(metric)
+        self.metric = model_metric(self.m, metric)  # text answers become token ids
         self.inputs = self.m.prepare(inputs)
         self.n = rows_of(self.inputs)
         sizes = self.m.adapter.sizes(self.inputs)

@@ -26,7 +26,7 @@ from ..engine.interventions import Patch
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..sites.site import Site
-from ..trainable.das import _labels, last_position, take_rows
+from ..trainable.das import labels_of, last_position, read_logits, take_rows
 
 __all__ = ["train_iit", "interchange_accuracy", "interchange_effect"]
 
@@ -35,8 +35,7 @@ logger = logging.getLogger(__name__)
 
 def _source_cache(m: WrappedModel, sites: Sequence[Site], inputs: dict) -> Cache:
     keys = list(dict.fromkeys(k for s in sites for k in m.capture_keys(s, inputs)))
-    cache = execute(m.module, m.adapter, m.catalog, inputs, capture=keys).cache
-    return Cache({k: cache[k].clone() for k in cache}, cache.axes)
+    return execute(m.module, m.adapter, m.catalog, inputs, capture=keys).cache.clone()  # its mask kept
 
 
 def train_iit(
@@ -79,8 +78,8 @@ def train_iit(
     n = rows_of(base_in)
     if rows_of(source_in) != n:
         raise ValueError(f"{n} base inputs but {rows_of(source_in)} source inputs; IIT pairs them row by row")
-    y_base = _labels(base_labels, n, m.device)
-    y_cf = {s: _labels(labels, n, m.device) for s, labels in aligned.items()}
+    y_base = labels_of(m, base_labels, n, "base_labels")
+    y_cf = {s: labels_of(m, labels, n, f"labels of {s}") for s, labels in aligned.items()}
     params = [p for p in m.module.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -98,13 +97,13 @@ def train_iit(
                 source = _source_cache(m, [*aligned, *strict], take_rows(source_in, idx, n))
                 patch = Patch(source)
                 run = execute(m.module, m.adapter, m.catalog, base, grad=True)
-                loss = task_weight * F.cross_entropy(logits(run.output).float(), y_base[dev])
+                loss = task_weight * F.cross_entropy(read_logits(logits, run.output, base).float(), y_base[dev])
                 for site, y in y_cf.items():
                     out = execute(m.module, m.adapter, m.catalog, base, [Bound(site, patch)], grad=True).output
-                    loss = loss + iit_weight * F.cross_entropy(logits(out).float(), y[dev])
+                    loss = loss + iit_weight * F.cross_entropy(read_logits(logits, out, base).float(), y[dev])
                 for site in strict:
                     out = execute(m.module, m.adapter, m.catalog, base, [Bound(site, patch)], grad=True).output
-                    loss = loss + strict_weight * F.cross_entropy(logits(out).float(), y_base[dev])
+                    loss = loss + strict_weight * F.cross_entropy(read_logits(logits, out, base).float(), y_base[dev])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -123,8 +122,9 @@ def _patched_predictions(m: WrappedModel, site: Site, base_in: dict, source_in: 
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(n, start + batch_size))
         source = _source_cache(m, [site], take_rows(source_in, idx, n))
-        run = execute(m.module, m.adapter, m.catalog, take_rows(base_in, idx, n), [Bound(site, Patch(source))])
-        preds.append(logits(run.output).argmax(-1))
+        base = take_rows(base_in, idx, n)
+        run = execute(m.module, m.adapter, m.catalog, base, [Bound(site, Patch(source))])
+        preds.append(read_logits(logits, run.output, base).argmax(-1))
     return torch.cat(preds)
 
 
@@ -143,7 +143,7 @@ def interchange_accuracy(
     m = wrap(model)
     site = m.catalog.resolve(site)
     base_in, source_in = m.prepare(base_inputs), m.prepare(source_inputs)
-    y = _labels(labels, rows_of(base_in), m.device)
+    y = labels_of(m, labels, rows_of(base_in))
     preds = _patched_predictions(m, site, base_in, source_in, batch_size, logits)
     return float((preds == y).float().mean())
 
@@ -163,6 +163,6 @@ def interchange_effect(
     site = m.catalog.resolve(site)
     base_in, source_in = m.prepare(base_inputs), m.prepare(source_inputs)
     with torch.inference_mode():
-        clean = logits(execute(m.module, m.adapter, m.catalog, base_in).output).argmax(-1)
+        clean = read_logits(logits, execute(m.module, m.adapter, m.catalog, base_in).output, base_in).argmax(-1)
     preds = _patched_predictions(m, site, base_in, source_in, batch_size, logits)
     return float((preds != clean).float().mean())

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.adapter import batch_size as rows_of
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Patch
-from ..results.metrics import Metric, MetricContext, as_metric
-from ..engine.model import WrappedModel, wrap
+from ..results.metrics import Metric, MetricContext
+from ..engine.model import WrappedModel
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
-from .pairs import check_pair
+from .pairs import prepare_pair
 
 __all__ = ["Mediation", "mediation"]
 
@@ -96,11 +95,8 @@ def mediation(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    m = wrap(model)
-    metric = as_metric(metric)
-    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    check_pair(clean_in, corrupt_in)
-    n = rows_of(clean_in)
+    pair = prepare_pair(model, clean, corrupt, metric, "denoising")  # text answers become token ids
+    m, metric, clean_in, corrupt_in, n = pair.model, pair.metric, pair.clean, pair.corrupt, pair.n
     items = [mediators] if isinstance(mediators, (str, Site)) else list(mediators)
     sites = [m.catalog.resolve(s, m.adapter.sizes(clean_in)) for s in items]
     patterns = [s for s in sites if s.is_pattern]

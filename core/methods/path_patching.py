@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from ..engine.adapter import repeat_rows
-from ..engine.cache import Cache
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Patch
 from ..results.metrics import Metric, MetricContext
@@ -44,7 +43,7 @@ from ..engine.model import WrappedModel
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
-from .pairs import check_gap, prepare_pair, rows_per_forward
+from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward
 
 __all__ = ["path_patching"]
 
@@ -115,8 +114,7 @@ def path_patching(
         inputs = repeat_rows(base_in, len(chunk) * n_recv)
         bounds = []
         for j in range(len(chunk)):
-            values = Cache({k: captured[k][j * n : (j + 1) * n] for k in receiver_keys}, captured.axes)
-            patch = Patch(values)
+            patch = Patch(captured.rows(slice(j * n, (j + 1) * n), receiver_keys))  # with its rows' mask
             for r, group in enumerate(receiver_sets):
                 block = j * n_recv + r
                 bounds += [Bound(site, patch, slice(block * n, (block + 1) * n)) for site in group]
@@ -129,7 +127,7 @@ def path_patching(
     if normalize:
         effects = effects / total
 
-    dims, coords = list(sender_sweep.dims), dict(sender_sweep.coords)
+    dims, coords = list(sender_sweep.dims), label_positions(dict(sender_sweep.coords), m.position_labels(pair.clean))
     shape = list(sender_sweep.shape)
     if swept:
         dims.append("receiver")

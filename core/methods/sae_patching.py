@@ -14,7 +14,7 @@ error term, to measure what splicing the SAE in costs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -22,13 +22,14 @@ from torch import nn
 from ..engine.adapter import batch_size as rows_of, repeat_rows
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Intervention
-from ..results.metrics import Metric, MetricContext, as_metric
+from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
 from ..trainable.sae import SAE
 from ..sites.site import Site, SiteError
 from ..trainable.sae_features import SAEFeatures
+from .pairs import model_metric, prepare_pair
 
 __all__ = ["SAEFeatures", "sae_feature_patching", "sae_feature_ablation"]
 
@@ -89,15 +90,11 @@ def sae_feature_patching(
     ``denoising`` runs the corrupt inputs with the clean run's value of the feature, ``noising``
     the reverse. The value is the metric's mean change against the unpatched run.
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    m = wrap(model)
-    metric = as_metric(metric)
+    pair = prepare_pair(model, clean, corrupt, metric, direction)  # text answers become token ids
+    m, metric, base_in, source_in = pair.model, pair.metric, pair.base, pair.source
     site = m.catalog.resolve(site)
     if site.is_pattern:
         raise SiteError(f"sae_feature_patching needs one concrete site, got the pattern {site}")
-    clean_in, corrupt_in = m.prepare(clean), m.prepare(corrupt)
-    base_in, source_in = (corrupt_in, clean_in) if direction == "denoising" else (clean_in, corrupt_in)
     source = execute(m.module, m.adapter, m.catalog, source_in, capture=[site.key])
     base = execute(m.module, m.adapter, m.catalog, base_in, capture=[site.key])
     n = rows_of(base_in)
@@ -130,7 +127,7 @@ def sae_feature_ablation(
 ) -> Result:
     """Zero each SAE feature (alone), keeping the error term; dims ``("feature",)``."""
     m = wrap(model)
-    metric = as_metric(metric)
+    metric = model_metric(m, metric)
     site = m.catalog.resolve(site)
     if site.is_pattern:
         raise SiteError(f"sae_feature_ablation needs one concrete site, got the pattern {site}")

@@ -40,13 +40,13 @@ import torch
 from torch import nn
 
 from ..engine.adapter import batch_size as rows_of
-from ..engine.cache import Cache
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Patch
-from ..results.metrics import Metric, MetricContext, as_metric
+from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel, wrap
 from ..results.result import Result, collect_versions
 from ..trainable.das import take_rows
+from .pairs import model_metric
 
 __all__ = ["Hypothesis", "causal_scrubbing", "equivalence_classes", "example"]
 
@@ -127,8 +127,8 @@ def causal_scrubbing(
     (``clean``, ``scrubbed``, ``random``, ``recovered``); ``metadata["recovered"]`` is the fraction,
     ``metadata["recovered_per_sample"]`` the fraction of each draw alone.
     """
-    metric = as_metric(metric)
     m = wrap(model)
+    metric = model_metric(m, metric)
     prepared = m.prepare(inputs)
     n = rows_of(prepared)
     sites = [m.catalog.resolve(s) for s in hypothesis.sites()]
@@ -154,8 +154,7 @@ def causal_scrubbing(
         chunk_inputs = take_rows(prepared, torch.as_tensor(rows), n)
         bounds = []
         for site, src in draws:
-            idx = torch.as_tensor(src[start:stop], device=cache[site.key].device)
-            bounds.append(Bound(site, Patch(Cache({site.key: cache[site.key][idx]}, {site.key: cache.axes[site.key]}))))
+            bounds.append(Bound(site, Patch(cache.rows(src[start:stop], [site.key]))))  # the drawn rows' masks too
         out = execute(m.module, m.adapter, m.catalog, chunk_inputs, bounds).output
         ctx = MetricContext(torch.as_tensor(rows, device=device), clean_out, chunk_inputs.get("attention_mask"))
         values.append(metric(out, ctx).double().cpu())

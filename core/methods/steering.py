@@ -26,11 +26,12 @@ from torch import nn
 from ..engine.adapter import batch_size as rows_of, repeat_rows
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Add
-from ..results.metrics import Metric, MetricContext, as_metric
+from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
 from ..sites.site import Site, SiteError, Span
+from .pairs import model_metric
 
 __all__ = ["steering_vector", "steering_curve", "plot_curve", "DEFAULT_OVER"]
 
@@ -151,7 +152,7 @@ def steering_curve(
     up to ``batch_size`` rows (pairs x inputs) per forward.
     """
     m = wrap(model)
-    metric = as_metric(metric)
+    metric = model_metric(m, metric)  # text answers become token ids
     prepared = m.prepare(inputs)
     n = rows_of(prepared)
     single = isinstance(site, (str, Site)) and not m.catalog.resolve(site).is_pattern

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from ..sites.selection import row_ends
 
-__all__ = ["MetricContext", "Metric", "as_metric", "logit_diff", "probability", "logprob", "kl_to_clean"]
+__all__ = [
+    "MetricContext", "Metric", "as_metric", "answer_ids", "logit_diff", "probability", "logprob", "kl_to_clean",
+]
 
 
 @dataclass
@@ -62,13 +64,7 @@ class Metric:
         a text (``WrappedModel.token_id`` does, with the model's tokenizer, and refuses several tokens)."""
         if not self.texts or self.rebuild is None:
             return self
-        ids = {}
-        for name, value in self.texts.items():
-            if isinstance(value, str):
-                ids[name] = token_id(value, name)
-            else:
-                ids[name] = [token_id(v, name) if isinstance(v, str) else v for v in value]
-        return self.rebuild(**ids)
+        return self.rebuild(**{name: answer_ids(value, token_id, name) for name, value in self.texts.items()})
 
     def positions(self, ctx: MetricContext, sizes: dict[str, int]) -> torch.Tensor | None:
         """Per row, the output position the metric reads (``[rows]``), or None when it may read any (or
@@ -94,6 +90,18 @@ class Metric:
                 f"shape ({output.shape[0]},)"
             )
         return value
+
+
+def answer_ids(value: Any, token_id: Callable[[str, str], int], what: str) -> Any:
+    """``value`` with its text turned into token ids: a string becomes its one id, a list or tuple holding
+    strings the list of their ids (ids in it are kept); anything else (ids, a tensor) is returned as it is.
+    ``token_id(text, what)`` gives a text's one id (``WrappedModel.token_id``), ``what`` names the argument in
+    its errors. The one way text answers become ids: metrics' answers and trained interventions' labels."""
+    if isinstance(value, str):
+        return token_id(value, what)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
+        return [token_id(v, what) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def as_metric(fn: "Metric | Callable") -> Metric:

@@ -33,12 +33,14 @@ from ..engine.forward import Bound, execute
 from ..engine.interventions import ApplyContext
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
+from ..results.metrics import answer_ids
+from ..sites.selection import row_ends
 from ..sites.site import Site, SiteError
 from .base import TrainableIntervention, register, source_rows
 
 __all__ = [
     "RotatedSubspace", "LowRankRotatedSubspace", "BoundlessDAS", "train_das", "iia", "principal_angles",
-    "last_position", "take_rows",
+    "last_position", "read_logits", "labels_of", "take_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,9 +179,24 @@ class BoundlessDAS(TrainableIntervention):
 # -- training and evaluation -----------------------------------------------------------------
 
 
-def last_position(output: torch.Tensor) -> torch.Tensor:
-    """Logits ``[rows, classes]``: the last position of a ``[rows, pos, classes]`` output, else as is."""
-    return output[:, -1] if output.ndim == 3 else output
+def last_position(output: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[rows, classes]``: each row's last position of a ``[rows, pos, classes]`` output (with an
+    ``attention_mask`` ``[rows, pos]``, each row's last real token, so rows padded on the right are read
+    where they end), else the output as is."""
+    if output.ndim != 3:
+        return output
+    if attention_mask is None or attention_mask.shape != output.shape[:2]:
+        return output[:, -1]
+    last = (row_ends(attention_mask.to(output.device)) - 1).clamp(min=0)
+    return output[torch.arange(output.shape[0], device=output.device), last]
+
+
+def read_logits(logits: Callable[[torch.Tensor], torch.Tensor], output: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """``logits(output)``; the default :func:`last_position` also reads the inputs' attention mask."""
+    if logits is last_position:
+        mask = inputs.get("attention_mask")
+        return last_position(output, mask if isinstance(mask, torch.Tensor) else None)
+    return logits(output)
 
 
 def take_rows(inputs: Mapping[str, Any], index: torch.Tensor, n: int) -> dict:
@@ -192,20 +209,28 @@ def take_rows(inputs: Mapping[str, Any], index: torch.Tensor, n: int) -> dict:
 
 def _source_cache(m: WrappedModel, site: Site, source_in: dict) -> Cache:
     keys = m.capture_keys(site, source_in)
-    cache = execute(m.module, m.adapter, m.catalog, source_in, capture=keys).cache
-    # clone outside inference mode: slices of it take part in autograd without a copy per step
-    return Cache({k: cache[k].clone() for k in cache}, cache.axes)
+    # clone outside inference mode: slices of it take part in autograd without a copy per step; the
+    # attention mask stays, so pos=last reads each source row's last real token
+    return execute(m.module, m.adapter, m.catalog, source_in, capture=keys).cache.clone()
 
 
 def _cache_rows(cache: Cache, index: torch.Tensor) -> Cache:
-    return Cache({k: v[index.to(v.device)] for k, v in cache.items()}, cache.axes)
+    return cache.rows(index)
 
 
-def _labels(labels: Any, n: int, device) -> torch.Tensor:
-    out = torch.as_tensor(labels, device=device).long()
-    if out.shape != (n,):
-        raise ValueError(f"labels have shape {tuple(out.shape)}; expected one class index per pair, ({n},)")
-    return out
+def labels_of(m: WrappedModel, labels: Any, n: int, what: str = "labels") -> torch.Tensor:
+    """Class indices ``[n]`` on the model's device: ints, a tensor, or text answers (``" Mary"`` or one string
+    per row), each of which must be one token of the model's tokenizer and becomes its id, as a metric's
+    answers do (:func:`~crosspatch.results.metrics.answer_ids`)."""
+    if isinstance(labels, str):
+        raise ValueError(f"{what} is one string, {labels!r}; give one label per pair ({n}), e.g. [{labels!r}] * {n}")
+    out = torch.as_tensor(answer_ids(labels, m.token_id, what), device=m.device)
+    if out.is_floating_point() or out.shape != (n,):
+        raise ValueError(
+            f"{what} have {out.dtype} of shape {tuple(out.shape)}; expected one class index (or one-token text) "
+            f"per pair, ({n},)"
+        )
+    return out.long()
 
 
 def _build(variant: str, dim: int, k: int, seed: int) -> TrainableIntervention:
@@ -285,7 +310,7 @@ def train_das(
     n = rows_of(base_in)
     if rows_of(source_in) != n:
         raise ValueError(f"{n} base inputs but {rows_of(source_in)} source inputs; DAS pairs them row by row")
-    y = _labels(labels, n, m.device)
+    y = labels_of(m, labels, n)
     if intervention is None:
         intervention = _build(variant, _site_dim(m, site, base_in), k, seed)
     intervention = intervention.to(m.device)
@@ -306,9 +331,9 @@ def train_das(
                     t0, t1 = temperature
                     intervention.set_temperature(t0 * (t1 / t0) ** (step / max(1, steps - 1)))
                 intervention.source = _cache_rows(source, idx)
-                run = execute(m.module, m.adapter, m.catalog, take_rows(base_in, idx, n), [Bound(site, intervention)],
-                              grad=True)
-                loss = F.cross_entropy(logits(run.output).float(), y[idx.to(y.device)])
+                batch = take_rows(base_in, idx, n)
+                run = execute(m.module, m.adapter, m.catalog, batch, [Bound(site, intervention)], grad=True)
+                loss = F.cross_entropy(read_logits(logits, run.output, batch).float(), y[idx.to(y.device)])
                 if boundless and size_penalty:
                     loss = loss + size_penalty * intervention.boundary.clamp(0.0, 1.0)
                 optimizer.zero_grad(set_to_none=True)
@@ -341,7 +366,7 @@ def iia(
     site = m.catalog.resolve(site)
     base_in, source_in = m.prepare(base_inputs), m.prepare(source_inputs)
     n = rows_of(base_in)
-    y = _labels(labels, n, m.device)
+    y = labels_of(m, labels, n)
     source = _source_cache(m, site, source_in)
     previous = intervention.source
     correct = torch.zeros((), device=m.device)
@@ -349,8 +374,9 @@ def iia(
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
             intervention.source = _cache_rows(source, idx)
-            run = execute(m.module, m.adapter, m.catalog, take_rows(base_in, idx, n), [Bound(site, intervention)])
-            correct = correct + (logits(run.output).argmax(-1) == y[idx.to(y.device)]).sum()
+            batch = take_rows(base_in, idx, n)
+            run = execute(m.module, m.adapter, m.catalog, batch, [Bound(site, intervention)])
+            correct = correct + (read_logits(logits, run.output, batch).argmax(-1) == y[idx.to(y.device)]).sum()
     finally:
         intervention.source = previous
     return float(correct) / n

@@ -36,7 +36,7 @@ from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..sites.site import Site, SiteError
 from .base import TrainableIntervention, register, source_rows
-from .das import _Frozen, _cache_rows, _site_dim, last_position, take_rows
+from .das import _Frozen, _cache_rows, _site_dim, labels_of, last_position, read_logits, take_rows
 
 __all__ = ["LearnedMask", "train_masks", "masked_output"]
 
@@ -226,14 +226,13 @@ def train_masks(
         else:
             src_in = m.prepare(source)
             keys = m.capture_keys(resolved, src_in)
-            got = execute(m.module, m.adapter, m.catalog, src_in, capture=keys).cache
-            src_cache = Cache({k: got[k].clone() for k in got}, got.axes)
+            src_cache = execute(m.module, m.adapter, m.catalog, src_in, capture=keys).cache.clone()  # its mask kept
         if src_cache.batch_size not in (1, n):
             raise ValueError(f"the source has {src_cache.batch_size} rows; give 1 or one per input row ({n})")
     with torch.inference_mode():
-        clean = logits(execute(m.module, m.adapter, m.catalog, prepared).output).float()
+        clean = read_logits(logits, execute(m.module, m.adapter, m.catalog, prepared).output, prepared).float()
     clean = clean.clone()
-    target = None if labels is None else torch.as_tensor(labels, device=m.device).long()
+    target = None if labels is None else labels_of(m, labels, n)  # ints or one-token texts
     total_units = sum(math.prod(mask.shape) for mask in masks.values())
     bounds = [Bound(Site.parse(s), mask) for s, mask in masks.items()]
     optimizer = torch.optim.Adam(modules.parameters(), lr=lr)
@@ -255,8 +254,9 @@ def train_masks(
                         mask.set_temperature(t0 * (t1 / t0) ** (step / max(1, steps - 1)))
                     if src_cache is not None:
                         mask.source = src_cache if src_cache.batch_size == 1 else _cache_rows(src_cache, idx)
-                run = execute(m.module, m.adapter, m.catalog, take_rows(prepared, idx, n), bounds, grad=True)
-                out = logits(run.output).float()
+                batch = take_rows(prepared, idx, n)
+                run = execute(m.module, m.adapter, m.catalog, batch, bounds, grad=True)
+                out = read_logits(logits, run.output, batch).float()
                 dev_idx = idx.to(out.device)
                 if target is None:
                     fit = F.kl_div(out.log_softmax(-1), clean[dev_idx].log_softmax(-1), log_target=True,
