@@ -61,7 +61,8 @@ def train_iit(
 
     ``alignment`` maps a site to the counterfactual labels of interchanging its variable, one per
     (base, source) pair: ``labels[i]`` is the high-level model's output on ``base_inputs[i]`` with the
-    variable set to its value on ``source_inputs[i]``. ``base_labels`` are the task labels of the base
+    variable set to its value on ``source_inputs[i]`` (labels are ints, or one-token texts such as ``" Mary"``
+    turned into ids with the model's tokenizer). ``base_labels`` are the task labels of the base
     inputs. Per batch the loss is
 
         task_weight * CE(model(base), base_labels)

@@ -296,7 +296,9 @@ def train_das(
     """Train a DAS intervention at ``site`` so the model's output under interchange matches ``labels``.
 
     Pair ``i`` runs ``base_inputs[i]`` with the subspace at ``site`` taken from ``source_inputs[i]``;
-    ``labels[i]`` is the class the high-level causal model predicts after interchanging the variable.
+    ``labels[i]`` is the class the high-level causal model predicts after interchanging the variable: an
+    int, or for a language model a one-token text (``" Mary"``), turned into its id with the model's
+    tokenizer. ``logits`` (default: each row's last real token) reads the class scores from the output.
     The loss is the cross-entropy of ``logits(output)`` against ``labels`` (plus, for BoundlessDAS,
     ``size_penalty`` times the subspace size as a fraction of ``d``); only the intervention's
     parameters train, the model's are frozen and left untouched. For BoundlessDAS the mask

@@ -193,9 +193,9 @@ def train_masks(
 ) -> dict[str, LearnedMask]:
     """Learn the smallest masks over ``sites`` that keep the model's behaviour on ``inputs``.
 
-    The loss is the KL divergence of the masked output from the unmasked one (or, with ``labels``,
-    the cross-entropy to them) plus ``sparsity`` times the expected fraction of gates open, summed
-    over sites. A list of sites with ``per="site"`` learns which whole sites matter; ``per="unit"``
+    The loss is the KL divergence of the masked output from the unmasked one (or, with ``labels``, ints
+    or one-token texts as DAS takes them, the cross-entropy to them) plus ``sparsity`` times the expected
+    fraction of gates open, summed over sites. A list of sites with ``per="site"`` learns which whole sites matter; ``per="unit"``
     learns which units (neurons, latent dims: the last axis) matter within each site. For
     ``mode="sigmoid"`` the temperature goes geometrically from ``temperature[0]`` to
     ``temperature[1]``. Only the masks train; the model is left untouched.
