@@ -5,14 +5,17 @@
                  title="IOI on ioi-gpt2-tiny", context={"model": "ioi-gpt2-tiny", "task": "ioi"})
 
 The folder then holds ``<name>.png``, ``<name>.json`` (:meth:`Result.save`), ``<name>.csv``
-(:meth:`Result.to_csv`) per result and ``index.html``, which links them by relative paths: the
-folder can be moved, zipped or served as it is. The page has no scripts and no external resources.
+(:meth:`Result.to_csv`) per result, ``index.html``, which links them by relative paths (no scripts,
+no external resources), and ``explorer.html``, the interactive page (hover values, per-prompt
+breakdowns, attention patterns, edge graphs with a pruning slider; :mod:`crosspatch.results.html`),
+one file with its script inlined. The folder can be moved, zipped or served as it is.
 """
 
 from __future__ import annotations
 
 import datetime as _datetime
 import html
+import json
 import logging
 import math
 import re
@@ -22,14 +25,18 @@ from urllib.parse import quote
 
 import numpy as np
 
+from .html.graph import is_graph
+from .html.page import page_html
 from .result import Result, collect_versions
 from ..sites.site import ANY, Site, SiteError
 
-__all__ = ["write_report", "top_sites"]
+__all__ = ["write_report", "top_sites", "EXPLORER"]
 
 logger = logging.getLogger(__name__)
 
 TOP_K = 5
+#: The interactive page's file name in a report folder.
+EXPLORER = "explorer.html"
 _DPI = 110
 
 
@@ -39,8 +46,13 @@ def write_report(
     *,
     title: str,
     context: Mapping[str, Any] = {},
+    graphs: Mapping[str, Mapping[str, Any]] = {},
 ) -> Path:
-    """Write every result as PNG, JSON and CSV plus one ``index.html`` into ``out``; return ``out``.
+    """Write every result as PNG, JSON and CSV plus ``index.html`` and ``explorer.html`` into ``out``;
+    return ``out``.
+
+    ``graphs`` adds graphs in the generic ``{nodes, links}`` schema to the interactive page only
+    (each also saved as ``<name>.graph.json``); an edge Result among ``results`` is drawn as a graph.
 
     ``context`` is shown as a small table at the top (model, task, prompts, metric, seed,
     versions, ... -- any keys; nested mappings are shown as ``key value`` lists). Result names
@@ -65,8 +77,18 @@ def write_report(
         else:
             logger.info("result %r has %d dims; no plot in the report", name, result.values.ndim)
         sections.append(_section(name, result, files))
+    for name, graph in graphs.items():
+        if not is_graph(graph):
+            raise TypeError(f"graph {name!r} is not a mapping with 'nodes' and 'links' lists")
+        (out / f"{_stems([name])[name]}.graph.json").write_text(json.dumps(graph), encoding="utf-8")
+    (out / EXPLORER).write_text(
+        page_html({**results, **graphs}, title=title, context=_explorer_context(context),
+                  links={"static report": "index.html"}),
+        encoding="utf-8",
+    )
     page = _PAGE.format(
         title=_e(title),
+        explorer=_e(EXPLORER),
         context=_context_table(context),
         sections="\n".join(sections),
         footer=_e(
@@ -205,6 +227,10 @@ def _top_table(result: Result) -> str:
     return f'<table class="top"><caption>{_e(caption)}</caption>{"".join(lines)}</table>'
 
 
+def _explorer_context(context: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): _plain(v) for k, v in context.items()}
+
+
 def _context_table(context: Mapping[str, Any]) -> str:
     if not context:
         return ""
@@ -284,6 +310,7 @@ footer {{ border-top: 1px solid #ddd; padding-top: 8px; font-size: 12px; }}
 </head>
 <body>
 <h1>{title}</h1>
+<p class="muted">Interactive view (hover values, click for details): <a href="{explorer}">{explorer}</a></p>
 {context}
 {sections}
 <footer>{footer}</footer>

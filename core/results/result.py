@@ -233,6 +233,23 @@ class Result:
         except ValueError as exc:
             raise FormatError(f"{path}: {exc}") from None
 
+    # ------------------------------------------------------------ interactive
+
+    def to_html(self, title: str | None = None) -> str:
+        """One self-contained interactive HTML page (no network): a heatmap with hover values and a
+        click breakdown, bars, attention patterns per head, an edge graph with a pruning slider or a
+        faithfulness table, as the dims and method call for (:mod:`crosspatch.results.html`)."""
+        from .html.page import page_html, _title
+
+        name = _title(self) if title is None else title
+        return page_html({name: self}, title=name)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the interactive page inline, in a sandboxed frame."""
+        from .html.page import repr_html
+
+        return repr_html(self)
+
     # --------------------------------------------------------------- plotting
 
     def plot(
