@@ -27,11 +27,12 @@ from torch import nn
 
 from ..engine.adapter import repeat_rows
 from ..engine.forward import Bound
-from ..results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ..results.metrics import Metric, MetricContext, kl_to_clean
 from ..sites.site import Site
 from .edges.graph import EdgeGraph
 from .edges.patching import _Patcher, _Receiver, _Sender, _State, _ZeroSender
 from .edges.result import _flat_index, _result
+from .pairs import model_metric
 from ..trainable.masks import expected_open, kept_gates, relaxed_gates
 
 __all__ = ["learn_edge_masks", "masked_edges_output", "dense_masks", "ablated_senders", "EdgeMaskParams"]
@@ -133,8 +134,8 @@ def learn_edge_masks(
     kept; use them as scores for :func:`~crosspatch.methods.circuit_eval.roc`); ``metadata["kept"]`` lists the edges
     whose deterministic gate is above 1/2 and ``metadata["history"]`` the loss per step.
     """
-    metric = as_metric(metric if metric is not None else kl_to_clean())
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    metric = model_metric(p.m, metric if metric is not None else kl_to_clean())  # text answers: the tokenizer
     if p.ablated is not None:  # captured in inference mode; autograd needs ordinary tensors
         p.ablated = {k: v.clone() for k, v in p.ablated.items()}
     g = p.graph

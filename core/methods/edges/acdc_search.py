@@ -10,9 +10,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ...results.metrics import Metric, MetricContext, as_metric, kl_to_clean
+from ...results.metrics import Metric, MetricContext, kl_to_clean
 from ...results.result import Result
 from ..edge_paths import connected
+from ..pairs import model_metric
 from .graph import EdgeGraph
 from .patching import Ablation, _Patcher
 from .result import _result
@@ -43,8 +44,8 @@ def acdc(
     The Result holds 1 for every edge kept in the circuit, 0 for removed ones.
     """
     change = change or ("increase" if metric is None else "abs")
-    metric = as_metric(metric if metric is not None else kl_to_clean())
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    metric = model_metric(p.m, metric if metric is not None else kl_to_clean())  # text answers: the tokenizer
     n, g = p.n, p.graph
     sizes = p.m.adapter.sizes(p.clean)
     at = metric.positions(MetricContext(torch.arange(n)), sizes)

@@ -15,10 +15,11 @@ from ...engine.adapter import repeat_rows
 from ...engine.forward import Bound
 from ...engine.interventions import Intervention
 from ...engine.reach import attach_slot_sink
-from ...results.metrics import Metric, MetricContext, as_metric
+from ...results.metrics import Metric, MetricContext
 from ...results.result import Result
 from ...sites.site import Site
 from ..attribution import _Tap
+from ..pairs import model_metric
 from ..shared_prefix import may_share
 from .graph import EdgeGraph, _role
 from .patching import Ablation, _Patcher
@@ -170,8 +171,8 @@ def eap(
     ablation source (none for ``zero``; for ``resample`` in a causal model only from the first position
     where clean and corrupt differ, :mod:`~crosspatch.methods.shared_prefix`, ``metadata["shared_positions"]``).
     """
-    metric = as_metric(metric)
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    metric = model_metric(p.m, metric)  # text answers through the model's tokenizer
     p.clean_out = None
     grads, _, _, sd, scored = _gradient_run(p, metric, [], 1, score=True)
     return _result(p, _edge_scores(p, grads, sd, 1, scored), "eap", metric, {"backwards": 1})
@@ -189,8 +190,8 @@ def eap_ig(
     """
     if variant not in ("inputs", "activations"):
         raise ValueError(f"variant must be 'inputs' or 'activations', got {variant!r}")
-    metric = as_metric(metric)
     p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    metric = model_metric(p.m, metric)  # text answers through the model's tokenizer
     ctx = MetricContext(torch.arange(p.n), None, p.clean.get("attention_mask"))
     clean_run, senders = p.senders(p.clean, output_at=metric.positions(ctx, p.m.adapter.sizes(p.clean)))
     p.clean_out = clean_run.output

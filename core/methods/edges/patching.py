@@ -20,6 +20,7 @@ from ...engine.interventions import Intervention
 from ...engine.model import WrappedModel, wrap
 from ...engine.resume import Prefix, Resume
 from ...sites.site import Site
+from ...engine.text import check_same_lengths, is_text
 from ..attribution import _read_key
 from ..shared_prefix import capture_sharing_prefix
 from .graph import EdgeGraph, _layer, _role, edge_graph
@@ -82,6 +83,8 @@ class _Patcher:
             raise ValueError(f"ablation must be 'resample', 'zero' or 'mean', got {ablation!r}")
         self.m = m = wrap(model)
         self.graph = graph or edge_graph(m)
+        if is_text(clean) and is_text(corrupt):  # a length mismatch is shown token by token
+            check_same_lengths(m.tokenizer, clean, corrupt)
         self.clean = m.prepare(clean)
         self.n = rows_of(self.clean)
         self.keys = [k for k, _ in self.graph.sender_keys]
