@@ -68,8 +68,8 @@ def head_roles(
     """Per head (every ``head_out`` sender of the model's edge graph): total and direct effect, and the direct
     effect and compensation when each primary (and, for several, all of them) is ablated; see the module docstring.
 
-    ``primaries``: heads as ``"head_out.l[head=h]"`` (or ``"l.h"``); None picks the ``top_k`` heads by direct
-    effect. ``threshold``: the fraction of the gap beyond which a head is negative or backup.
+    ``primaries``: heads as ``"head_out.l[head=h]"`` (or ``"l.h"``), or MLPs (``"mlp_out.l"``: does a head take over
+    from an MLP?); None picks the ``top_k`` heads by direct effect. ``threshold``: the fraction of the gap beyond which a head is negative or backup.
     Returns a Result with dims ``("head", "measure")``: measures ``total``, ``direct``, then per ablated set ``S``
     ``direct | without S`` and ``compensation | without S`` (NaN for the heads of ``S``). ``metadata["roles"]`` maps each head to
     its roles (``primary``, ``negative``, ``backup``: compensation and direct effect with ``S`` ablated both above
@@ -128,12 +128,13 @@ def head_roles(
     total = (clean_metric - base[2 : 2 + H]).numpy() / gap
     direct = (clean_metric - base[2 + H : 2 + 2 * H]).numpy() / gap
 
-    chosen = _primaries(primaries, names, direct, top_k)
+    nodes = [name for name in g.senders if _role(Site.parse(name).family) != "embed"]
+    chosen = _primaries(primaries, names, nodes, direct, top_k)
     sets = [[c] for c in chosen] + ([chosen] if len(chosen) > 1 else [])
     columns, labels = [total, direct], ["total", "direct"]
     backup_for: dict[str, list[str]] = {}
     for group in sets:
-        senders = [heads[names.index(c)] for c in group]
+        senders = [g.senders.index(c) for c in group]
         masks = [ablate(zero.clone(), senders)]
         for s in heads:
             mask = ablate(zero.clone(), senders)
@@ -141,7 +142,7 @@ def head_roles(
             masks.append(mask)
         values = evaluate(torch.stack(masks), f"ablating {' + '.join(_short(c) for c in group)}")
         after = (float(values[0]) - values[1:]).numpy() / gap
-        after[[names.index(c) for c in group]] = np.nan
+        after[[names.index(c) for c in group if c in names]] = np.nan
         compensation = after - direct
         label = " + ".join(_short(c) for c in group)
         columns += [after, compensation]
@@ -152,7 +153,8 @@ def head_roles(
 
     roles = {name: [] for name in names}
     for c in chosen:
-        roles[c].append("primary")
+        if c in roles:
+            roles[c].append("primary")
     for name, value in zip(names, direct):
         if value < -threshold:
             roles[name].append("negative")
@@ -205,8 +207,10 @@ def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None)
     x = np.arange(len(heads))
     width = 0.27
     for j, (measure, label, colour) in enumerate(shown):
-        values = np.nan_to_num(result.values[:, measures.index(measure)])
-        ax.bar(x + (j - 1) * width, values, width, label=label, color=colour, edgecolor="0.3", linewidth=0.4)
+        raw = result.values[:, measures.index(measure)]
+        ax.bar(x + (j - 1) * width, np.nan_to_num(raw), width, label=label, color=colour, edgecolor="0.3", linewidth=0.4)
+        for i in np.flatnonzero(np.isnan(raw)):  # a head of the ablated set
+            ax.text(x[i] + (j - 1) * width, 0, " ablated", rotation=90, fontsize=7, ha="center", va="bottom", color=colour)
     ax.axhline(0.0, color="0.2", linewidth=0.8)
     threshold = result.metadata["threshold"]
     for y in (threshold, -threshold):
@@ -220,7 +224,8 @@ def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None)
     return figure
 
 
-def _primaries(given: "Sequence[str] | None", names: list[str], direct: np.ndarray, top_k: int) -> list[str]:
+def _primaries(given: "Sequence[str] | None", names: list[str], nodes: list[str], direct: np.ndarray,
+               top_k: int) -> list[str]:
     if given is None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1 when no primaries are given, got {top_k}")
@@ -229,8 +234,9 @@ def _primaries(given: "Sequence[str] | None", names: list[str], direct: np.ndarr
     out = []
     for head in given:
         name = _full(head, names)
-        if name not in names:
-            raise ValueError(f"primary {head!r} is not a head of the model; heads: {', '.join(map(_short, names))}")
+        if name not in nodes:
+            raise ValueError(f"primary {head!r} is not a head or MLP of the model; heads: {', '.join(map(_short, names))}; "
+                             f"MLPs: {', '.join(x for x in nodes if x not in names)}")
         out.append(name)
     if not out:
         raise ValueError("primaries is empty: give at least one head, or None to pick the top_k by direct effect")
@@ -238,9 +244,9 @@ def _primaries(given: "Sequence[str] | None", names: list[str], direct: np.ndarr
 
 
 def _short(name: str) -> str:
-    """``head_out.1[head=2]`` -> ``1.2``."""
+    """``head_out.1[head=2]`` -> ``1.2``; an MLP keeps its name."""
     site = Site.parse(name)
-    return f"{site.layer}.{site.selection['head']}"
+    return f"{site.layer}.{site.selection['head']}" if "head" in site.selection else name
 
 
 def _full(head: str, names: list[str]) -> str:

@@ -75,7 +75,7 @@ def test_given_primaries_and_joint_ablation(toy):
 
 def test_bad_arguments_are_named(toy):
     m, clean, corrupt, metric = toy
-    with pytest.raises(ValueError, match="'3.0' is not a head"):
+    with pytest.raises(ValueError, match="'3.0' is not a head or MLP"):
         head_roles(m, clean, corrupt, metric, primaries=["3.0"], progress=False)
     with pytest.raises(ValueError, match="threshold"):
         head_roles(m, clean, corrupt, metric, threshold=-1, progress=False)
@@ -91,3 +91,12 @@ def test_plot(toy, tmp_path):
     assert labels == ["0.0\nprimary", "0.1", "1.0\nnegative", "1.1\nbackup"]
     fig.savefig(tmp_path / "roles.png")
     assert res.save(tmp_path / "roles").exists()
+
+
+def test_an_mlp_as_primary(toy):
+    """The toy's MLPs write nothing: ablating one leaves every head's direct effect as it was."""
+    m, clean, corrupt, metric = toy
+    res = head_roles(m, clean, corrupt, metric, primaries=["mlp_out.0"], progress=False)
+    assert res.metadata["ablated_sets"] == ["mlp_out.0"] and roles_of(res, "primary") == []
+    np.testing.assert_allclose(res.values[:, 3], 0.0, atol=1e-12)
+    np.testing.assert_allclose(res.values[:, 2], res.values[:, 1], atol=1e-12)
