@@ -155,9 +155,8 @@ def plan_study(
     sweep = pair.model.catalog.expand(sites, pair.sizes)
     label = str(sites) if isinstance(sites, (str, Site)) else [str(s) for s in sites]
     cpu = lambda inputs: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # noqa: E731
-    coords = dict(sweep.coords)
-    if method == "activation_patching":  # labelled with the clean prompt's tokens, as that method does
-        coords = label_positions(coords, pair.model.position_labels(pair.clean))
+    # positions labelled with the clean prompt's tokens, as both methods label them
+    coords = label_positions(dict(sweep.coords), pair.model.position_labels(pair.clean))
     return Study(method, cpu(pair.clean), cpu(pair.corrupt), sweep.sites, sweep.dims, coords,
                  pair.metric, normalize, dict(options), label)
 
