@@ -1,0 +1,12 @@
+"""Attribution graphs: transcoders' local replacement model of one prompt and its graph of direct effects.
+
+``graph`` builds :class:`AttributionGraph` (:func:`attribution_graph`); ``replacement`` holds the clean
+run and the frozen forwards; ``freeze`` what is frozen (attention patterns, norm scales); ``targets``
+what is attributed; ``prune`` influence, pruning and the replacement / completeness scores;
+``interventions`` feature edits in the real model; ``export`` Neuronpedia's graph JSON.
+"""
+
+from .graph import AttributionGraph, attribution_graph
+from .targets import Target, direction_target, logit_diff, logit_target
+
+__all__ = ["AttributionGraph", "attribution_graph", "Target", "direction_target", "logit_diff", "logit_target"]
