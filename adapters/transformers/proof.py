@@ -16,6 +16,8 @@ against raw torch hooks:
 - attention patterns: probabilities whose rows sum to at most one (attention sinks take the rest),
   nothing above the diagonal in a causal model, as many heads as the per-head families split into,
   and the model's output and every other site unchanged by the eager attention they need;
+- every family reached: one whose reach never fires in a forward (a pattern computed inline, handed to
+  no module) is not served;
 - every capture shaped as its family declares;
 - self-patching: every family patched at every layer from the same run changes nothing.
 
@@ -36,7 +38,7 @@ from crosspatch.engine.cache import Cache
 from crosspatch.engine.interventions import Patch, Zero
 from crosspatch.engine.reach import submodule
 from crosspatch.sites.catalog import Catalog
-from crosspatch.sites.site import Site
+from crosspatch.sites.site import Site, SiteError
 
 from .architectures import Architecture
 from .examples import example_inputs
@@ -124,15 +126,19 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
     proof = Proof(families=tuple(f.name for f in catalog))
 
     block = f"{arch.layers}.{{layer}}"
-    keys = [f"{f.name}.{layer}" if f.layers is not None else f.name for f in catalog for layer in range(f.layers or 1)]
     o_proj = _Raw(base, f"{block}.{arch.o_proj}", n)
     down = _Raw(base, f"{block}.{arch.mlp_down}", n) if arch.mlp_down else None
     try:
-        run = execute(model, adapter, catalog, inputs, capture=keys)
+        try:
+            run = execute(model, adapter, catalog, inputs, capture=[key for f in catalog for key in _keys(f)])
+        except SiteError:
+            catalog = _reached(model, adapter, catalog, inputs, proof)
+            run = execute(model, adapter, catalog, inputs, capture=[key for f in catalog for key in _keys(f)])
     finally:
         o_proj.remove()
         if down is not None:
             down.remove()
+    keys = [key for f in catalog for key in _keys(f)]
     # The pattern's capture takes the eager attention; every other family is patched from, and compared
     # with, a run on the model's own attention.
     plain = execute(model, adapter, catalog, inputs, capture=[k for k in keys if not k.startswith("attn_pattern")])
@@ -159,6 +165,21 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
     if "head_z" in proof.failed:
         proof.fail("head_out", "its values are computed from head_z, which failed")
     return proof
+
+
+def _keys(fam) -> list[str]:
+    return [f"{fam.name}.{layer}" for layer in range(fam.layers)] if fam.layers is not None else [fam.name]
+
+
+def _reached(model, adapter, catalog: Catalog, inputs, proof: Proof) -> Catalog:
+    """``catalog`` without the families whose reach never fires in a forward (a pattern computed inline,
+    outside transformers' attention functions and any module), each failed with the reason."""
+    for fam in catalog:
+        try:
+            execute(model, adapter, catalog, inputs, capture=_keys(fam))
+        except SiteError:
+            proof.fail(fam.name, "never reached in a forward: the model does not run the module this family reads")
+    return Catalog([f for f in catalog if f.name not in proof.failed], catalog.model_name)
 
 
 def _check_shapes(catalog: Catalog, run, proof: Proof) -> None:
@@ -285,7 +306,9 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
             return out
 
         value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1]).clone()
-        value[:, :, role, head * (group if role else 1)] = other
+        # A key/value head's input: every slot of its group of query heads (the slots a group shares).
+        heads = slice(head * group, (head + 1) * group) if role else slice(head, head + 1)
+        value[:, :, role, heads] = other[:, :, None, :]
         source = Cache({"head_in.0": value}, {"head_in.0": catalog.family("head_in").axis_names})
         bound = Bound(Site("head_in", 0), Patch(source))
         patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: proj.register_forward_hook(hook))

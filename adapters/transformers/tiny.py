@@ -33,7 +33,7 @@ _SIZES: dict[str, int] = {
     # mixture of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32, "expert_intermediate_size": 32,
-    "shared_expert_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64, "n_group": 2, "topk_group": 1,
     # vocabulary and positions
     "vocab_size": 128, "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64,
     "image_size": 32, "patch_size": 8,
@@ -67,8 +67,56 @@ def _depth(config: Any) -> int | None:
     return config_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
 
 
+#: Per-head widths a model may read interchangeably (MLA's rotary part is its ``head_dim``): those equal
+#: in the defaults stay equal after shrinking, and ``qk_head_dim`` stays the sum of its parts.
+_HEAD_WIDTHS = ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "kv_channels", "d_kv")
+
+
+def _tie_head_widths(config: Any, before: dict[str, Any]) -> None:
+    for i, a in enumerate(_HEAD_WIDTHS):
+        for b in _HEAD_WIDTHS[i + 1:]:
+            if isinstance(before.get(a), int) and before.get(a) == before.get(b):
+                small = min(getattr(config, a), getattr(config, b))
+                for key in (a, b):
+                    _set(config, key, small)
+    if isinstance(before.get("kv_lora_rank"), int) and isinstance(getattr(config, "num_key_value_heads", None), int):
+        _set(config, "num_key_value_heads", config.num_attention_heads)  # latent attention: a key and value per head
+    nope, rope, qk = (before.get(k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "qk_head_dim"))
+    if isinstance(qk, int) and isinstance(nope, int) and isinstance(rope, int) and qk == nope + rope:
+        _set(config, "qk_head_dim", config.qk_nope_head_dim + config.qk_rope_head_dim)
+
+
+def _fill_unset(config: Any) -> None:
+    """Sizes a config leaves None for the model to read anyway (``head_dim``, the key/value heads, a mixture's
+    experts and top-k) set to the shrunk model's."""
+    heads, width = config_int(config, ("num_attention_heads",)), config_int(config, ("hidden_size",))
+    fills: dict[str, int] = {"num_key_value_heads": min(2, heads or 2)}
+    if heads and width:
+        fills["head_dim"] = width // heads
+    if any(key in vars(config) for key in ("num_experts", "n_routed_experts", "num_local_experts")):
+        fills.update(n_routed_experts=_SIZES["n_routed_experts"], num_experts_per_tok=_SIZES["num_experts_per_tok"], n_shared_experts=1)
+    for key, value in fills.items():
+        if key in vars(config) and _get(config, key) is None:
+            _set(config, key, value)
+
+
+def _get(config: Any, key: str) -> Any:
+    try:
+        return getattr(config, key, None)
+    except Exception:  # a per-layer attribute (read through the layer configs)
+        return None
+
+
+def _set(config: Any, key: str, value: Any) -> None:
+    try:
+        setattr(config, key, value)
+    except Exception:  # a read-only or validated field: keep it
+        pass
+
+
 def _shrink(config: Any) -> None:
     before = _depth(config)
+    widths = {k: _get(config, k) for k in (*_HEAD_WIDTHS, "qk_head_dim", "kv_lora_rank")}
     for key, size in _SIZES.items():
         try:
             value = getattr(config, key, None)
@@ -76,6 +124,8 @@ def _shrink(config: Any) -> None:
                 setattr(config, key, size)
         except Exception:  # a per-layer attribute, a read-only or validated field: keep the default
             pass
+    _tie_head_widths(config, widths)
+    _fill_unset(config)
     depth = _depth(config)
     if before and depth and depth < before:  # per-layer lists (GPT-Neo's attention_layers ...) follow the depth
         for key, value in list(vars(config).items()):
@@ -113,6 +163,19 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     return config
 
 
+def _for_class(config: Any, cls: type) -> Any:
+    """``config``, or its sub-config the model class is built from (Qwen3.5's causal LM takes the text
+    config of the composite config its model type names)."""
+    wanted = getattr(cls, "config_class", None)
+    if not isinstance(wanted, type) or isinstance(config, wanted):
+        return config
+    for name in ("text_config", "decoder", "language_config", "text_encoder"):
+        inner = getattr(config, name, None)
+        if isinstance(inner, wanted):
+            return inner
+    return config
+
+
 def tiny_model(model_type: str, task: str = "causal-lm", seed: int = 0, **overrides: Any) -> Any:
     """A tiny ``model_type`` for ``task`` with seeded random weights, in eval mode."""
     import transformers
@@ -122,6 +185,6 @@ def tiny_model(model_type: str, task: str = "causal-lm", seed: int = 0, **overri
         raise ValueError(f"transformers has no {task} model for {model_type!r}")
     names = mapping[model_type]
     cls = getattr(transformers, names if isinstance(names, str) else names[0])  # DeiT maps to two classes: the first
-    config = tiny_config(model_type, **overrides)
+    config = _for_class(tiny_config(model_type, **overrides), cls)
     torch.manual_seed(seed)
     return cls(config).eval()
