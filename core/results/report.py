@@ -30,7 +30,7 @@ from .html.page import page_html
 from .result import Result, collect_versions
 from ..sites.site import ANY, Site, SiteError
 
-__all__ = ["write_report", "top_sites", "EXPLORER"]
+__all__ = ["write_report", "top_sites", "file_stems", "EXPLORER"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,14 @@ def write_report(
     title: str,
     context: Mapping[str, Any] = {},
     graphs: Mapping[str, Mapping[str, Any]] = {},
+    pictures: bool = True,
 ) -> Path:
     """Write every result as PNG, JSON and CSV plus ``index.html`` and ``explorer.html`` into ``out``;
     return ``out``.
 
     ``graphs`` adds graphs in the generic ``{nodes, links}`` schema to the interactive page only
     (each also saved as ``<name>.graph.json``); an edge Result among ``results`` is drawn as a graph.
+    ``pictures=False`` skips the PNGs (matplotlib takes about a second a picture; the pages still draw).
 
     ``context`` is shown as a small table at the top (model, task, prompts, metric, seed,
     versions, ... -- any keys; nested mappings are shown as ``key value`` lists). Result names
@@ -63,24 +65,24 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     if not results:
         raise ValueError("write_report needs at least one result")
-    stems = _stems(list(results))
+    stems = file_stems(list(results))
     sections = []
     for name, result in results.items():
         if not isinstance(result, Result):
             raise TypeError(f"result {name!r} is a {type(result).__name__}, not a crosspatch Result")
         stem = stems[name]
         files = {"json": result.save(out / f"{stem}.json").name, "csv": result.to_csv(out / f"{stem}.csv").name}
-        if result.values.ndim in (1, 2):
+        if result.values.ndim in (1, 2) and pictures:
             figure = result.plot()
             figure.savefig(out / f"{stem}.png", dpi=_DPI)
             files["png"] = f"{stem}.png"
-        else:
+        elif pictures:
             logger.info("result %r has %d dims; no plot in the report", name, result.values.ndim)
         sections.append(_section(name, result, files))
     for name, graph in graphs.items():
         if not is_graph(graph):
             raise TypeError(f"graph {name!r} is not a mapping with 'nodes' and 'links' lists")
-        (out / f"{_stems([name])[name]}.graph.json").write_text(json.dumps(graph), encoding="utf-8")
+        (out / f"{file_stems([name])[name]}.graph.json").write_text(json.dumps(graph), encoding="utf-8")
     (out / EXPLORER).write_text(
         page_html({**results, **graphs}, title=title, context=_explorer_context(context),
                   links={"static report": "index.html"}),
@@ -129,7 +131,8 @@ def top_sites(result: Result, k: int = TOP_K) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------- pieces
 
 
-def _stems(names: list[str]) -> dict[str, str]:
+def file_stems(names: list[str]) -> dict[str, str]:
+    """Each result name's file stem in a report folder (letters, digits, ``.``, ``_``, ``-``; unique)."""
     stems: dict[str, str] = {}
     used: set[str] = {"index"}
     for name in names:
@@ -195,7 +198,9 @@ def _section(name: str, result: Result, files: Mapping[str, str]) -> str:
     if "png" in files:
         picture = f'<img src="{_href(files["png"])}" alt="{_e(name)} heatmap">'
     else:
-        picture = f'<p class="muted">No picture: {_e(result.values.ndim)}-D results are shown as tables only.</p>'
+        picture = (f'<p class="muted">No picture: {_e(result.values.ndim)}-D results are shown as tables only.</p>'
+                   if result.values.ndim not in (1, 2) else
+                   f'<p class="muted">No picture written; see <a href="{_e(EXPLORER)}">{_e(EXPLORER)}</a>.</p>')
     links = " · ".join(
         f'<a href="{_href(files[kind])}">{_e(files[kind])}</a>' for kind in ("png", "json", "csv") if kind in files
     )
