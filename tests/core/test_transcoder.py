@@ -108,3 +108,131 @@ def test_bad_configurations_are_named():
         Transcoder(4, 4, 8, ["mlp_in.0"], ["mlp_out.0"], kind="topk", k=9)
     with pytest.raises(ValueError, match="kind must be one of"):
         Transcoder(4, 4, 8, ["mlp_in.0"], ["mlp_out.0"], kind="gelu")
+
+
+# ---------------------------------------------------------------------- published layouts (fixtures written here)
+
+
+def _ct_forward_plt(layers, xs, kind="jumprelu"):
+    """circuit-tracer's per-layer forward, written out: F.linear(x, W_enc, b_enc), JumpReLU, acts @ W_dec + b_dec."""
+    out = []
+    for w, x in zip(layers, xs):
+        pre = x @ w["W_enc"].T + w["b_enc"]
+        if kind == "jumprelu":
+            acts = pre * (pre > w["activation_function.threshold"])
+        else:
+            top = pre.topk(int(w["k"]), -1)
+            acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        out.append(acts @ w["W_dec"] + w["b_dec"])
+    return out
+
+
+def _write_yaml(path, text):
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "topk"])
+def test_circuit_tracer_transcoder_set_folder(tmp_path, kind):
+    from safetensors.torch import save_file
+
+    from crosspatch.trainable.transcoder_formats import load_published
+
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for i in range(2):
+        w = {"W_enc": torch.randn(9, 5, generator=gen), "W_dec": torch.randn(9, 5, generator=gen),
+             "b_enc": torch.randn(9, generator=gen), "b_dec": torch.randn(5, generator=gen)}
+        if kind == "jumprelu":
+            w["activation_function.threshold"] = torch.rand(9, generator=gen)
+        else:
+            w["k"] = torch.tensor(3)
+        save_file(w, str(tmp_path / f"layer_{i}.safetensors"))
+        layers.append(w)
+    _write_yaml(tmp_path / "config.yaml", (
+        "model_kind: transcoder_set\nmodel_name: my/model\nscan: my-scan\n"
+        "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+        "transcoders:\n  - hf://org/repo/layer_0.safetensors\n  - layer_1.safetensors\n"
+        + ("activation: topk\n" if kind == "topk" else "")))
+    tc = load_published(tmp_path)
+    assert tc.input_sites == ["mlp_in.0", "mlp_in.1"] and tc.output_sites == ["mlp_out.0", "mlp_out.1"]
+    assert tc.kind == kind and not tc.cross_layer and not tc.normalized_input
+    xs = [torch.randn(4, 5, generator=gen) for _ in range(2)]
+    for mine, ref in zip(tc(xs), _ct_forward_plt(layers, xs, kind)):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_circuit_tracer_cross_layer_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    from crosspatch.trainable.transcoder_formats import load_published
+
+    gen = torch.Generator().manual_seed(1)
+    n, F, d = 3, 7, 4
+    enc, dec = [], []
+    for i in range(n):
+        e = {f"W_enc_{i}": torch.randn(F, d, generator=gen), f"b_enc_{i}": torch.randn(F, generator=gen),
+             f"b_dec_{i}": torch.randn(d, generator=gen), f"threshold_{i}": torch.rand(F, generator=gen)}
+        w = {f"W_dec_{i}": torch.randn(F, n - i, d, generator=gen)}
+        save_file(e, str(tmp_path / f"W_enc_{i}.safetensors"))
+        save_file(w, str(tmp_path / f"W_dec_{i}.safetensors"))
+        enc.append(e)
+        dec.append(w[f"W_dec_{i}"])
+    _write_yaml(tmp_path / "config.yaml", "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
+                                          "feature_output_hook: hook_mlp_out\n")
+    tc = load_published(tmp_path)
+    assert tc.cross_layer and tc.kind == "jumprelu" and tc.n == 3
+    xs = [torch.randn(2, d, generator=gen) for _ in range(n)]
+    acts = []
+    for i in range(n):
+        pre = xs[i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        acts.append(pre * (pre > enc[i][f"threshold_{i}"]))
+    for j, mine in enumerate(tc(xs)):
+        ref = sum(acts[i] @ dec[i][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
+        torch.testing.assert_close(mine, ref)
+
+
+def test_gemma_scope_npz_reads_the_normed_input(tmp_path):
+    import numpy as np
+
+    from crosspatch.trainable.transcoder_formats import load_gemma_scope, load_published
+
+    gen = np.random.default_rng(0)
+    params = {"W_enc": gen.normal(size=(4, 6)), "W_dec": gen.normal(size=(6, 4)), "b_enc": gen.normal(size=6),
+              "b_dec": gen.normal(size=4), "threshold": gen.random(6)}
+    (tmp_path / "layer_0").mkdir()
+    np.savez(tmp_path / "layer_0" / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+    tc = load_gemma_scope([tmp_path / "layer_0" / "params.npz"])
+    assert tc.normalized_input and tc.input_sites == ["mlp_in.0"]
+    x = torch.randn(3, 4)
+    pre = x @ torch.tensor(params["W_enc"], dtype=torch.float32) + torch.tensor(params["b_enc"], dtype=torch.float32)
+    acts = pre * (pre > torch.tensor(params["threshold"], dtype=torch.float32))
+    ref = acts @ torch.tensor(params["W_dec"], dtype=torch.float32) + torch.tensor(params["b_dec"], dtype=torch.float32)
+    torch.testing.assert_close(tc([x])[0], ref)
+    _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\n"
+                                          "feature_output_hook: hook_mlp_out\ntranscoders:\n  - layer_0/params.npz\n")
+    assert load_published(tmp_path).normalized_input
+
+
+def test_published_folders_that_cannot_load_say_why(tmp_path):
+    from safetensors.torch import save_file
+
+    from crosspatch.trainable.transcoder_formats import load_published
+
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        load_published(tmp_path)
+    _write_yaml(tmp_path / "config.yaml", "model_kind: sae\n")
+    with pytest.raises(FormatError, match="model_kind"):
+        load_published(tmp_path)
+    _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: hook_resid_mid\n"
+                                          "feature_output_hook: hook_mlp_out\ntranscoders:\n  - hf://o/r/x.safetensors\n")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_published(tmp_path)
+    w = {k: torch.zeros(3, 2) for k in ("W_enc", "W_dec")} | {"b_enc": torch.zeros(3), "b_dec": torch.zeros(2),
+                                                              "W_skip": torch.zeros(2, 2)}
+    save_file(w, str(tmp_path / "x.safetensors"))
+    with pytest.raises(NotImplementedError, match="W_skip"):
+        load_published(tmp_path)
+    _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: hook_attn_out\n"
+                                          "feature_output_hook: hook_mlp_out\ntranscoders:\n  - x.safetensors\n")
+    with pytest.raises(ValueError, match="no crosspatch site"):
+        load_published(tmp_path)
