@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result, collect_versions
 from ..sites.selection import check_padding, index_for
-from ..sites.site import ANY, LAST, Site, SiteError
+from ..sites.site import ANY, LAST, Site, SiteError, split_tower
 from .activation_patching import label_positions
 from .cdt_rules import Pair
 from .pairs import model_metric, rows_per_forward
@@ -102,6 +102,10 @@ class Decomposition:
         return self.rel[key] + self.irrel[key]
 
 
+#: Families whose nodes write the residual as a component of the edge graph (cut under ``direct``).
+_WRITERS = ("head_z", "head_out", "mlp_out")
+
+
 class _Done(Exception):
     """Every target of a run has been read: the rest of the forward is not needed."""
 
@@ -129,6 +133,7 @@ def decompose(
     over: Sequence[str] = ("batch",),
     batch_size: int | None = None,
     progress: bool | None = None,
+    direct: bool = False,
 ) -> Decomposition:
     """The ``(rel, irrel)`` decomposition at ``targets`` for every source set of ``sources``.
 
@@ -146,6 +151,11 @@ def decompose(
     checks). Source sets are batched ``batch_size`` rows (sets x prompts) a forward (None: as
     :func:`~crosspatch.methods.pairs.rows_per_forward`), each forward starting at the first block any of its
     sets or targets is in, from the model's own residual there.
+
+    ``direct``: relevance travels along the residual stream only: at every node that writes the residual as a
+    component of the edge graph (a head's ``head_z`` / ``head_out``, ``mlp_out``) the relevant part is handed to the
+    irrelevant one before the sources are set, so a target sees the sources' own writes and nothing a later head or
+    MLP computed from them (the edge ``source -> target`` rather than every path). The sum is unchanged.
     """
     m = wrap(model)
     forward = decomposed_forward(m)
@@ -177,7 +187,7 @@ def decompose(
         with torch.inference_mode():
             for first in range(0, len(order), per_forward):
                 members = order[first : first + per_forward]
-                visitor = _Visitor([sets[j] for j in members], n, families, means, reads)
+                visitor = _Visitor([sets[j] for j in members], n, families, means, reads, direct)
                 try:
                     forward.run(prepared, visitor, repeat=len(members), start=starts[members[0]])
                 except _Done:
@@ -402,8 +412,9 @@ class _Visitor:
     """The ``visit`` callback of one run: sets each set's sources on its rows and reads the targets."""
 
     def __init__(self, members: list[tuple[Site, ...]], n: int, families: dict[str, NodeFamily],
-                 means: dict[str, torch.Tensor], reads: list[Site] | None):
+                 means: dict[str, torch.Tensor], reads: list[Site] | None, direct: bool = False):
         self.n, self.families, self.means, self.reads = n, families, means, reads
+        self.direct = direct
         self.sources: dict[str, list[tuple[int, Site]]] = {}
         for j, group in enumerate(members):
             for site in group:
@@ -412,6 +423,8 @@ class _Visitor:
         self.got: dict[str, Pair] = {}
 
     def __call__(self, key: str, pair: Pair) -> Pair:
+        if self.direct and split_tower(Site.parse(key).family)[1] in _WRITERS:
+            pair = (torch.zeros_like(pair[0]), pair[0] + pair[1])  # a later component: its relevance is context
         if key in self.sources:
             pair = self._set_sources(key, pair)
         if self.reads is None:
