@@ -75,6 +75,7 @@ class SAE(nn.Module):
         apply_b_dec_to_input: bool = True,
         metadata: dict | None = None,
         dtype: torch.dtype = torch.float32,
+        rescale_by_decoder_norm: bool = False,
     ):
         super().__init__()
         if kind not in ("relu", "topk", "jumprelu"):
@@ -83,6 +84,9 @@ class SAE(nn.Module):
             raise ValueError(f"a TopK SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
         self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, k
         self.apply_b_dec_to_input = apply_b_dec_to_input
+        # sae-lens TopK ``rescale_acts_by_decoder_norm``: pre-activations times the decoder row norms, features
+        # divided by them before decoding
+        self.rescale_by_decoder_norm = bool(rescale_by_decoder_norm)
         self.metadata: dict = dict(metadata or {})
         self.site: str | None = self.metadata.get("site")  # the crosspatch site it reads, when known
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
@@ -98,20 +102,29 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc + self.b_enc
+        return pre * self.W_dec.norm(dim=-1) if self.rescale_by_decoder_norm else pre
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse features ``[..., d_sae]`` of activations ``[..., d_in]``."""
         pre = self.pre_activation(x)
         if self.kind == "relu":
             return torch.relu(pre)
-        if self.kind == "jumprelu":
-            return pre * (pre > self.threshold)
+        if self.kind == "jumprelu":  # ReLU, then zero below the threshold (as sae-lens and Gemma Scope)
+            return torch.relu(pre) * (pre > self.threshold)
         values, index = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self.write(f) + self.b_dec
+
+    def write(self, f: torch.Tensor) -> torch.Tensor:
+        """What features ``f`` add to the reconstruction: ``decode(f) - b_dec`` (``f @ W_dec``, the features
+        first divided by the decoder row norms when the SAE rescales by them). Linear in ``f``."""
+        f = f.to(self.W_dec.dtype)
+        if self.rescale_by_decoder_norm:
+            f = f * (1 / self.W_dec.norm(dim=-1))
+        return f @ self.W_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -148,6 +161,7 @@ class SAE(nn.Module):
         }
         if self.kind == "topk":
             cfg["k"] = self.k
+            cfg["rescale_acts_by_decoder_norm"] = self.rescale_by_decoder_norm
         return cfg
 
     def save(self, path: "str | Path") -> Path:
@@ -190,7 +204,8 @@ def load_sae(path: "str | Path", device: "str | torch.device" = "cpu", *, site: 
     for name, kind in (("d_in", int), ("d_sae", int), ("hook_name", (str, type(None))),
                        ("architecture", (str, type(None))), ("activation_fn_kwargs", (dict, type(None))),
                        ("metadata", (dict, type(None))), ("apply_b_dec_to_input", bool),
-                       ("normalize_activations", (str, type(None))), ("k", (int, type(None)))):
+                       ("normalize_activations", (str, type(None))), ("k", (int, type(None))),
+                       ("rescale_acts_by_decoder_norm", (bool, type(None)))):
         json_field(cfg, name, kind, cfg_path, None)
     try:
         weights = load_file(str(weights_path))
@@ -219,12 +234,17 @@ def load_sae(path: "str | Path", device: "str | torch.device" = "cpu", *, site: 
             f"d_in={d_in}, d_sae={d_sae} (expected W_enc [d_in, d_sae], W_dec [d_sae, d_in])"
         )
     dtype = weights["W_enc"].dtype
-    hook = cfg.get("hook_name")
-    site = _site(hook, site, cfg_path)
+    # sae-lens 6 keeps the hook in the metadata; older folders (and ours) at the top level
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    site = _site(hook if isinstance(hook, str) else None, site, cfg_path)
     meta = {**(cfg.get("metadata") or {}), "hook_name": hook, "loaded_from": str(path)}
     if site is not None:
         meta["site"] = site
-    sae = SAE(d_in, d_sae, kind, int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", True)), meta, dtype)
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm"))
+    if rescale and kind != "topk":
+        raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm is known for TopK SAEs only, this one is {arch!r}")
+    sae = SAE(d_in, d_sae, kind, int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", True)), meta, dtype,
+              rescale_by_decoder_norm=rescale)
     state = {name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if kind == "jumprelu":
         if "threshold" not in weights:

@@ -1,8 +1,8 @@
 """An intervention in an SAE's feature basis that keeps the reconstruction error.
 
 The edited activation is ``x' = decode(f') + (x - decode(f))`` with ``f = encode(x)``, computed as
-``x + (f' - f) @ W_dec`` so an unedited site is returned bit for bit. The sweeps over features that
-use it are :mod:`crosspatch.methods.sae_patching`.
+``x + sae.write(f' - f)`` (``(f' - f) @ W_dec``) so an unedited site is returned bit for bit. The sweeps
+over features that use it are :mod:`crosspatch.methods.sae_patching`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class SAEFeatures(Intervention):
                 )
             f_src = sae.encode(to_last(src).to(device=sae.W_dec.device)).expand_as(f)
             g[..., idx] = f_src[..., idx]
-        delta = (g - f) @ sae.W_dec  # = decode(g) - decode(f), exactly zero where nothing changed
+        delta = sae.write(g - f)  # = decode(g) - decode(f), exactly zero where nothing changed
         return from_last(last + delta.to(device=x.device, dtype=x.dtype))
 
     def _layout(self, x: torch.Tensor, ctx: ApplyContext) -> tuple[Callable, Callable]:

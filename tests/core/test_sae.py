@@ -287,3 +287,40 @@ def test_malformed_sae_folders_raise_format_error_naming_file_and_field(tmp_path
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(FormatError, match="sae_weights.safetensors"):
         load_sae(tmp_path / "s")
+
+
+def test_sae_lens_6_folders_hook_in_metadata_decoder_norm_rescaling_and_signed_thresholds(tmp_path):
+    """sae-lens 6 writes the hook into ``metadata``; its TopK SAEs may scale pre-activations by the decoder
+    row norms (and divide features by them before decoding); its JumpReLU is ReLU then the threshold."""
+    g = torch.Generator().manual_seed(3)
+    d_in, d_sae, k = 8, 20, 4
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g), "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_enc": torch.randn(d_sae, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    base = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "reshape_activations": "none",
+            "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.2.hook_resid_post", "model_name": "tiny"}}
+    x = torch.randn(6, d_in, generator=g)
+    norms = w["W_dec"].norm(dim=-1)
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    values, index = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
+
+    _write_sae_lens(tmp_path / "topk", {**base, "architecture": "topk", "k": k, "rescale_acts_by_decoder_norm": True}, w)
+    topk = load_sae(tmp_path / "topk")
+    assert topk.site == "resid_post.2" and topk.metadata["hook_name"] == "blocks.2.hook_resid_post"
+    torch.testing.assert_close(topk.encode(x), f)
+    torch.testing.assert_close(topk.decode(f), (f / norms) @ w["W_dec"] + w["b_dec"])
+    back = load_sae(topk.save(tmp_path / "again"))  # our own save keeps the rescaling
+    assert back.rescale_by_decoder_norm and torch.equal(back(x), topk(x))
+
+    threshold = 0.5 * torch.randn(d_sae, generator=g)  # some below zero
+    assert (threshold < 0).any()
+    _write_sae_lens(tmp_path / "jump", {**base, "architecture": "jumprelu"}, {**w, "threshold": threshold})
+    jump = load_sae(tmp_path / "jump")
+    plain = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    torch.testing.assert_close(jump.encode(x), torch.relu(plain) * (plain > threshold))
+    assert (jump.encode(x) >= 0).all()
+
+    _write_sae_lens(tmp_path / "relu", {**base, "architecture": "standard", "rescale_acts_by_decoder_norm": True}, w)
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm is known for TopK SAEs only"):
+        load_sae(tmp_path / "relu")
