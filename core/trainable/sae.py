@@ -2,12 +2,16 @@
 
 An :class:`SAE` maps activations ``x`` (``[..., d_in]``) to sparse features and back::
 
-    f = encode(x) = act((x - b_dec) @ W_enc + b_enc)     # act: ReLU, TopK or JumpReLU
+    f = encode(x) = act((x - b_dec) @ W_enc + b_enc)     # act: ReLU, TopK or JumpReLU (ReLU, then 0 below θ)
     x_hat = decode(f) = f @ W_dec + b_dec
 
 with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` (the sae-lens layout, so its folders load
-as they are: ``cfg.json`` + ``sae_weights.safetensors``). A loaded SAE knows its site: a sae-lens
-``hook_name`` (``blocks.3.hook_resid_post``, ``blocks.3.attn.hook_z`` …) becomes the crosspatch site
+as they are: ``cfg.json`` + ``sae_weights.safetensors``; a TopK SAE with sae-lens's
+``rescale_acts_by_decoder_norm`` scales the pre-activations by the decoder row norms and divides the
+features by them before decoding, as sae-lens does; ``benchmarks/sae_lens_agreement.py`` checks the
+two libraries agree). A loaded SAE knows its site: a sae-lens
+``hook_name`` (``blocks.3.hook_resid_post``, ``blocks.3.attn.hook_z`` …; sae-lens 6 keeps it in
+``metadata``) becomes the crosspatch site
 (``resid_post.3``, ``head_z.3`` …) in ``sae.site``, so ``m.run(x, {sae.site: SAEFeatures(sae, [7])})``. ``train_sae`` fits a TopK SAE (MSE) or a
 ReLU SAE (MSE + L1 on features weighted by decoder row norms), seeded, on a tensor of activations;
 :func:`crosspatch.methods.erasure.site_activations` collects those from any site.
