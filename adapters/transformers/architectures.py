@@ -27,6 +27,9 @@ class Architecture:
     attn_residual: str | None = None
     mlp_residual: str | None = None
     pattern_input: str | None = None  # a module whose input is the pattern, where the attention computes it inline
+    # Post-norm blocks inferred as such (resid_mid then the norm of input + attention): the norm of
+    # resid_mid + mlp_out that gives the block output, which the proof checks.
+    resid_norm: str | None = None
 
     @property
     def residual_sum(self) -> bool:

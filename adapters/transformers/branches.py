@@ -18,7 +18,7 @@ from torch import nn
 
 from .probe import Flow, same
 
-__all__ = ["Branches", "branches", "is_norm"]
+__all__ = ["Branches", "PostNorms", "branches", "is_norm", "post_norms"]
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -107,3 +107,30 @@ def _shaped(flow: Flow, name: str, value: torch.Tensor) -> bool:
 
 def _weighted(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
+
+
+@dataclass(frozen=True)
+class PostNorms:
+    """A post-norm block: ``mid = mid_norm(x + attn)``, ``y = out_norm(mid + mlp)`` (BART's decoder, DistilBERT)."""
+
+    attn: str
+    mlp: str
+    mid_norm: str
+    out_norm: str
+
+
+def post_norms(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, mlp: str) -> PostNorms | None:
+    """The norms of block ``first`` that take each sum of the residual and a branch's write, when the block
+    output is the second's output; None when the block is not laid out so."""
+    x, y = flow.inputs.get(first), flow.outputs.get(first)
+    out = lambda name: flow.outputs.get(f"{first}.{name}")  # noqa: E731
+    a, m = out(attn), out(mlp)
+    if x is None or a is None or m is None or a.shape != x.shape or m.shape != x.shape:
+        return None
+    norms = [n for n, module in children.items() if is_norm(module)]
+    mid = next((n for n in norms if same(flow.inputs.get(f"{first}.{n}"), x + a)), None)
+    if mid is None:
+        return None
+    end = next((n for n in norms if n != mid and same(flow.inputs.get(f"{first}.{n}"), out(mid) + m)
+                and same(out(n), y, atol=0)), None)
+    return None if end is None else PostNorms(attn, mlp, mid, end)

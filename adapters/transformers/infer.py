@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .architectures import Architecture
-from .branches import branches, is_norm
+from .branches import Branches, branches, is_norm, post_norms
 from .examples import example_inputs, forward_kwargs, takes_images
 from .inputs import InputLayout
 from .probe import Flow, first_tensor, probe, same
@@ -156,14 +156,22 @@ def infer(model: nn.Module) -> Inferred:
     mlp = mlps[0]
 
     found = branches(flow, first, children, attn, mlp)
-    if found is None:
+    post = post_norms(flow, first, children, attn, mlp) if found is None else None
+    if found is None and post is None:
         raise InferenceError(
-            f"the block output is not its input + the writes of {attn} and {mlp} (a post-norm or another residual layout)"
+            f"the block output is not its input + the writes of {attn} and {mlp}, nor a norm of the residual plus "
+            f"each in turn (another residual layout)"
         )
+    if post is not None:  # post-norm: the MLP reads the normed sum, and no norm reads the block input
+        found = Branches(attn, mlp, None, None, out(attn), out(mlp), out(post.mid_norm))
     attn_w, mlp_w, mid = found.attn, found.mlp, found.mid
     mid_readers = [n for n in children if n not in (attn, attn_w, mlp_w) and same(inp(n), mid)]
     in_norm = next((n for n, m in children.items() if is_norm(m) and same(inp(n), x, atol=0)), None)
-    if mid_readers:
+    if post is not None:
+        if not any(same(inp(n), mid) for n in children if n not in (attn, post.mid_norm, post.out_norm)):
+            raise InferenceError(f"no module reads the norm {post.mid_norm} of input + attention (the MLP should)")
+        resid_mid, ln_mlp = post.mid_norm, None
+    elif mid_readers:
         # The stream after attention: input + write, or the output of an attention that adds the residual itself.
         resid_mid: str | None = "sum" if found.attn_residual is None else attn
         ln_mlp = next((n for n in mid_readers if is_norm(children[n])), None)
@@ -172,7 +180,7 @@ def infer(model: nn.Module) -> Inferred:
     else:
         raise InferenceError(f"the MLP {mlp} reads neither input + attention nor the block input")
 
-    for name in (attn, attn_w, mlp, mlp_w, in_norm, ln_mlp):
+    for name in (attn, attn_w, mlp, mlp_w, in_norm, ln_mlp, *((post.mid_norm, post.out_norm) if post else ())):
         if name is not None and flow.calls.get(f"{first}.{name}", 0) != 1:
             raise InferenceError(f"module {first}.{name} runs {flow.calls.get(f'{first}.{name}', 0)} times in one forward")
     notes: dict[str, str] = {}
@@ -206,7 +214,8 @@ def infer(model: nn.Module) -> Inferred:
     if embed is None:
         notes["embed"] = "the model adds its embeddings outside any module (resid_pre.0 holds them)"
     missing = [
-        (path, i) for path in (attn, attn_w, o_proj, mlp, mlp_w, in_norm, ln_mlp) if path
+        (path, i) for path in (attn, attn_w, o_proj, mlp, mlp_w, in_norm, ln_mlp, *((post.mid_norm, post.out_norm) if post else ()))
+        if path
         for i, block in enumerate(blocks) if not has_submodule(block, path)
     ]
     if missing:
@@ -218,6 +227,7 @@ def infer(model: nn.Module) -> Inferred:
         layers=layers, embed=embed, attn=attn_w, attn_core=owner[0] if owner else attn, o_proj=o_proj, mlp=mlp_w, mlp_down=down,
         resid_mid=resid_mid, conv1d=conv1d, causal=not images and _causal(model, inputs),
         attn_residual=found.attn_residual, mlp_residual=found.mlp_residual, pattern_input=reads[0] if reads else None,
+        resid_norm=post.out_norm if post else None,
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
                            n_heads, o_in // n_heads, notes)

@@ -4,7 +4,8 @@ On a short random input (token ids, or images for a vision encoder) it checks, t
 against raw torch hooks:
 
 - the residual arithmetic: ``resid_post = resid_pre + attn_out + mlp_out`` and ``resid_mid = resid_pre +
-  attn_out`` at every layer, the MLP reading ``resid_mid`` where the block is sequential,
+  attn_out`` at every layer (post-norm: ``resid_mid = norm(resid_pre + attn_out)`` and ``resid_post =
+  norm(resid_mid + mlp_out)`` with the block's own norms), the MLP reading ``resid_mid`` where the block is sequential,
   ``embed = resid_pre.0``; a branch that adds the residual it is handed (BLOOM) writes what its
   projection gives;
 - the per-head sites: the heads' writes plus the output bias sum to the output projection's output,
@@ -216,6 +217,12 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
                 proof.check(family, total, at("resid_post"), "resid_pre + attn_out + mlp_out != resid_post")
             if has("resid_mid"):
                 proof.check("resid_mid", at("resid_pre") + at("attn_out"), at("resid_mid"), "resid_pre + attn_out != resid_mid")
+        if has("attn_out") and has("mlp_out") and arch.resid_norm and has("resid_mid"):  # post-norm, as inferred
+            mid_norm = submodule(base, f"{block}.{arch.resid_mid}", layer)
+            end_norm = submodule(base, f"{block}.{arch.resid_norm}", layer)
+            for family in ("attn_out", "resid_mid"):
+                proof.check(family, mid_norm(at("resid_pre") + at("attn_out")), at("resid_mid"), "norm(resid_pre + attn_out) != resid_mid")
+            proof.check("mlp_out", end_norm(at("resid_mid") + at("mlp_out")), at("resid_post"), "norm(resid_mid + mlp_out) != resid_post")
         # A write read as output - residual is what the branch's last projection gave (BLOOM: no bias after it).
         if has("attn_out") and arch.attn_residual:
             proof.check("attn_out", at("attn_out"), o_proj.outputs[layer], "output - residual != the output projection's")
