@@ -1,0 +1,196 @@
+"""CD-T's circuit search (crosspatch.methods.cdt_circuit) against the tracr ground truth and the exact-patching
+ranking, with its runtime next to ACDC and EAP on the same edge graph and inputs.
+
+Cases: the four tracr programs (16 reference inputs of one length: reverse 3, the others 5; zero ablation, as
+docs/tracr.md) and the zoo's ioi-gpt2-tiny (32 held-out pairs; mean ablation over the corrupt prompts, CD-T's
+baseline the same mean per position). For each case:
+
+* the exact ranking: every edge patched alone (``patch_edges``, the case's ablation), the change of the metric
+  (tracr: ``output_distance``, the KL to the clean output; ioi: ``logit_diff``) averaged over prompts;
+* CD-T's circuit with ``paths="direct"`` (each edge's own score; the default) and ``paths="all"`` (the paper's: the
+  relevance a source reaches a target with along every path), threshold 0.05, and direct without pruning
+  (threshold 0: every receiver a nonzero score reaches is searched);
+* EAP (tracr: ``output_score``; ioi: ``logit_diff``) and ACDC (tracr: ``output_distance``, threshold 1e-12,
+  ``change="increase"``; ioi: ``logit_diff``, threshold 1 % of the clean value) on the same graph.
+
+Reported: ROC AUC against tracr's compiled circuit, against the *functional* edges (exact effect > 1e-6, tracr)
+or the exact ranking's top 10 % (ioi), the Spearman correlation with the exact effects over all edges, and the
+median wall-clock time of 3 runs after a warm-up (one torch thread; the exact sweep once). ACDC gives 1 / 0 per
+edge, so its AUC is one interior point of the ROC.
+
+    python benchmarks/cdt_circuit.py                 # the tables of benchmarks/cdt_circuit.md
+    python benchmarks/cdt_circuit.py --cases hist --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import crosspatch as cp
+from crosspatch.adapters.tracr import load, output_distance, output_score
+from crosspatch.adapters.tracr.cdt_blocks import CDTTracrAdapter
+from crosspatch.methods.cdt_circuit import cdt_circuit
+from crosspatch.methods.circuit_eval import roc
+from crosspatch.methods.edges import acdc, eap, edge_graph, patch_edges
+from crosspatch.methods.pairs import model_metric
+from crosspatch.results.metrics import MetricContext
+
+TRACR = Path(__file__).resolve().parents[1] / "tests" / "data" / "tracr"
+LENGTH = {"reverse": 3, "frac_prevs": 5, "sort_unique": 5, "hist": 5}
+CASES = [*LENGTH, "ioi-gpt2-tiny"]
+
+
+@dataclass
+class Case:
+    name: str
+    m: Any
+    clean: Any
+    corrupt: Any
+    ablation: str
+    exact_metric: Any  # the metric the exact ranking and ACDC read
+    eap_metric: Any
+    acdc_threshold: float
+    acdc_change: str
+    truth: set[str] | None
+
+
+def tracr_case(name: str) -> Case:
+    model = load(TRACR, name)
+    refs = [r["ids"] for r in model.meta["reference"] if len(r["ids"]) == LENGTH[name] + 1]
+    ids = torch.tensor(refs)[torch.randperm(len(refs), generator=torch.Generator().manual_seed(0))[:16]]
+    m = cp.wrap(model, CDTTracrAdapter())
+    return Case(name, m, ids, None, "zero", output_distance(model.categorical), output_score(model.categorical),
+                1e-12, "increase", set(model.circuit_edges))
+
+
+def ioi_case() -> Case:
+    from crosspatch.zoo.tasks import get_task
+
+    m = cp.wrap("ioi-gpt2-tiny")
+    pairs = get_task("ioi").pairs(32, seed=0, split="test")
+    metric = cp.metrics.logit_diff([p.answer_prefix + p.answer for p in pairs], [p.answer_prefix + p.distractor for p in pairs])
+    metric = model_metric(m, metric)
+    clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+    out = m.run(clean).output
+    value = float(metric(out, MetricContext(torch.arange(len(pairs)), out, m.prepare(clean).get("attention_mask"))).mean())
+    return Case("ioi-gpt2-tiny", m, clean, corrupt, "mean", metric, metric, 0.01 * abs(value), "abs", None)
+
+
+def exact_effects(case: Case, graph) -> np.ndarray:
+    """|metric(one edge patched) - metric(clean)| per edge, prompt means."""
+    metric = model_metric(case.m, case.exact_metric)
+    prepared = case.m.prepare(case.clean)
+    n, mask = next(iter(prepared.values())).shape[0], prepared.get("attention_mask")
+    clean_out = case.m.run(case.clean).output
+    reference = case.corrupt if case.ablation == "mean" else None
+    masks = torch.cat([torch.zeros(1, len(graph)), torch.eye(len(graph))])
+    values = []
+    for chunk in torch.split(masks, 16):
+        out = patch_edges(case.m, case.clean, case.corrupt, chunk, ablation=case.ablation, reference=reference, graph=graph)
+        ctx = MetricContext(torch.arange(n).repeat(chunk.shape[0]), clean_out, None if mask is None else mask.repeat(chunk.shape[0], 1))
+        with torch.inference_mode():
+            values.append(metric(out, ctx).double().view(chunk.shape[0], n).mean(dim=1))
+    values = torch.cat(values)
+    return (values[1:] - values[0]).abs().numpy()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
+    # average ranks for ties
+    for x, r in ((a, ra), (b, rb)):
+        for value in np.unique(x):
+            where = x == value
+            r[where] = r[where].mean()
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    result = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def run_case(case: Case, repeats: int) -> list[dict]:
+    g = edge_graph(case.m)
+    names = g.edge_names
+    start = time.perf_counter()
+    exact = exact_effects(case, g)
+    exact_time = time.perf_counter() - start
+    if case.truth is not None:
+        positives = {names[i] for i in np.flatnonzero(exact > 1e-6)}
+        label = "functional"
+    else:
+        k = max(1, round(0.1 * len(names)))
+        positives = {names[i] for i in np.argsort(-exact, kind="stable")[:k]}
+        label = f"exact top {k}"
+    ref = case.corrupt if case.ablation == "mean" else None
+    irrel = "zero" if case.ablation == "zero" else "mean"
+    metric = case.exact_metric if case.truth is None else None  # ioi: logit_diff's share at the logits; tracr: norm shares
+    methods: dict[str, Callable[[], Any]] = {
+        "CD-T direct": lambda: cdt_circuit(case.m, case.clean, metric, threshold=0.05, irrel=irrel, reference=ref,
+                                           graph=g, progress=False),
+        "CD-T direct, unpruned": lambda: cdt_circuit(case.m, case.clean, metric, threshold=0.0, irrel=irrel, reference=ref,
+                                                     graph=g, progress=False),
+        "CD-T all paths (paper)": lambda: cdt_circuit(case.m, case.clean, metric, threshold=0.05, irrel=irrel, reference=ref,
+                                                      paths="all", graph=g, progress=False),
+        "EAP": lambda: eap(case.m, case.clean, case.corrupt, case.eap_metric, ablation=case.ablation, reference=ref, graph=g),
+        "ACDC": lambda: acdc(case.m, case.clean, case.corrupt, case.exact_metric, threshold=case.acdc_threshold,
+                             ablation=case.ablation, reference=ref, change=case.acdc_change, graph=g),
+    }
+    rows = []
+    for method, fn in methods.items():
+        res, seconds = timed(fn, repeats)
+        scores = np.abs(np.asarray(res.values, dtype=float))
+        table = dict(zip(names, scores))
+        row = {"case": case.name, "method": method, "edges": len(names), "seconds": seconds,
+               "auc_truth": roc(table, case.truth).metadata["auc"] if case.truth else None,
+               "auc_exact": roc(table, positives).metadata["auc"], "label": label,
+               "spearman": spearman(scores, exact), "scored": len(res.metadata.get("scored", names)),
+               "kept": len(res.metadata["kept"]) if "kept" in res.metadata else None}
+        rows.append(row)
+    rows.append({"case": case.name, "method": "exact patching (every edge alone)", "edges": len(names), "seconds": exact_time,
+                 "auc_truth": roc(dict(zip(names, exact)), case.truth).metadata["auc"] if case.truth else None,
+                 "auc_exact": 1.0, "label": label, "spearman": 1.0, "scored": len(names), "kept": len(positives)})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| case | method | AUC vs tracr circuit | AUC vs exact (positives) | Spearman vs exact | edges scored | kept | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        truth = "—" if r["auc_truth"] is None else f"{r['auc_truth']:.3f}"
+        kept = "—" if r["kept"] is None else str(r["kept"])
+        lines.append(f"| {r['case']} | {r['method']} | {truth} | {r['auc_exact']:.3f} ({r['label']}) | {r['spearman']:.3f} | "
+                     f"{r['scored']}/{r['edges']} | {kept} | {r['seconds']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.cases:
+        case = ioi_case() if name == "ioi-gpt2-tiny" else tracr_case(name)
+        rows += run_case(case, args.repeats)
+    print(f"{platform.machine()}, torch {torch.__version__}, 1 thread, median of {args.repeats} runs after a warm-up\n")
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
