@@ -11,9 +11,12 @@
 
 These are the receivers of an edge graph (:mod:`crosspatch.methods.edges`). Supported layouts:
 GPT-2 (fused ``attn.c_attn``, Conv1D) and the Llama family (``q_proj`` / ``k_proj`` / ``v_proj``).
-With grouped-query attention a key/value head serves ``groups`` query heads; slot ``head=h`` of
-roles k and v is read only for ``h % groups == 0`` (key/value head ``h // groups``) and the other
-slots of a group are ignored when written.
+With grouped-query attention a key/value head ``j`` serves the ``groups`` query heads
+``j * groups .. (j + 1) * groups - 1``, and its key (value) input is the mean of their key (value)
+slots: ``x + mean_h (slot_h - x)``. So the group's slots ``head_in.l[qkv=1,head=a:b]`` are that key/value
+head's input (writing them all writes it; a hand hook on its rows of ``k_proj`` is the same patch), each
+slot's gradient is ``1/groups`` of the key/value head's, and a first-order credit of the key/value head
+is the sum over its query heads' slots (``HeadIn.kv_heads`` says how many there are).
 """
 
 from __future__ import annotations
@@ -86,6 +89,16 @@ class HeadIn:
     def __init__(self, root: nn.Module, block: str, layout: InputLayout, n_heads: int, conv1d: bool):
         self.root, self.block, self.layout, self.n_heads, self.conv1d = root, block, layout, n_heads, conv1d
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer: ``n_heads`` unless attention is grouped-query (read off layer 0's
+        projections); the edge methods and AtP*'s query/key fix read it to report key/value heads."""
+        if len(self.layout.qkv) == 1:
+            return self.n_heads
+        q, k = (submodule(self.root, f"{self.block}.{p}", 0) for p in self.layout.qkv[:2])
+        k_out = k.weight.shape[1] if self.conv1d else k.weight.shape[0]
+        return _heads(k_out, self.n_heads, q, self.conv1d, 1)
+
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
         n_heads, conv1d, head_major = self.n_heads, self.conv1d, self.layout.head_major
         ln = submodule(self.root, f"{self.block}.{self.layout.ln_in}", layer) if self.layout.ln_in else None
@@ -112,15 +125,17 @@ class HeadIn:
                 new = stash.get("new")
                 if new is None:
                     return None
-                x = stash["x"].to(output.device)
+                x = stash["x"]
                 weight = module.weight if conv1d else module.weight.T  # [d_model, out]
                 n_out = weight.shape[1] // len(roles)
                 heads = _heads(n_out, n_heads, projs[0], conv1d, len(roles))
                 d_head = n_out // heads
                 group = n_heads // heads
                 first = roles[0]
-                slots = new if len(roles) == 3 and group == 1 else new[:, :, first : first + len(roles), ::group]
-                slots = slots.to(output.device)  # [b, p, R, heads, d], a view
+                x = x.to(output.device)
+                slots = (new if len(roles) == 3 else new[:, :, first : first + len(roles)]).to(output.device)
+                if group > 1:  # a key/value head reads the mean of its query heads' slots; unchanged slots add 0
+                    slots = x[:, :, None, None, :] + (slots - x[:, :, None, None, :]).unflatten(3, (heads, group)).mean(4)
                 w, orig, bias = _by_role(weight, output, module.bias, len(roles), heads, d_head, head_major)
                 grad = torch.is_grad_enabled()
                 # Unchanged slots keep the module's numbers (and its parameter gradients); in grad mode each

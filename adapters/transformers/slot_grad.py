@@ -105,7 +105,9 @@ def slot_gradient(
     ``output`` is the projection's output at ``x`` (``[b, p, R, H, e]``) and ``bias`` its bias (or None).
     ``x`` itself gets no gradient from it (see the module docstring). With a ``sink``
     (:class:`~crosspatch.reach.SlotSink`) the per-slot gradients go to it, row by row, ``where`` saying
-    which roles and heads ``slots`` are (first role, head step), and the slots get their sum."""
+    which roles and heads ``slots`` are (first role, head step), and the slots get their sum. Under
+    grouped-query attention the key/value ``slots`` are the key/value heads' inputs (the mean of each group's
+    slots, ``inputs.HeadIn``), so the sink gets each key/value head's own gradient with head step = the group."""
     xhat, rstd, gamma, kind = _stats(norm, x)
     w = weight.detach().to(xhat.dtype)
     # output = (gamma * xhat + beta) W + bias: yhat is output minus one constant [R, H, e]

@@ -29,7 +29,7 @@ from ..engine.adapter import repeat_rows
 from ..engine.forward import Bound
 from ..results.metrics import Metric, MetricContext, kl_to_clean
 from ..sites.site import Site
-from .edges.graph import EdgeGraph
+from .edges.graph import EdgeGraph, spread_groups
 from .edges.patching import _Patcher, _Receiver, _Sender, _State, _ZeroSender
 from .edges.result import _flat_index, _result
 from .pairs import model_metric
@@ -64,15 +64,13 @@ def ablated_senders(
 
 def dense_masks(graph: EdgeGraph, masks: torch.Tensor) -> list[torch.Tensor]:
     """Flat ``[k, n_edges]`` weights as one ``[k, n_in, *slots]`` tensor per receiver key (differentiable,
-    one scatter instead of a Python loop over edges)."""
+    one scatter instead of a Python loop over edges; a key/value head's weight on every slot of its group)."""
     sizes = [n_in * int(np.prod(slots, dtype=int)) for _, n_in, slots in graph.receiver_keys]
     index = torch.as_tensor(_flat_index(graph), device=masks.device)
     flat = masks.new_zeros(masks.shape[0], sum(sizes))
     flat = flat.index_copy(1, index, masks)
-    return [
-        part.reshape(masks.shape[0], n_in, *slots)
-        for part, (_, n_in, slots) in zip(flat.split(sizes, dim=1), graph.receiver_keys)
-    ]
+    parts = [part.reshape(masks.shape[0], n_in, *slots) for part, (_, n_in, slots) in zip(flat.split(sizes, dim=1), graph.receiver_keys)]
+    return [spread_groups(d, graph.kv_group) if d.ndim == 4 else d for d in parts]
 
 
 def masked_edges_output(p: _Patcher, patch: torch.Tensor, grad: bool = True) -> torch.Tensor:

@@ -16,13 +16,16 @@ estimate is exact in the pattern per head and per query position. A key at one p
 normaliser of every row, so key sites must take every position.
 
 Needs the ``head_in`` (per head q/k/v inputs) and ``attn_pattern`` site families. With grouped-query
-attention the key term of query head ``h`` is reported at key slot ``h`` (the change of head ``h``'s own
-pattern), not at the slot of the key/value head that serves it.
+attention a key/value head's key input is the mean of its query heads' key slots (``head_in.l[qkv=1,head=a:b]``,
+see the transformers adapter's ``inputs``): its term is the sum over the query heads it serves of their
+patterns' changes, and each of its slots reports an equal share, as its gradient does, so a key/value head's
+AtP* value is the sum over its slots.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,7 +34,7 @@ from ..engine.forward import Bound, execute
 from ..engine.interventions import Intervention
 from ..sites.site import Site, SiteError, split_tower
 
-__all__ = ["QKLayer", "qk_layers", "pattern_key", "exact_patterns", "corrected_products"]
+__all__ = ["QKLayer", "ExactPatterns", "qk_layers", "pattern_key", "exact_patterns", "corrected_products"]
 
 QUERY, KEY = 0, 1
 
@@ -98,9 +101,25 @@ class _Replace(Intervention):
         return self.value.to(device=x.device, dtype=x.dtype)
 
 
+class ExactPatterns(NamedTuple):
+    """One layer's patterns ``[n, head, pos, key_pos]`` with the query (key) inputs from the source run, and
+    its query heads per key/value head (``group``, 1 without grouped-query attention)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    group: int = 1
+
+
+def _group(m, head_in_key: str) -> int:
+    """Query heads per key/value head at a ``head_in`` key: from its reach's ``kv_heads`` where it has one."""
+    fam = m.catalog.family(Site.parse(head_in_key).family)
+    heads = fam.axis("head").size
+    return heads // getattr(fam.reach, "kv_heads", heads)
+
+
 def exact_patterns(m, base_in, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], layers: list[QKLayer]):
-    """Per layer ``(A'_query, A'_key)``, each ``[n, head, pos, key_pos]``: every head's pattern with its
-    query (key) input taken from ``source``'s ``head_in`` and everything else from ``base``'s. One forward."""
+    """Per layer an :class:`ExactPatterns`: every head's pattern with its query (key) input taken from
+    ``source``'s ``head_in`` and everything else from ``base``'s. One forward."""
     n = next(iter(base.values())).shape[0]
     bounds = []
     for layer in layers:
@@ -110,22 +129,27 @@ def exact_patterns(m, base_in, base: dict[str, torch.Tensor], source: dict[str, 
             value[:, :, role] = s[:, :, role]
             bounds.append(Bound(Site.parse(layer.head_in), _Replace(value), slice(block * n, (block + 1) * n)))
     run = execute(m.module, m.adapter, m.catalog, repeat_rows(base_in, 2), bounds, capture=[lay.pattern for lay in layers])
-    return {lay.head_in: (run.cache[lay.pattern][:n], run.cache[lay.pattern][n:]) for lay in layers}
+    return {lay.head_in: ExactPatterns(run.cache[lay.pattern][:n], run.cache[lay.pattern][n:], _group(m, lay.head_in))
+            for lay in layers}
 
 
 def corrected_products(
-    prod: torch.Tensor, grad_pattern: torch.Tensor, pattern: torch.Tensor, patched: tuple[torch.Tensor, torch.Tensor]
+    prod: torch.Tensor, grad_pattern: torch.Tensor, pattern: torch.Tensor, patched: "ExactPatterns | tuple"
 ) -> torch.Tensor:
     """``prod [n, pos, 3, head, dim]`` (AtP's per-element products at a ``head_in`` key) with its query and
     key roles replaced by the exact-pattern terms, spread evenly over the elements each term belongs to
-    (a query term over ``dim`` at its position, a key term over every position and ``dim``), so that
-    summing a site's selection gives its AtP* value."""
+    (a query term over ``dim`` at its position, a key term over every position and ``dim``; a key/value
+    head's term over its query heads' slots too), so that summing a site's selection gives its AtP* value."""
+    patched = ExactPatterns(*patched)
     out = prod.clone()
     d, positions = prod.shape[-1], prod.shape[1]
-    a_query, a_key = (a.to(grad_pattern.dtype) for a in patched)
+    a_query, a_key = (a.to(grad_pattern.dtype) for a in patched[:2])
     pattern = pattern.to(grad_pattern.dtype)
     query = (grad_pattern * (a_query - pattern)).sum(-1)  # [n, head, pos]: row t changed by query t alone
     key = (grad_pattern * (a_key - pattern)).sum(dim=(-1, -2))  # [n, head]
+    if patched.group > 1:  # a key/value head: the sum over the query heads it serves, an equal share per slot
+        g = patched.group
+        key = key.unflatten(1, (-1, g)).mean(-1, keepdim=True).expand(-1, -1, g).flatten(1)
     out[:, :, QUERY] = (query.transpose(1, 2) / d)[..., None].to(out.dtype)
     out[:, :, KEY] = (key[:, None, :, None] / (positions * d)).to(out.dtype)
     return out

@@ -1,8 +1,9 @@
 """Edge graphs of residual models: exact edge patching in one forward, EAP, EAP-IG and ACDC.
 
 Senders write into the residual stream: ``embed``, ``head_out.l[head=h]``, ``mlp_out.l``.
-Receivers read it: ``head_in.l[qkv=r,head=h]`` (query, key and value separately), ``mlp_in.l``,
-``logits_in``. There is an edge from every sender to every receiver after it (a pre-LN block with
+Receivers read it: ``head_in.l[qkv=r,head=h]`` (query, key and value separately; under grouped-query
+attention one key and one value receiver per key/value head, ``head_in.l[qkv=r,head=a:b]`` over the slots of
+the query heads it serves), ``mlp_in.l``, ``logits_in``. There is an edge from every sender to every receiver after it (a pre-LN block with
 attention before the MLP: ``head_out.l`` feeds ``mlp_in.l`` and everything in later layers).
 Only the catalog is used, so any adapter with these six families gets the methods.
 

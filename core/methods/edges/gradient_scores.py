@@ -21,7 +21,7 @@ from ...sites.site import Site
 from ..attribution import _Tap
 from ..pairs import model_metric
 from ..shared_prefix import may_share
-from .graph import EdgeGraph, _role
+from .graph import EdgeGraph, _role, fold_groups
 from .patching import Ablation, _Patcher
 from .result import _flat_index, _result
 
@@ -68,7 +68,9 @@ def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, 
     prompts) was scored as the backward made its gradients (:class:`_SlotScores`); any other is one
     batched matmul over prompts of ``[senders, pos*d] @ [pos*d, slots]`` with its gradient read as a
     ``[slot, prompt, pos*d]`` view (``head_in`` gradients arrive slot-major from the reach's backward),
-    so nothing ``[.., senders, slots, d]`` is materialised.
+    so nothing ``[.., senders, slots, d]`` is materialised. Under grouped-query attention a key/value head's
+    score is the sum over its query heads' slots (:func:`~.graph.fold_groups`); the backward's scorer
+    (:class:`_SlotScores`) gets the key/value head's gradient itself.
     """
     per_key = []
     for key, n_in, slots in p.graph.receiver_keys:
@@ -77,6 +79,8 @@ def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, 
         else:
             grad = _slots_first(grads[key], p.n, steps, p.shared_positions).to(sd.dtype)  # [slots, n, pos*d]
             total = torch.bmm(sd[:, :n_in], grad.permute(1, 2, 0)).sum(0)  # [n_in, slots]
+            if len(slots) == 2:  # head_in: a key/value head's credit is the sum over its query heads' slots
+                total = fold_groups(total.view(n_in, *slots), p.graph.kv_group)
         per_key.append(total.double().reshape(-1) / p.n)
     flat = torch.cat(per_key).cpu().numpy()  # one transfer, no per-edge sync
     return flat[_flat_index(p.graph)]
@@ -94,7 +98,9 @@ def _slots_first(grad: torch.Tensor, n: int, steps: int, start: int = 0) -> torc
 class _SlotScores:
     """One ``head_in`` key's edge scores ``[n_in, role, head]`` (summed over prompts), accumulated from its
     per-slot gradients row by row as the backward makes them (:class:`~crosspatch.reach.SlotSink`), so the
-    ``[slots, rows, d]`` gradient is never written. ``start`` and ``sd`` are set before the backward."""
+    ``[slots, rows, d]`` gradient is never written. ``start`` and ``sd`` are set before the backward. A reach
+    hands the gradients of roles ``first_role..`` for every ``head_step``-th head: under grouped-query attention
+    a key/value head's own gradient, scored at its group's first slot (as :func:`~.graph.fold_groups` puts it)."""
 
     def __init__(self, n_in: int, slot_shape: tuple[int, ...]):
         self.n_in, self.slot_shape = n_in, slot_shape

@@ -2,7 +2,9 @@
 (``head_in`` per query, key and value, ``mlp_in``, ``logits_in``) and an edge from every sender to every
 receiver after it, in topological order, with the index maps the edge methods use; :func:`edge_graph`
 builds it from a model's catalog (per tower for a two-tower model), and ``_role`` / ``_layer`` tell a
-site key's family role and block.
+site key's family role and block. Under grouped-query attention a key or value receiver is a key/value head
+(``head_in.l[qkv=r,head=a:b]``): :func:`spread_groups` puts its mask on every slot of the group and
+:func:`fold_groups` sums the slots' scores into it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class EdgeGraph:
     receiver_keys: list[tuple[str, int, tuple[int, ...]]]  # (site key, incoming senders = a prefix, slot shape)
     receiver_of: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # receiver -> (key index, slot)
     tower: str = ""  # the family prefix of a two-tower model's tower ("vision."), else ""
+    # Query heads per key/value head (grouped-query attention; 1 otherwise). A key or value receiver is then a
+    # key/value head, ``head_in.l[qkv=r,head=a:b]`` over its query heads' slots; its slot in ``receiver_of`` is
+    # the group's first (scores are summed there, masks spread over the group).
+    kv_group: int = 1
 
     @property
     def nodes(self) -> list[str]:
@@ -86,6 +92,8 @@ def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> E
         )
     n_layers = m.catalog.family(t + "head_out").layers
     n_heads = m.catalog.family(t + "head_out").axis("head").size
+    kv_heads = getattr(m.catalog.family(t + "head_in").reach, "kv_heads", n_heads)  # fewer under grouped-query attention
+    group = n_heads // kv_heads
     senders, sender_keys = [t + "embed"], [(t + "embed", 1)]
     receivers: list[str] = []
     receiver_keys: list[tuple[str, int, tuple[int, ...]]] = []
@@ -102,11 +110,7 @@ def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> E
             edges.extend((s, r) for s in range(len(senders)))
 
     for layer in range(n_layers):
-        add_receivers(
-            f"{t}head_in.{layer}",
-            [(f"{t}head_in.{layer}[qkv={q},head={h}]", (q, h)) for q in range(3) for h in range(n_heads)],
-            (3, n_heads),
-        )
+        add_receivers(f"{t}head_in.{layer}", _head_receivers(f"{t}head_in.{layer}", n_heads, group), (3, n_heads))
         senders += [f"{t}head_out.{layer}[head={h}]" for h in range(n_heads)]
         sender_keys.append((f"{t}head_out.{layer}", n_heads))
         add_receivers(f"{t}mlp_in.{layer}", [(f"{t}mlp_in.{layer}", ())], ())
@@ -114,7 +118,40 @@ def edge_graph(model: "WrappedModel | nn.Module", tower: str | None = None) -> E
         sender_keys.append((f"{t}mlp_out.{layer}", 1))
     add_receivers(f"{t}logits_in", [(f"{t}logits_in", ())], ())
     edges.sort(key=lambda e: (EdgeGraph._stage(receivers[e[1]]), e[1], e[0]))
-    return EdgeGraph(senders, receivers, edges, sender_keys, receiver_keys, receiver_of, t)
+    return EdgeGraph(senders, receivers, edges, sender_keys, receiver_keys, receiver_of, t, group)
+
+
+def _head_receivers(key: str, n_heads: int, group: int) -> list[tuple[str, tuple[int, int]]]:
+    """A layer's head receivers and their slots: every query head, and every key/value head (one per query
+    head without grouped-query attention; else the slots ``a:b`` of its query heads, at slot ``a``)."""
+    out = [(f"{key}[qkv=0,head={h}]", (0, h)) for h in range(n_heads)]
+    for q in (1, 2):
+        if group == 1:
+            out += [(f"{key}[qkv={q},head={h}]", (q, h)) for h in range(n_heads)]
+        else:
+            out += [(f"{key}[qkv={q},head={a}:{a + group}]", (q, a)) for a in range(0, n_heads, group)]
+    return out
+
+
+def spread_groups(dense: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-slot masks ``[k, n_in, 3, heads]`` with each key/value head's value (at its group's first slot)
+    copied to every slot of the group (a key/value head reads their mean); unchanged when ``group`` is 1."""
+    if group == 1:
+        return dense
+    kv = dense[:, :, 1:, ::group]
+    return torch.cat([dense[:, :, :1], kv.repeat_interleave(group, dim=-1)], dim=2)
+
+
+def fold_groups(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-slot scores ``[n_in, 3, heads]`` with each key/value head's slots summed into its group's first slot
+    (the others 0): a key/value head's credit is the sum of its query heads' slots'."""
+    if group == 1:
+        return scores
+    out = scores.clone()
+    kv = scores[:, 1:].unflatten(-1, (-1, group))
+    out[:, 1:] = 0
+    out[:, 1:, ::group] = kv.sum(-1)
+    return out
 
 
 def _role(family: str) -> str:

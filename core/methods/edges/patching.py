@@ -23,7 +23,7 @@ from ...sites.site import Site
 from ...engine.text import check_same_lengths, is_text
 from ..attribution import _read_key
 from ..shared_prefix import capture_sharing_prefix
-from .graph import EdgeGraph, _layer, _role, edge_graph
+from .graph import EdgeGraph, _layer, _role, edge_graph, spread_groups
 
 Ablation = Literal["resample", "zero", "mean"]
 
@@ -187,7 +187,7 @@ class _Patcher:
         for e, (s, r) in enumerate(g.edges):
             k, slot = g.receiver_of[r]
             out[k][(slice(None), s, *slot)] = masks[:, e]
-        return out
+        return [spread_groups(d, g.kv_group) if d.ndim == 4 else d for d in out]
 
     def keep_clean(self, output_at: torch.Tensor | None) -> "_CleanPrefix | None":
         """One clean run kept so that :meth:`run` can start at the first block a mask patches (None when

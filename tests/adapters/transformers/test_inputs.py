@@ -79,16 +79,13 @@ def test_writing_one_heads_query_matches_a_hand_computation(ids):
     assert torch.equal(run.cache["resid_pre.1"], cache["resid_pre.1"])  # the residual stream itself is untouched
 
 
-def test_writing_one_heads_key_in_llama_changes_only_that_kv_head(ids):
-    m = with_inputs(randomize(tiny_llama()))
-    llama = m.module
-    cache = m.capture(ids, ["head_in.1"])
-    full = cache["head_in.1"].clone()
-    full[:, :, 1, 2] += 1.0  # key of query head 2 = key/value head 1 (groups of 2)
+def _run_seeing_projections(m, ids, sites, layer):
+    """The run's q_proj and k_proj outputs at ``layer`` (hooks registered once the forward reaches the
+    projections, so after the engine's splice hooks) and its output."""
+    attn = m.module.model.layers[layer].self_attn
     seen, handles = {}, []
-    attn = llama.model.layers[1].self_attn
 
-    def late(name, proj):  # registered when the forward reaches it, so after the engine's splice hooks
+    def late(name, proj):
         def pre(mod, args):
             handles.append(proj.register_forward_hook(lambda mod, a, o: seen.setdefault(name, o.detach().clone())))
         return pre
@@ -96,19 +93,53 @@ def test_writing_one_heads_key_in_llama_changes_only_that_kv_head(ids):
     handles += [attn.k_proj.register_forward_pre_hook(late("k", attn.k_proj)),
                 attn.q_proj.register_forward_pre_hook(late("q", attn.q_proj))]
     try:
-        m.run(ids, {"head_in.1[qkv=1]": Patch(cp.Cache({"head_in.1": full}, {"head_in.1": ()}))})
+        out = m.run(ids, sites).output
     finally:
         for h in handles:
             h.remove()
-    layer = llama.model.layers[1]
+    return seen, out
+
+
+@pytest.mark.parametrize("kv_head", [0, 1])
+def test_a_kv_heads_key_input_is_its_query_heads_slots_and_equals_a_hook_on_its_rows(ids, kv_head):
+    """Grouped-query attention (4 query heads on 2 key/value heads): writing the key slots of query heads
+    2j, 2j+1 (``head=2j:2j+2``) is patching key/value head j's key input, the same as a hand hook on its
+    rows of k_proj; writing one of the two slots moves it half of the way (the mean of the slots)."""
+    m = with_inputs(randomize(tiny_llama()))
+    assert m.catalog.family("head_in").reach.kv_heads == 2
+    layer = m.module.model.layers[1]
+    cache = m.capture(ids, ["head_in.1"])
     x = cache["head_in.1"][:, :, 0, 0]
+    edited = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    full = cache["head_in.1"].clone()
+    full[:, :, 1] = edited[:, :, None]
+    source = cp.Cache({"head_in.1": full}, {"head_in.1": ()})
+    rows = slice(16 * kv_head, 16 * (kv_head + 1))  # head_dim 16
+    seen, out = _run_seeing_projections(m, ids, {f"head_in.1[qkv=1,head={2 * kv_head}:{2 * kv_head + 2}]": Patch(source)}, 1)
+
+    def hook(mod, args, output):
+        output = output.clone()
+        output[..., rows] = F.linear(layer.input_layernorm(edited), mod.weight, mod.bias)[..., rows]
+        return output
+
     with torch.no_grad():
         k_clean = layer.self_attn.k_proj(layer.input_layernorm(x))
-        k_edit = layer.self_attn.k_proj(layer.input_layernorm(x + 1.0))
         q_clean = layer.self_attn.q_proj(layer.input_layernorm(x))
-    assert torch.equal(seen["k"][..., :16], k_clean[..., :16])  # head_dim 16; kv head 0 untouched
-    torch.testing.assert_close(seen["k"][..., 16:], k_edit[..., 16:], atol=1e-5, rtol=1e-5)
+        handle = layer.self_attn.k_proj.register_forward_hook(hook)
+        try:
+            by_hand = m.module(ids).logits
+        finally:
+            handle.remove()
+    torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=1e-5)
+    other = slice(16 * (1 - kv_head), 16 * (2 - kv_head))
+    assert torch.equal(seen["k"][..., other], k_clean[..., other])  # the other key/value head untouched
     assert torch.equal(seen["q"], q_clean)
+    # one query head's key slot: the key/value head reads the mean of its two slots
+    seen, _ = _run_seeing_projections(m, ids, {f"head_in.1[qkv=1,head={2 * kv_head + 1}]": Patch(source)}, 1)
+    with torch.no_grad():
+        half = layer.self_attn.k_proj(layer.input_layernorm(x + (edited - x) / 2))
+    torch.testing.assert_close(seen["k"][..., rows], half[..., rows], atol=1e-5, rtol=1e-5)
+    assert torch.equal(seen["k"][..., other], k_clean[..., other])
 
 
 def test_mlp_in_changes_the_mlp_not_the_residual_passed_on(model, ids):
