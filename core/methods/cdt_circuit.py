@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.adapter import batch_size as batch_size_of
 from ..engine.model import WrappedModel, wrap
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result, collect_versions
@@ -85,7 +86,7 @@ def cdt_circuit(
     m = wrap(model)
     g = graph or edge_graph(m)
     prepared = m.prepare(inputs)
-    n = next(iter(prepared.values())).shape[0]
+    n = batch_size_of(prepared)
     metric = None if metric is None else model_metric(m, metric)
     incoming: dict[int, list[int]] = {}
     edge_of: dict[tuple[int, int], int] = {}
