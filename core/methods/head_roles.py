@@ -26,7 +26,7 @@ too, but only back towards zero). Primaries are given, or the ``top_k`` heads by
 paper's name movers are found by their direct effect); each primary is ablated alone and, when there are
 several, all together.
 
-Cost: one clean forward with the prefix kept, then ``2 H + |sets| (1 + H) + 1`` edge-patched row blocks for ``H``
+Cost: one clean forward with the prefix kept, then ``2 H + 2 + |sets| (H + 1)`` edge-patched row blocks for ``H``
 heads, ``batch_size`` rows a forward.
 """
 
