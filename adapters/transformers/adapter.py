@@ -19,6 +19,7 @@ from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
 from . import clip, seq2seq, seq2seq_proof
 from .architectures import ARCHITECTURES, Architecture
 from .examples import example_inputs, prepare_images, takes_images
+from .experts import expert_families
 from .infer import _DEPTH, _HEADS, _WIDTH, config_int, sizing_config
 from .inputs import input_families
 from .mapping import mapping_for
@@ -85,11 +86,13 @@ class TransformersAdapter(Adapter):
                 f"{', '.join(ARCHITECTURES)}; wrap(model, adapter='generic') serves any module at module level."
             )
         families = self._families(model, arch, mapping.layout, mapping.positions, mapping.n_heads)
+        _, expert_notes = expert_families(model.base_model, arch.layers, Axis("pos"), Axis("dim"))
         if not mapping.inferred:
-            return Catalog(families, type(model).__name__)
-        families = [f for f in families if f.name not in mapping.notes]
+            return Catalog(families, type(model).__name__, unavailable=expert_notes)
+        notes = {**mapping.notes, **expert_notes}
+        families = [f for f in families if f.name not in notes]
         catalog = Catalog(families, type(model).__name__)
-        failed = {**mapping.notes, **prove(model, self, catalog, arch, mapping.layout).failed}
+        failed = {**notes, **prove(model, self, catalog, arch, mapping.layout).failed}
         if failed:
             warnings.warn(
                 f"{type(model).__name__}: inferred site families not served: "
@@ -158,6 +161,7 @@ class TransformersAdapter(Adapter):
                 n_layers,
                 "MLP neuron activations",
             ))
+        families += expert_families(base, arch.layers, pos, dim)[0]  # a mixture of experts: each expert's write
         families += [
             SiteFamily("mlp_out", (pos, dim), _write(base, f"{block}.{arch.mlp}", arch.mlp_residual), n_layers, "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),

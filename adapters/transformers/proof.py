@@ -20,7 +20,8 @@ against raw torch hooks:
 - every family reached: one whose reach never fires in a forward (a pattern computed inline, handed to
   no module) is not served;
 - every capture shaped as its family declares;
-- self-patching: every family patched at every layer from the same run changes nothing.
+- self-patching: every writable family patched at every layer from the same run changes nothing;
+- a mixture of experts' sites (:func:`.experts.prove_experts`).
 
 A family that fails is not served; the reason is kept in the catalog (``m.sites()`` lists it).
 """
@@ -43,6 +44,7 @@ from crosspatch.sites.site import Site, SiteError
 
 from .architectures import Architecture
 from .examples import example_inputs
+from .experts import prove_experts
 from .inputs import InputLayout, _norm
 
 __all__ = ["Proof", "prove"]
@@ -148,7 +150,7 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
         _check_values(model, catalog, arch, run, plain, o_proj, down, n, proof)
 
     for fam in catalog:
-        if fam.name in proof.failed:
+        if fam.name in proof.failed or not fam.writable:
             continue
         sites = [Site(fam.name, layer) for layer in (range(fam.layers) if fam.layers is not None else [None])]
         source = run if fam.name == "attn_pattern" else plain
@@ -163,6 +165,9 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
         _head_out_oracle(model, adapter, catalog, inputs, arch, proof)
     if "head_in" in catalog and "head_in" not in proof.failed and layout is not None:
         _head_in_oracle(model, adapter, catalog, inputs, arch, layout, run.cache["resid_pre.0"], proof)
+    if "expert_out" in catalog and "expert_out" not in proof.failed:
+        one, other = (adapter.prepare(model, example_inputs(model, seed=seed, rows=1)) for seed in (1, 3))
+        prove_experts(model, adapter, catalog, one, other, arch.layers, proof)
     if "head_z" in proof.failed:
         proof.fail("head_out", "its values are computed from head_z, which failed")
     return proof
