@@ -30,7 +30,8 @@ from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..results.result import Result, collect_versions
-from ..sites.site import Site, SiteError, Span
+from ..sites.selection import check_padding, last_columns, take_rows
+from ..sites.site import LAST, Site, SiteError, Span
 from .pairs import model_metric
 
 __all__ = ["steering_vector", "steering_curve", "plot_curve", "DEFAULT_OVER"]
@@ -58,19 +59,40 @@ def _axis_selector(value: Any, size: int) -> Any:
 
 
 def _mean_activation(m: WrappedModel, inputs: Any, site: Site, over: Sequence[str], pos: Any) -> torch.Tensor:
-    """Mean activation of ``site`` over the batch and the ``over`` axes (kept at size 1)."""
+    """Mean activation of ``site`` over the batch and the ``over`` axes (kept at size 1).
+
+    On padded inputs the positions are each row's real tokens: a mean over positions skips padding (each
+    row's mean over its own tokens, then the mean over rows), ``last`` (and a negative position, where the
+    padding is on the left) is each row's last real token, as a site reads it."""
     fam = m.catalog.family(site.family)
     prepared = m.prepare(inputs)
     run = execute(m.module, m.adapter, m.catalog, prepared, capture=[site.key])
     full = run.cache[site.key]
-    selection = site.selection
+    mask = run.cache.attention_mask
     out = full.double()
     for i, axis in enumerate(fam.axis_names, start=1):
         if axis not in over:
             continue
-        chosen = pos if (axis == "pos" and pos is not None) else selection.get(axis)
+        chosen = pos if (axis == "pos" and pos is not None) else site.selection.get(axis)
+        if axis == "pos" and chosen is not None and not isinstance(chosen, (slice, list)):
+            # as a site reads it: last is each row's last real token; a negative position on rows padded
+            # on the right is refused (it would be padding)
+            only = Site(site.family, site.layer, (("pos", chosen),))
+            check_padding(only, fam.axis_names, out.shape[1:], mask)
+            if chosen == LAST:
+                out = take_rows(out, last_columns(only, fam.axis_names, out, mask))
+                continue
         index = _axis_selector(chosen, out.shape[i])
-        out = out[(slice(None),) * i + (index,)].mean(dim=i, keepdim=True)
+        picked = out[(slice(None),) * i + (index,)]
+        if axis == "pos" and mask is not None and mask.shape == (out.shape[0], out.shape[i]):
+            real = mask.to(picked.device, torch.float64)[:, index]  # [rows, picked positions]
+            weight = real.view(real.shape[0], *([1] * (i - 1)), real.shape[1], *([1] * (picked.ndim - i - 1)))
+            count = weight.sum(dim=i, keepdim=True)
+            if bool((count == 0).any()):
+                raise SiteError(f"site {site}: a row has no real token among the positions averaged ({chosen!r})")
+            out = (picked * weight).sum(dim=i, keepdim=True) / count
+        else:
+            out = picked.mean(dim=i, keepdim=True)
     return out.mean(dim=0)
 
 
@@ -92,7 +114,8 @@ def steering_vector(
     Axes not averaged keep their full size, so a selection on them (``[head=2]``, ``[dim=4]``)
     is honoured where the vector is added. The vector is in the family's layout without the batch
     axis, averaged axes at size 1 (dropped when leading), ready for ``Add``. ``normalize`` scales
-    it to unit norm. A pattern site is refused: call once per concrete site.
+    it to unit norm. A pattern site is refused: call once per concrete site. Padded inputs (texts of
+    different lengths) average each row's real tokens only; ``pos=last`` is each row's last real token.
     """
     m = wrap(model)
     site = m.catalog.resolve(site)

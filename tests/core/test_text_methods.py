@@ -280,3 +280,16 @@ def test_masks_at_last_on_right_padding_equal_each_prompt_at_its_last_token(m, t
         kls.append(float(F.kl_div(masked.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="batchmean")))
     assert got.history[0] == pytest.approx(float(np.mean(kls)), abs=1e-6)
     assert np.mean(kls) > 1e-6
+
+
+def test_steering_vector_on_padded_texts_averages_real_tokens_only(m, tok):
+    """Right-padded prompts give the mean of each prompt's vector computed alone, unpadded: over every
+    position (padding skipped) and at each row's last token (pos=last)."""
+    negative = [c.replace("Mary", "Anna") for c in CORRUPT]  # differs from CLEAN at positions 1 and 7 or 10
+    for pos, site in [(None, "resid_post.0"), (None, "resid_post.0[pos=last]"), (cp.Span(1, 4), "resid_post.0")]:
+        batched = cp.steering_vector(m, CLEAN, negative, site, pos=pos)
+        alone = torch.stack([cp.steering_vector(m, [c], [k], site, pos=pos) for c, k in zip(CLEAN, negative)]).mean(0)
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+        assert batched.abs().max() > 1e-3
+    with pytest.raises(cp.SiteError, match="padded on the right"):
+        cp.steering_vector(m, CLEAN, CORRUPT, "resid_post.0[pos=-1]")
