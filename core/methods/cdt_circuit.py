@@ -34,7 +34,7 @@ from ..engine.adapter import batch_size as batch_size_of
 from ..engine.model import WrappedModel, wrap
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result, collect_versions
-from ..sites.site import Site
+from ..sites.site import Site, Span
 from .cdt import decompose
 from .edges import EdgeGraph, edge_graph
 from .edges.graph import _role
@@ -152,8 +152,13 @@ def _receivers_of(g: EdgeGraph) -> dict[int, list[int]]:
     for r, name in enumerate(g.receivers):
         site = Site.parse(name)
         role = _role(site.family)
-        node = ("head", site.layer, site.selection["head"]) if role == "head_in" else ("mlp", site.layer, None)
-        by_node.setdefault(node, []).append(r)
+        if role == "head_in":  # a key/value head under grouped-query attention reads for its query heads a:b
+            head = site.selection["head"]
+            heads = range(head.start, head.stop) if isinstance(head, Span) else [head]
+            for h in heads:
+                by_node.setdefault(("head", site.layer, h), []).append(r)
+        elif role == "mlp_in":
+            by_node.setdefault(("mlp", site.layer, None), []).append(r)
     out: dict[int, list[int]] = {}
     for s, name in enumerate(g.senders):
         site = Site.parse(name)

@@ -60,3 +60,17 @@ def test_pruning_and_arguments(setup):
         cdt_circuit(m, ids, paths="some", progress=False)
     with pytest.raises(ValueError, match="receiver"):
         receiver_target("head_out.0[head=1]")
+
+
+def test_grouped_query_attention_key_value_receivers():
+    """A key/value head (head_in.l[qkv=1,head=a:b]) is read at its key, the same for each query head it serves."""
+    from conftest import tiny_llama
+
+    m = cp.wrap(randomize(tiny_llama()))
+    ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    res = cdt_circuit(m, ids, threshold=0.0, paths="all", progress=False)
+    assert len(res.metadata["scored"]) == len(res.values)  # every receiver reached, the key/value heads too
+    score = dict(zip(res.coords["edge"], res.values))
+    for head in (2, 3):
+        key = cp.cdt(m, ids, [["mlp_out.0"]], target=f"head_k.1[head={head}]", progress=False)
+        assert score["mlp_out.0->head_in.1[qkv=1,head=2:4]"] == pytest.approx(float(key.values[0]), rel=1e-5)
