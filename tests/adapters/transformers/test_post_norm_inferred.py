@@ -8,6 +8,7 @@ import warnings
 import torch
 
 import crosspatch as cp
+from hand_hooks import logits_with, zero_head
 from crosspatch.adapters.transformers.mapping import mapping_for
 from crosspatch.adapters.transformers.tiny import tiny_model
 
@@ -32,18 +33,6 @@ def test_bart_decoder_is_read_as_post_norm_and_its_sites_add_up():
         heads = at("head_out").sum(2) + block.self_attn.out_proj.bias
         torch.testing.assert_close(heads, at("attn_out"), atol=1e-5, rtol=0)
     # Head 1 of layer 1 zeroed: a hook on the output projection's input.
-    o_proj, d_head = model.model.decoder.layers[1].self_attn.out_proj, 64 // 4
-
-    def zero(module, args):
-        z = args[0].clone()
-        z[..., d_head:2 * d_head] = 0
-        return (z,)
-
     got = m.run(x, {"head_out.1[head=1]": cp.Zero()}).output
-    handle = o_proj.register_forward_pre_hook(zero)
-    try:
-        with torch.no_grad():
-            expected = model(x).logits
-    finally:
-        handle.remove()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    o_proj = model.model.decoder.layers[1].self_attn.out_proj
+    torch.testing.assert_close(got, logits_with(model, o_proj, zero_head(1, 64 // 4), x, pre=True), atol=1e-5, rtol=0)

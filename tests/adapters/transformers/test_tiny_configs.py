@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import crosspatch as cp
+from hand_hooks import logits_with, zero_head
 from crosspatch.adapters.transformers.mapping import mapping_for
 from crosspatch.adapters.transformers.tiny import tiny_config, tiny_model
 
@@ -48,21 +49,9 @@ def _zero_head_against_hook(model, m, layer: int, head: int) -> None:
     mp = mapping_for(model).arch
     o_proj = model.base_model.get_submodule(f"{mp.layers}.{layer}.{mp.o_proj}")
     d_head = m.catalog.family("head_z").axis("d_head").size
-
-    def zero(module, args):
-        z = args[0].clone()
-        z[..., head * d_head:(head + 1) * d_head] = 0
-        return (z, *args[1:])
-
     x = ids(3)
     got = m.run(x, {f"head_out.{layer}[head={head}]": cp.Zero()}).output
-    handle = o_proj.register_forward_pre_hook(zero)
-    try:
-        with torch.no_grad():
-            expected = model(x).logits
-    finally:
-        handle.remove()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, logits_with(model, o_proj, zero_head(head, d_head), x, pre=True), atol=1e-5, rtol=0)
 
 
 def test_latent_attention_heads_are_exact():
