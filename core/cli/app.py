@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from .cmd_patch import add_patch
 from .cmd_plugins import add_plugins
 from .cmd_run import add_run
+from .cmd_serve import add_serve
 from .cmd_sites import add_sites
 from .cmd_verify import add_verify
 from .cmd_zoo import add_zoo
@@ -43,7 +44,7 @@ def _version() -> str:
 
 #: Adders for every subcommand, in the order ``--help`` lists them.
 _SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_plugins, add_zoo, add_sites, add_verify, add_patch, add_run, add_install, add_uninstall,
+    add_plugins, add_zoo, add_sites, add_verify, add_patch, add_run, add_serve, add_install, add_uninstall,
 ]
 
 

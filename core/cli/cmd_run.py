@@ -12,14 +12,15 @@ from .errors import PROG, CLIError
 __all__ = ["add_run"]
 
 
+_DESCRIPTION = (
+    "Run the analyses of a study file (model, inputs, metric, seed, [[analysis]] tables; see docs/explorer.md) "
+    "into a report folder: index.html, explorer.html, a JSON and CSV per result, study.toml and study.json. "
+    "Given a report folder, runs its study.toml again."
+)
+
+
 def add_run(sub) -> None:
-    p = sub.add_parser(
-        "run",
-        help="run a study file (TOML) into a report folder",
-        description="Run the analyses of a study file (model, inputs, metric, seed, [[analysis]] tables; see "
-                    "docs/explorer.md) into a report folder: index.html, explorer.html, a JSON and CSV per result, "
-                    "study.toml and study.json. Given a report folder, runs its study.toml again.",
-    )
+    p = sub.add_parser("run", help="run a study file (TOML) into a report folder", description=_DESCRIPTION)
     p.add_argument("study", metavar="STUDY", help="a study file, or a report folder written by 'crosspatch run'")
     p.add_argument("--out", metavar="DIR", help="report folder (default: the study's output, else crosspatch-out)")
     p.add_argument("--check", action="store_true",

@@ -108,7 +108,7 @@ def test_to_html_and_notebook_repr():
 def test_report_writes_the_explorer_next_to_the_static_page(tmp_path):
     graph = {"nodes": [{"id": "a", "layer": 0, "pos": None, "kind": "x"}], "links": []}
     out = write_report({"heads": Result(np.ones((2, 2)), ("layer", "head")), "edges": _edges()}, tmp_path,
-                       title="T", context={"model": "m"}, graphs={"attribution": graph})
+                       title="T", context={"model": "m"}, graphs={"attribution": graph}, pictures=False)
     page = (out / EXPLORER).read_text()
     data = _data(page)
     assert [v["kind"] for v in data["views"]] == ["heatmap", "graph", "graph"]

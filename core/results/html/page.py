@@ -22,7 +22,7 @@ from .views import view
 if TYPE_CHECKING:
     from ..result import Result
 
-__all__ = ["asset", "page_html", "repr_html", "json_script"]
+__all__ = ["asset", "document_html", "page_html", "repr_html", "json_script"]
 
 #: Height of the frame a notebook shows a Result in (pixels); the page scrolls inside it.
 NOTEBOOK_HEIGHT = 520
@@ -60,8 +60,17 @@ def page_html(
             "links": [{"text": str(k), "href": str(v)} for k, v in (links or {}).items()],
             "footer": f"Written by crosspatch {_version()} on "
                       f"{_datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}."}
-    return _PAGE.format(title=html.escape(title), css=asset("explorer.css"), js=asset("explorer.js"),
-                        data=json_script(data, "cp-data"))
+    return document_html(title, ["explorer.css"], ["explorer.js"], json_script(data, "cp-data"))
+
+
+def document_html(title: str, styles: list[str], scripts: list[str], data: str, *, same_origin: bool = False) -> str:
+    """The HTML shell: the named assets inlined, ``data`` (a :func:`json_script`) before the scripts. The
+    page's policy forbids every fetch, or with ``same_origin`` allows requests to the page's own server."""
+    return _PAGE.format(
+        title=html.escape(title), css="\n".join(asset(name) for name in styles), data=data,
+        scripts="\n".join(f"<script>\n{asset(name)}\n</script>" for name in scripts),
+        connect="; connect-src 'self'" if same_origin else "",
+    )
 
 
 def repr_html(result: "Result | Mapping[str, Any]", title: str | None = None) -> str:
@@ -91,7 +100,7 @@ _PAGE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:{connect}">
 <title>{title}</title>
 <style>
 {css}
@@ -100,9 +109,7 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <main id="cp-root"></main>
 {data}
-<script>
-{js}
-</script>
+{scripts}
 </body>
 </html>
 """

@@ -255,7 +255,11 @@
           if (site) lines.push(site);
           showTip(event, lines);
         },
-        onClick: function (r, c) { showDetail(state, r, c); }
+        onClick: function (r, c) {
+          showDetail(state, r, c);
+          var site = siteOf(view, view.rows[r], view.cols[c]);
+          if (site && typeof view.onSite === "function") view.onSite(site);
+        }
       }));
     }
 

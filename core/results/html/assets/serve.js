@@ -1,0 +1,304 @@
+/* crosspatch serve: the page of the local explorer. Sweeps stream their progress (server-sent events),
+   a click on a heatmap cell patches that site, the steering slider re-runs the next-token distribution.
+   Every intervention is sent as its JSON (Intervention.to_dict()), never as code. Uses explorer.js. */
+(function () {
+  "use strict";
+
+  var cp = window.crosspatch, el = cp.el, fmt = cp.fmt;
+  var info = JSON.parse(document.getElementById("cp-serve").textContent).info;
+  var root = document.getElementById("cp-root");
+  var currentJob = null, lastDocument = null;
+  var example = Object.assign({ clean: "When Mary and John went to the store, John gave a drink to",
+    corrupt: "When Mary and John went to the store, Mary gave a drink to", answer: " Mary", distractor: " John" },
+    info.example || {});
+
+  function api(path, body) {
+    return fetch(path, {
+      method: body === undefined ? "GET" : "POST",
+      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body)
+    }).then(function (response) {
+      return response.json().then(function (data) {
+        if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
+        return data;
+      });
+    });
+  }
+
+  function field(id, label, value, attrs) {
+    var input = el("input", Object.assign({ id: id, type: "text", value: value || "" }, attrs || {}));
+    return el("label", { class: "cp-field" }, [el("span", { text: label }), input]);
+  }
+
+  function choice(id, label, options, selected) {
+    var select = el("select", { id: id });
+    options.forEach(function (o) {
+      var option = el("option", { value: o, text: o });
+      if (o === selected) option.selected = true;
+      select.appendChild(option);
+    });
+    return el("label", { class: "cp-field cp-narrow" }, [el("span", { text: label }), select]);
+  }
+
+  function value(id) { return document.getElementById(id).value; }
+
+  // ------------------------------------------------------------------ layout
+
+  root.appendChild(el("h1", { text: "crosspatch · " + info.model }));
+  root.appendChild(el("p", { class: "cp-facts", text: (info.describe["class"] || "") + " · " + info.layers +
+    " layers · site families: " + info.families.join(", ") }));
+
+  var datalist = el("datalist", { id: "cp-sweeps" });
+  info.sweeps.forEach(function (s) { datalist.appendChild(el("option", { value: s })); });
+  var form = el("form", { id: "cp-form", class: "cp-form", autocomplete: "off" }, [
+    field("clean", "clean prompt", example.clean),
+    field("corrupt", "corrupt prompt", example.corrupt),
+    el("div", { class: "cp-inline" }, [
+      field("answer", "answer", example.answer, { class: "cp-short" }),
+      field("distractor", "distractor", example.distractor, { class: "cp-short" }),
+      choice("metric", "metric", info.metrics, "logit_diff"),
+      choice("method", "method", info.methods, "activation_patching"),
+      field("sites", "sites", info.sweeps[0] || "", { list: "cp-sweeps", class: "cp-sites" }),
+      datalist
+    ]),
+    el("div", { class: "cp-inline" }, [
+      el("button", { id: "run", type: "submit", text: "Run sweep" }),
+      el("button", { id: "cancel", type: "button", text: "Cancel", disabled: "disabled" }),
+      el("progress", { id: "progress", max: 1, value: 0 }),
+      el("span", { id: "status", class: "cp-status", text: "idle" }),
+      el("button", { id: "save-study", type: "button", text: "Save as study.toml" }),
+      el("a", { id: "download", class: "cp-hidden", text: "download result JSON" })
+    ])
+  ]);
+  root.appendChild(form);
+
+  var result = el("div", { id: "result", class: "cp-result" },
+    el("p", { class: "cp-muted", text: "Run a sweep; then click a cell to patch that site." }));
+  var patch = el("div", { id: "patch-panel", class: "cp-panel" }, [
+    el("h2", { text: "Patch and see" }),
+    el("p", { id: "patch-site", class: "cp-muted", text: "Click a heatmap cell: the clean activation there is " +
+      "patched into the corrupt run." }),
+    el("div", { id: "patch-dist" })
+  ]);
+  var steerSites = [];
+  info.steer_families.forEach(function (f) {
+    for (var l = 0; l < info.layers; l++) steerSites.push(f + "." + l);
+  });
+  var steer = el("div", { id: "steer-panel", class: "cp-panel" }, [
+    el("h2", { text: "Steer" }),
+    el("p", { class: "cp-muted", text: "Vector: mean activation on the clean prompt minus the corrupt one, added " +
+      "with strength α at every position of the corrupt prompt." }),
+    el("div", { class: "cp-inline" }, [
+      choice("steer-site", "site", steerSites, steerSites[Math.min(steerSites.length - 1, Math.floor(info.layers / 2))]),
+      el("button", { id: "steer-vector", type: "button", text: "Compute vector" })
+    ]),
+    el("label", { class: "cp-field" }, [el("span", { id: "steer-value", text: "α = 0" }),
+      el("input", { id: "steer-alpha", type: "range", min: -8, max: 8, step: 0.5, value: 0, disabled: "disabled",
+        class: "cp-slider" })]),
+    el("div", { id: "steer-dist" })
+  ]);
+  var opened = el("div", { id: "opened" });
+  root.appendChild(el("div", { class: "cp-columns" }, [result, el("div", { class: "cp-side" }, [patch, steer])]));
+  root.appendChild(el("div", { class: "cp-panel" }, [el("h2", { text: "Open a saved Result or graph" }),
+    el("input", { id: "open-file", type: "file", accept: ".json,application/json" }), opened]));
+
+  // ------------------------------------------------------------------ sweeps
+
+  function request() {
+    return { clean: value("clean"), corrupt: value("corrupt"), answer: value("answer"),
+      distractor: value("distractor"), metric: value("metric"), method: value("method"), sites: value("sites"),
+      normalize: true };
+  }
+
+  function setStatus(text, cls) {
+    var status = document.getElementById("status");
+    status.textContent = text;
+    status.className = "cp-status " + (cls || "");
+  }
+
+  function draw(view) {
+    result.textContent = "";
+    view.onSite = patchSite;
+    cp.renderView(result, view, 0);
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var body = request();
+    body.kind = "sweep";
+    document.getElementById("run").disabled = true;
+    setStatus("sending…");
+    api("/api/jobs", body).then(function (job) {
+      currentJob = job.id;
+      document.getElementById("cancel").disabled = false;
+      var source = new EventSource(job.events);
+      var progress = document.getElementById("progress");
+      function end(text, cls) {
+        source.close();
+        currentJob = null;
+        document.getElementById("run").disabled = false;
+        document.getElementById("cancel").disabled = true;
+        setStatus(text, cls);
+      }
+      source.addEventListener("queued", function (e) {
+        var d = JSON.parse(e.data);
+        setStatus(d.position > 0 ? "queued behind " + d.position + " job(s)" : "queued");
+      });
+      source.addEventListener("started", function () { setStatus("running"); });
+      source.addEventListener("progress", function (e) {
+        var d = JSON.parse(e.data);
+        progress.max = d.total;
+        progress.value = d.done;
+        setStatus("running: " + d.done + " of " + d.total + " layers");
+        if (d.view) draw(d.view);
+      });
+      source.addEventListener("result", function (e) {
+        var d = JSON.parse(e.data).data;
+        progress.value = progress.max;
+        draw(d.view);
+        lastDocument = d.result;
+        var link = document.getElementById("download");
+        link.href = URL.createObjectURL(new Blob([JSON.stringify(lastDocument)], { type: "application/json" }));
+        link.download = "result.json";
+        link.className = "";
+        end("done", "cp-ok");
+      });
+      source.addEventListener("error", function (e) {
+        if (e.data) end("error: " + JSON.parse(e.data).message, "cp-bad");
+        else if (source.readyState === EventSource.CLOSED) end("connection lost", "cp-bad");
+      });
+      source.addEventListener("cancelled", function () { end("cancelled", "cp-bad"); });
+    }).catch(function (err) {
+      document.getElementById("run").disabled = false;
+      setStatus("error: " + err.message, "cp-bad");
+    });
+  });
+
+  document.getElementById("cancel").addEventListener("click", function () {
+    if (currentJob) api("/api/jobs/" + currentJob + "/cancel", {}).catch(function () { /* already ended */ });
+  });
+
+  // ------------------------------------------------------------------ next-token distributions
+
+  function distribution(container, data, title) {
+    container.textContent = "";
+    var table = el("table", { class: "cp-table cp-dist" }, el("tr", {}, [el("th", { text: "token" }),
+      el("th", { text: data.patched ? "before" : "p" })].concat(data.patched ? [el("th", { text: "after" })] : [])));
+    var rows = data.patched || data.base;
+    var before = {};
+    data.base.forEach(function (t) { before[t.id] = t.p; });
+    rows.forEach(function (t) {
+      var bar = el("span", { class: "cp-pbar" });
+      bar.style.width = Math.round(120 * t.p) + "px";
+      var cells = [el("td", { class: "cp-tok", text: JSON.stringify(t.token) })];
+      if (data.patched) cells.push(el("td", { class: "cp-num", text: before[t.id] === undefined ? "<" +
+        fmt(data.base[data.base.length - 1].p) : fmt(before[t.id]) }));
+      var last = el("td", { class: "cp-num", text: fmt(t.p) });
+      last.appendChild(bar);
+      cells.push(last);
+      table.appendChild(el("tr", { "data-token": t.token }, cells));
+    });
+    if (title) container.appendChild(el("h3", { text: title }));
+    container.appendChild(table);
+    (data.watch || []).forEach(function (w) {
+      container.appendChild(el("p", { class: "cp-watch", text: "p(" + JSON.stringify(w.token) + "): " +
+        fmt(w.base) + " → " + fmt(w.patched) }));
+    });
+  }
+
+  function patchSite(site) {
+    var panel = document.getElementById("patch-dist");
+    document.getElementById("patch-site").textContent = "patching " + site + " (clean → corrupt)…";
+    var body = { prompt: value("corrupt"), answer: value("answer"), distractor: value("distractor"),
+      interventions: [{ site: site, intervention: { kind: "patch", source: value("clean") } }] };
+    api("/api/predict", body).then(function (data) {
+      document.getElementById("patch-site").textContent = "patched " + site;
+      panel.setAttribute("data-site", site);
+      distribution(panel, data, "next token of the corrupt prompt");
+    }).catch(function (err) {
+      document.getElementById("patch-site").textContent = "error: " + err.message;
+    });
+  }
+
+  // ------------------------------------------------------------------ steering
+
+  var steering = null, inFlight = false, wanted = null;
+
+  document.getElementById("steer-vector").addEventListener("click", function () {
+    var body = request();
+    body.kind = "steering";
+    body.site = value("steer-site");
+    document.getElementById("steer-value").textContent = "computing…";
+    api("/api/jobs", body).then(function (job) {
+      var source = new EventSource(job.events);
+      source.addEventListener("result", function (e) {
+        source.close();
+        steering = JSON.parse(e.data).data;
+        var slider = document.getElementById("steer-alpha");
+        slider.disabled = false;
+        slider.value = 0;
+        document.getElementById("steer-value").textContent = "α = 0 (|vector| = " + fmt(steering.norm) + ")";
+        steerTo(0);
+      });
+      source.addEventListener("error", function (e) {
+        source.close();
+        document.getElementById("steer-value").textContent = e.data ? "error: " + JSON.parse(e.data).message
+          : "connection lost";
+      });
+    });
+  });
+
+  function steerTo(alpha) {
+    wanted = alpha;
+    if (inFlight || !steering) return;
+    inFlight = true;
+    var sent = alpha;
+    var intervention = Object.assign({}, steering.intervention, { alpha: sent });
+    api("/api/predict", { prompt: value("corrupt"), answer: value("answer"), distractor: value("distractor"),
+      interventions: sent === 0 ? [] : [{ site: steering.site, intervention: intervention }] })
+      .then(function (data) {
+        var panel = document.getElementById("steer-dist");
+        if (!data.patched) data.watch = [];
+        distribution(panel, data, "next token, α = " + sent);
+        panel.setAttribute("data-alpha", String(sent));
+      })
+      .catch(function (err) { document.getElementById("steer-value").textContent = "error: " + err.message; })
+      .then(function () {
+        inFlight = false;
+        if (wanted !== sent) steerTo(wanted);
+      });
+  }
+
+  document.getElementById("steer-alpha").addEventListener("input", function (event) {
+    var alpha = Number(event.target.value);
+    document.getElementById("steer-value").textContent = "α = " + alpha;
+    steerTo(alpha);
+  });
+
+  // ------------------------------------------------------------------ study file, saved results
+
+  document.getElementById("save-study").addEventListener("click", function () {
+    fetch("/api/study", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request()) }).then(function (r) { return r.text(); }).then(function (text) {
+      var link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "application/toml" })),
+        download: "study.toml" });
+      document.body.appendChild(link);
+      link.click();
+      link.remove();
+    });
+  });
+
+  document.getElementById("open-file").addEventListener("change", function (event) {
+    var file = event.target.files[0];
+    if (!file) return;
+    file.text().then(function (text) {
+      return api("/api/view", { name: file.name, document: JSON.parse(text) });
+    }).then(function (view) {
+      opened.textContent = "";
+      cp.renderView(opened, view, 1);
+    }).catch(function (err) {
+      opened.textContent = "";
+      opened.appendChild(el("p", { class: "cp-bad", text: "cannot open " + file.name + ": " + err.message }));
+    });
+  });
+})();

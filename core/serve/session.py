@@ -1,0 +1,243 @@
+"""The loaded model and what the page may ask of it: a sweep streamed layer by layer, the
+next-token distribution under interventions given as JSON, a steering vector from two prompts.
+
+Every request is plain data: prompts, site strings, method and metric names, and interventions as
+``{"site": ..., "intervention": Intervention.to_dict()}``, rebuilt with
+:func:`~crosspatch.engine.interventions.from_dict` (built-in kinds and those plugins register; a
+Python function cannot arrive this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..engine.interventions import Intervention, from_dict
+from ..methods.activation_patching import activation_patching
+from ..methods.attribution import attribution_patching
+from ..methods.steering import steering_vector
+from ..results import metrics as _metrics
+from ..results.html.views import view
+from ..results.metrics import Metric
+from ..results.result import Result
+from ..sites.site import ANY, Site, SiteError
+from .jobs import Job
+
+__all__ = ["Session", "RequestError", "METHODS", "METRICS"]
+
+METHODS = ("activation_patching", "attribution_patching")
+METRICS = ("logit_diff", "probability", "kl")
+TOP_K = 10
+#: Sweeps offered on the page for the families a model has (a person may type any other pattern).
+SUGGESTED = ("resid_pre.*[pos=*]", "head_out.*[head=*]", "attn_out.*[pos=*]", "mlp_out.*[pos=*]",
+             "resid_post.*[pos=*]", "head_out.*[pos=*,head=*]")
+
+
+class RequestError(ValueError):
+    """A request the page sent that cannot be run (the message says what to change)."""
+
+
+@dataclass
+class Prompts:
+    clean: str
+    corrupt: str
+    answer: str | None
+    distractor: str | None
+
+
+class Session:
+    """One wrapped model with a tokenizer, shared by every tab; only the job worker runs it."""
+
+    def __init__(self, model: Any, name: str, example: Mapping[str, str] | None = None):
+        if model.tokenizer is None:
+            raise RequestError(f"model {name!r} has no tokenizer; the explorer takes text prompts")
+        self.m = model
+        self.name = name
+        self.example = dict(example or {})  # clean, corrupt, answer, distractor the page starts with
+
+    # ---------------------------------------------------------------- describing
+
+    def info(self) -> dict[str, Any]:
+        families = self.m.catalog.families
+        suggested = [s for s in SUGGESTED if Site.parse(s).family in families]
+        steer = [f for f in ("resid_pre", "resid_post", "resid_mid", "attn_out", "mlp_out") if f in families]
+        layers = max((fam.layers or 0 for fam in families.values()), default=0)
+        return {"model": self.name, "describe": self.m.describe(), "families": sorted(families),
+                "sweeps": suggested, "steer_families": steer, "layers": layers, "methods": list(METHODS),
+                "metrics": list(METRICS), "example": self.example}
+
+    def tokens(self, text: str) -> list[str]:
+        return self.m.to_str_tokens(text)
+
+    # ---------------------------------------------------------------- sweeps
+
+    def sweep(self, job: Job, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Patch every site of the pattern, one layer per step, emitting the partial result each step."""
+        prompts = self._prompts(request, need_pair=True)
+        method = _choice(request.get("method", "activation_patching"), METHODS, "method")
+        pattern = str(request.get("sites") or "")
+        try:
+            site = Site.parse(pattern)
+            sizes = self.m.adapter.sizes(self.m.prepare(prompts.clean))
+            self.m.catalog.expand(pattern, sizes)
+        except SiteError as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+        metric = _cancellable(self._metric(request, prompts), job)
+        options = {"normalize": bool(request.get("normalize", True))}
+        if method == "activation_patching":
+            options["direction"] = _choice(request.get("direction", "denoising"), ("denoising", "noising"), "direction")
+        run = activation_patching if method == "activation_patching" else attribution_patching
+        if method == "activation_patching":
+            options["progress"] = False
+
+        family = self.m.catalog.family(site.family)
+        if site.layer != ANY or not family.layers:  # one step
+            job.emit("progress", done=0, total=1)
+            result = run(self.m, prompts.clean, prompts.corrupt, pattern, metric, **options)
+            return {"view": view(result, pattern), "result": _document(result)}
+        layers = list(range(family.layers))
+        parts: list[Result] = []
+        for layer in layers:
+            job.check()
+            one = str(Site(site.family, layer, site.sel))
+            parts.append(run(self.m, prompts.clean, prompts.corrupt, one, metric, **options))
+            partial = _stack(parts, layers, pattern)
+            job.emit("progress", done=layer + 1, total=len(layers), view=view(partial, pattern))
+        result = _stack(parts, layers, pattern)
+        return {"view": view(result, pattern), "result": _document(result)}
+
+    # ---------------------------------------------------------------- next token
+
+    def predict(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The next-token distribution of ``prompt`` with and without ``interventions``."""
+        prompt = _text(request, "prompt")
+        interventions = parse_interventions(request.get("interventions", []))
+        k = int(request.get("k", TOP_K))
+        base = self._distribution(prompt, {})
+        out = {"prompt": prompt, "tokens": self.tokens(prompt), "base": _top(base, self.m, k)}
+        if interventions:
+            changed = self._distribution(prompt, interventions)
+            out["patched"] = _top(changed, self.m, k)
+            watch = [t for t in (request.get("answer"), request.get("distractor")) if t]
+            out["watch"] = [{"token": t, "base": float(base[self.m.token_id(t)]),
+                             "patched": float(changed[self.m.token_id(t)])} for t in watch]
+        return out
+
+    def _distribution(self, prompt: str, interventions: Mapping[str, Intervention]) -> torch.Tensor:
+        with torch.inference_mode():
+            run = self.m.run(prompt, dict(interventions))
+            return torch.softmax(run.output[0, -1].double(), dim=-1)
+
+    # ---------------------------------------------------------------- steering
+
+    def steering(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``Add(clean mean - corrupt mean at site)`` as its JSON, ready for the strength slider."""
+        prompts = self._prompts(request, need_pair=True)
+        site = str(request.get("site") or "")
+        try:
+            vector = steering_vector(self.m, prompts.clean, prompts.corrupt, site)
+        except (SiteError, KeyError) as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+        return {"site": site, "intervention": {"kind": "add", "vector": vector.double().tolist(), "alpha": 1.0},
+                "norm": float(vector.double().norm())}
+
+    # ---------------------------------------------------------------- pieces
+
+    def _prompts(self, request: Mapping[str, Any], need_pair: bool) -> Prompts:
+        clean = _text(request, "clean")
+        corrupt = _text(request, "corrupt") if need_pair else str(request.get("corrupt") or "")
+        if need_pair:
+            a, b = self.tokens(clean), self.tokens(corrupt)
+            if len(a) != len(b):
+                raise RequestError(f"the clean and corrupt prompts are {len(a)} and {len(b)} tokens ({a} vs {b}); "
+                                   f"patching pairs positions, so make them the same length")
+        return Prompts(clean, corrupt, request.get("answer") or None, request.get("distractor") or None)
+
+    def _metric(self, request: Mapping[str, Any], prompts: Prompts) -> Metric:
+        name = _choice(request.get("metric", "logit_diff"), METRICS, "metric")
+        if name == "kl":
+            return _metrics.kl_to_clean()
+        if prompts.answer is None:
+            raise RequestError(f"metric {name} needs an answer token (e.g. ' Mary')")
+        if name == "probability":
+            return _metrics.probability(prompts.answer).resolve(self.m.token_id)
+        if prompts.distractor is None:
+            raise RequestError("metric logit_diff needs a distractor token (e.g. ' John')")
+        return _metrics.logit_diff(prompts.answer, prompts.distractor).resolve(self.m.token_id)
+
+
+def parse_interventions(items: Any) -> dict[str, Intervention]:
+    """``[{"site": "...", "intervention": {...}}]`` -> ``{site: Intervention}``, each rebuilt with from_dict."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise RequestError("interventions must be a list of {site, intervention} objects")
+    out: dict[str, Intervention] = {}
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("site"), str) or not isinstance(
+                item.get("intervention"), Mapping):
+            raise RequestError(f"an intervention must be {{\"site\": str, \"intervention\": {{\"kind\": ...}}}}, got "
+                               f"{str(item)[:120]}")
+        try:
+            out[item["site"]] = from_dict(item["intervention"])
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"intervention at {item['site']}: {exc}") from None
+    return out
+
+
+def _cancellable(metric: Metric, job: Job) -> Metric:
+    """The metric, checking for cancellation each time a forward's output reaches it."""
+    fn = metric.fn
+
+    def checked(output, ctx):
+        job.check()
+        return fn(output, ctx)
+
+    return dataclasses.replace(metric, fn=checked)
+
+
+def _stack(parts: list[Result], layers: list[int], name: str) -> Result:
+    """Per-layer Results stacked on a ``layer`` dim; layers not run yet are NaN."""
+    first = parts[0]
+    values = np.full((len(layers), *first.values.shape), np.nan)
+    for i, part in enumerate(parts):
+        values[i] = part.values
+    skipped = None
+    if first.skipped is not None:
+        skipped = np.zeros(values.shape, dtype=bool)
+        for i, part in enumerate(parts):
+            skipped[i] = part.skipped
+    meta = {**first.metadata, "sites": name, "layers_done": len(parts)}
+    return Result(values, ("layer", *first.dims), {"layer": layers, **first.coords}, meta, skipped)
+
+
+def _document(result: Result) -> dict[str, Any]:
+    """The Result as its saved JSON document, for the page's download button."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = result.save(Path(tmp) / "result.json")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _top(probs: torch.Tensor, m: Any, k: int) -> list[dict[str, Any]]:
+    values, ids = probs.topk(min(k, probs.numel()))
+    tokenizer = m.tokenizer
+    return [{"token": tokenizer.decode([int(i)]), "id": int(i), "p": float(v)} for v, i in zip(values, ids)]
+
+
+def _text(request: Mapping[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{key} must be a non-empty text")
+    return value
+
+
+def _choice(value: Any, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise RequestError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    return str(value)

@@ -1,0 +1,92 @@
+"""What the page tests do in the browser: open a page with fresh logs, list its console errors and
+the requests it made beyond its own origin, wait, hover and read the tooltip, and keep a screenshot
+when ``CROSSPATCH_SCREENSHOTS=DIR`` is set."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+
+def page_number(value: float) -> str:
+    """A number as the pages print it (explorer.js ``fmt``: 4 significant digits, else 3-digit exponents)."""
+    if value != 0 and not 1e-3 <= abs(value) < 1e5:
+        return f"{value:.3e}".replace("e-0", "e-").replace("e+0", "e+")
+    text = repr(float(f"{value:.4g}"))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class Page:
+    """Opens a page in the shared browser and reads what it logged and fetched since."""
+
+    def __init__(self, driver: Any):
+        self.driver = driver
+
+    def open(self, url: str) -> None:
+        self.driver.get("about:blank")
+        self.driver.get_log("browser")  # drain what earlier pages logged
+        self.driver.get_log("performance")
+        self.driver.get(url)
+
+    def console_errors(self) -> list[dict]:
+        return [e for e in self.driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+
+    def requests(self) -> list[str]:
+        urls = []
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                urls.append(message["params"]["request"]["url"])
+        return urls
+
+    def foreign_requests(self, own: str) -> list[str]:
+        """Requests to anything but ``own`` (a file URL, or a server's scheme://host:port) and data: URLs."""
+        base = urlparse(own)
+        out = []
+        for url in self.requests():
+            parsed = urlparse(url)
+            if parsed.scheme == "data":
+                continue
+            if base.scheme == "file" and url.split("#")[0] == own.split("#")[0]:
+                continue
+            if base.scheme != "file" and (parsed.scheme, parsed.netloc) == (base.scheme, base.netloc):
+                continue
+            out.append(url)
+        return out
+
+    def wait(self, condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.05)
+
+    def hover(self, element: Any) -> str:
+        """Move the mouse onto ``element`` and return the tooltip's text."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.driver).move_to_element(element).perform()
+        tip = self.wait(lambda: self._visible_tip(), 5, "the tooltip")
+        return tip.text
+
+    def _visible_tip(self):
+        from selenium.webdriver.common.by import By
+
+        tips = self.driver.find_elements(By.ID, "cp-tip")
+        return tips[0] if tips and tips[0].is_displayed() else None
+
+    def screenshot(self, name: str) -> None:
+        folder = os.environ.get("CROSSPATCH_SCREENSHOTS")
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            height = self.driver.execute_script("return document.documentElement.scrollHeight")
+            self.driver.set_window_size(1400, min(max(int(height) + 40, 600), 4000))
+            self.driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+            self.driver.set_window_size(1400, 1800)
