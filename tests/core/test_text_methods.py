@@ -130,9 +130,10 @@ def test_causal_scrubbing_takes_text(m, tok):
 
 def test_path_patching_takes_text_and_labels_sender_positions(m, tok):
     by_text, by_ids = text_and_ids(tok)
-    a = cp.path_patching(m, SAME, SAME_CORRUPT, "head_out.0[head=*,pos=*]", "resid_post.1", by_text)
-    b = cp.path_patching(m, ids(tok, SAME), ids(tok, SAME_CORRUPT), "head_out.0[head=*,pos=*]", "resid_post.1", by_ids)
+    a = cp.path_patching(m, SAME, SAME_CORRUPT, "head_out.0[head=1,pos=*]", "resid_post.1", by_text)
+    b = cp.path_patching(m, ids(tok, SAME), ids(tok, SAME_CORRUPT), "head_out.0[head=1,pos=*]", "resid_post.1", by_ids)
     np.testing.assert_array_equal(a.values, b.values)
+    assert np.abs(a.values).max() > 0
     assert a.coords["pos"][1] == "1 Mary" and a.coords["pos"][9] == "9 John"
 
 
