@@ -37,7 +37,6 @@ import torch
 
 import crosspatch as cp
 from crosspatch.adapters.tracr import load, output_distance, output_score
-from crosspatch.adapters.tracr.cdt_blocks import CDTTracrAdapter
 from crosspatch.methods.cdt_circuit import cdt_circuit
 from crosspatch.methods.circuit_eval import roc
 from crosspatch.methods.edges import acdc, eap, edge_graph, patch_edges
@@ -67,7 +66,7 @@ def tracr_case(name: str) -> Case:
     model = load(TRACR, name)
     refs = [r["ids"] for r in model.meta["reference"] if len(r["ids"]) == LENGTH[name] + 1]
     ids = torch.tensor(refs)[torch.randperm(len(refs), generator=torch.Generator().manual_seed(0))[:16]]
-    m = cp.wrap(model, CDTTracrAdapter())
+    m = cp.wrap(model)
     return Case(name, m, ids, None, "zero", output_distance(model.categorical), output_score(model.categorical),
                 1e-12, "increase", set(model.circuit_edges))
 

@@ -35,6 +35,12 @@ class TracrAdapter(Adapter):
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, TracrTransformer)
 
+    def decomposed_forward(self, model: TracrTransformer):
+        """CD-T's forward for the program's blocks (no norms, ReLU MLPs)."""
+        from .cdt_blocks import TracrDecomposition
+
+        return TracrDecomposition(model)
+
     def catalog(self, model: TracrTransformer) -> Catalog:
         L, H = model.n_layers, model.n_heads
         pos, dim = Axis("pos"), Axis("dim", model.d_model)

@@ -23,10 +23,9 @@ from crosspatch.engine.adapter import Inputs
 from crosspatch.methods.cdt import NodeFamily, Visit
 from crosspatch.methods.cdt_rules import Pair, activation, add, affine, attention
 
-from .adapter import TracrAdapter
 from .model import TracrTransformer
 
-__all__ = ["TracrDecomposition", "CDTTracrAdapter"]
+__all__ = ["TracrDecomposition"]
 
 
 @dataclass
@@ -101,9 +100,3 @@ class TracrDecomposition:
         out = visit(f"mlp_out.{layer}", affine(act, lambda t: t @ mlp.w2, mlp.b2))
         return visit(f"resid_post.{layer}", add(mid, out))
 
-
-class CDTTracrAdapter(TracrAdapter):
-    """The tracr adapter with CD-T's decomposed forward (the base adapter has none yet)."""
-
-    def decomposed_forward(self, model: TracrTransformer) -> TracrDecomposition:
-        return TracrDecomposition(model)

@@ -10,7 +10,6 @@ import torch
 
 import crosspatch as cp
 from crosspatch.adapters.tracr import load
-from crosspatch.adapters.tracr.cdt_blocks import CDTTracrAdapter
 from crosspatch.methods.cdt import decompose
 from crosspatch.methods.cdt_circuit import cdt_circuit
 from crosspatch.methods.circuit_eval import roc
@@ -23,7 +22,7 @@ PROGRAMS = ["reverse", "frac_prevs", "sort_unique", "hist"]
 def program(request):
     model = load(DATA, request.param)
     ids = torch.tensor([r["ids"] for r in model.meta["reference"] if len(r["ids"]) == 6][:6])
-    return model, cp.wrap(model, CDTTracrAdapter()), ids
+    return model, cp.wrap(model), ids
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
