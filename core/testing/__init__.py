@@ -23,6 +23,9 @@ device follow the model, and a batched run equals the per-example runs.
 Use small models: the suite runs a few forwards per site family and copies the model twice
 (float64 and, when CUDA is available, on the GPU). The model must be in eval mode.
 
+Each problem a check finds is a :class:`Problem`: its message, and as data the site family it is about and
+its kind (a failure, or a write that never reaches the output).
+
 Built on the engine only; nothing in crosspatch imports it. The modules: ``report`` (the result types),
 ``runner`` (the list of checks and the machinery running them), the checks by group (``catalog_checks``,
 ``capture_checks``, ``write_checks``, ``device_checks``, ``cleanup_checks``) with their helpers
@@ -33,7 +36,7 @@ family by family together with the adapter's own oracles, what ``crosspatch veri
 
 from .check import assert_conforms, check_adapter
 from .pytest_mixin import AdapterConformance
-from .report import CheckResult, ConformanceReport
+from .report import CheckResult, ConformanceReport, Problem
 from .runner import CHECKS
 from .verify import FamilyStatus, Verification, verify
 
@@ -42,6 +45,7 @@ __all__ = [
     "AdapterConformance",
     "CheckResult",
     "ConformanceReport",
+    "Problem",
     "assert_conforms",
     "check_adapter",
     "FamilyStatus",

@@ -61,12 +61,12 @@ class CaptureChecks(SuiteBase):
         problems = []
         for key, name, kind in targets:
             if key not in seen:
-                problems.append(f"{key}: a raw hook on the {kind} of {where(name)} never fired")
+                problems.append(self.about(key, f"{key}: a raw hook on the {kind} of {where(name)} never fired"))
             elif not close(self.cache[key], seen[key], self.atol):
-                problems.append(
+                problems.append(self.about(key,
                     f"{key}: the engine's capture differs from a raw hook on the {kind} of {where(name)} "
                     f"({max_diff(self.cache[key], seen[key])}); is the activation modified in place later?"
-                )
+                ))
         return problems
 
     def check_batched(self) -> list[str]:
@@ -91,10 +91,10 @@ class CaptureChecks(SuiteBase):
                 )
             for key in keys:
                 if not close(run.cache[key], self.cache[key][i : i + 1], self.atol):
-                    problems.append(
+                    problems.append(self.about(key,
                         f"{key}: example {i} alone differs from row {i} of the batched run "
                         f"({max_diff(run.cache[key], self.cache[key][i : i + 1])})"
-                    )
+                    ))
         return problems
 
 

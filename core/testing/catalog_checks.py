@@ -90,25 +90,25 @@ class CatalogChecks(SuiteBase):
                     if parsed.family != fam.name or parsed.layer != layer:
                         raise ValueError(f"parses as family {parsed.family!r}, layer {parsed.layer!r}")
             except Exception as err:
-                problems.append(f"{what}: its name does not round-trip through the site grammar ({fmt_exc(err)})")
+                problems.append(self.about(fam.name, f"{what}: its name does not round-trip through the site grammar ({fmt_exc(err)})"))
             if fam.layers is not None and (not isinstance(fam.layers, int) or isinstance(fam.layers, bool)
                                            or fam.layers < 1):
-                problems.append(f"{what}: layers must be None or a positive int, got {fam.layers!r}")
+                problems.append(self.about(fam.name, f"{what}: layers must be None or a positive int, got {fam.layers!r}"))
             if not isinstance(fam.axes, tuple) or not all(isinstance(a, Axis) for a in fam.axes):
-                problems.append(f"{what}: axes must be a tuple of Axis, got {fam.axes!r}")
+                problems.append(self.about(fam.name, f"{what}: axes must be a tuple of Axis, got {fam.axes!r}"))
                 continue
             names = [a.name for a in fam.axes]
             if len(set(names)) != len(names):
-                problems.append(f"{what}: axis names repeat: {names}")
+                problems.append(self.about(fam.name, f"{what}: axis names repeat: {names}"))
             if "batch" in names:
-                problems.append(f"{what}: 'batch' is the engine's name for the leading axis; do not declare it")
+                problems.append(self.about(fam.name, f"{what}: 'batch' is the engine's name for the leading axis; do not declare it"))
             for a in fam.axes:
                 if not isinstance(a.name, str) or not a.name.isidentifier():
-                    problems.append(f"{what}: axis name {a.name!r} is not an identifier")
+                    problems.append(self.about(fam.name, f"{what}: axis name {a.name!r} is not an identifier"))
                 if a.size is not None and (not isinstance(a.size, int) or isinstance(a.size, bool) or a.size < 1):
-                    problems.append(f"{what}: axis {a.name!r} has size {a.size!r}; use a positive int or None")
+                    problems.append(self.about(fam.name, f"{what}: axis {a.name!r} has size {a.size!r}; use a positive int or None"))
             if not callable(getattr(fam.reach, "install", None)):
-                problems.append(f"{what}: its reach {type(fam.reach).__name__} has no install(layer, callback)")
+                problems.append(self.about(fam.name, f"{what}: its reach {type(fam.reach).__name__} has no install(layer, callback)"))
         return problems
 
     def check_reach(self) -> list[str]:
@@ -121,14 +121,14 @@ class CatalogChecks(SuiteBase):
         else:
             self.cache, self.out_all, self.families = run.cache, run.output, list(self.catalog)
             missing = [k for k in keys if k not in run.cache]
-            return [f"{k}: was reached but nothing was captured" for k in missing]
+            return [self.about(k, f"{k}: was reached but nothing was captured") for k in missing]
         # Find out which families fail on their own.
         tensors, axes = {}, {}
         for fam in self.catalog:
             try:
                 run = self._execute(f"a run capturing {fam.name}", self.prepared, capture=family_keys(fam))
             except Exception as err:
-                problems.append(f"{fam.name}: {fmt_exc(err)}")
+                problems.append(self.about(fam.name, f"{fam.name}: {fmt_exc(err)}"))
                 continue
             self.families.append(fam)
             for key in run.cache:
@@ -152,17 +152,17 @@ class CatalogChecks(SuiteBase):
                     continue
                 value = self.cache[key]
                 if not isinstance(value, torch.Tensor):
-                    problems.append(f"{key}: the reach passed a {type(value).__name__} to the callback, not a tensor")
+                    problems.append(self.about(key, f"{key}: the reach passed a {type(value).__name__} to the callback, not a tensor"))
                     continue
                 expected = [self.n] + [a.size or sizes.get(a.name) for a in fam.axes]
                 declared = ", ".join([f"batch={self.n}"] + [
                     f"{a.name}={a.size or sizes.get(a.name) or '?'}" for a in fam.axes
                 ])
                 if value.ndim != len(expected):
-                    problems.append(
+                    problems.append(self.about(key,
                         f"{key}: captured shape {tuple(value.shape)} has {value.ndim} axes; the catalog "
                         f"declares {len(expected)}: [{declared}]"
-                    )
+                    ))
                     continue
                 wrong = [
                     f"{name} is {got}, not {want}"
@@ -170,8 +170,8 @@ class CatalogChecks(SuiteBase):
                     if want is not None and got != want
                 ]
                 if wrong:
-                    problems.append(
+                    problems.append(self.about(key,
                         f"{key}: captured shape {tuple(value.shape)} does not match the catalog's "
                         f"[{declared}]: {'; '.join(wrong)}"
-                    )
+                    ))
         return problems

@@ -44,7 +44,7 @@ class DeviceChecks(SuiteBase):
             problems.append(f"output: the float64 model returned {run.output.dtype}")
         for key, value in run.cache.items():
             if value.is_floating_point() and value.dtype != torch.float64:
-                problems.append(f"{key}: captured as {value.dtype} from a float64 model")
+                problems.append(self.about(key, f"{key}: captured as {value.dtype} from a float64 model"))
         return problems
 
     def check_cuda(self) -> list[str]:
@@ -66,5 +66,5 @@ class DeviceChecks(SuiteBase):
             problems.append(f"output: on {run.output.device} for a model on CUDA")
         for key, value in run.cache.items():
             if value.device.type != "cuda":
-                problems.append(f"{key}: captured on {value.device} for a model on CUDA")
+                problems.append(self.about(key, f"{key}: captured on {value.device} for a model on CUDA"))
         return problems

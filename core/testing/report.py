@@ -9,6 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+#: Kinds of :class:`Problem`: a failure, or a write that never reaches the output (a dead end, which a
+#: family may be: an output the model drops, a router input a small change does not re-route).
+FAILURE, DEAD_END = "failure", "dead_end"
+
+
+class Problem(str):
+    """One message of a check (a ``str``, worded for people) carrying as data the site family it is about
+    (``None``: the model, the adapter or the output as a whole) and its kind (:data:`FAILURE` or
+    :data:`DEAD_END`)."""
+
+    family: str | None
+    kind: str
+
+    def __new__(cls, message: str, family: str | None = None, kind: str = FAILURE) -> "Problem":
+        if kind not in (FAILURE, DEAD_END):
+            raise ValueError(f"kind must be {FAILURE!r} or {DEAD_END!r}, got {kind!r}")
+        obj = super().__new__(cls, message)
+        obj.family, obj.kind = family, kind
+        return obj
+
+    def __reduce__(self):
+        return Problem, (str(self), self.family, self.kind)
 
 
 @dataclass
@@ -18,6 +40,11 @@ class CheckResult:
     name: str
     status: str
     messages: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """The messages as :class:`Problem` (a plain message is about no family, a failure)."""
+        return [m if isinstance(m, Problem) else Problem(m) for m in self.messages]
 
     @property
     def passed(self) -> bool:
@@ -52,6 +79,11 @@ class ConformanceReport:
     def failures(self) -> list[str]:
         """One line per problem, each starting with the name of its check (``"shapes: ..."``)."""
         return [f"{r.name}: {m}" for r in self.results.values() if r.failed for m in r.messages]
+
+    @property
+    def problems(self) -> list[tuple[str, Problem]]:
+        """Every problem of a failed check with the check's name: what :attr:`failures` words, as data."""
+        return [(r.name, p) for r in self.results.values() if r.failed for p in r.problems]
 
     @property
     def skipped(self) -> list[str]:

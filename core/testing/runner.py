@@ -22,7 +22,7 @@ from ..engine.forward import Bound, Run, execute
 from ..sites.catalog import Catalog, SiteFamily
 from ..sites.site import site_key
 from .hooks import restore_hooks, snapshot_hooks
-from .report import FAILED, PASSED, SKIPPED, CheckResult, ConformanceReport
+from .report import DEAD_END, FAILED, FAILURE, PASSED, SKIPPED, CheckResult, ConformanceReport, Problem
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,11 @@ class SuiteBase:
             result = CheckResult(name, FAILED if messages else PASSED, list(dict.fromkeys(messages)))
         log.debug("conformance check %s: %s %s", name, result.status, result.messages)
         return result
+
+    def about(self, site: str, message: str, kind: str = FAILURE) -> Problem:
+        """``message`` as a :class:`Problem` of the family named by ``site`` (a family or one of its keys)."""
+        families = {key: fam.name for fam in (self.catalog or []) for key in (fam.name, *family_keys(fam))}
+        return Problem(message, families.get(site), kind)
 
     def _skipped(self, check: str, family: str) -> bool:
         return f"{check}:{family}" in self.skip

@@ -2,7 +2,8 @@
 
 It runs the conformance suite (:func:`~crosspatch.testing.check_adapter`) and the adapter's own
 per-family checks (:meth:`~crosspatch.engine.adapter.Adapter.family_oracles`: arithmetic identities
-and hand-written hooks) and reads both per family. A family is *exact* when every check holds to
+and hand-written hooks) and reads both per family (the suite's problems name their family and kind as
+data: :class:`~crosspatch.testing.report.Problem`). A family is *exact* when every check holds to
 float32 rounding (``exact_atol``), *approximate* when the largest difference stays within ``atol``
 (a family whose writes never reach the output is exact with a note saying so),
 *unavailable* when the adapter lists it as not served (with the reason), and *failed* otherwise. The
@@ -11,7 +12,6 @@ command ``crosspatch verify`` prints :meth:`Verification.table` and exits non-ze
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..engine.model import wrap
 from .check import check_adapter
-from .report import ConformanceReport
+from .report import DEAD_END, FAILURE, ConformanceReport
 
 __all__ = ["FamilyStatus", "Verification", "verify"]
 
@@ -75,17 +75,6 @@ class Verification:
         }
 
 
-def _dead_end(line: str) -> bool:
-    """A write the suite found to leave the output unchanged: an output nothing reads (a tuple field the
-    model drops), or a router input a small change does not re-route. Captures of it can still be exact."""
-    return line.startswith("writes:") and "left the output unchanged" in line
-
-
-def _mentions(line: str, family: str) -> bool:
-    # the family itself, or one of its sites (``resid_pre.0``, ``head_out.1[head=2]``), not a longer family
-    return re.search(rf"(?<![\w.]){re.escape(family)}(?![\w]|\.[^\d\s*])", line) is not None
-
-
 def verify(
     model: nn.Module, inputs: Any = None, adapter: Any = None, *, atol: float = 1e-4, exact_atol: float = 1e-5,
     cuda: bool | None = None,
@@ -97,11 +86,12 @@ def verify(
     report = check_adapter(model, inputs, m.adapter, cuda=cuda)
     oracles = m.adapter.family_oracles(model)
     catalog = m.catalog
-    failures = report.failures
+    # Each conformance problem names its family and kind as data (crosspatch.testing.report.Problem).
+    problems = [(f"{check}: {p}", p) for check, p in report.problems]
     families: list[FamilyStatus] = []
     for fam in catalog:
-        named = [line for line in failures if _mentions(line, fam.name) and not _dead_end(line)]
-        dead = [line for line in failures if _mentions(line, fam.name) and _dead_end(line)]
+        named = [line for line, p in problems if p.family == fam.name and p.kind == FAILURE]
+        dead = [line for line, p in problems if p.family == fam.name and p.kind == DEAD_END]
         error, broken = oracles.get(fam.name, (None, None))
         if named or broken:
             families.append(FamilyStatus(fam.name, FAILED, error, (named or [broken])[0]))
@@ -111,5 +101,5 @@ def verify(
         else:
             families.append(FamilyStatus(fam.name, EXACT, error, "writes do not reach the output (a dead end)" if dead else ""))
     families += [FamilyStatus(name, UNAVAILABLE, None, why) for name, why in catalog.unavailable.items()]
-    general = [line for line in failures if not any(_mentions(line, f.name) for f in catalog) and not _dead_end(line)]
+    general = [line for line, p in problems if (p.family is None or p.family not in catalog) and p.kind == FAILURE]
     return Verification(type(model).__name__, m.adapter.name, families, report, general)

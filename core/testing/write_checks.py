@@ -13,6 +13,7 @@ from ..engine.interventions import Patch
 from ..sites.catalog import SiteFamily
 from ..sites.site import Site, site_key
 from .probes import Perturb
+from .report import DEAD_END
 from .runner import Skip, SuiteBase, family_layers, fmt_exc
 from .tensors import close, exact, max_diff
 
@@ -40,20 +41,20 @@ class WriteChecks(SuiteBase):
             try:
                 run = self._execute(f"a self-patch of {fam.name}", self.prepared, bounds, capture=keys)
             except Exception as err:
-                problems.append(f"{fam.name}: a Patch with the activation of the same inputs raised {fmt_exc(err)}")
+                problems.append(self.about(fam.name, f"{fam.name}: a Patch with the activation of the same inputs raised {fmt_exc(err)}"))
                 continue
             if not exact(run.output, base_out):
-                problems.append(
+                problems.append(self.about(fam.name,
                     f"{fam.name}: patching every layer with its own activation changed the output "
                     f"({max_diff(run.output, base_out)}); the write-back is not exact"
-                )
+                ))
                 continue
             for key in keys:
                 if not exact(run.cache[key], base_cache[key]):
-                    problems.append(
+                    problems.append(self.about(fam.name,
                         f"{fam.name}: patching it with its own activation changed {key} "
                         f"({max_diff(run.cache[key], base_cache[key])})"
-                    )
+                    ))
                     break
         return problems
 
@@ -78,26 +79,26 @@ class WriteChecks(SuiteBase):
                 try:
                     out = self._execute(label, big, bounds).output
                 except Exception as err:
-                    problems.append(f"{fam.name}: writing a perturbed value raised {fmt_exc(err)}")
+                    problems.append(self.about(fam.name, f"{fam.name}: writing a perturbed value raised {fmt_exc(err)}"))
                     break
                 if not batch_first or out.shape[0] != n * len(chunk):  # rows cannot be told apart
                     base = self._execute(f"{label}, without the write", big).output
                     if close(out, base, self.atol):
-                        problems.append(f"{fam.name}: writing perturbed values left the output unchanged")
+                        problems.append(self.about(fam.name, f"{fam.name}: writing perturbed values left the output unchanged", DEAD_END))
                     continue
                 for i, layer in enumerate(chunk):
                     key = site_key(fam.name, layer)
                     block = out[i * n : (i + 1) * n]
                     if close(block[0], plain[0], self.atol):
-                        problems.append(
+                        problems.append(self.about(key,
                             f"{key}: writing a perturbed value (row 0) left the output unchanged: the reach ignores "
                             f"the value the callback returns, or the site does not reach the output (a dead end, "
                             f"such as a posterior's log-variance when the mean is decoded: skip it with "
-                            f"skip=['writes:{fam.name}'])"
-                        )
+                            f"skip=['writes:{fam.name}'])", DEAD_END
+                        ))
                     if n > 1 and not close(block[1:], plain[1:], self.atol):
-                        problems.append(
+                        problems.append(self.about(key,
                             f"{key}: a write bound to row 0 also changed the output of other rows "
                             f"({max_diff(block[1:], plain[1:])}); writes must stay in their rows"
-                        )
+                        ))
         return problems
