@@ -8,7 +8,7 @@ import pickle
 import torch
 
 from conftest import ToyNet, toy_adapter
-from crosspatch.engine.reach import ModuleOutput, submodule
+from crosspatch.engine.reach import ModuleOutput
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 from crosspatch.testing import check_adapter, verify
 from crosspatch.testing.report import DEAD_END, FAILURE, Problem
@@ -16,17 +16,16 @@ from crosspatch.testing.report import DEAD_END, FAILURE, Problem
 POS, DIM = Axis("pos"), Axis("dim", 4)
 
 
-class IgnoresWrites:
-    """Calls back with the activation, then drops what the callback returns (a dead end)."""
+class SideNet(ToyNet):
+    """ToyNet with a side module whose output the model drops: writes there are a dead end."""
 
-    def __init__(self, root, path):
-        self.root, self.path = root, path
+    def __init__(self):
+        super().__init__()
+        self.side = torch.nn.Linear(4, 4)
 
-    def install(self, layer, callback):
-        def hook(module, args, output):
-            callback(output)
-
-        return [submodule(self.root, self.path, layer).register_forward_hook(hook)]
+    def forward(self, x):
+        self.side(x)
+        return super().forward(x)
 
 
 def adapter_with(families):
@@ -45,9 +44,9 @@ def test_problems_name_their_family_and_kind():
     # "hidden.x" is a family whose name another family's site key ("hidden.0") would be mistaken for in text.
     families = lambda m: [  # noqa: E731
         SiteFamily("hidden", (POS, Axis("dim", 5)), ModuleOutput(m, "layers.{layer}"), 2),
-        SiteFamily("hidden.x", (POS, DIM), IgnoresWrites(m, "layers.{layer}"), 2),
+        SiteFamily("hidden.x", (POS, DIM), ModuleOutput(m, "side")),
     ]
-    report = check_adapter(ToyNet().eval(), inputs(), adapter_with(families))
+    report = check_adapter(SideNet().eval(), inputs(), adapter_with(families))
     by_check: dict[str, list[Problem]] = {}
     for check, problem in report.problems:
         by_check.setdefault(check, []).append(problem)
@@ -61,9 +60,9 @@ def test_problems_name_their_family_and_kind():
 def test_verify_reads_families_from_the_problems():
     families = lambda m: [  # noqa: E731
         SiteFamily("hidden", (POS, DIM), ModuleOutput(m, "layers.{layer}"), 2),
-        SiteFamily("hidden.x", (POS, DIM), IgnoresWrites(m, "layers.{layer}"), 2),
+        SiteFamily("hidden.x", (POS, DIM), ModuleOutput(m, "side")),
     ]
-    result = verify(ToyNet().eval(), inputs(), adapter_with(families), cuda=False)
+    result = verify(SideNet().eval(), inputs(), adapter_with(families), cuda=False)
     statuses = {f.family: f for f in result.families}
     assert statuses["hidden"].status == "exact" and not statuses["hidden"].note
     assert statuses["hidden.x"].status == "exact" and "dead end" in statuses["hidden.x"].note
