@@ -40,7 +40,11 @@ _INPUTS = InputLayout("layer_norm1", "layer_norm2", None, ("self_attn.q_proj", "
 
 
 def is_clip(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == "clip"
+    """A two-tower CLIP model: model type ``clip`` with both towers (``CLIPForImageClassification`` has the
+    vision tower alone and is served as a vision encoder, by inference)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "clip" and all(
+        isinstance(getattr(model, tower, None), nn.Module) for tower in _TOWERS.values()
+    )
 
 
 def _tower_families(model: nn.Module, name: str) -> list[SiteFamily]:

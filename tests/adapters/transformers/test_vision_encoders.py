@@ -1,4 +1,4 @@
-"""Vision encoders (ViT, DeiT, DINOv2 with its layer scale, SigLIP's vision tower) on images, and BLOOM,
+"""Vision encoders (ViT, DeiT, DINOv2 with its layer scale, SigLIP's vision tower, CLIP's image classifier) on images, and BLOOM,
 whose attention and MLP add the residual they are handed themselves (so do MPT's MLP and
 RoBERTa-PreLayerNorm's ViT-style branches): served by architecture inference
 (crosspatch.adapters.transformers.infer) and its proof, checked here by the conformance suite and against
@@ -20,9 +20,9 @@ from crosspatch.testing import check_adapter
 
 ALL = {"embed", "resid_pre", "head_in", "attn_pattern", "head_z", "head_out", "attn_out", "resid_mid", "mlp_act",
        "mlp_out", "resid_post", "logits"}
-VISION = ["vit", "deit", "dinov2", "siglip"]
+VISION = ["vit", "deit", "dinov2", "siglip", "clip"]  # CLIP's image classifier: its vision tower alone
 TYPES = VISION + ["bloom"]
-POSITIONS = {"vit": 17, "deit": 18, "dinov2": 17, "siglip": 16}  # 32x32 images of 8x8 patches + class (and distillation) tokens
+POSITIONS = {"vit": 17, "deit": 18, "dinov2": 17, "siglip": 16, "clip": 17}  # 32x32 images of 8x8 patches + class (and distillation) tokens
 
 # The output projection of block 1, written out by hand for the hook oracles.
 O_PROJ = {
@@ -30,6 +30,7 @@ O_PROJ = {
     "deit": lambda model: model.deit.layers[1].attention.o_proj,
     "dinov2": lambda model: model.dinov2.encoder.layer[1].attention.o_proj,
     "siglip": lambda model: model.vision_model.encoder.layers[1].self_attn.out_proj,
+    "clip": lambda model: model.vision_model.encoder.layers[1].self_attn.out_proj,
     "bloom": lambda model: model.transformer.h[1].self_attention.dense,
 }
 
