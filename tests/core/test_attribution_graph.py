@@ -165,3 +165,24 @@ def test_the_frozen_model_is_linear_and_keeps_patterns_and_norms(setup):
     torch.testing.assert_close(duv.cache["attn_pattern.1"][:1], state.patterns[1], rtol=0, atol=0)
     real = m.run(state.inputs, {"embed": lambda x: x + 3 * u - 2 * v}).output
     assert float((real - base - (3 * du - 2 * dv)).abs().max()) > 1e-3  # the unfrozen model is not linear
+
+
+def test_a_feature_cap_computes_the_most_influential_rows_exactly(setup):
+    m, ids = setup
+    tc = random_transcoder(64, 2, cross_layer=False, seed=6)
+    full = attribution_graph(m, tc, ids, progress=False)
+    capped = attribution_graph(m, tc, ids, max_feature_nodes=5, batch_size=2, progress=False)
+    A, C = full.dense(), capped.dense()
+    rows = C.abs().sum(1).nonzero()[:, 0]
+    feature_rows = rows[rows < full.n_features]
+    assert len(feature_rows) <= 5 and capped.metadata["feature_rows"] == len(feature_rows)
+    torch.testing.assert_close(C[rows], A[rows], rtol=1e-10, atol=1e-15)  # the full graph's rows (batching aside)
+    for k in range(len(full.targets)):
+        torch.testing.assert_close(C[full.target_index(k)], A[full.target_index(k)], rtol=1e-10, atol=1e-15)
+    # the first batch visited holds the two features the targets' own rows say are most influential
+    from crosspatch.methods.attribution_graph.influence import influence, normalize
+
+    only_targets = A.clone()
+    only_targets[: full.n_features] = 0
+    first = influence(normalize(only_targets), full.target_weights())[: full.n_features].argsort(descending=True)[:2]
+    assert set(first.tolist()) <= set(feature_rows.tolist())

@@ -22,6 +22,7 @@ import torch
 from ...engine.model import WrappedModel, wrap
 from ...progress import progress_bar
 from ...trainable.transcoder import Transcoder
+from .influence import influence, normalize
 from .replacement import CleanState, clean_state, direct_run
 from .targets import Target, top_logit_targets
 
@@ -117,6 +118,7 @@ def attribution_graph(
     max_n_logits: int = 10,
     batch_size: int = 32,
     source_chunk: int = 8192,
+    max_feature_nodes: int | None = None,
     progress: bool | None = None,
 ) -> AttributionGraph:
     """The attribution graph of one prompt (see the module doc).
@@ -125,7 +127,9 @@ def attribution_graph(
     probability reaches ``desired_logit_prob`` (at most ``max_n_logits``); otherwise a list of token ids
     (demeaned logits at the last position) and :class:`Target` s (a logit difference, any direction at any
     site). ``batch_size`` targets share one backward pass; ``source_chunk`` bounds how many feature
-    sources are read from its gradients at once.
+    sources are read from its gradients at once. ``max_feature_nodes`` caps the feature rows computed:
+    the targets' rows first, then batches of the not yet visited features with the largest influence
+    on the partial graph (every active feature stays a source; an unvisited one has no inputs).
     """
     m: WrappedModel = wrap(model)
     state = clean_state(m, transcoder, prompt_or_ids)
@@ -145,32 +149,60 @@ def attribution_graph(
         adjacency=torch.zeros(0), token_labels=m.to_str_tokens(ids) if m.tokenizer is not None else None,
         prompt=prompt_or_ids if isinstance(prompt_or_ids, str) else None,
         metadata={"batch_size": batch_size, "desired_logit_prob": desired_logit_prob, "max_n_logits": max_n_logits,
+                  "max_feature_nodes": max_feature_nodes,
                   "transcoder": transcoder.config(), "model": type(m.module).__name__, "adapter": m.adapter.name},
     )
-    graph.adjacency = _adjacency(state, graph, batch_size, source_chunk, progress)
+    graph.adjacency = _adjacency(state, graph, batch_size, source_chunk, max_feature_nodes, progress)
+    graph.metadata["feature_rows"] = int(graph.adjacency.indices()[0].unique().lt(graph.n_features).sum())
     return graph
 
 
 def _adjacency(state: CleanState, graph: AttributionGraph, batch_size: int, source_chunk: int,
-               progress: bool | None) -> torch.Tensor:
-    """Rows of every feature and target node, ``batch_size`` at a time, as a sparse COO matrix."""
+               max_feature_nodes: int | None, progress: bool | None) -> torch.Tensor:
+    """Rows of the targets, then of the features (all, or the most influential up to the cap), ``batch_size``
+    at a time, as a sparse COO matrix."""
     n_feat, n = graph.n_features, graph.n_nodes
-    jobs: list[tuple[str, int]] = [("feature", k) for k in range(n_feat)] + [("target", k) for k in range(len(graph.targets))]
-    rows_i, cols_i, vals = [], [], []
+    rows_i: list[torch.Tensor] = []
+    cols_i: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
     dec = _scaled_decoders(state, graph)
-    batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
-    for batch in progress_bar(batches, progress, desc="attribution rows"):
+
+    def visit(batch: list[tuple[str, int]]) -> None:
         block = _rows(state, graph, batch, dec, source_chunk)  # [B, n_sources]
         nz = block.nonzero()
         rows_i.append(torch.tensor([graph.target_index(k) if kind == "target" else k for kind, k in batch])[nz[:, 0]])
         cols_i.append(nz[:, 1])
-        vals.append(block[nz[:, 0], nz[:, 1]])
-    if rows_i:
-        index = torch.stack([torch.cat(rows_i), torch.cat(cols_i)])
-        values = torch.cat(vals)
-    else:
-        index, values = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
-    return torch.sparse_coo_tensor(index, values.double(), (n, n), check_invariants=False).coalesce()
+        vals.append(block[nz[:, 0], nz[:, 1]].double())
+
+    def matrix() -> torch.Tensor:
+        if rows_i:
+            index, values = torch.stack([torch.cat(rows_i), torch.cat(cols_i)]), torch.cat(vals)
+        else:
+            index, values = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
+
+    targets = [("target", k) for k in range(len(graph.targets))]
+    cap = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    n_batches = -(-len(targets) // batch_size) + -(-cap // batch_size)
+    bar = iter(progress_bar(range(n_batches), progress, desc="attribution rows"))
+    for start in range(0, len(targets), batch_size):
+        next(bar, None)
+        visit(targets[start:start + batch_size])
+    if cap == n_feat:
+        order = list(range(n_feat))
+        for start in range(0, n_feat, batch_size):
+            next(bar, None)
+            visit([("feature", k) for k in order[start:start + batch_size]])
+        return matrix()
+    visited = torch.zeros(n_feat, dtype=torch.bool)
+    weights = graph.target_weights()
+    while int(visited.sum()) < cap:
+        next(bar, None)
+        infl = influence(normalize(matrix()), weights)[:n_feat].masked_fill(visited, -1.0)
+        take = infl.argsort(descending=True, stable=True)[: min(batch_size, cap - int(visited.sum()))]
+        visited[take] = True
+        visit([("feature", int(k)) for k in take])
+    return matrix()
 
 
 def _scaled_decoders(state: CleanState, graph: AttributionGraph) -> dict[int, list[tuple[int, torch.Tensor]]]:
