@@ -140,40 +140,64 @@ def windowed(site: Site, pos: int, length: int) -> Site:
     raise SiteError(f"site {site}: cannot window the pattern {value!r}; expand it first")
 
 
-# A forward costs about this many prompt rows of compute on top of its rows (hooks, masks, Python):
-# a site joins a batch that starts at an earlier layer only while that is cheaper than its own forward.
-FORWARD_OVERHEAD_ROWS = 8
+# A forward costs about this many token rows (a prompt at one position) per block on top of the rows it
+# computes: on a CPU a matmul with few rows reads its whole weight for them (measured at d_model 768: one
+# row costs as much as four to five rows of a large batch), and each block adds hooks and Python. Batches
+# are planned with this cost model (:func:`resume_chunks`).
+FORWARD_OVERHEAD_TOKENS = 8
 
 
 def resume_chunks(
-    sites: Sequence[Site], catalog: Catalog, prefix: Prefix | None, per_forward: int
+    sites: Sequence[Site],
+    catalog: Catalog,
+    prefix: Prefix | None,
+    per_forward: int,
+    tokens_per_forward: int | None = None,
+    overhead: int = FORWARD_OVERHEAD_TOKENS,
 ) -> list[tuple[list[int], Resume | None]]:
     """Batches of ``sites`` (indices, at most ``per_forward`` each) and where each batch may resume.
 
-    Without a prefix the batches follow the sweep's order and run the whole model. With one,
-    sites are grouped by their start position and ordered by layer; a batch resumes at its first
-    site's layer, and a later site joins it only while recomputing the layers between costs less
-    than a forward of its own (``FORWARD_OVERHEAD_ROWS``).
+    Without a prefix the batches follow the sweep's order and run the whole model. With one, sites
+    are grouped by the position they may start at and ordered by layer; a batch resumes at its
+    first site's layer and position, so its later sites recompute the blocks between their layer
+    and the batch's. Each position's sites are split into the batches of least cost (exactly, by
+    dynamic programming) under the model ``blocks run x (overhead + token rows)``: a site's token
+    rows are the prompts times the positions from its start on, and ``overhead`` is a forward's
+    fixed cost per block in token rows. ``tokens_per_forward`` caps a batch's token rows (a site
+    with more runs alone), as ``per_forward`` caps its sites.
     """
     if prefix is None:
         return [(list(range(i, min(i + per_forward, len(sites)))), None) for i in range(0, len(sites), per_forward)]
-    n_layers, rows = len(prefix.residuals), prefix.rows
-    starts = [start_of(site, catalog, prefix.length, prefix.causal) for site in sites]
-    order = sorted(range(len(sites)), key=lambda i: (-1, -1, i) if starts[i] is None else (starts[i][1], starts[i][0], i))
-    chunks: list[tuple[list[int], Resume | None]] = []
-    for i in order:
-        start = starts[i]
-        if chunks:
-            members, resume = chunks[-1]
-            first = None if resume is None else (resume.layer, resume.pos)
-            if len(members) < per_forward and (start is None) == (first is None):
-                if start is None:
-                    members.append(i)
-                    continue
-                joined = rows * (n_layers - first[0])  # type: ignore[index]
-                alone = (rows + FORWARD_OVERHEAD_ROWS) * (n_layers - start[0])
-                if start[1] == first[1] and joined <= alone:  # type: ignore[index]
-                    members.append(i)
-                    continue
-        chunks.append(([i], None if start is None else Resume(prefix, *start)))
+    n_layers, rows, length = len(prefix.residuals), prefix.rows, prefix.length
+    starts = [start_of(site, catalog, length, prefix.causal) for site in sites]
+    whole = [i for i in range(len(sites)) if starts[i] is None]
+    chunks: list[tuple[list[int], Resume | None]] = [
+        (whole[i : i + per_forward], None) for i in range(0, len(whole), per_forward)
+    ]
+    by_pos: dict[int, list[int]] = {}
+    for i in sorted((i for i in range(len(sites)) if starts[i] is not None), key=lambda i: (starts[i], i)):
+        by_pos.setdefault(starts[i][1], []).append(i)  # type: ignore[index]
+    for pos, members in by_pos.items():
+        tokens = rows * (length - pos)  # every site of a position computes the same token rows
+        most = per_forward if tokens_per_forward is None else min(per_forward, max(1, tokens_per_forward // tokens))
+        for lo, hi in _least_cost_split([starts[i][0] for i in members], n_layers, tokens, overhead, most):  # type: ignore[index]
+            chunks.append((members[lo:hi], Resume(prefix, starts[members[lo]][0], pos)))  # type: ignore[index]
     return chunks
+
+
+def _least_cost_split(layers: list[int], n_layers: int, tokens: int, overhead: int, most: int) -> list[tuple[int, int]]:
+    """Contiguous batches ``[lo, hi)`` of sites at ``layers`` (ascending), at most ``most`` each, of least total
+    cost ``sum over batches of (n_layers - layers[lo]) * (overhead + (hi - lo) * tokens)``."""
+    k = len(layers)
+    best = [0] + [None] * k  # best[j]: least cost of the first j sites
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):
+        for lo in range(max(0, j - most), j):
+            cost = best[lo] + (n_layers - layers[lo]) * (overhead + (j - lo) * tokens)  # type: ignore[operator]
+            if best[j] is None or cost < best[j]:  # type: ignore[operator]
+                best[j], cut[j] = cost, lo
+    out, j = [], k
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]

@@ -7,18 +7,24 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..engine.adapter import repeat_rows
-from ..engine.forward import Bound, execute
+from ..engine.adapter import Inputs, model_device, repeat_rows
+from ..engine.cache import Cache
+from ..engine.forward import Bound, Run, execute
 from ..engine.interventions import Patch
 from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel
 from ..progress import progress_bar
 from ..engine.resume import resume_chunks
+from .shared_prefix import agreeing_positions, capture_sharing_prefix
 from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward, same_masks
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
 
 __all__ = ["activation_patching"]
+
+# Token rows (prompts x positions computed) a resumed forward holds at most on a CPU when the caller
+# gives no batch_size: a matmul's cost per row is lowest from about 64 to 256 rows at GPT-2's widths.
+CPU_TOKENS_PER_FORWARD = 256
 
 
 def activation_patching(
@@ -66,19 +72,19 @@ def activation_patching(
 
     # The baseline hooks the same sites as the patched runs: some reaches change the numerics
     # slightly (attention patterns need an eager attention), and the difference must not show as an effect.
-    # Both runs take the same path (keeping a prefix turns a key/value cache on), so equal inputs give
-    # bit-equal activations and skip_unchanged can trust torch.equal.
+    # Both runs take the same path (keeping a prefix turns a key/value cache on), or the source run takes the
+    # base run's values where their inputs agree, so equal inputs give bit-equal activations and
+    # skip_unchanged can trust an exact comparison.
     reuse = reuse_prefix and m.adapter.can_resume(m.module)
     # Every run needs its output only where the metric reads it; the clean output is read where the base
     # run's mask says, so the source run is restricted only when both masks agree.
     mask = base_in.get("attention_mask")
     ctx = MetricContext(torch.arange(n), None, mask)
     at = metric.positions(ctx, pair.sizes)
-    source = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse,
-                     output_at=at if same_masks(source_in, base_in) else None)
-    source.prefix = None
+    source_at = at if same_masks(source_in, base_in) else None
     base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse, output_at=at)
-    clean_out, corrupt_out = (source.output, base.output) if direction == "denoising" else (base.output, source.output)
+    source_out, source_cache = _source_run(m, source_in, base_in, base, keys, source_at, reuse)
+    clean_out, corrupt_out = (source_out, base.output) if direction == "denoising" else (base.output, source_out)
     ctx.example, ctx.clean = ctx.example.to(clean_out.device), clean_out
     with torch.inference_mode():
         clean_metric, corrupt_metric = metric(clean_out, ctx), metric(corrupt_out, ctx)
@@ -87,14 +93,20 @@ def activation_patching(
     if normalize:
         check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), metric.name)
 
-    patch = Patch(source.cache)
+    patch = Patch(source_cache)
     effects = torch.zeros(len(sweep), n, dtype=torch.float64, device=baseline.device)
-    todo = [  # sweep indices of the sites to run
-        i for i, site in enumerate(patched)
-        if not (skip_unchanged and torch.equal(source.cache[site], base.cache[site]))
-    ]
-    per_forward = max(1, rows_per_forward(batch_size, m, n) // n)
-    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward)
+    todo = list(range(len(sweep)))  # sweep indices of the sites to run
+    if skip_unchanged and todo:
+        # One comparison per site, read back once: no host-device round trip per site.
+        differs = torch.stack([(source_cache[site] != base.cache[site]).any() for site in patched]).tolist()
+        todo = [i for i in todo if differs[i]]
+    per_forward, tokens = max(1, rows_per_forward(batch_size, m, n) // n), None
+    if batch_size is None and base.prefix is not None and model_device(m.module).type == "cpu":
+        # On a CPU a forward over few token rows costs mostly its weights' reads: sites that start at the
+        # same position share forwards while that is cheaper (resume_chunks' cost model), up to a few
+        # hundred token rows (beyond that a row costs more again: the activations leave the cache).
+        per_forward, tokens = max(1, len(todo)), CPU_TOKENS_PER_FORWARD
+    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward, tokens)
     bar = progress_bar(range(len(todo)), progress, desc=f"patching {len(todo)} of {len(sweep)} sites", unit="site")
     try:
         for members, resume in chunks:
@@ -138,3 +150,26 @@ def activation_patching(
     }
     coords = label_positions(dict(sweep.coords), m.position_labels(pair.clean))
     return Result(values, sweep.dims, coords, metadata, skipped.reshape(sweep.shape).numpy())
+
+
+def _source_run(
+    m: WrappedModel, source_in: Inputs, base_in: Inputs, base: Run, keys: list[str], output_at: torch.Tensor | None,
+    reuse: bool,
+) -> tuple[torch.Tensor, Cache]:
+    """The source run's output and captures of ``keys``.
+
+    With a kept base prefix in a causal model, and inputs that agree on their first ``p`` positions,
+    only positions ``p..`` are computed (the earlier ones are the base run's, bit for bit); otherwise a
+    whole run taking the base run's path (a kept prefix turns a key/value cache on), so that equal
+    inputs give bit-equal activations for ``skip_unchanged``.
+    """
+    prefix = base.prefix
+    mask = source_in.get("attention_mask")
+    if prefix is not None and prefix.causal and all(
+        "pos" in m.catalog.family(Site.parse(k).family).axis_names for k in keys
+    ) and agreeing_positions(source_in, base_in, prefix.length) > 0:
+        output, values, _ = capture_sharing_prefix(m, source_in, keys, output_at, (base_in, prefix, dict(base.cache.items())))
+        axes = {k: base.cache.axes[k] for k in keys}
+        return output, Cache(values, axes, mask if isinstance(mask, torch.Tensor) else None)
+    run = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse, output_at=output_at)
+    return run.output, run.cache
