@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule
 from crosspatch.sites.catalog import Callback, Handle
 from crosspatch.sites.site import SiteError, site_key
 
@@ -82,7 +82,10 @@ class _Output(_Located):
             new = visit(get_field(output, key), f"field {key!r} of the output of {visit.where!r}")
             return None if new is None else replace_field(output, key, new)
 
-        return [self.module(layer).register_forward_hook(hook)]
+        module = self.module(layer)
+        with installing() as changes:
+            changes.forward_hook(module, hook)
+            return changes.handles
 
 
 class FieldOutput(_Output, ModuleOutput):
@@ -114,4 +117,7 @@ class FirstInput(_Located, ModuleInput):
             new = visit(args[0] if args else None, f"the first positional input of {visit.where or '(the root)'!r}")
             return None if new is None else ((new, *args[1:]), kwargs)
 
-        return [self.module(layer).register_forward_pre_hook(hook, with_kwargs=True)]
+        module = self.module(layer)
+        with installing() as changes:
+            changes.forward_pre_hook(module, hook, with_kwargs=True)
+            return changes.handles

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import Callback, Handle, submodule
+from crosspatch.engine.reach import Callback, Handle, installing, submodule
 
 __all__ = ["AttentionPattern", "HeadWrite", "ResidualMid", "RunningModules"]
 
@@ -34,7 +34,10 @@ class AttentionPattern:
         def hook(module, args, output):
             return callback(output)
 
-        return [self.resolve(layer).pattern.register_forward_hook(hook)]
+        module = self.resolve(layer).pattern
+        with installing() as changes:
+            changes.forward_hook(module, hook)
+            return changes.handles
 
 
 class HeadWrite:
@@ -82,7 +85,10 @@ class HeadWrite:
                 return None
             return output + (new - heads).sum(dim=2)
 
-        return [proj.register_forward_pre_hook(before_projection), scale.register_forward_hook(after_scale)]
+        with installing() as changes:
+            changes.forward_pre_hook(proj, before_projection)
+            changes.forward_hook(scale, after_scale)
+            return changes.handles
 
 
 class ResidualMid:
@@ -110,10 +116,10 @@ class ResidualMid:
 
         block = submodule(self.root, self.block, layer)
         scale = submodule(self.root, self.scale, layer)
-        return [
-            block.register_forward_pre_hook(before_block, with_kwargs=True),
-            scale.register_forward_hook(after_scale),
-        ]
+        with installing() as changes:
+            changes.forward_pre_hook(block, before_block, with_kwargs=True)
+            changes.forward_hook(scale, after_scale)
+            return changes.handles
 
 
 class RunningModules:

@@ -4,13 +4,14 @@ include the residual, attention patterns."""
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crosspatch.engine.offload import onloaded, reads_weights
-from crosspatch.engine.reach import Callback, Handle, submodule
+from crosspatch.engine.reach import Callback, Handle, installing, submodule
 
 
 class HeadOut:
@@ -48,7 +49,10 @@ class HeadOut:
                 return None
             return output + (new - heads).sum(dim=2)
 
-        return [submodule(self.root, self.path, layer).register_forward_hook(reads_weights(hook))]
+        module = submodule(self.root, self.path, layer)
+        with installing() as changes:
+            changes.forward_hook(module, reads_weights(hook))
+            return changes.handles
 
 
 class HeadZ:
@@ -68,7 +72,10 @@ class HeadZ:
                 return None
             return (new.flatten(-2).to(z.dtype), *args[1:])
 
-        return [submodule(self.root, self.path, layer).register_forward_pre_hook(hook)]
+        module = submodule(self.root, self.path, layer)
+        with installing() as changes:
+            changes.forward_pre_hook(module, hook)
+            return changes.handles
 
 
 class ResidualAfterAttention:
@@ -98,10 +105,10 @@ class ResidualAfterAttention:
 
         block = submodule(self.root, self.block, layer)
         attn = submodule(self.root, self.attn, layer)
-        return [
-            block.register_forward_pre_hook(before_block, with_kwargs=True),
-            attn.register_forward_hook(after_attention),
-        ]
+        with installing() as changes:
+            changes.forward_pre_hook(block, before_block, with_kwargs=True)
+            changes.forward_hook(attn, after_attention)
+            return changes.handles
 
 
 class BranchWrite:
@@ -131,7 +138,9 @@ class BranchWrite:
             shifted = y + (new - write)
             return shifted if isinstance(output, torch.Tensor) else (shifted, *output[1:])
 
-        return [module.register_forward_hook(hook, with_kwargs=True)]
+        with installing() as changes:
+            changes.forward_hook(module, hook, with_kwargs=True)
+            return changes.handles
 
 
 def _position(module: nn.Module, name: str) -> int | None:
@@ -149,8 +158,8 @@ def _position(module: nn.Module, name: str) -> int | None:
 # While a run reads or writes them, the model's attention implementation is switched to an eager
 # function of ours that calls back with the pattern; the switch is undone when the run ends.
 _IMPLEMENTATION = "crosspatch_eager"
-_ACTIVE: dict[int, Callback] = {}
-_SWITCHED: dict[int, list] = {}  # id(config) -> [config, previous implementation, users]
+_ACTIVE: dict[int, Callback] = {}  # id(attention module) -> the callback of the run's pattern site there
+_SWITCHED: dict[int, "_Switch"] = {}  # id(config) -> the switch of that config, while a handle uses it
 
 
 def _pattern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None, **kwargs):
@@ -194,32 +203,82 @@ def _register_implementation() -> None:
         AttentionMaskInterface.register(_IMPLEMENTATION, eager_mask)
 
 
+def _implementations(config) -> dict[int, tuple[Any, Any]]:
+    """The attention implementation of ``config`` and of its sub-configs (transformers' setter switches
+    those too), as stored: ``{id: (config, value)}``."""
+    found: dict[int, tuple[Any, Any]] = {}
+    stack = [config]
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in found or not hasattr(c, "_attn_implementation"):
+            continue
+        found[id(c)] = (c, getattr(c, "_attn_implementation_internal", c._attn_implementation))
+        stack.extend(getattr(c, key, None) for key in getattr(c, "sub_configs", None) or ())
+    return found
+
+
+def _set_implementation(config, value) -> None:
+    if hasattr(config, "_attn_implementation_internal"):  # as stored: no propagation to sub-configs
+        config._attn_implementation_internal = value
+    else:
+        config._attn_implementation = value
+
+
+class _Switch:
+    """One config switched to crosspatch's attention: what it and its sub-configs held before, and the
+    handles using it. The last handle removed puts every value back."""
+
+    def __init__(self, config):
+        self.config, self.before, self.users = config, _implementations(config), set()
+
+    def restore(self) -> None:
+        for config, value in self.before.values():
+            _set_implementation(config, value)
+
+
 class _PatternHandle:
-    def __init__(self, module: nn.Module, config):
-        self.module_id, self.config_id = id(module), id(config)
+    """Undoes one pattern install: the callback, then (when no other handle uses it) the switch. Made,
+    and registered with the run, before either change; removing it twice, or before it took effect,
+    is harmless."""
+
+    def __init__(self, module: nn.Module, config, callback: Callback):
+        self.module_id, self.config_id, self.callback = id(module), id(config), callback
 
     def remove(self) -> None:
-        _ACTIVE.pop(self.module_id, None)
-        entry = _SWITCHED.get(self.config_id)
-        if entry is None:
+        if _ACTIVE.get(self.module_id) is self.callback:
+            del _ACTIVE[self.module_id]
+        switch = _SWITCHED.get(self.config_id)
+        if switch is None:
             return
-        entry[2] -= 1
-        if entry[2] == 0:
-            entry[0]._attn_implementation = entry[1]
-            del _SWITCHED[self.config_id]
+        switch.users.discard(self)
+        if not switch.users:
+            switch.restore()
+            _SWITCHED.pop(self.config_id, None)
 
 
 class AttentionPattern:
-    """Attention patterns ``[batch, head, pos, key_pos]`` after the softmax, before dropout."""
+    """Attention patterns ``[batch, head, pos, key_pos]`` after the softmax, before dropout.
+
+    Reading or writing them switches ``config``'s attention implementation (and its sub-configs') to
+    crosspatch's eager attention for the run only: the last handle removed restores what each held.
+    """
 
     def __init__(self, root: nn.Module, path: str, config):
         self.root, self.path, self.config = root, path, config
 
+    def implementation(self) -> str:
+        """The name of the attention function the config is switched to while the pattern is hooked."""
+        return _IMPLEMENTATION
+
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
         _register_implementation()
         module = submodule(self.root, self.path, layer)
-        _ACTIVE[id(module)] = callback
-        entry = _SWITCHED.setdefault(id(self.config), [self.config, self.config._attn_implementation, 0])
-        entry[2] += 1
-        self.config._attn_implementation = _IMPLEMENTATION
-        return [_PatternHandle(module, self.config)]
+        config, implementation = self.config, self.implementation()
+        with installing() as changes:
+            handle = changes.add(_PatternHandle(module, config, callback))
+            _ACTIVE[id(module)] = callback
+            switch = _SWITCHED.get(id(config)) or _SWITCHED.setdefault(id(config), _Switch(config))
+            switch.users.add(handle)
+            for sub, _ in switch.before.values():  # the config and its sub-configs, as transformers' setter does
+                _set_implementation(sub, implementation)
+            return changes.handles

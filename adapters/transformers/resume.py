@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from crosspatch.engine.adapter import Inputs, batch_size
-from crosspatch.engine.reach import submodule
+from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.engine.resume import Prefix, Resume
 
 from .architectures import Architecture
@@ -57,13 +57,11 @@ def forward_keeping_prefix(model: nn.Module, arch: Architecture, inputs: Inputs)
 
         return hook
 
-    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
+    with temporarily() as changes:  # each hook's undo registered before the hook
+        for i, block in enumerate(blocks):
+            changes.forward_pre_hook(block, recorder(i), with_kwargs=True)
         extra = {"use_cache": True, **_recording_cache(model)} if arch.causal else {}
         raw = model(**inputs, **extra, return_dict=True)
-    finally:
-        for handle in handles:
-            handle.remove()
     keys_values = []
     if arch.causal:
         field = "cache" if raw.get("cache") is not None else "past_key_values"
@@ -122,26 +120,22 @@ def resume_forward(model: nn.Module, arch: Architecture, inputs: Inputs, run: Re
         extra[_cache_argument(model)] = _prefix_cache(model, prefix, layer, pos, tiled)
 
     blocks = _blocks(model, arch)
-    handle = None
-    if not run.own_inputs:  # else the model embeds the rows' own tokens pos..
-        start = tiled(prefix.residuals[layer][:, pos:])
-
-        def inject(module, args, kwargs):
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": start}
-            return (start, *args[1:]), kwargs
-
-        handle = blocks[layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
     parent_path, _, name = arch.layers.rpartition(".")
     parent = submodule(model.base_model, parent_path, None)
-    try:
+    with temporarily() as changes:  # each undo registered before its change
+        if not run.own_inputs:  # else the model embeds the rows' own tokens pos..
+            start = tiled(prefix.residuals[layer][:, pos:])
+
+            def inject(module, args, kwargs):
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": start}
+                return (start, *args[1:]), kwargs
+
+            changes.forward_pre_hook(blocks[layer], inject, with_kwargs=True, prepend=True)
         if layer:
+            changes.undo(lambda: setattr(parent, name, blocks))
             setattr(parent, name, nn.ModuleList(list(blocks)[layer:]))
         raw = model(**trimmed, **extra, return_dict=True)
-    finally:
-        setattr(parent, name, blocks)
-        if handle is not None:
-            handle.remove()
     if pos:
         # The cache holds the prefix's keys and values (the prefix keeps them); the output need not.
         raw["cache" if raw.get("cache") is not None else "past_key_values"] = None

@@ -124,10 +124,8 @@ class RelativeBiasPattern(AttentionPattern):
     """Attention patterns of T5's attention, which hands its relative position bias to the attention
     function beside the mask: crosspatch's eager attention gets the bias added to its mask."""
 
-    def install(self, layer, callback):
-        handles = super().install(layer, callback)  # switches the config to crosspatch's eager attention
-        self.config._attn_implementation = _with_position_bias(self.config._attn_implementation)
-        return handles
+    def implementation(self) -> str:
+        return _with_position_bias(super().implementation())
 
 
 def _with_position_bias(name: str) -> str:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crosspatch.engine.reach import installing
+
 __all__ = [
     "Candidates", "TwoTowerOutput", "Tap", "taps_for", "prepare_inputs", "split_inputs", "sizes",
     "run_towers", "score", "is_two_tower_inputs", "HEAD_IN_DOC", "MLP_IN_DOC", "LOGITS_IN_DOC", "HEAD_Z_DOC",
@@ -108,8 +110,10 @@ class Tap:
         self._callbacks: list[Callable] = []
 
     def install(self, layer: int | None, callback: Callable) -> list[_TapHandle]:
-        self._callbacks.append(callback)
-        return [_TapHandle(self._callbacks, callback)]
+        with installing() as changes:
+            changes.add(_TapHandle(self._callbacks, callback))  # before the callback is added
+            self._callbacks.append(callback)
+            return changes.handles
 
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
         for callback in tuple(self._callbacks):

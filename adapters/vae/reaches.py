@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import Callback, Handle, submodule
+from crosspatch.engine.reach import Callback, Handle, installing, submodule
 
 __all__ = ["ChannelSlice", "MidAttention", "BlockOutput", "Point", "through"]
 
@@ -43,7 +43,10 @@ class ChannelSlice:
             result[:, start:stop] = new
             return result
 
-        return [submodule(self.root, self.path, layer).register_forward_hook(hook)]
+        module = submodule(self.root, self.path, layer)
+        with installing() as changes:
+            changes.forward_hook(module, hook)
+            return changes.handles
 
 
 class MidAttention:
@@ -96,7 +99,10 @@ class MidAttention:
             result += (new - view).sum(dim=1).reshape(b, channels, hw).transpose(1, 2)
             return result
 
-        return [attn.register_forward_pre_hook(before, with_kwargs=True), proj.register_forward_hook(after)]
+        with installing() as changes:
+            changes.forward_pre_hook(attn, before, with_kwargs=True)
+            changes.forward_hook(proj, after)
+            return changes.handles
 
 
 class BlockOutput:
@@ -111,7 +117,10 @@ class BlockOutput:
                 raise RuntimeError(f"{self.owner}[{layer}] returned {type(output).__name__}; blocks must return a tensor")
             return callback(output)
 
-        return [self.modules[layer].register_forward_hook(hook)]
+        module = self.modules[layer]
+        with installing() as changes:
+            changes.forward_hook(module, hook)
+            return changes.handles
 
 
 # Callbacks of points, per model; a run adds its callbacks and its handles remove them.
@@ -125,17 +134,18 @@ class _PointHandle:
     def remove(self) -> None:
         model = self.model()
         table = _POINTS.get(model) if model is not None else None
-        if not table or self.name not in table:
+        if table is None:
             return
-        callbacks = table[self.name]
-        for i, cb in enumerate(callbacks):
-            if cb is self.callback:
-                del callbacks[i]
-                break
-        if not callbacks:
-            del table[self.name]
+        callbacks = table.get(self.name)
+        if callbacks is not None:
+            for i, cb in enumerate(callbacks):
+                if cb is self.callback:
+                    del callbacks[i]
+                    break
+            if not callbacks:
+                table.pop(self.name, None)
         if not table:
-            del _POINTS[model]
+            _POINTS.pop(model, None)
 
 
 class Point:
@@ -145,8 +155,10 @@ class Point:
         self.root, self.name = root, name
 
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
-        _POINTS.setdefault(self.root, {}).setdefault(self.name, []).append(callback)
-        return [_PointHandle(self.root, self.name, callback)]
+        with installing() as changes:
+            changes.add(_PointHandle(self.root, self.name, callback))  # before the callback is added
+            _POINTS.setdefault(self.root, {}).setdefault(self.name, []).append(callback)
+            return changes.handles
 
 
 def through(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:

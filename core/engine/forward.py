@@ -5,6 +5,15 @@ site (each to its own rows of the batch, so a sweep runs as one batched forward)
 was asked, and removes exactly the handles it installed, also when the forward raises.
 Without ``grad`` the run is under ``torch.inference_mode``.
 
+Each run keeps one undo list: every change a reach (or the adapter's forward) makes through
+:class:`~crosspatch.engine.reach.Changes` joins it the moment its undo is registered, before the change
+(:func:`~crosspatch.engine.reach.collect`), and the run's own frame removes the whole list when anything
+below it raises. So a ``KeyboardInterrupt`` at any line of the setup, of an install, of the forward's
+wrappers or of the teardown leaves nothing behind. (A ``with`` block, an ``ExitStack`` included, is not
+enough: an interrupt at its closing line skips ``__exit__``.) As a net for reaches that install a hook
+before registering its undo, a failed run also removes every hook registered on the model's modules
+since it started.
+
 Selections are checked against the activation they meet: an empty or out-of-range range is a
 :class:`SiteError`, never a run that changes nothing. When the inputs carry an ``attention_mask``,
 ``pos=last`` is each row's last real token (a source is read at its own rows' last real tokens, by
@@ -14,6 +23,7 @@ its cache's mask), and a negative position on rows padded on the right is refuse
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -24,7 +34,7 @@ from .adapter import Adapter, Inputs, batch_size
 from .cache import Cache
 from ..sites.catalog import Catalog, SiteFamily
 from .interventions import ApplyContext, Intervention
-from .reach import Handle, aliases
+from .reach import Handle, aliases, collect, collector, hook_mark, remove_all, remove_hooks_since
 from .resume import Prefix, Resume, windowed
 from ..sites.selection import (
     at_first, axis_index, check_padding, last_axes, last_columns, put_rows, select, take_rows,
@@ -32,6 +42,8 @@ from ..sites.selection import (
 from ..sites.site import LAST, Site, SiteError
 
 __all__ = ["Bound", "Run", "execute"]
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Bound:
@@ -128,28 +140,18 @@ def execute(
     sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
     window = resume.pos if resume is not None else 0
     cache = Cache(attention_mask=None if mask is None else mask[:, window:])
-    handles: list[Handle] = []
     ordered = sorted(plans.items(), key=lambda kv: (catalog.order(kv[1].family.name), kv[1].layer or 0))
+    callbacks = [(plan, _callback(key, plan, sources, cache, grad, window, mask)) for key, plan in ordered]
+    handles: list[Handle] = []  # the run's undo list: every change, registered before it is made
+    mark, previous = hook_mark(), collector()
     try:
-        for key, plan in ordered:
-            callback = _callback(key, plan, sources, cache, grad, window, mask)
-            handles.extend(plan.family.reach.install(plan.layer, callback))
-        if output_at is not None:
-            handles.extend(adapter.output_at(model, output_at, set(plans) - set(output_only)))
-        if grad:
-            handles.extend(adapter.gradient_hooks(model))
-        prefix = None
-        with _grad_mode(grad):
-            if resume is not None:
-                raw = adapter.resume(model, inputs, resume)
-            elif keep_prefix:
-                raw, prefix = adapter.forward_keeping_prefix(model, inputs)
-            else:
-                raw = adapter.forward(model, inputs)
-            output = adapter.output(raw)
-    finally:
-        for handle in handles:
-            handle.remove()
+        raw, output, prefix = _installed_forward(
+            model, adapter, inputs, callbacks, handles, previous, grad, keep_prefix, resume, output_at,
+            set(plans) - set(output_only),
+        )
+    except BaseException:
+        _teardown(handles, previous, model, mark)
+        raise
     missed = [key for key, plan in plans.items() if plan.fired == 0]
     if missed:
         raise SiteError(
@@ -157,6 +159,63 @@ def execute(
             f"the adapter {adapter.name!r} reaches them through modules this call did not run"
         )
     return Run(output, cache, raw, prefix)
+
+
+def _installed_forward(
+    model: nn.Module, adapter: Adapter, inputs: Inputs, callbacks: list, handles: list[Handle],
+    previous: list[Handle] | None, grad: bool, keep_prefix: bool, resume: Resume | None,
+    output_at: torch.Tensor | None, whole: set[str],
+) -> tuple[Any, torch.Tensor, Prefix | None]:
+    """Install every hook, run the forward and remove the hooks (on success: the caller tears down when
+    this raises, also at its last line). Every change a reach or the adapter makes through
+    :class:`~crosspatch.engine.reach.Changes` during the run joins ``handles`` before it is made."""
+    collect(handles)
+    for plan, callback in callbacks:
+        start = len(handles)
+        _take(handles, start, plan.family.reach.install(plan.layer, callback))
+    if output_at is not None:
+        start = len(handles)
+        _take(handles, start, adapter.output_at(model, output_at, whole))
+    if grad:
+        start = len(handles)
+        _take(handles, start, adapter.gradient_hooks(model))
+    prefix = None
+    with _grad_mode(grad):
+        if resume is not None:
+            raw = adapter.resume(model, inputs, resume)
+        elif keep_prefix:
+            raw, prefix = adapter.forward_keeping_prefix(model, inputs)
+        else:
+            raw = adapter.forward(model, inputs)
+        output = adapter.output(raw)
+    _teardown(handles, previous)
+    return raw, output, prefix
+
+
+def _teardown(handles: list[Handle], previous: list[Handle] | None, model: nn.Module | None = None, mark: int = 0) -> None:
+    """Stop collecting, remove the run's handles; after a failed run (``model`` given), also every hook
+    registered on the model's modules since ``mark`` that no handle covered (a reach that installs a
+    hook before it registers its undo), with a warning."""
+    collect(previous)
+    remove_all(handles)
+    if model is None or not isinstance(model, nn.Module):
+        return
+    left = remove_hooks_since(model, mark)
+    if left:
+        log.warning(
+            "a failed run left %d hook(s) on %s's modules that no reach handle covered; removed them",
+            left, type(model).__name__,
+        )
+
+
+def _take(handles: list[Handle], start: int, installed: Iterable[Handle]) -> None:
+    """The handles an install returned in place of those it registered from ``start`` on (in one step).
+
+    Until an install returns, the run holds every undo it registered, so an interrupt loses none; once it
+    returns, what it returned is what the run removes, as for any caller of ``install``: a reach that
+    returns fewer handles than it installed leaks them, and the conformance suite says so.
+    """
+    handles[start:] = list(installed)
 
 
 def _attention_mask(inputs: Inputs, n_rows: int) -> torch.Tensor | None:

@@ -29,7 +29,12 @@ class Handle(Protocol):
 
 class Reach(Protocol):
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
-        """Hook the activation of ``layer``; return every handle installed."""
+        """Hook the activation of ``layer``; return every handle installed.
+
+        An install is all or nothing, also under a ``KeyboardInterrupt`` at any of its lines: it registers
+        the undo of each change (a hook, a switched attribute) before making the change, and undoes what
+        it did when it raises (``crosspatch.engine.reach.installing``). Removing a handle twice is harmless.
+        """
         ...
 
 
