@@ -26,6 +26,7 @@ from .mapping import mapping_for
 from .proof import prove
 from .reaches import AttentionPattern, BranchWrite, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
+from .scaled import ScaledWrite
 from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
 
 
@@ -143,7 +144,8 @@ class TransformersAdapter(Adapter):
                 "each head's write into the residual (without the output bias)",
                 linear_from=LinearFrom("head_z", ("pos", "head"), head_out.writes),
             ),
-            SiteFamily("attn_out", (pos, dim), _write(base, f"{block}.{arch.attn}", arch.attn_residual), n_layers, "attention output"),
+            SiteFamily("attn_out", (pos, dim), _write(base, block, arch.attn, arch.attn_residual, arch.attn_scale), n_layers,
+                       "attention output"),
         ]
         if arch.resid_mid == "sum":
             mid = ResidualAfterAttention(base, block, f"{block}.{arch.attn}")
@@ -163,7 +165,8 @@ class TransformersAdapter(Adapter):
             ))
         families += expert_families(base, arch.layers, pos, dim)[0]  # a mixture of experts: each expert's write
         families += [
-            SiteFamily("mlp_out", (pos, dim), _write(base, f"{block}.{arch.mlp}", arch.mlp_residual), n_layers, "MLP output"),
+            SiteFamily("mlp_out", (pos, dim), _write(base, block, arch.mlp, arch.mlp_residual, arch.mlp_scale), n_layers,
+                       "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
         ]
         # Receiver inputs (what each head, MLP and the final norm read) go where the forward reaches them.
@@ -344,9 +347,12 @@ class TransformersAdapter(Adapter):
         return decomposed_forward(model, self)
 
 
-def _write(base: nn.Module, path: str, residual: str | None):
-    """A branch's write: its module's output, or that minus the residual it was handed and added."""
-    return ModuleOutput(base, path) if residual is None else BranchWrite(base, path, residual)
+def _write(base: nn.Module, block: str, path: str, residual: str | None, scale: str | None):
+    """A branch's write: its module's output, that minus the residual it was handed and added, or that
+    times the block's layer scale."""
+    if scale is not None:
+        return ScaledWrite(base, block, path, scale)
+    return ModuleOutput(base, f"{block}.{path}") if residual is None else BranchWrite(base, f"{block}.{path}", residual)
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}

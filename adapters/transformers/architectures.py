@@ -30,6 +30,10 @@ class Architecture:
     # Post-norm blocks inferred as such (resid_mid then the norm of input + attention): the norm of
     # resid_mid + mlp_out that gives the block output, which the proof checks.
     resid_norm: str | None = None
+    # A layer scale the block multiplies a branch's output by inline (BEiT's lambda_1 / lambda_2): the block's
+    # parameter; the write is then the module's output times it.
+    attn_scale: str | None = None
+    mlp_scale: str | None = None
 
     @property
     def residual_sum(self) -> bool:

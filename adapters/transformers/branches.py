@@ -11,7 +11,7 @@ output is the block's; the plain one is tried first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,15 +39,34 @@ class Branches:
     attn_write: torch.Tensor
     mlp_write: torch.Tensor
     mid: torch.Tensor  # block input + attention write
+    # A layer scale the block multiplies a branch's output by inline (BEiT's lambda_1 and lambda_2): the
+    # name of the block's own parameter; None: none.
+    attn_scale: str | None = None
+    mlp_scale: str | None = None
 
 
-def branches(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, mlp: str) -> Branches | None:
-    """The branches of block ``first`` (its children by name), or None when no reading adds up."""
+def branches(flow: Flow, first: str, children: dict[str, nn.Module], attn: str, mlp: str,
+             scales: dict[str, torch.Tensor] | None = None) -> Branches | None:
+    """The branches of block ``first`` (its children by name), or None when no reading adds up. ``scales``:
+    the block's own parameters shaped like one residual vector, tried as inline layer scales when no
+    plain reading adds up."""
     x, y = flow.inputs.get(first), flow.outputs.get(first)
     for inside in (False, True):
         found = _reading(flow, first, children, attn, mlp, x, inside)
         if found is not None and same(x + found.attn_write + found.mlp_write, y):
             return found
+    found = _reading(flow, first, children, attn, mlp, x, False)
+    if found is None or not scales:
+        return None
+    options = [None, *scales]
+    for a in options:
+        for m in options:
+            if a is None and m is None:
+                continue
+            attn_w = found.attn_write * scales[a] if a else found.attn_write
+            mlp_w = found.mlp_write * scales[m] if m else found.mlp_write
+            if same(x + attn_w + mlp_w, y):
+                return replace(found, attn_write=attn_w, mlp_write=mlp_w, mid=x + attn_w, attn_scale=a, mlp_scale=m)
     return None
 
 

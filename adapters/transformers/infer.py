@@ -155,7 +155,9 @@ def infer(model: nn.Module) -> Inferred:
         raise InferenceError(f"expected one MLP beside the attention in {first}, found {mlps or 'none'}")
     mlp = mlps[0]
 
-    found = branches(flow, first, children, attn, mlp)
+    scales = {n: p.detach() for n, p in blocks[0].named_parameters(recurse=False) if p.shape == (width,)}
+    notes: dict[str, str] = {}
+    found = branches(flow, first, children, attn, mlp, scales)
     post = post_norms(flow, first, children, attn, mlp) if found is None else None
     if found is None and post is None:
         raise InferenceError(
@@ -171,6 +173,9 @@ def infer(model: nn.Module) -> Inferred:
         if not any(same(inp(n), mid) for n in children if n not in (attn, post.mid_norm, post.out_norm)):
             raise InferenceError(f"no module reads the norm {post.mid_norm} of input + attention (the MLP should)")
         resid_mid, ln_mlp = post.mid_norm, None
+    elif found.attn_scale or found.mlp_scale:
+        resid_mid, ln_mlp = None, None  # no module holds the stream after a write scaled inline
+        notes["resid_mid"] = "the block scales the attention's output inline (a layer scale parameter): no module holds the stream after it"
     elif mid_readers:
         # The stream after attention: input + write, or the output of an attention that adds the residual itself.
         resid_mid: str | None = "sum" if found.attn_residual is None else attn
@@ -183,7 +188,6 @@ def infer(model: nn.Module) -> Inferred:
     for name in (attn, attn_w, mlp, mlp_w, in_norm, ln_mlp, *((post.mid_norm, post.out_norm) if post else ())):
         if name is not None and flow.calls.get(f"{first}.{name}", 0) != 1:
             raise InferenceError(f"module {first}.{name} runs {flow.calls.get(f'{first}.{name}', 0)} times in one forward")
-    notes: dict[str, str] = {}
     # The pattern: what transformers' attention function is handed, else an attention submodule's input.
     owner = _pattern_owner(model, blocks[0], inputs)
     reads = None if owner else _pattern_input(flow, first, attn, x.shape[1])
@@ -227,6 +231,7 @@ def infer(model: nn.Module) -> Inferred:
         layers=layers, embed=embed, attn=attn_w, attn_core=owner[0] if owner else attn, o_proj=o_proj, mlp=mlp_w, mlp_down=down,
         resid_mid=resid_mid, conv1d=conv1d, causal=not images and _causal(model, inputs),
         attn_residual=found.attn_residual, mlp_residual=found.mlp_residual, pattern_input=reads[0] if reads else None,
+        attn_scale=found.attn_scale, mlp_scale=found.mlp_scale,
         resid_norm=post.out_norm if post else None,
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
