@@ -72,7 +72,12 @@ class Adapter:
         return False
 
     def forward_keeping_prefix(self, model: nn.Module, inputs: Inputs) -> "tuple[Any, Prefix]":
-        """:meth:`forward`, also returning the :class:`~crosspatch.resume.Prefix` later runs resume from."""
+        """:meth:`forward`, also returning the :class:`~crosspatch.resume.Prefix` later runs resume from.
+
+        Register the hooks it adds for the forward (to record what enters each block) through
+        :func:`crosspatch.engine.reach.temporarily`, which registers each one's undo before the hook:
+        inside a run the engine holds those undos too, so an interrupt at any line leaves no hook behind.
+        """
         raise NotImplementedError(f"the {self.name!r} adapter cannot keep a prefix for resumed runs")
 
     def resume(self, model: nn.Module, inputs: Inputs, resume: "Resume") -> Any:
