@@ -33,6 +33,7 @@ from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
+from crosspatch.results.report import write_report
 from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
@@ -105,10 +106,10 @@ def main() -> None:
     figure.savefig(args.out / "direct_logit_attribution.png", dpi=130)
 
     plot_curves(curves, args.out / "mean_ablation.png")
-    attribution.save(args.out / "direct_logit_attribution.json")
-    for name, res in per_head.items():
-        res.save(args.out / f"heads_{name}.json")
-    curves.save(args.out / "mean_ablation.json")
+    # JSON and CSV per result, index.html and the interactive explorer.html (the PNGs above are the pictures).
+    write_report({"direct_logit_attribution": attribution, **{f"heads_{k}": r for k, r in per_head.items()},
+                  "mean_ablation": curves}, args.out, title=f"{MODEL}: direct logit attribution",
+                 context={"model": MODEL, "images": args.n, "library": args.library}, pictures=False)
     summary = {
         "images": args.n, "library": args.library, "decomposition_error": dec.error(),
         "head_error": dec.head_error(), "zero_shot_accuracy": curves.metadata["baseline"],

@@ -31,6 +31,7 @@ import crosspatch as cp
 from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.methods import cross_modal
+from crosspatch.results.report import write_report
 from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
@@ -95,9 +96,9 @@ def main() -> None:
         f"(1 = the site restores the clean caption's preference for its image; {args.library})"
     )
     figure.savefig(args.out / "text_patching.png", dpi=130)
-    positions.save(args.out / "text_positions.json")
-    writes.save(args.out / "text_writes.json")
-    heads.save(args.out / "text_heads.json")
+    write_report({"text_positions": positions, "text_writes": writes, "text_heads": heads}, args.out,
+                 title=f"{MODEL} text tower: patching the {args.factor} word",
+                 context={"model": MODEL, "pairs": len(keep), "library": args.library}, pictures=False)
     summary = {
         "pairs": len(keep), "factor": args.factor, "library": args.library, "baseline": base,
         "positions": words, "top_heads": heads.to_pandas().sort_values("value", ascending=False).head(3).to_dict("records"),

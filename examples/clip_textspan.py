@@ -31,6 +31,7 @@ from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.adapters.open_clip.zoo import CaptionSet
 from crosspatch.methods import cross_modal
+from crosspatch.results.report import write_report
 from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
@@ -119,8 +120,8 @@ def main() -> None:
                  f"agreement {sum(agree)}/{len(agree)} heads, {score['agreement_weighted']:.0%} by contribution norm",
                  fontsize=10)
     figure.savefig(args.out / "textspan.png", dpi=130)
-    spans.save(args.out / "textspan.json")
-    eta.save(args.out / "factor_alignment.json")
+    write_report({"textspan": spans, "factor_alignment": eta}, args.out, title=f"{MODEL}: TextSpan of the heads",
+                 context={"model": MODEL}, pictures=False)
     (args.out / "summary.json").write_text(json.dumps({**score, "heads_table": table,
                                                        "seconds": round(time.perf_counter() - start, 1)}, indent=2))
     print(f"wrote {args.out}/textspan.png and JSON results in {time.perf_counter() - start:.1f} s")

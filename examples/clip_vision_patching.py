@@ -33,6 +33,7 @@ import crosspatch as cp
 from crosspatch.zoo import store as zoo
 from crosspatch.adapters.open_clip.zoo import load_wrapped
 from crosspatch.methods import cross_modal
+from crosspatch.results.report import write_report
 from crosspatch.zoo.tasks.shapes import ShapesTask
 
 MODEL = "shapes-clip"
@@ -98,8 +99,8 @@ def main() -> None:
         f"(1 = the site restores the clean image's preference for its own caption; {args.library})"
     )
     figure.savefig(args.out / "vision_patching.png", dpi=130)
-    layers.save(args.out / "vision_layers.json")
-    heads.save(args.out / "vision_heads.json")
+    write_report({"vision_layers": layers, "vision_heads": heads}, args.out,
+                 title=f"{MODEL} vision tower: activation patching", context={"model": MODEL}, pictures=False)
     top = heads.to_pandas().sort_values("value", ascending=False).head(3)
     summary = {
         "pairs": len(pairs), "factor": args.factor, "library": args.library, "baseline": base,

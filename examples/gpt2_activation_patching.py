@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import crosspatch as cp
+from crosspatch.results.report import write_report
 
 
 def main() -> None:
@@ -47,14 +48,15 @@ def main() -> None:
         "resid_pre": "resid_pre.*[pos=*]",
         "heads": "head_out.*[head=*]",
     }
+    results = {}
     for name, sites in studies.items():
-        result = cp.activation_patching(m, clean, corrupt, sites, metric, normalize=True)
-        result.plot().savefig(args.out / f"{name}.png", dpi=120)
-        result.save(args.out / f"{name}.json")
-        result.to_csv(args.out / f"{name}.csv")
+        result = results[name] = cp.activation_patching(m, clean, corrupt, sites, metric, normalize=True)
         best = result.to_pandas().sort_values("value", ascending=False).head(3)
         print(f"\n{name}: top sites by fraction of the clean-corrupt gap restored\n{best.to_string(index=False)}")
-    print(f"\nwrote plots and results to {args.out.resolve()}")
+    # PNG, JSON and CSV per result, index.html and the interactive explorer.html.
+    write_report(results, args.out, title="Activation patching of a random 4-layer GPT-2",
+                 context={"prompts": "8 random token rows, corrupted at position 4", "seed": args.seed})
+    print(f"\nwrote plots, results and {args.out.resolve() / 'explorer.html'}")
 
 
 if __name__ == "__main__":

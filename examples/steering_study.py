@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import crosspatch as cp
+from crosspatch.results.report import write_report
 from crosspatch.zoo import store as zoo
 from crosspatch.methods.steering import plot_curve, steering_curve
 from crosspatch.zoo.tasks import ShapesTask
@@ -71,8 +72,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fig = plot_curve(res, title="steering shapes-vae to the right: Δ x centre (px) vs alpha")
     fig.savefig(args.out / "steering_curve.png", dpi=120)
-    res.save(args.out / "steering_curve")
-    print(f"wrote {args.out / 'steering_curve.png'} and .json in {time.perf_counter() - start:.1f} s")
+    write_report({"steering_curve": res}, args.out, title=f"Steering {MODEL} to the right",
+                 context={"model": MODEL, "images": len(probe), "seed": args.seed}, pictures=False)
+    print(f"wrote {args.out / 'steering_curve.png'}, JSON, CSV and explorer.html in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

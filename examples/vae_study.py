@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import crosspatch as cp
+from crosspatch.results.report import write_report
 from crosspatch.zoo import store as zoo
 from crosspatch.methods.latent import decoder_inputs, traversal_figure, traversal_grid
 from crosspatch.methods.vae_metrics import factor_mediation, latent_metrics
@@ -217,6 +218,14 @@ def main() -> None:
     path = args.out / "summary.json"
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     written.append(path)
+    # Every result of both models in one report: index.html and the interactive explorer.html.
+    results = {}
+    for tag, s in studies.items():
+        results.update({f"mediation_{tag}": s["mediation"], f"encoder_channels_{tag}": s["channels"]})
+        results.update({f"{key}_{tag}": s["metrics"][key] for key in ("effect_strength", "specificity", "modularity")})
+    write_report(results, args.out, title="Shapes VAEs: which latent carries which factor",
+                 context={"models": ", ".join(s["name"] for s in studies.values()), "seed": args.seed}, pictures=False)
+    written += [args.out / "index.html", args.out / "explorer.html"]
     print(f"\nwrote {len(written)} files to {args.out} in {time.perf_counter() - start:.1f} s:")
     for p in written:
         print(f"  {p.name}")

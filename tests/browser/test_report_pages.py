@@ -77,7 +77,8 @@ def test_report_loads_offline_and_hover_shows_values(report, page):
     cell.click()
     bars = resid.find_elements(By.CSS_SELECTOR, ".cp-detail rect.cp-bar")
     assert len(bars) == 3
-    assert f"value {page_number(results['resid_pre'].values[1, 2, 3])}" in page.hover(bars[2])
+    text = page.hover(bars[2])
+    assert f"value {page_number(results['resid_pre'].values[1, 2, 3])}" in text and "prompt p three" in text
     page.screenshot("report")
 
     assert page.console_errors() == []
@@ -112,8 +113,9 @@ def test_graph_slider_prunes_and_attention_heads_switch(report, page):
     assert "query 4 went → key 1 Mary" in text
     assert f"attention {page_number(results['attention'].values[0, 1, 4, 1])}" in text
     table = _section(page.driver, "faithfulness")
-    assert [td.text for td in table.find_elements(By.CSS_SELECTOR, "tr")[2].find_elements(By.TAG_NAME, "td")] == \
-        ["0.41", "2", "0.5", "0.6"]
+    row = table.find_elements(By.CSS_SELECTOR, "tr")[2]
+    assert [td.text for td in row.find_elements(By.CSS_SELECTOR, "td.cp-num")] == ["0.41", "2", "0.5", "0.6"]
+    assert row.find_element(By.CSS_SELECTOR, ".cp-fbar").get_attribute("style").startswith("width: 33px")  # 80 px = 1
     page.screenshot("report_graph")
     assert page.console_errors() == []
     assert page.foreign_requests(url) == []

@@ -271,8 +271,9 @@
         var per = pick(view.per_prompt, state)[r][c];
         detail.appendChild(el("p", { class: "cp-muted", text: "mean " + fmt(pick(view.values, state)[r][c]) +
           " over " + view.prompts.length + " prompts" }));
-        detail.appendChild(barsSvg({ labels: view.prompts, values: per, limit: absMax(per), xdim: "prompt",
-          width: 320 }));
+        // Prompts are long: the axis numbers them, the tooltip shows each one's text.
+        detail.appendChild(barsSvg({ labels: view.prompts.map(function (_, i) { return String(i); }), tips: view.prompts,
+          values: per, limit: absMax(per), xdim: "prompt", width: 320 }));
       } else {
         var values = pick(view.values, state);
         detail.appendChild(el("p", { class: "cp-muted", text: "value " + fmt(values[r][c]) }));
@@ -291,7 +292,7 @@
   // ------------------------------------------------------------------ bars
 
   function barsSvg(opts) {
-    // opts: labels, values, limit, xdim, width, skipped, mark
+    // opts: labels, values, limit, xdim, width, skipped, mark, tips (tooltip labels, default the labels)
     var n = opts.labels.length;
     var bw = Math.max(6, Math.min(40, Math.floor((opts.width || 760) / Math.max(1, n))));
     var rotated = opts.labels.some(function (l) { return String(l).length > 2; }) || bw < 18;
@@ -312,8 +313,9 @@
         stroke: opts.mark === i ? "#000" : "#777", "stroke-width": opts.mark === i ? 1.5 : 0.4, class: "cp-bar",
         "data-i": i }));
     });
-    var top = plotH + 18;
+    var top = plotH + 18, every = Math.ceil(14 / bw);  // narrow bars: label every few
     opts.labels.forEach(function (text, i) {
+      if (i % every) return;
       var x = left + i * bw + bw / 2;
       root.appendChild(svg("text", rotated
         ? { x: x, y: top, class: "cp-axis", "text-anchor": "end", transform: "rotate(-60 " + x + " " + top + ")",
@@ -324,7 +326,7 @@
       var t = event.target;
       if (!t.classList || !t.classList.contains("cp-bar")) return hideTip();
       var i = Number(t.getAttribute("data-i"));
-      showTip(event, [(opts.xdim || "") + " " + opts.labels[i],
+      showTip(event, [(opts.xdim || "") + " " + (opts.tips ? opts.tips[i] : opts.labels[i]),
         (opts.skipped && opts.skipped[i]) ? "not run: 0 by construction" : "value " + fmt(opts.values[i])]);
     });
     root.addEventListener("mouseleave", hideTip);
@@ -555,25 +557,28 @@
   // ------------------------------------------------------------------ faithfulness table
 
   function renderTable(body, view) {
-    var head = el("tr", {}, [el("th", { text: view.rowdim })].concat(view.columns.map(function (c) {
-      return el("th", { text: c });
+    var head = el("tr", {}, [el("th", { text: view.rowdim })].concat(view.columns.map(function (c, i) {
+      return el("th", { text: c, colspan: i === 0 ? 2 : null });
     })));
     var table = el("table", { class: "cp-table" }, head);
     view.rows.forEach(function (row) {
       var tr = el("tr", {}, el("th", { text: row.label }));
       row.cells.forEach(function (v, i) {
         var td = el("td", { class: "cp-num", text: fmt(v) });
-        if (i === 0 && v !== null) {
+        var barCell = null;
+        if (i === 0) {  // the score as a bar: 80 px = 1, the whole candidate set
+          barCell = el("td", { class: "cp-barcell" });
           var bar = el("span", { class: "cp-fbar" });
-          bar.style.width = Math.round(80 * Math.max(0, Math.min(1.2, v))) + "px";
-          bar.style.background = colour(v - 0.5 < 0 ? -0.5 + v : v, 1);
-          td.appendChild(bar);
+          bar.style.width = Math.round(80 * Math.max(0, Math.min(1.2, v === null ? 0 : Math.abs(v)))) + "px";
+          bar.style.background = v !== null && v < 0 ? "rgb(33,102,172)" : "rgb(178,24,43)";
+          barCell.appendChild(bar);
         }
         td.addEventListener("mousemove", function (event) {
           showTip(event, [view.rowdim + " " + row.label + " · " + view.columns[i], fmt(v)]);
         });
         td.addEventListener("mouseleave", hideTip);
         tr.appendChild(td);
+        if (barCell) tr.appendChild(barCell);
       });
       table.appendChild(tr);
     });
