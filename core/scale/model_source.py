@@ -15,7 +15,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..engine.model import WrappedModel, wrap
-from ..zoo.sources import load_model
+from ..zoo.sources import wrap as wrap_named
 from .identity import fingerprint, tensor_bytes
 
 __all__ = ["ModelSource"]
@@ -38,12 +38,9 @@ class ModelSource:
     def load(self, device: Any = None) -> WrappedModel:
         spec = self.spec
         if isinstance(spec, str):
-            module = load_model(spec)
-        elif isinstance(spec, (nn.Module, WrappedModel)):
-            module = spec
+            wrapped = wrap_named(spec)  # with its tokenizer, as cp.wrap(name) gives: text prompts work on workers
         else:
-            module = spec()
-        wrapped = wrap(module)
+            wrapped = wrap(spec if isinstance(spec, (nn.Module, WrappedModel)) else spec())
         if device is not None:
             wrapped.module.to(device)
         return wrapped

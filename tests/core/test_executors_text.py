@@ -8,6 +8,7 @@ import torch
 
 import crosspatch as cp
 from crosspatch.scale.executors import LocalExecutor
+from fake_zoo import fake_zoo  # noqa: F401  (fixture)
 from sharding_cases import assert_same_result
 
 pytest.importorskip("transformers")
@@ -48,3 +49,15 @@ def test_a_sharded_study_on_text_is_the_local_result(m, tmp_path, method, sites_
     # Prompt blocks run forwards of fewer rows (and their whole output), which round differently in the
     # last float32 bits on a CPU: the merge adds none (metadata["merge"] says so), the forwards 1e-7.
     assert_same_result(got, ref, forwards_atol=1e-6 if "merge" in got.metadata else 0.0)
+
+
+def test_a_sharded_study_of_a_zoo_name_reads_text_with_its_tokenizer(fake_zoo, tmp_path):
+    """Workers load a model named by the zoo together with its tokenizer, as ``cp.wrap(name)`` does."""
+    from fake_zoo import FAKE
+
+    metric = cp.metrics.logit_diff([" Mary", " Mary", " Anna"], [" John", " John", " Paul"])
+    ref = cp.activation_patching(cp.wrap(FAKE), CLEAN, CORRUPT, "resid_pre.1[pos=*]", metric, progress=False)
+    ex = LocalExecutor(sites_per_shard=4, checkpoint_dir=tmp_path / "shards")
+    got = cp.activation_patching(FAKE, CLEAN, CORRUPT, "resid_pre.1[pos=*]", metric, executor=ex, progress=False)
+    assert got.coords["pos"] == ref.coords["pos"]
+    assert_same_result(got, ref, forwards_atol=0.0)
