@@ -12,7 +12,8 @@ back. :func:`check_padding` refuses a negative position where rows are padded on
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import torch
 
@@ -20,6 +21,7 @@ from .catalog import SiteFamily
 from .site import LAST, POSITION_AXES, Site, SiteError, Span, span_range
 
 __all__ = [
+    "GROUP_PREFIX", "group_columns", "group_sites", "input_groups", "named_groups", "take_group",
     "axis_index", "at_first", "check_padding", "index_for", "last_axes", "last_columns", "last_positions",
     "put_rows", "row_ends", "select", "take_rows",
 ]
@@ -202,3 +204,94 @@ def put_rows(tensor: torch.Tensor, picks: Sequence[tuple[int, torch.Tensor]], va
         value = inner
     rows = torch.arange(tensor.shape[0], device=tensor.device)
     tensor.movedim(dim, 1)[rows, columns.to(tensor.device)] = value.movedim(dim, 1)[:, 0]
+
+
+# -- named position groups ------------------------------------------------------------------------
+#
+# A group is a named set of positions carried with the inputs, one boolean mask ``[rows, columns]``
+# under ``GROUP_PREFIX + name`` (an adapter puts ``group.image`` there; a user adds ``group.question``).
+# ``resid_pre.3[pos=image]`` names one: :func:`group_sites` resolves it, row by row, into concrete sites
+# over the rows whose group holds the same columns (one site for all rows when the columns agree).
+
+#: The key prefix of a position group's mask in prepared inputs.
+GROUP_PREFIX = "group."
+
+_GROUP_SELECTION = re.compile(r"\b(" + "|".join(POSITION_AXES) + r")=([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def input_groups(inputs: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The position groups carried with prepared ``inputs``: ``{name: mask [rows, columns]}``."""
+    return {
+        key[len(GROUP_PREFIX):]: value for key, value in inputs.items()
+        if isinstance(key, str) and key.startswith(GROUP_PREFIX) and isinstance(value, torch.Tensor)
+    }
+
+
+def named_groups(site: "str | Site") -> dict[str, str]:
+    """``{axis: group}`` for every position axis ``site`` selects by a group name (not ``last``)."""
+    if isinstance(site, Site):
+        return {}
+    return {axis: name for axis, name in _GROUP_SELECTION.findall(site) if name not in (LAST,)}
+
+
+def group_columns(mask: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each row's columns of a group mask ``[rows, columns]``, as sorted tuples."""
+    return [tuple(row.nonzero().flatten().tolist()) for row in mask.bool().cpu()]
+
+
+def group_sites(
+    site: "str | Site", groups: Mapping[str, torch.Tensor]
+) -> list[tuple[Site, "slice | None"]]:
+    """``site`` with each group name on a position axis replaced by that group's columns, row by row.
+
+    Returns ``(site, rows)`` pairs: one pair with ``rows=None`` when the group holds the same columns in
+    every row (or the site names no group), else one per run of consecutive rows that agree, with their
+    ``slice``. A group missing from ``groups``, or empty in a row, is a :class:`SiteError`.
+    """
+    named = named_groups(site)
+    if not named:
+        return [(Site.parse(site), None)]
+    text = _GROUP_SELECTION.sub(lambda m: m.group(0) if m.group(2) == LAST else f"{m.group(1)}=0", str(site))
+    parsed = Site.parse(text)
+    per_axis: dict[str, list[tuple[int, ...]]] = {}
+    rows: int | None = None
+    for axis, name in named.items():
+        if name not in groups:
+            raise SiteError(
+                f"site {site}: no position group {name!r} in the inputs; they carry "
+                f"{', '.join(sorted(groups)) or 'none'} (plus 'last' and explicit positions)"
+            )
+        columns = group_columns(groups[name])
+        empty = [r for r, c in enumerate(columns) if not c]
+        if empty:
+            raise SiteError(f"site {site}: group {name!r} holds no position in rows {empty[:8]}")
+        if rows is not None and len(columns) != rows:
+            raise SiteError(f"site {site}: the groups it names have different numbers of rows")
+        rows = len(columns)
+        per_axis[axis] = columns
+    assert rows is not None
+    out: list[tuple[Site, slice | None]] = []
+    start = 0
+    for r in range(1, rows + 1):
+        if r < rows and all(cols[r] == cols[start] for cols in per_axis.values()):
+            continue
+        concrete = parsed.with_(**{axis: cols[start] for axis, cols in per_axis.items()})
+        out.append((concrete, slice(start, r)))
+        start = r
+    if len(out) == 1:
+        return [(out[0][0], None)]
+    return out
+
+
+def take_group(tensor: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The group's positions of ``tensor`` (``[rows, ...]``, positions along ``dim``) as ``[rows, k, ...]``
+    (positions in order), when every row's group holds ``k`` positions."""
+    counts = mask.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise SiteError(
+            f"the group holds {sorted(set(counts.tolist()))} positions in different rows; take it row by row "
+            f"(tensor[r][..., mask[r], ...])"
+        )
+    moved = tensor.movedim(dim, 1)
+    picked = moved[mask.to(tensor.device).bool()]  # rows * k, in row order then column order
+    return picked.reshape(tensor.shape[0], int(counts[0]), *moved.shape[2:]).movedim(1, dim)

@@ -1,0 +1,108 @@
+"""The VLM adapter: generative vision-language models (LLaVA) with a position-group axis.
+
+Inputs are what a processor returns, ``{"input_ids", "pixel_values", "attention_mask"?}`` with one
+image per row, plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
+Prepared inputs carry every group as a mask ``group.<name>`` ``[rows, pos]``; selections name them
+through :func:`crosspatch.engine.knockout.bind` (``resid_pre.3[pos=image]``).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.sites.catalog import Catalog
+from crosspatch.sites.selection import GROUP_PREFIX
+
+from . import llava
+from .groups import group_masks
+
+__all__ = ["VLMAdapter"]
+
+_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask")
+_CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
+
+
+class VLMAdapter(Adapter):
+    """``LlavaForConditionalGeneration`` (and models laid out as it is: ``model.vision_tower``,
+    ``model.multi_modal_projector``, ``model.language_model``)."""
+
+    name = "vlm"
+
+    def matches(self, model: nn.Module) -> bool:
+        transformers = sys.modules.get("transformers")
+        return transformers is not None and isinstance(model, transformers.PreTrainedModel) and llava.is_llava(model)
+
+    def catalog(self, model: nn.Module) -> Catalog:
+        if not llava.is_llava(model):
+            raise AdapterError(
+                f"the vlm adapter serves LLaVA-style models (model.vision_tower, model.multi_modal_projector, "
+                f"model.language_model); {type(model).__name__} is not one"
+            )
+        found = _CATALOGS.get(model)
+        if found is None:
+            found = _CATALOGS[model] = llava.catalog(model)
+        return found
+
+    def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+            raise ValueError(
+                "VLM inputs are what the processor returns: a dict with 'input_ids' [rows, pos], 'pixel_values' "
+                "[rows, 3, H, W] (one image per row) and optionally 'attention_mask' and 'groups' "
+                "({'question': (start, stop)})"
+            )
+        unknown = sorted(k for k in inputs if k not in _MODEL_KEYS and k != "groups" and not str(k).startswith(GROUP_PREFIX))
+        if unknown:
+            raise ValueError(f"unknown VLM input keys {unknown}; expected {', '.join(_MODEL_KEYS)} and 'groups'")
+        device = model_device(model)
+        ids = torch.as_tensor(inputs["input_ids"])
+        ids = (ids.unsqueeze(0) if ids.ndim == 1 else ids).to(device=device, dtype=torch.long)
+        out: dict[str, Any] = {"input_ids": ids}
+        if inputs.get("attention_mask") is not None:
+            mask = torch.as_tensor(inputs["attention_mask"])
+            out["attention_mask"] = (mask.unsqueeze(0) if mask.ndim == 1 else mask).to(device=device, dtype=torch.long)
+        pixels = inputs.get("pixel_values")
+        if pixels is not None:
+            pixels = torch.as_tensor(pixels)
+            pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
+            if pixels.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"{pixels.shape[0]} images for {ids.shape[0]} rows; the vlm adapter takes one image per row"
+                )
+            dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+            out["pixel_values"] = pixels.to(device=device, dtype=dtype)
+        carried = {k: v for k, v in inputs.items() if str(k).startswith(GROUP_PREFIX)}
+        if carried:  # prepared already: keep the groups as they are (they follow the rows when tiled)
+            out.update({k: v.to(device) for k, v in carried.items()})
+        else:
+            token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+            out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups")))
+        return out
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> Any:
+        return model(**{k: v for k, v in inputs.items() if k in _MODEL_KEYS}, use_cache=False, return_dict=True)
+
+    def output(self, raw: Any) -> torch.Tensor:
+        return raw.logits
+
+    def sizes(self, inputs: Inputs) -> dict[str, int]:
+        n = inputs["input_ids"].shape[1]
+        return {"pos": n, "key_pos": n}
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        config = model.config
+        v, t = config.vision_config, config.text_config
+        return {
+            "class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
+            "vision": {"n_layers": v.num_hidden_layers, "n_heads": v.num_attention_heads, "d_model": v.hidden_size,
+                       "image_size": v.image_size, "patch_size": v.patch_size},
+            "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
+            "image_tokens": llava._image_positions(model),
+            "name_or_path": getattr(config, "name_or_path", "") or "",
+            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        }

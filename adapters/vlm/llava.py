@@ -1,0 +1,146 @@
+"""LLaVA-style models (``LlavaForConditionalGeneration``): a CLIP vision tower, a projector, a decoder LM.
+
+The families come from the code that serves each part alone, so they hold the same values:
+
+- ``vision.*``: the vision tower under the names of the CLIP adapter (:mod:`crosspatch.adapters.transformers.clip`),
+  exact per head (``vision.head_out`` + the output bias = ``vision.attn_out``); their batch is the images,
+  one per row. ``vision.logits_in`` (CLIP's pooled readout) is left out: the projector reads the
+  feature layer's positions, not a pooled token.
+- ``projector_out``: the projected image features ``[images, pos, d_text]``, before they replace the
+  image-token embeddings.
+- the language model's families, built by the transformers adapter's table or inference for the LM
+  alone (``resid_pre``, ``head_out``, ``attn_pattern``, ``head_in`` ...), ``embed`` being the merged
+  embeddings the first block reads (image features in the image positions), and ``logits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule
+from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+
+from crosspatch.adapters.transformers.adapter import TransformersAdapter
+from crosspatch.adapters.transformers.clip import _tower_families
+
+__all__ = ["is_llava", "catalog", "parts"]
+
+_LM_SKIP = ("embed",)  # replaced: the LM's embed_tokens runs before the image features are merged in
+
+
+def is_llava(model: nn.Module) -> bool:
+    base = getattr(model, "model", None)
+    return all(hasattr(base, name) for name in ("vision_tower", "multi_modal_projector", "language_model"))
+
+
+def parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(vision tower, projector, language model) of a LLaVA-style model."""
+    base = model.model
+    return base.vision_tower, base.multi_modal_projector, base.language_model
+
+
+class _Shell(nn.Module):
+    """Holds the vision tower under the attribute the CLIP families are written against (``vision_model``),
+    without copying or moving it: hooks land on the tower's own modules."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.vision_model = tower
+
+
+class OutputFirst:
+    """A module's output (element 0 of a tuple), hooked ahead of the hooks already there.
+
+    transformers records the vision tower's hidden states with forward hooks of its own on each block; the
+    projector reads the last one from that record. Hooked first, a write to the block's output is what
+    the record holds, so it reaches the projector."""
+
+    def __init__(self, root: nn.Module, path: str):
+        self.root, self.path = root, path
+
+    def install(self, layer: int | None, callback) -> list:
+        def hook(module, args, output):
+            value = output if isinstance(output, torch.Tensor) else output[0]
+            new = callback(value)
+            if new is None:
+                return None
+            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+
+        with installing() as changes:
+            changes.forward_hook(submodule(self.root, self.path, layer), hook, prepend=True)
+            return changes.handles
+
+
+class LogitsField:
+    """The ``logits`` field of the top-level model's output, read and written by a forward hook."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+
+    def install(self, layer: int | None, callback) -> list:
+        def hook(module, args, output):
+            new = callback(output["logits"])
+            if new is None:
+                return None
+            output["logits"] = new
+            return output
+
+        with installing() as changes:
+            changes.forward_hook(self.root, hook)
+            return changes.handles
+
+
+
+def _image_positions(model: nn.Module) -> int:
+    config = model.config
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else patches + 1
+
+
+def install_output_recorders(model: nn.Module) -> None:
+    """Install now the hooks transformers installs on a model's first forward to record hidden states (the
+    projector reads the vision tower's through them). Installed inside a run, they would count as hooks
+    that run left behind, and removing them would leave the tower without hidden states."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks
+    except ImportError:  # a transformers that records hidden states without hooks
+        return
+    for module in model.modules():
+        if _CAN_RECORD_REGISTRY.get(module):
+            maybe_install_capturing_hooks(module)
+
+
+def catalog(model: nn.Module) -> Catalog:
+    tower, projector, lm = parts(model)
+    install_output_recorders(model)
+    config = model.config
+    layer = config.vision_feature_layer
+    n_vision = len(tower.encoder.layers)
+    if not isinstance(layer, int) or layer % (n_vision + 1) != n_vision:
+        # The last blocks would not reach the output, which the conformance suite (rightly) calls a bug.
+        feature = f"hidden state {layer}" if isinstance(layer, int) else f"hidden states {list(layer)}"
+        raise NotImplementedError(
+            f"{type(model).__name__} reads vision {feature}; only the last block's output "
+            f"(vision_feature_layer=-1) is served so far"
+        )
+    shell = _Shell(tower)
+    vision = [f for f in _tower_families(shell, "vision") if f.name != "vision.logits_in"]
+    vision = [replace(f, reach=OutputFirst(shell, "vision_model.encoder.layers.{layer}")) if f.name == "vision.resid_post"
+              else f for f in vision]
+    text = TransformersAdapter().catalog(lm)
+    d_text = config.text_config.hidden_size
+    pos, dim = Axis("pos"), Axis("dim", d_text)
+    families = vision + [
+        SiteFamily("projector_out", (Axis("pos", _image_positions(model)), dim), ModuleOutput(projector, ""),
+                   doc="projected image features, one per image token (before they replace the image-token embeddings)"),
+        SiteFamily("embed", (pos, dim), ModuleInput(lm, "layers.0"),
+                   doc="token embeddings with the projected image features in the image positions (what block 0 reads)"),
+    ]
+    families += [f for f in text if f.name not in _LM_SKIP]
+    families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), LogitsField(model),
+                               doc="next-token logits"))
+    return Catalog(families, type(model).__name__, unavailable=dict(text.unavailable))
