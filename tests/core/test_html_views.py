@@ -124,3 +124,44 @@ def test_assets_are_package_data():
     assets = ROOT / "core" / "results" / "html" / "assets"
     for path in assets.iterdir():
         assert any(fnmatch(f"assets/{path.name}", g) for g in globs), f"{path.name} would not be installed"
+
+
+def test_every_method_result_renders():
+    """Results of the methods on a tiny GPT-2 each get a drawing (not the fallback) and a valid page."""
+    pytest.importorskip("transformers")
+    import torch
+
+    import crosspatch as cp
+    from conftest import tiny_gpt2
+    from crosspatch.methods.edges import acdc, eap
+    from crosspatch.study.analyses import attention_patterns
+
+    m = cp.wrap(tiny_gpt2())
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(1, 100, (2, 6), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 2] = (clean[:, 2] + 7) % 100
+    metric = cp.metrics.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
+    results = {
+        "heatmap": cp.activation_patching(m, clean, corrupt, "resid_pre.*[pos=*]", metric),
+        "heatmap ": cp.attribution_patching(m, clean, corrupt, "head_out.*[head=*]", metric),
+        "bars ": cp.path_patching(m, clean, corrupt, "head_out.0[head=*]", "logits_in", metric),
+        "graph": eap(m, clean, corrupt, metric),
+        "graph ": acdc(m, clean, corrupt, threshold=0.05),
+        "table": cp.faithfulness_table(m, clean, ["head_out.1[head=0]"], "head_out.*[head=*]", metric),
+        "bars": cp.faithfulness_curve(m, clean, ["head_out.1[head=0]", "head_out.0[head=1]"], "head_out.*[head=*]",
+                                      metric, progress=False),
+        "attention": attention_patterns(m, clean[:1]),
+    }
+    for kind, res in results.items():
+        v = view(res)
+        assert v["kind"] == kind.strip(), (kind, res.dims, res.metadata.get("method"))
+        data = _data(res.to_html())
+        assert data["views"][0]["kind"] == kind.strip()
+
+
+def test_leading_dims_get_a_selector():
+    res = Result(np.arange(24.0).reshape(2, 3, 4), ("layer", "pos", "head"))
+    v = view(res)
+    assert v["kind"] == "heatmap" and v["lead"] == [{"dim": "layer", "labels": ["0", "1"]}]
+    assert (v["rowdim"], v["coldim"]) == ("pos", "head") and v["values"][1][2][3] == 23.0
