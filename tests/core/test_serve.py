@@ -149,3 +149,17 @@ def test_streamed_sweep_is_activation_patching(served):
     document = events[-1][1]["data"]["result"]
     status, body = _post(server.url + "/api/view", {"name": "saved", "document": document})
     assert status == 200 and json.loads(body)["kind"] == "heatmap"
+
+
+def test_a_running_sweep_stops_at_the_next_forward(served):
+    from crosspatch.serve.jobs import Job
+
+    server, session = served
+    job = Job("t", "sweep", lambda job: None)
+    job.cancel_requested.set()
+    request = {"sites": "head_out.1[head=*]", "metric": "logit_diff", **session.example}  # one step: no layer loop
+    with pytest.raises(Cancelled):
+        session.sweep(job, request)  # the metric checks the flag when the first forward's output reaches it
+    job = Job("u", "sweep", lambda job: None)
+    out = session.sweep(job, request)
+    assert out["view"]["kind"] == "bars" and [e["event"] for e in job.events] == ["progress"]
