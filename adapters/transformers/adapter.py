@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import warnings
@@ -26,6 +27,7 @@ from .mapping import mapping_for
 from .proof import prove
 from .reaches import AttentionPattern, BranchWrite, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
+from .flat import Unflattened
 from .scaled import ScaledWrite
 from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
 
@@ -174,6 +176,10 @@ class TransformersAdapter(Adapter):
         for fam in input_families(base, arch, layout, block, n_heads, d_model):
             names = [f.name for f in families]
             families.insert(names.index(after[fam.name]) + 1, fam)
+        if arch.flat:  # modules that see the tokens flattened (OPT's MLP): their sites unflattened
+            at = {"mlp_out": arch.mlp, "mlp_act": arch.mlp_down, "mlp_in": layout.ln_mlp if layout else None}
+            families = [dataclasses.replace(f, reach=Unflattened(f.reach, base, block)) if at.get(f.name) in arch.flat else f
+                        for f in families]
         logits = self._logits_axes(model)
         if logits is not None:
             families.append(SiteFamily("logits", logits, _OutputField(model, "logits"), doc="model output"))
@@ -327,7 +333,7 @@ class TransformersAdapter(Adapter):
         # of the MLP, outside it in every layout that has one) stays whole and is read only by the MLP.
         after_mlp = {f"{f}.{last}" for f in ("mlp_act", "mlp_out", "resid_post")} | {"logits_in"}
         # An MLP handed the residual it adds (BLOOM) reads it whole: it cannot run at one position alone.
-        if arch.causal and arch.mlp_residual is None and not keys & after_mlp:
+        if arch.causal and arch.mlp_residual is None and not arch.flat and not keys & after_mlp:
             handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
         return handles
 

@@ -34,6 +34,9 @@ class Architecture:
     # parameter; the write is then the module's output times it.
     attn_scale: str | None = None
     mlp_scale: str | None = None
+    # Modules (relative to the block) that see the block's tokens flattened to [batch * pos, ...] (OPT's MLP
+    # and the norm before it): their sites are read and written unflattened.
+    flat: tuple[str, ...] = ()
 
     @property
     def residual_sum(self) -> bool:

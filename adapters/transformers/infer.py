@@ -138,6 +138,7 @@ def infer(model: nn.Module) -> Inferred:
     x, y = flow.inputs.get(first), flow.outputs.get(first)
     if x is None or y is None or x.shape != y.shape or x.shape[-1] != width:
         raise InferenceError(f"block {first} does not map a [batch, pos, {width}] residual to one of the same shape")
+    flat = _unflatten(flow, first, x.shape[:2])
     children = {n: m for n, m in blocks[0].named_children()}
     out = lambda name: flow.outputs.get(f"{first}.{name}")  # noqa: E731
     inp = lambda name: flow.inputs.get(f"{first}.{name}")  # noqa: E731
@@ -232,6 +233,7 @@ def infer(model: nn.Module) -> Inferred:
         resid_mid=resid_mid, conv1d=conv1d, causal=not images and _causal(model, inputs),
         attn_residual=found.attn_residual, mlp_residual=found.mlp_residual, pattern_input=reads[0] if reads else None,
         attn_scale=found.attn_scale, mlp_scale=found.mlp_scale,
+        flat=tuple(sorted(p for p in {mlp, mlp_w, down, ln_mlp} if p and p in flat)),
         resid_norm=post.out_norm if post else None,
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
@@ -240,6 +242,19 @@ def infer(model: nn.Module) -> Inferred:
         notes["head_in"] = "the query, key and value projections differ between blocks"
         layout = None
     return Inferred(arch, layout, n_kv, notes, x.shape[1] if images else None, n_heads)
+
+
+def _unflatten(flow: Flow, first: str, rows: torch.Size) -> set[str]:
+    """The modules of block ``first`` that saw its ``batch * pos`` tokens flattened into one axis (OPT's MLP
+    and the norm before it), their probed values unflattened in place to ``[batch, pos, ...]``; by path
+    relative to the block."""
+    tokens, found = rows[0] * rows[1], set()
+    for values in (flow.inputs, flow.outputs):
+        for name, t in list(values.items()):
+            if name.startswith(f"{first}.") and t.ndim == 2 and t.shape[0] == tokens and tokens > rows[1]:
+                values[name] = t.unflatten(0, tuple(rows))
+                found.add(name[len(first) + 1:])
+    return found
 
 
 def _beside_blocks(base: nn.Module, layers: str) -> dict[str, nn.Module]:

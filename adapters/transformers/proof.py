@@ -243,7 +243,8 @@ def _check_values(model, catalog: Catalog, arch: Architecture, run, plain, o_pro
             proof.check("head_z", at("head_z").flatten(-2), o_proj.inputs[layer], "not the projection's input", atol=0)
         if has("mlp_act") and down is not None:
             d = submodule(base, f"{block}.{arch.mlp_down}", layer)
-            proof.check("mlp_act", d(at("mlp_act")), down.outputs[layer], "down projection of mlp_act != its output")
+            written = d(at("mlp_act"))
+            proof.check("mlp_act", written, down.outputs[layer].reshape(written.shape), "down projection of mlp_act != its output")
         if has("head_in"):
             x = at("resid_pre")
             proof.check("head_in", at("head_in"), x[:, :, None, None, :].expand_as(at("head_in")), "a slot != resid_pre", atol=0)

@@ -23,7 +23,7 @@ _SIZES: dict[str, int] = {
     "encoder_layers": 2, "decoder_layers": 2,
     # width
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64,
-    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "word_embed_proj_dim": 64, "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "d_ff": 128,
     "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "hidden_dim": 128,
     # heads
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
