@@ -26,23 +26,22 @@ def tiny_llava(seed: int = 0, **text):
 
 
 def vlm_inputs(rows: int = 2, seed: int = 1, before: int = 2, after: int = 6, pad: int = 0) -> dict:
-    """``rows`` prompts ``[bos, text x before-1, image x 16, text x after]`` with random images; the
-    question is the text after the image. With ``pad``, row 0 is padded on the left by ``pad`` tokens."""
+    """``rows`` prompts ``[bos, text x before-1, image x 16, text x after]`` with random images and the text
+    after the image as the group ``question``. With ``pad``, row 0 is padded on the left by ``pad`` tokens
+    and the other rows end with ``pad`` more text tokens, so the groups sit in different columns per row."""
     g = torch.Generator().manual_seed(seed)
-    text_before = torch.randint(3, 60, (rows, before - 1), generator=g)
-    text_after = torch.randint(3, 60, (rows, after), generator=g)
-    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), text_before,
-                     torch.full((rows, IMAGE_TOKENS), IMAGE_TOKEN), text_after], dim=1)
-    mask = torch.ones_like(ids)
-    if pad:
-        ids = torch.cat([torch.zeros(rows, pad, dtype=torch.long), ids], dim=1)
-        mask = torch.cat([torch.zeros(rows, pad, dtype=torch.long), mask], dim=1)
-        for r in range(1, rows):  # only row 0 is padded: shift the others left, pad them on the right? no: fill
-            ids[r] = torch.cat([ids[r, pad:], torch.randint(3, 60, (pad,), generator=g)])
-            mask[r] = 1
-    start = before + IMAGE_TOKENS
+    ids, masks, spans = [], [], []
+    for r in range(rows):
+        prompt = torch.cat([torch.ones(1, dtype=torch.long), torch.randint(3, 60, (before - 1,), generator=g),
+                            torch.full((IMAGE_TOKENS,), IMAGE_TOKEN), torch.randint(3, 60, (after,), generator=g)])
+        shift = pad if r == 0 else 0
+        extra = torch.randint(3, 60, (0 if r == 0 else pad,), generator=g)
+        ids.append(torch.cat([torch.zeros(shift, dtype=torch.long), prompt, extra]))
+        masks.append(torch.cat([torch.zeros(shift, dtype=torch.long), torch.ones(len(prompt) + len(extra), dtype=torch.long)]))
+        start = shift + before + IMAGE_TOKENS
+        spans.append((start, start + after))
     return {
-        "input_ids": ids, "attention_mask": mask,
+        "input_ids": torch.stack(ids), "attention_mask": torch.stack(masks),
         "pixel_values": torch.randn(rows, 3, 16, 16, generator=g),
-        "groups": {"question": [(start + (pad if r == 0 else 0), start + after + (pad if r == 0 else 0)) for r in range(rows)]},
+        "groups": {"question": spans},
     }
