@@ -12,7 +12,7 @@ from crosspatch.methods.attribution_graph.replacement import clean_state, direct
 from crosspatch.trainable.transcoder import Transcoder
 
 
-def random_transcoder(d: int, layers: int, n_features: int = 24, *, cross_layer: bool, kind: str = "jumprelu",
+def random_transcoder(d: int, layers: int, n_features: int = 16, *, cross_layer: bool, kind: str = "jumprelu",
                       seed: int = 0) -> Transcoder:
     """Random weights with thresholds that leave a few features on per position (no training needed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def models():
 def setup(request):
     model = cp.wrap(models()[request.param]())
     torch.manual_seed(5)
-    ids = torch.randint(1, 100, (1, 6))
+    ids = torch.randint(1, 100, (1, 5))
     return model, ids
 
 

@@ -110,13 +110,13 @@ def test_steering_a_zoo_models_feature_moves_the_logit_as_the_graph_predicts(tmp
     from crosspatch.zoo.store import TrainSettings
 
     monkeypatch.setenv("CROSSPATCH_CACHE", str(tmp_path / "cache"))
-    metrics = build_transcoders("ioi-gpt2-tiny", "ioi", tmp_path, TrainSettings(seed=0, steps=150, progress=False),
-                                n_features=128, base_steps=30)
+    metrics = build_transcoders("ioi-gpt2-tiny", "ioi", tmp_path, TrainSettings(seed=0, steps=100, progress=False),
+                                n_features=64, base_steps=20)
     assert 0 < metrics["fvu"] < 1 and len(metrics["fvu_per_layer"]) == 2
-    loaded = zoo.load("ioi-gpt2-tiny", steps=30, progress=False)
+    loaded = zoo.load("ioi-gpt2-tiny", steps=20, progress=False)
     m = cp.wrap(loaded.model, tokenizer=loaded.tokenizer)
     tc = load_transcoder(tmp_path / "transcoder")
-    # a base model trained 30 steps: only the graph's strongest feature is asked to agree (the full models' top
+    # a base model trained 20 steps: only the graph's strongest feature is asked to agree (the full models' top
     # three on two prompts are, in the CROSSPATCH_SLOW test below)
     _steering_check(m, tc, "When Mary and John went to the store, John gave a drink to", top=1)
 

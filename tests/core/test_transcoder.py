@@ -56,8 +56,8 @@ SITES = (["mlp_in.0", "mlp_in.1"], ["mlp_out.0", "mlp_out.1"])
 def test_training_reconstructs_the_mlp_outputs(pairs, kind, cross_layer):
     m, (xs, ys) = pairs
     assert xs[0].shape == (24 * 12, 64)
-    tc = train_transcoder(xs, ys, 128, *SITES, kind=kind, cross_layer=cross_layer, k=8, steps=250, lr=5e-3,
-                          batch_size=256, progress=False)
+    tc = train_transcoder(xs, ys, 128, *SITES, kind=kind, cross_layer=cross_layer, k=8, steps=150, lr=5e-3,
+                          batch_size=128, progress=False)
     stats = tc.metadata["train"]
     assert stats["fvu"] < 0.3, stats  # a transcoder that learned nothing has FVU >= 1
     if kind == "topk":
