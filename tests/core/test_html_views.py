@@ -165,3 +165,26 @@ def test_leading_dims_get_a_selector():
     v = view(res)
     assert v["kind"] == "heatmap" and v["lead"] == [{"dim": "layer", "labels": ["0", "1"]}]
     assert (v["rowdim"], v["coldim"]) == ("pos", "head") and v["values"][1][2][3] == 23.0
+
+
+def test_neuronpedia_graphs_are_drawn_in_the_same_schema():
+    graph = {
+        "metadata": {"slug": "ioi"},
+        "nodes": [
+            {"node_id": "3_7_5", "layer": "3", "ctx_idx": 5, "feature_type": "logit", "clerp": 'Output " Mary"'},
+            {"node_id": "0_12_2", "layer": "0", "ctx_idx": 2, "feature_type": "cross layer transcoder", "clerp": ""},
+            {"node_id": "E_9_1", "layer": "E", "ctx_idx": 1, "feature_type": "embedding", "clerp": ""},
+            {"node_id": "1_-1_2", "layer": "1", "ctx_idx": 2, "feature_type": "mlp reconstruction error"},
+        ],
+        "links": [{"source": "E_9_1", "target": "0_12_2", "weight": 0.5},
+                  {"source": "0_12_2", "target": "3_7_5", "weight": -1.25}],
+    }
+    v = view(graph, "attribution graph")
+    nodes = v["graph"]["nodes"]
+    assert [(n["id"], n["layer"], n["pos"], n["kind"]) for n in nodes] == [
+        ("E_9_1", -1, 1, "embedding"), ("0_12_2", 0, 2, "cross_layer_transcoder"),
+        ("1_-1_2", 1, 2, "mlp_reconstruction_error"), ("3_7_5", 3, 5, "logit")]
+    assert nodes[-1]["label"] == 'Output " Mary"' and nodes[1]["label"] == "0_12_2"
+    assert v["graph"]["links"] == graph["links"] and v["graph"]["metadata"] == {"slug": "ioi"}
+    ours = graph_json(_edges())
+    assert view(ours)["graph"]["nodes"] == ours["nodes"]  # already in the schema: unchanged

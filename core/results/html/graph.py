@@ -21,7 +21,7 @@ from ...sites.site import Site, SiteError, split_tower
 if TYPE_CHECKING:
     from ..result import Result
 
-__all__ = ["graph_json", "is_edge_result", "is_graph", "is_result"]
+__all__ = ["graph_json", "is_edge_result", "is_graph", "is_result", "normalize_graph"]
 
 EDGE_SEPARATOR = "->"
 #: Within a block, the order in which a residual model computes: a node's column follows it.
@@ -69,6 +69,31 @@ def graph_json(result: "Result") -> dict[str, Any]:
         links.append({"source": sender, "target": receiver, "weight": None if math.isnan(weight) else weight})
     meta = {k: v for k, v in result.metadata.items() if k in ("method", "metric", "ablation", "n_prompts", "model")}
     return {"nodes": nodes, "links": links, "metadata": meta}
+
+
+def normalize_graph(graph: Mapping[str, Any]) -> dict[str, Any]:
+    """A graph in this schema, or in Neuronpedia's (``node_id``, ``layer`` as a string with ``"E"`` for the
+    embeddings, ``ctx_idx``, ``feature_type``, ``clerp``), as this schema, nodes ordered by layer, kind and
+    position. Links keep their ``source``, ``target`` and ``weight``."""
+    nodes = [dict(n) for n in graph["nodes"]]
+    if nodes and all("id" not in n and "node_id" in n for n in nodes):
+        numeric = [int(n["layer"]) for n in nodes if str(n.get("layer", "")).lstrip("-").isdigit()]
+        top = max(numeric, default=0)
+        for n in nodes:
+            layer = str(n.get("layer", ""))
+            n["id"] = n["node_id"]
+            n["layer"] = int(layer) if layer.lstrip("-").isdigit() else (-1 if layer == "E" else top + 1)
+            n["pos"] = n.get("ctx_idx")
+            n["kind"] = str(n.get("feature_type", "node")).replace(" ", "_")
+            n["label"] = n.get("clerp") or n["node_id"]
+    kinds: dict[str, int] = {}
+    for n in nodes:
+        kinds.setdefault(n.get("kind", "node"), len(kinds))
+    order = {id(n): i for i, n in enumerate(nodes)}
+    nodes.sort(key=lambda n: (n.get("layer", 0), _ROLE_ORDER.get(n.get("kind"), len(_ROLE_ORDER) + kinds[n.get("kind",
+               "node")]), n.get("pos") if isinstance(n.get("pos"), int) else -1, order[id(n)]))
+    links = [{"source": l["source"], "target": l["target"], "weight": l.get("weight")} for l in graph["links"]]
+    return {**{k: v for k, v in graph.items() if k not in ("nodes", "links")}, "nodes": nodes, "links": links}
 
 
 def _parse(name: str) -> Site | None:

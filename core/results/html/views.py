@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from .graph import graph_json, is_edge_result, is_graph, is_result
+from .graph import graph_json, is_edge_result, is_graph, is_result, normalize_graph
 from .jsonable import jsonable as _jsonable
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ _FACTS = ("method", "metric", "sites", "direction", "ablation", "n_prompts", "no
 def view(item: "Result | Mapping[str, Any]", name: str = "") -> dict[str, Any]:
     """The JSON view of a Result or a graph mapping; ``name`` titles it."""
     if is_graph(item):
-        graph = dict(item)
+        graph = normalize_graph(item)
         return {"kind": "graph", "name": name, "graph": _jsonable(graph), "facts": _facts(graph.get("metadata", {}))}
     if not is_result(item):
         raise TypeError(f"{name or 'item'} is a {type(item).__name__}; the explorer draws a crosspatch Result or a "
