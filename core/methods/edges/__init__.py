@@ -21,12 +21,12 @@ of one forward.
 The modules, each importing only those before it: ``graph`` (:class:`EdgeGraph`, :func:`edge_graph`,
 a key's role and block), ``patching`` (the sender and receiver interventions, the patcher, the clean
 prefix, :func:`patch_edges`), ``result`` (edge order of per-receiver-key scores, the Result),
-``gradient_scores`` (:func:`eap`, :func:`eap_ig`) and ``acdc_search`` (:func:`acdc`).
+``gradient_scores`` (:func:`eap`, :func:`eap_ig`) and ``acdc_search`` (:func:`acdc`, :func:`acdc_sweep`).
 """
 
-from .acdc_search import acdc
+from .acdc_search import acdc, acdc_sweep
 from .gradient_scores import _gradient_run, eap, eap_ig
 from .graph import EdgeGraph, edge_graph
 from .patching import _Patcher, patch_edges
 
-__all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc"]
+__all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc", "acdc_sweep"]

@@ -69,10 +69,10 @@ class _Receiver(Intervention):
                 f"edge patching at {ctx.site}: its activation has {x.shape[0]} rows, the run {rows}; with a two-tower "
                 f"model the graph's tower must be the one whose inputs are the rows"
             )
-        mask = self.mask.to(device=x.device, dtype=x.dtype).repeat_interleave(self.rows, dim=0)
-        if x.ndim == 5:  # head_in [rows, pos, 3, head, d]
-            return x + torch.einsum("bpsd,bsrh->bprhd", diffs, mask)
-        return x + torch.einsum("bpsd,bs->bpd", diffs, mask)
+        k, n_in = self.mask.shape[:2]
+        mask = self.mask.to(device=x.device, dtype=x.dtype).reshape(k, 1, n_in, -1).transpose(2, 3)  # [k, 1, slots, s]
+        # One batched matmul per mask over its rows' positions: [slots, s] @ [s, d] at every (row, pos) of the block.
+        return x + torch.matmul(mask, diffs.reshape(k, -1, n_in, diffs.shape[-1])).view(x.shape)
 
 
 class _Patcher:

@@ -10,7 +10,7 @@ import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from crosspatch.engine.interventions import Patch
 from crosspatch.methods.edge_paths import connected
-from crosspatch.methods.edges import _Patcher, acdc, eap, eap_ig, edge_graph, patch_edges
+from crosspatch.methods.edges import _Patcher, acdc, acdc_sweep, eap, eap_ig, edge_graph, patch_edges
 from test_inputs import with_inputs
 
 
@@ -142,10 +142,15 @@ def test_acdc_with_a_huge_threshold_removes_everything_and_batches(m):
     clean, corrupt = _pair()
     g = edge_graph(m)
     metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100)
-    res = acdc(m, clean, corrupt, metric, threshold=1e9, graph=g, batch_size=10_000)
+    res = acdc(m, clean, corrupt, metric, threshold=1e9, graph=g, batch_size=10_000, search="rounds")
     assert res.values.sum() == 0
-    # two forwards per receiver (singles, running removals) + corrupt capture, clean run, baseline
-    assert res.metadata["forwards"] == 2 * len(g.receivers) + 3
+    # two forwards per receiver (singles, running removals; one where the two are the same mask, a receiver
+    # with one incoming edge: masks met before are not run again) + corrupt capture, clean run, baseline
+    single = sum(1 for r in range(len(g.receivers)) if sum(rr == r for _, rr in g.edges) == 1)
+    assert single > 0 and res.metadata["forwards"] == 2 * len(g.receivers) - single + 3
+    # speculative: every guess (remove, as the last decision) holds, so one forward takes every candidate
+    fast = acdc(m, clean, corrupt, metric, threshold=1e9, graph=g, batch_size=len(g) * clean.shape[0])
+    assert fast.values.sum() == 0 and fast.metadata["forwards"] == 1 + 3
 
 
 def test_batched_acdc_equals_the_sequential_greedy_algorithm(m):
@@ -170,6 +175,26 @@ def test_batched_acdc_equals_the_sequential_greedy_algorithm(m):
     np.testing.assert_array_equal(fast.values, connected(g, 1 - removed.numpy()))
     raw = acdc(m, clean, corrupt, metric, threshold=3e-4, graph=g, prune=False)
     np.testing.assert_array_equal(raw.values, 1 - removed.numpy())
+    rounds = acdc(m, clean, corrupt, metric, threshold=3e-4, graph=g, prune=False, search="rounds")
+    np.testing.assert_array_equal(rounds.values, 1 - removed.numpy())
+    assert raw.metadata["forwards"] < rounds.metadata["forwards"]
+
+
+def test_a_threshold_sweep_equals_acdc_at_each_threshold(m):
+    """Each threshold of a sweep (guessing from the one before, sharing evaluated masks) gives what acdc
+    alone gives; the sweep runs fewer forwards than the separate calls."""
+    clean, corrupt = _pair()
+    g = edge_graph(m)
+    metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100)
+    thresholds = [1e-3, 1e-4, 3e-4]
+    sweep = acdc_sweep(m, clean, corrupt, metric, thresholds=thresholds, graph=g)
+    alone = [acdc(m, clean, corrupt, metric, threshold=t, graph=g, search="rounds") for t in thresholds]
+    assert [r.metadata["threshold"] for r in sweep] == thresholds
+    for a, b in zip(sweep, alone):
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.metadata["final_metric"] == pytest.approx(b.metadata["final_metric"], rel=1e-5)  # float32 runs
+    assert len({r.values.sum() for r in sweep}) == 3  # three different circuits
+    assert sweep[-1].metadata["forwards"] < sum(r.metadata["forwards"] for r in alone)
 
 
 @pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
