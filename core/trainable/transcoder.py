@@ -329,7 +329,8 @@ def train_transcoder(
             recon = tc.decode(feats)
             loss = sum((r - y[rows]).pow(2).sum(-1).mean() for r, y in zip(recon, ys)) / var
             if kind == "jumprelu":
-                loss = loss + l0 * sum(step(p, tc.threshold[i], bandwidth).sum(-1).mean() for i, p in enumerate(pres)) / L
+                active = sum(step(p, tc.threshold[i], bandwidth).sum(-1).mean() for i, p in enumerate(pres))
+                loss = loss + l0 * active / L
             opt.zero_grad()
             loss.backward()
             opt.step()

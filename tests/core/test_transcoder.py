@@ -224,7 +224,7 @@ def test_published_folders_that_cannot_load_say_why(tmp_path):
     with pytest.raises(FormatError, match="model_kind"):
         load_published(tmp_path)
     _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: hook_resid_mid\n"
-                                          "feature_output_hook: hook_mlp_out\ntranscoders:\n  - hf://o/r/x.safetensors\n")
+                "feature_output_hook: hook_mlp_out\ntranscoders:\n  - hf://o/r/x.safetensors\n")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_published(tmp_path)
     w = {k: torch.zeros(3, 2) for k in ("W_enc", "W_dec")} | {"b_enc": torch.zeros(3), "b_dec": torch.zeros(2),

@@ -3,7 +3,8 @@
 ``graph`` builds :class:`AttributionGraph` (:func:`attribution_graph`); ``replacement`` holds the clean
 run and the frozen forwards; ``freeze`` what is frozen (attention patterns, norm scales); ``targets``
 what is attributed; ``prune`` influence, pruning and the replacement / completeness scores;
-``interventions`` feature edits in the real model; ``export`` Neuronpedia's graph JSON; ``zoo`` the zoo's transcoder entries. See docs/attribution_graphs.md.
+``interventions`` feature edits in the real model; ``export`` Neuronpedia's graph JSON; ``zoo`` the
+zoo's transcoder entries. See docs/attribution_graphs.md.
 """
 
 from .export import save_neuronpedia, to_neuronpedia

@@ -107,18 +107,20 @@ def to_neuronpedia(
     connected = {ln["source"] for ln in links} | {ln["target"] for ln in links}
     used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     meta = graph.metadata
+    tokens = [_token_text(graph, p) for p in range(graph.n_pos)]
+    settings = ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
     return {
         "metadata": {
             "slug": slug,
             "scan": scan or str(meta.get("model", "model")),
             "transcoder_list": [],
-            "prompt_tokens": [_token_text(graph, p) for p in range(graph.n_pos)],
-            "prompt": graph.prompt if graph.prompt is not None else " ".join(_token_text(graph, p) for p in range(graph.n_pos)),
+            "prompt_tokens": tokens,
+            "prompt": graph.prompt if graph.prompt is not None else " ".join(tokens),
             "node_threshold": pruned.node_threshold,
             "schema_version": 1,
             "info": {"generator": {"name": "crosspatch", "version": str(__version__)},
                      "create_time_ms": time.time() * 1000},
-            "generation_settings": {k: meta[k] for k in ("max_n_logits", "desired_logit_prob", "batch_size") if k in meta},
+            "generation_settings": {k: meta[k] for k in settings if meta.get(k) is not None},
             "pruning_settings": {"node_threshold": pruned.node_threshold, "edge_threshold": pruned.edge_threshold},
         },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},

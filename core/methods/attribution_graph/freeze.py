@@ -110,10 +110,10 @@ class FrozenNorms:
                     if torch.allclose(mine, out, rtol=1e-4, atol=1e-4 * float(out.abs().max().clamp_min(1))):
                         norm.form, norm.sigma, norm.x, norm.y = form, sigma, x.detach(), output.detach()
                         return None
+                gap = float((_apply(norm, x.detach().to(sigma.dtype), sigma, "w") - out).abs().max())
                 raise NormError(
-                    f"norm {norm.name} ({type(module).__name__}) is not reproduced by w * center(x) / sqrt(var + eps) + b "
-                    f"(largest difference {float((_apply(norm, x.detach().to(sigma.dtype), sigma, 'w') - out).abs().max()):.3g}); "
-                    f"its scale cannot be frozen by closed form"
+                    f"norm {norm.name} ({type(module).__name__}) is not reproduced by w * center(x) / sqrt(var + eps) "
+                    f"+ b (largest difference {gap:.3g}); its scale cannot be frozen by closed form"
                 )
             return fn
 

@@ -71,7 +71,8 @@ class AttributionGraph:
         return self.n_features + self.n_errors + self.n_pos + k
 
     def feature_index(self, layer: int, pos: int, feature: int) -> int:
-        hit = ((self.features[:, 0] == layer) & (self.features[:, 1] == pos) & (self.features[:, 2] == feature)).nonzero()
+        f = self.features
+        hit = ((f[:, 0] == layer) & (f[:, 1] == pos) & (f[:, 2] == feature)).nonzero()
         if hit.numel() == 0:
             raise KeyError(f"feature {feature} of layer {layer} is not active at position {pos}")
         return int(hit[0, 0])
@@ -141,7 +142,8 @@ def attribution_graph(
 
         chosen = [t if isinstance(t, Target) else logit_target(int(t), vocab, dtype=state.logits.dtype,
                                                                  weight=1.0 / len(targets)) for t in targets]
-    chosen = [Target(t.name, t.site, t.pos % state.n_pos, t.direction, t.weight, t.token, t.probability) for t in chosen]
+    chosen = [Target(t.name, t.site, t.pos % state.n_pos, t.direction, t.weight, t.token, t.probability)
+              for t in chosen]
     feats, acts = _feature_nodes(state)
     ids = state.inputs["input_ids"][0].tolist()
     graph = AttributionGraph(

@@ -79,7 +79,8 @@ def _edit_bounds(tc: Transcoder, edits: Sequence[FeatureEdit], layers: "tuple[in
         return Fn(fn)
 
     bounds = [Bound(Site.parse(f"mlp_in.{L}"), read(L)) for L in by_layer]
-    targets = sorted({W for L in by_layer for W, j in outputs.items() if j in tc.outputs_of(tc.layer_of(f"mlp_in.{L}"))})
+    written = {j for L in by_layer for j in tc.outputs_of(tc.layer_of(f"mlp_in.{L}"))}
+    targets = sorted(W for W, j in outputs.items() if j in written)
     if layers is not None:
         targets = [W for W in targets if layers[0] <= W <= layers[1]]
     bounds += [Bound(Site.parse(f"mlp_out.{W}"), write(W)) for W in targets]

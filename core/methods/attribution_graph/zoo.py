@@ -67,7 +67,7 @@ def _load(folder: Path | None) -> Loaded:
 def _entry(base: str, task: str) -> ZooModel:
     return ZooModel(
         name=f"{base}-transcoders",
-        description=f"per-layer JumpReLU transcoders (256 features per layer) of {base}, trained here on {task} prompts",
+        description=f"per-layer JumpReLU transcoders (256 features a layer) of {base}, trained here on {task} prompts",
         adapter="transformers",
         task=task,
         build=lambda folder, settings: build_transcoders(base, task, folder, settings),
