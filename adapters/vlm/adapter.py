@@ -1,7 +1,7 @@
-"""The VLM adapter: generative vision-language models (LLaVA) with a position-group axis.
+"""The VLM adapter: generative vision-language models (LLaVA, PaliGemma) with a position-group axis.
 
 Inputs are what a processor returns, ``{"input_ids", "pixel_values", "attention_mask"?}`` with one
-image per row, plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
+image per row (PaliGemma: and ``token_type_ids``, 0 on the prefix), plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
 Prepared inputs carry every group as a mask ``group.<name>`` ``[rows, pos]``; selections name them
 through :func:`crosspatch.engine.knockout.bind` (``resid_pre.3[pos=image]``).
 """
@@ -24,13 +24,13 @@ from .groups import group_masks
 
 __all__ = ["VLMAdapter"]
 
-_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask")
+_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
 _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
 
 
 class VLMAdapter(Adapter):
-    """``LlavaForConditionalGeneration`` (and models laid out as it is: ``model.vision_tower``,
-    ``model.multi_modal_projector``, ``model.language_model``)."""
+    """``LlavaForConditionalGeneration`` and ``PaliGemmaForConditionalGeneration`` (models laid out as
+    ``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model``)."""
 
     name = "vlm"
 
@@ -66,6 +66,9 @@ class VLMAdapter(Adapter):
         if inputs.get("attention_mask") is not None:
             mask = torch.as_tensor(inputs["attention_mask"])
             out["attention_mask"] = (mask.unsqueeze(0) if mask.ndim == 1 else mask).to(device=device, dtype=torch.long)
+        if inputs.get("token_type_ids") is not None:  # PaliGemma: 0 marks the prefix (attended both ways)
+            types = torch.as_tensor(inputs["token_type_ids"])
+            out["token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
         pixels = inputs.get("pixel_values")
         if pixels is not None:
             pixels = torch.as_tensor(pixels)
@@ -81,7 +84,7 @@ class VLMAdapter(Adapter):
             out.update({k: v.to(device) for k, v in carried.items()})
         else:
             token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
-            out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups")))
+            out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), out.get("token_type_ids")))
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:

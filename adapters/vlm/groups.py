@@ -7,7 +7,9 @@ inputs themselves:
 
 - ``image``: the image-token positions (``input_ids == image_token_id``),
 - ``text``: every other real token (the attention mask's 1s),
-- ``last``: each row's last real token.
+- ``last``: each row's last real token,
+- ``prefix`` / ``suffix`` when the inputs have ``token_type_ids`` (PaliGemma): the real tokens of type 0,
+  which attend to each other both ways, and of type 1.
 
 Others are given with the inputs, ``{"groups": {"question": spec}}``, where ``spec`` is a span
 ``(start, stop)`` shared by every row, a list of one span per row, or a mask ``[pos]`` / ``[rows, pos]``.
@@ -23,7 +25,7 @@ from crosspatch.sites.selection import GROUP_PREFIX
 
 __all__ = ["BUILTIN_GROUPS", "group_masks"]
 
-BUILTIN_GROUPS = ("image", "text", "last")
+BUILTIN_GROUPS = ("image", "text", "last", "prefix", "suffix")
 
 
 def _mask(name: str, spec: Any, rows: int, columns: int, device: torch.device) -> torch.Tensor:
@@ -55,7 +57,7 @@ def _mask(name: str, spec: Any, rows: int, columns: int, device: torch.device) -
 
 def group_masks(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int | None,
-    given: Mapping[str, Any] | None = None,
+    given: Mapping[str, Any] | None = None, token_type_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{"group.<name>": mask [rows, pos]}``: the built-in groups and the ``given`` ones."""
     rows, columns = input_ids.shape
@@ -67,8 +69,10 @@ def group_masks(
     last = torch.zeros_like(real)
     last[torch.arange(rows, device=real.device), ends - 1] = True
     out = {"image": image, "text": real & ~image, "last": last}
+    if token_type_ids is not None:
+        out["prefix"], out["suffix"] = real & token_type_ids.eq(0), real & token_type_ids.ne(0)
     for name, spec in (given or {}).items():
-        if name in out:
+        if name in BUILTIN_GROUPS:
             raise ValueError(f"group {name!r} is built in ({', '.join(BUILTIN_GROUPS)}); give your group another name")
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"a group name is an identifier such as 'question', got {name!r}")

@@ -1,4 +1,6 @@
-"""LLaVA-style models (``LlavaForConditionalGeneration``): a CLIP vision tower, a projector, a decoder LM.
+"""LLaVA-style models: a vision tower, a projector and a decoder LM laid out as ``model.vision_tower``,
+``model.multi_modal_projector``, ``model.language_model`` — ``LlavaForConditionalGeneration`` (CLIP tower)
+and ``PaliGemmaForConditionalGeneration`` (SigLIP tower, Gemma LM with a bidirectional prefix).
 
 The families come from the code that serves each part alone, so they hold the same values:
 
@@ -15,16 +17,18 @@ The families come from the code that serves each part alone, so they hold the sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule, temporarily
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 
-from crosspatch.adapters.transformers.adapter import TransformersAdapter
+from crosspatch.adapters.transformers.adapter import InferenceWarning, TransformersAdapter
 from crosspatch.adapters.transformers.clip import _tower_families
+from crosspatch.adapters.transformers.reaches import AttentionPattern
 
 __all__ = ["is_llava", "catalog", "parts"]
 
@@ -94,10 +98,17 @@ class LogitsField:
 
 
 
+def _has_class_token(tower: nn.Module) -> bool:
+    return hasattr(tower, "pre_layrnorm")  # CLIP's tower has a class token and a pre-norm; SigLIP's neither
+
+
 def _image_positions(model: nn.Module) -> int:
+    """Image tokens per image: the patches, plus the class token when the projector keeps it."""
     config = model.config
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
+    if not _has_class_token(model.model.vision_tower):
+        return patches
     return patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else patches + 1
 
 
@@ -118,7 +129,7 @@ def catalog(model: nn.Module) -> Catalog:
     tower, projector, lm = parts(model)
     install_output_recorders(model)
     config = model.config
-    layer = config.vision_feature_layer
+    layer = getattr(config, "vision_feature_layer", -1)  # PaliGemma: the last block's output, post-normed
     n_vision = len(tower.encoder.layers)
     if not isinstance(layer, int) or layer % (n_vision + 1) != n_vision:
         # The last blocks would not reach the output, which the conformance suite (rightly) calls a bug.
@@ -131,7 +142,15 @@ def catalog(model: nn.Module) -> Catalog:
     vision = [f for f in _tower_families(shell, "vision") if f.name != "vision.logits_in"]
     vision = [replace(f, reach=OutputFirst(shell, "vision_model.encoder.layers.{layer}")) if f.name == "vision.resid_post"
               else f for f in vision]
-    text = TransformersAdapter().catalog(lm)
+    if not _has_class_token(tower):  # SigLIP: the patch embeddings enter the first block as they are
+        vision = [replace(f, reach=ModuleOutput(shell, "vision_model.embeddings"), doc="patch embeddings entering the first block")
+                  if f.name == "vision.embed" else f for f in vision]
+    with warnings.catch_warnings(record=True) as caught:  # said once below, for what stays unserved
+        warnings.simplefilter("always", InferenceWarning)
+        text = TransformersAdapter().catalog(lm)
+    for w in caught:
+        if not issubclass(w.category, InferenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     d_text = config.text_config.hidden_size
     pos, dim = Axis("pos"), Axis("dim", d_text)
     families = vision + [
@@ -140,7 +159,66 @@ def catalog(model: nn.Module) -> Catalog:
         SiteFamily("embed", (pos, dim), ModuleInput(lm, "layers.0"),
                    doc="token embeddings with the projected image features in the image positions (what block 0 reads)"),
     ]
-    families += [f for f in text if f.name not in _LM_SKIP]
+    unavailable = dict(text.unavailable)
+    lm_families = [f for f in text if f.name not in _LM_SKIP]
+    if "attn_pattern" in unavailable:
+        pattern, why = _pattern_in_context(model, lm)
+        if pattern is not None:
+            del unavailable["attn_pattern"]
+            lm_families.insert([f.name for f in lm_families].index("resid_pre") + 1, pattern)
+        else:
+            unavailable["attn_pattern"] = why
+    families += lm_families
+    if unavailable:
+        warnings.warn(f"{type(model).__name__}: language-model families not served: "
+                      + "; ".join(f"{name} ({why})" for name, why in unavailable.items()), InferenceWarning, stacklevel=3)
     families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), LogitsField(model),
                                doc="next-token logits"))
-    return Catalog(families, type(model).__name__, unavailable=dict(text.unavailable))
+    return Catalog(families, type(model).__name__, unavailable=unavailable)
+
+
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded inputs ``[image tokens, bos, text ...]`` (one image per row) at the config's image size."""
+    config = model.config
+    vision = config.vision_config
+    token = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    words = torch.randint(3, max(4, min(vocab, 1000)), (rows, text), generator=g)
+    words[words == token] = 3
+    ids = torch.cat([torch.full((rows, _image_positions(model)), token), torch.ones(rows, 1, dtype=torch.long), words], 1)
+    pixels = torch.randn(rows, vision.num_channels, vision.image_size, vision.image_size, generator=g)
+    dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(dtype)}
+    if model.config.model_type == "paligemma":
+        out["token_type_ids"] = torch.zeros_like(ids)
+    device = model.lm_head.weight.device
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _pattern_in_context(model: nn.Module, lm: nn.Module) -> tuple[SiteFamily | None, str]:
+    """The LM's ``attn_pattern`` family, proved inside the whole model when the LM alone failed its proof
+    (PaliGemma's text config asks for a bidirectional mask that only the whole model builds right): the
+    output with every layer's pattern read through crosspatch's eager attention must equal the plain one."""
+    config = lm.config
+    heads = config.num_attention_heads
+    family = SiteFamily("attn_pattern", (Axis("head", heads), Axis("pos"), Axis("key_pos")),
+                        AttentionPattern(lm, "layers.{layer}.self_attn", config), len(lm.layers),
+                        "attention probabilities (query pos, key pos)")
+    inputs = example_inputs(model)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=False).logits
+        with temporarily() as changes:
+            for layer in range(len(lm.layers)):
+                for handle in family.reach.install(layer, lambda p: seen.append(p) and None):
+                    changes.add(handle)
+            read = model(**inputs, use_cache=False).logits
+    if len(seen) != len(lm.layers):
+        return None, f"the eager attention ran in {len(seen)} of {len(lm.layers)} layers"
+    sums = max(float((p.sum(-1) - 1).abs().max()) for p in seen)
+    diff = float((plain - read).abs().max())
+    scale = float(plain.abs().max()) or 1.0
+    if diff > 1e-5 * scale or sums > 1e-4:
+        return None, f"the eager attention changes the whole model's output by {diff:.3g} (pattern rows sum off by {sums:.3g})"
+    return family, ""

@@ -14,7 +14,9 @@ from crosspatch.sites.selection import take_group
 from crosspatch.sites.site import SiteError
 from crosspatch.testing import assert_conforms
 
-from .tiny import IMAGE_TOKEN, IMAGE_TOKENS, tiny_llava, vlm_inputs
+from crosspatch.adapters.transformers.adapter import InferenceWarning
+
+from .tiny import IMAGE_TOKEN, IMAGE_TOKENS, paligemma_inputs, tiny_llava, tiny_paligemma, vlm_inputs
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,36 @@ def test_vision_knockout_uses_the_vision_patterns(m):
     ko = Knockout(others, dst, layers=0, family="vision.attn_pattern")
     cache = m.run(inp, bind(m, inp, [ko]), capture=["vision.attn_pattern.0"]).cache
     assert torch.equal(cache["vision.attn_pattern.0"][:, :, 0, 0], torch.ones(2, 4, dtype=torch.float64))
+
+
+# PaliGemma: SigLIP tower (no class token), Gemma LM whose prefix (image + prompt) attends both ways -------------
+
+
+@pytest.fixture(scope="module")
+def paligemma():
+    with pytest.warns(InferenceWarning, match="head_in"):  # Gemma's (1 + w) RMSNorm: head_in is not served
+        return cp.wrap(tiny_paligemma().double(), VLMAdapter())
+
+
+@pytest.mark.filterwarnings("ignore::crosspatch.adapters.transformers.adapter.InferenceWarning")  # the copies the suite makes
+def test_paligemma_conforms(paligemma):
+    assert_conforms(paligemma.module, paligemma_inputs(), VLMAdapter())
+    assert "attn_pattern" in paligemma.sites() and "head_in" in paligemma.sites().unavailable
+
+
+def test_paligemma_prefix_attends_both_ways(paligemma, m):
+    """Image queries attend to the prompt after them (prefix), answer tokens only backwards; so knocking out
+    question -> image changes PaliGemma's image positions, and is bit for bit nothing in causal LLaVA."""
+    inp = paligemma.prepare(paligemma_inputs())
+    pattern = paligemma.run(inp, capture=["attn_pattern.0"]).cache["attn_pattern.0"]
+    image, question, suffix = (inp[f"group.{g}"][0] for g in ("image", "question", "suffix"))
+    assert (pattern[:, :, image][..., question] > 0).all()
+    first_answer = int(suffix.nonzero()[0])
+    assert (pattern[:, :, first_answer, first_answer + 1:] == 0).all()
+    same = ["attn_pattern.*"]
+    plain = paligemma.run(inp, capture=same).output
+    knocked = paligemma.run(inp, bind(paligemma, inp, [Knockout("question", "image")])).output
+    assert not torch.allclose(knocked[:, image], plain[:, image])
+    llava_inp = m.prepare(vlm_inputs())
+    assert torch.equal(m.run(llava_inp, bind(m, llava_inp, [Knockout("question", "image")])).output,
+                       m.run(llava_inp, capture=same).output)

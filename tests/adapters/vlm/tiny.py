@@ -45,3 +45,30 @@ def vlm_inputs(rows: int = 2, seed: int = 1, before: int = 2, after: int = 6, pa
         "pixel_values": torch.randn(rows, 3, 16, 16, generator=g),
         "groups": {"question": spans},
     }
+
+
+def tiny_paligemma(seed: int = 0):
+    """A tiny random PaliGemma: SigLIP vision tower (16 patches, no class token), a linear projector, a Gemma LM
+    (grouped-query attention) whose prefix (token type 0: image and prompt) attends both ways."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=16, patch_size=4)
+    text = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projection_dim=32)
+    return randomize(PaliGemmaForConditionalGeneration(config).eval())
+
+
+def paligemma_inputs(rows: int = 2, seed: int = 1, prompt: int = 4, answer: int = 2) -> dict:
+    """``[image x 16, bos, prompt x (prompt-1), answer tokens]``: the image and the prompt are the prefix
+    (token type 0), the answer tokens the suffix; the prompt is the group ``question``."""
+    raw = vlm_inputs(rows, seed, before=1, after=prompt - 1 + answer)
+    ids = raw["input_ids"]  # [bos, image ..., text ...]: PaliGemma puts the image first, then bos
+    ids = torch.cat([ids[:, 1:IMAGE_TOKENS + 1], ids[:, :1], ids[:, IMAGE_TOKENS + 1:]], dim=1)
+    types = torch.zeros_like(ids)
+    types[:, IMAGE_TOKENS + prompt:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types,
+            "pixel_values": raw["pixel_values"], "groups": {"question": (IMAGE_TOKENS, IMAGE_TOKENS + prompt)}}
