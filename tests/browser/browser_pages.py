@@ -1,15 +1,29 @@
-"""What the page tests do in the browser: open a page with fresh logs, list its console errors and
-the requests it made beyond its own origin, wait, hover and read the tooltip, and keep a screenshot
-when ``CROSSPATCH_SCREENSHOTS=DIR`` is set."""
+"""Headless Chromium for the page tests, and what they do in it.
+
+The browser is the system's ``chromium`` with its ``chromedriver`` (Debian's ``chromium`` and
+``chromium-driver`` packages) driven by Selenium with an explicit driver path: never a browser
+download. The tests skip, saying why, when Selenium, the browser or the driver is missing. A
+:class:`Page` opens a page with fresh logs, lists its console errors and the requests it made beyond
+its own origin, waits, hovers and reads the tooltip, and keeps a screenshot when
+``CROSSPATCH_SCREENSHOTS=DIR`` is set.
+
+The fixtures live here, not in a conftest.py (tests/core imports its ``conftest`` by name, and a
+second conftest module would shadow it); test modules import ``chrome`` and ``page`` from here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
+
+import pytest
 
 
 def page_number(value: float) -> str:
@@ -90,3 +104,56 @@ class Page:
             self.driver.set_window_size(1400, min(max(int(height) + 40, 600), 4000))
             self.driver.save_screenshot(str(Path(folder) / f"{name}.png"))
             self.driver.set_window_size(1400, 1800)
+
+
+# fake_zoo (a tiny GPT-2 checkpoint with the IOI word tokenizer) lives beside the core tests.
+_CORE_TESTS = str(Path(__file__).resolve().parents[1] / "core")
+if _CORE_TESTS not in sys.path:
+    sys.path.append(_CORE_TESTS)
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+DRIVERS = ("chromedriver",)
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-default-apps", "--disable-extensions", "--window-size=1400,1800")
+
+
+def _find(names, env: str) -> str | None:
+    given = os.environ.get(env)
+    if given:
+        return given if Path(given).exists() else None
+    return next((found for found in map(shutil.which, names) if found), None)
+
+
+@pytest.fixture(scope="session")
+def chrome():
+    """One headless Chromium for the session (fresh profile), with browser and network logs on."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = _find(BROWSERS, "CROSSPATCH_CHROMIUM")
+    driver_path = _find(DRIVERS, "CROSSPATCH_CHROMEDRIVER")
+    if binary is None:
+        pytest.skip("no Chromium found (apt-get install chromium chromium-driver, or set CROSSPATCH_CHROMIUM)")
+    if driver_path is None:
+        pytest.skip("no chromedriver found (apt-get install chromium-driver, or set CROSSPATCH_CHROMEDRIVER)")
+    profile = tempfile.mkdtemp(prefix="crosspatch-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)  # an explicit driver: no download
+    except Exception as exc:  # a driver that does not match the browser, a browser that cannot start
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"Chromium did not start: {' '.join(str(exc).split())[:300]}")
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(chrome) -> "Page":
+    return Page(chrome)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from browser_pages import page_number
+from browser_pages import chrome, page, page_number  # noqa: F401  (fixtures)
 
 from crosspatch import Result
 from crosspatch.results.report import EXPLORER, write_report

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from browser_pages import page_number
+from browser_pages import chrome, page, page_number  # noqa: F401  (fixtures)
 
 pytest.importorskip("transformers")
 pytest.importorskip("starlette", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
