@@ -186,3 +186,19 @@ def test_a_feature_cap_computes_the_most_influential_rows_exactly(setup):
     only_targets[: full.n_features] = 0
     first = influence(normalize(only_targets), full.target_weights())[: full.n_features].argsort(descending=True)[:2]
     assert set(first.tolist()) <= set(feature_rows.tolist())
+
+
+def test_a_transcoder_over_some_layers_leaves_the_others_as_error_nodes(setup):
+    m, ids = setup
+    tc = Transcoder(64, 64, 16, ["mlp_in.1"], ["mlp_out.1"], dtype=torch.float64)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
+        tc.threshold.fill_(0.25)
+    graph = attribution_graph(m, tc, ids, progress=False)
+    state = clean_state(m, tc, ids)
+    assert set(graph.features[:, 0].tolist()) == {1} and graph.layers == [0, 1]
+    torch.testing.assert_close(state.error[0], state.mlp_out[0], rtol=0, atol=0)  # layer 0 is all error
+    torch.testing.assert_close(replacement_run(state).output[0], state.logits, rtol=0, atol=1e-10)
+    A, fd = graph.dense(), _finite_difference_columns(state, graph)
+    assert float((A - fd).abs().max()) <= 1e-4 * max(float(A.abs().max()), 1.0)
