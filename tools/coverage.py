@@ -8,7 +8,8 @@ built or wrapped. Types the transformers adapter cannot serve are tried with the
 (module-level sites). Each type runs in a worker process with a time limit. Writes docs/coverage.md
 and a JSON file beside it.
 
-    python tools/coverage.py [--tasks causal-lm,masked-lm] [--types gemma2,opt] [--timeout 120]
+    python tools/coverage.py [--tasks causal-lm,masked-lm] [--types gemma2,opt] [--timeout 120] [--log rows.jsonl]
+    python tools/coverage.py --from-log rows.jsonl[,more.jsonl]   # the tables from measured rows
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + " ".join(str(exc).split())[:240]
 
 
-def _run_all(jobs: list[tuple[str, str]], timeout: float) -> list[dict]:
+def _run_all(jobs: list[tuple[str, str]], timeout: float, log: Path | None = None) -> list[dict]:
+    """Every job in a worker process; each row is also appended to ``log`` (JSON lines) as it is measured,
+    so a run stopped early keeps what it measured (``--from-log`` writes the tables from it)."""
     rows = []
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(1, maxtasksperchild=20)
@@ -110,6 +113,9 @@ def _run_all(jobs: list[tuple[str, str]], timeout: float) -> list[dict]:
                 pool = ctx.Pool(1, maxtasksperchild=20)
                 row = {"type": model_type, "task": task, "outcome": "not built", "why": _one_line(exc), "seconds": None}
             rows.append(row)
+            if log is not None:
+                with log.open("a") as f:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
             print(f"[{i}/{len(jobs)}] {task} {model_type}: {row['outcome']}", file=sys.stderr, flush=True)
     finally:
         pool.terminate()
@@ -148,13 +154,25 @@ def main() -> int:
     parser.add_argument("--types", default=None, help="only these model types (comma-separated)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per type")
     parser.add_argument("--out", default=str(REPO / "docs" / "coverage.md"))
+    parser.add_argument("--log", default=None, help="append each measured row to this JSON-lines file as it comes")
+    parser.add_argument("--from-log", default=None,
+                        help="write the tables from JSON-lines files (comma-separated; a later row of a type replaces "
+                             "an earlier one) instead of measuring")
     args = parser.parse_args()
-    from crosspatch.adapters.transformers.tiny import model_types
-
     tasks = args.tasks.split(",")
-    only = set(args.types.split(",")) if args.types else None
-    jobs = [(t, task) for task in tasks for t in model_types(task) if only is None or t in only]
-    rows = _run_all(jobs, args.timeout)
+    if args.from_log:
+        found: dict[tuple[str, str], dict] = {}
+        for name in args.from_log.split(","):
+            for line in Path(name).read_text().splitlines():
+                row = json.loads(line)
+                found[(row["task"], row["type"])] = row
+        rows = [r for r in found.values() if r["task"] in tasks]
+    else:
+        from crosspatch.adapters.transformers.tiny import model_types
+
+        only = set(args.types.split(",")) if args.types else None
+        jobs = [(t, task) for task in tasks for t in model_types(task) if only is None or t in only]
+        rows = _run_all(jobs, args.timeout, Path(args.log) if args.log else None)
     out = Path(args.out)
     out.write_text(_markdown(rows, tasks))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, sort_keys=True))
