@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["RemoteBindingError", "RunningServer", "allowed_hosts", "is_loopback", "load_session", "serve",
-           "start_in_thread"]
+           "start_in_thread", "task_example", "task_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +58,28 @@ def load_session(model: str, *, seed: int = 0, device: Any = None, dtype: Any = 
 
     found = find_model(model)
     return Session(wrap(model, seed=seed, device=device, dtype=dtype), model,
-                   task_example(found.task) if isinstance(found, ZooModel) and found.task else None)
+                   task_examples(found.task) if isinstance(found, ZooModel) and found.task else None)
 
 
 def task_example(task_name: str) -> dict[str, str] | None:
     """The first test pair of a text task, as the page's starting prompts (None for other tasks)."""
+    pairs = task_examples(task_name, 1)
+    return pairs[0] if pairs else None
+
+
+def task_examples(task_name: str, n: int = 8) -> list[dict[str, str]]:
+    """``n`` test pairs of a text task (seed 0) for the page's pair picker; none for other tasks."""
     from ..zoo.tasks import get_task
 
     task = get_task(task_name)
     if getattr(task, "modality", "text") != "text":
-        return None
-    pair = task.pairs(1, seed=0, split="test")[0]
-    prefix = getattr(pair, "answer_prefix", " ")
-    return {"clean": pair.clean, "corrupt": pair.corrupt, "answer": prefix + pair.answer.strip(),
-            "distractor": prefix + pair.distractor.strip()}
+        return []
+    out = []
+    for pair in task.pairs(n, seed=0, split="test"):
+        prefix = getattr(pair, "answer_prefix", " ")
+        out.append({"clean": pair.clean, "corrupt": pair.corrupt, "answer": prefix + pair.answer.strip(),
+                    "distractor": prefix + pair.distractor.strip()})
+    return out
 
 
 def serve(session: Any, host: str = "127.0.0.1", port: int = 8765, *, allow_remote: bool = False) -> None:

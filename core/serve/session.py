@@ -52,12 +52,16 @@ class Prompts:
 class Session:
     """One wrapped model with a tokenizer, shared by every tab; only the job worker runs it."""
 
-    def __init__(self, model: Any, name: str, example: Mapping[str, str] | None = None):
+    def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None):
         if model.tokenizer is None:
             raise RequestError(f"model {name!r} has no tokenizer; the explorer takes text prompts")
         self.m = model
         self.name = name
-        self.example = dict(example or {})  # clean, corrupt, answer, distractor the page starts with
+        if isinstance(examples, Mapping):
+            examples = [examples]
+        # Prompt pairs the page offers (clean, corrupt, answer, distractor); it starts with the first.
+        self.examples = [dict(e) for e in (examples or [])]
+        self.example = self.examples[0] if self.examples else {}
 
     # ---------------------------------------------------------------- describing
 
@@ -68,7 +72,7 @@ class Session:
         layers = max((fam.layers or 0 for fam in families.values()), default=0)
         return {"model": self.name, "describe": self.m.describe(), "families": sorted(families),
                 "sweeps": suggested, "steer_families": steer, "layers": layers, "methods": list(METHODS),
-                "metrics": list(METRICS), "example": self.example}
+                "metrics": list(METRICS), "example": self.example, "examples": self.examples}
 
     def tokens(self, text: str) -> list[str]:
         return self.m.to_str_tokens(text)

@@ -86,6 +86,15 @@ def test_sweep_patch_and_steer(served, page):
     assert at_four == [(t["token"], page_number(t["p"])) for t in expected["patched"]]
     assert at_four != at_zero
     page.screenshot("serve_steer")
+
+    # The task's pairs: picking the third fills the prompts and answers with it.
+    from selenium.webdriver.support.ui import Select
+
+    Select(page.driver.find_element(*_by("#pair"))).select_by_index(2)
+    third = session.examples[2]
+    assert third != session.examples[0]
+    for key in ("clean", "corrupt", "answer", "distractor"):
+        assert page.driver.find_element(*_by(f"#{key}")).get_attribute("value") == third[key]
     assert page.console_errors() == []
     assert page.foreign_requests(server.url) == []
 

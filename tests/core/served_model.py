@@ -10,13 +10,13 @@ def serve_tiny_model(tmp_path_factory):
     """Yield ``(running server, session)``; the server stops when the generator closes."""
     from fake_zoo import build
 
-    from crosspatch.serve.server import start_in_thread, task_example
+    from crosspatch.serve.server import start_in_thread, task_examples
     from crosspatch.serve.session import Session
     from crosspatch.zoo.sources import wrap
 
     folder = tmp_path_factory.mktemp("serve") / "ckpt"
     build(folder, types.SimpleNamespace(seed=0))
-    session = Session(wrap(str(folder)), str(folder), task_example("ioi"))
+    session = Session(wrap(str(folder)), str(folder), task_examples("ioi", 4))
     server = start_in_thread(session)
     try:
         yield server, session

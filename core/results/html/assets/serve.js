@@ -50,7 +50,16 @@
 
   var datalist = el("datalist", { id: "cp-sweeps" });
   info.sweeps.forEach(function (s) { datalist.appendChild(el("option", { value: s })); });
+  var pairs = info.examples || [];
+  var picker = null;
+  if (pairs.length > 1) {  // a task's pairs: pick one to fill the prompts and answers
+    picker = el("select", { id: "pair", "aria-label": "task pair" });
+    pairs.forEach(function (p, i) {
+      picker.appendChild(el("option", { value: i, text: (i + 1) + ". " + p.clean + "  →  " + p.corrupt }));
+    });
+  }
   var form = el("form", { id: "cp-form", class: "cp-form", autocomplete: "off" }, [
+    picker ? el("label", { class: "cp-field" }, [el("span", { text: "task pair" }), picker]) : null,
     field("clean", "clean prompt", example.clean),
     field("corrupt", "corrupt prompt", example.corrupt),
     el("div", { class: "cp-inline" }, [
@@ -71,6 +80,12 @@
     ])
   ]);
   root.appendChild(form);
+  if (picker) {
+    picker.addEventListener("change", function () {
+      var p = pairs[Number(picker.value)];
+      ["clean", "corrupt", "answer", "distractor"].forEach(function (k) { document.getElementById(k).value = p[k]; });
+    });
+  }
 
   var result = el("div", { id: "result", class: "cp-result" },
     el("p", { class: "cp-muted", text: "Run a sweep; then click a cell to patch that site." }));
