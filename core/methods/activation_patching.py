@@ -18,7 +18,7 @@ from ..engine.resume import resume_chunks
 from .shared_prefix import agreeing_positions, capture_sharing_prefix
 from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward, same_masks
 from ..results.result import Result, collect_versions
-from ..sites.site import Site
+from ..sites.site import Site, Span
 
 __all__ = ["activation_patching"]
 
@@ -97,9 +97,12 @@ def activation_patching(
     effects = torch.zeros(len(sweep), n, dtype=torch.float64, device=baseline.device)
     todo = list(range(len(sweep)))  # sweep indices of the sites to run
     if skip_unchanged and todo:
-        # One comparison per site, read back once: no host-device round trip per site.
-        differs = torch.stack([(source_cache[site] != base.cache[site]).any() for site in patched]).tolist()
-        todo = [i for i in todo if differs[i]]
+        causal = base.prefix is not None and base.prefix.causal
+        differs = _first_differences(m, patched, source_cache, base.cache, causal)
+        todo = [i for i in todo if differs[i] is not None]
+        # A site over every position writes the base run's own values before its first difference: it is
+        # patched from there on (the same values), so a causal run resumes there.
+        patched = [site if not differs[i] else site.with_(pos=Span(differs[i], None)) for i, site in enumerate(patched)]
     per_forward, tokens = max(1, rows_per_forward(batch_size, m, n) // n), None
     if batch_size is None and base.prefix is not None and model_device(m.module).type == "cpu":
         # On a CPU a forward over few token rows costs mostly its weights' reads: sites that start at the
@@ -173,3 +176,25 @@ def _source_run(
         return output, Cache(values, axes, mask if isinstance(mask, torch.Tensor) else None)
     run = execute(m.module, m.adapter, m.catalog, source_in, capture=keys, keep_prefix=reuse, output_at=output_at)
     return run.output, run.cache
+
+
+def _first_differences(
+    m: WrappedModel, sites: list[Site], source: Cache, base: Cache, causal: bool
+) -> list[int | None]:
+    """Per site, None when its source and base values are equal bit for bit on every prompt; else, for a
+    site over every position of a causal model, the first position where they differ, and 0 otherwise.
+
+    One comparison per site, all read back at once: no host-device round trip per site.
+    """
+    flags = []
+    for site in sites:
+        diff = source[site] != base[site]
+        names = m.catalog.family(site.family).axis_names
+        if causal and "pos" in names and "pos" not in site.selection:
+            axis = 1 + names.index("pos")
+            along = diff.movedim(axis, 0).reshape(diff.shape[axis], -1).any(dim=1)
+            flags.append(torch.stack([along.any().long(), along.long().argmax()]))
+        else:
+            flags.append(torch.stack([diff.any().long(), diff.new_zeros((), dtype=torch.long)]))
+    table = torch.stack(flags).tolist() if flags else []
+    return [first if any_ else None for any_, first in table]
