@@ -75,18 +75,26 @@ def _score(change: str, values: torch.Tensor, current: float) -> torch.Tensor:
     return values - current if change == "increase" else (values - current).abs()
 
 
-def _speculative(evaluate: _Evaluator, order: list[int], n_edges: int, threshold: float, change: str,
+def _speculative(evaluate: _Evaluator, g: EdgeGraph, order: list[int], threshold: float, change: str,
                  guess: np.ndarray | None) -> tuple[torch.Tensor, float]:
     """The sequential greedy decisions, up to ``evaluate.per`` candidates per forward: row ``m`` removes the
-    candidates before it that are guessed removed (``guess``, else the last decision made) and candidate
-    ``m``; its value is the sequential one while every guess before it holds, so the rows are read in order
-    up to the first wrong guess (that row is still right) and the next forward starts after it."""
-    removed = torch.zeros(n_edges)
+    candidates before it that are guessed removed and candidate ``m``; its value is the sequential one while
+    every guess before it holds, so the rows are read in order up to the first wrong guess (that row is still
+    right) and the next forward starts after it. The guess for an edge is the last decision about an edge from
+    the same sender (a sender that matters tends to matter to every receiver), else ``guess`` (the previous
+    threshold's decision in a sweep), else the last decision made."""
+    removed = torch.zeros(len(g))
     current = float(evaluate(removed[None])[0])
     i, last = 0, True
+    by_sender: dict[int, bool] = {}
     while i < len(order):
         cand = order[i : i + evaluate.per]
-        pred = [bool(guess[e]) if guess is not None else last for e in cand]
+        pred, seen, prev = [], dict(by_sender), last
+        for e in cand:
+            s = g.edges[e][0]
+            p = seen[s] if s in seen else bool(guess[e]) if guess is not None else prev
+            pred.append(p)
+            seen[s], prev = p, p
         masks = removed.repeat(len(cand), 1)
         for m, e in enumerate(cand):
             masks[m, e] = 1
@@ -99,6 +107,7 @@ def _speculative(evaluate: _Evaluator, order: list[int], n_edges: int, threshold
                 removed[e] = 1
                 current = float(values[m])
             i, last = i + 1, ok
+            by_sender[g.edges[e][0]] = ok
             if ok != pred[m]:
                 break
     return removed, current
@@ -164,8 +173,8 @@ def acdc(
 
     Batched, with the result of the sequential greedy algorithm (``search``, see the module docstring):
     ``"speculative"`` evaluates up to ``batch_size // n_prompts`` consecutive candidates per forward, across
-    receivers, each row with the decisions before it guessed as the last one made; a wrong guess ends the
-    forward's useful rows at that candidate. ``"rounds"``: two forwards per round of one receiver.
+    receivers, each row with the decisions before it guessed (as the last decision about the same sender);
+    a wrong guess ends the forward's useful rows at that candidate. ``"rounds"``: two forwards per round of one receiver.
     ``prune`` (default): after the greedy pass, kept edges off every input-to-output path of kept edges
     (a sender nothing kept feeds, a receiver whose node reaches no kept edge onward) are removed too
     (:func:`~crosspatch.methods.edge_paths.connected`), and the final metric is re-measured (one forward).
@@ -199,7 +208,7 @@ def acdc_sweep(
     guess = None
     for i in sorted(range(len(thresholds)), key=lambda i: thresholds[i]):
         if search == "speculative":
-            removed, current = _speculative(evaluate, order, len(p.graph), thresholds[i], change, guess)
+            removed, current = _speculative(evaluate, p.graph, order, thresholds[i], change, guess)
             guess = removed.numpy() != 0
         else:
             removed, current = _rounds(evaluate, p.graph, thresholds[i], change)
