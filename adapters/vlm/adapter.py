@@ -1,4 +1,4 @@
-"""The VLM adapter: generative vision-language models (LLaVA, PaliGemma) with a position-group axis.
+"""The VLM adapter: generative vision-language models (LLaVA, PaliGemma, Idefics3 / SmolVLM) with a position-group axis.
 
 Inputs are what a processor returns, ``{"input_ids", "pixel_values", "attention_mask"?}`` with one
 image per row (PaliGemma: and ``token_type_ids``, 0 on the prefix), plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
@@ -29,20 +29,21 @@ _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDict
 
 
 class VLMAdapter(Adapter):
-    """``LlavaForConditionalGeneration`` and ``PaliGemmaForConditionalGeneration`` (models laid out as
-    ``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model``)."""
+    """``LlavaForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
+    ``Idefics3ForConditionalGeneration`` (SmolVLM); see :mod:`.llava` for the layouts."""
 
     name = "vlm"
 
     def matches(self, model: nn.Module) -> bool:
         transformers = sys.modules.get("transformers")
-        return transformers is not None and isinstance(model, transformers.PreTrainedModel) and llava.is_llava(model)
+        return transformers is not None and isinstance(model, transformers.PreTrainedModel) and llava.is_served(model)
 
     def catalog(self, model: nn.Module) -> Catalog:
-        if not llava.is_llava(model):
+        if not llava.is_served(model):
             raise AdapterError(
                 f"the vlm adapter serves LLaVA-style models (model.vision_tower, model.multi_modal_projector, "
-                f"model.language_model); {type(model).__name__} is not one"
+                f"model.language_model; or model.vision_model, model.connector, model.text_model) with an lm_head; "
+                f"{type(model).__name__} is not one"
             )
         found = _CATALOGS.get(model)
         if found is None:
@@ -73,11 +74,16 @@ class VLMAdapter(Adapter):
         if pixels is not None:
             pixels = torch.as_tensor(pixels)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
-            if pixels.shape[0] != ids.shape[0]:
+            stacked = llava.images_per_row_axis(model)
+            if stacked and pixels.ndim == 4:
+                pixels = pixels.unsqueeze(1)
+            if pixels.shape[0] != ids.shape[0] or (stacked and pixels.shape[1] != 1):
+                shape = "[rows, 1, 3, H, W]" if stacked else "[rows, 3, H, W]"
                 raise ValueError(
-                    f"{pixels.shape[0]} images for {ids.shape[0]} rows; the vlm adapter takes one image per row"
+                    f"pixel_values of shape {tuple(pixels.shape)} for {ids.shape[0]} rows; the vlm adapter takes one "
+                    f"image per row, {shape}"
                 )
-            dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+            dtype = llava.parts(model)[0].embeddings.patch_embedding.weight.dtype
             out["pixel_values"] = pixels.to(device=device, dtype=dtype)
         carried = {k: v for k, v in inputs.items() if str(k).startswith(GROUP_PREFIX)}
         if carried:  # prepared already: keep the groups as they are (they follow the rows when tiled)
@@ -105,7 +111,7 @@ class VLMAdapter(Adapter):
             "vision": {"n_layers": v.num_hidden_layers, "n_heads": v.num_attention_heads, "d_model": v.hidden_size,
                        "image_size": v.image_size, "patch_size": v.patch_size},
             "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
-            "image_tokens": llava._image_positions(model),
+            "image_tokens": llava.image_tokens(model),
             "name_or_path": getattr(config, "name_or_path", "") or "",
             "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         }

@@ -1,6 +1,8 @@
-"""LLaVA-style models: a vision tower, a projector and a decoder LM laid out as ``model.vision_tower``,
-``model.multi_modal_projector``, ``model.language_model`` — ``LlavaForConditionalGeneration`` (CLIP tower)
-and ``PaliGemmaForConditionalGeneration`` (SigLIP tower, Gemma LM with a bidirectional prefix).
+"""LLaVA-style models: a vision tower, a projector and a decoder LM, laid out as ``model.vision_tower``,
+``model.multi_modal_projector``, ``model.language_model`` (``LlavaForConditionalGeneration`` with a CLIP tower,
+``PaliGemmaForConditionalGeneration`` with a SigLIP tower and a Gemma LM whose prefix attends both ways) or
+as ``model.vision_model``, ``model.connector``, ``model.text_model`` (``Idefics3ForConditionalGeneration``,
+SmolVLM: a SigLIP-style tower and a pixel-shuffle connector).
 
 The families come from the code that serves each part alone, so they hold the same values:
 
@@ -30,20 +32,31 @@ from crosspatch.adapters.transformers.adapter import InferenceWarning, Transform
 from crosspatch.adapters.transformers.clip import _tower_families
 from crosspatch.adapters.transformers.reaches import AttentionPattern
 
-__all__ = ["is_llava", "catalog", "parts"]
+__all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis"]
+
+# (vision tower, projector, language model) attribute names of the base model, per layout.
+_LAYOUTS = (("vision_tower", "multi_modal_projector", "language_model"), ("vision_model", "connector", "text_model"))
 
 _LM_SKIP = ("embed",)  # replaced: the LM's embed_tokens runs before the image features are merged in
 
 
-def is_llava(model: nn.Module) -> bool:
+def _layout(model: nn.Module) -> tuple[str, str, str] | None:
     base = getattr(model, "model", None)
-    return all(hasattr(base, name) for name in ("vision_tower", "multi_modal_projector", "language_model"))
+    return next((names for names in _LAYOUTS if all(hasattr(base, n) for n in names)), None)
+
+
+def is_served(model: nn.Module) -> bool:
+    return _layout(model) is not None and hasattr(model, "lm_head")
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(vision tower, projector, language model) of a LLaVA-style model."""
-    base = model.model
-    return base.vision_tower, base.multi_modal_projector, base.language_model
+    """(vision tower, projector, language model) of a served model."""
+    return tuple(getattr(model.model, name) for name in _layout(model))  # type: ignore[return-value]
+
+
+def images_per_row_axis(model: nn.Module) -> bool:
+    """Whether the model takes ``pixel_values`` as ``[rows, images, 3, H, W]`` (Idefics3) rather than ``[rows, 3, H, W]``."""
+    return _layout(model) == _LAYOUTS[1]
 
 
 class _Shell(nn.Module):
@@ -102,12 +115,14 @@ def _has_class_token(tower: nn.Module) -> bool:
     return hasattr(tower, "pre_layrnorm")  # CLIP's tower has a class token and a pre-norm; SigLIP's neither
 
 
-def _image_positions(model: nn.Module) -> int:
+def image_tokens(model: nn.Module) -> int:
     """Image tokens per image: the patches, plus the class token when the projector keeps it."""
     config = model.config
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    if not _has_class_token(model.model.vision_tower):
+    if images_per_row_axis(model):  # the connector folds scale_factor**2 patches into one token
+        return patches // int(config.scale_factor) ** 2
+    if not _has_class_token(parts(model)[0]):
         return patches
     return patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else patches + 1
 
@@ -154,7 +169,7 @@ def catalog(model: nn.Module) -> Catalog:
     d_text = config.text_config.hidden_size
     pos, dim = Axis("pos"), Axis("dim", d_text)
     families = vision + [
-        SiteFamily("projector_out", (Axis("pos", _image_positions(model)), dim), ModuleOutput(projector, ""),
+        SiteFamily("projector_out", (Axis("pos", image_tokens(model)), dim), ModuleOutput(projector, ""),
                    doc="projected image features, one per image token (before they replace the image-token embeddings)"),
         SiteFamily("embed", (pos, dim), ModuleInput(lm, "layers.0"),
                    doc="token embeddings with the projected image features in the image positions (what block 0 reads)"),
@@ -186,10 +201,12 @@ def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0
     vocab = config.text_config.vocab_size
     words = torch.randint(3, max(4, min(vocab, 1000)), (rows, text), generator=g)
     words[words == token] = 3
-    ids = torch.cat([torch.full((rows, _image_positions(model)), token), torch.ones(rows, 1, dtype=torch.long), words], 1)
+    ids = torch.cat([torch.full((rows, image_tokens(model)), token), torch.ones(rows, 1, dtype=torch.long), words], 1)
     pixels = torch.randn(rows, vision.num_channels, vision.image_size, vision.image_size, generator=g)
-    dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(dtype)}
+    pixels = pixels.to(parts(model)[0].embeddings.patch_embedding.weight.dtype)
+    if images_per_row_axis(model):
+        pixels = pixels.unsqueeze(1)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
     if model.config.model_type == "paligemma":
         out["token_type_ids"] = torch.zeros_like(ids)
     device = model.lm_head.weight.device

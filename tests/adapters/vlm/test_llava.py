@@ -16,7 +16,9 @@ from crosspatch.testing import assert_conforms
 
 from crosspatch.adapters.transformers.adapter import InferenceWarning
 
-from .tiny import IMAGE_TOKEN, IMAGE_TOKENS, paligemma_inputs, tiny_llava, tiny_paligemma, vlm_inputs
+from .tiny import (
+    IMAGE_TOKEN, IMAGE_TOKENS, idefics3_inputs, paligemma_inputs, tiny_idefics3, tiny_llava, tiny_paligemma, vlm_inputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +174,28 @@ def test_paligemma_prefix_attends_both_ways(paligemma, m):
     llava_inp = m.prepare(vlm_inputs())
     assert torch.equal(m.run(llava_inp, bind(m, llava_inp, [Knockout("question", "image")])).output,
                        m.run(llava_inp, capture=same).output)
+
+
+# Idefics3 (SmolVLM): SigLIP-style tower, pixel-shuffle connector, pixel_values [rows, images, 3, H, W] ---------
+
+
+@pytest.fixture(scope="module")
+def idefics3():
+    return cp.wrap(tiny_idefics3().double(), VLMAdapter())
+
+
+def test_idefics3_conforms(idefics3):
+    assert_conforms(idefics3.module, idefics3_inputs(), VLMAdapter())
+    assert idefics3.sites().family("projector_out").axis("pos").size == 4  # 16 patches folded 2 x 2
+
+
+def test_idefics3_families_against_the_model(idefics3):
+    model = idefics3.module
+    inp = idefics3.prepare({**idefics3_inputs(), "pixel_values": idefics3_inputs()["pixel_values"][:, 0]})  # [rows, 3, H, W] too
+    assert inp["pixel_values"].shape == (2, 1, 3, 16, 16)
+    cache = idefics3.run(inp, capture=["embed", "projector_out", "vision.head_out.0", "vision.attn_out.0"]).cache
+    assert torch.equal(take_group(cache["embed"], inp["group.image"]), cache["projector_out"])
+    bias = model.model.vision_model.encoder.layers[0].self_attn.out_proj.bias
+    torch.testing.assert_close(cache["vision.head_out.0"].sum(2) + bias, cache["vision.attn_out.0"], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="one image per row"):
+        idefics3.prepare({**idefics3_inputs(), "pixel_values": torch.randn(2, 2, 3, 16, 16)})

@@ -72,3 +72,27 @@ def paligemma_inputs(rows: int = 2, seed: int = 1, prompt: int = 4, answer: int 
     types[:, IMAGE_TOKENS + prompt:] = 1
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types,
             "pixel_values": raw["pixel_values"], "groups": {"question": (IMAGE_TOKENS, IMAGE_TOKENS + prompt)}}
+
+
+def tiny_idefics3(seed: int = 0):
+    """A tiny random Idefics3 (SmolVLM): SigLIP-style tower (16 patches), a pixel-shuffle connector folding 4
+    patches into each of 4 image tokens, a Llama LM with grouped-query attention."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2),
+        image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return randomize(Idefics3ForConditionalGeneration(config).eval())
+
+
+def idefics3_inputs(rows: int = 2, seed: int = 1) -> dict:
+    """``[bos, text, image x 4, question x 6]`` with one image per row ``[rows, 1, 3, 16, 16]``."""
+    raw = vlm_inputs(rows, seed)
+    ids = torch.cat([raw["input_ids"][:, :2 + 4], raw["input_ids"][:, 2 + IMAGE_TOKENS:]], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": raw["pixel_values"].unsqueeze(1),
+            "groups": {"question": (6, 12)}}
