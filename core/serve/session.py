@@ -55,6 +55,9 @@ class Session:
     def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None):
         if model.tokenizer is None:
             raise RequestError(f"model {name!r} has no tokenizer; the explorer takes text prompts")
+        if "logits" not in model.catalog.families:
+            raise RequestError(f"model {name!r} ({type(model.module).__name__}) has no 'logits' output; the explorer "
+                               f"shows next-token distributions, so it serves models with a language-model head")
         self.m = model
         self.name = name
         if isinstance(examples, Mapping):

@@ -163,3 +163,16 @@ def test_a_running_sweep_stops_at_the_next_forward(served):
     job = Job("u", "sweep", lambda job: None)
     out = session.sweep(job, request)
     assert out["view"]["kind"] == "bars" and [e["event"] for e in job.events] == ["progress"]
+
+
+def test_a_model_without_logits_or_tokenizer_is_refused():
+    from types import SimpleNamespace
+
+    from crosspatch.serve.session import RequestError, Session
+
+    encoder = SimpleNamespace(tokenizer=object(), catalog=SimpleNamespace(families={"resid_pre": None}),
+                              module=SimpleNamespace())
+    with pytest.raises(RequestError, match="no 'logits' output"):
+        Session(encoder, "enc")
+    with pytest.raises(RequestError, match="no tokenizer"):
+        Session(SimpleNamespace(tokenizer=None), "bare")

@@ -154,3 +154,13 @@ def test_unknown_method_is_named(study_dir, tmp_path, capsys):
     path.write_text(f'model = "{study_dir / "ckpt"}"\n[inputs]\ntask = "ioi"\nn = 1\n[[analysis]]\nmethod = "magic"')
     code, out, err = _run(["run", path, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "unknown method 'magic'; methods: acdc, activation_patching" in err
+
+
+def test_the_example_study_file_reads():
+    from crosspatch.study.analyses import METHODS
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "ioi_study.toml"
+    study = load_study(path)
+    assert study.model == "ioi-gpt2-tiny" and study.inputs.task == "ioi"
+    assert study.output == str((path.parent / "../crosspatch-out/ioi_study").resolve())
+    assert {a.method for a in study.analyses} <= set(METHODS)
