@@ -140,21 +140,32 @@ def install_output_recorders(model: nn.Module) -> None:
             maybe_install_capturing_hooks(module)
 
 
+def feature_blocks(model: nn.Module) -> int:
+    """How many vision blocks reach the projector: those up to the hidden state it reads
+    (``vision_feature_layer``; PaliGemma and Idefics3 read the last block's output, post-normed)."""
+    n_vision = len(parts(model)[0].encoder.layers)
+    layer = getattr(model.config, "vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise NotImplementedError(
+            f"{type(model).__name__} concatenates vision hidden states {list(layer)}; one feature layer is served"
+        )
+    if not -(n_vision + 1) <= layer <= n_vision:
+        raise ValueError(f"vision_feature_layer {layer} is out of range for {n_vision} vision blocks")
+    used = layer % (n_vision + 1)  # hidden state k is the output of block k - 1 (0: the embeddings)
+    if used == 0:
+        raise NotImplementedError(f"{type(model).__name__} reads the vision embeddings only; no vision block reaches it")
+    return used
+
+
 def catalog(model: nn.Module) -> Catalog:
     tower, projector, lm = parts(model)
     install_output_recorders(model)
     config = model.config
-    layer = getattr(config, "vision_feature_layer", -1)  # PaliGemma: the last block's output, post-normed
-    n_vision = len(tower.encoder.layers)
-    if not isinstance(layer, int) or layer % (n_vision + 1) != n_vision:
-        # The last blocks would not reach the output, which the conformance suite (rightly) calls a bug.
-        feature = f"hidden state {layer}" if isinstance(layer, int) else f"hidden states {list(layer)}"
-        raise NotImplementedError(
-            f"{type(model).__name__} reads vision {feature}; only the last block's output "
-            f"(vision_feature_layer=-1) is served so far"
-        )
+    used = feature_blocks(model)
     shell = _Shell(tower)
     vision = [f for f in _tower_families(shell, "vision") if f.name != "vision.logits_in"]
+    # Blocks after the feature layer never reach the output (LLaVA reads hidden state -2): not served.
+    vision = [replace(f, layers=used) if f.layers is not None else f for f in vision]
     vision = [replace(f, reach=OutputFirst(shell, "vision_model.encoder.layers.{layer}")) if f.name == "vision.resid_post"
               else f for f in vision]
     if not _has_class_token(tower):  # SigLIP: the patch embeddings enter the first block as they are

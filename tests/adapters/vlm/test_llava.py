@@ -199,3 +199,14 @@ def test_idefics3_families_against_the_model(idefics3):
     torch.testing.assert_close(cache["vision.head_out.0"].sum(2) + bias, cache["vision.attn_out.0"], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="one image per row"):
         idefics3.prepare({**idefics3_inputs(), "pixel_values": torch.randn(2, 2, 3, 16, 16)})
+
+
+def test_llava_reading_an_inner_vision_layer():
+    """vision_feature_layer=-2 (real LLaVA checkpoints): the last vision block never reaches the output, so the
+    vision families stop before it; the rest conforms, and writing a served block's output reaches the logits."""
+    model = tiny_llava(num_hidden_layers=2, vision_layers=3, vision_feature_layer=-2).double()
+    m = cp.wrap(model, VLMAdapter())
+    assert m.sites().family("vision.resid_post").layers == 2
+    assert_conforms(model, vlm_inputs(), VLMAdapter())
+    inp = m.prepare(vlm_inputs())
+    assert not torch.allclose(m.run(inp, {"vision.resid_post.1": Zero()}).output, m.run(inp).output)

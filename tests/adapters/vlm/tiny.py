@@ -10,17 +10,17 @@ IMAGE_TOKEN = 63
 IMAGE_TOKENS = 16  # (16 / 4) ** 2 patches, the class token dropped ("default" feature selection)
 
 
-def tiny_llava(seed: int = 0, **text):
+def tiny_llava(seed: int = 0, vision_layers: int = 2, vision_feature_layer: int = -1, **text):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=16, patch_size=4, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
     options = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     options.update(text)
     config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**options), image_token_index=IMAGE_TOKEN,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+                         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config).eval()
     return randomize(model)  # random biases and norm scales: their defaults (0, 1) would hide bugs
 
