@@ -119,3 +119,12 @@ def test_pruning_keeps_a_kv_head_that_feeds_a_kept_query_head(gqa):
     assert (connected(g, kept) == kept).all()  # the key/value head reaches the output through query head 3
     lone = g.mask(["embed->head_in.1[qkv=1,head=2:4]", "head_out.1[head=1]->logits_in"]).numpy()
     assert connected(g, lone).sum() == 0  # head 1.1's key/value head is 0:2, which nothing feeds
+
+
+def test_all_edges_patched_is_the_corrupt_run(gqa):
+    m, clean, corrupt, _ = gqa
+    g = edge_graph(m)
+    out = patch_edges(m, clean, corrupt, torch.stack([torch.zeros(len(g)), torch.ones(len(g))]), graph=g)
+    n = clean.shape[0]
+    torch.testing.assert_close(out[:n], m.run(clean).output, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[n:], m.run(corrupt).output, rtol=1e-6, atol=1e-6)
