@@ -115,3 +115,48 @@ class VLMAdapter(Adapter):
             "name_or_path": getattr(config, "name_or_path", "") or "",
             "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         }
+
+    # -- verification: crosspatch verify ----------------------------------------------------------
+
+    def example_inputs(self, model: nn.Module) -> Any:
+        return llava.example_inputs(model)
+
+    def tiny_model(self, kind: str) -> nn.Module:
+        """A tiny random ``llava``, ``paligemma`` or ``idefics3`` (:mod:`.tiny`)."""
+        from .tiny import tiny_model
+
+        return tiny_model(kind)
+
+    def family_oracles(self, model: nn.Module) -> dict[str, tuple[float, str | None]]:
+        """Per-head sums against the attention outputs (vision heads + out_proj bias; language heads + o_proj
+        bias when there is one), and ``embed`` at the image positions against ``projector_out``."""
+        from crosspatch.engine.model import WrappedModel
+
+        m = WrappedModel(model, self)
+        inputs = m.prepare(self.example_inputs(model))
+        tower, _, lm = llava.parts(model)
+        last_vision = m.catalog.family("vision.head_out").layers - 1
+        keys = ["embed", "projector_out", f"vision.head_out.{last_vision}", f"vision.attn_out.{last_vision}",
+                "head_out.0", "attn_out.0"]
+        cache = m.run(inputs, capture=keys).cache
+        with torch.no_grad():
+            return self._oracles(cache, keys, inputs, tower, lm, last_vision)
+
+    @staticmethod
+    def _oracles(cache, keys, inputs, tower, lm, last_vision) -> dict[str, tuple[float, str | None]]:
+        scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
+        bias = tower.encoder.layers[last_vision].self_attn.out_proj.bias
+        vision = cache[keys[2]].sum(2) + (0 if bias is None else bias)
+        o_bias = getattr(lm.layers[0].self_attn.o_proj, "bias", None)
+        text = cache["head_out.0"].sum(2) + (0 if o_bias is None else o_bias)
+        image = inputs[GROUP_PREFIX + "image"]
+        merged = cache["embed"][image].view_as(cache["projector_out"])
+        errors = {
+            "vision.head_out": float((vision - cache[keys[3]]).abs().max()) / scale(cache[keys[3]]),
+            "head_out": float((text - cache["attn_out.0"]).abs().max()) / scale(cache["attn_out.0"]),
+            "embed": float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"]),
+        }
+        what = {"vision.head_out": "vision heads + out_proj bias differ from vision.attn_out",
+                "head_out": "heads (+ o_proj bias) differ from attn_out",
+                "embed": "embed at the image positions differs from projector_out"}
+        return {name: (err, None if err <= 1e-5 else f"{what[name]} by {err:.3g} (relative)") for name, err in errors.items()}

@@ -210,3 +210,17 @@ def test_llava_reading_an_inner_vision_layer():
     assert_conforms(model, vlm_inputs(), VLMAdapter())
     inp = m.prepare(vlm_inputs())
     assert not torch.allclose(m.run(inp, {"vision.resid_post.1": Zero()}).output, m.run(inp).output)
+
+
+@pytest.mark.parametrize("kind", ["llava", "paligemma", "idefics3"])
+@pytest.mark.filterwarnings("ignore::crosspatch.adapters.transformers.adapter.InferenceWarning")
+def test_verify_builds_and_checks_each_kind(kind):
+    """What ``crosspatch verify --config KIND --adapter vlm`` runs: the tiny model, its example inputs, the oracles."""
+    adapter = VLMAdapter()
+    model = adapter.tiny_model(kind)
+    oracles = adapter.family_oracles(model)
+    assert set(oracles) == {"vision.head_out", "head_out", "embed"}
+    assert all(failure is None for _, failure in oracles.values()), oracles
+    assert cp.wrap(model, adapter).run(adapter.example_inputs(model)).output.shape[-1] == 64
+    with pytest.raises(ValueError, match="kinds: llava"):
+        adapter.tiny_model("qwen2_vl")

@@ -1,4 +1,4 @@
-"""A tiny random LLaVA (CLIP vision tower, projector, Llama LM with grouped-query attention) and inputs."""
+"""Tiny random vision-language models (LLaVA, PaliGemma, Idefics3) with random biases and norm scales, and their inputs."""
 
 from __future__ import annotations
 
@@ -6,23 +6,17 @@ import torch
 
 from conftest import randomize
 
-IMAGE_TOKEN = 63
+from crosspatch.adapters.vlm.tiny import IMAGE_TOKEN, tiny_model
+
 IMAGE_TOKENS = 16  # (16 / 4) ** 2 patches, the class token dropped ("default" feature selection)
 
 
 def tiny_llava(seed: int = 0, vision_layers: int = 2, vision_feature_layer: int = -1, **text):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
-    options = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    options.update(text)
-    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**options), image_token_index=IMAGE_TOKEN,
-                         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).eval()
-    return randomize(model)  # random biases and norm scales: their defaults (0, 1) would hide bugs
+    """LLaVA: CLIP vision tower (class token dropped), two-layer MLP projector, Llama LM; random biases and norm
+    scales (their defaults, 0 and 1, would hide bugs)."""
+    text = {"num_hidden_layers": 3, **text}
+    return randomize(tiny_model("llava", seed, {"num_hidden_layers": vision_layers}, text,
+                                vision_feature_layer=vision_feature_layer))
 
 
 def vlm_inputs(rows: int = 2, seed: int = 1, before: int = 2, after: int = 6, pad: int = 0) -> dict:
@@ -48,18 +42,9 @@ def vlm_inputs(rows: int = 2, seed: int = 1, before: int = 2, after: int = 6, pa
 
 
 def tiny_paligemma(seed: int = 0):
-    """A tiny random PaliGemma: SigLIP vision tower (16 patches, no class token), a linear projector, a Gemma LM
-    (grouped-query attention) whose prefix (token type 0: image and prompt) attends both ways."""
-    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
-
-    torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=16, patch_size=4)
-    text = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
-    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projection_dim=32)
-    return randomize(PaliGemmaForConditionalGeneration(config).eval())
+    """PaliGemma: SigLIP tower (16 patches, no class token), linear projector, Gemma LM whose prefix (token type 0:
+    image and prompt) attends both ways."""
+    return randomize(tiny_model("paligemma", seed))
 
 
 def paligemma_inputs(rows: int = 2, seed: int = 1, prompt: int = 4, answer: int = 2) -> dict:
@@ -75,19 +60,8 @@ def paligemma_inputs(rows: int = 2, seed: int = 1, prompt: int = 4, answer: int 
 
 
 def tiny_idefics3(seed: int = 0):
-    """A tiny random Idefics3 (SmolVLM): SigLIP-style tower (16 patches), a pixel-shuffle connector folding 4
-    patches into each of 4 image tokens, a Llama LM with grouped-query attention."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=16, patch_size=4),
-        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2),
-        image_token_id=IMAGE_TOKEN, scale_factor=2)
-    return randomize(Idefics3ForConditionalGeneration(config).eval())
+    """Idefics3 (SmolVLM): SigLIP-style tower, pixel-shuffle connector folding 4 patches into each of 4 image tokens."""
+    return randomize(tiny_model("idefics3", seed))
 
 
 def idefics3_inputs(rows: int = 2, seed: int = 1) -> dict:
