@@ -42,6 +42,7 @@ bench-env: $(BENCH)/bin/python
 bench: bench-env
 	$(BENCH)/bin/python benchmarks/run_all.py
 	$(BENCH)/bin/python benchmarks/tl_agreement.py
+	$(BENCH)/bin/python benchmarks/sae_lens_agreement.py
 
 # crosspatch against TransformerLens (or hand-written hooks) on the same weights, family by family.
 tl-agreement: bench-env
