@@ -19,25 +19,23 @@ The families come from the code that serves each part alone, so they hold the sa
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule, temporarily
+from crosspatch.engine.reach import ModuleOutput
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 
-from crosspatch.adapters.transformers.adapter import InferenceWarning, TransformersAdapter
 from crosspatch.adapters.transformers.clip import _tower_families
-from crosspatch.adapters.transformers.reaches import AttentionPattern
+
+from .language import language_families
+from .reaches import OutputFirst
 
 __all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis"]
 
 # (vision tower, projector, language model) attribute names of the base model, per layout.
 _LAYOUTS = (("vision_tower", "multi_modal_projector", "language_model"), ("vision_model", "connector", "text_model"))
-
-_LM_SKIP = ("embed",)  # replaced: the LM's embed_tokens runs before the image features are merged in
 
 
 def _layout(model: nn.Module) -> tuple[str, str, str] | None:
@@ -66,49 +64,6 @@ class _Shell(nn.Module):
     def __init__(self, tower: nn.Module):
         super().__init__()
         self.vision_model = tower
-
-
-class OutputFirst:
-    """A module's output (element 0 of a tuple), hooked ahead of the hooks already there.
-
-    transformers records the vision tower's hidden states with forward hooks of its own on each block; the
-    projector reads the last one from that record. Hooked first, a write to the block's output is what
-    the record holds, so it reaches the projector."""
-
-    def __init__(self, root: nn.Module, path: str):
-        self.root, self.path = root, path
-
-    def install(self, layer: int | None, callback) -> list:
-        def hook(module, args, output):
-            value = output if isinstance(output, torch.Tensor) else output[0]
-            new = callback(value)
-            if new is None:
-                return None
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-        with installing() as changes:
-            changes.forward_hook(submodule(self.root, self.path, layer), hook, prepend=True)
-            return changes.handles
-
-
-class LogitsField:
-    """The ``logits`` field of the top-level model's output, read and written by a forward hook."""
-
-    def __init__(self, root: nn.Module):
-        self.root = root
-
-    def install(self, layer: int | None, callback) -> list:
-        def hook(module, args, output):
-            new = callback(output["logits"])
-            if new is None:
-                return None
-            output["logits"] = new
-            return output
-
-        with installing() as changes:
-            changes.forward_hook(self.root, hook)
-            return changes.handles
-
 
 
 def _has_class_token(tower: nn.Module) -> bool:
@@ -171,35 +126,13 @@ def catalog(model: nn.Module) -> Catalog:
     if not _has_class_token(tower):  # SigLIP: the patch embeddings enter the first block as they are
         vision = [replace(f, reach=ModuleOutput(shell, "vision_model.embeddings"), doc="patch embeddings entering the first block")
                   if f.name == "vision.embed" else f for f in vision]
-    with warnings.catch_warnings(record=True) as caught:  # said once below, for what stays unserved
-        warnings.simplefilter("always", InferenceWarning)
-        text = TransformersAdapter().catalog(lm)
-    for w in caught:
-        if not issubclass(w.category, InferenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     d_text = config.text_config.hidden_size
-    pos, dim = Axis("pos"), Axis("dim", d_text)
     families = vision + [
-        SiteFamily("projector_out", (Axis("pos", image_tokens(model)), dim), ModuleOutput(projector, ""),
+        SiteFamily("projector_out", (Axis("pos", image_tokens(model)), Axis("dim", d_text)), ModuleOutput(projector, ""),
                    doc="projected image features, one per image token (before they replace the image-token embeddings)"),
-        SiteFamily("embed", (pos, dim), ModuleInput(lm, "layers.0"),
-                   doc="token embeddings with the projected image features in the image positions (what block 0 reads)"),
     ]
-    unavailable = dict(text.unavailable)
-    lm_families = [f for f in text if f.name not in _LM_SKIP]
-    if "attn_pattern" in unavailable:
-        pattern, why = _pattern_in_context(model, lm)
-        if pattern is not None:
-            del unavailable["attn_pattern"]
-            lm_families.insert([f.name for f in lm_families].index("resid_pre") + 1, pattern)
-        else:
-            unavailable["attn_pattern"] = why
-    families += lm_families
-    if unavailable:
-        warnings.warn(f"{type(model).__name__}: language-model families not served: "
-                      + "; ".join(f"{name} ({why})" for name, why in unavailable.items()), InferenceWarning, stacklevel=3)
-    families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), LogitsField(model),
-                               doc="next-token logits"))
+    text, unavailable = language_families(model, lm, lambda: example_inputs(model))
+    families += text
     return Catalog(families, type(model).__name__, unavailable=unavailable)
 
 
@@ -222,31 +155,3 @@ def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0
         out["token_type_ids"] = torch.zeros_like(ids)
     device = model.lm_head.weight.device
     return {k: v.to(device) for k, v in out.items()}
-
-
-def _pattern_in_context(model: nn.Module, lm: nn.Module) -> tuple[SiteFamily | None, str]:
-    """The LM's ``attn_pattern`` family, proved inside the whole model when the LM alone failed its proof
-    (PaliGemma's text config asks for a bidirectional mask that only the whole model builds right): the
-    output with every layer's pattern read through crosspatch's eager attention must equal the plain one."""
-    config = lm.config
-    heads = config.num_attention_heads
-    family = SiteFamily("attn_pattern", (Axis("head", heads), Axis("pos"), Axis("key_pos")),
-                        AttentionPattern(lm, "layers.{layer}.self_attn", config), len(lm.layers),
-                        "attention probabilities (query pos, key pos)")
-    inputs = example_inputs(model)
-    seen: list[torch.Tensor] = []
-    with torch.no_grad():
-        plain = model(**inputs, use_cache=False).logits
-        with temporarily() as changes:
-            for layer in range(len(lm.layers)):
-                for handle in family.reach.install(layer, lambda p: seen.append(p) and None):
-                    changes.add(handle)
-            read = model(**inputs, use_cache=False).logits
-    if len(seen) != len(lm.layers):
-        return None, f"the eager attention ran in {len(seen)} of {len(lm.layers)} layers"
-    sums = max(float((p.sum(-1) - 1).abs().max()) for p in seen)
-    diff = float((plain - read).abs().max())
-    scale = float(plain.abs().max()) or 1.0
-    if diff > 1e-5 * scale or sums > 1e-4:
-        return None, f"the eager attention changes the whole model's output by {diff:.3g} (pattern rows sum off by {sums:.3g})"
-    return family, ""
