@@ -84,7 +84,7 @@ class Unhook:
         if not hooks:
             return
         for key in [k for k, fn in hooks.items() if fn is self.hook]:
-            for name in names:
+            for name in reversed(names):  # the hook itself last: an interrupted removal is found again
                 getattr(self.module, name, {}).pop(key, None)
 
 
@@ -187,11 +187,11 @@ def remove_hooks_since(root: nn.Module, mark: int) -> int:
     removed = 0
     for module in root.modules():
         for names in _HOOK_DICTS.values():
-            hooks = getattr(module, names[0], None)
-            for key in [k for k in (hooks or ()) if isinstance(k, int) and k >= mark]:
-                for name in names:
-                    getattr(module, name, {}).pop(key, None)
-                removed += 1
+            for name in reversed(names):  # the flags too, also of a hook whose removal was interrupted
+                table = getattr(module, name, None) or {}
+                for key in [k for k in table if isinstance(k, int) and k >= mark]:
+                    del table[key]
+                    removed += name == names[0]
     return removed
 
 
