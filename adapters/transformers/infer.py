@@ -238,6 +238,9 @@ def infer(model: nn.Module) -> Inferred:
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
                            n_heads, o_in // n_heads, notes)
+    if layout is None and notes.get("head_in", "").startswith("no separate"):
+        layout = _fused_layout(model, inputs, children[attn], attn, flow, first, blocks[0], o_proj, in_norm, ln_mlp,
+                               _final_norm(flow, last, outside), n_heads, o_in // n_heads, arch.causal, notes)
     if layout is not None and not all(has_submodule(block, p) for block in blocks for p in layout.qkv):
         notes["head_in"] = "the query, key and value projections differ between blocks"
         layout = None
@@ -369,3 +372,24 @@ def _layout(attention: nn.Module, attn: str, flow: Flow, first: str, in_norm: st
     n_kv = _out_features(k) // d_head
     qkv = tuple(f"{attn}.{n}" for n in by_role)
     return InputLayout(in_norm, ln_mlp, ln_final, qkv, reader=None if in_norm else attn), n_kv
+
+
+def _fused_layout(model: nn.Module, inputs: dict[str, Any], attention: nn.Module, attn: str, flow: Flow, first: str,
+                  block: nn.Module, o_proj: str, in_norm: str | None, ln_mlp: str | None, ln_final: str | None,
+                  n_heads: int, d_head: int, causal: bool, notes: dict[str, str]) -> InputLayout | None:
+    """One projection reading what the attention reads, ``3 * heads * d_head`` wide, with its column order
+    found by experiment (:mod:`.fused_qkv`); None (and the note says why) otherwise."""
+    from .fused_qkv import column_order
+
+    reads = flow.inputs.get(f"{first}.{attn}")
+    fused = [(n, m) for n, m in _linears(attention, attn).items()
+             if same(flow.inputs.get(f"{first}.{n}"), reads, atol=0) and _out_features(m) == 3 * n_heads * d_head]
+    if len(fused) != 1:
+        return None
+    name, proj = fused[0]
+    order = column_order(model, inputs, proj, block.get_submodule(o_proj), n_heads, d_head, causal)
+    if order is None:
+        notes["head_in"] = f"the columns of the fused projection {name} are neither [q | k | v] nor [head, q/k/v] by experiment"
+        return None
+    notes.pop("head_in", None)
+    return InputLayout(in_norm, ln_mlp, ln_final, (name,), head_major=order, reader=None if in_norm else attn)

@@ -45,6 +45,7 @@ from crosspatch.sites.site import Site, SiteError
 from .architectures import Architecture
 from .examples import example_inputs
 from .experts import prove_experts
+from .fused_qkv import _columns
 from .inputs import InputLayout, _norm
 
 __all__ = ["Proof", "prove"]
@@ -303,24 +304,33 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
     block0 = submodule(model.base_model, f"{arch.layers}.0", None)
     ln = block0.get_submodule(layout.ln_in) if layout.ln_in else None
     projections = [block0.get_submodule(p) for p in layout.qkv]
-    if len(projections) != 3 or not all(isinstance(p, nn.Linear) for p in projections):
-        return  # the table's fused layouts are covered by their own tests
-    other = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
     n_heads = catalog.family("head_in").axis("head").size
-    d_head = projections[0].out_features // n_heads
-    group = n_heads // (projections[1].out_features // d_head)
-    for role, head in ((0, 1), (1, 0)):
-        proj, cols = projections[role], slice(head * d_head, (head + 1) * d_head)
-
+    other = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    if len(projections) == 1:  # fused: each (role, head)'s columns where the layout's order puts them
+        proj = projections[0]
+        conv1d = type(proj).__name__ == "Conv1D"
+        d_head = (proj.weight.shape[1] if conv1d else proj.weight.shape[0]) // (3 * n_heads)
+        cases = [(proj, role, 1, 1, _columns(role, 1, n_heads, d_head, layout.head_major)) for role in (0, 1)]
+    elif all(isinstance(p, nn.Linear) for p in projections):
+        d_head = projections[0].out_features // n_heads
+        group = n_heads // (projections[1].out_features // d_head)
+        cases = [(projections[role], role, head, group if role else 1, slice(head * d_head, (head + 1) * d_head))
+                 for role, head in ((0, 1), (1, 0))]
+    else:
+        return
+    for proj, role, head, group, cols in cases:
         def hook(module, args, output, cols=cols):
             out = output.clone()
             with torch.no_grad():
-                out[..., cols] = torch.nn.functional.linear(_norm(ln, other), module.weight, module.bias)[..., cols]
+                h = _norm(ln, other)
+                full = h @ module.weight + module.bias if type(module).__name__ == "Conv1D" else torch.nn.functional.linear(
+                    h, module.weight, module.bias)
+                out[..., cols] = full[..., cols]
             return out
 
         value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1]).clone()
         # A key/value head's input: every slot of its group of query heads (the slots a group shares).
-        heads = slice(head * group, (head + 1) * group) if role else slice(head, head + 1)
+        heads = slice(head * group, (head + 1) * group)
         value[:, :, role, heads] = other[:, :, None, :]
         source = Cache({"head_in.0": value}, {"head_in.0": catalog.family("head_in").axis_names})
         bound = Bound(Site("head_in", 0), Patch(source))

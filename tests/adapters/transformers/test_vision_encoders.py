@@ -38,7 +38,7 @@ O_PROJ = {
 def build(model_type: str):
     model = tiny_model(model_type, "causal-lm" if model_type == "bloom" else "image-classification")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BLOOM's head_in is not served: asserted below, not warned about here
+        warnings.simplefilter("ignore")  # families a proof drops are asserted below, not warned about here
         return model, cp.wrap(model)
 
 
@@ -55,12 +55,11 @@ def forward(model, model_type: str, x: torch.Tensor, **kwargs):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_every_family_is_served_but_blooms_fused_head_inputs(model_type):
+def test_every_family_is_served(model_type):
     model, m = build(model_type)
     names = {f.name for f in m.sites()}
-    if model_type == "bloom":
-        assert names == ALL - {"head_in"}
-        assert "query_key_value" in m.catalog.unavailable["head_in"]
+    if model_type == "bloom":  # head_in through its fused projection, columns [head, q/k/v, d_head]
+        assert names == ALL and mapping_for(model).layout.head_major
     else:
         assert names == ALL, m.catalog.unavailable
         assert m.catalog.family("resid_pre").axis("pos").size == POSITIONS[model_type]
