@@ -1,5 +1,5 @@
 """Mixture-of-experts sites: each expert's write and the router's logits, for transformers' fused expert
-blocks (Mixtral, Qwen-MoE, OLMoE, GPT-OSS, Granite-MoE ...).
+blocks (Mixtral, Qwen-MoE, OLMoE, GPT-OSS and others whose experts module takes the routing).
 
 transformers 5 keeps a block's experts as one module holding every expert's weights stacked
 (``experts.gate_up_proj [expert, 2 * d_ff, d]``) and calls it as ``experts(hidden_states [tokens, d],
