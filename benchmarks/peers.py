@@ -43,19 +43,29 @@ class Setup:
     batch: int
     d_model: int = 256
     heads: int = 8
+    pair: str = "middle"  # the corrupt prompt differs in the middle token, or at position 1 ("first")
+
+    @property
+    def differs_at(self) -> int:
+        return self.seq // 2 if self.pair == "middle" else 1
+
+    @property
+    def label(self) -> str:
+        width = "" if self.d_model == 256 else f" d{self.d_model}"
+        return f"{self.layers}L{width} seq {self.seq} batch {self.batch}, {self.pair} pair"
 
     def build(self, seed: int = 0):
         torch.manual_seed(seed)
         # initializer_range 0.1 (GPT-2 uses 0.02) so that random-init effects are far above float error
         config = GPT2Config(
-            n_layer=self.layers, n_head=self.heads, n_embd=self.d_model, vocab_size=VOCAB, n_positions=128,
+            n_layer=self.layers, n_head=self.heads, n_embd=self.d_model, vocab_size=VOCAB, n_positions=max(128, self.seq),
             initializer_range=0.1,
         )
         model = GPT2LMHeadModel(config).eval()
         gen = torch.Generator().manual_seed(seed + 1)
         clean = torch.randint(0, VOCAB, (self.batch, self.seq), generator=gen)
         corrupt = clean.clone()
-        corrupt[:, self.seq // 2] = (corrupt[:, self.seq // 2] + 1) % VOCAB
+        corrupt[:, self.differs_at] = (corrupt[:, self.differs_at] + 1) % VOCAB
         answer = clean[:, -1]
         distractor = (answer + 1) % VOCAB
         return model, clean, corrupt, answer, distractor
@@ -63,7 +73,7 @@ class Setup:
 
 def logit_diff_rows(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
     last = logits[:, -1]
-    rows = torch.arange(last.shape[0])
+    rows = torch.arange(last.shape[0], device=last.device)
     return last[rows, answer] - last[rows, distractor]
 
 
@@ -92,6 +102,14 @@ class Crosspatch:
             self.m, self.clean, self.corrupt, "resid_pre.*[pos=*]", self.metric, progress=False, **options
         )
         return torch.as_tensor(r.values).reshape(self.layers, -1)
+
+    def resid_pre_sites(self, sites):
+        """Effects of ``resid_pre`` at the given ``(layer, pos)`` pairs (one list of sites, one sweep)."""
+        names = [f"resid_pre.{layer}[pos={pos}]" for layer, pos in sites]
+        return self.resid_pre_result(names).values
+
+    def resid_pre_result(self, names):
+        return self.cp.activation_patching(self.m, self.clean, self.corrupt, names, self.metric, progress=False)
 
     # The same sweep with crosspatch's savings switched off one by one (timed, not compared).
     def resid_pre_sweep_every_site(self):
@@ -133,7 +151,7 @@ def hooked_transformer(hf_model):
         n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd,
         d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new", normalization_type="LN",
         eps=c.layer_norm_epsilon, positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False, device="cpu",
+        default_prepend_bos=False, device=str(next(hf_model.parameters()).device),
     )
     tl = HookedTransformer(cfg)
     state = convert_gpt2_weights(hf_model, cfg)
@@ -175,6 +193,18 @@ class TransformerLens:
         with torch.inference_mode():
             _, cache = self.tl.run_with_cache(self.clean)
             return self.patching.get_act_patch_resid_pre(self.tl, self.corrupt, cache, self._metric)
+
+    def resid_pre_sites(self, sites):
+        """``get_act_patch_resid_pre``'s own loop (``generic_activation_patch``) over the given sites only."""
+        import pandas as pd
+
+        index = pd.DataFrame(list(sites), columns=["layer", "pos"])
+        with torch.inference_mode():
+            _, cache = self.tl.run_with_cache(self.clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+            return self.patching.generic_activation_patch(
+                self.tl, self.corrupt, cache, self._metric, self.patching.layer_pos_patch_setter, "resid_pre",
+                index_df=index,
+            )
 
     def head_out_sweep(self):
         with torch.inference_mode():
@@ -268,6 +298,66 @@ class Pyvene:
     def head_out_sweep(self):
         return self._loop(self._head, self.heads)
 
+    def resid_pre_sites(self, sites):
+        """The uncached loop over the given ``(layer, pos)`` sites only."""
+        b = self.clean.shape[0]
+        out = torch.zeros(len(sites))
+        with torch.inference_mode():
+            for i, (layer, pos) in enumerate(sites):
+                loc = [[[pos]] * b]
+                _, patched = self._pos[layer](
+                    {"input_ids": self.corrupt}, [{"input_ids": self.clean}], unit_locations={"sources->base": (loc, loc)}
+                )
+                out[i] = logit_diff_rows(patched.logits, self.answer, self.distractor).mean() - self.corrupt_metric
+        return out
+
+    def _clean_values(self, module_of):
+        """The clean run's input to ``module_of(block)`` in every block, by plain forward pre-hooks."""
+        saved = {}
+        blocks = self.model.transformer.h
+        hooks = [module_of(block).register_forward_pre_hook(lambda m, args, i=i: saved.__setitem__(i, args[0].detach()))
+                 for i, block in enumerate(blocks)]
+        try:
+            with torch.inference_mode():
+                self.model(self.clean, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [saved[i] for i in range(len(blocks))]
+
+    def _cached_loop(self, intervenables, n_units, source_of, sites=None):
+        """Source cached: one clean forward, then one ``source_representations`` call per site."""
+        b = self.clean.shape[0]
+        sites = sites if sites is not None else [(layer, u) for layer in range(self.layers) for u in range(n_units)]
+        out = torch.zeros(len(sites))
+        with torch.inference_mode():
+            for i, (layer, u) in enumerate(sites):
+                loc = [[[u]] * b]
+                _, patched = intervenables[layer](
+                    {"input_ids": self.corrupt}, unit_locations={"sources->base": (None, loc)},
+                    source_representations=source_of(layer, u),
+                )
+                out[i] = logit_diff_rows(patched.logits, self.answer, self.distractor).mean() - self.corrupt_metric
+        return out
+
+    def resid_pre_sweep_cached(self, sites=None):
+        clean = self._clean_values(lambda block: block)
+        out = self._cached_loop(self._pos, self.clean.shape[1], lambda layer, pos: clean[layer][:, [pos]], sites)
+        return out if sites is not None else out.view(self.layers, -1)
+
+    def resid_pre_sites_cached(self, sites):
+        return self.resid_pre_sweep_cached(sites)
+
+    def head_out_sweep_cached(self):
+        z = self._clean_values(lambda block: block.attn.c_proj)
+        d_head = self.model.config.n_embd // self.heads
+        b, seq = self.clean.shape
+
+        def source(layer, h):
+            return z[layer].view(b, seq, self.heads, d_head)[:, :, h].unsqueeze(1)
+
+        return self._cached_loop(self._head, self.heads, source).view(self.layers, -1)
+
 
 # --------------------------------------------------------------------------- nnsight
 class NNsight:
@@ -311,6 +401,21 @@ class NNsight:
                         nm.transformer.h[layer].input[:, p] = clean_resid[layer][:, p]
                         logits = nm.output.logits.save()
                     out[layer, p] = logit_diff_rows(logits, self.answer, self.distractor).mean() - self.corrupt_metric
+        return out
+
+    def resid_pre_sites(self, sites):
+        nm = self.nm
+        out = torch.zeros(len(sites))
+        with torch.inference_mode():
+            clean_resid = []
+            with nm.trace(self.clean, use_cache=False):
+                for i in range(self.layers):
+                    clean_resid.append(nm.transformer.h[i].input.save())
+            for j, (layer, p) in enumerate(sites):
+                with nm.trace(self.corrupt, use_cache=False):
+                    nm.transformer.h[layer].input[:, p] = clean_resid[layer][:, p]
+                    logits = nm.output.logits.save()
+                out[j] = logit_diff_rows(logits, self.answer, self.distractor).mean() - self.corrupt_metric
         return out
 
     def head_out_sweep(self):
