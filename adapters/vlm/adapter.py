@@ -19,12 +19,12 @@ from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_devic
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.selection import GROUP_PREFIX
 
-from . import llava
+from . import llava, qwen2_vl
 from .groups import group_masks
 
 __all__ = ["VLMAdapter"]
 
-_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
+_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "image_grid_thw", "mm_token_type_ids")
 _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
 
 
@@ -36,18 +36,19 @@ class VLMAdapter(Adapter):
 
     def matches(self, model: nn.Module) -> bool:
         transformers = sys.modules.get("transformers")
-        return transformers is not None and isinstance(model, transformers.PreTrainedModel) and llava.is_served(model)
+        return transformers is not None and isinstance(model, transformers.PreTrainedModel) and _served(model)
 
     def catalog(self, model: nn.Module) -> Catalog:
-        if not llava.is_served(model):
+        if not _served(model):
             raise AdapterError(
                 f"the vlm adapter serves LLaVA-style models (model.vision_tower, model.multi_modal_projector, "
-                f"model.language_model; or model.vision_model, model.connector, model.text_model) with an lm_head; "
+                f"model.language_model; or model.vision_model, model.connector, model.text_model) or Qwen2-VL "
+                f"(model.visual, model.language_model), with an lm_head; "
                 f"{type(model).__name__} is not one"
             )
         found = _CATALOGS.get(model)
         if found is None:
-            found = _CATALOGS[model] = llava.catalog(model)
+            found = _CATALOGS[model] = (qwen2_vl if qwen2_vl.is_served(model) else llava).catalog(model)
         return found
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
@@ -71,7 +72,12 @@ class VLMAdapter(Adapter):
             types = torch.as_tensor(inputs["token_type_ids"])
             out["token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
         pixels = inputs.get("pixel_values")
-        if pixels is not None:
+        if qwen2_vl.is_served(model):
+            out.update(qwen2_vl.prepare_images(model, inputs, ids.shape[0], device))
+            types = inputs.get("mm_token_type_ids")
+            types = qwen2_vl.token_types(model, ids) if types is None else torch.as_tensor(types)
+            out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
+        elif pixels is not None:
             pixels = torch.as_tensor(pixels)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
             stacked = llava.images_per_row_axis(model)
@@ -94,6 +100,8 @@ class VLMAdapter(Adapter):
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
+        if qwen2_vl.is_served(model):
+            return model(**qwen2_vl.model_inputs(inputs), use_cache=False, return_dict=True)
         return model(**{k: v for k, v in inputs.items() if k in _MODEL_KEYS}, use_cache=False, return_dict=True)
 
     def output(self, raw: Any) -> torch.Tensor:
@@ -105,6 +113,12 @@ class VLMAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = model.config
+        if qwen2_vl.is_served(model):
+            t = config.text_config
+            return {"class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
+                    "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
+                    "name_or_path": getattr(config, "name_or_path", "") or "",
+                    "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
         v, t = config.vision_config, config.text_config
         return {
             "class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
@@ -119,10 +133,10 @@ class VLMAdapter(Adapter):
     # -- verification: crosspatch verify ----------------------------------------------------------
 
     def example_inputs(self, model: nn.Module) -> Any:
-        return llava.example_inputs(model)
+        return (qwen2_vl if qwen2_vl.is_served(model) else llava).example_inputs(model)
 
     def tiny_model(self, kind: str) -> nn.Module:
-        """A tiny random ``llava``, ``paligemma`` or ``idefics3`` (:mod:`.tiny`)."""
+        """A tiny random ``llava``, ``paligemma``, ``idefics3`` or ``qwen2_vl`` (:mod:`.tiny`)."""
         from .tiny import tiny_model
 
         return tiny_model(kind)
@@ -134,6 +148,11 @@ class VLMAdapter(Adapter):
 
         m = WrappedModel(model, self)
         inputs = m.prepare(self.example_inputs(model))
+        if qwen2_vl.is_served(model):  # the language model only
+            lm = model.model.language_model
+            cache = m.run(inputs, capture=["head_out.0", "attn_out.0"]).cache
+            with torch.no_grad():
+                return {"head_out": _heads_oracle(cache, lm)}
         tower, _, lm = llava.parts(model)
         last_vision = m.catalog.family("vision.head_out").layers - 1
         keys = ["embed", "projector_out", f"vision.head_out.{last_vision}", f"vision.attn_out.{last_vision}",
@@ -147,16 +166,30 @@ class VLMAdapter(Adapter):
         scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
         bias = tower.encoder.layers[last_vision].self_attn.out_proj.bias
         vision = cache[keys[2]].sum(2) + (0 if bias is None else bias)
-        o_bias = getattr(lm.layers[0].self_attn.o_proj, "bias", None)
-        text = cache["head_out.0"].sum(2) + (0 if o_bias is None else o_bias)
         image = inputs[GROUP_PREFIX + "image"]
         merged = cache["embed"][image].view_as(cache["projector_out"])
         errors = {
             "vision.head_out": float((vision - cache[keys[3]]).abs().max()) / scale(cache[keys[3]]),
-            "head_out": float((text - cache["attn_out.0"]).abs().max()) / scale(cache["attn_out.0"]),
             "embed": float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"]),
         }
         what = {"vision.head_out": "vision heads + out_proj bias differ from vision.attn_out",
-                "head_out": "heads (+ o_proj bias) differ from attn_out",
                 "embed": "embed at the image positions differs from projector_out"}
-        return {name: (err, None if err <= 1e-5 else f"{what[name]} by {err:.3g} (relative)") for name, err in errors.items()}
+        out = {name: _verdict(err, what[name]) for name, err in errors.items()}
+        return {**out, "head_out": _heads_oracle(cache, lm)}
+
+
+def _served(model: nn.Module) -> bool:
+    return llava.is_served(model) or qwen2_vl.is_served(model)
+
+
+def _verdict(err: float, what: str) -> tuple[float, str | None]:
+    return err, None if err <= 1e-5 else f"{what} by {err:.3g} (relative)"
+
+
+def _heads_oracle(cache, lm: nn.Module) -> tuple[float, str | None]:
+    """Language heads of block 0 (+ the o_proj bias when there is one) against its attention output."""
+    o_bias = getattr(lm.layers[0].self_attn.o_proj, "bias", None)
+    heads = cache["head_out.0"].sum(2) + (0 if o_bias is None else o_bias)
+    target = cache["attn_out.0"]
+    err = float((heads - target).abs().max()) / (float(target.abs().max()) or 1.0)
+    return _verdict(err, "heads (+ o_proj bias) differ from attn_out")

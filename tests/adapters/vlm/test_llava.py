@@ -223,4 +223,4 @@ def test_verify_builds_and_checks_each_kind(kind):
     assert all(failure is None for _, failure in oracles.values()), oracles
     assert cp.wrap(model, adapter).run(adapter.example_inputs(model)).output.shape[-1] == 64
     with pytest.raises(ValueError, match="kinds: llava"):
-        adapter.tiny_model("qwen2_vl")
+        adapter.tiny_model("qwen3_vl")

@@ -1,0 +1,102 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): the language model's families and position groups.
+
+Qwen2-VL's vision tower runs every image's patches as one flat sequence (no batch axis), with each
+image's size in ``image_grid_thw``; the merger's output is flat too. Sites need a leading axis of
+rows, so the vision tower and the merger are not served; the language model is, with its multimodal
+rotary positions computed by the model from ``image_grid_thw`` and ``mm_token_type_ids``.
+
+Inputs are what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``
+``[patches, features]``, ``image_grid_thw`` ``[images, 3]``, ``mm_token_type_ids``), with one image per row
+and every image of the same grid. Prepared inputs hold ``pixel_values`` per row, ``[rows, patches,
+features]``, so the engine tiles and slices them with the rows; the forward flattens them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from crosspatch.sites.catalog import Catalog
+
+from .language import language_families
+
+__all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_inputs", "NOT_SERVED"]
+
+NOT_SERVED = {
+    "vision.*": "Qwen2-VL's vision tower runs all images' patches as one flat sequence without a row axis",
+    "projector_out": "Qwen2-VL's merger output is flat over all images (no row axis)",
+}
+
+
+def is_served(model: nn.Module) -> bool:
+    base = getattr(model, "model", None)
+    return hasattr(base, "visual") and hasattr(base, "language_model") and hasattr(model, "lm_head")
+
+
+def catalog(model: nn.Module) -> Catalog:
+    families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
+    return Catalog(families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
+
+
+def _token(model: nn.Module) -> int:
+    return model.config.image_token_id
+
+
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``pixel_values`` as ``[rows, patches, features]`` and ``image_grid_thw`` as ``[rows, 3]``."""
+    pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+    if pixels is None:
+        return {}
+    if grid is None:
+        raise ValueError("Qwen2-VL inputs with pixel_values need image_grid_thw ([images, 3]), as the processor returns")
+    pixels, grid = torch.as_tensor(pixels), torch.as_tensor(grid).long()
+    if grid.shape[0] != rows or bool((grid != grid[0]).any()):
+        raise ValueError(
+            f"image_grid_thw {grid.tolist()} for {rows} rows: the vlm adapter takes one image per row, all of one grid "
+            f"(resize the images to one size)"
+        )
+    if pixels.ndim == 2:  # the processor's flat [patches of every image, features]
+        pixels = pixels.view(rows, -1, pixels.shape[-1])
+    if pixels.ndim != 3 or pixels.shape[0] != rows or pixels.shape[1] != int(grid[0].prod()):
+        raise ValueError(f"pixel_values of shape {tuple(pixels.shape)} do not hold {int(grid[0].prod())} patches per row")
+    dtype = model.model.visual.patch_embed.proj.weight.dtype
+    return {"pixel_values": pixels.to(device=device, dtype=dtype), "image_grid_thw": grid.to(device)}
+
+
+def model_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward: pixels flattened back, the multimodal token types."""
+    out = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+    if "pixel_values" in inputs:
+        pixels = inputs["pixel_values"]
+        out["pixel_values"] = pixels.reshape(-1, pixels.shape[-1])
+        out["image_grid_thw"] = inputs["image_grid_thw"]
+    out["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+    return out
+
+
+def token_types(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``mm_token_type_ids`` as the processor makes them: 1 on image tokens, 0 elsewhere."""
+    return ids.eq(_token(model)).long()
+
+
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, grid: int = 4) -> dict[str, torch.Tensor]:
+    """``[bos, vision start, image tokens, vision end, text ...]`` with a ``grid`` x ``grid`` patch image per row."""
+    config, vision = model.config, model.config.vision_config
+    merge = vision.spatial_merge_size
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(3, max(4, min(config.text_config.vocab_size, 1000)), (rows, text), generator=g)
+    special = {config.image_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    for token in special:
+        words[words == token] = 3
+    n_image = grid * grid // merge ** 2
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, 1), config.vision_start_token_id),
+                     torch.full((rows, n_image), config.image_token_id), torch.full((rows, 1), config.vision_end_token_id),
+                     words], dim=1)
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    pixels = torch.randn(rows, grid * grid, features, generator=g)
+    device = model.lm_head.weight.device
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+           "image_grid_thw": torch.tensor([[1, grid, grid]] * rows), "mm_token_type_ids": token_types(model, ids)}
+    return {k: v.to(device) for k, v in out.items()}
