@@ -256,7 +256,7 @@ def capture_run(subject: Subject) -> Trial:
 # Installs that register a hook before its undo, so that only the engine's net (which warns) cleans up
 # after some of their interrupts: HeadIn.install (adapters/transformers/inputs.py) registers its hooks in a
 # list and _OutputField.install (adapters/transformers/adapter.py) returns [register_forward_hook(...)].
-NEEDS_NET = {"HeadIn.install", "_OutputField.install"}
+NEEDS_NET = {"HeadIn.install", "_OutputField.install", "TransformersAdapter.output_at", "TransformersAdapter.gradient_hooks"}
 
 
 class _Warnings(logging.Handler):
@@ -424,3 +424,20 @@ def test_remove_all_tries_every_handle_when_one_fails():
     with pytest.raises(RuntimeError, match="broken handle"):
         remove_all(handles)
     assert sorted(set(removed)) == [0, 2]
+
+
+def test_an_interrupt_while_restricting_the_output_or_adding_gradient_hooks_leaves_nothing_behind():
+    subject = _gpt2()
+    m = subject.wrapped
+    prepared = m.prepare(subject.inputs)
+    bounds = [Bound(Site("resid_pre", 1), Zero())]
+    at = torch.tensor([6, 4])
+
+    def action():
+        run = execute(m.module, m.adapter, m.catalog, prepared, bounds, capture=["resid_post.0"], grad=True, output_at=at)
+        return run.output.detach(), {k: v.detach() for k, v in run.cache.items()}
+
+    adapter = type(m.adapter)
+    engine = {execute.__code__, engine_forward._installed_forward.__code__, engine_forward._teardown.__code__}
+    assert _interrupt_everywhere(subject, Trial("output at one position, gradients", action, engine,
+                                                {adapter.output_at, adapter.gradient_hooks})) > 10
