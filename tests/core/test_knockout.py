@@ -1,6 +1,6 @@
 """Attention knockout: blocked edges get zero probability, the rest renormalised, checked against
 hand-computed attention on tiny Llama-family models (grouped-query attention: 4 query heads on 2 key/value
-heads), under causal, sliding-window and padding masks."""
+heads), under causal, sliding-window and padding masks; and position groups in site selections."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import crosspatch as cp
 from crosspatch.engine.forward import Bound
 from crosspatch.engine.interventions import Patch, Zero
 from crosspatch.engine.knockout import Knockout, KnockoutEdges, bind
+from crosspatch.sites.selection import group_sites, take_group
 from crosspatch.sites.site import SiteError
 
 from conftest import randomize, tiny_llama
@@ -140,3 +141,39 @@ def test_round_trips_to_dict():
     edges = KnockoutEdges(positions(1, 2), positions(5))
     back = KnockoutEdges._from_fields(edges.to_dict())
     assert torch.equal(back.src, edges.src) and torch.equal(back.dst, edges.dst)
+
+
+# Position groups in site selections (crosspatch.sites.selection) ----------------------------------------------
+
+def test_group_sites_split_rows_only_where_columns_differ():
+    groups = {"q": torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]).bool(),
+              "k": torch.tensor([[1, 0, 0, 0]] * 3).bool()}
+    pairs = group_sites("attn_pattern.1[head=2,pos=q,key_pos=k]", groups)
+    assert [(str(s), r) for s, r in pairs] == [
+        ("attn_pattern.1[head=2,pos={1,2},key_pos={0}]", slice(0, 2)),
+        ("attn_pattern.1[head=2,pos={2,3},key_pos={0}]", slice(2, 3)),
+    ]
+    (same,) = group_sites("resid_pre.*[pos=k]", groups)
+    assert str(same[0]) == "resid_pre.*[pos={0}]" and same[1] is None
+    assert group_sites("resid_pre.1[pos=last]", groups) == [(cp.Site.parse("resid_pre.1[pos=last]"), None)]
+    with pytest.raises(SiteError, match="no position group 'image'.*carry k, q"):
+        group_sites("resid_pre.1[pos=image]", groups)
+    with pytest.raises(SiteError, match="holds no position in rows \\[1\\]"):
+        group_sites("resid_pre.1[pos=e]", {"e": torch.tensor([[1, 0], [0, 0]]).bool()})
+
+
+def test_take_group_reads_each_rows_columns():
+    x = torch.arange(24.0).view(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]).bool()
+    assert torch.equal(take_group(x, mask), torch.stack([x[0, 1:3], x[1, [0, 3]]]))
+    with pytest.raises(SiteError, match="row by row"):
+        take_group(x, torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]]).bool())
+
+
+def test_a_patch_on_a_group_that_differs_by_row_is_refused(llama, inputs):
+    grouped = {**inputs, "group.g": torch.tensor([[0, 1] + [0] * (N - 2), [0, 0, 1] + [0] * (N - 3)]).bool()}
+    clean = llama.run(inputs, capture=["resid_pre.1"]).cache
+    with pytest.raises(SiteError, match="bound row by row"):
+        bind(llama, grouped, {"resid_pre.1[pos=g]": Patch(clean)})
+    bounds = bind(llama, grouped, {"resid_pre.1[pos=g]": Zero()})
+    assert [(b.site.selection["pos"], b.rows) for b in bounds] == [((1,), slice(0, 1)), ((2,), slice(1, 2))]
