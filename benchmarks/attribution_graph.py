@@ -122,7 +122,7 @@ def child(length: int, mode: str, rows: int, logits: int, batch: int, budget_gb:
         graph = torch.load(store, weights_only=False)
         t_rows = None
     n = graph.n_nodes
-    out = {"length": length, "mode": mode, "nodes": n, "features": graph.n_features, "nnz": graph.adjacency._nnz(),
+    out = {"length": length, "mode": mode, "batch": batch, "nodes": n, "features": graph.n_features, "nnz": graph.adjacency._nnz(),
            "rows_seconds": None if t_rows is None else round(t_rows, 2), "dense_gb": round(n * n * 4 / 1e9, 3)}
     t1 = time.perf_counter()
     if mode == "sparse":
@@ -151,19 +151,25 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"Model: random GPT-2 of GPT-2 small's geometry ({GEOMETRY}); transcoder: random per-layer JumpReLU, "
         f"{N_FEATURES} features per layer, ~{ACTIVE} active per layer and position. Rows computed: "
-        f"{args.logits} logit targets and {args.rows} feature rows (batch {args.batch}), the same in both "
+        f"{args.logits} logit target row(s) and {args.rows} feature rows (`max_feature_nodes`), the same in both "
         f"formulations: the sparse process computes them (and keeps them as COO), the dense process loads them and "
         f"only densifies and prunes, so its peak is the dense matrix's cost alone (the reference holds that matrix "
         f"while it also runs the backward passes). Peak is the process's maximum resident set; 'above start' "
         f"subtracts what it held before the graph (the model and transcoder, or the loaded rows).",
         "",
-        "| tokens | mode | nodes | active features | nonzeros | kept edges | rows s | prune s | peak MB | "
+        "Where the memory goes: the sparse process's peak is the backward passes' activations (attention's grow "
+        "with batch x tokens^2), not the adjacency, whose nonzeros are listed; the dense formulation adds its "
+        "[nodes, nodes] matrix on top of that. Times come from a shared 2-core machine with other jobs running: "
+        "read them as indicative; the memory columns are the robust measure.",
+        "",
+        "| tokens | mode | batch | nodes | active features | nonzeros | kept edges | rows s | prune s | peak MB | "
         "above start MB | dense matrix GB | note |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['length']} | {r['mode']} | {r['nodes']} | {r['features']} | {r['nnz']} | {r.get('kept_edges', '-')} | "
+            f"| {r['length']} | {r['mode']} | {r.get('batch', args.batch)} | {r['nodes']} | {r['features']} | "
+            f"{r['nnz']} | {r.get('kept_edges', '-')} | "
             f"{r['rows_seconds'] if r['rows_seconds'] is not None else '(same rows)'} | "
             f"{r.get('prune_seconds', '-')} | {r.get('peak_mb', '-')} | {r.get('peak_above_start_mb', '-')} | "
             f"{r['dense_gb']} | {r.get('skipped', '')} |")
