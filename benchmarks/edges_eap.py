@@ -1,0 +1,107 @@
+"""EAP's cost in forward-equivalents (process CPU time, 1 thread, against the bare forward in the same
+process) at the bench geometry (GPT-2, 4 layers, 8 heads, d_model 256, 16 prompts) for both pair kinds
+(differing in the middle token, and at the first position too), split into its phases, next to the
+floor an exact EAP cannot go below here: a forward with gradients, the corrupt run's share of a forward
+(the positions from the first differing one: half for the middle-token pair) and a backward to the
+inputs alone (measured: the model's own backward with no parameter gradients).
+
+    python benchmarks/edges_eap.py [--seq 16 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import gpt2_setup
+
+import crosspatch.methods.edges.gradient_scores as scores
+import crosspatch.methods.edges.patching as patching
+from crosspatch.methods.edges import eap, edge_graph
+
+PHASES = {  # what each timed function does inside eap
+    "senders": "forward with gradients (taps at every receiver)",
+    "capture_sharing_prefix": "corrupt forward",
+    "_sender_diffs": "sender differences (with the corrupt forward)",
+    "grad": "backward with the head_in scoring",
+}
+
+
+def _timed(acc: dict, obj, name: str):
+    f = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.process_time()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            acc[name] = acc.get(name, 0.0) + time.process_time() - t
+
+    setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| T | pair | EAP | forward w/ grad | corrupt forward | sender diffs | backward + scoring | "
+          "input backward alone | floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for seq in args.seq:
+        s = gpt2_setup(4, 256, seq, args.prompts)
+        g = edge_graph(s.m)
+        unshared = s.corrupt.clone()
+        unshared[:, 0] = (unshared[:, 0] + 1) % 1000
+        emb = s.model.transformer.wte(s.clean).detach()
+
+        def bare():
+            with torch.inference_mode():
+                s.model(s.clean, use_cache=False)
+
+        def backward_only() -> float:
+            e = emb.clone().requires_grad_(True)
+            out = s.model(inputs_embeds=e, use_cache=False).logits[:, -1, :2].sum()
+            t = time.process_time()
+            torch.autograd.grad(out, [e])
+            return time.process_time() - t
+
+        for _ in range(2):
+            eap(s.m, s.clean, s.corrupt, s.metric, graph=g)
+        times: dict[str, list[float]] = {"bare": [], "backward": []}
+        phases: dict[str, dict[str, float]] = {"middle": {}, "first": {}}
+        for _ in range(args.repeats):
+            t = time.process_time()
+            bare()
+            times["bare"].append(time.process_time() - t)
+            times["backward"].append(backward_only())
+            for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
+                acc: dict[str, float] = {}
+                undo = [_timed(acc, patching._Patcher, "senders"), _timed(acc, patching, "capture_sharing_prefix"),
+                        _timed(acc, scores, "_sender_diffs"), _timed(acc, torch.autograd, "grad")]
+                t = time.process_time()
+                eap(s.m, s.clean, corrupt, s.metric, graph=g)
+                acc["total"] = time.process_time() - t
+                for u in undo:
+                    u()
+                for k, v in acc.items():
+                    phases[kind].setdefault(k, []).append(v)
+        b = statistics.median(times["bare"])
+        med = {k: statistics.median(v) / b for k, v in times.items()}
+        for kind in ("middle", "first"):
+            p = {k: statistics.median(v) / b for k, v in phases[kind].items()}
+            corrupt = (seq - seq // 2) / seq if kind == "middle" else 1.0  # the positions it must compute
+            floor = 1.0 + corrupt + med["backward"]
+            print(f"| {seq} | differ at {'the middle token' if kind == 'middle' else 'position 1 too'} | "
+                  f"**{p['total']:.2f}** | {p['senders']:.2f} | {p['capture_sharing_prefix']:.2f} | "
+                  f"{p['_sender_diffs'] - p['capture_sharing_prefix']:.2f} | {p['grad']:.2f} | {med['backward']:.2f} | "
+                  f"{floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
