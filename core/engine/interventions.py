@@ -26,7 +26,7 @@ from ..sites.site import Site, SiteError
 
 __all__ = [
     "ApplyContext", "Intervention", "Patch", "Zero", "Mean", "Resample", "Noise", "Add", "Scale",
-    "ProjectOut", "Fn", "from_dict", "BUILTIN_INTERVENTIONS",
+    "ProjectOut", "KnockoutEdges", "Fn", "from_dict", "BUILTIN_INTERVENTIONS",
 ]
 
 
@@ -341,6 +341,65 @@ class Fn(Intervention):
         return f"Fn({self.name}{source})"
 
 
+@dataclass
+class KnockoutEdges(Intervention):
+    """The knockout of one attention pattern site: queries in ``dst`` do not attend to keys in ``src``.
+
+    ``src`` ``[rows, key_pos]`` and ``dst`` ``[rows, pos]`` are boolean masks (``rows`` 1 for all rows, or the
+    rows of the batch the site is bound to, or a divisor of them when the inputs are tiled). The site
+    selects heads at most; positions are the masks'. Queries with blocked edges keep the share of their
+    unblocked keys, renormalised; a query left with no key that had attention is an error (the softmax
+    over nothing is undefined). Queries none of whose attention was blocked are returned bit for bit.
+    """
+
+    kind: ClassVar[str] = "knockout"
+    src: torch.Tensor = None  # type: ignore[assignment]
+    dst: torch.Tensor = None  # type: ignore[assignment]
+
+    def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        extra = set(ctx.site.selection) - {"head"}
+        if extra or ctx.family.axis_names != ("head", "pos", "key_pos") or x.ndim != 4:
+            raise SiteError(
+                f"Knockout at {ctx.site}: expected an attention pattern [rows, head, pos, key_pos] selected by head "
+                f"at most (the positions are the knockout's), got axes {ctx.family.axis_names}"
+                + (f" with {sorted(extra)} selected" if extra else "")
+            )
+        rows, _, queries, keys = x.shape
+        src, dst = _mask_rows(self.src, rows, keys, "src", ctx.site), _mask_rows(self.dst, rows, queries, "dst", ctx.site)
+        blocked = (dst[:, None, :, None] & src[:, None, None, :]).to(x.device)
+        kept = x.masked_fill(blocked, 0)
+        lost = (x - kept).sum(dim=-1, keepdim=True)
+        total = kept.sum(dim=-1, keepdim=True)
+        touched = lost > 0
+        if bool((touched & (total <= 0)).any()):
+            where = (touched & (total <= 0)).nonzero()[0].tolist()
+            raise SiteError(
+                f"Knockout at {ctx.site}: query position {where[2]} of row {where[0]} (head {where[1]} of the selection) "
+                f"has all its attention blocked; keep at least one key it attends to (its own position, say)"
+            )
+        return torch.where(touched, kept / total.clamp_min(torch.finfo(x.dtype).tiny), x)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "src": self.src.bool().tolist(), "dst": self.dst.bool().tolist()}
+
+    @classmethod
+    def _from_fields(cls, data: Mapping) -> "KnockoutEdges":
+        return cls(torch.tensor(data["src"], dtype=torch.bool), torch.tensor(data["dst"], dtype=torch.bool))
+
+
+def _mask_rows(mask: torch.Tensor, rows: int, size: int, what: str, site: Site) -> torch.Tensor:
+    mask = mask.bool()
+    if mask.ndim == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-1] != size:
+        raise SiteError(f"Knockout at {site}: the {what} mask covers {mask.shape[-1]} positions, the pattern {size}")
+    if mask.shape[0] == rows:
+        return mask
+    if mask.shape[0] == 1 or rows % mask.shape[0] == 0:  # shared, or inputs tiled in blocks (all rows, again ...)
+        return mask.repeat(rows // mask.shape[0], 1)
+    raise SiteError(f"Knockout at {site}: the {what} mask has {mask.shape[0]} rows, the batch {rows}")
+
+
 BUILTIN_INTERVENTIONS: dict[str, type[Intervention]] = {
     cls.kind: cls for cls in (Patch, Zero, Mean, Resample, Noise, Add, Set, Scale, ProjectOut)
 }
@@ -351,7 +410,7 @@ def from_dict(data: Mapping) -> Intervention:
     from ..plugins.registry import get_registry
 
     kind = data.get("kind")
-    known = {**get_registry().interventions(), **BUILTIN_INTERVENTIONS}
+    known = {**get_registry().interventions(), **BUILTIN_INTERVENTIONS, KnockoutEdges.kind: KnockoutEdges}
     cls = known.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown intervention kind {kind!r}; known kinds: {', '.join(sorted(known))}")

@@ -4,12 +4,14 @@ heads), under causal, sliding-window and padding masks; and position groups in s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import crosspatch as cp
 from crosspatch.engine.forward import Bound
-from crosspatch.engine.interventions import Patch, Zero
+from crosspatch.engine.interventions import Patch, Zero, from_dict
 from crosspatch.engine.knockout import Knockout, KnockoutEdges, bind
 from crosspatch.sites.selection import group_sites, take_group
 from crosspatch.sites.site import SiteError
@@ -139,7 +141,8 @@ def test_unknown_group_and_bad_site_are_named(llama, inputs):
 
 def test_round_trips_to_dict():
     edges = KnockoutEdges(positions(1, 2), positions(5))
-    back = KnockoutEdges._from_fields(edges.to_dict())
+    back = from_dict(json.loads(json.dumps(edges.to_dict())))
+    assert isinstance(back, KnockoutEdges)
     assert torch.equal(back.src, edges.src) and torch.equal(back.dst, edges.dst)
 
 
