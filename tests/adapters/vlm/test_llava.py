@@ -224,3 +224,22 @@ def test_verify_builds_and_checks_each_kind(kind):
     assert cp.wrap(model, adapter).run(adapter.example_inputs(model)).output.shape[-1] == 64
     with pytest.raises(ValueError, match="kinds: llava"):
         adapter.tiny_model("qwen3_vl")
+
+
+def test_patching_the_image_positions_swaps_the_image(m):
+    """Two inputs that differ only in the image. Patching embed[pos=image] from the second run into the first
+    gives the second's logits (the text reads the image through those positions only). Patching resid_pre.1 at
+    the image positions gives the second's logits there (they read earlier text, the same in both), while the
+    last token, which read the first image in block 0, keeps a difference."""
+    from crosspatch.engine.interventions import Patch
+
+    a = vlm_inputs(seed=1)
+    b = {**a, "pixel_values": torch.randn(a["pixel_values"].shape, generator=torch.Generator().manual_seed(4))}
+    inp_a, inp_b = m.prepare(a), m.prepare(b)
+    source = m.run(inp_b, capture=["embed", "resid_pre.1"])
+    patched = m.run(inp_a, bind(m, inp_a, {"embed[pos=image]": Patch(source.cache)})).output
+    torch.testing.assert_close(patched, source.output, rtol=0, atol=1e-12)
+    later = m.run(inp_a, bind(m, inp_a, {"resid_pre.1[pos=image]": Patch(source.cache)})).output
+    image = inp_a["group.image"][0]
+    torch.testing.assert_close(later[:, image], source.output[:, image], rtol=0, atol=1e-12)
+    assert not torch.allclose(later[:, -1], source.output[:, -1])
