@@ -202,3 +202,33 @@ def test_a_transcoder_over_some_layers_leaves_the_others_as_error_nodes(setup):
     torch.testing.assert_close(replacement_run(state).output[0], state.logits, rtol=0, atol=1e-10)
     A, fd = graph.dense(), _finite_difference_columns(state, graph)
     assert float((A - fd).abs().max()) <= 1e-4 * max(float(A.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("cross_layer", [False, True], ids=["plt", "clt"])
+def test_paths_through_the_graph_are_the_replacement_models_response(setup, cross_layer):
+    """Summing every path, ``[(I - M)^-1]`` (``M``: the adjacency per unit of each source feature), gives what
+    the local replacement model does when a feature is edited: the later features respond through their
+    frozen masks and the targets move by exactly that."""
+    m, ids = setup
+    tc = random_transcoder(64, 2, cross_layer=cross_layer, seed=10)
+    graph = attribution_graph(m, tc, ids, progress=False)
+    state = clean_state(m, tc, ids)
+    A = graph.dense()
+    M = A.clone()
+    M[:, : graph.n_features] /= graph.activations[None]
+    total = torch.linalg.inv(torch.eye(graph.n_nodes, dtype=A.dtype) - M)
+    targets = [graph.target_index(k) for k in range(len(graph.targets))]
+    base = torch.stack([t.value(state.logits[None])[0] for t in graph.targets])
+    layer0 = (graph.features[:, 0] == 0).nonzero()[:, 0]
+    assert len(layer0) > 0
+    indirect = []
+    for k in layer0[:3].tolist():
+        L, p, f = graph.features[k].tolist()
+        edit = torch.zeros(1, state.n_pos, tc.n_features, dtype=torch.float64)
+        edit[0, p, f] = 1.5
+        with torch.no_grad():
+            logits = replacement_run(state, feature_edits={L: edit}, capture=["logits"]).cache["logits"]
+        moved = torch.stack([t.value(logits)[0] for t in graph.targets]) - base
+        torch.testing.assert_close(moved, 1.5 * total[targets, k], rtol=1e-7, atol=1e-10)
+        indirect.append(float((total[targets, k] - M[targets, k]).abs().max()))
+    assert max(indirect) > 1e-6  # the paths through layer 1's features count: the direct edge alone is not it
