@@ -67,3 +67,17 @@ def test_verify_reads_families_from_the_problems():
     assert statuses["hidden"].status == "exact" and not statuses["hidden"].note
     assert statuses["hidden.x"].status == "exact" and "dead end" in statuses["hidden.x"].note
     assert result.ok and not result.general
+
+
+class Float32Out(ToyNet):
+    """Returns float32 whatever its weights (as models that upcast their logits do)."""
+
+    def forward(self, x):
+        return super().forward(x).float()
+
+
+def test_a_model_that_casts_its_own_output_skips_the_dtype_check_with_the_reason():
+    families = lambda m: [SiteFamily("hidden", (POS, DIM), ModuleOutput(m, "layers.{layer}"), 2)]  # noqa: E731
+    report = check_adapter(Float32Out().eval(), inputs(), adapter_with(families), cuda=False)
+    assert report["dtype"].skipped and "itself returns torch.float32" in report["dtype"].messages[0]
+    assert report.ok, report.failures
