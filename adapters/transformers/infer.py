@@ -387,7 +387,11 @@ def _fused_layout(model: nn.Module, inputs: dict[str, Any], attention: nn.Module
     if len(fused) != 1:
         return None
     name, proj = fused[0]
-    order = column_order(model, inputs, proj, block.get_submodule(o_proj), n_heads, d_head, causal)
+    try:
+        order = column_order(model, inputs, proj, block.get_submodule(o_proj), n_heads, d_head, causal)
+    except Exception as exc:  # an attention the nudges break (a shape check, a kernel): no head_in, and why
+        notes["head_in"] = f"the experiment on the fused projection {name} raised {type(exc).__name__}: {exc}"[:300]
+        return None
     if order is None:
         notes["head_in"] = f"the columns of the fused projection {name} are neither [q | k | v] nor [head, q/k/v] by experiment"
         return None
