@@ -80,9 +80,15 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
     b, p, r, h, d = shape
     rows, slots, e = gs.shape
     sink, start = ctx.sink, ctx.sink.start
-    summed = gs.reshape(rows, slots * e) @ wc.reshape(d, slots * e).T  # sum over slots of gs_slot @ wc_slot^T
-    if proj is not None:
-        summed.addcmul_(xhat.reshape(rows, d), proj.sum(1, keepdim=True), value=-1)
+    # The slots' summed gradient: from positions start.. it is the sum of the per-slot gradients made for the
+    # sink below; before start (never handed to the sink) one matmul makes it.
+    summed = xhat.new_empty(b, p, d)
+    if start > 0:
+        front = gs.view(b, p, slots * e)[:, :start].reshape(-1, slots * e) @ wc.reshape(d, slots * e).T
+        if proj is not None:
+            front.addcmul_(xhat.view(b, p, d)[:, :start].reshape(-1, d),
+                           proj.view(b, p, slots)[:, :start].sum(-1).reshape(-1, 1), value=-1)
+        summed[:, :start] = front.view(b, start, d)
     w = wc.reshape(d, slots, e).permute(1, 2, 0)  # [slot, e, d]
     g_rows = gs.view(b, p, slots, e)[:, start:].transpose(1, 2)  # [b, slot, p - start, e]
     if proj is not None:
@@ -93,6 +99,7 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
         if proj is not None:
             u.addcmul_(x_rows[i], p_rows[i], value=-1)
         sink(i, u.view(r, h, p - start, d), *ctx.where)
+        torch.sum(u, dim=0, out=summed[i, start:])
     return (summed / slots).to(ctx.dtype).view(b, p, 1, 1, d).expand(b, p, r, h, d)
 
 
