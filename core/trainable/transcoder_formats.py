@@ -53,7 +53,10 @@ def hook_site(hook: str, layer: int, *, output: bool) -> tuple[str, bool]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError("reading a circuit-tracer config.yaml needs PyYAML: pip install pyyaml") from None
 
     path = folder / "config.yaml"
     if not path.is_file():

@@ -25,10 +25,40 @@ def model():
     return cp.wrap(randomize(tiny_gpt2()).double())
 
 
-def _validate(doc):
-    import jsonschema
+_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "null": type(None),
+          "boolean": bool}
 
-    jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
+
+def _check(value, schema, path="$"):
+    """The draft-07 keywords the schema uses (type, required, properties, items), so the check runs without
+    jsonschema; it raises ValueError naming the path."""
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        ok = any(isinstance(value, _TYPES[k]) and not (k in ("integer", "number") and isinstance(value, bool))
+                 for k in kinds)
+        if not ok:
+            raise ValueError(f"{path}: {value!r} is not of type {kinds}")
+    if isinstance(value, dict):
+        for name in schema.get("required", []):
+            if name not in value:
+                raise ValueError(f"{path}: {name!r} is a required property")
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                _check(value[name], sub, f"{path}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            _check(item, schema["items"], f"{path}[{i}]")
+
+
+def _validate(doc):
+    schema = json.loads(SCHEMA.read_text())
+    _check(doc, schema)
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(doc, schema)
 
 
 def test_export_is_valid_and_holds_the_pruned_graph(model, tmp_path):
@@ -81,13 +111,24 @@ def test_custom_targets_export_as_logit_nodes_without_a_feature(model):
 
 
 def test_the_schema_rejects_what_the_viewer_cannot_read(model):
-    import jsonschema
-
     ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(2))
     doc = to_neuronpedia(attribution_graph(model, random_transcoder(64, 2, cross_layer=False), ids, progress=False))
+    schema = json.loads(SCHEMA.read_text())
+    bad = json.loads(json.dumps(doc))
+    del bad["nodes"][0]["jsNodeId"]
+    with pytest.raises(ValueError, match="jsNodeId"):
+        _check(bad, schema)
+    bad = json.loads(json.dumps(doc))
+    bad["links"].append({"source": "a", "target": "b", "weight": "heavy"})
+    with pytest.raises(ValueError, match="weight"):
+        _check(bad, schema)
+    try:
+        import jsonschema
+    except ImportError:
+        return
     del doc["nodes"][0]["jsNodeId"]
     with pytest.raises(jsonschema.ValidationError, match="jsNodeId"):
-        _validate(doc)
+        jsonschema.validate(doc, schema)
 
 
 def test_the_transcoder_zoo_entries_register(tmp_path, monkeypatch):
