@@ -33,6 +33,7 @@ class VLMAdapter(Adapter):
     ``Idefics3ForConditionalGeneration`` (SmolVLM); see :mod:`.llava` for the layouts."""
 
     name = "vlm"
+    specific = True  # its models are PreTrainedModels, which the transformers adapter also matches
 
     def matches(self, model: nn.Module) -> bool:
         transformers = sys.modules.get("transformers")

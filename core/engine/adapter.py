@@ -31,10 +31,13 @@ class Adapter:
 
     ``fallback = True`` marks an adapter that serves any model (it matches everything): ``wrap`` asks
     it only after every other adapter declined, so it never shadows one written for the model.
+    ``specific = True`` marks an adapter for a subset of what a broader one also matches (the VLM
+    adapter's models are transformers models too): ``wrap`` asks it first.
     """
 
     name: str = ""
     fallback: bool = False
+    specific: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         """True when this adapter is meant for ``model``. Must not import heavy libraries."""

@@ -245,7 +245,8 @@ def _intervention(site: Any, value: Any) -> Intervention:
 def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Adapter:
     """The adapter for ``model``: the one named, or the first registered one that matches.
 
-    Adapters marked ``fallback`` (serving any module) are asked last, in plugin order among themselves.
+    Adapters marked ``specific`` (a subset of a broader adapter's models) are asked first, those marked
+    ``fallback`` (serving any module) last, in plugin order among themselves.
     """
     from ..plugins import registry as plugin_registry
     from ..plugins.registry import get_registry
@@ -261,7 +262,10 @@ def find_adapter(model: nn.Module, adapter: "str | Adapter | None" = None) -> Ad
             f"no adapter named {adapter!r}; installed: {', '.join(a.name for a in adapters) or 'none'} "
             f"(`crosspatch plugins` lists them)"
         )
-    for candidate in sorted(adapters, key=lambda a: bool(getattr(a, "fallback", False))):  # stable
+    def rank(a: Adapter) -> int:
+        return 2 if getattr(a, "fallback", False) else 0 if getattr(a, "specific", False) else 1
+
+    for candidate in sorted(adapters, key=rank):  # stable
         if plugin_registry.matches(candidate, model):  # a matches() that raises is skipped, with a warning
             return candidate
     cls = type(model)

@@ -16,7 +16,7 @@ import crosspatch
 from crosspatch._moved import MOVED
 
 REPO = Path(__file__).resolve().parents[2]
-CORE_PACKAGES = ["sites", "engine", "results", "plugins", "zoo", "trainable", "methods", "scale", "testing", "cli"]
+CORE_PACKAGES = sorted(p.parent.name for p in (REPO / "core").glob("*/__init__.py"))
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))

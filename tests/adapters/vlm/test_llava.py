@@ -243,3 +243,11 @@ def test_patching_the_image_positions_swaps_the_image(m):
     image = inp_a["group.image"][0]
     torch.testing.assert_close(later[:, image], source.output[:, image], rtol=0, atol=1e-12)
     assert not torch.allclose(later[:, -1], source.output[:, -1])
+
+
+def test_wrap_finds_the_vlm_adapter_before_the_transformers_one(model):
+    """A LLaVA model is a transformers model too: the VLM adapter is marked specific and asked first."""
+    from crosspatch.adapters.transformers.adapter import TransformersAdapter
+
+    assert TransformersAdapter().matches(model)
+    assert cp.wrap(model).adapter.name == "vlm"
