@@ -117,13 +117,41 @@ def check_agreement(libs: dict) -> list[str]:
         want = getattr(ref, task)().double()
         scale = float(want.abs().max())
         for name, lib in libs.items():
-            if name == "crosspatch" or not hasattr(lib, task):
-                continue
-            got = torch.as_tensor(getattr(lib, task)()).double()
-            err = float((got - want).abs().max())
-            ok = "ok" if err <= TOL else "DISAGREE"
-            lines.append(f"{task:16s} {name:16s} max|diff| {err:.2e} (max|effect| {scale:.3f}) {ok}")
+            for variant, label in ((task, name), (f"{task}_cached", f"{name} (source cached)")):
+                if name == "crosspatch" or not hasattr(lib, variant):
+                    continue
+                got = torch.as_tensor(getattr(lib, variant)()).double()
+                err = float((got - want).abs().max())
+                ok = "ok" if err <= TOL else "DISAGREE"
+                lines.append(f"{task:16s} {label:16s} max|diff| {err:.2e} (max|effect| {scale:.3f}) {ok}")
     return lines
+
+
+def floors(cp: Crosspatch, setup: Setup) -> dict[str, float]:
+    """The physical floor of each sweep, in bare forwards: the sum over sites of the fraction of blocks and
+    positions a patch can change. A patch at layer ``l`` changes blocks ``l..`` (``(L - l) / L``) and, in this
+    causal model, only positions from the first one where the patched value differs from the base run's
+    (``(T - p) / T``); a site whose value is the same in both runs changes nothing (0)."""
+    L, T = setup.layers, setup.seq
+    clean = cp.m.run(cp.clean, capture=["resid_pre.*", "head_z.*"]).cache
+    corrupt = cp.m.run(cp.corrupt, capture=["resid_pre.*", "head_z.*"]).cache
+
+    def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+        along = (a != b).movedim(1, 0).reshape(a.shape[1], -1).any(dim=1)  # [pos]
+        return int(along.long().argmax()) if bool(along.any()) else None
+
+    resid = head = 0.0
+    for layer in range(L):
+        a, b = clean[f"resid_pre.{layer}"], corrupt[f"resid_pre.{layer}"]
+        for pos in range(T):
+            if not torch.equal(a[:, pos], b[:, pos]):
+                resid += (L - layer) / L * (T - pos) / T
+        z, w = clean[f"head_z.{layer}"], corrupt[f"head_z.{layer}"]  # [batch, pos, head, d_head]
+        for h in range(z.shape[2]):
+            first = first_difference(z[:, :, h], w[:, :, h])
+            if first is not None:
+                head += (L - layer) / L * (T - first) / T
+    return {"resid_pre_sweep": resid, "head_out_sweep": head}
 
 
 def bench_size(setup: Setup, repeats: int, only=None) -> dict:
@@ -151,6 +179,9 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
         res[task] = {}
         for name, lib in libs.items():
             res[task][name] = timed(getattr(lib, task), repeats, warmup=False)
+            if hasattr(lib, f"{task}_cached"):
+                res[task][f"{name} (source cached)"] = timed(getattr(lib, f"{task}_cached"), repeats, warmup=False)
+    res["floor"] = floors(cp, setup)
     for variant in ("every_site", "recompute"):
         res["resid_pre_sweep"][f"crosspatch_{variant}"] = timed(getattr(cp, f"resid_pre_sweep_{variant}"), repeats)
     # (4) attribution, counted in bare forwards: interleaved with them round by round
@@ -172,7 +203,7 @@ def bench_size(setup: Setup, repeats: int, only=None) -> dict:
 
 def report(results: list[dict]) -> str:
     out = []
-    peers = ["TransformerLens", "pyvene", "nnsight"]
+    peers = ["TransformerLens", "pyvene", "nnsight"]  # the memory table
     out.append("| size | load (start / end) | capture every resid site vs bare HF forward: crosspatch | TransformerLens (vs its bare) | nnsight |")
     out.append("|---|---|---|---|---|")
     for r in results:
@@ -180,27 +211,31 @@ def report(results: list[dict]) -> str:
         tl = f"{f['TransformerLens'] / f['tl_bare']:.2f}x ({f['tl_bare'] / f['hf_bare']:.2f}x HF)" if "TransformerLens" in f else "-"
         nn = f"{f['nnsight'] / f['hf_bare']:.2f}x" if "nnsight" in f else "-"
         out.append(
-            f"| {s.layers}L seq {s.seq} batch {s.batch} | {r['load']} / {r['load_end']} | "
+            f"| {s.label} | {r['load']} / {r['load_end']} | "
             f"**{f['crosspatch'] / f['hf_bare']:.3f}x** (bare {f['hf_bare'] * 1e3:.1f} ms) | {tl} | {nn} |"
         )
+    peer_columns = ["TransformerLens", "pyvene (source cached)", "pyvene", "nnsight"]
+    label = {"pyvene": "pyvene, source re-run in every call (uncached)"}
     for task, title in (("resid_pre_sweep", "resid_pre sweep (layers x positions)"), ("head_out_sweep", "head_out sweep (layers x heads)")):
         variants = [v for v in ("every_site", "recompute") if task == "resid_pre_sweep"]
         heads = {"every_site": "crosspatch, every site run (TransformerLens x slower)",
                  "recompute": "crosspatch, every site, no prefix reuse (TransformerLens x slower)"}
         out.append("")
-        out.append(f"| {title} | sites | crosspatch | " + " | ".join(f"{p} (x slower than crosspatch)" for p in peers)
+        out.append(f"| {title} | sites | floor (bare forwards) | crosspatch (x floor) | "
+                   + " | ".join(f"{label.get(p, p)} (x floor; x slower than crosspatch)" for p in peer_columns)
                    + "".join(f" | {heads[v]}" for v in variants) + " | crosspatch bare forwards per site |")
-        out.append("|---|---|---|" + "---|" * (len(peers) + len(variants)) + "---|")
+        out.append("|---|---|---|---|" + "---|" * (len(peer_columns) + len(variants)) + "---|")
         for r in results:
             s, t = r["setup"], r[task]
             sites = s.layers * (s.seq if task == "resid_pre_sweep" else s.heads)
-            cells = [f"{t[p]:.2f} s ({t[p] / t['crosspatch']:.2f}x)" if p in t else "-" for p in peers]
+            floor_s = r["floor"][task] * r["forward"]["hf_bare"]
+            cells = [f"{t[p]:.2f} s ({t[p] / floor_s:.1f}; {t[p] / t['crosspatch']:.2f}x)" if p in t else "-" for p in peer_columns]
             for v in variants:
                 own = t[f"crosspatch_{v}"]
                 cells.append(f"{own:.3f} s" + (f" ({t['TransformerLens'] / own:.2f}x)" if "TransformerLens" in t else ""))
             out.append(
-                f"| {s.layers}L seq {s.seq} batch {s.batch} | {sites} | {t['crosspatch']:.3f} s | " + " | ".join(cells)
-                + f" | {t['crosspatch'] / (sites * r['forward']['hf_bare']):.2f} |"
+                f"| {s.label} | {sites} | {r['floor'][task]:.2f} | {t['crosspatch']:.3f} s (**{t['crosspatch'] / floor_s:.2f}**) | "
+                + " | ".join(cells) + f" | {t['crosspatch'] / (sites * r['forward']['hf_bare']):.2f} |"
             )
     out.append("")
     out.append("| attribution patching, all heads | crosspatch | forward-equivalents (bare HF forwards) | pair differing at position 0 too (nothing shared) | TransformerLens hook AtP | its forward-equivalents (bare TL forwards) |")
@@ -208,7 +243,7 @@ def report(results: list[dict]) -> str:
     for r in results:
         s, t = r["setup"], r["atp_heads"]
         tl = f"{t['TransformerLens'] * 1e3:.1f} ms | {t['TransformerLens'] / t['tl_bare']:.2f}" if "TransformerLens" in t else "- | -"
-        out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / t['hf_bare']:.2f}** | "
+        out.append(f"| {s.label} | {t['crosspatch'] * 1e3:.1f} ms | **{t['crosspatch'] / t['hf_bare']:.2f}** | "
                    f"{t['crosspatch_unshared'] / t['hf_bare']:.2f} | {tl} |")
     out.append("")
     out.append("| peak extra memory (MiB) | task | crosspatch | " + " | ".join(peers) + " |")
@@ -217,14 +252,14 @@ def report(results: list[dict]) -> str:
         s, m = r["setup"], r["memory"]
         for task in MEMORY_TASKS:
             cells = [f"{m[(task, p)] / 2**20:.1f}" if (task, p) in m else "-" for p in ["crosspatch", *peers]]
-            out.append(f"| {s.layers}L seq {s.seq} batch {s.batch} | {task} | " + " | ".join(cells) + " |")
+            out.append(f"| {s.label} | {task} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("Agreement (crosspatch vs each peer, same weights, denoising logit-diff effects):")
     out.append("")
     out.append("```")
     for r in results:
         s = r["setup"]
-        out.extend(f"{s.layers}L seq {s.seq} batch {s.batch}: {line}" for line in r["agreement"])
+        out.extend(f"{s.label}: {line}" for line in r["agreement"])
     out.append("```")
     return "\n".join(out)
 
@@ -234,6 +269,8 @@ def main() -> None:
     parser.add_argument(
         "--sizes", default="4x16x8,8x16x8,4x16x32", help="layers x seq x batch, comma-separated (default: ~9 min here)"
     )
+    parser.add_argument("--pairs", default="middle,first",
+                        help="which token the corrupt prompt changes: the middle one, and/or position 1 ('first')")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
     parser.add_argument("--only", default=None, help="comma-separated library names")
@@ -251,12 +288,13 @@ def main() -> None:
     for spec in args.sizes.split(","):
         layers, seq, batch = (int(x) for x in spec.split("x"))
         start = time.perf_counter()
-        results.append(bench_size(Setup(layers, seq, batch), args.repeats, only))
-        print(f"size {spec} done in {time.perf_counter() - start:.0f} s, load {uptime()}", flush=True)
-        text = report(results)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(header + "\n\n" + text + "\n")
+        for pair in args.pairs.split(","):
+            results.append(bench_size(Setup(layers, seq, batch, pair=pair), args.repeats, only))
+            print(f"size {spec} ({pair} pair) done in {time.perf_counter() - start:.0f} s, load {uptime()}", flush=True)
+            text = report(results)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(header + "\n\n" + text + "\n")
     print(text)
     bad = [line for r in results for line in r["agreement"] if "DISAGREE" in line]
     if bad:
