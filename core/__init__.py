@@ -50,12 +50,24 @@ _EXPORTS: dict[str, str] = {
     "TokenizationError": "engine.text", "FormatError": "results.formats",
     "Result": "results.result",
     "Site": "sites.site", "SiteError": "sites.site", "Span": "sites.site",
+    "head_roles": "methods.head_roles", "cdt_circuit": "methods.cdt_circuit",
+    "Knockout": "engine.knockout", "KnockoutEdges": "engine.interventions", "cross_modal_flow": "methods.vlm_flow",
+    "attribution_graph": "methods.attribution_graph.graph", "AttributionGraph": "methods.attribution_graph.graph",
+    "feature_intervention": "methods.attribution_graph.interventions",
+    "Transcoder": "trainable.transcoder", "train_transcoder": "trainable.transcoder",
+    "load_transcoder": "trainable.transcoder",
+    "run_study": "study.runner", "load_study": "study.spec",
 }
-_RENAMED = {"intervention_from_dict": ("engine.interventions", "from_dict")}
+_RENAMED = {
+    "intervention_from_dict": ("engine.interventions", "from_dict"),
+    "prune_graph": ("methods.attribution_graph.prune", "prune"),
+    "graph_scores": ("methods.attribution_graph.prune", "scores"),
+    "load_published_transcoder": ("trainable.transcoder_formats", "load_published"),
+}
 # Submodules reachable as attributes (``cp.metrics.logit_diff``), by the module that holds them.
 _SUBMODULES = {
     "metrics": "results.metrics", "tasks": "zoo.tasks", "zoo": "zoo", "testing": "testing", "report": "results.report",
-    "methods": "methods", "plugins": "plugins", "trainable": "trainable", "sae": "trainable.sae",
+    "methods": "methods", "plugins": "plugins", "trainable": "trainable", "sae": "trainable.sae", "study": "study",
 }
 
 __all__ = sorted([*_EXPORTS, *_RENAMED, "metrics", "tasks", "zoo"])
@@ -119,3 +131,16 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .trainable.sae import SAE, load_sae, train_sae
     from .trainable.sae_features import SAEFeatures
     from .zoo import tasks
+    from .engine.interventions import KnockoutEdges
+    from .engine.knockout import Knockout
+    from .methods.attribution_graph.graph import AttributionGraph, attribution_graph
+    from .methods.attribution_graph.interventions import feature_intervention
+    from .methods.attribution_graph.prune import prune as prune_graph
+    from .methods.attribution_graph.prune import scores as graph_scores
+    from .methods.cdt_circuit import cdt_circuit
+    from .methods.head_roles import head_roles
+    from .methods.vlm_flow import cross_modal_flow
+    from .study.runner import run_study
+    from .study.spec import load_study
+    from .trainable.transcoder import Transcoder, load_transcoder, train_transcoder
+    from .trainable.transcoder_formats import load_published as load_published_transcoder
