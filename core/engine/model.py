@@ -147,7 +147,9 @@ class WrappedModel:
 
         ``interventions`` maps sites to interventions (``{"head_out.1[head=2]": Patch(cache)}``; a plain
         function ``x -> new x`` is an :class:`Fn`), or is a list of :class:`Bound` for interventions on
-        chosen rows of the batch. Inputs (and an intervention's source inputs) may be text.
+        chosen rows of the batch. Inputs (and an intervention's source inputs) may be text. Sites may
+        select positions by a group the inputs carry (``resid_pre.1[pos=image]``), and the list may hold
+        :class:`~crosspatch.engine.knockout.Knockout` items (:func:`~crosspatch.engine.knockout.bind`).
         """
         prepared = self.prepare(inputs)
         capture = _site_list(capture)
@@ -156,7 +158,7 @@ class WrappedModel:
             self.adapter,
             self.catalog,
             prepared,
-            [self._tokenized_source(b) for b in _bounds(interventions)],
+            [self._tokenized_source(b) for b in _bounds(interventions, self, prepared)],
             self.capture_keys(capture, prepared) if capture else (),
             grad=grad,
         )
@@ -212,22 +214,14 @@ def _site_list(sites: Any) -> list:
     return items
 
 
-def _bounds(interventions: Any) -> list[Bound]:
+def _bounds(interventions: Any, model: "WrappedModel", prepared: Inputs) -> list[Bound]:
+    """Bound interventions; position groups and knockouts resolved against the prepared inputs."""
     if not interventions:
         return []
-    if isinstance(interventions, Mapping):
-        items: Iterable = interventions.items()
-    else:
-        items = interventions
-    out = []
-    for item in items:
-        if isinstance(item, Bound):
-            out.append(item)
-            continue
-        site, intervention = item
-        out.append(Bound(Site.parse(site), _intervention(site, intervention)))
+    from .knockout import bind
+
     return [b if isinstance(b.intervention, Intervention) else Bound(b.site, _intervention(b.site, b.intervention), b.rows)
-            for b in out]
+            for b in bind(model, prepared, interventions)]
 
 
 def _intervention(site: Any, value: Any) -> Intervention:

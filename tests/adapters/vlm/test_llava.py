@@ -251,3 +251,17 @@ def test_wrap_finds_the_vlm_adapter_before_the_transformers_one(model):
 
     assert TransformersAdapter().matches(model)
     assert cp.wrap(model).adapter.name == "vlm"
+
+
+def test_run_takes_group_sites_and_knockouts_directly(m, model):
+    """``m.run`` resolves ``pos=image`` and Knockout items as ``bind`` does: the same output."""
+    inputs = vlm_inputs()
+    prepared = m.prepare(inputs)
+    items = {"resid_pre.1[pos=image]": Zero()}
+    direct = m.run(inputs, items).output
+    assert torch.equal(direct, m.run(inputs, bind(m, prepared, items)).output)
+    assert not torch.equal(direct, m.run(inputs).output)
+    knock = [Knockout(src="image", dst="last", layers=[0, 1])]
+    assert torch.equal(m.run(inputs, knock).output, m.run(inputs, bind(m, prepared, knock)).output)
+    with pytest.raises(SiteError, match="no position group 'nope'"):
+        m.run(inputs, {"resid_pre.1[pos=nope]": Zero()})
