@@ -170,15 +170,19 @@ def _installed_forward(
     this raises, also at its last line). Every change a reach or the adapter makes through
     :class:`~crosspatch.engine.reach.Changes` during the run joins ``handles`` before it is made."""
     collect(handles)
+    # Until an install returns, the run holds every undo it registered (an interrupt loses none); then what
+    # it returned takes their place in the same step, with no line between: the run removes what install
+    # returned, as any caller of install does, so a reach that returns fewer handles than it installed
+    # leaks them and the conformance suite says so.
     for plan, callback in callbacks:
         start = len(handles)
-        _take(handles, start, plan.family.reach.install(plan.layer, callback))
+        handles[start:] = plan.family.reach.install(plan.layer, callback)
     if output_at is not None:
         start = len(handles)
-        _take(handles, start, adapter.output_at(model, output_at, whole))
+        handles[start:] = adapter.output_at(model, output_at, whole)
     if grad:
         start = len(handles)
-        _take(handles, start, adapter.gradient_hooks(model))
+        handles[start:] = adapter.gradient_hooks(model)
     prefix = None
     with _grad_mode(grad):
         if resume is not None:
@@ -206,16 +210,6 @@ def _teardown(handles: list[Handle], previous: list[Handle] | None, model: nn.Mo
             "a failed run left %d hook(s) on %s's modules that no reach handle covered; removed them",
             left, type(model).__name__,
         )
-
-
-def _take(handles: list[Handle], start: int, installed: Iterable[Handle]) -> None:
-    """The handles an install returned in place of those it registered from ``start`` on (in one step).
-
-    Until an install returns, the run holds every undo it registered, so an interrupt loses none; once it
-    returns, what it returned is what the run removes, as for any caller of ``install``: a reach that
-    returns fewer handles than it installed leaks them, and the conformance suite says so.
-    """
-    handles[start:] = list(installed)
 
 
 def _attention_mask(inputs: Inputs, n_rows: int) -> torch.Tensor | None:

@@ -49,8 +49,10 @@ class Point:
 
 
 class _Tracer:
-    def __init__(self, shallow: set[CodeType], deep: set[CodeType], admit: Callable[[str], bool], fire_at: int | None):
+    def __init__(self, shallow: set[CodeType], deep: set[CodeType], admit: Callable[[str], bool], fire_at: int | None,
+                 opaque: set[CodeType] = frozenset()):
         self.shallow, self.deep, self.admit, self.fire_at = shallow, deep, admit, fire_at
+        self.opaque = OPAQUE | opaque
         self.points: list[Point] = []
         self.frames: list[tuple[bool, str]] = []  # traced frames, innermost last: (below traced, target name)
         self.barred = 0  # barrier frames active under a traced frame
@@ -61,7 +63,7 @@ class _Tracer:
             return None
         code = frame.f_code
         below = bool(self.frames) and self.frames[-1][0]
-        if (code in BARRIERS or code in OPAQUE) and self.frames:
+        if (code in BARRIERS or code in self.opaque) and self.frames:
             self.barred += 1
             frame.f_trace_lines = False
             return self._barrier
@@ -102,22 +104,25 @@ def _trace(action: Callable[[], object], tracer: _Tracer) -> None:
 
 class Interrupter:
     """Interrupts ``action`` at each traced point: the lines of ``shallow`` (functions or code objects),
-    and those of ``deep`` and of every frame below them in a file ``admit`` accepts."""
+    and those of ``deep`` and of every frame below them in a file ``admit`` accepts, except ``opaque``
+    code (and what it calls)."""
 
-    def __init__(self, shallow: Iterable = (), deep: Iterable = (), admit: Callable[[str], bool] = lambda f: False):
+    def __init__(self, shallow: Iterable = (), deep: Iterable = (), admit: Callable[[str], bool] = lambda f: False,
+                 opaque: Iterable = ()):
         self.shallow = {getattr(t, "__code__", t) for t in shallow}
         self.deep = {getattr(t, "__code__", t) for t in deep}
         self.admit = admit
+        self.opaque = {getattr(t, "__code__", t) for t in opaque}
 
     def points(self, action: Callable[[], object]) -> list[Point]:
         """Every point of an uninterrupted ``action`` (which must complete)."""
-        tracer = _Tracer(self.shallow, self.deep, self.admit, None)
+        tracer = _Tracer(self.shallow, self.deep, self.admit, None, self.opaque)
         _trace(action, tracer)
         return tracer.points
 
     def interrupt(self, action: Callable[[], object], at: int) -> Point:
         """Run ``action`` with a KeyboardInterrupt raised at point ``at``; it must reach the caller."""
-        tracer = _Tracer(self.shallow, self.deep, self.admit, at)
+        tracer = _Tracer(self.shallow, self.deep, self.admit, at, self.opaque)
         try:
             _trace(action, tracer)
         except KeyboardInterrupt:
