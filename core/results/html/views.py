@@ -116,6 +116,8 @@ def _facts(meta: Mapping[str, Any]) -> list[str]:
             continue
         if key == "baseline" and isinstance(value, Mapping):
             facts.append(", ".join(f"{k} {_fmt(v)}" for k, v in value.items()))
+        elif key == "baseline":
+            facts.append(f"baseline {_fmt(value)}")
         elif key == "n_prompts":
             facts.append(f"{value} prompts")
         elif key == "normalize":
