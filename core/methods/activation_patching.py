@@ -24,7 +24,9 @@ __all__ = ["activation_patching"]
 
 # Token rows (prompts x positions computed) a resumed forward holds at most on a CPU when the caller
 # gives no batch_size: a matmul's cost per row is lowest from about 64 to 256 rows at GPT-2's widths.
-CPU_TOKENS_PER_FORWARD = 256
+# None: one site per forward (each site's numbers then do not depend on which other sites are swept,
+# bit for bit; batched sites round differently, by about 1e-7).
+CPU_TOKENS_PER_FORWARD: int | None = 256
 
 
 def activation_patching(
@@ -57,11 +59,16 @@ def activation_patching(
     on an accelerator, one site's prompts on a CPU; :func:`~crosspatch.methods.pairs.rows_per_forward`).
     With ``reuse_prefix`` (and an adapter that can resume), a batch of sites at layer ``L`` and
     position ``p`` starts from the unpatched run's residual at block ``L``, and in causal models
-    from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same.
+    from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same. On a
+    CPU without a ``batch_size``, sites that start at the same position then share forwards where a
+    cost model says that is cheaper (:func:`~crosspatch.engine.resume.resume_chunks`), up to
+    :data:`CPU_TOKENS_PER_FORWARD` token rows. In a causal model the source run computes only the
+    positions from the first one where its inputs differ from the base run's.
     With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
     prompt: in a causal model, every position before the first token where the inputs differ) is
     not run at all: writing the value already there changes nothing, so its effect is exactly 0;
     ``Result.skipped`` marks those sites (plots draw them hatched; ``metadata["sites_run"]`` counts the others).
+    A site over every position is patched from the first position where its values differ.
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
@@ -104,7 +111,7 @@ def activation_patching(
         # patched from there on (the same values), so a causal run resumes there.
         patched = [site if not differs[i] else site.with_(pos=Span(differs[i], None)) for i, site in enumerate(patched)]
     per_forward, tokens = max(1, rows_per_forward(batch_size, m, n) // n), None
-    if batch_size is None and base.prefix is not None and model_device(m.module).type == "cpu":
+    if batch_size is None and base.prefix is not None and CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
         # On a CPU a forward over few token rows costs mostly its weights' reads: sites that start at the
         # same position share forwards while that is cheaper (resume_chunks' cost model), up to a few
         # hundred token rows (beyond that a row costs more again: the activations leave the cache).
