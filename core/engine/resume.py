@@ -145,6 +145,7 @@ def windowed(site: Site, pos: int, length: int) -> Site:
 # row costs as much as four to five rows of a large batch), and each block adds hooks and Python. Batches
 # are planned with this cost model (:func:`resume_chunks`).
 FORWARD_OVERHEAD_TOKENS = 8
+MERGE_POSITIONS = True
 
 
 def resume_chunks(
@@ -159,12 +160,14 @@ def resume_chunks(
 
     Without a prefix the batches follow the sweep's order and run the whole model. With one, sites
     are grouped by the position they may start at and ordered by layer; a batch resumes at its
-    first site's layer and position, so its later sites recompute the blocks between their layer
-    and the batch's. Each position's sites are split into the batches of least cost (exactly, by
-    dynamic programming) under the model ``blocks run x (overhead + token rows)``: a site's token
-    rows are the prompts times the positions from its start on, and ``overhead`` is a forward's
-    fixed cost per block in token rows. ``tokens_per_forward`` caps a batch's token rows (a site
-    with more runs alone), as ``per_forward`` caps its sites.
+    first site's layer and the group's position, so its later sites recompute the blocks between
+    their layer and the batch's. Each group's sites are split into the batches of least cost
+    (exactly, by dynamic programming) under the model ``blocks run x (overhead + token rows)``: a
+    site's token rows are the prompts times the positions from the group's start on, and
+    ``overhead`` is a forward's fixed cost per block in token rows. From the last position down, a
+    position's sites join the next earlier position's group (their runs computing the positions
+    between as well) while that plan costs less than two. ``tokens_per_forward`` caps a batch's
+    token rows (a site with more runs alone), as ``per_forward`` caps its sites.
     """
     if prefix is None:
         return [(list(range(i, min(i + per_forward, len(sites)))), None) for i in range(0, len(sites), per_forward)]
@@ -177,11 +180,28 @@ def resume_chunks(
     by_pos: dict[int, list[int]] = {}
     for i in sorted((i for i in range(len(sites)) if starts[i] is not None), key=lambda i: (starts[i], i)):
         by_pos.setdefault(starts[i][1], []).append(i)  # type: ignore[index]
-    for pos, members in by_pos.items():
-        tokens = rows * (length - pos)  # every site of a position computes the same token rows
+    def plan(pos: int, members: list[int]) -> tuple[float, list[tuple[list[int], Resume]]]:
+        members = sorted(members, key=lambda i: (starts[i][0], i))  # type: ignore[index]
+        tokens = rows * (length - pos)  # every site of the group computes the same token rows
         most = per_forward if tokens_per_forward is None else min(per_forward, max(1, tokens_per_forward // tokens))
-        for lo, hi in _least_cost_split([starts[i][0] for i in members], n_layers, tokens, overhead, most):  # type: ignore[index]
-            chunks.append((members[lo:hi], Resume(prefix, starts[members[lo]][0], pos)))  # type: ignore[index]
+        layers = [starts[i][0] for i in members]  # type: ignore[index]
+        split = _least_cost_split(layers, n_layers, tokens, overhead, most)
+        cost = sum((n_layers - layers[lo]) * (overhead + (hi - lo) * tokens) for lo, hi in split)
+        return cost, [(members[lo:hi], Resume(prefix, layers[lo], pos)) for lo, hi in split]
+
+    # From the last position down, a position's sites join the next earlier position's group (computing the
+    # positions between too) while one plan of both costs less than two.
+    groups = sorted(by_pos.items(), reverse=True)
+    current: tuple[int, list[int]] | None = None
+    for pos, members in groups:
+        if current is not None:
+            if MERGE_POSITIONS and plan(pos, current[1] + members)[0] < plan(*current)[0] + plan(pos, members)[0]:
+                current = (pos, current[1] + members)
+                continue
+            chunks.extend(plan(*current)[1])
+        current = (pos, members)
+    if current is not None:
+        chunks.extend(plan(*current)[1])
     return chunks
 
 
