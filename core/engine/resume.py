@@ -145,7 +145,7 @@ def windowed(site: Site, pos: int, length: int) -> Site:
 # row costs as much as four to five rows of a large batch), and each block adds hooks and Python. Batches
 # are planned with this cost model (:func:`resume_chunks`).
 FORWARD_OVERHEAD_TOKENS = 8
-MERGE_POSITIONS = True
+MERGE_POSITIONS = True  # False: each position its own group (for measuring what joining positions saves)
 
 
 def resume_chunks(
