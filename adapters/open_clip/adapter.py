@@ -18,6 +18,7 @@ Do not run the same model from another thread while a crosspatch run is under wa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import weakref
@@ -28,7 +29,7 @@ from torch import nn
 
 from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
 from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
-from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule, temporarily
 
 from crosspatch.adapters.transformers.inputs import HeadIn, InputLayout
 from crosspatch.adapters.transformers.reaches import HeadZ
@@ -118,20 +119,16 @@ class _Unfused:
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Unfused twins in place of fused attention modules; the originals are back afterwards, also on error."""
-        swapped: list[tuple[nn.Module, nn.Module]] = []
-        try:
+        with temporarily() as changes:
             for layer in range(self.tower.n_layers):
                 block = self._block(layer)
                 attn = block.attn
                 if isinstance(attn, UnfusedAttention) or not is_fused(attn):
                     continue
                 twin = self.attention(layer)
+                changes.undo(functools.partial(setattr, block, "attn", attn))  # registered before the swap
                 block.attn = twin
-                swapped.append((block, attn))
             yield
-        finally:
-            for block, attn in reversed(swapped):
-                block.attn = attn
 
 
 _UNFUSED: "weakref.WeakKeyDictionary[nn.Module, dict[str, _Unfused]]" = weakref.WeakKeyDictionary()

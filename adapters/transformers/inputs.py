@@ -29,7 +29,7 @@ from torch import nn
 
 from crosspatch.sites.catalog import Axis, SiteFamily
 from crosspatch.engine.offload import reads_weights
-from crosspatch.engine.reach import Callback, Handle, ModuleInput, aliases, slot_sink, submodule
+from crosspatch.engine.reach import Callback, Handle, ModuleInput, aliases, installing, slot_sink, submodule
 
 from .slot_grad import slot_gradient
 
@@ -156,9 +156,11 @@ class HeadIn:
             return hook
 
         role_sets = [(0, 1, 2)] if len(projs) == 1 else [(0,), (1,), (2,)]
-        handles = [reader.register_forward_pre_hook(before_norm, with_kwargs=True)]
-        handles += [p.register_forward_hook(reads_weights(splice(r), *([ln] if ln is not None else []))) for p, r in zip(projs, role_sets)]
-        return handles
+        with installing() as changes:
+            changes.forward_pre_hook(reader, before_norm, with_kwargs=True)
+            for p, r in zip(projs, role_sets):
+                changes.forward_hook(p, reads_weights(splice(r), *([ln] if ln is not None else [])))
+            return changes.handles
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -254,20 +254,9 @@ def capture_run(subject: Subject) -> Trial:
 
 
 # Installs that register a hook before its undo, so that only the engine's net (which warns) cleans up
-# after some of their interrupts: HeadIn.install (adapters/transformers/inputs.py) registers its hooks in a
-# list and _OutputField.install (adapters/transformers/adapter.py) returns [register_forward_hook(...)].
-NEEDS_NET = {"HeadIn.install", "_OutputField.install", "TransformersAdapter.output_at", "TransformersAdapter.gradient_hooks"}
-
-
-def _known_gaps() -> set:
-    """Code the slow run does not interrupt, because it is known to leave state behind: open_clip's
-    forward swaps each fused attention for its unfused twin (``block.attn = twin``) before it records the
-    swap, so an interrupt between the two keeps the twin in the model (adapters/open_clip/adapter.py)."""
-    try:
-        from crosspatch.adapters.open_clip.adapter import _Unfused
-    except ImportError:
-        return set()
-    return {getattr(_Unfused.swapped, "__wrapped__", _Unfused.swapped)}
+# after some of their interrupts: _OutputField.install (adapters/transformers/adapter.py) returns
+# [register_forward_hook(...)], and output_at / gradient_hooks register theirs the same way.
+NEEDS_NET = {"_OutputField.install", "TransformersAdapter.output_at", "TransformersAdapter.gradient_hooks"}
 
 
 class _Warnings(logging.Handler):
@@ -285,7 +274,7 @@ def _interrupt_everywhere(subject: Subject, trial: Trial) -> int:
     assert _same_output(subject)
     reference = trial.action()
     assert state(subject) == before and _same_output(subject), f"{subject.name}: an uninterrupted run left state behind"
-    interrupter = Interrupter(trial.shallow, trial.deep, REGISTRATION, opaque=_known_gaps())
+    interrupter = Interrupter(trial.shallow, trial.deep, REGISTRATION)
     points = interrupter.points(trial.action)
     assert points, f"{subject.name}: {trial.label} passed no traced line"
     if not SLOW:
