@@ -296,14 +296,20 @@
     var n = opts.labels.length;
     var bw = Math.max(6, Math.min(40, Math.floor((opts.width || 760) / Math.max(1, n))));
     var rotated = opts.labels.some(function (l) { return String(l).length > 2; }) || bw < 18;
-    var plotH = 150, left = 48, bottom = rotated ? Math.min(130, textWidth(opts.labels, 6) * 0.8 + 10) : 22;
+    var limit = opts.limit || 1;
+    // One-signed values use the whole height; mixed signs put 0 in the middle.
+    var known = opts.values.filter(function (v) { return v !== null; });
+    var up = known.some(function (v) { return v > 0; }), down = known.some(function (v) { return v < 0; });
+    var plotH = 150, bottom = rotated ? Math.min(130, textWidth(opts.labels, 6) * 0.8 + 10) : 22;
+    var left = Math.max(48, textWidth([fmt(limit), fmt(-limit)], 7) + 12);
     var width = left + bw * n + 8, height = plotH + bottom + 10;
     var root = svg("svg", { width: width, height: height, class: "cp-bars", role: "img" });
-    var limit = opts.limit || 1, mid = 5 + plotH / 2, scale = (plotH / 2 - 4) / limit;
+    var mid = down && !up ? 9 : up && !down ? plotH - 4 : 5 + plotH / 2;
+    var scale = (up !== down ? plotH - 13 : plotH / 2 - 4) / limit;
     root.appendChild(svg("line", { x1: left, x2: width - 4, y1: mid, y2: mid, stroke: "#555", "stroke-width": 0.8 }));
-    root.appendChild(svg("text", { x: left - 6, y: 12, class: "cp-axis", "text-anchor": "end", text: fmt(limit) }));
+    if (up || !down) root.appendChild(svg("text", { x: left - 6, y: 12, class: "cp-axis", "text-anchor": "end", text: fmt(limit) }));
     root.appendChild(svg("text", { x: left - 6, y: mid + 4, class: "cp-axis", "text-anchor": "end", text: "0" }));
-    root.appendChild(svg("text", { x: left - 6, y: plotH + 2, class: "cp-axis", "text-anchor": "end",
+    if (down || !up) root.appendChild(svg("text", { x: left - 6, y: plotH + 2, class: "cp-axis", "text-anchor": "end",
       text: fmt(-limit) }));
     opts.values.forEach(function (v, i) {
       var skipped = opts.skipped && opts.skipped[i];
