@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= crosspatch-out
 
-.PHONY: install dev demo test bench bench-env tl-agreement coverage clean
+.PHONY: install dev demo test bench bench-env tl-agreement coverage gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: bench-env
 # crosspatch against TransformerLens (or hand-written hooks) on the same weights, family by family.
 tl-agreement: bench-env
 	$(BENCH)/bin/python benchmarks/tl_agreement.py
+
+# On a machine with a CUDA GPU: conformance there, one timed sweep, AtP and EAP against TransformerLens (one table).
+gpu-check: bench-env
+	$(BENCH)/bin/python benchmarks/gpu_check.py
 
 # Which transformers model types are served, and how: builds a tiny model of every type, writes docs/coverage.md.
 coverage: install

@@ -20,6 +20,12 @@ PLANTED = [(1, 2), (2, 0)]
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
+def close(got, want):
+    """Verified values are activation_patching's; the sweep batches sites into forwards differently, so the
+    last float32 bits may differ (measured up to 2.2e-7)."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def _planted(scale: float = 8.0):
     """A 3-layer GPT-2 with heads 1.2 and 2.0's output projections scaled up, a pair differing at position 3
     and the logit difference the corruption moves most."""
@@ -57,7 +63,7 @@ def test_verified_effects_are_activation_patchings_values(planted, sweeps):
     for pattern, res in loc.sweeps.items():
         verified = np.array(res.metadata["verified"], dtype=bool)
         assert verified.shape == res.values.shape
-        np.testing.assert_array_equal(res.values[verified], sweeps[pattern].values[verified])  # exactly
+        close(res.values[verified], sweeps[pattern].values[verified])
         estimate = np.array(res.metadata["estimate"])
         np.testing.assert_array_equal(res.values[~verified], estimate[~verified])
         checked += int(verified.sum())
@@ -66,7 +72,7 @@ def test_verified_effects_are_activation_patchings_values(planted, sweeps):
     # the same for sites given as a list: one call of activation_patching on the verified sites
     sites = sorted(loc.verified)
     again = cp.activation_patching(m, clean, corrupt, sites, metric, normalize=True, progress=False)
-    assert again.values.tolist() == [loc.verified[s] for s in sites]
+    close(again.values, np.array([loc.verified[s] for s in sites]))
 
 
 def test_noising_verifies_with_noising_patching(planted):
@@ -78,7 +84,7 @@ def test_noising_verifies_with_noising_patching(planted):
         res = loc.sweep(pattern)
         verified = np.array(res.metadata["verified"], dtype=bool)
         assert verified.any()
-        np.testing.assert_array_equal(res.values[verified], exact.values[verified])
+        close(res.values[verified], exact.values[verified])
 
 
 def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted, sweeps):
@@ -89,9 +95,10 @@ def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted,
         assert res.metadata["max_unverified_bound"] == 0.0
     for pattern, res in loc.sweeps.items():
         assert res.dims == sweeps[pattern].dims and res.coords == sweeps[pattern].coords
-        np.testing.assert_array_equal(res.values, sweeps[pattern].values)
-        order = np.argsort(-np.abs(res.values.reshape(-1)), kind="stable")
-        assert order.tolist() == np.argsort(-np.abs(sweeps[pattern].values.reshape(-1)), kind="stable").tolist()
+        close(res.values, sweeps[pattern].values)
+        # localize's ranking is the sweep's, up to sites whose effects differ by rounding
+        ranked = np.abs(sweeps[pattern].values.reshape(-1))[np.argsort(-np.abs(res.values.reshape(-1)), kind="stable")]
+        assert (np.diff(ranked) <= 2e-6).all()
         skipped = sweeps[pattern].skipped
         assert np.array(res.metadata["skipped"]).tolist() == skipped.tolist()  # positions before 3 are not run
     fine = sum(sweeps[p].metadata["sites_run"] for p in level_patterns("component_pos"))
@@ -159,7 +166,7 @@ def test_the_layer_level_catches_what_atp_cannot_see():
         assert big.any()
         found = loc.sweep(pattern)
         assert np.array(found.metadata["verified"])[big].all()
-        np.testing.assert_array_equal(found.values[big], exact.values[big])
+        close(found.values[big], exact.values[big])
 
 
 def test_forwards_are_the_rows_run(planted, monkeypatch):

@@ -144,7 +144,7 @@ def test_chunks_cover_every_site_once_and_resume_where_they_may(toy):
         if resume is None:
             assert all(s is None for s in starts)
         else:
-            assert all(s[1] == resume.pos and s[0] >= resume.layer for s in starts)
+            assert all(s[1] >= resume.pos and s[0] >= resume.layer for s in starts)
     assert sorted(i for chunk, _ in resume_chunks(sites, catalog, None, 5) for i in chunk) == members
 
 
