@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reach import Handle
+from .reach import Handle, installing
 
 __all__ = ["restrict"]
 
@@ -41,4 +41,7 @@ def restrict(head: nn.Module, positions: torch.Tensor) -> list[Handle]:
 
     # Other hooks of the module (installed before) see its input and output whole: gathering runs after
     # their pre-hooks, scattering before their hooks.
-    return [head.register_forward_pre_hook(gather), head.register_forward_hook(scatter, prepend=True)]
+    with installing() as changes:
+        changes.forward_pre_hook(head, gather)
+        changes.forward_hook(head, scatter, prepend=True)
+        return changes.handles
