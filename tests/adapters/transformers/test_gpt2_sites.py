@@ -515,17 +515,15 @@ def _switch_transformers():  # T5 with mixture-of-experts MLPs (T5 itself is ser
     return SwitchTransformersForConditionalGeneration(config)
 
 
-def _opt():
-    from transformers import OPTConfig, OPTForCausalLM
+def _jetmoe():  # its attention writes through a mixture of output experts: no one output projection
+    from crosspatch.adapters.transformers.tiny import tiny_model
 
-    return OPTForCausalLM(
-        OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50, word_embed_proj_dim=32)
-    )
+    return tiny_model("jetmoe")
 
 
-# GPT-J is served by inference now (tests/adapters/transformers/test_inferred.py).
+# GPT-J and OPT are served by inference now (tests/adapters/transformers/test_inferred.py).
 @pytest.mark.parametrize("build,cls", [(_switch_transformers, "SwitchTransformersForConditionalGeneration"),
-                                       (_opt, "OPTForCausalLM")])
+                                       (_jetmoe, "JetMoeForCausalLM")])
 def test_unsupported_model_raises_adapter_error(build, cls):
     model = build().eval()
     with pytest.raises(cp.AdapterError) as err:
