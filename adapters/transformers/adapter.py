@@ -15,7 +15,7 @@ from torch import nn
 from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
 from crosspatch.sites.catalog import Axis, Catalog, LinearFrom, SiteFamily
 from crosspatch.engine.output_positions import restrict
-from crosspatch.engine.reach import ModuleInput, ModuleOutput, submodule
+from crosspatch.engine.reach import ModuleInput, ModuleOutput, installing, submodule
 
 from . import clip, seq2seq, seq2seq_proof
 from .architectures import ARCHITECTURES, Architecture
@@ -48,7 +48,9 @@ class _OutputField:
             output[name] = new
             return output
 
-        return [self.root.register_forward_hook(hook)]
+        with installing() as changes:
+            changes.forward_hook(self.root, hook)
+            return changes.handles
 
 
 class InferenceWarning(UserWarning):

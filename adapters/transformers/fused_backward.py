@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from crosspatch.engine.reach import installing
 
 __all__ = ["gelu_tanh_hooks"]
 
@@ -48,9 +49,13 @@ def _hook(module: nn.Module, args: tuple, output):
     return _TanhGelu.apply(x, output.detach())
 
 
-def gelu_tanh_hooks(model: nn.Module) -> list[RemovableHandle]:
+def gelu_tanh_hooks(model: nn.Module) -> list:
     """Hooks giving every tanh-GELU module of ``model`` the fused backward; the caller removes them."""
     if nn.modules.module._global_forward_hooks:
         return []
     classes = _tanh_gelu_classes()
-    return [m.register_forward_hook(_hook, prepend=True) for m in model.modules() if isinstance(m, classes)]
+    with installing() as changes:
+        for m in model.modules():
+            if isinstance(m, classes):
+                changes.forward_hook(m, _hook, prepend=True)
+        return changes.handles

@@ -253,10 +253,9 @@ def capture_run(subject: Subject) -> Trial:
     return Trial("capture every family", action, engine, install_codes(subject))
 
 
-# Installs that register a hook before its undo, so that only the engine's net (which warns) cleans up
-# after some of their interrupts: _OutputField.install (adapters/transformers/adapter.py) returns
-# [register_forward_hook(...)], and output_at / gradient_hooks register theirs the same way.
-NEEDS_NET = {"_OutputField.install", "TransformersAdapter.output_at", "TransformersAdapter.gradient_hooks"}
+# Installs whose interrupts only the engine's net (which warns) may clean up: none, every install registers
+# each undo before its change.
+NEEDS_NET: set = set()
 
 
 class _Warnings(logging.Handler):
