@@ -6,7 +6,9 @@ public method itself (``activation_patching`` or ``attribution_patching``) on th
 
 * site blocks are independent (a site's value never depends on the other sites of a sweep), and a
   block of activation-patching sites starts at a multiple of the sites one forward holds, so each
-  forward sees the same rows as in the local run: site-sharded Results are bit-identical;
+  forward sees the same rows as in the local run: site-sharded Results are bit-identical (with an explicit
+  ``batch_size``; on a CPU without one, sites sharing a start are grouped by a cost model over the sweep
+  they are given, so a block rounds in the last float32 bits as its own groups do);
 * a block of prompt rows runs with a metric that sees the global prompt index, so per-prompt targets
   (answer tokens) line up, and that keeps what every call returned. From those calls a block sends back
   every prompt's baselines and (activation patching) every prompt's effect on every site, each matched
