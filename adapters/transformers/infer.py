@@ -30,6 +30,7 @@ from .architectures import Architecture
 from .branches import Branches, branches, is_norm, post_norms
 from .examples import example_inputs, forward_kwargs, takes_images
 from .inputs import InputLayout
+from .slot_grad import rms_gamma
 from .probe import Flow, first_tensor, probe, same
 
 __all__ = ["InferenceError", "Inferred", "infer", "config_int", "has_submodule", "sizing_config"]
@@ -333,15 +334,16 @@ def _final_norm(flow: Flow, last: str, outside: dict[str, nn.Module]) -> str | N
 
 
 def _plain_norm(module: nn.Module, x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-    """A LayerNorm, or a norm that computes ``weight * x / rms(x)`` (what head_in recomputes and differentiates)."""
+    """A LayerNorm, or a norm that computes ``gamma * x / rms(x)`` with ``gamma`` its weight or ``1 + weight``
+    (what head_in recomputes and differentiates)."""
     if isinstance(module, nn.LayerNorm):
         return True
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    weight = getattr(module, "weight", None)
-    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or x is None:
+    gamma = rms_gamma(module)
+    if gamma is None or x is None:
         return False
     h = x.float()
-    return same(weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), y)
+    return same(gamma * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), y)
 
 
 def _layout(attention: nn.Module, attn: str, flow: Flow, first: str, in_norm: str | None, in_norm_module: nn.Module | None,
@@ -355,7 +357,7 @@ def _layout(attention: nn.Module, attn: str, flow: Flow, first: str, in_norm: st
     if in_norm_module is not None and not _plain_norm(
         in_norm_module, flow.inputs.get(f"{first}.{in_norm}"), flow.outputs.get(f"{first}.{in_norm}")
     ):
-        notes["head_in"] = f"the input norm {in_norm} is neither a LayerNorm nor weight * RMSNorm (head_in recomputes it per slot)"
+        notes["head_in"] = f"the input norm {in_norm} is neither a LayerNorm nor an RMSNorm scaled by its weight or 1 + weight (head_in recomputes it per slot)"
         return None, n_heads
     by_role = []
     for names in (_Q, _K, _V):

@@ -31,7 +31,7 @@ from crosspatch.sites.catalog import Axis, SiteFamily
 from crosspatch.engine.offload import reads_weights
 from crosspatch.engine.reach import Callback, Handle, ModuleInput, aliases, installing, slot_sink, submodule
 
-from .slot_grad import slot_gradient
+from .slot_grad import rms_gamma, slot_gradient
 
 __all__ = ["InputLayout", "HeadIn", "input_families", "LAYOUTS"]
 
@@ -74,13 +74,14 @@ def _norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         return x
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if eps is None or not hasattr(module, "weight"):
+    gamma = rms_gamma(module)
+    if gamma is None:
         raise TypeError(f"head_in cannot recompute the norm {type(module).__name__}")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return module.weight * h.to(dtype)
+    return gamma * h.to(dtype)
 
 
 class HeadIn:

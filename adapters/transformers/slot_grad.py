@@ -11,12 +11,42 @@ is reached through the slots alone, each path once, and no gradient is computed 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from crosspatch.engine.reach import SlotSink
 
-__all__ = ["slot_gradient"]
+__all__ = ["slot_gradient", "rms_gamma"]
+
+_OFFSET: "weakref.WeakKeyDictionary[nn.Module, bool | None]" = weakref.WeakKeyDictionary()
+
+
+def rms_gamma(norm: nn.Module) -> "torch.Tensor | None":
+    """The scale an RMS norm multiplies ``x / rms(x)`` by: its ``weight``, or ``1 + weight`` for norms that
+    store the offset (Gemma's); None when the module computes neither. Found once per module by running
+    its own forward (no hooks) on a probe and comparing with both forms."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        return None
+    if norm not in _OFFSET:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(2, weight.shape[-1], generator=gen).to(device=weight.device, dtype=weight.dtype)
+            y = norm.forward(x).double()
+            h = x.double()
+            xhat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            w = weight.detach().double()
+            err = {False: (w * xhat - y).abs().max(), True: ((1 + w) * xhat - y).abs().max()}
+            best = min(err, key=lambda k: err[k])
+            tol = 1e-6 if weight.dtype == torch.float64 else 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            _OFFSET[norm] = best if err[best] <= tol * (1 + y.abs().max()) else None
+    offset = _OFFSET[norm]
+    if offset is None:
+        return None
+    return 1 + weight if offset else weight
 
 
 def _stats(norm: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -29,11 +59,12 @@ def _stats(norm: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch
         xhat, _, rstd = torch.native_layer_norm(h, h.shape[-1:], None, None, norm.eps)  # one fused pass
         gamma = norm.weight if norm.weight is not None else torch.ones(h.shape[-1], device=h.device)
         return xhat, rstd, gamma.detach().to(h.dtype), "layer"
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None or not hasattr(norm, "weight"):
+    gamma = rms_gamma(norm)
+    if gamma is None:
         raise TypeError(f"head_in cannot differentiate through the norm {type(norm).__name__} (LayerNorm or RMSNorm expected)")
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return h * rstd, rstd, norm.weight.detach().to(h.dtype), "rms"
+    return h * rstd, rstd, gamma.detach().to(h.dtype), "rms"
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

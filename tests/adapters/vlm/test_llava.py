@@ -148,14 +148,13 @@ def test_vision_knockout_uses_the_vision_patterns(m):
 
 @pytest.fixture(scope="module")
 def paligemma():
-    with pytest.warns(InferenceWarning, match="head_in"):  # Gemma's (1 + w) RMSNorm: head_in is not served
-        return cp.wrap(tiny_paligemma().double(), VLMAdapter())
+    return cp.wrap(tiny_paligemma().double(), VLMAdapter())
 
 
 @pytest.mark.filterwarnings("ignore::crosspatch.adapters.transformers.adapter.InferenceWarning")  # the copies the suite makes
 def test_paligemma_conforms(paligemma):
     assert_conforms(paligemma.module, paligemma_inputs(), VLMAdapter())
-    assert "attn_pattern" in paligemma.sites() and "head_in" in paligemma.sites().unavailable
+    assert "attn_pattern" in paligemma.sites() and "head_in" in paligemma.sites()  # Gemma's (1 + w) RMSNorm
 
 
 def test_paligemma_prefix_attends_both_ways(paligemma, m):
