@@ -6,9 +6,14 @@ significant bits (a relative step of 2^-8 = 0.004 per rounding) and float16 11 (
 errors add up through the layers and, for effects, a difference of two runs cancels most of the value
 they are taken of. Measured worst relative errors (bfloat16 / float16): activation patching of
 ``resid_pre`` 0.023 / 0.004, of heads 0.12 / 0.012 (head effects are small against the logits they
-change), AtP 0.04 / 0.002, path patching 0.07 / 0.005, EAP 0.017 / 0.002, EAP-IG 0.019 / 0.002; each
-tolerance is about twice that. A low-precision run must also differ from float32 (it really ran in
-that dtype) and keep the ranking of the largest effects.
+change), AtP 0.04 / 0.002, path patching 0.07 / 0.005, EAP 0.017 / 0.002, EAP-IG 0.019 / 0.002,
+mediation (TE, NDE, NIE) 0.031 / 0.0016, CD-T relevance of every head 0.042 / 0.0029; each tolerance is
+about twice that. A low-precision run must also differ from float32 (it really ran in that dtype) and
+keep the ranking of the largest effects.
+
+ACDC decides edge by edge against a threshold, so rounding can flip decisions near it: in float16 it
+keeps the float32 circuit exactly; in bfloat16 31 of the 110 decisions flipped here. Its test asserts
+the first and only that the second runs and keeps a circuit.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from crosspatch.methods.attribution import attribution_patching
-from crosspatch.methods.edges import eap, eap_ig
+from crosspatch.methods.edges import acdc, eap, eap_ig
 from crosspatch.methods.path_patching import path_patching
 
 G = torch.Generator().manual_seed(0)
@@ -41,6 +46,9 @@ METHODS = {
                                              progress=False),
     "eap": lambda m: eap(m, CLEAN, CORRUPT, METRIC),
     "eap_ig": lambda m: eap_ig(m, CLEAN, CORRUPT, METRIC, steps=3),
+    "mediation": lambda m: cp.mediation(m, CLEAN, CORRUPT, ["head_out.1[head=0]", "mlp_out.0"], METRIC,
+                                        n_boot=50).to_result(),
+    "cdt": lambda m: cp.cdt(m, CLEAN, "head_out.*[head=*]", METRIC, progress=False),
 }
 # relative tolerances (of the largest float32 value): bfloat16, float16
 TOLERANCE = {
@@ -50,6 +58,8 @@ TOLERANCE = {
     "path_patching": (0.15, 0.01),
     "eap": (0.04, 0.005),
     "eap_ig": (0.04, 0.005),
+    "mediation": (0.06, 0.004),
+    "cdt": (0.08, 0.006),
 }
 
 
@@ -77,3 +87,10 @@ def test_method_runs_in_low_precision_within_its_tolerance(models, reference, na
     assert 0 < err <= TOLERANCE[name][dtype == torch.float16], f"{name} in {dtype}: relative error {err:.3g}"
     top = np.argsort(-np.abs(want.reshape(-1)))[:3]
     assert set(top) <= set(np.argsort(-np.abs(got.reshape(-1)))[:5])  # the largest effects stay on top
+
+
+def test_acdc_keeps_the_float32_circuit_in_float16_and_runs_in_bfloat16(models):
+    kept = {dtype: np.asarray(acdc(m, CLEAN, CORRUPT, METRIC, threshold=0.01).values) != 0 for dtype, m in models.items()}
+    assert 0 < kept[torch.float32].sum() < kept[torch.float32].size
+    np.testing.assert_array_equal(kept[torch.float16], kept[torch.float32])
+    assert kept[torch.bfloat16].any()
