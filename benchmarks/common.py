@@ -1,10 +1,13 @@
-"""What the single-library benchmarks share: a median timer and one random-init GPT-2 with a
-clean/corrupt pair that differs in the middle token."""
+"""What the single-library benchmarks share: a median timer, the peak resident memory of a call, and one
+random-init GPT-2 with a clean/corrupt pair that differs in the middle token."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,6 +27,31 @@ def median_time(fn, repeats: int, clock=time.perf_counter) -> float:
         fn()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_peak(fn):
+    """``(peak extra resident bytes, result)`` of one call of ``fn`` (Linux): after ``gc`` and ``malloc_trim``
+    the process's peak RSS is reset (``/proc/self/clear_refs`` with ``5``); the peak reached during the call
+    minus the RSS before it."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS:")
+    out = fn()
+    return _status("VmHWM:") - before, out
 
 
 def paired(fns: dict, repeats: int, clock=time.process_time) -> dict:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import os
 import sys
 import time
@@ -29,30 +27,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from common import rss_peak  # noqa: E402
 from peers import Crosspatch, Setup, TransformerLens  # noqa: E402
-
-_libc = ctypes.CDLL("libc.so.6")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 def measure(fn):
     """``(CPU seconds, peak extra MiB, result)`` of one call."""
-    gc.collect()
-    _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS:")
-    start = time.process_time()
-    out = fn()
-    spent = time.process_time() - start
-    return spent, (_status("VmHWM:") - before) / 2**20, out
+    spent = []
+
+    def timed():
+        start = time.process_time()
+        out = fn()
+        spent.append(time.process_time() - start)
+        return out
+
+    peak, out = rss_peak(timed)
+    return spent[0], peak / 2**20, out
 
 
 def run(seq: int) -> dict:

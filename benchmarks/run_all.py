@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import os
 import platform
 import statistics
@@ -28,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import paired  # noqa: E402
+from common import paired, rss_peak  # noqa: E402
 from peers import LIBS, Crosspatch, Setup  # noqa: E402
 
 TOL = 1e-4
@@ -51,17 +49,6 @@ def timed(fn, repeats: int, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
-_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_memory(fn) -> float:
     """Peak extra memory (bytes) of one call of ``fn``."""
     if torch.cuda.is_available():
@@ -71,14 +58,7 @@ def peak_memory(fn) -> float:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS:")
-    fn()
-    return _status("VmHWM:") - before
+    return rss_peak(fn)[0]
 
 
 def uptime() -> str:
