@@ -129,6 +129,8 @@ class _Embed(nn.Module):
 class ResidualToy(nn.Module):
     """Token ids ``[batch, pos]`` -> two logits per position, float64 (see the module docstring)."""
 
+    d_model = D_MODEL
+
     def __init__(self, vocab: int = 50):
         super().__init__()
         self.vocab = vocab
@@ -151,15 +153,17 @@ class ResidualToyAdapter(Adapter):
         return isinstance(model, ResidualToy)
 
     def catalog(self, model):
-        pos, dim, head = Axis("pos"), Axis("dim", D_MODEL), Axis("head", N_HEADS)
+        """The edge-graph families of a :class:`ResidualToy` (or a subclass of another width)."""
+        pos, dim, head = Axis("pos"), Axis("dim", model.d_model), Axis("head", N_HEADS)
+        layers = len(model.blocks)
         return Catalog([
             SiteFamily("embed", (pos, dim), ModuleOutput(model, "embed")),
-            SiteFamily("head_in", (pos, Axis("qkv", 3), head, dim), ModuleOutput(model, "blocks.{layer}.fan"), N_LAYERS),
-            SiteFamily("head_out", (pos, head, dim), ModuleOutput(model, "blocks.{layer}.heads"), N_LAYERS),
-            SiteFamily("mlp_in", (pos, dim), ModuleOutput(model, "blocks.{layer}.mlp_in"), N_LAYERS),
-            SiteFamily("mlp_out", (pos, dim), ModuleOutput(model, "blocks.{layer}.mlp"), N_LAYERS),
+            SiteFamily("head_in", (pos, Axis("qkv", 3), head, dim), ModuleOutput(model, "blocks.{layer}.fan"), layers),
+            SiteFamily("head_out", (pos, head, dim), ModuleOutput(model, "blocks.{layer}.heads"), layers),
+            SiteFamily("mlp_in", (pos, dim), ModuleOutput(model, "blocks.{layer}.mlp_in"), layers),
+            SiteFamily("mlp_out", (pos, dim), ModuleOutput(model, "blocks.{layer}.mlp"), layers),
             SiteFamily("logits_in", (pos, dim), ModuleOutput(model, "logits_in")),
-        ], "ResidualToy")
+        ], type(model).__name__)
 
     def prepare(self, model, inputs):
         ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs

@@ -40,8 +40,6 @@ import functools
 import torch
 from torch import nn
 
-from ..engine.reach import ModuleOutput
-from ..sites.catalog import Axis, Catalog, SiteFamily
 from .ground_truth import N_HEADS, ResidualToy, ResidualToyAdapter, _Fan, _Heads
 from .ground_truth import _Embed as ResidualEmbed
 
@@ -87,6 +85,8 @@ class RoleToy(ResidualToy):
     """Token ids ``[batch, pos]`` -> two logits per position, float64 (see the module docstring): the residual
     toy's layout with other blocks and readout."""
 
+    d_model = D_MODEL
+
     def __init__(self, vocab: int = 50):
         super().__init__(vocab)
         self.embed = _Embed(vocab)
@@ -99,23 +99,13 @@ class RoleToy(ResidualToy):
 
 
 class RoleToyAdapter(ResidualToyAdapter):
-    """The edge-graph families of :class:`RoleToy`, read where :class:`ResidualToyAdapter` reads them."""
+    """The edge-graph families of :class:`RoleToy`, read where :class:`ResidualToyAdapter` reads them (its
+    catalog, at the role toy's width)."""
 
     name = "role_toy"
 
     def matches(self, model):
         return isinstance(model, RoleToy)
-
-    def catalog(self, model):
-        pos, dim, head = Axis("pos"), Axis("dim", D_MODEL), Axis("head", N_HEADS)
-        families = [("embed", (pos, dim), "embed", None), ("logits_in", (pos, dim), "logits_in", None)]
-        families[1:1] = [
-            (name, axes, f"blocks.{{layer}}.{module}", N_LAYERS)
-            for name, axes, module in (("head_in", (pos, Axis("qkv", 3), head, dim), "fan"), ("head_out", (pos, head, dim), "heads"),
-                                       ("mlp_in", (pos, dim), "mlp_in"), ("mlp_out", (pos, dim), "mlp"))
-        ]
-        return Catalog([SiteFamily(name, axes, ModuleOutput(model, path), layers) for name, axes, path, layers in families],
-                       "RoleToy")
 
 
 def role_toy(vocab: int = 50):
