@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import Callback, Handle, installing, submodule
+from crosspatch.engine.reach import Callback, Changes, Handle, installing, submodule, temporarily
 from crosspatch.sites.catalog import Axis, SiteFamily
 
 __all__ = ["Experts", "find_experts", "expert_families", "ExpertOut", "RouterLogits"]
@@ -169,10 +169,10 @@ def expert_families(base: nn.Module, layers: str, pos: Axis, dim: Axis) -> tuple
 
 
 class _Routed:
-    """Raw hooks on one layer's experts module and router: the top-k indices, the module's output and the
-    router's logits, as torch hands them over."""
+    """Raw hooks on one layer's experts module and router, registered through ``changes``: the top-k indices,
+    the module's output and the router's logits, as torch hands them over."""
 
-    def __init__(self, block: nn.Module, experts: Experts):
+    def __init__(self, block: nn.Module, experts: Experts, changes: Changes):
         self.index: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
@@ -186,13 +186,9 @@ class _Routed:
             value = output if isinstance(output, torch.Tensor) else output[0]
             self.logits = value.detach()
 
-        self.handles = [module.register_forward_hook(routed, with_kwargs=True)]
+        changes.forward_hook(module, routed, with_kwargs=True)
         if experts.router is not None:
-            self.handles.append(block.get_submodule(experts.router).register_forward_hook(logits))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+            changes.forward_hook(block.get_submodule(experts.router), logits)
 
 
 def prove_experts(model: nn.Module, adapter, catalog, inputs, source_inputs, layers: str, proof) -> None:
@@ -210,14 +206,12 @@ def prove_experts(model: nn.Module, adapter, catalog, inputs, source_inputs, lay
     block = blocks[layer]
     experts = find_experts(block)
     keys = [f"{name}.{layer}" for name in ("expert_out", "router_logits") if name in catalog]
-    raw = _Routed(block, experts)
-    try:
+    with temporarily() as changes:
+        raw = _Routed(block, experts, changes)
         run = execute(model, adapter, catalog, inputs, capture=keys)
         index, output, logits = raw.index, raw.output, raw.logits
         source = execute(model, adapter, catalog, source_inputs, capture=keys)
         source_index = raw.index
-    finally:
-        raw.remove()
     writes = run.cache[f"expert_out.{layer}"]  # [batch, pos, expert, d]
     rows = writes.shape[:2]
     proof.check("expert_out", writes.sum(dim=2), output.unflatten(0, rows), "the experts' writes do not sum to the experts' output")
@@ -248,10 +242,7 @@ def prove_experts(model: nn.Module, adapter, catalog, inputs, source_inputs, lay
             weights[pos][idx[pos] == k] = 0  # token pos of row 0
             return module.forward(x, idx, weights)
 
-        handle = module.register_forward_hook(drop, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                expected = adapter.output(adapter.forward(model, inputs))
-        finally:
-            handle.remove()
+        with temporarily() as changes, torch.no_grad():
+            changes.forward_hook(module, drop, with_kwargs=True)
+            expected = adapter.output(adapter.forward(model, inputs))
         proof.check("expert_out", patched, expected, "an expert patched out at one token differs from dropping its routing weight")

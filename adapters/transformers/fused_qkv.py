@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from crosspatch.engine.reach import temporarily
+
 __all__ = ["column_order"]
 
 
@@ -32,15 +34,11 @@ def _columns(role: int, head: int, n_heads: int, d_head: int, head_major: bool) 
 def _z(model: nn.Module, inputs: dict[str, Any], proj: nn.Module, o_proj: nn.Module, nudge) -> torch.Tensor:
     """The output projection's input with ``nudge(output)`` applied to the fused projection's output."""
     seen: list[torch.Tensor] = []
-    handles = [o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))]
-    if nudge is not None:
-        handles.append(proj.register_forward_hook(lambda module, args, output: nudge(output.clone())))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with temporarily() as changes, torch.no_grad():
+        changes.forward_pre_hook(o_proj, lambda module, args: seen.append(args[0].detach().clone()))
+        if nudge is not None:
+            changes.forward_hook(proj, lambda module, args, output: nudge(output.clone()))
+        model(**inputs)
     return seen[0]
 
 

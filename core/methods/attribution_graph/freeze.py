@@ -24,6 +24,7 @@ from torch import nn
 
 from ...engine.forward import Bound
 from ...engine.interventions import Fn
+from ...engine.reach import temporarily
 from ...sites.site import Site
 
 __all__ = ["FrozenNorms", "NormError", "find_norms", "pattern_bounds"]
@@ -119,12 +120,10 @@ class FrozenNorms:
 
         for norm in self.norms:
             norm.form = norm.sigma = None
-        handles = [n.module.register_forward_hook(hook(n)) for n in self.norms]
-        try:
+        with temporarily() as changes:
+            for n in self.norms:
+                changes.forward_hook(n.module, hook(n))
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def detach(self) -> None:
         """Copy the recorded scales out of inference mode (a clean run's tensors cannot enter autograd)."""
@@ -145,13 +144,11 @@ class FrozenNorms:
                 return (norm.y.to(x.dtype) + delta).to(output.dtype)
             return fn
 
-        live = [n for n in self.norms if n.sigma is not None]
-        handles = [n.module.register_forward_hook(hook(n)) for n in live]
-        try:
+        with temporarily() as changes:
+            for n in self.norms:
+                if n.sigma is not None:
+                    changes.forward_hook(n.module, hook(n))
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def pattern_bounds(layers: "list[int]", patterns: "dict[int, torch.Tensor]") -> list[Bound]:
