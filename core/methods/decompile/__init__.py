@@ -1,0 +1,1 @@
+"""Decompiling transformers into RASP-like Python: prune causally, match parts to primitives, emit code."""

@@ -1,0 +1,1 @@
+"""Zoo entries of decompilation: small transformers trained here on algorithmic tasks."""
