@@ -284,6 +284,13 @@ def _callback(
     fam = plan.family
     pos_axis = 1 + fam.axis_names.index("pos") if window else 0
 
+    def source_mask(bound: Bound, last: bool) -> torch.Tensor | None:
+        """The source's attention mask over the run's window (none for per-row last tokens: all real)."""
+        held = sources.get(id(bound.intervention))
+        if last or held is None or held.attention_mask is None or "pos" not in fam.axis_names:
+            return None
+        return held.attention_mask[:, window:] if window else held.attention_mask
+
     def source_of(bound: Bound, last: bool) -> torch.Tensor | None:
         """The source activation in the run's window; with ``last``, its own rows' last real tokens."""
         held = sources.get(id(bound.intervention))
@@ -303,7 +310,7 @@ def _callback(
 
     def apply(bound: Bound, target: torch.Tensor, index: tuple, x: torch.Tensor, last: bool = False) -> torch.Tensor:
         source = source_of(bound, last)
-        new = bound.intervention.apply(x, ApplyContext(bound.site, fam, index, target, source))
+        new = bound.intervention.apply(x, ApplyContext(bound.site, fam, index, target, source, source_mask(bound, last)))
         if new.shape != x.shape:
             raise SiteError(
                 f"{type(bound.intervention).__name__} at {bound.site} returned shape {tuple(new.shape)}, "

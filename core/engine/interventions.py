@@ -39,6 +39,9 @@ class ApplyContext:
     index: tuple
     target: torch.Tensor
     source: torch.Tensor | None = None
+    # The source run's attention mask over the source's positions ([rows, pos]; 1 real, 0 padding),
+    # when the source inputs carried one and the family has a position axis.
+    source_mask: torch.Tensor | None = None
 
     def select(self, tensor: torch.Tensor) -> torch.Tensor:
         """Select this site's axes from a batched tensor laid out like the target."""
@@ -151,7 +154,12 @@ class Zero(Intervention):
 
 @dataclass
 class Mean(Intervention):
-    """Mean ablation: the reference set's mean activation over ``over`` (``batch`` and/or axes)."""
+    """Mean ablation: the reference set's mean activation over ``over`` (``batch`` and/or axes).
+
+    When the reference inputs carry an ``attention_mask``, padded positions do not count: each position
+    is averaged over the rows where it is a real token (a position padded in every row keeps the plain
+    mean), and over real positions only when ``pos`` is averaged too.
+    """
 
     kind: ClassVar[str] = "mean"
     reference: Any = None
@@ -174,8 +182,31 @@ class Mean(Intervention):
         if "batch" not in self.over:
             raise SiteError(f"Mean at {ctx.site}: over={tuple(self.over)} must include 'batch' (the reference set)")
         dims = [names.index(n) for n in self.over]
-        mean = _wide(ref).mean(dim=dims, keepdim=True).to(ref.dtype).expand(1, *ref.shape[1:])
-        return ctx.select(mean).expand_as(x)
+        mean = _masked_mean(_wide(ref), dims, _position_weights(ref, names, ctx.source_mask))
+        return ctx.select(mean.to(ref.dtype).expand(1, *ref.shape[1:])).expand_as(x)
+
+
+def _position_weights(ref: torch.Tensor, names: tuple[str, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The source's padding mask laid along ``ref``'s batch and position axes (None: every entry counts)."""
+    if mask is None or "pos" not in names:
+        return None
+    pos = names.index("pos")
+    if tuple(mask.shape) != (ref.shape[0], ref.shape[pos]):
+        return None
+    shape = [1] * ref.ndim
+    shape[0], shape[pos] = ref.shape[0], ref.shape[pos]
+    return mask.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32).reshape(shape)
+
+
+def _masked_mean(wide: torch.Tensor, dims: list[int], weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over ``dims`` counting only real (unpadded) entries; where none is real, the plain mean."""
+    plain = wide.mean(dim=dims, keepdim=True)
+    if weights is None:
+        return plain
+    weights = weights.to(wide.dtype)
+    count = (weights.expand_as(wide)).sum(dim=dims, keepdim=True)
+    real = (wide * weights).sum(dim=dims, keepdim=True) / count.clamp_min(1)
+    return torch.where(count > 0, real, plain)
 
 
 @dataclass

@@ -452,3 +452,21 @@ def test_capture_reads_an_iterable_of_sites_once(toy, x):
         toy.capture(x, 3)
     with pytest.raises(TypeError, match="list of lists"):
         toy.capture(x, [["hidden.0"]])
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_mean_counts_only_real_positions_of_a_padded_reference(pad):
+    """Mean over a padded reference set averages each position over the rows where it is a real token
+    (and over real positions only when ``pos`` is averaged too): equal to the mean taken by hand."""
+    from conftest import padded_prompts, randomize, tiny_gpt2
+
+    m = cp.wrap(randomize(tiny_gpt2()))
+    ref, x = padded_prompts(11, pad=pad), padded_prompts(12)
+    acts = m.capture(ref, "resid_pre.1")["resid_pre.1"].double()
+    mask = ref["attention_mask"].double()
+    per_pos = (acts * mask[..., None]).sum(0) / mask.sum(0)[:, None]
+    overall = (acts * mask[..., None]).sum((0, 1)) / mask.sum()
+    assert not torch.allclose(per_pos, acts.mean(0)), "the padding must matter for this test to mean anything"
+    for intervention, expected in [(cp.Mean(ref), per_pos), (cp.Mean(ref, over=("batch", "pos")), overall)]:
+        got = m.run(x, {"resid_pre.1": intervention}, capture="resid_pre.1").cache["resid_pre.1"].double()
+        assert torch.allclose(got, expected.expand_as(got), atol=1e-5), (got - expected).abs().max()
