@@ -1,0 +1,302 @@
+"""MIPS end to end: a trained :class:`TaskRNN` in, a verified standalone Python program out.
+
+Pipeline (Michaud et al. 2024, arXiv 2402.05110, written from the paper's description):
+
+1. normalise the hidden state by exact changes of basis, then quantise weights where predictions stay
+   unchanged (:mod:`.normalise`);
+2. if the reachable hidden states are finite, the finite-state machine they induce, minimised
+   (:mod:`.fsm`); its states labelled by their output, breadth first, or by their lattice coordinates;
+3. otherwise the integer lattice of the hidden states seen on sample inputs (:mod:`.lattice`);
+4. symbolic regression of each state coordinate's update and of the output (:mod:`.regress`), with a
+   lookup table for a finite machine whose update no formula fits;
+5. emission of a standalone module (:mod:`.emit`) and verification against the network on every
+   input up to length 12 and against the task's ground truth at held-out lengths (:mod:`.verify`).
+
+A candidate program is screened against the network on the sample inputs; the first that passes is
+verified in full. A task counts as solved only when that verification passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...progress import progress_bar
+from ...zoo.algorithmic.rnn import TaskRNN
+from .basis import change_basis
+from .emit import ProgramSpec, emit
+from .fsm import Machine, explore, minimise
+from .inputs import Alphabet, all_sequences, random_sequences, run_hidden, run_predict
+from .lattice import Lattice, find_lattice
+from .normalise import normalise, quantise
+from .regress import fit_expression
+from .tasks import TaskInfo, task_info
+from .verify import Verification, as_program_input, compile_program, verify_program
+
+__all__ = ["Extraction", "extract_program"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Extraction:
+    """The outcome of :func:`extract_program` (what ``verification.json`` holds, plus the program).
+
+    ``solved`` only when the program equals the network on every checked input and the ground truth at
+    the held-out lengths; ``reason`` says why not otherwise. ``route`` is ``"finite-state machine"``
+    or ``"integer lattice"``; ``fits`` names the regression family of every emitted expression."""
+
+    model: str
+    task: str
+    solved: bool
+    reason: str
+    route: str | None = None
+    program: str | None = None
+    verification: Verification | None = None
+    normalisation: list[str] = field(default_factory=list)
+    normalised_max_error: float = float("nan")
+    normalised_equal: bool = False
+    quantised: str = ""
+    machine_states: int | None = None
+    lattice: dict[str, Any] | None = None
+    fits: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("verification", "program")}
+        d["verification"] = None if self.verification is None else self.verification.to_dict()
+        return d
+
+
+@dataclass
+class _Candidate:
+    route: str
+    spec: ProgramSpec
+    fits: dict[str, str]
+    complete: bool  # every part is a formula (no lookup table)
+
+
+def _names(k: int, d: int) -> tuple[list[str], list[str]]:
+    return (["h"] if k == 1 else [f"h{i}" for i in range(k)]), (["x"] if d == 1 else [f"x{i}" for i in range(d)])
+
+
+def _candidate(route: str, title: str, labels: np.ndarray, init: np.ndarray, rows_v: np.ndarray,
+               rows_next: np.ndarray, states: np.ndarray, outs: np.ndarray, d: int,
+               table: tuple[dict, dict] | None, notes: list[str]) -> _Candidate | None:
+    """Regress the update of every state coordinate and the output; fall back to ``table`` parts."""
+    k = labels.shape[1]
+    state_names, input_names = _names(k, d)
+    fits: dict[str, str] = {}
+    update: list[str] | None = []
+    for i, name in enumerate(state_names):
+        fit = fit_expression(rows_v, rows_next[:, i], state_names + input_names)
+        if fit is None:
+            update = None
+            break
+        update.append(fit.text)
+        fits[f"{name} update"] = fit.family
+    out_fit = fit_expression(states, outs, state_names)
+    output = None if out_fit is None else out_fit.text
+    if out_fit is not None:
+        fits["output"] = out_fit.family
+    if (update is None or output is None) and (table is None or k != 1):
+        return None
+    spec = ProgramSpec(title, state_names, [int(v) for v in init], input_names, update=update,
+                       update_table=None if update is not None else table[0], output=output,
+                       output_table=None if output is not None else table[1], notes=notes)
+    return _Candidate(route, spec, fits, update is not None and output is not None)
+
+
+def _machine_candidates(m: Machine, info: TaskInfo, title: str) -> list[_Candidate]:
+    steps = np.asarray(info.alphabet.steps, dtype=np.int64)
+    d, n = steps.shape[1], m.size
+    labellings: list[tuple[str, np.ndarray]] = []
+    if len(set(m.out)) == n:
+        labellings.append(("its output", np.array(m.out, dtype=np.int64)[:, None]))
+    labellings.append(("breadth-first order", np.arange(n, dtype=np.int64)[:, None]))
+    if m.points is not None and n > 1:
+        lat = find_lattice(m.points, m.points[0])
+        if lat is not None and lat.dim and len(np.unique(lat.coords, axis=0)) == n:
+            labellings.append((f"its {lat.dim}-d lattice coordinates", lat.coords))
+    out: list[_Candidate] = []
+    for how, labels in labellings:
+        rows_v = np.array([[*labels[s], *steps[a]] for s in range(n) for a in range(len(steps))], dtype=np.int64)
+        rows_next = np.array([labels[m.next[s][a]] for s in range(n) for a in range(len(steps))], dtype=np.int64)
+        key = [int(v) for v in labels[:, 0]]
+        step_keys = [int(s[0]) if d == 1 else tuple(int(v) for v in s) for s in steps]
+        table = ({(key[s], step_keys[a]): key[m.next[s][a]] for s in range(n) for a in range(len(steps))},
+                 {key[s]: int(m.out[s]) for s in range(n)})
+        notes = [f"A {n}-state machine read from the network's hidden states; a state is labelled by {how}."]
+        c = _candidate("finite-state machine", title, labels, labels[0], rows_v, rows_next, labels,
+                       np.array(m.out, dtype=np.int64), d, table, notes)
+        if c is not None:
+            out.append(c)
+    return sorted(out, key=lambda c: not c.complete)
+
+
+def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: str) -> tuple[list[_Candidate], Lattice | None, str]:
+    h = run_hidden(net, seqs)
+    h0 = net.h0.detach().double().numpy()
+    prev = np.concatenate([np.broadcast_to(h0, (len(seqs), 1, h.shape[2])), h[:, :-1]], axis=1)
+    lat = find_lattice(h.reshape(-1, h.shape[2]), h0, steps=(h - prev).reshape(-1, h.shape[2]))
+    if lat is None:
+        return [], None, "the hidden states lie on no integer lattice (and their set kept growing: no finite machine)"
+    z = np.round(lat.encode(h.reshape(-1, h.shape[2]))).astype(np.int64).reshape(len(seqs), seqs.shape[1], -1)
+    z0 = np.round(lat.encode(h0[None])).astype(np.int64)[0]
+    zp = np.concatenate([np.broadcast_to(z0, (len(seqs), 1, lat.dim)), z[:, :-1]], axis=1)
+    rows_v = np.concatenate([zp, seqs], axis=2).reshape(-1, lat.dim + seqs.shape[2])
+    y = run_predict(net, seqs).reshape(-1)
+    kind = "Boolean" if lat.boolean else "integer"
+    notes = [f"The hidden state is a point of a {lat.dim}-d {kind} lattice; h holds its coordinates."]
+    c = _candidate("integer lattice", title, z.reshape(-1, lat.dim), z0, rows_v, z.reshape(-1, lat.dim),
+                   z.reshape(-1, lat.dim), y, seqs.shape[2], None, notes)
+    if c is None:
+        return [], lat, "no formula in the regression families fits the update or the output on the lattice coordinates"
+    return [c], lat, ""
+
+
+def _sample_inputs(alphabet: Alphabet, seed: int, n: int = 2000, length: int = 12) -> np.ndarray:
+    short = max(1, min(length, int(np.log(n) / np.log(max(len(alphabet), 2)))))
+    exhaustive = all_sequences(alphabet, short)
+    exhaustive = np.concatenate([exhaustive, random_sequences(alphabet, len(exhaustive), length - short, seed)], axis=1)
+    return np.concatenate([exhaustive, random_sequences(alphabet, n, length, seed + 1)])
+
+
+def _resolve(source: Any, task: Any) -> tuple[TaskRNN, str, Any]:
+    if isinstance(source, TaskRNN):
+        return source, type(source).__name__, task
+    if isinstance(source, str):
+        from ...zoo import store
+
+        spec = store.get(source)
+        loaded = store.load(source)
+        if not isinstance(loaded.model, TaskRNN):
+            raise TypeError(f"zoo model {source!r} is a {type(loaded.model).__name__}, not a TaskRNN: MIPS reads recurrent networks")
+        return loaded.model, source, task if task is not None else (spec.task or source.removeprefix("rnn-"))
+    raise TypeError(f"source must be a zoo name or a TaskRNN, not {type(source).__name__}")
+
+
+def extract_program(
+    source: TaskRNN | str,
+    task: Any = None,
+    out: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    seed: int = 0,
+    verify_length: int = 12,
+) -> Extraction:
+    """Extract a Python program from a recurrent network and verify it (see the module docstring).
+
+    ``source``: a zoo name (``"rnn-parity-last2"``) or a :class:`TaskRNN`; ``task``: a task name, an
+    algorithmic task or a :class:`TaskInfo` (default: the zoo entry's task). ``out``: a folder to
+    write ``program.py``, ``verification.json`` and ``lattice.png`` into."""
+    start = time.perf_counter()
+    stages = iter(progress_bar(range(5), enabled=progress, desc="MIPS", total=5))
+    rnn, model_name, task = _resolve(source, task)
+    rnn = change_basis(rnn, np.eye(rnn.shape.hidden_dim)).eval()  # a float64 copy
+    info = task_info(task, rnn)
+    title = f"{info.name}: the program MIPS extracted from {model_name}."
+    result = Extraction(model_name, info.name, False, "")
+    seqs = _sample_inputs(info.alphabet, seed)
+    target = run_predict(rnn, seqs)
+
+    next(stages, None)
+    logger.info("normalising the hidden state of %s", model_name)
+    norm = normalise(rnn, seqs)
+    result.normalisation = list(norm.steps)
+    import torch
+
+    with torch.no_grad():
+        x = torch.as_tensor(seqs, dtype=torch.float64)
+        result.normalised_max_error = float((norm.rnn(x) - rnn(x)).abs().max())
+    result.normalised_equal = bool(np.array_equal(run_predict(norm.rnn, seqs), target))
+    quant = quantise(norm.rnn, seqs)
+    result.quantised = f"{quant.snapped} of {quant.total} parameters snapped to integers or simple fractions"
+    nets = [("quantised", quant.rnn)] if quant.snapped else []
+    nets.append(("normalised", norm.rnn))
+
+    next(stages, None)
+    reasons: list[str] = []
+    chosen: tuple[_Candidate, TaskRNN] | None = None
+    plot_data: dict[str, Any] = {}
+    for label, net in nets:
+        machine = explore(net, info.alphabet)
+        if machine.closed:
+            m = minimise(machine)
+            result.machine_states = m.size
+            cands = _machine_candidates(m, info, title)
+            plot_data = {"net": net, "points": m.points, "labels": [f"s{i}→{o}" for i, o in enumerate(m.out)]}
+            if not cands:
+                reasons.append(f"{label}: {m.size}-state machine, but a state has more than one coordinate and no formula fits")
+        else:
+            cands, lat, why = _lattice_candidates(net, info, seqs, title)
+            if lat is not None:
+                result.lattice = {"dim": lat.dim, "method": lat.method, "boolean": lat.boolean,
+                                  "bits_per_state": round(lat.bits, 3), "residual": round(lat.residual, 4)}
+                pts = np.unique(lat.coords, axis=0)[:60]
+                plot_data = {"net": net, "points": lat.origin + pts @ lat.basis,
+                             "labels": [",".join(str(int(v)) for v in p) for p in pts]}
+            else:
+                plot_data = {"net": net}
+            if why:
+                reasons.append(f"{label}: {why}")
+        for cand in cands:
+            program = compile_program(emit(cand.spec))
+            outputs = [[int(v) for v in program(s)] for s in as_program_input(seqs)]
+            if np.array_equal(np.array(outputs), target):
+                chosen = (cand, net)
+                break
+            reasons.append(f"{label}: a {cand.route} program differed from the network on the sample inputs")
+        if chosen is not None:
+            break
+
+    next(stages, None)
+    if chosen is None:
+        result.reason = "; ".join(reasons) or "no candidate program"
+    else:
+        cand, _ = chosen
+        result.route, result.fits = cand.route, cand.fits
+        result.program = emit(cand.spec)
+        ver = verify_program(result.program, rnn, info.alphabet, info.truth, length=verify_length, seed=seed)
+        result.verification = ver
+        result.solved = ver.solved
+        if not ver.matches_network:
+            result.reason = f"differs from the network on {ver.network_mismatches} of {ver.network_checked} inputs"
+        elif info.truth is None:
+            result.reason = "equal to the network, but no ground truth was given"
+        elif not ver.matches_truth:
+            result.reason = (f"equal to the network up to length {verify_length}, but differs from the ground "
+                             f"truth on {ver.truth_mismatches} of {ver.truth_checked} longer inputs")
+
+    next(stages, None)
+    result.seconds = round(time.perf_counter() - start, 3)
+    if out is not None:
+        _write(result, Path(out), plot_data, seqs)
+    next(stages, None)
+    logger.info("%s: %s in %.1f s", info.name, "solved" if result.solved else f"not solved ({result.reason})", result.seconds)
+    return result
+
+
+def _write(result: Extraction, folder: Path, plot_data: dict[str, Any], seqs: np.ndarray) -> None:
+    from .plot import plot_states
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if result.program is not None:
+        (folder / "program.py").write_text(result.program)
+        result.files["program"] = str(folder / "program.py")
+    net = plot_data.get("net")
+    if net is not None:
+        h = run_hidden(net, seqs[:1500]).reshape(-1, net.shape.hidden_dim)
+        y = run_predict(net, seqs[:1500]).reshape(-1)
+        title = f"{result.task}: hidden states ({result.route or 'no program'})"
+        plot_states(h, y, folder / "lattice.png", title, plot_data.get("points"), plot_data.get("labels"))
+        result.files["lattice_plot"] = str(folder / "lattice.png")
+    result.files["verification"] = str(folder / "verification.json")
+    (folder / "verification.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")

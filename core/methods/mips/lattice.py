@@ -1,0 +1,147 @@
+"""The integer lattice finder: hidden states as integer coordinates ``h = o + z B``, ``z`` in ``Z^k``.
+
+MIPS's description: a linear autoencoder (encode, round to integers, decode) whose basis vectors are
+scaled by a real-valued greatest common divisor, choosing among candidate bases by minimal description
+length. Ours: the states' span is found by SVD (its rank is ``k``); candidate bases of that span are
+the principal axes, the shortest independent single-step displacements and the shortest independent
+states; each candidate's axes are divided by the real GCD of the coordinates along them; a candidate
+is a lattice when every state lies within ``tol`` (in lattice units) of an integer point, and the
+lattice kept is the one whose integer codes are shortest (bits of ``log2(1 + |z|)`` summed, averaged
+over states). Coordinates taking two adjacent values are shifted to ``{0, 1}`` (a Boolean lattice)
+and signs are chosen so most coordinates are non-negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Lattice", "find_lattice", "real_gcd"]
+
+
+@dataclass
+class Lattice:
+    """``h ≈ origin + coords @ basis``: ``basis [k, n]``, integer ``coords [N, k]``; ``residual`` is the
+    largest distance of a state's coordinates from integers (lattice units), ``bits`` the mean code
+    length per state, ``method`` which candidate basis won, ``boolean`` whether every coordinate is 0/1."""
+
+    origin: np.ndarray
+    basis: np.ndarray
+    coords: np.ndarray
+    residual: float
+    bits: float
+    method: str
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def boolean(self) -> bool:
+        return bool(self.coords.size) and bool(np.isin(self.coords, (0, 1)).all())
+
+    def encode(self, points: np.ndarray) -> np.ndarray:
+        """Real-valued lattice coordinates of ``points [N, n]``."""
+        return np.linalg.lstsq(self.basis.T, (points - self.origin).T, rcond=None)[0].T
+
+
+def real_gcd(values: np.ndarray, tol: float = 0.05, max_divisor: int = 12) -> float | None:
+    """The largest ``u`` such that every value is within ``tol * u`` of a multiple of ``u``: the
+    smallest non-negligible ``|value|`` divided by 1, 2, … ``max_divisor``; ``None`` if none fits."""
+    v = np.abs(np.asarray(values, dtype=np.float64).ravel())
+    top = float(v.max()) if v.size else 0.0
+    if top == 0.0:
+        return 1.0
+    nonzero = v[v > 1e-6 * top]
+    smallest = float(nonzero.min())
+    for m in range(1, max_divisor + 1):
+        u = smallest / m
+        if u < tol * smallest / 2 or top / u > 1e6:
+            break
+        if float(np.abs(v / u - np.round(v / u)).max()) < tol:
+            return u
+    return None
+
+
+def _independent_shortest(vectors: np.ndarray, k: int) -> np.ndarray | None:
+    """``k`` linearly independent rows of ``vectors``, shortest first; ``None`` if there are fewer."""
+    norms = np.linalg.norm(vectors, axis=1)
+    scale = float(norms.max()) if len(norms) else 0.0
+    chosen: list[np.ndarray] = []
+    for i in np.argsort(norms):
+        if norms[i] <= 1e-6 * scale:
+            continue
+        trial = np.array(chosen + [vectors[i]])
+        if np.linalg.matrix_rank(trial, tol=1e-6 * scale) == len(trial):
+            chosen.append(vectors[i])
+            if len(chosen) == k:
+                return np.array(chosen)
+    return None
+
+
+def _try_basis(y: np.ndarray, b: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Coordinates of ``y`` in basis rows ``b``, each axis divided by its real GCD; ``None`` if off-lattice."""
+    if abs(np.linalg.det(b)) < 1e-12 * max(float(np.abs(b).max()), 1e-300) ** b.shape[0]:
+        return None
+    z = y @ np.linalg.inv(b)
+    for i in range(z.shape[1]):
+        u = real_gcd(z[:, i], tol)
+        if u is None:
+            return None
+        z[:, i] /= u
+        b = b.copy()
+        b[i] *= u
+    residual = float(np.abs(z - np.round(z)).max()) if z.size else 0.0
+    if residual >= tol:
+        return None
+    return np.round(z).astype(np.int64), b, residual
+
+
+def _tidy(z: np.ndarray, b: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signs so most coordinates are non-negative; two-valued coordinates shifted to ``{0, 1}``."""
+    z, b, origin = z.copy(), b.copy(), origin.copy()
+    for i in range(z.shape[1]):
+        if (z[:, i] < 0).sum() > (z[:, i] > 0).sum():
+            z[:, i], b[i] = -z[:, i], -b[i]
+        lo, hi = int(z[:, i].min()), int(z[:, i].max())
+        if hi - lo == 1 and lo != 0:
+            z[:, i] -= lo
+            origin = origin + lo * b[i]
+    return z, b, origin
+
+
+def find_lattice(
+    points: np.ndarray, origin: np.ndarray, steps: np.ndarray | None = None, tol: float = 0.1
+) -> Lattice | None:
+    """The shortest-code integer lattice through ``origin`` holding ``points [N, n]``, or ``None``.
+
+    ``steps`` are single-step displacements ``h_t - h_{t-1}`` (candidate basis vectors)."""
+    points = np.asarray(points, dtype=np.float64)
+    d = points - origin
+    scale = float(np.abs(d).max()) if d.size else 0.0
+    if scale == 0.0:
+        return Lattice(origin, np.zeros((0, points.shape[1])), np.zeros((len(points), 0), np.int64), 0.0, 0.0, "point")
+    _, s, vt = np.linalg.svd(d, full_matrices=False)
+    k = int((s > 1e-5 * s[0]).sum())
+    span = vt[:k]
+    y = d @ span.T
+    candidates: list[tuple[str, np.ndarray]] = [("principal axes", np.eye(k))]
+    if steps is not None and len(steps):
+        b = _independent_shortest(np.unique(np.round((steps @ span.T) / (1e-4 * scale)), axis=0) * 1e-4 * scale, k)
+        if b is not None:
+            candidates.append(("shortest steps", b))
+    b = _independent_shortest(np.unique(np.round(y / (1e-4 * scale)), axis=0) * 1e-4 * scale, k)
+    if b is not None:
+        candidates.append(("shortest states", b))
+    best: Lattice | None = None
+    for name, basis in candidates:
+        found = _try_basis(y, basis, tol)
+        if found is None:
+            continue
+        z, b, residual = found
+        z, b, o = _tidy(z, b @ span, origin)
+        bits = float(np.log2(1 + np.abs(z)).sum(1).mean())
+        if best is None or bits < best.bits - 1e-9:
+            best = Lattice(o, b, z, residual, bits, name)
+    return best
