@@ -1,0 +1,203 @@
+"""Matching kept components to primitives, from what they do on data.
+
+A *trace* maps each variable name to its values, one list per sequence (start position first).
+A head is matched to the ``Select(keys, queries, predicate)`` whose selection reproduces the set of
+keys it attends to (its attention pattern above half the row's maximum) on the most query rows,
+searching every pair of available variables, every predicate of :data:`.primitives.PREDICATES` and
+the three start-position rules; then to the ``Aggregate`` of an available variable (numerical:
+mean of a numerical variable or of an indicator ``var == value``; categorical: copy) that
+reproduces the variable it writes. An MLP is matched to a lookup table over the smallest set of
+available variables its output is a function of (fewest table entries among equally small sets).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from .primitives import PREDICATES, interpreter
+from .program import Lookup, SelectAggregate
+
+__all__ = ["Trace", "match_head", "match_lookup", "match_select"]
+
+Trace = dict[str, list[list[Any]]]
+
+_BOS_RULES = ("default", "always", "never")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _codes(trace: Trace, names: Sequence[str]) -> dict[str, list[np.ndarray]] | None:
+    """Order-preserving float codes of the variables (NaN: ``None``), over non-start positions; ``None``
+    when the variables mix numbers and strings (then only TRUE can hold between them)."""
+    seen = {v for n in names for seq in trace[n] for v in seq[1:] if v is not None}
+    if all(_is_number(v) for v in seen):
+        rank = lambda v: float(v)
+    elif all(isinstance(v, str) for v in seen):
+        order = {v: float(i) for i, v in enumerate(sorted(seen))}
+        rank = order.__getitem__
+    else:
+        return None
+    return {n: [np.array([np.nan] + [np.nan if v is None else rank(v) for v in seq[1:]]) for seq in trace[n]] for n in names}
+
+
+def _by_length(patterns: Sequence[np.ndarray]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(patterns):
+        groups[p.shape[-1]].append(i)
+    return groups
+
+
+def match_select(patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str], *,
+                 causal: bool = False) -> tuple[str, str, str, str, float]:
+    """Best ``(keys, queries, predicate, bos_rule, fit)`` for attention ``patterns`` (one ``[T, T]``
+    array per sequence); ``fit`` is the fraction of non-start query rows reproduced exactly."""
+    groups = _by_length(patterns)
+    support = {T: np.stack([patterns[i] for i in idx]) for T, idx in groups.items()}
+    support = {T: s > 0.5 * s.max(axis=-1, keepdims=True) for T, s in support.items()}
+    rows = sum(len(idx) * (T - 1) for T, idx in groups.items())
+    best: tuple[float, int, tuple] | None = None
+
+    def consider(pred_rows: dict[int, np.ndarray], rank: int, label: tuple) -> None:
+        nonlocal best
+        for bos in _BOS_RULES:
+            hits = 0
+            for T, r in pred_rows.items():
+                r = r.copy()
+                if bos == "always":
+                    r[..., 0] = True
+                elif bos == "default":
+                    r[..., 0] = ~r[..., 1:].any(axis=-1)
+                hits += int((r == support[T]).all(axis=-1)[:, 1:].sum())
+            fit = hits / max(rows, 1)
+            key = (fit, -rank)
+            if best is None or key > best[:2]:
+                best = (fit, -rank, (*label, bos))
+
+    def base(T: int) -> np.ndarray:
+        r = np.ones((T, T), dtype=bool)
+        r[:, 0] = False
+        return np.tril(r) if causal else r
+
+    first = candidates[0] if candidates else "tokens"
+    consider({T: np.broadcast_to(base(T), (len(idx), T, T)).copy() for T, idx in groups.items()}, 1,
+             (first, first, "TRUE"))
+    for pair_rank, (k, q) in enumerate(itertools.product(candidates, candidates)):
+        codes = _codes(trace, [k, q])
+        if codes is None:
+            continue
+        for p_rank, pred in enumerate(PREDICATES):
+            if pred == "TRUE":
+                continue
+            out = {}
+            for T, idx in groups.items():
+                K = np.stack([codes[k][i] for i in idx])[:, None, :]
+                Q = np.stack([codes[q][i] for i in idx])[:, :, None]
+                with np.errstate(invalid="ignore"):
+                    r = {"EQ": K == Q, "LT": K < Q, "LEQ": K <= Q, "GT": K > Q, "GEQ": K >= Q,
+                         "NEQ": (K != Q) & ~np.isnan(K) & ~np.isnan(Q)}[pred]
+                out[T] = r & base(T)
+            consider(out, 10 + p_rank + 10 * pair_rank, (k, q, pred))
+    assert best is not None
+    keys, queries, pred, bos = best[2]
+    return keys, queries, pred, bos, best[0]
+
+
+def _agreement(pred: list[list[Any]], obs: list[list[Any]], numerical: bool, tol: float) -> float:
+    hit = total = 0
+    for p, o in zip(pred, obs):
+        for a, b in zip(p[1:], o[1:]):
+            total += 1
+            if numerical:
+                hit += a is not None and b is not None and abs(float(a) - float(b)) <= tol
+            else:
+                hit += a == b
+    return hit / max(total, 1)
+
+
+def match_head(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str], out: str,
+               numerical: bool, *, causal: bool = False, relabel: bool = False, tol: float = 0.02) -> SelectAggregate:
+    """The Select + Aggregate that best explains head ``node`` writing variable ``out`` (in ``trace``)."""
+    fn = interpreter()
+    keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal)
+    sels = [fn["select"](kk, qq, pred, bos, causal) for kk, qq in zip(trace[keys], trace[queries])]
+    observed = trace[out]
+    best: tuple[float, int, dict] | None = None
+    if numerical:
+        options: list[tuple[str, Any]] = []
+        for name in candidates:
+            vals = {v for seq in trace[name] for v in seq if v is not None}
+            if vals and all(_is_number(v) for v in vals):
+                options.append((name, None))
+            options.extend((name, v) for v in sorted(vals, key=repr))
+        for rank, (name, target) in enumerate(options):
+            values = trace[name] if target is None else [fn["indicator"](s, target) for s in trace[name]]
+            pred_vals = [fn["numerical_aggregate"](s, v) for s, v in zip(sels, values)]
+            score = _agreement(pred_vals, observed, True, tol)
+            if best is None or (score, -rank) > best[:2]:
+                best = (score, -rank, {"value": name, "value_of": target})
+    else:
+        for rank, name in enumerate(candidates):
+            copied = [fn["categorical_aggregate"](s, v) for s, v in zip(sels, trace[name])]
+            score, extra = _agreement(copied, observed, False, tol), {"value": name}
+            if relabel and score < 1.0:
+                mapping = _relabel(copied, observed)
+                mapped = [[mapping.get(v) for v in seq] for seq in copied]
+                mscore = _agreement(mapped, observed, False, tol)
+                if mscore > score:
+                    score, extra = mscore, {"value": name, "value_map": mapping}
+            if best is None or (score, -rank) > best[:2]:
+                best = (score, -rank, extra)
+    assert best is not None, f"{node}: no candidate variable to aggregate"
+    return SelectAggregate(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos,
+                           numerical=numerical, causal=causal, pattern_fit=fit, agreement=best[0], **best[2])
+
+
+def _relabel(copied: list[list[Any]], observed: list[list[Any]]) -> dict:
+    votes: dict[Any, Counter] = defaultdict(Counter)
+    for c, o in zip(copied, observed):
+        for a, b in zip(c[1:], o[1:]):
+            if a is not None:
+                votes[a][b] += 1
+    return {a: cnt.most_common(1)[0][0] for a, cnt in votes.items()}
+
+
+def _group_key(v: Any, numerical: bool) -> Any:
+    return round(float(v), 2) if numerical and v is not None else v
+
+
+def match_lookup(node: str, trace: Trace, candidates: Sequence[str], out: str, numerical: bool, *,
+                 max_inputs: int = 3, threshold: float = 1.0) -> Lookup:
+    """The lookup table over the fewest ``candidates`` (then the fewest entries) that reproduces ``out``
+    on at least ``threshold`` of the non-start positions; the best found if none reaches it."""
+    fn = interpreter()
+    target = [v for seq in trace[out] for v in seq[1:]]
+    best: tuple[tuple, tuple, dict, float] | None = None
+    for size in range(1, max_inputs + 1):
+        for rank, subset in enumerate(itertools.combinations(candidates, size)):
+            keys = [tuple(fn["_key"](v) for v in vals) for vals in zip(*[[v for seq in trace[n] for v in seq[1:]] for n in subset])]
+            groups: dict[tuple, Counter] = defaultdict(Counter)
+            for k, y in zip(keys, target):
+                groups[k][_group_key(y, numerical)] += 1
+            hits = sum(c.most_common(1)[0][1] for c in groups.values())
+            agreement = hits / max(len(target), 1)
+            table = {}
+            for k, c in groups.items():
+                top = c.most_common(1)[0][0]
+                if numerical and top is not None:
+                    same = [float(y) for kk, y in zip(keys, target) if kk == k and y is not None and round(float(y), 2) == top]
+                    top = round(sum(same) / len(same), 4)
+                table[k] = top
+            reached = agreement >= threshold
+            score = (True, -size, -len(table), -rank) if reached else (False, agreement, -size, -len(table), -rank)
+            if best is None or score > best[0]:
+                best = (score, subset, table, agreement)
+        if best is not None and best[0][0]:
+            break
+    assert best is not None, f"{node}: no candidate inputs"
+    return Lookup(node=node, out=out, inputs=tuple(best[1]), table=best[2], numerical=numerical, agreement=best[3])
