@@ -8,6 +8,9 @@
     POST /api/jobs/{id}/cancel    cancel a queued or running job
     GET  /api/queue               the running job and the queued ones
     POST /api/predict             a predict job, answered when it has run (the slider and clicks use it)
+    POST /api/image               VAE / CLIP: a gallery image's reconstruction or similarities under interventions
+    POST /api/feature             an SAE / transcoder feature: its steering interventions, where it fires
+    POST /api/dictionaries        {"path"}: load an SAE or transcoder folder for the feature picker
     POST /api/study               the page's settings as a study file (TOML text)
     POST /api/view                a saved Result or graph (its JSON) -> the view the page draws
 
@@ -51,8 +54,10 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
 
     async def page(request: Request) -> Response:
         data = json_script({"info": session.info()}, "cp-serve")
+        scripts = ["explorer.js", "serve_common.js", *(
+            ["serve_images.js"] if session.kind in ("vae", "clip") else ["serve.js", "serve_features.js"])]
         return HTMLResponse(document_html(f"crosspatch · {session.name}", ["explorer.css", "serve.css"],
-                                          ["explorer.js", "serve.js"], data, same_origin=True))
+                                          scripts, data, same_origin=True))
 
     async def info(request: Request) -> Response:
         return JSONResponse(session.info())
@@ -69,7 +74,14 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
             return jobs.submit(kind, lambda job: session.predict(body))
         if kind == "steering":
             return jobs.submit(kind, lambda job: session.steering(body))
-        raise RequestError(f"kind {kind!r} is not one of sweep, predict, steering")
+        if kind == "image" and hasattr(session, "image"):
+            return jobs.submit(kind, lambda job: session.image(body))
+        if kind == "feature" and hasattr(session, "feature"):
+            return jobs.submit(kind, lambda job: session.feature(body))
+        if kind == "dictionary" and hasattr(session, "load_dictionary"):
+            return jobs.submit(kind, lambda job: session.load_dictionary(body))
+        kinds = "sweep, predict, steering, " + ("image" if session.kind in ("vae", "clip") else "feature, dictionary")
+        raise RequestError(f"kind {kind!r} is not one of {kinds}")
 
     async def create_job(request: Request) -> Response:
         job = submit(await _json(request))
@@ -103,9 +115,10 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
     async def queue(request: Request) -> Response:
         return JSONResponse(jobs.status())
 
-    async def predict(request: Request) -> Response:
+    async def answered(request: Request, kind: str) -> Response:
+        """Queue a ``kind`` job and answer with its result once it has run."""
         body = dict(await _json(request))
-        body["kind"] = "predict"
+        body["kind"] = kind
         job = submit(body)
         loop = asyncio.get_running_loop()
         last = await loop.run_in_executor(None, job.wait, PREDICT_TIMEOUT)
@@ -113,15 +126,32 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
             return JSONResponse(last["data"])
         return JSONResponse({"error": last.get("message", last["event"])}, status_code=400)
 
+    async def predict(request: Request) -> Response:
+        return await answered(request, "predict")
+
+    async def image(request: Request) -> Response:
+        return await answered(request, "image")
+
+    async def feature(request: Request) -> Response:
+        return await answered(request, "feature")
+
+    async def dictionaries(request: Request) -> Response:
+        return await answered(request, "dictionary")
+
     async def study(request: Request) -> Response:
         body = await _json(request)
+        if session.kind != "text":
+            raise RequestError(f"study files describe text sweeps; {session.name!r} is a {session.kind} model")
+        options: dict[str, Any] = {"normalize": bool(body.get("normalize", True))}
+        if body.get("method", "activation_patching") == "activation_patching" and body.get("direction"):
+            options["direction"] = str(body["direction"])
         study = Study(
             model=session.name, metric=str(body.get("metric", "logit_diff")), title=str(body.get("title") or
                                                                                        "Study saved from crosspatch serve"),
             inputs=Inputs(clean=[str(body.get("clean", ""))], corrupt=[str(body.get("corrupt", ""))],
                           answer=body.get("answer") or None, distractor=body.get("distractor") or None),
             analyses=[Analysis(name="sweep", method=str(body.get("method", "activation_patching")),
-                               sites=str(body.get("sites", "")), options={"normalize": bool(body.get("normalize", True))})],
+                               sites=str(body.get("sites", "")), options=options)],
         )
         return PlainTextResponse(study.to_toml(), media_type="application/toml",
                                  headers={"Content-Disposition": 'attachment; filename="study.toml"'})
@@ -142,7 +172,8 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
         Route("/api/jobs", create_job, methods=["POST"]), Route("/api/jobs/{job}/events", events),
         Route("/api/jobs/{job}/cancel", cancel, methods=["POST"]), Route("/api/queue", queue),
         Route("/api/predict", predict, methods=["POST"]), Route("/api/study", study, methods=["POST"]),
-        Route("/api/view", open_view, methods=["POST"]),
+        Route("/api/view", open_view, methods=["POST"]), Route("/api/image", image, methods=["POST"]),
+        Route("/api/feature", feature, methods=["POST"]), Route("/api/dictionaries", dictionaries, methods=["POST"]),
     ]
     hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]"]
     app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],

@@ -50,15 +50,26 @@ def check_host(host: str, allow_remote: bool) -> None:
     warnings.warn(REMOTE_WARNING.format(host=host), UserWarning, stacklevel=2)
 
 
-def load_session(model: str, *, seed: int = 0, device: Any = None, dtype: Any = None):
-    """A zoo model or a checkpoint folder (with its tokenizer) as a serving session."""
+def load_session(model: str, *, seed: int = 0, device: Any = None, dtype: Any = None, features: Any = ()):
+    """A zoo model or a checkpoint folder as a serving session: a VAE or CLIP-style model gets the image
+    panels (on images of the ``shapes`` task), a text model the prompt page with the feature picker
+    (``features``: SAE or transcoder folders, plus the zoo's transcoders of the model already built)."""
     from ..zoo.sources import find_model, wrap
     from ..zoo.store import ZooModel
+    from .features import load_dictionary, zoo_dictionaries
+    from .image_session import CLIPSession, VAESession, model_kind
     from .session import Session
 
     found = find_model(model)
-    return Session(wrap(model, seed=seed, device=device, dtype=dtype), model,
-                   task_examples(found.task) if isinstance(found, ZooModel) and found.task else None)
+    m = wrap(model, seed=seed, device=device, dtype=dtype)
+    kind = model_kind(m)
+    if kind == "vae":
+        return VAESession(m, model)
+    if kind == "clip":
+        return CLIPSession(m, model)
+    dictionaries = [*zoo_dictionaries(model), *(load_dictionary(path) for path in features)]
+    return Session(m, model, task_examples(found.task) if isinstance(found, ZooModel) and found.task else None,
+                   dictionaries)
 
 
 def task_example(task_name: str) -> dict[str, str] | None:

@@ -25,6 +25,7 @@ from ..results.html.views import view
 from ..results.metrics import Metric
 from ..results.result import Result
 from ..sites.site import ANY, Site, SiteError
+from .features import Dictionary, feature_request, load_dictionary
 from .jobs import Job
 
 __all__ = ["Session", "RequestError", "METHODS", "METRICS"]
@@ -52,7 +53,10 @@ class Prompts:
 class Session:
     """One wrapped model with a tokenizer, shared by every tab; only the job worker runs it."""
 
-    def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None):
+    kind = "text"
+
+    def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None,
+                 features: "Sequence[Dictionary]" = ()):
         if model.tokenizer is None:
             raise RequestError(f"model {name!r} has no tokenizer; the explorer takes text prompts")
         if "logits" not in model.catalog.families:
@@ -65,6 +69,8 @@ class Session:
         # Prompt pairs the page offers (clean, corrupt, answer, distractor); it starts with the first.
         self.examples = [dict(e) for e in (examples or [])]
         self.example = self.examples[0] if self.examples else {}
+        # SAEs and transcoders the feature picker offers, by name
+        self.dictionaries: dict[str, Dictionary] = {d.name: d for d in features}
 
     # ---------------------------------------------------------------- describing
 
@@ -73,9 +79,10 @@ class Session:
         suggested = [s for s in SUGGESTED if Site.parse(s).family in families]
         steer = [f for f in ("resid_pre", "resid_post", "resid_mid", "attn_out", "mlp_out") if f in families]
         layers = max((fam.layers or 0 for fam in families.values()), default=0)
-        return {"model": self.name, "describe": self.m.describe(), "families": sorted(families),
+        return {"kind": self.kind, "model": self.name, "describe": self.m.describe(), "families": sorted(families),
                 "sweeps": suggested, "steer_families": steer, "layers": layers, "methods": list(METHODS),
-                "metrics": list(METRICS), "example": self.example, "examples": self.examples}
+                "metrics": list(METRICS), "example": self.example, "examples": self.examples,
+                "features": [d.describe() for d in self.dictionaries.values()]}
 
     def tokens(self, text: str) -> list[str]:
         return self.m.to_str_tokens(text)
@@ -151,6 +158,35 @@ class Session:
             raise RequestError(str(exc).splitlines()[0]) from None
         return {"site": site, "intervention": {"kind": "add", "vector": vector.double().tolist(), "alpha": 1.0},
                 "norm": float(vector.double().norm())}
+
+    # ---------------------------------------------------------------- SAE and transcoder features
+
+    def feature(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Feature ``feature`` of ``source`` in ``dictionary``: its steering interventions (``Add`` of its
+        decoder row at each site it writes, ``alpha`` 1) and its activation at each token of ``prompt``."""
+        name = request.get("dictionary")
+        dictionary = self.dictionaries.get(name)  # type: ignore[arg-type]
+        if dictionary is None:
+            known = ", ".join(self.dictionaries) or "none loaded: load an SAE or transcoder folder first"
+            raise RequestError(f"dictionary {name!r} is not one of {known}")
+        prompt = request.get("prompt") or None
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError("prompt must be a text")
+        try:
+            return feature_request(dictionary, self.m, request.get("source", 0), request.get("feature"), prompt,
+                                   self.tokens(prompt) if prompt else None)
+        except (SiteError, KeyError, ValueError) as exc:
+            raise RequestError(" ".join(str(exc).split())) from None
+
+    def load_dictionary(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Load an SAE or transcoder folder named by ``path``; the page's picker then offers it."""
+        path = _text(request, "path")
+        try:
+            dictionary = load_dictionary(path)
+        except (OSError, ValueError) as exc:
+            raise RequestError(" ".join(str(exc).split())) from None
+        self.dictionaries[dictionary.name] = dictionary
+        return dictionary.describe()
 
     # ---------------------------------------------------------------- pieces
 

@@ -12,18 +12,7 @@
     corrupt: "When Mary and John went to the store, Mary gave a drink to", answer: " Mary", distractor: " John" },
     info.example || {});
 
-  function api(path, body) {
-    return fetch(path, {
-      method: body === undefined ? "GET" : "POST",
-      headers: body === undefined ? {} : { "Content-Type": "application/json" },
-      body: body === undefined ? undefined : JSON.stringify(body)
-    }).then(function (response) {
-      return response.json().then(function (data) {
-        if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
-        return data;
-      });
-    });
-  }
+  var api = cp.serveCommon.api;
 
   function field(id, label, value, attrs) {
     var input = el("input", Object.assign({ id: id, type: "text", value: value || "" }, attrs || {}));
@@ -237,7 +226,7 @@
 
   // ------------------------------------------------------------------ steering
 
-  var steering = null, inFlight = false, wanted = null;
+  var steering = null;
 
   document.getElementById("steer-vector").addEventListener("click", function () {
     var body = request();
@@ -263,32 +252,28 @@
     });
   });
 
-  function steerTo(alpha) {
-    wanted = alpha;
-    if (inFlight || !steering) return;
-    inFlight = true;
-    var sent = alpha;
-    var intervention = Object.assign({}, steering.intervention, { alpha: sent });
-    api("/api/predict", { prompt: value("corrupt"), answer: value("answer"), distractor: value("distractor"),
-      interventions: sent === 0 ? [] : [{ site: steering.site, intervention: intervention }] })
+  var steerTo = cp.serveCommon.latest(function (alpha) {
+    if (!steering) return null;
+    var intervention = Object.assign({}, steering.intervention, { alpha: alpha });
+    return api("/api/predict", { prompt: value("corrupt"), answer: value("answer"), distractor: value("distractor"),
+      interventions: alpha === 0 ? [] : [{ site: steering.site, intervention: intervention }] })
       .then(function (data) {
         var panel = document.getElementById("steer-dist");
         if (!data.patched) data.watch = [];
-        distribution(panel, data, "next token, α = " + sent);
-        panel.setAttribute("data-alpha", String(sent));
+        distribution(panel, data, "next token, α = " + alpha);
+        panel.setAttribute("data-alpha", String(alpha));
       })
-      .catch(function (err) { document.getElementById("steer-value").textContent = "error: " + err.message; })
-      .then(function () {
-        inFlight = false;
-        if (wanted !== sent) steerTo(wanted);
-      });
-  }
+      .catch(function (err) { document.getElementById("steer-value").textContent = "error: " + err.message; });
+  });
 
   document.getElementById("steer-alpha").addEventListener("input", function (event) {
     var alpha = Number(event.target.value);
     document.getElementById("steer-value").textContent = "α = " + alpha;
     steerTo(alpha);
   });
+
+  // the feature picker (serve_features.js) draws with the same pieces
+  cp.serve = { api: api, distribution: distribution, value: value, choice: choice };
 
   // ------------------------------------------------------------------ study file, saved results
 

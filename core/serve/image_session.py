@@ -1,0 +1,224 @@
+"""Image models on the page: a VAE's reconstruction and a CLIP model's image-text similarities,
+under interventions sent as JSON, on images of the ``shapes`` task.
+
+A request names a gallery image by index. An intervention whose ``source`` is ``{"image": k}``
+(a :class:`~crosspatch.engine.interventions.Patch` from another gallery image) gets that image's
+tensor as its source before it is rebuilt with
+:func:`~crosspatch.engine.interventions.from_dict`; everything else is the intervention's
+``to_dict`` JSON as for text models. The VAE's output travels as a PNG data URL (8-bit, what the
+page draws); CLIP's as the similarity numbers, ``logit_scale * cos(image, caption)`` as the model
+scores them, and their softmax over the captions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..methods.steering import steering_vector
+from ..sites.site import SiteError
+from .images import Gallery, png_data_url, shapes_gallery
+from .session import RequestError, parse_interventions
+
+__all__ = ["ImageSession", "VAESession", "CLIPSession", "model_kind"]
+
+#: Families a VAE panel offers to patch and steer (the ones the model has), in model order.
+VAE_FAMILIES = ("encoder.block", "encoder.mid", "latent.mu", "latent.z", "decoder.mid", "decoder.block")
+#: Vision-tower families a CLIP panel offers.
+CLIP_FAMILIES = ("vision.resid_pre", "vision.attn_out", "vision.mlp_out", "vision.resid_post")
+MAX_CAPTIONS = 32
+
+
+def model_kind(model: Any) -> str:
+    """``"vae"`` (latents and a reconstruction), ``"clip"`` (two towers scored by similarity) or ``"text"``."""
+    families = model.catalog.families
+    if "latent.z" in families and "recon" in families:
+        return "vae"
+    if "image_embed" in families and "text_embed" in families:
+        return "clip"
+    return "text"
+
+
+class ImageSession:
+    """What the VAE and CLIP panels share: the gallery, interventions with image sources, sites."""
+
+    kind = "image"
+    families: tuple[str, ...] = ()
+
+    def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
+        self.m = model
+        self.name = name
+        self.gallery = gallery if gallery is not None else shapes_gallery()
+        self.example: dict[str, str] = {}
+        self.examples: list[dict[str, str]] = []
+
+    def sites(self) -> list[str]:
+        """Concrete family-and-layer sites the panels offer."""
+        out = []
+        for family in self.families:
+            fam = self.m.catalog.families.get(family)
+            if fam is None:
+                continue
+            out += [f"{family}.{layer}" for layer in range(fam.layers)] if fam.layers else [family]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.name, "describe": self.m.describe(),
+                "families": sorted(self.m.catalog.families), "sites": self.sites(), "gallery": self.gallery.describe(),
+                "sweeps": [], "steer_families": [], "layers": 0, "methods": [], "metrics": [], "example": {},
+                "examples": [], "features": []}
+
+    def tokens(self, text: str) -> list[str]:
+        raise RequestError(f"model {self.name!r} takes images; it has no text prompt to split into tokens")
+
+    def sweep(self, job: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+        raise RequestError(f"sweeps run on text models; {self.name!r} is a {self.kind} model: use its image panels")
+
+    def predict(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        raise RequestError(f"{self.name!r} is a {self.kind} model: POST /api/image with an image index instead")
+
+    def interventions(self, items: Any) -> dict[str, Any]:
+        """``[{site, intervention}]`` with gallery sources resolved, rebuilt with from_dict."""
+        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+            raise RequestError("interventions must be a list of {site, intervention} objects")
+        resolved = []
+        for item in items:
+            item = copy.deepcopy(item)
+            spec = item.get("intervention") if isinstance(item, Mapping) else None
+            source = spec.get("source") if isinstance(spec, Mapping) else None
+            if isinstance(source, Mapping) and set(source) == {"image"}:
+                spec["source"] = self._inputs(self._image(source["image"]))
+            resolved.append(item)
+        return parse_interventions(resolved)
+
+    def steering(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``Add(mean activation of image "toward" - of image "image")`` at ``site``, as its JSON."""
+        site = str(request.get("site") or "")
+        toward, base = self._image(request.get("toward")), self._image(request.get("image"))
+        try:
+            vector = steering_vector(self.m, self._inputs(toward), self._inputs(base), site)
+        except (SiteError, KeyError, ValueError) as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+        return {"site": site, "intervention": {"kind": "add", "vector": vector.double().tolist(), "alpha": 1.0},
+                "norm": float(vector.double().norm())}
+
+    def _image(self, index: Any) -> torch.Tensor:
+        try:
+            return self.gallery.image(index)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def _inputs(self, image: torch.Tensor) -> Any:
+        return {"images": image}
+
+    def _run(self, inputs: Any, interventions: Mapping[str, Any]):
+        try:
+            with torch.inference_mode():
+                return self.m.run(inputs, dict(interventions))
+        except SiteError as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+
+
+class VAESession(ImageSession):
+    """A VAE: the reconstruction of a gallery image, with and without interventions."""
+
+    kind = "vae"
+    families = VAE_FAMILIES
+
+    def info(self) -> dict[str, Any]:
+        latent = self.m.catalog.family("latent.z")
+        dim = next((a.size for a in latent.axes if a.name == "dim"), None)
+        return {**super().info(), "latent_dim": dim, "latent_site": "latent.z"}
+
+    def image(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Image ``request["image"]``: the input, its reconstruction, and the one under the interventions."""
+        index = request.get("image")
+        x = self._image(index)
+        interventions = self.interventions(request.get("interventions", []))
+        base = self._run(self._inputs(x), {})
+        out: dict[str, Any] = {"image": index, "caption": self.gallery.captions[index], "input": png_data_url(x[0]),
+                               "base": png_data_url(base.output[0])}
+        mu = getattr(base.raw, "mu", None)
+        if mu is not None and mu.ndim == 2:
+            out["mu"] = [float(v) for v in mu[0].double()]
+        if interventions:
+            changed = self._run(self._inputs(x), interventions)
+            out["output"] = png_data_url(changed.output[0])
+            out["mean_abs_change"] = float((changed.output[0] - base.output[0]).double().abs().mean())
+        return out
+
+
+class CLIPSession(ImageSession):
+    """A CLIP-style model: a gallery image scored against captions, with and without interventions."""
+
+    kind = "clip"
+    families = CLIP_FAMILIES
+
+    def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
+        if model.tokenizer is None:
+            raise RequestError(f"model {name!r} has no tokenizer; the CLIP panel scores images against typed captions")
+        super().__init__(model, name, gallery)
+
+    def sites(self) -> list[str]:
+        return [*super().sites(), "image_embed"]
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        for entry in info["gallery"]:
+            entry["captions"] = self.captions_for(entry["index"])
+        return info
+
+    def captions_for(self, index: int) -> list[str]:
+        """The image's own caption, then the same caption with each other colour and each other shape."""
+        from ..zoo.tasks import get_task
+
+        if not self.gallery.factors:
+            return [self.gallery.captions[index]]
+        task = get_task("shapes")
+        factors = self.gallery.factors[index]
+        out = [self.gallery.captions[index]]
+        for name in ("colour", "shape"):
+            for value in range(len(task.values[name])):
+                if value != factors[name]:
+                    varied = {k: torch.tensor([v]) for k, v in factors.items()}
+                    varied[name] = torch.tensor([value])
+                    out += task.caption(varied)
+        return out
+
+    def texts(self, captions: Any) -> torch.Tensor:
+        """Token ids ``[n, context]`` of the captions with the model's tokenizer (open_clip or HuggingFace)."""
+        if (not isinstance(captions, Sequence) or isinstance(captions, (str, bytes)) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise RequestError("captions must be a non-empty list of non-empty texts")
+        if len(captions) > MAX_CAPTIONS:
+            raise RequestError(f"at most {MAX_CAPTIONS} captions at a time, got {len(captions)}")
+        tokenizer = self.m.tokenizer
+        ids = tokenizer(list(captions))
+        if isinstance(ids, torch.Tensor):
+            return ids
+        context = self.m.describe().get("text", {}).get("context_length")
+        encoded = tokenizer(list(captions), padding="max_length", truncation=True, max_length=context,
+                            return_tensors="pt")
+        return encoded["input_ids"]
+
+    def image(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Similarities of image ``request["image"]`` to ``request["captions"]``, with and without interventions."""
+        index = request.get("image")
+        x = self._image(index)
+        captions = request.get("captions")
+        if captions is None:
+            captions = self.captions_for(index)
+        texts = self.texts(captions)
+        captions = list(captions)
+        interventions = self.interventions(request.get("interventions", []))
+        inputs = {"images": x, "texts": texts}
+        base = self._run(inputs, {}).output[0].double()
+        out: dict[str, Any] = {"image": index, "input": png_data_url(x[0]), "captions": captions,
+                               "base": base.tolist(), "base_probs": torch.softmax(base, -1).tolist()}
+        if interventions:
+            changed = self._run(inputs, interventions).output[0].double()
+            out["patched"] = changed.tolist()
+            out["patched_probs"] = torch.softmax(changed, -1).tolist()
+        return out

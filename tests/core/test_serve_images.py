@@ -1,0 +1,235 @@
+"""``crosspatch serve`` on image models, through the HTTP API of a running server: a VAE's
+reconstruction and a CLIP model's image-text similarities under interventions sent as JSON.
+
+Oracles computed without the engine: the VAE's PNG equals ``decode(mu + alpha * e_k)`` of the model
+itself, quantised the same way and read back with Pillow; patching ``latent.z`` from image B gives
+B's own reconstruction; CLIP's similarities equal ``logit_scale.exp() * cos(encode_image,
+encode_text)``, steered through a forward hook on the residual block, and patching the last
+block's residual from image B gives B's similarities."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("starlette", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
+pytest.importorskip("uvicorn", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
+
+from test_serve import _post as post_text  # noqa: E402  (after the skips)
+
+
+def tiny_vae(seed: int = 0):
+    """An untrained ConvVAE (4 latents) whose decoder weights are tripled, so a latent step shows in 8 bits."""
+    from crosspatch.adapters.vae.models import ConvVAE
+
+    torch.manual_seed(seed)
+    vae = ConvVAE(4, (8, 8, 8), 32)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.startswith(("from_latent", "decoder")):
+                p.mul_(3)
+    return vae.eval()
+
+
+def tiny_clip(seed: int = 0):
+    """An untrained open_clip CLIP on 32x32 images (2 + 2 layers, width 32) with open_clip's own tokenizer
+    (its vocabulary ships in the package) at context 12."""
+    open_clip = pytest.importorskip("open_clip")
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2),
+        text_cfg=dict(context_length=12, vocab_size=49408, width=32, heads=4, layers=2, mlp_ratio=2),
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval(), open_clip.tokenizer.SimpleTokenizer(context_length=12)
+
+
+def image_sessions():
+    """``{"vae": VAESession, "clip": CLIPSession}`` over the tiny models."""
+    import crosspatch as cp
+    from crosspatch.serve.image_session import CLIPSession, VAESession, model_kind
+
+    vae = cp.wrap(tiny_vae())
+    clip_model, tokenizer = tiny_clip()
+    clip = cp.wrap(clip_model, tokenizer=tokenizer)
+    assert model_kind(vae) == "vae" and model_kind(clip) == "clip"
+    return {"vae": VAESession(vae, "tiny-vae"), "clip": CLIPSession(clip, "tiny-clip")}
+
+
+@pytest.fixture(scope="module")
+def servers():
+    from crosspatch.serve.server import start_in_thread
+
+    sessions = image_sessions()
+    running = {kind: start_in_thread(session) for kind, session in sessions.items()}
+    yield {kind: (running[kind], sessions[kind]) for kind in sessions}
+    for server in running.values():
+        server.stop()
+
+
+def _post(url, body):
+    status, text = post_text(url, body)
+    return status, json.loads(text)
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode()
+
+
+def decode_png(url: str) -> np.ndarray:
+    """A PNG data URL -> ``[H, W, 3]`` uint8, read by Pillow (not by the code that wrote it)."""
+    from PIL import Image
+
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def quantised(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` floats -> ``[H, W, 3]`` uint8, rounded as 8-bit images are."""
+    return (image.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_png_round_trip():
+    pytest.importorskip("PIL")
+    from crosspatch.serve.images import png_data_url
+
+    image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(decode_png(png_data_url(image)), quantised(image))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        png_data_url(torch.rand(2, 4, 4))
+
+
+def test_vae_reconstruction_under_steering_and_patching(servers):
+    pytest.importorskip("PIL")
+    server, session = servers["vae"]
+    page = _get(server.url + "/")
+    assert "the page of an image model" in page and "serve_features" not in page  # the image page's script, inlined
+    info = json.loads(_get(server.url + "/api/info"))
+    assert info["kind"] == "vae" and info["latent_dim"] == 4 and "latent.z" in info["sites"]
+    assert len(info["gallery"]) == len(session.gallery) and {g["split"] for g in info["gallery"]} == {"train", "test"}
+
+    vae = session.m.module
+    a, b = session.gallery.image(0), session.gallery.image(3)
+    with torch.no_grad():
+        mu_a, mu_b = vae.encode(a)[0], vae.encode(b)[0]
+        base = vae.decode(mu_a)[0]
+    np.testing.assert_array_equal(decode_png(info["gallery"][0]["png"]), quantised(a[0]))
+
+    axis = [0.0, 1.0, 0.0, 0.0]
+    shown = {}
+    for alpha in (0.5, 2.0):
+        status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
+            {"site": "latent.z", "intervention": {"kind": "add", "vector": axis, "alpha": alpha}}]})
+        assert status == 200, out
+        with torch.no_grad():
+            expected = vae.decode(mu_a + alpha * torch.tensor(axis))[0]
+        shown[alpha] = decode_png(out["output"])
+        np.testing.assert_array_equal(shown[alpha], quantised(expected))
+        np.testing.assert_array_equal(decode_png(out["base"]), quantised(base))
+        np.testing.assert_array_equal(decode_png(out["input"]), quantised(a[0]))
+        assert out["mean_abs_change"] == pytest.approx(float((expected - base).abs().mean()), rel=1e-5)
+    assert (shown[0.5] != shown[2.0]).any()
+    np.testing.assert_allclose(out["mu"], mu_a[0].tolist(), rtol=1e-6)
+
+    # Patching the latent from image B decodes image B's latent: B's own reconstruction.
+    status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
+        {"site": "latent.z", "intervention": {"kind": "patch", "source": {"image": 3}}}]})
+    with torch.no_grad():
+        np.testing.assert_array_equal(decode_png(out["output"]), quantised(vae.decode(mu_b)[0]))
+
+    # The contrast direction B - A at the latent, at alpha 1, lands on B's latent (to float rounding).
+    status, job = _post(server.url + "/api/jobs", {"kind": "steering", "site": "latent.z", "image": 0, "toward": 3})
+    assert status == 202
+    vector = _wait(server, job["id"])
+    np.testing.assert_allclose(vector["intervention"]["vector"], (mu_b - mu_a)[0].tolist(), rtol=1e-6, atol=1e-7)
+    status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
+        {"site": "latent.z", "intervention": vector["intervention"]}]})
+    with torch.no_grad():
+        b_recon = quantised(vae.decode(mu_b)[0]).astype(int)
+    assert np.abs(decode_png(out["output"]).astype(int) - b_recon).max() <= 1
+
+
+def _wait(server, job_id):
+    jobs = server.server.config.app.state.jobs
+    last = jobs.get(job_id).wait(60)
+    assert last["event"] == "result", last
+    return last["data"]
+
+
+def test_clip_similarities_under_steering_and_patching(servers):
+    server, session = servers["clip"]
+    info = json.loads(_get(server.url + "/api/info"))
+    assert info["kind"] == "clip" and "vision.resid_post.1" in info["sites"]
+    captions = info["gallery"][2]["captions"]
+    assert captions[0] == session.gallery.captions[2] and len(captions) == 1 + 5 + 3  # own, other colours, shapes
+
+    model, tokenizer = session.m.module, session.m.tokenizer
+    ids = tokenizer(captions)
+
+    def similarities(image, hook=None):
+        handle = model.visual.transformer.resblocks[1].register_forward_hook(hook) if hook else None
+        try:
+            with torch.no_grad():
+                img = torch.nn.functional.normalize(model.encode_image(image), dim=-1)
+                txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
+                return (model.logit_scale.exp() * img @ txt.T)[0].double()
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    a, b = session.gallery.image(2), session.gallery.image(5)
+    status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions})
+    assert status == 200 and "patched" not in out
+    np.testing.assert_allclose(out["base"], similarities(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["base_probs"], torch.softmax(similarities(a), -1), rtol=1e-5, atol=1e-6)
+
+    # Steering the last block's residual toward image B: the same Add through a plain forward hook.
+    status, job = _post(server.url + "/api/jobs", {"kind": "steering", "site": "vision.resid_post.1", "image": 2,
+                                                   "toward": 5})
+    vector = _wait(server, job["id"])
+    v = torch.tensor(vector["intervention"]["vector"], dtype=torch.float32)
+    assert v.shape == (32,)
+    seen = {}
+    for alpha in (1.5, -3.0):
+        status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions, "interventions": [
+            {"site": "vision.resid_post.1", "intervention": {**vector["intervention"], "alpha": alpha}}]})
+        expected = similarities(a, lambda module, args, output: output + alpha * v)
+        np.testing.assert_allclose(out["patched"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["base"], similarities(a), rtol=1e-5, atol=1e-5)
+        seen[alpha] = out["patched"]
+    assert np.abs(np.subtract(seen[1.5], seen[-3.0])).max() > 1e-3
+
+    # Patching the last block's whole residual from image B: B's similarities.
+    status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions, "interventions": [
+        {"site": "vision.resid_post.1", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
+    np.testing.assert_allclose(out["patched"], similarities(b), rtol=1e-5, atol=1e-5)
+    assert float((similarities(a) - similarities(b)).abs().max()) > 1e-3  # so the patch did something
+
+
+def test_image_requests_say_what_is_wrong(servers):
+    server, _ = servers["vae"]
+    status, out = _post(server.url + "/api/image", {"image": 99})
+    assert status == 400 and "image must be an index 0 .. 11" in out["error"]
+    status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
+        {"site": "latent.z", "intervention": {"kind": "fn", "fn": "print"}}]})
+    assert status == 400 and "unknown intervention kind 'fn'" in out["error"]
+    status, out = _post(server.url + "/api/predict", {"prompt": "a"})
+    assert status == 400 and "/api/image" in out["error"]
+    status, out = _post(server.url + "/api/study", {"sites": "latent.z"})
+    assert status == 400 and "vae model" in out["error"]
+    server, _ = servers["clip"]
+    status, out = _post(server.url + "/api/image", {"image": 0, "captions": []})
+    assert status == 400 and "captions must be a non-empty list" in out["error"]
