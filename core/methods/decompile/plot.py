@@ -29,37 +29,43 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
         writer[op.out] = op.node
     n_cols = max(columns.values()) + 1
     n_rows = max(col_count.values())
-    fig, ax = plt.subplots(figsize=(3.4 * n_cols + 1, 1.5 * n_rows + 1.8))
-    pos = {v: (columns[v] * 3.4, -rows[v] * 1.5) for v in columns}
-    for op in ops:
-        x1, y1 = pos[op.out]
-        for v in op.reads:
-            if v in pos:
-                x0, y0 = pos[v]
-                ax.annotate("", xy=(x1 - 1.35, y1), xytext=(x0 + 1.35, y0),
-                            arrowprops={"arrowstyle": "->", "color": "#555555", "lw": 1.0})
+    fig, ax = plt.subplots(figsize=(2.6 * n_cols + 0.8, 1.9 * n_rows + 2.2))
+    pos = {v: (columns[v] * 3.4, -rows[v] * 2.2) for v in columns}
+    boxes = {}
     for v, (x, y) in pos.items():
         if v in writer:
             op = next(o for o in ops if o.out == v)
             colour = "#cfe3f7" if "head=" in op.node else "#f7dfc6"
-            text = f"{v}\n{op.node}\n{_short(op.describe())}\nagree {op.agreement:.3f}"
+            text = f"{op.node}\n{v}\n{_wrap(op.describe())}\nagreement {op.agreement:.3f}"
         else:
             colour, text = "#e3e3e3", f"{v}\n(input)"
-        ax.text(x, y, text, ha="center", va="center", fontsize=7.5,
-                bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#333333"})
+        boxes[v] = ax.text(x, y, text, ha="center", va="center", fontsize=7.5, zorder=2,
+                           bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#333333"})
+    fig.canvas.draw()  # the boxes get their size, so arrows can end at their edges
+    for op in ops:
+        for v in op.reads:
+            if v not in pos:
+                continue
+            far = columns[op.out] - columns[v] > 1 and abs(pos[op.out][1] - pos[v][1]) < 1e-6
+            ax.annotate("", xy=pos[op.out], xytext=pos[v], zorder=3,
+                        arrowprops={"arrowstyle": "-|>", "color": "#444444", "lw": 1.0, "mutation_scale": 12,
+                                    "patchA": boxes[v].get_bbox_patch(), "patchB": boxes[op.out].get_bbox_patch(),
+                                    "connectionstyle": f"arc3,rad={-0.12 if far else 0.0}"})
     if program.output in pos:
         x, y = pos[program.output]
-        ax.text(x, y + 0.75, "output", ha="center", fontsize=8, color="#a00000")
+        ax.text(x, y + 1.05, "output", ha="center", fontsize=8, color="#a00000")
     pruned = len(graph.nodes) - len(graph.kept)
     ax.set_title(f"{title}\nkept {len(graph.kept)} of {len(graph.nodes)} components ({pruned} replaced by their "
                  f"optimal-ablation constant; accuracy {graph.pruned_accuracy:.3f}). Blue: heads, orange: MLPs", fontsize=9)
-    ax.set_xlim(-1.8, (n_cols - 1) * 3.4 + 1.8)
-    ax.set_ylim(-(n_rows - 1) * 1.5 - 1.0, 1.2)
+    ax.set_xlim(-1.7, (n_cols - 1) * 3.4 + 1.7)
+    ax.set_ylim(-(n_rows - 1) * 2.2 - 1.3, 1.5)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _short(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _wrap(text: str, width: int = 30) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
