@@ -170,7 +170,10 @@ def infer(model: nn.Module) -> Inferred:
         found = Branches(attn, mlp, None, None, out(attn), out(mlp), out(post.mid_norm))
     attn_w, mlp_w, mid = found.attn, found.mlp, found.mid
     mid_readers = [n for n in children if n not in (attn, attn_w, mlp_w) and same(inp(n), mid)]
-    in_norm = next((n for n, m in children.items() if is_norm(m) and same(inp(n), x, atol=0)), None)
+    x_norms = [n for n, m in children.items() if is_norm(m) and same(inp(n), x, atol=0)]
+    # The attention's input norm: of the norms reading the block input, the one whose output it reads (Falcon's new
+    # architecture normalises the input twice, once for the attention and once for the MLP).
+    in_norm = next((n for n in x_norms if same(out(n), inp(attn))), x_norms[0] if x_norms else None)
     if post is not None:
         if not any(same(inp(n), mid) for n in children if n not in (attn, post.mid_norm, post.out_norm)):
             raise InferenceError(f"no module reads the norm {post.mid_norm} of input + attention (the MLP should)")
@@ -182,8 +185,8 @@ def infer(model: nn.Module) -> Inferred:
         # The stream after attention: input + write, or the output of an attention that adds the residual itself.
         resid_mid: str | None = "sum" if found.attn_residual is None else attn
         ln_mlp = next((n for n in mid_readers if is_norm(children[n])), None)
-    elif in_norm is not None and same(inp(mlp), out(in_norm)) or same(inp(mlp), x):
-        resid_mid, ln_mlp = None, None  # parallel: the MLP reads the block input (normed) as the attention does
+    elif same(inp(mlp), x) or any(same(inp(mlp), out(n)) for n in x_norms):
+        resid_mid, ln_mlp = None, None  # parallel: the MLP reads the block input (normed, by the attention's norm or its own)
     else:
         raise InferenceError(f"the MLP {mlp} reads neither input + attention nor the block input")
 
@@ -379,23 +382,38 @@ def _layout(attention: nn.Module, attn: str, flow: Flow, first: str, in_norm: st
 def _fused_layout(model: nn.Module, inputs: dict[str, Any], attention: nn.Module, attn: str, flow: Flow, first: str,
                   block: nn.Module, o_proj: str, in_norm: str | None, ln_mlp: str | None, ln_final: str | None,
                   n_heads: int, d_head: int, causal: bool, notes: dict[str, str]) -> InputLayout | None:
-    """One projection reading what the attention reads, ``3 * heads * d_head`` wide, with its column order
-    found by experiment (:mod:`.fused_qkv`); None (and the note says why) otherwise."""
+    """One projection reading what the attention reads, ``(heads + 2 * kv_heads) * d_head`` wide for a number of
+    key/value heads that divides the query heads (all of them, fewer under grouped-query attention, one under
+    multi-query), with its column order found by experiment (:mod:`.fused_qkv`); None (and the note says why)
+    otherwise."""
     from .fused_qkv import column_order
 
     reads = flow.inputs.get(f"{first}.{attn}")
-    fused = [(n, m) for n, m in _linears(attention, attn).items()
-             if same(flow.inputs.get(f"{first}.{n}"), reads, atol=0) and _out_features(m) == 3 * n_heads * d_head]
+    fused = [(n, m, _kv_heads(_out_features(m), n_heads, d_head)) for n, m in _linears(attention, attn).items()
+             if same(flow.inputs.get(f"{first}.{n}"), reads, atol=0)]
+    fused = [f for f in fused if f[2] is not None]
     if len(fused) != 1:
         return None
-    name, proj = fused[0]
+    name, proj, n_kv = fused[0]
     try:
-        order = column_order(model, inputs, proj, block.get_submodule(o_proj), n_heads, d_head, causal)
+        order = column_order(model, inputs, proj, block.get_submodule(o_proj), n_heads, d_head, causal, n_kv)
     except Exception as exc:  # an attention the nudges break (a shape check, a kernel): no head_in, and why
         notes["head_in"] = f"the experiment on the fused projection {name} raised {type(exc).__name__}: {exc}"[:300]
         return None
     if order is None:
-        notes["head_in"] = f"the columns of the fused projection {name} are neither [q | k | v] nor [head, q/k/v] by experiment"
+        kinds = "[q | k | v] nor [head, q/k/v]" if n_kv == n_heads else f"[q | k | v] nor grouped per key/value head ({n_kv} of them)"
+        notes["head_in"] = f"the columns of the fused projection {name} are neither {kinds} by experiment"
         return None
     notes.pop("head_in", None)
-    return InputLayout(in_norm, ln_mlp, ln_final, (name,), head_major=order, reader=None if in_norm else attn)
+    return InputLayout(in_norm, ln_mlp, ln_final, (name,), head_major=order, reader=None if in_norm else attn,
+                       kv_heads=None if n_kv == n_heads else n_kv)
+
+
+def _kv_heads(width: int, n_heads: int, d_head: int) -> int | None:
+    """The key/value heads of a fused projection ``width`` wide: ``K`` dividing ``n_heads`` with
+    ``width = (n_heads + 2 K) d_head``; None when there is no such ``K``."""
+    rest = width - n_heads * d_head
+    if rest <= 0 or rest % (2 * d_head):
+        return None
+    kv = rest // (2 * d_head)
+    return kv if n_heads % kv == 0 else None

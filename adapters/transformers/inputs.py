@@ -10,7 +10,10 @@
 ``logits_in``  ``[batch, pos, dim]``  the final norm's input.
 
 These are the receivers of an edge graph (:mod:`crosspatch.methods.edges`). Supported layouts:
-GPT-2 (fused ``attn.c_attn``, Conv1D) and the Llama family (``q_proj`` / ``k_proj`` / ``v_proj``).
+separate ``q_proj`` / ``k_proj`` / ``v_proj`` (the Llama family) and one fused projection (GPT-2's
+``attn.c_attn``, Conv1D), its columns role-major or grouped per key/value head (:mod:`.fused_qkv`), with as
+many key/value heads as query heads or fewer (Phi-3's ``qkv_proj``, GPT-BigCode's multi-query ``c_attn``,
+Falcon's ``query_key_value``).
 With grouped-query attention a key/value head ``j`` serves the ``groups`` query heads
 ``j * groups .. (j + 1) * groups - 1``, and its key (value) input is the mean of their key (value)
 slots: ``x + mean_h (slot_h - x)``. So the group's slots ``head_in.l[qkv=1,head=a:b]`` are that key/value
@@ -42,8 +45,11 @@ class InputLayout:
     ln_mlp: str | None  # the norm in front of the MLP (relative to the block); None: no mlp_in site
     ln_final: str | None  # the final norm (relative to the base model); None: no logits_in site
     qkv: tuple[str, ...]  # one fused projection (q, k, v side by side) or three
-    head_major: bool = False  # a fused projection's columns are [head, q/k/v, d_head] (GPT-NeoX), not [q/k/v, head, d_head]
+    # A fused projection's columns are grouped per key/value head ([kv_head, its query heads + k + v, d_head]:
+    # [head, q/k/v, d_head] without grouped-query attention, GPT-NeoX), not role-major ([q heads | k heads | v heads]).
+    head_major: bool = False
     reader: str | None = None  # without ln_in: the module whose input ``hidden_states`` the projections read
+    kv_heads: int | None = None  # a fused projection's key/value heads (fewer under GQA / MQA); None: as many as query heads
 
 
 LAYOUTS: dict[str, InputLayout] = {
@@ -95,13 +101,14 @@ class HeadIn:
         """Key/value heads per layer: ``n_heads`` unless attention is grouped-query (read off layer 0's
         projections); the edge methods and AtP*'s query/key fix read it to report key/value heads."""
         if len(self.layout.qkv) == 1:
-            return self.n_heads
+            return self.layout.kv_heads or self.n_heads
         q, k = (submodule(self.root, f"{self.block}.{p}", 0) for p in self.layout.qkv[:2])
         k_out = k.weight.shape[1] if self.conv1d else k.weight.shape[0]
         return _heads(k_out, self.n_heads, q, self.conv1d, 1)
 
     def install(self, layer: int | None, callback: Callback) -> list[Handle]:
         n_heads, conv1d, head_major = self.n_heads, self.conv1d, self.layout.head_major
+        kv_heads = self.layout.kv_heads or n_heads  # a fused projection's; separate ones are read off their widths
         ln = submodule(self.root, f"{self.block}.{self.layout.ln_in}", layer) if self.layout.ln_in else None
         reader = ln if ln is not None else submodule(self.root, f"{self.block}.{self.layout.reader}", layer)
         projs = [submodule(self.root, f"{self.block}.{p}", layer) for p in self.layout.qkv]
@@ -126,33 +133,35 @@ class HeadIn:
                 new = stash.get("new")
                 if new is None:
                     return None
-                x = stash["x"]
+                x = stash["x"].to(output.device)
                 weight = module.weight if conv1d else module.weight.T  # [d_model, out]
-                n_out = weight.shape[1] // len(roles)
-                heads = _heads(n_out, n_heads, projs[0], conv1d, len(roles))
-                d_head = n_out // heads
-                group = n_heads // heads
-                first = roles[0]
-                x = x.to(output.device)
-                slots = (new if len(roles) == 3 else new[:, :, first : first + len(roles)]).to(output.device)
-                if group > 1:  # a key/value head reads the mean of its query heads' slots; unchanged slots add 0
-                    slots = x[:, :, None, None, :] + (slots - x[:, :, None, None, :]).unflatten(3, (heads, group)).mean(4)
-                w, orig, bias = _by_role(weight, output, module.bias, len(roles), heads, d_head, head_major)
+                parts = _parts(weight, output, module.bias, roles, n_heads, kv_heads, projs[0], conv1d, head_major)
                 grad = torch.is_grad_enabled()
                 # Unchanged slots keep the module's numbers (and its parameter gradients); in grad mode each
                 # also gets its own input gradient from a zero-valued term (no norm or projection per slot).
                 sink = slot_sink(new) if stash["read"] else None
-                keep = orig + slot_gradient(slots, x, ln, w, orig, bias, sink, (first, group)) if grad else orig
-                # One check per layer (a host sync on accelerators), none for the value handed back as it
-                # was: a pure read (a gradient tap, an identity write) recomputes nothing.
-                x_slots = x[:, :, None, None, :].expand_as(slots)
-                if stash["read"] or _same_bits(slots, x_slots):
-                    return _as_output(keep, output, head_major) if grad else None
-                changed = (slots != x_slots).any(dim=-1, keepdim=True)
-                rec = torch.einsum("bprhd,drhe->bprhe", _norm(ln, slots), w)
-                if bias is not None:
-                    rec = rec + bias
-                return _as_output(torch.where(changed, rec.to(orig.dtype), keep), output, head_major)
+                values, written = [], False
+                for part in parts:
+                    slots = new[:, :, part.first : part.first + part.roles].to(output.device)
+                    if part.group > 1:  # a key/value head reads the mean of its query heads' slots; unchanged slots add 0
+                        slots = x[:, :, None, None, :] + (slots - x[:, :, None, None, :]).unflatten(3, (part.heads, part.group)).mean(4)
+                    keep = (part.orig + slot_gradient(slots, x, ln, part.w, part.orig, part.bias, sink, (part.first, part.group))
+                            if grad else part.orig)
+                    # One check per part and layer (a host sync on accelerators), none for the value handed back
+                    # as it was: a pure read (a gradient tap, an identity write) recomputes nothing.
+                    x_slots = x[:, :, None, None, :].expand_as(slots)
+                    if stash["read"] or _same_bits(slots, x_slots):
+                        values.append(keep)
+                        continue
+                    changed = (slots != x_slots).any(dim=-1, keepdim=True)
+                    rec = torch.einsum("bprhd,drhe->bprhe", _norm(ln, slots), part.w)
+                    if part.bias is not None:
+                        rec = rec + part.bias
+                    values.append(torch.where(changed, rec.to(part.orig.dtype), keep))
+                    written = True
+                if not (grad or written):
+                    return None
+                return _as_output(values, output, head_major, n_heads)
 
             return hook
 
@@ -179,6 +188,52 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Roles ``first .. first + roles - 1`` of one projection, ``heads`` heads each, as views ``w [d, R, heads, e]``,
+    ``orig [b, p, R, heads, e]`` and ``bias [R, heads, e]``; a head serves ``group`` query heads' slots."""
+
+    first: int
+    roles: int
+    heads: int
+    group: int
+    w: torch.Tensor
+    orig: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _parts(weight, output, bias, roles: tuple[int, ...], n_heads: int, kv_heads: int, q_proj: nn.Module, conv1d: bool,
+           head_major: bool) -> list[_Part]:
+    """The roles of one projection whose heads are alike: one part for a separate projection or a fused one with as
+    many key/value heads as query heads; a fused one under grouped-query attention is its queries and its keys
+    and values (``kv_heads`` each)."""
+    if len(roles) == 1:
+        heads = _heads(weight.shape[1], n_heads, q_proj, conv1d, 1)
+        w, orig, b = _by_role(weight, output, bias, 1, heads, weight.shape[1] // heads, False)
+        return [_Part(roles[0], 1, heads, n_heads // heads, w, orig, b)]
+    if kv_heads == n_heads:
+        w, orig, b = _by_role(weight, output, bias, 3, n_heads, weight.shape[1] // (3 * n_heads), head_major)
+        return [_Part(0, 3, n_heads, 1, w, orig, b)]
+    e = weight.shape[1] // (n_heads + 2 * kv_heads)
+    group = n_heads // kv_heads
+    d, lead = weight.shape[0], output.shape[:-1]
+    if head_major:  # [kv_head, group + 2, e]: the group's queries, then its key and value
+        w = weight.reshape(d, kv_heads, group + 2, e)
+        o = output.reshape(*lead, kv_heads, group + 2, e)
+        bb = None if bias is None else bias.reshape(kv_heads, group + 2, e)
+        q = (w[:, :, :group].reshape(d, 1, n_heads, e), o[..., :group, :].reshape(*lead, 1, n_heads, e),
+             None if bb is None else bb[:, :group].reshape(1, n_heads, e))
+        kv = (w[:, :, group:].transpose(1, 2), o[..., group:, :].transpose(-3, -2),
+              None if bb is None else bb[:, group:].transpose(0, 1))
+    else:  # [q heads | k heads | v heads]
+        split = n_heads * e
+        q = (weight[:, :split].reshape(d, 1, n_heads, e), output[..., :split].reshape(*lead, 1, n_heads, e),
+             None if bias is None else bias[:split].reshape(1, n_heads, e))
+        kv = (weight[:, split:].reshape(d, 2, kv_heads, e), output[..., split:].reshape(*lead, 2, kv_heads, e),
+              None if bias is None else bias[split:].reshape(2, kv_heads, e))
+    return [_Part(0, 1, n_heads, 1, *q), _Part(1, 2, kv_heads, group, *kv)]
+
+
 def _by_role(weight, output, bias, n_roles: int, heads: int, d_head: int, head_major: bool):
     """The projection's weight ``[d, R, heads, e]``, output ``[b, p, R, heads, e]`` and bias ``[R, heads, e]``
     (views) whatever the column order of a fused projection."""
@@ -192,9 +247,18 @@ def _by_role(weight, output, bias, n_roles: int, heads: int, d_head: int, head_m
     return w, orig, None if bias is None else bias.reshape(n_roles, heads, d_head)
 
 
-def _as_output(value: torch.Tensor, output: torch.Tensor, head_major: bool) -> torch.Tensor:
-    """``[b, p, R, heads, e]`` back in the projection's own column order."""
-    return (value.transpose(2, 3) if head_major else value).reshape(output.shape)
+def _as_output(values: list[torch.Tensor], output: torch.Tensor, head_major: bool, n_heads: int) -> torch.Tensor:
+    """The parts' values ``[b, p, R, heads, e]`` back in the projection's own column order."""
+    if len(values) == 1:
+        value = values[0]
+        return (value.transpose(2, 3) if head_major and value.shape[2] == 3 else value).reshape(output.shape)
+    q, kv = values  # [b, p, 1, H, e] and [b, p, 2, K, e] of a fused projection under grouped-query attention
+    b, p = output.shape[:2]
+    if head_major:
+        kv_heads, e = kv.shape[3], kv.shape[4]
+        q = q.reshape(b, p, kv_heads, n_heads // kv_heads, e)
+        return torch.cat([q, kv.transpose(2, 3)], dim=3).reshape(output.shape)
+    return torch.cat([q.reshape(b, p, -1), kv.reshape(b, p, -1)], dim=-1).reshape(output.shape)
 
 
 def _heads(n_out: int, n_heads: int, q_proj: nn.Module, conv1d: bool, n_roles: int) -> int:

@@ -45,8 +45,9 @@ from crosspatch.sites.site import Site, SiteError
 from .architectures import Architecture
 from .examples import example_inputs
 from .experts import prove_experts
-from .fused_qkv import _columns
+from .fused_qkv import columns
 from .inputs import InputLayout, _norm
+from .qkv_oracle import handed_states
 
 __all__ = ["Proof", "prove"]
 
@@ -299,8 +300,11 @@ def _against_hook(model, adapter, catalog, inputs, bound: Bound, hook: Callable)
 
 def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout: InputLayout, x: torch.Tensor,
                     proof: Proof) -> None:
-    """Query head 1 and key/value head 0 of layer 0 given another input, against a hook that recomputes
-    those columns of the projection from the normed input."""
+    """Query head 1 and key/value head 0 (and, of a fused projection, the last key/value head's value) of layer
+    0 given another input, against a hook that recomputes those columns of the projection from the normed input;
+    for a fused projection whose attention hands its states to transformers' attention function, against
+    those states of that head replaced there by the ones the other input gives (which knows nothing of the
+    projection's columns, so a wrong column order fails)."""
     block0 = submodule(model.base_model, f"{arch.layers}.0", None)
     ln = block0.get_submodule(layout.ln_in) if layout.ln_in else None
     projections = [block0.get_submodule(p) for p in layout.qkv]
@@ -309,31 +313,80 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
     if len(projections) == 1:  # fused: each (role, head)'s columns where the layout's order puts them
         proj = projections[0]
         conv1d = type(proj).__name__ == "Conv1D"
-        d_head = (proj.weight.shape[1] if conv1d else proj.weight.shape[0]) // (3 * n_heads)
-        cases = [(proj, role, 1, 1, _columns(role, 1, n_heads, d_head, layout.head_major)) for role in (0, 1)]
+        kv = layout.kv_heads or n_heads
+        d_head = (proj.weight.shape[1] if conv1d else proj.weight.shape[0]) // (n_heads + 2 * kv)
+        group = n_heads // kv
+        heads = ((0, min(1, n_heads - 1)), (1, 0), (2, kv - 1))
+        cases = [(proj, role, head, group if role else 1, columns(role, head, n_heads, d_head, layout.head_major, kv))
+                 for role, head in heads]
+        handed = _handed_by_other(model, block0.get_submodule(arch.attn_core), proj, _norm(ln, other), adapter, inputs)
     elif all(isinstance(p, nn.Linear) for p in projections):
         d_head = projections[0].out_features // n_heads
         group = n_heads // (projections[1].out_features // d_head)
         cases = [(projections[role], role, head, group if role else 1, slice(head * d_head, (head + 1) * d_head))
                  for role, head in ((0, 1), (1, 0))]
+        handed = None
     else:
         return
+    names = ("query", "key", "value")
     for proj, role, head, group, cols in cases:
-        def hook(module, args, output, cols=cols):
-            out = output.clone()
-            with torch.no_grad():
-                h = _norm(ln, other)
-                full = h @ module.weight + module.bias if type(module).__name__ == "Conv1D" else torch.nn.functional.linear(
-                    h, module.weight, module.bias)
-                out[..., cols] = full[..., cols]
-            return out
-
         value = x[:, :, None, None, :].expand(*x.shape[:2], 3, n_heads, x.shape[-1]).clone()
         # A key/value head's input: every slot of its group of query heads (the slots a group shares).
-        heads = slice(head * group, (head + 1) * group)
-        value[:, :, role, heads] = other[:, :, None, :]
+        value[:, :, role, slice(head * group, (head + 1) * group)] = other[:, :, None, :]
         source = Cache({"head_in.0": value}, {"head_in.0": catalog.family("head_in").axis_names})
         bound = Bound(Site("head_in", 0), Patch(source))
-        patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: proj.register_forward_hook(hook))
-        what = f"{'query' if role == 0 else 'key'} head {head}: the patch differs from a hook on its projection"
+        if handed is not None:
+            patched, expected = _against_states(model, adapter, catalog, inputs, bound, block0.get_submodule(arch.attn_core),
+                                                handed, role, head, group)
+            what = f"{names[role]} head {head}: the patch differs from that head's {names[role]} replaced in the attention"
+        else:
+            def hook(module, args, output, cols=cols):
+                out = output.clone()
+                with torch.no_grad():
+                    h = _norm(ln, other)
+                    full = h @ module.weight + module.bias if type(module).__name__ == "Conv1D" else torch.nn.functional.linear(
+                        h, module.weight, module.bias)
+                    out[..., cols] = full[..., cols]
+                return out
+
+            patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: proj.register_forward_hook(hook))
+            what = f"{names[role]} head {head}: the patch differs from a hook on its projection"
         proof.check("head_in", patched, expected, what)
+
+
+def _handed_by_other(model, attention: nn.Module, proj: nn.Module, normed: torch.Tensor, adapter, inputs):
+    """The query, key and value ``attention`` hands transformers' attention function when ``proj`` reads
+    ``normed``; None when it hands none (it computes attention itself)."""
+    seen: list = []
+
+    def read(query, key, value):
+        seen.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+
+    handle = proj.register_forward_pre_hook(lambda module, args: (normed.to(args[0]), *args[1:]))
+    try:
+        with handed_states(model, attention, read), torch.no_grad():
+            adapter.forward(model, inputs)
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+def _against_states(model, adapter, catalog, inputs, bound: Bound, attention: nn.Module, handed, role: int, head: int,
+                    group: int):
+    """The output with ``bound`` applied by the engine, and the output with query head ``head`` (role 0) or
+    key/value head ``head`` (roles 1, 2) replaced by ``handed``'s in what ``attention`` hands the attention
+    function."""
+    patched = execute(model, adapter, catalog, inputs, [bound]).output
+
+    def replace(query, key, value):
+        states = [query, key, value]
+        new = states[role].clone()
+        # A key/value head repeated for each of its query heads before the call (some models do) is all its copies.
+        rep = new.shape[1] // (query.shape[1] // group) if role else 1
+        new[:, head * rep:(head + 1) * rep] = handed[role][:, head * rep:(head + 1) * rep].to(new)
+        states[role] = new
+        return tuple(states)
+
+    with handed_states(model, attention, replace), torch.no_grad():
+        expected = adapter.output(adapter.forward(model, inputs))
+    return patched, expected
