@@ -1,0 +1,57 @@
+"""What a person did on the serve page, saved as a study file, runs with ``crosspatch run`` to the
+numbers the page showed: a streamed head sweep (and a noising position sweep of another metric)
+saved with "Save as study.toml", run from the command line into a report folder, compared value for
+value with the sweep's final view."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("starlette", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
+pytest.importorskip("uvicorn", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
+
+from test_serve import _events, _post  # noqa: E402  (after the skips)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from served_model import serve_tiny_model
+
+    yield from serve_tiny_model(tmp_path_factory)
+
+
+@pytest.mark.parametrize("settings", [
+    {"sites": "head_out.*[head=*]", "metric": "logit_diff", "method": "activation_patching"},
+    {"sites": "resid_pre.*[pos=*]", "metric": "probability", "method": "activation_patching", "direction": "noising"},
+])
+def test_saved_study_reproduces_the_served_sweep(served, tmp_path, settings, capsys):
+    from crosspatch.cli import app as cli
+    from crosspatch.results.result import Result
+
+    server, session = served
+    request = {"kind": "sweep", **session.examples[1], **settings}
+    status, body = _post(server.url + "/api/jobs", request)
+    assert status == 202
+    events = _events(server.url + json.loads(body)["events"])
+    assert events[-1][0] == "result"
+    shown = np.array(events[-1][1]["data"]["view"]["values"], dtype=float)
+
+    status, text = _post(server.url + "/api/study", request)
+    assert status == 200 and "[[analysis]]" in text
+    study = tmp_path / "study.toml"
+    study.write_text(text, encoding="utf-8")
+    out = tmp_path / "report"
+    assert cli.main(["run", str(study), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    record = json.loads((out / "study.json").read_text(encoding="utf-8"))
+    [(name, entry)] = record["results"].items()
+    result = Result.load(out / entry["file"])
+    assert result.metadata["method"] == "activation_patching"
+    np.testing.assert_array_equal(result.values.reshape(shown.shape), shown)
+    if settings.get("direction"):
+        assert record["study"]["analyses"][0]["options"]["direction"] == "noising"
+    assert record["study"]["inputs"]["clean"] == [session.examples[1]["clean"]]
