@@ -82,6 +82,14 @@ class _Candidate:
     fits: dict[str, str]
     complete: bool  # every part is a formula (no lookup table)
 
+    @property
+    def cost(self) -> int:
+        """Characters of formulas, with a table counted as 40 per entry: the shorter program first."""
+        spec = self.spec
+        parts = (spec.update or []) + ([spec.output] if spec.output is not None else [])
+        tables = len(spec.update_table or {}) + len(spec.output_table or {})
+        return sum(len(p) for p in parts) + 40 * tables
+
 
 def _names(k: int, d: int) -> tuple[list[str], list[str]]:
     return (["h"] if k == 1 else [f"h{i}" for i in range(k)]), (["x"] if d == 1 else [f"x{i}" for i in range(d)])
@@ -122,6 +130,9 @@ def _machine_candidates(m: Machine, info: TaskInfo, title: str) -> list[_Candida
         labellings.append(("its output", np.array(m.out, dtype=np.int64)[:, None]))
     labellings.append(("breadth-first order", np.arange(n, dtype=np.int64)[:, None]))
     if m.points is not None and n > 1:
+        code = _axis_clusters(m.points)
+        if code is not None:
+            labellings.append(("which of a few values each normalised hidden coordinate takes", code))
         lat = find_lattice(m.points, m.points[0])
         if lat is not None and lat.dim and len(np.unique(lat.coords, axis=0)) == n:
             labellings.append((f"its {lat.dim}-d lattice coordinates", lat.coords))
@@ -138,7 +149,25 @@ def _machine_candidates(m: Machine, info: TaskInfo, title: str) -> list[_Candida
                        np.array(m.out, dtype=np.int64), d, table, notes)
         if c is not None:
             out.append(c)
-    return sorted(out, key=lambda c: not c.complete)
+    return sorted(out, key=lambda c: (not c.complete, c.cost))
+
+
+def _axis_clusters(points: np.ndarray, gap: float = 0.25) -> np.ndarray | None:
+    """Each state's code: per normalised hidden coordinate, the index of the cluster of values it
+    falls in (values split where consecutive ones are more than ``gap`` of the range apart); only
+    coordinates with more than one cluster; ``None`` if two states share a code."""
+    columns = []
+    for v in points.T:
+        span = float(v.max() - v.min())
+        if span <= 1e-9:
+            continue
+        order = np.sort(v)
+        cuts = order[:-1][np.diff(order) > gap * span] if len(order) > 1 else order[:0]
+        columns.append(np.searchsorted(cuts, v, side="left").astype(np.int64))
+    if not columns:
+        return None
+    code = np.stack(columns, axis=1)
+    return code if len(np.unique(code, axis=0)) == len(points) else None
 
 
 def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: str) -> tuple[list[_Candidate], Lattice | None, str]:

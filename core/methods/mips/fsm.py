@@ -3,8 +3,9 @@
 :func:`explore` runs the network's step from ``h0`` on every input symbol, breadth first, merging a new
 state into an earlier one when it lies within ``tol`` of that state's representative (transitions are
 always computed from representatives, so rounding drift does not accumulate). It stops when no new
-state appears (the machine is closed) or after ``max_states``. :func:`minimise` merges states with the
-same future outputs (Moore partition refinement) and renumbers them breadth first from the start.
+state appears (the machine is closed) or after ``max_states`` states or ``max_depth`` steps.
+:func:`minimise` merges states with the same future outputs (Moore partition refinement) and renumbers
+them breadth first from the start.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _outputs(rnn: TaskRNN, h: np.ndarray) -> list[int]:
     return [int(v) for v in pred]
 
 
-def explore(rnn: TaskRNN, alphabet: Alphabet, max_states: int = 512, rel_tol: float = 0.1) -> Machine:
-    """Breadth-first states and transitions of ``rnn`` (``closed=False`` if ``max_states`` was hit)."""
+def explore(rnn: TaskRNN, alphabet: Alphabet, max_states: int = 512, max_depth: int = 64, rel_tol: float = 0.1) -> Machine:
+    """Breadth-first states and transitions of ``rnn`` (``closed=False`` if new states still appear
+    after ``max_states`` states or ``max_depth`` steps)."""
     h0 = rnn.h0.detach().double().numpy()[None]
     first = _step_all(rnn, h0, alphabet)[0]
     cloud = np.concatenate([h0, first])
@@ -62,9 +64,10 @@ def explore(rnn: TaskRNN, alphabet: Alphabet, max_states: int = 512, rel_tol: fl
     tol = rel_tol * float(nonzero.min()) if nonzero.size else 1e-6
     points = [h0[0]]
     nxt: list[list[int]] = []
-    frontier = [0]
+    frontier, depth = [0], 0
     while frontier:
-        if len(points) > max_states:
+        depth += 1
+        if len(points) > max_states or depth > max_depth:
             return Machine(nxt, [], np.array(points), closed=False)
         stepped = _step_all(rnn, np.array([points[i] for i in frontier]), alphabet)
         new_frontier = []

@@ -47,19 +47,21 @@ class Lattice:
 
 
 def real_gcd(values: np.ndarray, tol: float = 0.05, max_divisor: int = 12) -> float | None:
-    """The largest ``u`` such that every value is within ``tol * u`` of a multiple of ``u``: the
-    smallest non-negligible ``|value|`` divided by 1, 2, … ``max_divisor``; ``None`` if none fits."""
+    """The largest ``u`` such that every value is within ``tol * u / m`` of a multiple of ``u``, where
+    ``u`` is the smallest non-negligible ``|value|`` divided by ``m`` = 1, 2, … ``max_divisor`` (a finer
+    unit must fit more tightly: with a loose tolerance any values fit a fine enough grid);
+    ``None`` if none fits."""
     v = np.abs(np.asarray(values, dtype=np.float64).ravel())
     top = float(v.max()) if v.size else 0.0
     if top == 0.0:
         return 1.0
-    nonzero = v[v > 1e-6 * top]
+    nonzero = v[v > 1e-4 * top]
     smallest = float(nonzero.min())
     for m in range(1, max_divisor + 1):
         u = smallest / m
         if u < tol * smallest / 2 or top / u > 1e6:
             break
-        if float(np.abs(v / u - np.round(v / u)).max()) < tol:
+        if float(np.abs(v / u - np.round(v / u)).max()) < tol / m:
             return u
     return None
 
@@ -80,6 +82,12 @@ def _independent_shortest(vectors: np.ndarray, k: int) -> np.ndarray | None:
     return None
 
 
+def _distinct(vectors: np.ndarray, grid: float) -> np.ndarray:
+    """One original row per cell of a ``grid``-sized mesh (duplicates up to rounding dropped)."""
+    _, first = np.unique(np.round(vectors / grid), axis=0, return_index=True)
+    return vectors[np.sort(first)]
+
+
 def _try_basis(y: np.ndarray, b: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Coordinates of ``y`` in basis rows ``b``, each axis divided by its real GCD; ``None`` if off-lattice."""
     if abs(np.linalg.det(b)) < 1e-12 * max(float(np.abs(b).max()), 1e-300) ** b.shape[0]:
@@ -95,7 +103,10 @@ def _try_basis(y: np.ndarray, b: np.ndarray, tol: float) -> tuple[np.ndarray, np
     residual = float(np.abs(z - np.round(z)).max()) if z.size else 0.0
     if residual >= tol:
         return None
-    return np.round(z).astype(np.int64), b, residual
+    zi = np.round(z).astype(np.int64)
+    if np.linalg.matrix_rank(zi) == b.shape[0]:  # the decoder refitted to every state, not one
+        b = np.linalg.lstsq(zi.astype(np.float64), y, rcond=None)[0]
+    return zi, b, residual
 
 
 def _tidy(z: np.ndarray, b: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,10 +139,10 @@ def find_lattice(
     y = d @ span.T
     candidates: list[tuple[str, np.ndarray]] = [("principal axes", np.eye(k))]
     if steps is not None and len(steps):
-        b = _independent_shortest(np.unique(np.round((steps @ span.T) / (1e-4 * scale)), axis=0) * 1e-4 * scale, k)
+        b = _independent_shortest(_distinct(steps @ span.T, 1e-4 * scale), k)
         if b is not None:
             candidates.append(("shortest steps", b))
-    b = _independent_shortest(np.unique(np.round(y / (1e-4 * scale)), axis=0) * 1e-4 * scale, k)
+    b = _independent_shortest(_distinct(y, 1e-4 * scale), k)
     if b is not None:
         candidates.append(("shortest states", b))
     best: Lattice | None = None

@@ -36,8 +36,7 @@ def plot_states(
             ax.scatter(lp[:, 0], lp[:, 1], s=110, facecolors="none", edgecolors="crimson", linewidths=1.2,
                        label="lattice / machine states")
         else:
-            for px in lp[:, 0]:
-                ax.axvline(px, color="crimson", lw=0.6, alpha=0.5)
+            ax.vlines(lp[:, 0], 0, 1, transform=ax.get_xaxis_transform(), color="crimson", lw=0.6, alpha=0.5)
             ax.plot([], [], color="crimson", lw=0.6, label="lattice / machine states")
         every = -(-len(lp) // 10)
         low = float(np.min(ys)) if len(ys) else 0.0

@@ -42,6 +42,8 @@ def _affine_text(coefs: list[int], names: list[str], const: int) -> str:
 
 
 def _affine(v: np.ndarray, t: np.ndarray) -> tuple[list[int], int] | None:
+    if len(t) <= v.shape[1] + 1:
+        return None  # as many rows as coefficients: any target fits, so a fit says nothing
     a = np.concatenate([v, np.ones((len(v), 1))], axis=1).astype(np.float64)
     sol = np.linalg.lstsq(a, t.astype(np.float64), rcond=None)[0]
     coefs = np.round(sol).astype(np.int64)
