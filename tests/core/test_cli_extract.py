@@ -32,25 +32,23 @@ def _load(folder: Path | None):
     return Loaded(net.eval(), None, {"name": FAKE_RNN})
 
 
-def _plugin() -> types.ModuleType:
-    from crosspatch.plugins.hookspecs import hookimpl
-    from crosspatch.zoo.store import ZooModel
+class _RNNZooPlugin:
+    """Registers the hand-set parity network as a zoo entry of task ``parity-all``."""
 
-    module = types.ModuleType("fake_rnn_zoo")
+    from crosspatch.plugins.hookspecs import hookimpl
 
     @hookimpl
-    def register_models(register):
-        register(ZooModel(FAKE_RNN, "hand-set parity RNN for tests", "none", "parity-all", _build, _load))
+    def register_models(self, register):
+        from crosspatch.zoo.store import ZooModel
 
-    module.register_models = register_models
-    return module
+        register(ZooModel(FAKE_RNN, "hand-set parity RNN for tests", "none", "parity-all", _build, _load))
 
 
 @pytest.fixture
 def rnn_zoo(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSPATCH_CACHE", str(tmp_path / "cache"))
     reset_registry()
-    get_registry().register(_plugin(), "fake-rnn-zoo")
+    get_registry().register(_RNNZooPlugin(), "fake-rnn-zoo")
     yield tmp_path
     reset_registry()
 
