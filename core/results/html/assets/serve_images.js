@@ -39,7 +39,8 @@
   var describe = info.describe || {};
   root.appendChild(el("p", { class: "cp-facts", text: (describe["class"] || "") + " · " + (isVAE ?
     "VAE, " + info.latent_dim + " latents: the reconstruction under steering and patching" :
-    "CLIP-style: image-text similarities under steering and patching") + " · images of the shapes task" }));
+    "two towers: image-text similarities (logit_scale × cosine) under steering and patching") +
+    " · images of the shapes task" }));
 
   var images = gallery.map(function (g) {
     return { value: g.index, text: (g.index + 1) + ". " + g.caption + (g.split === "test" ? " (held out)" : "") };
