@@ -70,23 +70,27 @@ def case(request):
     return model, tc, ids
 
 
-def _write(state, res, n: int):
-    """The write of result node ``n`` as (embed delta, mlp deltas) ``[1, pos, d]``."""
+def node_write(state, kind: str, L: int, p: int, f: int):
+    """A node's write as (embed delta, mlp deltas) ``[1, pos, d]``: a feature's activation times its decoder into
+    every MLP output it writes, an error vector, a token embedding."""
     P, d = state.n_pos, state.embed.shape[-1]
     emb, mlp = torch.zeros(1, P, d, dtype=torch.float64), {}
-    L, p, f = res.layers[n], res.positions[n], res.feature_ids[n]
-    if res.kinds[n] == "feature":
+    if kind == "feature":
         i = state.source_of[L]
         act = state.features[L][p, f]
         for W in state.source_writes(L):
             mlp[W] = torch.zeros(1, P, d, dtype=torch.float64)
             mlp[W][0, p] = act * state.tc.decoder(i, state.output_of[W])[f].detach()
-    elif res.kinds[n] == "error":
+    elif kind == "error":
         mlp[L] = torch.zeros(1, P, d, dtype=torch.float64)
         mlp[L][0, p] = state.error[L][p]
     else:
         emb[0, p] = state.embed[p]
     return emb, mlp
+
+
+def _write(state, res, n: int):
+    return node_write(state, res.kinds[n], res.layers[n], res.positions[n], res.feature_ids[n])
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ Nodes, in the reference's order: every active transcoder feature ``(layer, pos, 
 clean run, one error node per ``(layer, pos)``, one token-embedding node per position, then the
 targets (:mod:`.targets`). ``A[t, s]`` is the direct effect of source ``s`` on target ``t`` in the
 local replacement model (:mod:`.replacement`): the derivative of ``t``'s input (a feature's
-pre-activation ``mlp_in . W_enc[:, f]``, a target's value) along ``s``'s write (``a_s`` times its
+pre-activation ``mlp_in . W_enc[:, f]``, or ``norm(mlp_in) . W_enc[:, f]`` with the norm's scale frozen for a
+transcoder reading the MLP's normed input; a target's value) along ``s``'s write (``a_s`` times its
 decoder into every MLP output it writes, the error vector, the embedding), with every MLP output held
 fixed, so nothing flows through another node. It is computed by backward passes of the frozen model,
 one target per batch row and ``batch_size`` rows at a time, and kept as a sparse COO matrix of its
@@ -220,6 +221,7 @@ def _scaled_decoders(state: CleanState, graph: AttributionGraph) -> dict[int, li
     return out
 
 
+@torch.enable_grad()  # rows are gradients: they are computed under a caller's no_grad too
 def _rows(state: CleanState, graph: AttributionGraph, batch: list[tuple[str, int]],
           dec: dict[int, list[tuple[int, torch.Tensor]]], source_chunk: int) -> torch.Tensor:
     """``[len(batch), n_features + n_errors + n_pos]`` direct effects on each job's node."""
@@ -236,7 +238,7 @@ def _rows(state: CleanState, graph: AttributionGraph, batch: list[tuple[str, int
     for b, (kind, k) in enumerate(batch):
         if kind == "feature":
             L, p, f = (int(v) for v in graph.features[k])
-            x = run.cache[f"mlp_in.{L}"][b, p].to(dtype)
+            x = state.transcoder_input(L, run.cache[f"mlp_in.{L}"][b:b + 1].to(dtype))[0, p]
             total = total + x @ state.tc.W_enc[state.source_of[L]][:, f].detach()
         else:
             t = graph.targets[k]

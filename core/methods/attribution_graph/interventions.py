@@ -6,7 +6,9 @@ in the same forward (the transcoder's own encoding of what the model computes th
 a per-layer transcoder, every later one too for a cross-layer one), restricted to ``layers`` when given.
 Everything else runs as the model computes it: MLPs stay nonlinear, later features move with the
 edit. ``freeze_attention`` holds every attention pattern at the unedited run's. ``pos=None`` edits every
-position, which is what :func:`generate` uses for positions that do not exist yet.
+position, which is what :func:`generate` uses for positions that do not exist yet. A transcoder reading
+the MLP's normed input encodes the norm of ``mlp_in`` with its own scale (:func:`.normed.live_input`; one
+recording forward finds the norm module).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ...engine.interventions import Fn
 from ...engine.model import wrap
 from ...sites.site import Site
 from ...trainable.transcoder import Transcoder
-from .freeze import pattern_bounds
+from .freeze import FrozenNorms, pattern_bounds
+from .normed import live_input, mlp_norms
 from .replacement import mlp_layers
 
 __all__ = ["FeatureEdit", "feature_intervention", "generate"]
@@ -39,7 +42,7 @@ class FeatureEdit:
 
 
 def _edit_bounds(tc: Transcoder, edits: Sequence[FeatureEdit], layers: "tuple[int, int] | None",
-                 n_pos: int) -> list[Bound]:
+                 n_pos: int, input_norms: "dict | None" = None) -> list[Bound]:
     by_layer: dict[int, list[FeatureEdit]] = {}
     for e in edits:
         by_layer.setdefault(e.layer, []).append(e)
@@ -57,7 +60,8 @@ def _edit_bounds(tc: Transcoder, edits: Sequence[FeatureEdit], layers: "tuple[in
 
         def fn(x):
             with torch.no_grad():
-                stash[L] = tc.encode(i, x)  # [rows, pos, n_features]
+                norm = (input_norms or {}).get(L)
+                stash[L] = tc.encode(i, x if norm is None else live_input(norm, x))  # [rows, pos, n_features]
             return x
         return Fn(fn)
 
@@ -102,7 +106,14 @@ def feature_intervention(
     edits = [e if isinstance(e, FeatureEdit) else FeatureEdit(*e) for e in edits]
     prepared = m.prepare(inputs)
     n_pos = int(prepared["input_ids"].shape[1])
-    bounds = _edit_bounds(transcoder, edits, layers, n_pos)
+    input_norms = {}
+    if transcoder.normalized_input:  # one recording forward finds the norm each edited layer's MLP reads
+        norms = FrozenNorms(m.module)
+        with norms.recording():
+            cache = m.run(prepared, capture=[f"mlp_in.{e.layer}" for e in edits]).cache
+        norms.detach()
+        input_norms = mlp_norms(norms, {e.layer: cache[f"mlp_in.{e.layer}"].clone() for e in edits})
+    bounds = _edit_bounds(transcoder, edits, layers, n_pos, input_norms)
     if freeze_attention:
         all_layers = mlp_layers(m)
         cache = m.run(prepared, capture=[f"attn_pattern.{L}" for L in all_layers]).cache

@@ -7,7 +7,9 @@ transcoder's reconstruction and an error::
 
     mlp_out_L = sum over sources i writing L of f_i @ W_dec[i -> L] + b_dec[L] + error_L
 
-(a layer the transcoder does not cover is all error). In the *local replacement model* attention
+(a layer the transcoder does not cover is all error). A transcoder reading the MLP's normed input
+(``normalized_input``, GemmaScope) reads the norm's clean output at the clean run and its frozen-scale output
+in the frozen forwards (:mod:`.normed`). In the *local replacement model* attention
 patterns and norm scales are the clean run's, each feature's nonlinearity is its clean on/off mask
 (``f_i = mask_i * pre_i``) and the errors are constants, so logits are an affine function of the
 embeddings: :func:`replacement_run` is that model (it reproduces the clean logits), and
@@ -29,6 +31,7 @@ from ...engine.model import WrappedModel
 from ...sites.site import Site, SiteError
 from ...trainable.transcoder import Transcoder
 from .freeze import FrozenNorms, pattern_bounds
+from .normed import frozen_input, mlp_norms
 
 __all__ = ["CleanState", "clean_state", "replacement_run", "direct_run", "mlp_layers"]
 
@@ -66,6 +69,7 @@ class CleanState:
     recon: dict[int, torch.Tensor]  # model layer -> [pos, d] reconstruction (b_dec included)
     error: dict[int, torch.Tensor]  # model layer -> [pos, d]
     norms: FrozenNorms = field(repr=False, default=None)  # type: ignore[assignment]
+    input_norms: dict = field(repr=False, default_factory=dict)  # model layer -> the MLP's norm (normed-input transcoders)
 
     @property
     def n_pos(self) -> int:
@@ -73,6 +77,12 @@ class CleanState:
 
     def rows(self, n: int) -> dict:
         return repeat_rows(self.inputs, n)
+
+    def transcoder_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What source ``layer`` of the transcoder reads from ``mlp_in.layer`` ``[rows, pos, d]``: the site itself, or
+        for a normed-input transcoder the MLP's norm of it with the scale frozen (:mod:`.normed`)."""
+        norm = self.input_norms.get(layer)
+        return x if norm is None else frozen_input(norm, x)
 
     def layer_of_output(self, j: int) -> int:
         return next(layer for layer, o in self.output_of.items() if o == j)
@@ -97,11 +107,6 @@ def _layer_of(site: str, family: str) -> int:
 def clean_state(m: WrappedModel, tc: Transcoder, inputs: Any) -> CleanState:
     """Run ``inputs`` (one prompt) once and split every MLP output into features and an error."""
     layers = mlp_layers(m)
-    if tc.normalized_input:
-        raise NotImplementedError(
-            "this transcoder reads the MLP's normalised input (GemmaScope's ln2.hook_normalized); attribution graphs "
-            "here read mlp_in (the residual before the norm), which no site after the norm replaces yet"
-        )
     source_of = {_layer_of(s, "mlp_in"): i for i, s in enumerate(tc.input_sites)}
     output_of = {_layer_of(s, "mlp_out"): j for j, s in enumerate(tc.output_sites)}
     bad = sorted(set(source_of) - set(layers)) + sorted(set(output_of) - set(layers))
@@ -125,9 +130,11 @@ def clean_state(m: WrappedModel, tc: Transcoder, inputs: Any) -> CleanState:
     dtype = tc.W_enc.dtype
     mlp_in = {L: cache[f"mlp_in.{L}"][0].to(dtype) for L in layers}
     mlp_out = {L: cache[f"mlp_out.{L}"][0].to(dtype) for L in layers}
+    input_norms = mlp_norms(norms, {L: cache[f"mlp_in.{L}"][:1] for L in source_of}) if tc.normalized_input else {}
     pre, feats = {}, {}
     for L, i in source_of.items():
-        pre[L] = tc.pre_activation(i, mlp_in[L])
+        read = input_norms[L].y[0].to(dtype) if L in input_norms else mlp_in[L]  # the norm's own clean output
+        pre[L] = tc.pre_activation(i, read)
         feats[L] = tc.activate(i, pre[L])
     decoded = tc.decode([feats.get(next((L for L, s in source_of.items() if s == i), -1)) for i in range(tc.n)])
     recon = {L: decoded[j] for L, j in output_of.items()}
@@ -136,7 +143,7 @@ def clean_state(m: WrappedModel, tc: Transcoder, inputs: Any) -> CleanState:
         m=m, tc=tc, inputs=prepared, layers=layers, source_of=source_of, output_of=output_of,
         embed=cache["embed"][0].to(dtype), mlp_in=mlp_in, mlp_out=mlp_out,
         patterns={L: cache[f"attn_pattern.{L}"][:1].detach() for L in layers}, logits=cache["logits"][0],
-        pre=pre, features=feats, recon=recon, error=error, norms=norms,
+        pre=pre, features=feats, recon=recon, error=error, norms=norms, input_norms=input_norms,
     )
 
 
@@ -184,7 +191,7 @@ def replacement_run(
 
     def read(L: int):
         def fn(x):
-            f = masks[L].to(x.dtype) * tc.pre_activation(state.source_of[L], x)
+            f = masks[L].to(x.dtype) * tc.pre_activation(state.source_of[L], state.transcoder_input(L, x))
             stash[L] = f + feature_edits[L].to(f.dtype) if L in feature_edits else f
             return x
         return Fn(fn)
