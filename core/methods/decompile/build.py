@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from .match import Trace, match_head, match_lookup
-from .program import Program
+from .match import Trace, evaluate, match_head, match_head_codes, match_lookup
+from .program import Offset, Program
 from .subject import Subject
-from .variables import Layout, cluster_codes
+from .variables import Layout
 
 __all__ = ["build_program", "collect_trace", "group_by_length"]
 
@@ -37,80 +36,110 @@ def _head(node: str) -> int | None:
     return int(node.split("head=")[1].rstrip("]")) if "head=" in node else None
 
 
-def collect_trace(subject: Subject, seqs: Sequence[Sequence[Any]], kept: Sequence[str]) -> tuple[dict, dict, list[list[Any]]]:
-    """Run ``seqs`` and capture, per kept node, its output and (heads) its attention pattern, plus the
-    residual after it. Returns ``(captures, patterns, order)`` with one entry per sequence in ``order``."""
+def collect_trace(subject: Subject, seqs: Sequence[Sequence[Any]], kept: Sequence[str]) -> tuple[dict, list[list[Any]], list[list[Any]]]:
+    """Run ``seqs`` (grouped by length) capturing the embedding and, at every layer with a kept node,
+    the residual after attention and after the MLP, the attention patterns and the head and MLP writes.
+    Returns ``(captures, sequences, decoded outputs)``, one entry per sequence, in the order run."""
     m = subject.wrapped
     layers = sorted({_layer(n) for n in kept})
-    sites = ["embed"] + [f"{fam}.{L}" for L in layers for fam in ("resid_mid", "resid_post", "attn_pattern", "head_out", "mlp_out")]
-    if subject.layout is None:
-        sites = ["embed"] + [f"{fam}.{L}" for L in layers for fam in ("attn_pattern", "head_out", "mlp_out")]
+    fams = ("resid_mid", "resid_post", "attn_pattern", "head_out", "mlp_out") if subject.layout is not None else (
+        "attn_pattern", "head_out")
+    sites = (["embed"] if subject.layout is not None else []) + [f"{fam}.{L}" for L in layers for fam in fams]
     caps: dict[str, list[torch.Tensor]] = defaultdict(list)
     order: list[list[Any]] = []
+    outputs: list[list[Any]] = []
     for _, group in group_by_length(seqs).items():
         run = m.run(subject.encode(group), capture=sites)
         for s in sites:
             caps[s].extend(run.cache[s].detach().float().cpu().unbind(0))
         order.extend(group)
-    return caps, {}, order
+        outputs.extend(subject.decode(run.output))
+    return caps, order, outputs
 
 
 def _decode(var, rows: list[torch.Tensor]) -> list[list[Any]]:
     return [var.decode(r.unsqueeze(0))[0] for r in rows]
 
 
-def build_program(subject: Subject, seqs: Sequence[Sequence[Any]], kept: Sequence[str], *,
-                  relabel: bool = False) -> tuple[Program, Trace]:
+def build_program(subject: Subject, seqs: Sequence[Sequence[Any]], kept: Sequence[str]) -> tuple[Program, Trace]:
     """Match every kept node on ``seqs`` and chain the matches into a :class:`Program`."""
-    caps, _, order = collect_trace(subject, seqs, kept)
-    layout = subject.layout
-    trace: Trace = {}
+    caps, order, outputs = collect_trace(subject, seqs, kept)
+    trace: Trace = {
+        "tokens": [["BOS"] + list(s) for s in order],
+        "indices": [[None] + list(range(subject.index_start, subject.index_start + len(s))) for s in order],
+    }
     notes: list[str] = []
-    trace["tokens"] = [["BOS"] + list(s) for s in order]
-    trace["indices"] = [[None] + list(range(subject.index_start, subject.index_start + len(s))) for s in order]
-    available = ["tokens", "indices"]
-    if layout is not None:
-        _check_inputs(layout, caps["embed"], trace, notes)
-    ops = []
-    for node in kept:
-        L, h = _layer(node), _head(node)
-        if h is not None:
-            out_rows = [x[:, h] for x in caps[f"head_out.{L}"]]
-            after = caps.get(f"resid_mid.{L}")
-        else:
-            out_rows = caps[f"mlp_out.{L}"]
-            after = caps.get(f"resid_post.{L}")
-        if layout is not None:
-            written = layout.written(torch.cat([r.reshape(-1, r.shape[-1]) for r in out_rows]).unsqueeze(0))
-            new = [w for w in written if w not in trace and w not in ("tokens", "indices")]
-            for w in written:
-                if w in trace and w not in new:
-                    notes.append(f"{node} also writes {w}, defined earlier; not redefined")
-            defs = [(w, layout.variables[w].numerical, _decode(layout.variables[w], after)) for w in new]
-        else:
-            codes, _ = cluster_codes(np.concatenate([r.reshape(-1, r.shape[-1]).numpy() for r in out_rows]))
-            values, start = [], 0
-            for r in out_rows:
-                values.append([None] + [int(c) for c in codes[start + 1: start + r.shape[0]]])
-                start += r.shape[0]
-            name = node.replace(".", "_").replace("[head=", "_h").rstrip("]")
-            defs = [(name, False, values)]
-        # heads of one layer read only what was defined before the layer
-        candidates = [v for v in reversed(available) if _defined_before(v, node, ops)]
-        for name, numerical, values in defs:
-            trace[name] = values
-            if h is not None:
-                patterns = [p[h].numpy() for p in caps[f"attn_pattern.{L}"]]
-                op = match_head(node, patterns, trace, candidates, name, numerical, causal=subject.causal, relabel=relabel)
-            else:
-                op = match_lookup(node, trace, candidates, name, numerical)
-            ops.append(op)
-        available.extend(name for name, _, _ in defs)
-    output = subject.output_var if subject.output_var is not None else (ops[-1].out if ops else "tokens")
+    if subject.layout is not None:
+        ops = _compiled_ops(subject, subject.layout, caps, kept, trace, notes)
+        output = subject.output_var or (ops[-1].out if ops else "tokens")
+    else:
+        ops = _trained_ops(subject, caps, kept, trace, outputs, notes)
+        output = ops[-1].out
     if output not in trace:
         notes.append(f"output variable {output} is written by no kept component")
     program = Program(subject.name, ops, output, subject.numerical, subject.index_start, subject.causal, notes)
     return program, trace
+
+
+def _compiled_ops(subject: Subject, layout: Layout, caps: dict, kept: Sequence[str], trace: Trace, notes: list[str]) -> list:
+    """Named subspaces: each kept node defines the variables it writes first, read from the residual after it."""
+    _check_inputs(layout, caps["embed"], trace, notes)
+    available = ["tokens", "indices"]
+    ops: list = []
+    for node in kept:
+        L, h = _layer(node), _head(node)
+        out_rows = [x[:, h] for x in caps[f"head_out.{L}"]] if h is not None else caps[f"mlp_out.{L}"]
+        after = caps[f"resid_mid.{L}"] if h is not None else caps[f"resid_post.{L}"]
+        written = layout.written(torch.cat([r.reshape(-1, r.shape[-1]) for r in out_rows]).unsqueeze(0))
+        new = [w for w in written if w not in trace]
+        notes.extend(f"{node} also writes {w}, defined earlier; not redefined" for w in written if w not in new)
+        candidates = [v for v in reversed(available) if _defined_before(v, node, ops)]
+        for name in new:
+            var = layout.variables[name]
+            trace[name] = _decode(var, after)
+            if h is not None:
+                patterns = [p[h].numpy() for p in caps[f"attn_pattern.{L}"]]
+                ops.append(match_head(node, patterns, trace, candidates, name, var.numerical, causal=subject.causal))
+            else:
+                ops.append(match_lookup(node, trace, candidates, name, var.numerical))
+        available.extend(new)
+    return ops
+
+
+_OFFSETS = (-1, -2, -3)
+
+
+def _trained_ops(subject: Subject, caps: dict, kept: Sequence[str], trace: Trace, outputs: list[list[Any]],
+                 notes: list[str]) -> list:
+    """No named subspaces: each kept head defines one variable (its writes, clustered or projected), the
+    MLPs and the unembedding together are read as one lookup table from those variables to the output."""
+    offsets = {f"indices{o}": Offset("map", f"indices{o}", "indices", o) for o in _OFFSETS}
+    for name, op in offsets.items():
+        trace[name] = evaluate(op, trace)
+    available = ["tokens", "indices"]
+    ops: list = []
+    mlps = [n for n in kept if _head(n) is None]
+    if mlps:
+        notes.append(f"MLPs {', '.join(mlps)} are kept; with the unembedding they are read as one lookup table (readout)")
+    for node in kept:
+        L, h = _layer(node), _head(node)
+        if h is None:
+            continue
+        candidates = [v for v in reversed(available) if _defined_before(v, node, ops)] + list(offsets)
+        name = f"head{L}_{h}"
+        vectors = [x[:, h].numpy() for x in caps[f"head_out.{L}"]]
+        patterns = [p[h].numpy() for p in caps[f"attn_pattern.{L}"]]
+        op, values = match_head_codes(node, patterns, trace, candidates, vectors, name, causal=subject.causal)
+        used = [offsets.pop(v) for v in op.reads if v in offsets]
+        ops.extend(used)
+        trace[name] = values
+        ops.append(op)
+        available.append(name)
+    trace["output"] = outputs
+    readout = match_lookup("readout", trace, list(reversed(available)), "output", subject.numerical,
+                           threshold=subject.readout_threshold)
+    ops.append(readout)
+    return ops
 
 
 def _defined_before(var: str, node: str, ops: list) -> bool:

@@ -77,11 +77,13 @@ def subject_of(source: Any, task: str | None = None) -> Subject:
 
 
 def fit_inputs(subject: Subject, n: int, seed: int = 0) -> list[list[Any]]:
-    """At most ``n`` sequences, as evenly over the lengths as the input space allows (seeded)."""
+    """At most ``n`` sequences, as evenly over the lengths as the input space allows (seeded). A causal
+    model's outputs on a sequence are its outputs on every prefix, so only the longest length is drawn."""
     rng = random.Random(seed)
-    per = max(1, n // len(subject.lengths))
+    lengths = subject.lengths[-1:] if subject.causal else subject.lengths
+    per = max(1, n // len(lengths))
     out: list[list[Any]] = []
-    for length in subject.lengths:
+    for length in lengths:
         total = len(subject.vocab) ** length
         if total <= per:
             out.extend(enumerate_inputs(subject.vocab, [length])[0])
@@ -104,7 +106,7 @@ def _batches(subject: Subject, seqs: Sequence[Sequence[Any]]) -> list[Batch]:
 
 
 def extract_program(source: Any, task: str | None = None, out: "str | Path | None" = None, *,
-                    progress: bool | None = None, fit_size: int = 512, min_accuracy: float = 1.0,
+                    progress: bool | None = None, fit_size: int = 512, min_accuracy: float | None = None,
                     ablation_steps: int = 40, verify_limit: int = 200_000, seed: int = 0) -> DecompileReport:
     """Decompile ``source`` into a RASP-like Python program verified against it.
 
@@ -113,11 +115,12 @@ def extract_program(source: Any, task: str | None = None, out: "str | Path | Non
     knows its own). ``out``: a folder for ``program.py``, ``verification.json`` and ``graph.png``.
     """
     subject = subject_of(source, task)
+    min_accuracy = subject.min_accuracy if min_accuracy is None else min_accuracy
     seqs = fit_inputs(subject, fit_size, seed)
     batches = _batches(subject, seqs)
     graph = prune_nodes(subject.wrapped, batches, model_nodes(subject.wrapped), subject.loss, subject.accuracy,
                         min_accuracy=min_accuracy, steps=ablation_steps, progress=progress)
-    program, _ = build_program(subject, seqs, graph.kept, relabel=subject.layout is None)
+    program, _ = build_program(subject, seqs, graph.kept)
     program.notes.extend(subject.notes)
     text = program.source()
     verification = verify(subject, program, limit=verify_limit)

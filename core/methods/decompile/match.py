@@ -21,7 +21,7 @@ import numpy as np
 from .primitives import PREDICATES, interpreter
 from .program import Lookup, SelectAggregate
 
-__all__ = ["Trace", "match_head", "match_lookup", "match_select"]
+__all__ = ["Trace", "evaluate", "match_head", "match_head_codes", "match_lookup", "match_select"]
 
 Trace = dict[str, list[list[Any]]]
 
@@ -201,3 +201,85 @@ def match_lookup(node: str, trace: Trace, candidates: Sequence[str], out: str, n
             break
     assert best is not None, f"{node}: no candidate inputs"
     return Lookup(node=node, out=out, inputs=tuple(best[1]), table=best[2], numerical=numerical, agreement=best[3])
+
+
+def evaluate(op: Any, trace: Trace) -> list[list[Any]]:
+    """The values the emitted program computes for ``op`` on the sequences of ``trace``."""
+    fn = interpreter()
+    from .program import Offset
+
+    out = []
+    for i in range(len(trace["tokens"])):
+        if isinstance(op, Offset):
+            out.append([None if v is None else v + op.offset for v in trace[op.source][i]])
+        elif isinstance(op, Lookup):
+            out.append(fn["lookup"](op.table, *[trace[n][i] for n in op.inputs]))
+        else:
+            sel = fn["select"](trace[op.keys][i], trace[op.queries][i], op.predicate, op.bos, op.causal)
+            if op.numerical:
+                values = trace[op.value][i] if op.value_of is None else fn["indicator"](trace[op.value][i], op.value_of)
+                out.append(fn["numerical_aggregate"](sel, values))
+            else:
+                vals = fn["categorical_aggregate"](sel, trace[op.value][i])
+                out.append(fn["lookup"]({(k,): v for k, v in op.value_map.items()}, vals) if op.value_map else vals)
+    return out
+
+
+def match_head_codes(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str],
+                     vectors: Sequence[np.ndarray], out: str, *, causal: bool = False,
+                     tol: float = 0.05) -> tuple[SelectAggregate, list[list[Any]]]:
+    """A head of a trained model (no named subspaces): its writes ``vectors`` (one ``[T, d]`` per
+    sequence) read as a categorical variable (cluster codes; a copy then a relabelling) or as a
+    numerical one (their first principal component, up to an affine map, within ``tol`` of its
+    range); whichever the primitives reproduce on more positions. Returns the op and the values the
+    program computes for it."""
+    from .variables import cluster_codes
+
+    fn = interpreter()
+    keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal)
+    sels = [fn["select"](kk, qq, pred, bos, causal) for kk, qq in zip(trace[keys], trace[queries])]
+    flat = np.concatenate([v[1:] for v in vectors])
+    codes, _ = cluster_codes(flat)
+    observed, start = [], 0
+    for v in vectors:
+        observed.append([None] + [int(c) for c in codes[start: start + len(v) - 1]])
+        start += len(v) - 1
+    common = dict(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos, causal=causal, pattern_fit=fit)
+    best: tuple[float, int, SelectAggregate] | None = None
+    for rank, name in enumerate(candidates):
+        copied = [fn["categorical_aggregate"](s, v) for s, v in zip(sels, trace[name])]
+        mapping = _relabel(copied, observed)
+        mapped = [[mapping.get(v) for v in seq] for seq in copied]
+        score = _agreement(mapped, observed, False, 0.0)
+        if best is None or (score, -rank) > best[:2]:
+            best = (score, -rank, SelectAggregate(value=name, numerical=False, value_map=mapping, agreement=score, **common))
+    centred = flat - flat.mean(axis=0)
+    if len(centred) > 1 and float(np.abs(centred).max()) > 0:
+        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        scalar = centred @ direction
+        span = float(scalar.max() - scalar.min()) or 1.0
+        for rank, (name, target) in enumerate(_numerical_options(trace, candidates)):
+            values = trace[name] if target is None else [fn["indicator"](s, target) for s in trace[name]]
+            pred_vals = np.array([x for s, v in zip(sels, values) for x in fn["numerical_aggregate"](s, v)[1:]], dtype=float)
+            A = np.stack([pred_vals, np.ones_like(pred_vals)], axis=1)
+            coef = np.linalg.lstsq(A, scalar, rcond=None)[0]
+            if abs(coef[0]) < 1e-9:
+                continue
+            score = float((np.abs(A @ coef - scalar) <= tol * span).mean())
+            if best is None or (score, -rank - len(candidates)) > best[:2]:
+                best = (score, -rank - len(candidates),
+                        SelectAggregate(value=name, value_of=target, numerical=True, agreement=score, **common))
+    assert best is not None, f"{node}: no candidate variable to aggregate"
+    op = best[2]
+    return op, evaluate(op, trace)
+
+
+def _numerical_options(trace: Trace, candidates: Sequence[str]) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = []
+    for name in candidates:
+        vals = {v for seq in trace[name] for v in seq if v is not None}
+        if vals and all(_is_number(v) for v in vals):
+            options.append((name, None))
+        if len(vals) <= 12:
+            options.extend((name, v) for v in sorted(vals, key=repr))
+    return options

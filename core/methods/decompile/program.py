@@ -13,7 +13,7 @@ from typing import Any, Callable, Union
 
 from .primitives import INTERPRETER
 
-__all__ = ["Lookup", "Operation", "Program", "SelectAggregate", "identifier"]
+__all__ = ["Lookup", "Offset", "Operation", "Program", "SelectAggregate", "identifier"]
 
 
 @dataclass
@@ -69,7 +69,25 @@ class Lookup:
         return f"Map({', '.join(self.inputs)}) -> {self.out} ({len(self.table)} entries)"
 
 
-Operation = Union[SelectAggregate, Lookup]
+@dataclass
+class Offset:
+    """``out = source + offset`` position-wise (a numerical Map, e.g. the previous position's index)."""
+
+    node: str
+    out: str
+    source: str
+    offset: int
+    agreement: float = 1.0
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.source,)
+
+    def describe(self) -> str:
+        return f"Map({self.source}, x {'+' if self.offset >= 0 else '-'} {abs(self.offset)})"
+
+
+Operation = Union[SelectAggregate, Lookup, Offset]
 
 
 def identifier(name: str) -> str:
@@ -121,6 +139,8 @@ class Program:
 
 
 def _expression(op: Operation) -> str:
+    if isinstance(op, Offset):
+        return f"[None if v is None else v + {op.offset} for v in {identifier(op.source)}]"
     if isinstance(op, Lookup):
         args = ", ".join(identifier(v) for v in op.inputs)
         return f"lookup({_literal(op.table)}, {args})"

@@ -40,12 +40,20 @@ class Subject:
     output_var: str | None = None
     notes: list[str] = field(default_factory=list)
     crisp_outputs: bool = False
+    n_out: int | None = None
+    min_accuracy: float = 1.0
+    readout_threshold: float = 0.99
+
+    def scores(self, output: torch.Tensor) -> torch.Tensor:
+        """The output-space part of the network's output (the first ``n_out`` logits, if set)."""
+        return output if self.n_out is None else output[..., : self.n_out]
 
     def target(self, output: torch.Tensor) -> torch.Tensor:
+        output = self.scores(output)
         return output[..., 0].detach() if self.numerical else output.argmax(dim=-1).detach()
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        out = output[:, 1:]
+        out = self.scores(output)[:, 1:]
         if self.numerical:
             return (out[..., 0].double() - target[:, 1:].double()).pow(2).mean()
         return F.cross_entropy(out.reshape(-1, out.shape[-1]).double(), target[:, 1:].reshape(-1))
@@ -62,7 +70,7 @@ class Subject:
         return ok.all(dim=-1).tolist()
 
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> float:
-        out = output[:, 1:]
+        out = self.scores(output)[:, 1:]
         if self.numerical:
             return float(((out[..., 0] - target[:, 1:]).abs() <= 1e-2).double().mean())
         return float((out.argmax(dim=-1) == target[:, 1:]).double().mean())
