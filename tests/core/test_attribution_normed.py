@@ -130,3 +130,48 @@ def test_feature_edits_encode_the_live_norm_output(case):
     expected[0, p] += (2.0 - pre[p, f]) * tc.decoder(0, 0)[f]
     assert torch.allclose(edited.cache["mlp_out.0"], expected, atol=tol, rtol=0)
     assert not torch.allclose(edited.output, clean.output, atol=1e-3)
+
+
+@torch.no_grad()
+def test_a_gemma_scope_folder_loads_into_a_graph(tmp_path):
+    """``params.npz`` per layer (GemmaScope's layout: ``W_enc [d, F]``, reading ``ln2.hook_normalized``) loads with
+    ``normalized_input`` and gives an exact replacement model and a graph whose feature rows are finite differences."""
+    import numpy as np
+
+    from crosspatch.trainable.transcoder_formats import load_gemma_scope
+
+    m = cp.wrap(models()["gpt2"]())
+    gen = np.random.default_rng(3)
+    paths = []
+    for L in range(2):
+        params = {"W_enc": 0.2 * gen.normal(size=(64, 24)), "W_dec": 0.2 * gen.normal(size=(24, 64)),
+                  "b_enc": 0.2 * gen.normal(size=24), "b_dec": 0.2 * gen.normal(size=64),
+                  "threshold": np.full(24, 0.6)}
+        (tmp_path / f"layer_{L}").mkdir()
+        np.savez(tmp_path / f"layer_{L}" / "params.npz", **params)
+        paths.append(tmp_path / f"layer_{L}" / "params.npz")
+    tc = load_gemma_scope(paths, dtype=torch.float64)
+    assert tc.normalized_input
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    state = clean_state(m, tc, ids)
+    assert torch.allclose(replacement_run(state).output, m.run(ids).output, atol=1e-10, rtol=0)
+    graph = attribution_graph(m, tc, ids)
+    assert graph.n_features > 0
+    with mlp_reads(m.module) as reads:
+        direct_run(state)
+    # a layer-1 feature's row: its input moves with a layer-0 feature's write exactly as the edge says
+    L1 = (graph.features[:, 0] == 1).nonzero()[:, 0]
+    L0 = (graph.features[:, 0] == 0).nonzero()[:, 0]
+    A = graph.dense()
+    block = A[L1][:, L0].abs()
+    k = int(block.argmax())
+    t, s = int(L1[k // block.shape[1]]), int(L0[k % block.shape[1]])
+    assert float(A[t, s].abs()) > 1e-3  # a real edge, not a zero
+    L, p, f = graph.features[s].tolist()
+    emb, mlp = node_write(state, "feature", L, p, f)
+    with mlp_reads(m.module) as moved:
+        direct_run(state, embed_delta=emb, mlp_delta=mlp)
+    _, pt, ft = graph.features[t].tolist()
+    w = tc.W_enc[1][:, ft]
+    change = float((moved[1][0][0, pt] - reads[1][0][0, pt]) @ w)
+    assert abs(change - float(A[t, s])) < 1e-8 * max(1.0, abs(change))
