@@ -62,28 +62,37 @@ def explore(rnn: TaskRNN, alphabet: Alphabet, max_states: int = 512, max_depth: 
     gaps = np.linalg.norm(cloud[:, None] - cloud[None], axis=-1)
     nonzero = gaps[gaps > 1e-9 * max(float(gaps.max()), 1e-300)]
     tol = rel_tol * float(nonzero.min()) if nonzero.size else 1e-6
-    points = [h0[0]]
+    points = np.empty((max_states + len(alphabet) + 1, h0.shape[1]))
+    points[0], count = h0[0], 1
     nxt: list[list[int]] = []
     frontier, depth = [0], 0
     while frontier:
         depth += 1
-        if len(points) > max_states or depth > max_depth:
-            return Machine(nxt, [], np.array(points), closed=False)
-        stepped = _step_all(rnn, np.array([points[i] for i in frontier]), alphabet)
+        if count > max_states or depth > max_depth:
+            return Machine(nxt, [], points[:count].copy(), closed=False)
+        stepped = _step_all(rnn, points[frontier], alphabet)
         new_frontier = []
         for row in stepped:
+            known = count
+            dist = np.linalg.norm(row[:, None, :] - points[None, :known], axis=-1)  # [symbols, known]
+            nearest = dist.argmin(1)
             targets = []
-            for h in row:
-                dist = np.linalg.norm(np.array(points) - h, axis=1)
-                j = int(dist.argmin())
-                if dist[j] >= tol:
-                    points.append(h)
-                    j = len(points) - 1
-                    new_frontier.append(j)
+            for a, h in enumerate(row):
+                j = int(nearest[a])
+                if dist[a, j] >= tol:
+                    fresh = np.linalg.norm(points[known:count] - h, axis=1) if count > known else np.empty(0)
+                    if fresh.size and fresh.min() < tol:
+                        j = known + int(fresh.argmin())
+                    else:
+                        if count == len(points):
+                            return Machine(nxt, [], points[:count].copy(), closed=False)
+                        points[count], j = h, count
+                        count += 1
+                        new_frontier.append(j)
                 targets.append(j)
             nxt.append(targets)
         frontier = new_frontier
-    pts = np.array(points)
+    pts = points[:count].copy()
     return Machine(nxt, _outputs(rnn, pts), pts, closed=True)
 
 

@@ -53,7 +53,7 @@ def _affine(v: np.ndarray, t: np.ndarray) -> tuple[list[int], int] | None:
 
 
 def _modular(v: np.ndarray, t: np.ndarray, names: list[str], budget: int = 60000) -> Fit | None:
-    if t.min() < 0:
+    if t.min() < 0 or t.max() >= 16:
         return None
     for m in range(max(2, int(t.max()) + 1), 17):
         nv = v.shape[1]
@@ -98,23 +98,29 @@ def _pairs(v: np.ndarray, names: list[str]):
         yield f"{b} - {a}", v[:, j] - v[:, i]
 
 
-def _nonlinear(v: np.ndarray, t: np.ndarray, names: list[str]) -> Fit | None:
+def _nonlinear(v: np.ndarray, t: np.ndarray, names: list[str], budget: int = 2_000_000) -> Fit | None:
     for (i, a), (j, b) in itertools.combinations(list(enumerate(names)), 2):
         for fn, name in ((np.maximum, "max"), (np.minimum, "min")):
             if np.array_equal(fn(v[:, i], v[:, j]), t):
                 return Fit(f"{name}({a}, {b})", "max/min")
     if np.isin(t, (0, 1)).all():
         for text, lin in _pairs(v, names):
-            for c in np.unique(lin):
+            values = np.unique(lin)
+            if len(values) > 64:
+                continue  # a threshold among many values: left to the verifier's failure, not searched
+            for c in values:
                 for op, fn in ((">", np.greater), (">=", np.greater_equal), ("==", np.equal)):
                     if np.array_equal(fn(lin, c).astype(np.int64), t):
                         return Fit(f"int({text} {op} {int(c)})", "comparison")
+    if 5 ** v.shape[1] * len(t) * 17 * 7 > budget * 50:
+        return None
     for m in range(2, 9):
-        grid = itertools.product(range(-2, 3), repeat=v.shape[1])
-        for coefs in grid:
+        for coefs in itertools.product(range(-2, 3), repeat=v.shape[1]):
+            if not any(coefs):
+                continue
             lin = v @ np.array(coefs, dtype=np.int64)
             for c in range(-m, m + 1):
-                if np.array_equal((lin + c) // m, t) and any(coefs):
+                if np.array_equal((lin + c) // m, t):
                     return Fit(f"({_affine_text(list(coefs), names, c)}) // {m}", "floor division")
     return None
 
