@@ -130,7 +130,9 @@ class VAESession(ImageSession):
     def info(self) -> dict[str, Any]:
         latent = self.m.catalog.family("latent.z")
         dim = next((a.size for a in latent.axes if a.name == "dim"), None)
-        return {**super().info(), "latent_dim": dim, "latent_site": "latent.z"}
+        # a spatial latent ([dim, h, w]) takes a latent axis as a [dim, 1, 1] vector, added at every h and w
+        spatial = any(a.name in ("h", "w") for a in latent.axes)
+        return {**super().info(), "latent_dim": dim, "latent_site": "latent.z", "latent_spatial": spatial}
 
     def image(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Image ``request["image"]``: the input, its reconstruction, and the one under the interventions."""

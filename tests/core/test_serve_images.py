@@ -233,3 +233,42 @@ def test_image_requests_say_what_is_wrong(servers):
     server, _ = servers["clip"]
     status, out = _post(server.url + "/api/image", {"image": 0, "captions": []})
     assert status == 400 and "captions must be a non-empty list" in out["error"]
+
+
+def test_spatial_latent_and_huggingface_clip():
+    """A diffusers AutoencoderKL (latent [dim, h, w]) takes a latent axis as a [dim, 1, 1] vector, and its
+    served reconstruction is decode(mu + alpha * e_k); a HuggingFace CLIPModel with open_clip's weights
+    scores like the open_clip model (float rounding)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL
+
+    import crosspatch as cp
+    from crosspatch.adapters.open_clip.convert import to_transformers
+    from crosspatch.adapters.vae.zoo import KLRecipe, kl_config
+    from crosspatch.serve.image_session import CLIPSession, VAESession
+    from crosspatch.serve.images import png_data_url
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**kl_config(KLRecipe(block_out_channels=(8, 16), latent_channels=4))).eval()
+    session = VAESession(cp.wrap(vae), "kl")
+    info = session.info()
+    assert info["latent_dim"] == 4 and info["latent_spatial"] and "decoder.mid" in info["sites"]
+    axis = [[[0.0]], [[1.0]], [[0.0]], [[0.0]]]
+    out = session.image({"image": 0, "interventions": [
+        {"site": "latent.z", "intervention": {"kind": "add", "vector": axis, "alpha": 2.0}}]})
+    with torch.no_grad():
+        mu = vae.encode(session.gallery.image(0)).latent_dist.mean
+        expected = vae.decode(mu + 2.0 * torch.tensor(axis)).sample[0]
+    assert out["output"] == png_data_url(expected) != out["base"]
+
+    model, tokenizer = tiny_clip()
+    ours = CLIPSession(cp.wrap(model, tokenizer=tokenizer), "open_clip")
+    hf = CLIPSession(cp.wrap(to_transformers(model), tokenizer=tokenizer), "transformers")
+    assert hf.sites() == ours.sites()
+    vector = ours.steering({"site": "vision.resid_post.1", "image": 2, "toward": 5})["intervention"]
+    request = {"image": 2, "interventions": [{"site": "vision.resid_post.1", "intervention": {**vector, "alpha": 2.0}}]}
+    a, b = hf.image(request), ours.image(request)
+    np.testing.assert_allclose(a["base"], b["base"], atol=1e-5)
+    np.testing.assert_allclose(a["patched"], b["patched"], atol=1e-5)
+    assert np.abs(np.subtract(b["patched"], b["base"])).max() > 1e-3

@@ -224,7 +224,7 @@
     }
     if (direction !== "contrast") {  // a latent axis: the unit vector, built here as data
       var axis = Number(direction.slice(1)), vector = [];
-      for (var i = 0; i < info.latent_dim; i++) vector.push(i === axis ? 1 : 0);
+      for (var i = 0; i < info.latent_dim; i++) vector.push(info.latent_spatial ? [[i === axis ? 1 : 0]] : i === axis ? 1 : 0);
       document.getElementById("steer-site").value = latentSite;
       ready({ site: latentSite, intervention: { kind: "add", vector: vector, alpha: 1 }, norm: 1 });
       return;
