@@ -2,7 +2,7 @@
 
 Given integer variables (lattice coordinates of the state, input symbols) and an integer target (the
 next coordinate, or the output), candidate families are tried simplest first and the first one exact
-on every row wins: a constant; integer-affine (least squares, coefficients rounded, checked exactly);
+on every row wins: a constant; one of the variables; integer-affine (least squares, coefficients rounded, checked exactly);
 affine modulo ``m``; Boolean formulas of up to two operators (``^ & |``, with the constant 1 for
 negation) when everything is 0/1; ``max``/``min`` of two variables; comparisons of a variable or of a
 sum or difference of two with a constant; floor division of an affine form by a small integer. MIPS
@@ -136,6 +136,9 @@ def fit_expression(v: np.ndarray, t: np.ndarray, names: list[str]) -> Fit | None
         return None  # the same variables lead to different targets: no function of them fits
     if len(np.unique(t)) == 1:
         return Fit(str(int(t[0])), "constant")
+    for i, name in enumerate(names):
+        if np.array_equal(v[:, i], t):
+            return Fit(name, "variable")
     aff = _affine(v, t)
     if aff is not None:
         return Fit(_affine_text(aff[0], names, aff[1]), "integer affine")
