@@ -8,3 +8,12 @@ from .adapter import VLMAdapter
 @hookimpl
 def register_adapters(register):
     register(VLMAdapter())
+
+
+@hookimpl
+def register_models(register):
+    # Specs only: transformers is imported, and the model trained, when it is loaded.
+    from .zoo import ZOO_MODELS
+
+    for spec in ZOO_MODELS:
+        register(spec)

@@ -1,0 +1,96 @@
+"""shapes-vlm: its prompts and tokenizer, a short training run whose loss falls, determinism, the zoo round trip
+(the reloaded model scores what the build recorded) and the vlm adapter on it. The full build's held-out accuracy
+(at least 0.95 per question) is checked with CROSSPATCH_SLOW=1."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import crosspatch as cp  # noqa: E402
+from crosspatch.adapters.vlm import VLMAdapter  # noqa: E402
+from crosspatch.adapters.vlm import zoo as vlm_zoo  # noqa: E402
+from crosspatch.adapters.vlm.shapes_questions import IMAGE, QUESTIONS, shapes_prompts, shapes_tokenizer, vocabulary  # noqa: E402
+from crosspatch.zoo import store  # noqa: E402
+from crosspatch.zoo.tasks.shapes import ShapesTask  # noqa: E402
+
+SMALL = replace(vlm_zoo.RECIPE, text_layers=2, batch_size=48, pool=2000, eval_images=60)
+
+
+def test_every_word_is_one_token_and_the_image_token_is_special():
+    task = ShapesTask()
+    tok = shapes_tokenizer(task)
+    words = vocabulary(task)
+    ids = tok.convert_tokens_to_ids(words)
+    assert tok.unk_token_id not in ids and len(set(ids)) == len(words)
+    image = tok.convert_tokens_to_ids(IMAGE)
+    assert tok(f"{IMAGE}{IMAGE} what colour is the shape ?", add_special_tokens=False)["input_ids"] == \
+        [image, image] + tok.convert_tokens_to_ids("what colour is the shape ?".split())
+
+
+@pytest.mark.parametrize("question", list(QUESTIONS))
+def test_prompts_lay_out_image_question_and_last(question):
+    task = ShapesTask()
+    tok = shapes_tokenizer(task)
+    batch = task.batch(task.encode(shape=["circle", "cross", "square"], colour=["red", "cyan", "blue"],
+                                   x=["left", "right", "center"]))
+    p = shapes_prompts(tok, batch.images, batch.values, question, 16, task)
+    ids = p.inputs["input_ids"]
+    words = QUESTIONS[question].text.split()
+    assert ids.shape == (3, 1 + 16 + len(words))
+    assert (ids[:, 0] == tok.bos_token_id).all() and (ids[:, 1:17] == tok.convert_tokens_to_ids(IMAGE)).all()
+    assert tok.convert_ids_to_tokens(ids[0, 17:].tolist()) == words
+    assert p.inputs["groups"]["question"] == (17, 17 + len(words) - 1)  # the words before the final "?"
+    expected = {"colour": ["red", "cyan", "blue"], "shape": ["circle", "cross", "square"],
+                "left": ["yes", "no", "no"]}[question]
+    assert tok.convert_ids_to_tokens(p.answer.tolist()) == expected
+    assert set(p.answer.tolist()) <= set(p.choices.tolist())
+    m_inputs = VLMAdapter().prepare(_tiny_model(tok), p.inputs)
+    assert m_inputs["group.image"][:, 1:17].all() and m_inputs["group.image"].sum() == 3 * 16
+    assert m_inputs["group.last"][:, -1].all() and m_inputs["group.last"].sum() == 3
+    assert m_inputs["group.question"].sum(1).tolist() == [len(words) - 1] * 3
+
+
+def _tiny_model(tok):
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.LlavaForConditionalGeneration(vlm_zoo.model_config(tok, SMALL)).eval()
+
+
+def test_short_training_lowers_the_loss_and_is_deterministic():
+    _, _, first = vlm_zoo.train(SMALL, seed=3, steps=40, progress=False)
+    losses = first["losses"]
+    assert len(losses) == 40 and sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+    a, _, _ = vlm_zoo.train(SMALL, seed=3, steps=3, progress=False)
+    b, _, _ = vlm_zoo.train(SMALL, seed=3, steps=3, progress=False)
+    c, _, _ = vlm_zoo.train(SMALL, seed=4, steps=3, progress=False)
+    pa, pb, pc = (torch.cat([p.flatten() for p in x.parameters()]) for x in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_zoo_round_trip_scores_what_the_build_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(vlm_zoo, "RECIPE", SMALL)
+    assert "shapes-vlm" in store.models() and store.get("shapes-vlm").adapter == "vlm"
+    loaded = store.load("shapes-vlm", steps=6, progress=False)
+    info = loaded.info
+    assert info["steps"] == 6 and info["recipe"]["text_layers"] == 2 and store.cached("shapes-vlm", steps=6)
+    again = vlm_zoo.evaluate(loaded.model, loaded.tokenizer, SMALL, seed=0)
+    assert again == {k: info[k] for k in again}  # the saved weights are the evaluated ones
+    m = cp.wrap(loaded.model)
+    assert m.adapter.name == "vlm"
+    assert m.catalog.family("resid_pre").layers == 2 and m.catalog.family("vision.resid_pre").layers == 2
+
+
+@pytest.mark.skipif(not os.environ.get("CROSSPATCH_SLOW"), reason="trains the full model (minutes); CROSSPATCH_SLOW=1")
+def test_full_build_answers_held_out_images(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.CACHE_ENV_VAR, str(tmp_path))
+    info = store.load("shapes-vlm", progress=False).info
+    for q in QUESTIONS:
+        assert info[f"accuracy_{q}"] >= 0.95, (q, info[f"accuracy_{q}"])
