@@ -26,7 +26,7 @@ those of random length-``L`` sequences), and every sequence of the longest lengt
 ``exhaustive_limit`` of them (so bit tasks are checked exhaustively to length 12). Accuracy at
 ``beyond_length`` (24) is reported, not required.
 
-``max_runs`` (10) bounds a task's search by the number of training runs (deterministic, so a zoo build
+``max_runs`` (8) bounds a task's search by the number of training runs (deterministic, so a zoo build
 is reproducible from its seed); ``max_seconds`` (unset) bounds it by wall time: no run starts after it and
 a running one stops at its next check. Either way the best network so far is reported, as a failure.
 
@@ -85,7 +85,7 @@ class SearchConfig:
     beyond_length: int = 24
     seeds: int = 2
     linear_seeds: int = 1
-    max_runs: int | None = 10
+    max_runs: int | None = 8
     max_seconds: float | None = None
     max_linear_hidden: int = 8
     max_hidden: int = 16
