@@ -18,6 +18,7 @@ verified in full. A task counts as solved only when that verification passes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -106,6 +107,8 @@ def _candidate(route: str, title: str, labels: np.ndarray, init: np.ndarray, row
     for i, name in enumerate(state_names):
         fit = fit_expression(rows_v, rows_next[:, i], state_names + input_names)
         if fit is None:
+            if table is None or k != 1:
+                return None  # no formula and no table to fall back on
             update = None
             break
         update.append(fit.text)
@@ -179,16 +182,38 @@ def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: s
         return [], None, "the hidden states lie on no integer lattice (and their set kept growing: no finite machine)"
     z = np.round(lat.encode(h.reshape(-1, h.shape[2]))).astype(np.int64).reshape(len(seqs), seqs.shape[1], -1)
     z0 = np.round(lat.encode(h0[None])).astype(np.int64)[0]
-    zp = np.concatenate([np.broadcast_to(z0, (len(seqs), 1, lat.dim)), z[:, :-1]], axis=1)
-    rows_v = np.concatenate([zp, seqs], axis=2).reshape(-1, lat.dim + seqs.shape[2])
     y = run_predict(net, seqs).reshape(-1)
     kind = "Boolean" if lat.boolean else "integer"
     notes = [f"The hidden state is a point of a {lat.dim}-d {kind} lattice; h holds its coordinates."]
-    c = _candidate("integer lattice", title, z.reshape(-1, lat.dim), z0, rows_v, z.reshape(-1, lat.dim),
-                   z.reshape(-1, lat.dim), y, seqs.shape[2], None, notes)
-    if c is None:
+    rows = np.unique(np.concatenate([np.concatenate([np.broadcast_to(z0, (len(seqs), 1, lat.dim)), z[:, :-1]], axis=1),
+                                     seqs, z, y.reshape(len(seqs), -1, 1)], axis=2).reshape(-1, 2 * lat.dim + seqs.shape[2] + 1),
+                     axis=0)
+    k, d = lat.dim, seqs.shape[2]
+    out: list[_Candidate] = []
+    for u in _unimodular(k):  # the same lattice in other integer bases: keep the shortest program
+        zp, x, zn, yy = rows[:, :k] @ u.T, rows[:, k:k + d], rows[:, k + d:2 * k + d] @ u.T, rows[:, -1]
+        c = _candidate("integer lattice", title, zn, u @ z0, np.concatenate([zp, x], axis=1), zn, zn, yy, d, None, notes)
+        if c is not None and c.complete:
+            out.append(c)
+    if not out:
         return [], lat, "no formula in the regression families fits the update or the output on the lattice coordinates"
-    return [c], lat, ""
+    return sorted(out, key=lambda c: c.cost), lat, ""
+
+
+def _unimodular(k: int) -> list[np.ndarray]:
+    """Integer ``k x k`` matrices with entries in {-1, 0, 1} and determinant ±1 (the identity first);
+    for ``k > 2`` only the identity and signed permutations."""
+    eye = np.eye(k, dtype=np.int64)
+    if k > 2:
+        perms = [eye[list(p)] for p in itertools.permutations(range(k))]
+        return [eye] + [np.diag(s) @ p for p in perms for s in itertools.product((1, -1), repeat=k)
+                        if not (np.array_equal(p, eye) and all(v == 1 for v in s))]
+    found = [eye]
+    for entries in itertools.product((-1, 0, 1), repeat=k * k):
+        u = np.array(entries, dtype=np.int64).reshape(k, k)
+        if abs(round(np.linalg.det(u))) == 1 and not np.array_equal(u, eye):
+            found.append(u)
+    return found
 
 
 def _sample_inputs(alphabet: Alphabet, seed: int, n: int = 2000, length: int = 12) -> np.ndarray:

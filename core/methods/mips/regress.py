@@ -125,14 +125,23 @@ def _nonlinear(v: np.ndarray, t: np.ndarray, names: list[str], budget: int = 2_0
     return None
 
 
+def _unique_rows(a: np.ndarray) -> np.ndarray:
+    """The distinct rows of integer ``a``, sorted (a lexicographic sort: ``np.unique(axis=0)`` is slow)."""
+    if len(a) < 2:
+        return a
+    s = a[np.lexsort(a.T[::-1])]
+    keep = np.concatenate([[True], np.any(s[1:] != s[:-1], axis=1)])
+    return s[keep]
+
+
 def fit_expression(v: np.ndarray, t: np.ndarray, names: list[str]) -> Fit | None:
     """The first expression (simplest family first) over ``names`` equal to ``t`` on every row of
     ``v [rows, len(names)]``; ``None`` if no family fits."""
     t = np.asarray(t, dtype=np.int64)
     v = np.asarray(v, dtype=np.int64).reshape(len(t), len(names))
-    rows = np.unique(np.concatenate([v, t[:, None]], axis=1), axis=0)
+    rows = _unique_rows(np.concatenate([v, t[:, None]], axis=1))
     v, t = rows[:, :-1], rows[:, -1]
-    if len(np.unique(v, axis=0)) < len(v):
+    if len(_unique_rows(v)) < len(v):
         return None  # the same variables lead to different targets: no function of them fits
     if len(np.unique(t)) == 1:
         return Fit(str(int(t[0])), "constant")
