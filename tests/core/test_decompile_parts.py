@@ -90,9 +90,10 @@ def test_compiled_heads_are_matched_to_the_predicates_tracr_compiled():
         seqs = [list(p) for n in (3, 4, 5) for p in make(subject.vocab, n)][:300]
         program, _ = build_program(subject, seqs, kept)
         (op,) = program.operations
-        got[name] = (op.keys, op.queries, op.predicate, op.bos, op.numerical, op.value_of, op.pattern_fit)
-    assert got["sort_unique"] == ("tokens", "tokens", "LT", "always", True, "BOS", 1.0)
-    assert got["hist"] == ("tokens", "tokens", "EQ", "always", True, "BOS", 1.0)
+        assert op.pattern_fit > 0.999 and op.agreement == 1.0  # tracr's softmax is nearly hard
+        got[name] = (op.keys, op.queries, op.predicate, op.bos, op.numerical, op.value_of)
+    assert got["sort_unique"] == ("tokens", "tokens", "LT", "always", True, "BOS")
+    assert got["hist"] == ("tokens", "tokens", "EQ", "always", True, "BOS")
 
 
 def test_lookup_finds_the_smallest_inputs_and_fewest_entries():

@@ -129,9 +129,9 @@ def _trained_ops(subject: Subject, caps: dict, kept: Sequence[str], trace: Trace
         name = f"head{L}_{h}"
         vectors = [x[:, h].numpy() for x in caps[f"head_out.{L}"]]
         patterns = [p[h].numpy() for p in caps[f"attn_pattern.{L}"]]
-        op, values = match_head_codes(node, patterns, trace, candidates, vectors, name, causal=subject.causal)
-        used = [offsets.pop(v) for v in op.reads if v in offsets]
-        ops.extend(used)
+        op, values = match_head_codes(node, patterns, trace, candidates, vectors, name, causal=subject.causal,
+                                      query_only=list(offsets))
+        ops.extend(offsets[v] for v in op.reads if v in offsets and offsets[v] not in ops)
         trace[name] = values
         ops.append(op)
         available.append(name)

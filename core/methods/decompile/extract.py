@@ -46,8 +46,10 @@ class DecompileReport:
 
     @property
     def decompiles(self) -> bool:
-        """The emitted program equals the network on every verified input."""
-        return self.verification.equivalent
+        """The emitted program equals the network on every verified input whose output the network
+        defines (all of them, except where a compiled model's categorical output is empty or a mixture:
+        ``verification.equivalent`` is the strict form)."""
+        return self.verification.equivalent_where_defined
 
     def to_dict(self) -> dict[str, Any]:
         ops = [{"node": op.node, "out": op.out, "primitive": op.describe(), "reads": list(op.reads),

@@ -1,8 +1,8 @@
 """Matching kept components to primitives, from what they do on data.
 
 A *trace* maps each variable name to its values, one list per sequence (start position first).
-A head is matched to the ``Select(keys, queries, predicate)`` whose selection reproduces the set of
-keys it attends to (its attention pattern above half the row's maximum) on the most query rows,
+A head is matched to the ``Select(keys, queries, predicate)`` whose uniform attention over the
+selection is closest (total variation, averaged over query rows) to the head's attention pattern,
 searching every pair of available variables, every predicate of :data:`.primitives.PREDICATES` and
 the three start-position rules; then to the ``Aggregate`` of an available variable (numerical:
 mean of a numerical variable or of an indicator ``var == value``; categorical: copy) that
@@ -54,27 +54,31 @@ def _by_length(patterns: Sequence[np.ndarray]) -> dict[int, list[int]]:
 
 
 def match_select(patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str], *,
-                 causal: bool = False) -> tuple[str, str, str, str, float]:
+                 causal: bool = False, query_only: Sequence[str] = ()) -> tuple[str, str, str, str, float]:
     """Best ``(keys, queries, predicate, bos_rule, fit)`` for attention ``patterns`` (one ``[T, T]``
-    array per sequence); ``fit`` is the fraction of non-start query rows reproduced exactly."""
+    array per sequence); variables in ``query_only`` (index offsets) serve as queries only. ``fit`` is
+    the mean over non-start query rows of ``1 - TV(pattern row, uniform
+    attention over the selection)`` (1: the head attends exactly uniformly to what the selector selects)."""
     groups = _by_length(patterns)
-    support = {T: np.stack([patterns[i] for i in idx]) for T, idx in groups.items()}
-    support = {T: s > 0.5 * s.max(axis=-1, keepdims=True) for T, s in support.items()}
+    observed = {T: np.stack([patterns[i] for i in idx]).astype(np.float64) for T, idx in groups.items()}
     rows = sum(len(idx) * (T - 1) for T, idx in groups.items())
     best: tuple[float, int, tuple] | None = None
 
     def consider(pred_rows: dict[int, np.ndarray], rank: int, label: tuple) -> None:
         nonlocal best
         for bos in _BOS_RULES:
-            hits = 0
+            total = 0.0
             for T, r in pred_rows.items():
                 r = r.copy()
                 if bos == "always":
                     r[..., 0] = True
                 elif bos == "default":
                     r[..., 0] = ~r[..., 1:].any(axis=-1)
-                hits += int((r == support[T]).all(axis=-1)[:, 1:].sum())
-            fit = hits / max(rows, 1)
+                count = r.sum(axis=-1, keepdims=True)
+                uniform = np.where(count > 0, r / np.maximum(count, 1), 0.0)
+                tv = 0.5 * np.abs(observed[T] - uniform).sum(axis=-1)  # 1 where nothing is selected
+                total += float((1.0 - np.minimum(tv, 1.0))[:, 1:].sum())
+            fit = round(total / max(rows, 1), 9)
             key = (fit, -rank)
             if best is None or key > best[:2]:
                 best = (fit, -rank, (*label, bos))
@@ -87,7 +91,8 @@ def match_select(patterns: Sequence[np.ndarray], trace: Trace, candidates: Seque
     first = candidates[0] if candidates else "tokens"
     consider({T: np.broadcast_to(base(T), (len(idx), T, T)).copy() for T, idx in groups.items()}, 1,
              (first, first, "TRUE"))
-    for pair_rank, (k, q) in enumerate(itertools.product(candidates, candidates)):
+    keys_from = [c for c in candidates if c not in set(query_only)]
+    for pair_rank, (k, q) in enumerate(itertools.product(keys_from, candidates)):
         codes = _codes(trace, [k, q])
         if codes is None:
             continue
@@ -121,7 +126,7 @@ def _agreement(pred: list[list[Any]], obs: list[list[Any]], numerical: bool, tol
 
 
 def match_head(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str], out: str,
-               numerical: bool, *, causal: bool = False, relabel: bool = False, tol: float = 0.02) -> SelectAggregate:
+               numerical: bool, *, causal: bool = False, tol: float = 0.02) -> SelectAggregate:
     """The Select + Aggregate that best explains head ``node`` writing variable ``out`` (in ``trace``)."""
     fn = interpreter()
     keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal)
@@ -145,26 +150,11 @@ def match_head(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidat
         for rank, name in enumerate(candidates):
             copied = [fn["categorical_aggregate"](s, v) for s, v in zip(sels, trace[name])]
             score, extra = _agreement(copied, observed, False, tol), {"value": name}
-            if relabel and score < 1.0:
-                mapping = _relabel(copied, observed)
-                mapped = [[mapping.get(v) for v in seq] for seq in copied]
-                mscore = _agreement(mapped, observed, False, tol)
-                if mscore > score:
-                    score, extra = mscore, {"value": name, "value_map": mapping}
             if best is None or (score, -rank) > best[:2]:
                 best = (score, -rank, extra)
     assert best is not None, f"{node}: no candidate variable to aggregate"
     return SelectAggregate(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos,
                            numerical=numerical, causal=causal, pattern_fit=fit, agreement=best[0], **best[2])
-
-
-def _relabel(copied: list[list[Any]], observed: list[list[Any]]) -> dict:
-    votes: dict[Any, Counter] = defaultdict(Counter)
-    for c, o in zip(copied, observed):
-        for a, b in zip(c[1:], o[1:]):
-            if a is not None:
-                votes[a][b] += 1
-    return {a: cnt.most_common(1)[0][0] for a, cnt in votes.items()}
 
 
 def _group_key(v: Any, numerical: bool) -> Any:
@@ -220,57 +210,60 @@ def evaluate(op: Any, trace: Trace) -> list[list[Any]]:
                 values = trace[op.value][i] if op.value_of is None else fn["indicator"](trace[op.value][i], op.value_of)
                 out.append(fn["numerical_aggregate"](sel, values))
             else:
-                vals = fn["categorical_aggregate"](sel, trace[op.value][i])
-                out.append(fn["lookup"]({(k,): v for k, v in op.value_map.items()}, vals) if op.value_map else vals)
+                out.append(fn["categorical_aggregate"](sel, trace[op.value][i]))
     return out
 
 
 def match_head_codes(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str],
                      vectors: Sequence[np.ndarray], out: str, *, causal: bool = False,
-                     tol: float = 0.05) -> tuple[SelectAggregate, list[list[Any]]]:
-    """A head of a trained model (no named subspaces): its writes ``vectors`` (one ``[T, d]`` per
-    sequence) read as a categorical variable (cluster codes; a copy then a relabelling) or as a
-    numerical one (their first principal component, up to an affine map, within ``tol`` of its
-    range); whichever the primitives reproduce on more positions. Returns the op and the values the
-    program computes for it."""
-    from .variables import cluster_codes
-
+                     query_only: Sequence[str] = ()) -> tuple[SelectAggregate, list[list[Any]]]:
+    """A head of a trained model (no named subspaces), from its writes ``vectors`` (one ``[T, d]`` per
+    sequence). The writes are centred per position (what a position-wise constant cannot carry: that
+    part is what optimal ablation would keep), then each candidate aggregate (categorical copy of a
+    variable; numerical mean of a variable or an indicator) is scored by the share of that variance
+    it explains (R^2: grouped by the copied value, or linear in the mean). The best one is the head's
+    variable; its ``agreement`` is that R^2. Returns the op and the values the program computes."""
     fn = interpreter()
-    keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal)
+    keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal, query_only=query_only)
     sels = [fn["select"](kk, qq, pred, bos, causal) for kk, qq in zip(trace[keys], trace[queries])]
-    flat = np.concatenate([v[1:] for v in vectors])
-    codes, _ = cluster_codes(flat)
-    observed, start = [], 0
-    for v in vectors:
-        observed.append([None] + [int(c) for c in codes[start: start + len(v) - 1]])
-        start += len(v) - 1
+    candidates = [c for c in candidates if c not in set(query_only)]
+    X = np.concatenate([v[1:] for v in vectors]).astype(np.float64)
+    pos = np.concatenate([np.arange(1, len(v)) for v in vectors])
+    for p in np.unique(pos):
+        X[pos == p] -= X[pos == p].mean(axis=0)
+    total = float((X**2).sum()) or 1.0
     common = dict(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos, causal=causal, pattern_fit=fit)
     best: tuple[float, int, SelectAggregate] | None = None
+
+    def consider(score: float, rank: int, op: SelectAggregate) -> None:
+        nonlocal best
+        if best is None or (round(score, 9), -rank) > (round(best[0], 9), best[1]):
+            best = (score, -rank, op)
+
     for rank, name in enumerate(candidates):
-        copied = [fn["categorical_aggregate"](s, v) for s, v in zip(sels, trace[name])]
-        mapping = _relabel(copied, observed)
-        mapped = [[mapping.get(v) for v in seq] for seq in copied]
-        score = _agreement(mapped, observed, False, 0.0)
-        if best is None or (score, -rank) > best[:2]:
-            best = (score, -rank, SelectAggregate(value=name, numerical=False, value_map=mapping, agreement=score, **common))
-    centred = flat - flat.mean(axis=0)
-    if len(centred) > 1 and float(np.abs(centred).max()) > 0:
-        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
-        scalar = centred @ direction
-        span = float(scalar.max() - scalar.min()) or 1.0
-        for rank, (name, target) in enumerate(_numerical_options(trace, candidates)):
-            values = trace[name] if target is None else [fn["indicator"](s, target) for s in trace[name]]
-            pred_vals = np.array([x for s, v in zip(sels, values) for x in fn["numerical_aggregate"](s, v)[1:]], dtype=float)
-            A = np.stack([pred_vals, np.ones_like(pred_vals)], axis=1)
-            coef = np.linalg.lstsq(A, scalar, rcond=None)[0]
-            if abs(coef[0]) < 1e-9:
-                continue
-            score = float((np.abs(A @ coef - scalar) <= tol * span).mean())
-            if best is None or (score, -rank - len(candidates)) > best[:2]:
-                best = (score, -rank - len(candidates),
-                        SelectAggregate(value=name, value_of=target, numerical=True, agreement=score, **common))
+        copied = [x for s, v in zip(sels, trace[name]) for x in fn["categorical_aggregate"](s, v)[1:]]
+        within = 0.0
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for i, c in enumerate(copied):
+            groups[(c, int(pos[i]))].append(i)
+        for idx in groups.values():
+            g = X[idx]
+            within += float(((g - g.mean(axis=0)) ** 2).sum())
+        consider(1.0 - within / total, 2 * rank, SelectAggregate(value=name, numerical=False, **common))
+    for rank, (name, target) in enumerate(_numerical_options(trace, candidates)):
+        values = trace[name] if target is None else [fn["indicator"](s, target) for s in trace[name]]
+        mean = np.array([x for s, v in zip(sels, values) for x in fn["numerical_aggregate"](s, v)[1:]], dtype=np.float64)
+        for p in np.unique(pos):
+            mean[pos == p] -= mean[pos == p].mean()
+        denom = float(mean @ mean)
+        if denom <= 1e-12:
+            continue
+        coef = (mean @ X) / denom  # per output dimension, least squares on the centred mean
+        resid = float(((X - np.outer(mean, coef)) ** 2).sum())
+        consider(1.0 - resid / total, 2 * rank + 1, SelectAggregate(value=name, value_of=target, numerical=True, **common))
     assert best is not None, f"{node}: no candidate variable to aggregate"
     op = best[2]
+    op.agreement = best[0]
     return op, evaluate(op, trace)
 
 

@@ -20,8 +20,7 @@ __all__ = ["Lookup", "Offset", "Operation", "Program", "SelectAggregate", "ident
 class SelectAggregate:
     """``out = aggregate(select(keys, queries, predicate), values)`` read from one attention head.
 
-    ``value_of`` set: the values are ``indicator(value, value_of)``. ``value_map``: a categorical
-    aggregate followed by a relabelling of the copied values (trained models write their own codes).
+    ``value_of`` set: the values are ``indicator(value, value_of)``.
     ``pattern_fit`` is the fraction of query rows whose attended set the selector reproduces;
     ``agreement`` the fraction of positions whose written value the aggregate reproduces.
     """
@@ -36,7 +35,6 @@ class SelectAggregate:
     numerical: bool
     causal: bool = False
     value_of: Any = None
-    value_map: dict | None = None
     pattern_fit: float = 1.0
     agreement: float = 1.0
 
@@ -140,7 +138,8 @@ class Program:
 
 def _expression(op: Operation) -> str:
     if isinstance(op, Offset):
-        return f"[None if v is None else v + {op.offset} for v in {identifier(op.source)}]"
+        sign = "+" if op.offset >= 0 else "-"
+        return f"[None if v is None else v {sign} {abs(op.offset)} for v in {identifier(op.source)}]"
     if isinstance(op, Lookup):
         args = ", ".join(identifier(v) for v in op.inputs)
         return f"lookup({_literal(op.table)}, {args})"
@@ -149,10 +148,7 @@ def _expression(op: Operation) -> str:
     if op.numerical:
         values = identifier(op.value) if op.value_of is None else f"indicator({identifier(op.value)}, {op.value_of!r})"
         return f"numerical_aggregate({sel}, {values})"
-    expr = f"categorical_aggregate({sel}, {identifier(op.value)})"
-    if op.value_map:
-        expr = f"lookup({_literal({(k,): v for k, v in op.value_map.items()})}, {expr})"
-    return expr
+    return f"categorical_aggregate({sel}, {identifier(op.value)})"
 
 
 def _literal(table: dict) -> str:

@@ -2,8 +2,8 @@
 
 A compiled (tracr) model lays its residual out in named subspaces, one label per dimension:
 ``name:value`` for a one-hot categorical variable, ``name`` alone for a numerical one
-(:class:`Layout`). A trained model has no labels: :func:`cluster_codes` turns a component's
-output vectors into discrete codes by greedy radius clustering, and those codes are its variable.
+(:class:`Layout`). A trained model has no labels: its heads are read by what they aggregate
+(:func:`crosspatch.methods.decompile.match.match_head_codes`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-__all__ = ["Layout", "Variable", "cluster_codes", "parse_value"]
+__all__ = ["Layout", "Variable", "parse_value"]
 
 _SKIP = {"one"}
 
@@ -76,25 +75,3 @@ class Layout:
         """Names of the variables a component's output ``delta [b, T, d]`` touches."""
         mag = delta.detach().abs().flatten(0, -2).max(dim=0).values
         return [n for n, v in self.variables.items() if float(mag[v.dims].max()) > tol]
-
-
-def cluster_codes(vectors: np.ndarray, radius: float | None = None, max_codes: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Discrete codes for ``vectors [n, d]``: greedy leader clustering at ``radius`` (default: 10 % of
-    the largest distance to the mean). Returns ``(codes [n], centres [k, d])``; codes are 0..k-1 in
-    order of first appearance, so equal vectors get equal codes and the result is deterministic."""
-    v = np.asarray(vectors, dtype=np.float64)
-    if radius is None:
-        spread = float(np.linalg.norm(v - v.mean(axis=0), axis=1).max()) if len(v) else 0.0
-        radius = max(0.1 * spread, 1e-6)
-    centres: list[np.ndarray] = []
-    codes = np.empty(len(v), dtype=np.int64)
-    for i, x in enumerate(v):
-        if centres:
-            d = np.linalg.norm(np.stack(centres) - x, axis=1)
-            j = int(d.argmin())
-            if d[j] <= radius or len(centres) >= max_codes:
-                codes[i] = j
-                continue
-        centres.append(x)
-        codes[i] = len(centres) - 1
-    return codes, np.stack(centres) if centres else np.zeros((0, v.shape[1] if v.ndim == 2 else 0))
