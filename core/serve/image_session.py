@@ -51,8 +51,6 @@ class ImageSession:
         self.m = model
         self.name = name
         self.gallery = gallery if gallery is not None else shapes_gallery()
-        self.example: dict[str, str] = {}
-        self.examples: list[dict[str, str]] = []
 
     def sites(self) -> list[str]:
         """Concrete family-and-layer sites the panels offer."""
@@ -64,11 +62,14 @@ class ImageSession:
             out += [f"{family}.{layer}" for layer in range(fam.layers)] if fam.layers else [family]
         return out
 
+    def patch_sites(self) -> list[str]:
+        """Sites the patch field suggests: the offered sites, then finer ones (any other site may be typed)."""
+        return self.sites()
+
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.name, "describe": self.m.describe(),
-                "families": sorted(self.m.catalog.families), "sites": self.sites(), "gallery": self.gallery.describe(),
-                "sweeps": [], "steer_families": [], "layers": 0, "methods": [], "metrics": [], "example": {},
-                "examples": [], "features": []}
+                "families": sorted(self.m.catalog.families), "sites": self.sites(),
+                "patch_sites": self.patch_sites(), "gallery": self.gallery.describe(), "pairs": self.gallery.pairs}
 
     def tokens(self, text: str) -> list[str]:
         raise RequestError(f"model {self.name!r} takes images; it has no text prompt to split into tokens")
@@ -127,9 +128,17 @@ class VAESession(ImageSession):
     kind = "vae"
     families = VAE_FAMILIES
 
+    def patch_sites(self) -> list[str]:
+        dim = self._latent_dim()
+        return [*self.sites(), *(f"latent.z[dim={k}]" for k in range(dim or 0))]
+
+    def _latent_dim(self) -> int | None:
+        latent = self.m.catalog.family("latent.z")
+        return next((a.size for a in latent.axes if a.name == "dim"), None)
+
     def info(self) -> dict[str, Any]:
         latent = self.m.catalog.family("latent.z")
-        dim = next((a.size for a in latent.axes if a.name == "dim"), None)
+        dim = self._latent_dim()
         # a spatial latent ([dim, h, w]) takes a latent axis as a [dim, 1, 1] vector, added at every h and w
         spatial = any(a.name in ("h", "w") for a in latent.axes)
         return {**super().info(), "latent_dim": dim, "latent_site": "latent.z", "latent_spatial": spatial}
@@ -165,6 +174,11 @@ class CLIPSession(ImageSession):
 
     def sites(self) -> list[str]:
         return [*super().sites(), "image_embed"]
+
+    def patch_sites(self) -> list[str]:
+        """The offered sites, then each vision block's residual at the class token (what the embedding pools)."""
+        fam = self.m.catalog.families.get("vision.resid_post")
+        return [*self.sites(), *(f"vision.resid_post.{layer}[pos=0]" for layer in range(fam.layers if fam else 0))]
 
     def info(self) -> dict[str, Any]:
         info = super().info()

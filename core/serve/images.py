@@ -54,6 +54,8 @@ class Gallery:
     captions: list[str]
     factors: list[dict[str, int]] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
+    #: counterfactual pairs among the images: ``{"factor", "a", "b"}``, images a and b differ in that factor alone
+    pairs: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -69,14 +71,21 @@ class Gallery:
                  "png": png_data_url(self.images[i])} for i, c in enumerate(self.captions)]
 
 
-def shapes_gallery(n: int = 12, seed: int = 0) -> Gallery:
-    """``n`` images of the ``shapes`` task, half from its train split and half held out (``test``)."""
+def shapes_gallery(n: int = 12, seed: int = 0, pair_factors: tuple[str, ...] = ("colour", "shape", "x", "scale")) -> Gallery:
+    """``n`` images of the ``shapes`` task, half from its train split and half held out (``test``), then
+    one train-split pair for each of ``pair_factors``: two images that differ in that factor alone."""
     from ..zoo.tasks import get_task
 
     task = get_task("shapes")
     n_test = n // 2
     parts = [("train", task.sample(n - n_test, seed=seed, split="train")),
              ("test", task.sample(n_test, seed=seed, split="test"))]
+    pairs = []
+    for factor in pair_factors:
+        pair = task.pairs(1, seed=seed, split="train", factor=factor)
+        start = sum(len(batch.captions) for _, batch in parts)
+        pairs.append({"factor": factor, "a": start, "b": start + 1})
+        parts += [("train", pair.clean), ("train", pair.corrupt)]
     images, captions, factors, splits = [], [], [], []
     for split, batch in parts:
         images.append(batch.images)
@@ -84,4 +93,4 @@ def shapes_gallery(n: int = 12, seed: int = 0) -> Gallery:
         columns = {k: v.tolist() for k, v in batch.factors.items()}
         factors += [{k: int(columns[k][i]) for k in columns} for i in range(len(batch.captions))]
         splits += [split] * len(batch.captions)
-    return Gallery(torch.cat(images), captions, factors, splits)
+    return Gallery(torch.cat(images), captions, factors, splits, pairs)

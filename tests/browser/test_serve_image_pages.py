@@ -33,6 +33,12 @@ def _slide(page, css, value):
                                slider, value)
 
 
+def _type(page, css, text):
+    field = page.driver.find_element(*_by(css))
+    field.clear()
+    field.send_keys(text)
+
+
 def _select(page, css, value):
     from selenium.webdriver.support.ui import Select
 
@@ -71,8 +77,13 @@ def test_vae_slider_and_patch_draw_what_python_computes(image_servers, page):
     assert shown[2] != shown[-1.5] != expected["base"]
     page.screenshot("serve_vae_steer")
 
+    pair = session.gallery.pairs[0]  # picking a pair sets both images
+    _select(page, "#pair-pick", 0)
+    assert (page.driver.find_element(*_by("#image-a")).get_attribute("value"),
+            page.driver.find_element(*_by("#image-b")).get_attribute("value")) == (str(pair["a"]), str(pair["b"]))
+    _select(page, "#image-a", 0)
     _select(page, "#image-b", 3)
-    _select(page, "#patch-site", "decoder.block.0")
+    _type(page, "#patch-site", "decoder.block.0")
     page.driver.find_element(*_by("#patch-run")).click()
     page.wait(lambda: _one(page, "#patch-out[data-site='decoder.block.0']"), 30, "the patch")
     expected = session.image({"image": 0, "interventions": [
@@ -111,7 +122,7 @@ def test_clip_slider_and_patch_show_pythons_similarities(image_servers, page):
     assert [page_number(v) for v in expected["patched"]] != [page_number(v) for v in expected["base"]]
     page.screenshot("serve_clip_steer")
 
-    _select(page, "#patch-site", "vision.resid_post.0")
+    _type(page, "#patch-site", "vision.resid_post.0")
     page.driver.find_element(*_by("#patch-run")).click()
     page.wait(lambda: _one(page, "#patch-out[data-site='vision.resid_post.0']"), 30, "the patch")
     expected = session.image({"image": 2, "captions": captions, "interventions": [

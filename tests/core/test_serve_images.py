@@ -120,6 +120,10 @@ def test_vae_reconstruction_under_steering_and_patching(servers):
     info = json.loads(_get(server.url + "/api/info"))
     assert info["kind"] == "vae" and info["latent_dim"] == 4 and "latent.z" in info["sites"]
     assert len(info["gallery"]) == len(session.gallery) and {g["split"] for g in info["gallery"]} == {"train", "test"}
+    assert [p["factor"] for p in info["pairs"]] == ["colour", "shape", "x", "scale"]
+    for pair in info["pairs"]:  # each pair differs in its factor alone
+        a, b = session.gallery.factors[pair["a"]], session.gallery.factors[pair["b"]]
+        assert [k for k in a if a[k] != b[k]] == [pair["factor"]]
 
     vae = session.m.module
     a, b = session.gallery.image(0), session.gallery.image(3)
@@ -149,6 +153,15 @@ def test_vae_reconstruction_under_steering_and_patching(servers):
         {"site": "latent.z", "intervention": {"kind": "patch", "source": {"image": 3}}}]})
     with torch.no_grad():
         np.testing.assert_array_equal(decode_png(out["output"]), quantised(vae.decode(mu_b)[0]))
+
+    # One latent from image B: decode A's latent with that coordinate replaced by B's.
+    status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
+        {"site": "latent.z[dim=2]", "intervention": {"kind": "patch", "source": {"image": 3}}}]})
+    assert "latent.z[dim=2]" in info["patch_sites"]
+    mixed = mu_a.clone()
+    mixed[0, 2] = mu_b[0, 2]
+    with torch.no_grad():
+        np.testing.assert_array_equal(decode_png(out["output"]), quantised(vae.decode(mixed)[0]))
 
     # The contrast direction B - A at the latent, at alpha 1, lands on B's latent (to float rounding).
     status, job = _post(server.url + "/api/jobs", {"kind": "steering", "site": "latent.z", "image": 0, "toward": 3})
@@ -217,12 +230,20 @@ def test_clip_similarities_under_steering_and_patching(servers):
         {"site": "vision.resid_post.1", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
     np.testing.assert_allclose(out["patched"], similarities(b), rtol=1e-5, atol=1e-5)
     assert float((similarities(a) - similarities(b)).abs().max()) > 1e-3  # so the patch did something
+    # The class token alone is what the embedding pools: patching it there gives B's similarities too.
+    assert "vision.resid_post.1[pos=0]" in info["patch_sites"]
+    status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions, "interventions": [
+        {"site": "vision.resid_post.1[pos=0]", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
+    np.testing.assert_allclose(out["patched"], similarities(b), rtol=1e-5, atol=1e-5)
+    status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions, "interventions": [
+        {"site": "vision.resid_post.1[pos=3]", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
+    np.testing.assert_allclose(out["patched"], similarities(a), rtol=1e-5, atol=1e-5)  # a patch token is not read
 
 
 def test_image_requests_say_what_is_wrong(servers):
     server, _ = servers["vae"]
     status, out = _post(server.url + "/api/image", {"image": 99})
-    assert status == 400 and "image must be an index 0 .. 11" in out["error"]
+    assert status == 400 and "image must be an index 0 .. 19" in out["error"]
     status, out = _post(server.url + "/api/image", {"image": 0, "interventions": [
         {"site": "latent.z", "intervention": {"kind": "fn", "fn": "print"}}]})
     assert status == 400 and "unknown intervention kind 'fn'" in out["error"]

@@ -57,11 +57,29 @@
     strip.appendChild(thumb);
   });
   var captions = isVAE ? null : el("textarea", { id: "captions", rows: 9, spellcheck: "false" });
+  var pairPicker = null;
+  if ((info.pairs || []).length) {  // counterfactual pairs: picking one sets image A and image B
+    pairPicker = el("select", { id: "pair-pick" }, el("option", { value: "", text: "—" }));
+    info.pairs.forEach(function (p, i) {
+      pairPicker.appendChild(el("option", { value: i, text: p.factor + ": " + gallery[p.a].caption + "  ↔  " +
+        gallery[p.b].caption }));
+    });
+    pairPicker.addEventListener("change", function () {
+      if (pairPicker.value === "") return;
+      var p = info.pairs[Number(pairPicker.value)];
+      document.getElementById("image-b").value = String(p.b);
+      var a = document.getElementById("image-a");
+      a.value = String(p.a);
+      a.dispatchEvent(new Event("change"));
+    });
+  }
   root.appendChild(el("div", { class: "cp-form" }, [
     strip,
     el("div", { class: "cp-inline" }, [
       choice("image-a", "image A (the run)", images, 0),
       choice("image-b", "image B (patch source, steering target)", images, Math.min(1, gallery.length - 1)),
+      pairPicker ? el("label", { class: "cp-field cp-narrow" }, [el("span", { text: "or a pair that differs in one " +
+        "factor" }), pairPicker]) : null,
       el("span", { id: "status", class: "cp-status", text: "idle" })
     ]),
     el("div", { id: "pair", class: "cp-inline" }),
@@ -93,11 +111,17 @@
         value: 0, disabled: "disabled", class: "cp-slider" })]),
     el("div", { id: "steer-out" })
   ]);
+  var patchList = el("datalist", { id: "cp-patch-sites" });
+  (info.patch_sites || info.sites).forEach(function (s) { patchList.appendChild(el("option", { value: s })); });
   var patch = el("div", { id: "patch-panel", class: "cp-panel" }, [
     el("h2", { text: "Patch" }),
-    el("p", { class: "cp-muted", text: "Replace the activation at the site in image A's run with image B's." }),
+    el("p", { class: "cp-muted", text: "Replace the activation at the site in image A's run with image B's (a " +
+      "selection such as latent.z[dim=2] or vision.resid_post.1[pos=0] patches that part alone)." }),
     el("div", { class: "cp-inline" }, [
-      choice("patch-site", "site", siteOptions, isVAE ? latentSite : info.sites[0]),
+      el("label", { class: "cp-field cp-narrow" }, [el("span", { text: "site (pick or type one)" }),
+        el("input", { id: "patch-site", type: "text", list: "cp-patch-sites", class: "cp-sites",
+          value: isVAE ? latentSite : info.sites[0] })]),
+      patchList,
       el("button", { id: "patch-run", type: "button", text: "Patch B → A" })
     ]),
     el("div", { id: "patch-out" })
