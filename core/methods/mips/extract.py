@@ -12,8 +12,9 @@ Pipeline (Michaud et al. 2024, arXiv 2402.05110, written from the paper's descri
 5. emission of a standalone module (:mod:`.emit`) and verification against the network on every
    input up to length 12 and against the task's ground truth at held-out lengths (:mod:`.verify`).
 
-A candidate program is screened against the network on the sample inputs; the first that passes is
-verified in full. A task counts as solved only when that verification passes.
+Candidate programs (shortest first) are screened against the network on the sample inputs; those that
+pass are verified in full in that order until one equals the network on every checked input. A task
+counts as solved only when that program also equals the task's ground truth at held-out lengths.
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ def _machine_candidates(m: Machine, info: TaskInfo, title: str) -> list[_Candida
     labellings: list[tuple[str, np.ndarray]] = []
     if len(set(m.out)) == n:
         labellings.append(("its output", np.array(m.out, dtype=np.int64)[:, None]))
+    else:
+        rank = [sum(1 for t in range(s) if m.out[t] == m.out[s]) for s in range(n)]
+        labellings.append(("its output and its rank among the states with that output",
+                           np.array([m.out, rank], dtype=np.int64).T))
     labellings.append(("breadth-first order", np.arange(n, dtype=np.int64)[:, None]))
     if m.points is not None and n > 1:
         code = _axis_clusters(m.points)
@@ -153,6 +158,23 @@ def _machine_candidates(m: Machine, info: TaskInfo, title: str) -> list[_Candida
         if c is not None:
             out.append(c)
     return sorted(out, key=lambda c: (not c.complete, c.cost))
+
+
+def _machine_plot(net: TaskRNN, m: Machine) -> dict[str, Any]:
+    return {"net": net, "points": m.points, "labels": [f"s{i}→{o}" for i, o in enumerate(m.out)]}
+
+
+def _machines(net: TaskRNN, alphabet: Alphabet, tolerances: tuple[float, ...] = (0.45, 0.25, 0.1)) -> list[Machine]:
+    """The minimised machines read at each merge tolerance (coarsest first), distinct sizes only; empty
+    when the states keep growing at every tolerance. A coarse tolerance merges a trained network's
+    spread-out copies of one state; a fine one separates states that lie close together."""
+    found: dict[int, Machine] = {}
+    for tol in tolerances:
+        machine = explore(net, alphabet, rel_tol=tol)
+        if machine.closed:
+            m = minimise(machine)
+            found.setdefault(m.size, m)
+    return list(found.values())
 
 
 def _axis_clusters(points: np.ndarray, gap: float = 0.25) -> np.ndarray | None:
@@ -245,12 +267,14 @@ def extract_program(
     progress: bool | None = None,
     seed: int = 0,
     verify_length: int = 12,
+    max_verified: int = 4,
 ) -> Extraction:
     """Extract a Python program from a recurrent network and verify it (see the module docstring).
 
     ``source``: a zoo name (``"rnn-parity-last2"``) or a :class:`TaskRNN`; ``task``: a task name, an
     algorithmic task or a :class:`TaskInfo` (default: the zoo entry's task). ``out``: a folder to
-    write ``program.py``, ``verification.json`` and ``lattice.png`` into."""
+    write ``program.py``, ``verification.json`` and ``lattice.png`` into. Up to ``max_verified``
+    candidates that pass the screening are verified in full, shortest first, until one equals the network."""
     start = time.perf_counter()
     stages = iter(progress_bar(range(5), enabled=progress, desc="MIPS", total=5))
     rnn, model_name, task = _resolve(source, task)
@@ -278,56 +302,64 @@ def extract_program(
 
     next(stages, None)
     reasons: list[str] = []
-    chosen: tuple[_Candidate, TaskRNN] | None = None
+    passing: list[tuple[_Candidate, Machine | None, dict[str, Any]]] = []
     plot_data: dict[str, Any] = {}
     for label, net in nets:
-        machine = explore(net, info.alphabet)
-        if machine.closed:
-            m = minimise(machine)
-            result.machine_states = m.size
-            cands = _machine_candidates(m, info, title)
-            plot_data = {"net": net, "points": m.points, "labels": [f"s{i}→{o}" for i, o in enumerate(m.out)]}
+        machines = _machines(net, info.alphabet)
+        cands: list[tuple[_Candidate, Machine | None]] = []
+        if machines:
+            cands = sorted(((c, m) for m in machines for c in _machine_candidates(m, info, title)),
+                           key=lambda cm: (not cm[0].complete, cm[0].cost))
+            plot_data = _machine_plot(net, machines[-1])
             if not cands:
-                reasons.append(f"{label}: {m.size}-state machine, but a state has more than one coordinate and no formula fits")
+                reasons.append(f"{label}: a {machines[-1].size}-state machine, but no labelling of its states gives "
+                               f"formulas or a table")
         else:
-            cands, lat, why = _lattice_candidates(net, info, seqs, title)
+            found, lat, why = _lattice_candidates(net, info, seqs, title)
+            cands = [(c, None) for c in found]
+            plot_data = {"net": net}
             if lat is not None:
                 result.lattice = {"dim": lat.dim, "method": lat.method, "boolean": lat.boolean,
                                   "bits_per_state": round(lat.bits, 3), "residual": round(lat.residual, 4)}
                 pts = np.unique(lat.coords, axis=0)[:60]
-                plot_data = {"net": net, "points": lat.origin + pts @ lat.basis,
-                             "labels": [",".join(str(int(v)) for v in p) for p in pts]}
-            else:
-                plot_data = {"net": net}
+                plot_data.update(points=lat.origin + pts @ lat.basis, labels=[",".join(str(int(v)) for v in p) for p in pts])
             if why:
                 reasons.append(f"{label}: {why}")
-        for cand in cands:
+        screened = 0
+        for cand, m in cands:
             program = compile_program(emit(cand.spec))
             outputs = [[int(v) for v in program(s)] for s in as_program_input(seqs)]
             if np.array_equal(np.array(outputs), target):
-                chosen = (cand, net)
-                break
-            reasons.append(f"{label}: a {cand.route} program differed from the network on the sample inputs")
-        if chosen is not None:
+                screened += 1
+                passing.append((cand, m, plot_data if m is None else _machine_plot(net, m)))
+                if len(passing) >= max_verified:
+                    break
+        if cands and not screened:
+            reasons.append(f"{label}: {len(cands)} candidate program(s), each differing from the network on the sample inputs")
+        if len(passing) >= max_verified:
             break
 
     next(stages, None)
-    if chosen is None:
+    if not passing:
         result.reason = "; ".join(reasons) or "no candidate program"
-    else:
-        cand, _ = chosen
-        result.route, result.fits = cand.route, cand.fits
-        result.program = emit(cand.spec)
-        ver = verify_program(result.program, rnn, info.alphabet, info.truth, length=verify_length, seed=seed)
-        result.verification = ver
+    for cand, m, data in passing:  # shortest first; the first equal to the network on every checked input wins
+        result.reason = ""
+        text = emit(cand.spec)
+        ver = verify_program(text, rnn, info.alphabet, info.truth, length=verify_length, seed=seed)
+        result.route, result.fits, result.program, result.verification = cand.route, cand.fits, text, ver
+        result.machine_states = None if m is None else m.size
+        plot_data = data
         result.solved = ver.solved
         if not ver.matches_network:
-            result.reason = f"differs from the network on {ver.network_mismatches} of {ver.network_checked} inputs"
-        elif info.truth is None:
+            result.reason = (f"the {len(passing)} candidate program(s) equal to the network on the sample inputs differ "
+                             f"from it on the full check (the last on {ver.network_mismatches} of {ver.network_checked})")
+            continue
+        if info.truth is None:
             result.reason = "equal to the network, but no ground truth was given"
         elif not ver.matches_truth:
             result.reason = (f"equal to the network up to length {verify_length}, but differs from the ground "
                              f"truth on {ver.truth_mismatches} of {ver.truth_checked} longer inputs")
+        break
 
     next(stages, None)
     result.seconds = round(time.perf_counter() - start, 3)
