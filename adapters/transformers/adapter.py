@@ -27,6 +27,7 @@ from .mapping import mapping_for
 from .proof import prove
 from .reaches import AttentionPattern, BranchWrite, HeadOut, HeadZ, ResidualAfterAttention
 from .fused_backward import gelu_tanh_hooks
+from .copied import HandedCopy
 from .flat import Unflattened
 from .scaled import ScaledWrite
 from .resume import forward_keeping_prefix, mixes_layer_types, resume_forward
@@ -148,7 +149,7 @@ class TransformersAdapter(Adapter):
                 "each head's write into the residual (without the output bias)",
                 linear_from=LinearFrom("head_z", ("pos", "head"), head_out.writes),
             ),
-            SiteFamily("attn_out", (pos, dim), _write(base, block, arch.attn, arch.attn_residual, arch.attn_scale), n_layers,
+            SiteFamily("attn_out", (pos, dim), _write(base, block, arch.attn, arch.attn_residual, arch.attn_scale, arch.attn in arch.copied), n_layers,
                        "attention output"),
         ]
         if arch.resid_mid == "sum":
@@ -169,7 +170,7 @@ class TransformersAdapter(Adapter):
             ))
         families += expert_families(base, arch.layers, pos, dim)[0]  # a mixture of experts: each expert's write
         families += [
-            SiteFamily("mlp_out", (pos, dim), _write(base, block, arch.mlp, arch.mlp_residual, arch.mlp_scale), n_layers,
+            SiteFamily("mlp_out", (pos, dim), _write(base, block, arch.mlp, arch.mlp_residual, arch.mlp_scale, arch.mlp in arch.copied), n_layers,
                        "MLP output"),
             SiteFamily("resid_post", (pos, dim), ModuleOutput(base, block), n_layers, "residual stream leaving the block"),
         ]
@@ -355,12 +356,14 @@ class TransformersAdapter(Adapter):
         return decomposed_forward(model, self)
 
 
-def _write(base: nn.Module, block: str, path: str, residual: str | None, scale: str | None):
+def _write(base: nn.Module, block: str, path: str, residual: str | None, scale: str | None, copied: bool = False):
     """A branch's write: its module's output, that minus the residual it was handed and added, or that
-    times the block's layer scale."""
+    times the block's layer scale; handed on as a copy where the block changes it in place."""
     if scale is not None:
-        return ScaledWrite(base, block, path, scale)
-    return ModuleOutput(base, f"{block}.{path}") if residual is None else BranchWrite(base, f"{block}.{path}", residual)
+        reach = ScaledWrite(base, block, path, scale)
+    else:
+        reach = ModuleOutput(base, f"{block}.{path}") if residual is None else BranchWrite(base, f"{block}.{path}", residual)
+    return HandedCopy(reach) if copied else reach
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}

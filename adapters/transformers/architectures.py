@@ -37,6 +37,9 @@ class Architecture:
     # Modules (relative to the block) that see the block's tokens flattened to [batch * pos, ...] (OPT's MLP
     # and the norm before it): their sites are read and written unflattened.
     flat: tuple[str, ...] = ()
+    # Branch modules (relative to the block) whose output the block changes in place after they return (Falcon
+    # adds the attention's write to the MLP's output): their write sites hand the block a copy.
+    copied: tuple[str, ...] = ()
 
     @property
     def residual_sum(self) -> bool:

@@ -239,6 +239,7 @@ def infer(model: nn.Module) -> Inferred:
         attn_scale=found.attn_scale, mlp_scale=found.mlp_scale,
         flat=tuple(sorted(p for p in {mlp, mlp_w, down, ln_mlp} if p and p in flat)),
         resid_norm=post.out_norm if post else None,
+        copied=tuple(sorted(p for p in {attn_w, mlp_w} if f"{first}.{p}" in flow.mutated)),
     )
     layout, n_kv = _layout(children[attn], attn, flow, first, in_norm, children.get(in_norm), ln_mlp, _final_norm(flow, last, outside),
                            n_heads, o_in // n_heads, notes)

@@ -46,6 +46,7 @@ class Flow:
     calls: dict[str, int] = field(default_factory=dict)
     beside: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {argument: tensor}
     first: dict[str, str] = field(default_factory=dict)  # name -> the parameter name of its first input
+    mutated: set[str] = field(default_factory=set)  # modules whose output the model changed in place after they returned
 
 
 def _positional(module: nn.Module) -> list[str]:
@@ -69,6 +70,7 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any
     """``model(**inputs)`` once without gradients, with hooks on ``modules`` (removed after); ``width``
     is the residual's, for the arguments beside the first that are kept."""
     flow, handles = Flow(), []
+    handed: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (its output, the output's version when returned)
 
     def hooks(name: str):
         def before(module, args, kwargs):
@@ -84,6 +86,7 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any
             y = first_tensor(output)
             if y is not None and name not in flow.outputs:
                 flow.outputs[name] = y.detach().clone()
+                handed[name] = (y, y._version)
 
         return before, after
 
@@ -97,4 +100,5 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], inputs: dict[str, Any
     finally:
         for handle in handles:
             handle.remove()
+    flow.mutated = {name for name, (y, version) in handed.items() if y._version != version}
     return flow

@@ -216,3 +216,31 @@ def test_eap_scores_into_kv_receivers_are_the_derivative_of_edge_patching(name):
     for e in edges:
         assert float(scores.sel(edge=e).values) == pytest.approx(float(grad[0, g.index(e)]), rel=1e-5, abs=1e-10), e
     assert max(abs(float(scores.sel(edge=e).values)) for e in edges) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["falcon_new", "falcon_mq"])
+def test_falcon_writes_survive_the_blocks_in_place_sum(name):
+    """Falcon's parallel block adds the attention's write to the MLP's output in place: mlp_out is still the
+    MLP's own write (a hand hook's copy at its return), the writes sum to the block output, and a patched
+    mlp_out is what the block adds."""
+    from crosspatch.engine.interventions import Zero
+
+    built = model(name)
+    m = wrapped(built)
+    assert all(f in m.catalog for f in ("attn_out", "mlp_out", "mlp_act")), m.catalog.unavailable
+    mlp = built.transformer.h[0].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda module, args, output: seen.append(output.detach().clone()))
+    try:
+        c = m.capture(IDS, ["resid_pre.0", "attn_out.0", "mlp_out.0", "resid_post.0"])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(c["mlp_out.0"], seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(c["resid_pre.0"] + c["attn_out.0"] + c["mlp_out.0"], c["resid_post.0"], rtol=1e-5, atol=1e-5)
+    handle = mlp.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        with torch.no_grad():
+            expected = built(IDS).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(m.run(IDS, {"mlp_out.0": Zero()}).output, expected, rtol=1e-6, atol=1e-6)
