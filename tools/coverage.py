@@ -65,8 +65,7 @@ def measure(model_type: str, task: str) -> dict:
             failed={f.family: f.note for f in result.families if f.status == "failed"},
             general=result.general,
         )
-        per_head = adapter == "transformers" and fams.get(PER_HEAD) == "exact" and result.ok
-        row["outcome"] = "per-head" if per_head else ("module-level" if result.ok else "failing")
+        row["outcome"] = _outcome(row)
         break
     else:
         row["outcome"] = "not wrapped"
@@ -75,8 +74,18 @@ def measure(model_type: str, task: str) -> dict:
     return row
 
 
+def _outcome(row: dict) -> str:
+    """per-head: the transformers adapter serves exact per-head writes (``head_out``, or every stack's
+    ``encoder.head_out`` / ``decoder.head_out`` ...) and nothing fails; else module-level, or failing."""
+    heads = [f for f in row["exact"] + row["approximate"] + list(row["unavailable"]) + list(row["failed"])
+             if f == PER_HEAD or f.endswith("." + PER_HEAD)]
+    per_head = (row["adapter"] == "transformers" and row["ok"] and bool(heads)
+                and all(f in row["exact"] for f in heads))
+    return "per-head" if per_head else ("module-level" if row["ok"] else "failing")
+
+
 def _inputs(model, task: str):
-    """Two examples: token ids, or images of the config's size."""
+    """Two examples: token ids (source and target ids for an encoder-decoder), or images of the config's size."""
     import torch
 
     config = model.config
@@ -86,7 +95,14 @@ def _inputs(model, task: str):
         size = size if isinstance(size, int) else size[0]
         return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=gen)}
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 100)
-    return torch.randint(0, min(vocab, 1000), (2, 8), generator=gen)
+    ids = torch.randint(0, min(vocab, 1000), (2, 8), generator=gen)
+    if getattr(config, "is_encoder_decoder", False):  # source ids, and target ids from the decoder's start token
+        from crosspatch.adapters.transformers.seq2seq import _start_token as start_token
+
+        target = torch.randint(0, min(vocab, 1000), (2, 6), generator=gen)
+        target[:, 0] = start_token(model)
+        return {"input_ids": ids, "decoder_input_ids": target}
+    return ids
 
 
 def _one_line(exc: BaseException) -> str:
@@ -165,6 +181,8 @@ def main() -> int:
         for name in args.from_log.split(","):
             for line in Path(name).read_text().splitlines():
                 row = json.loads(line)
+                if "adapter" in row and "ok" in row:  # measured: the outcome by the rule above
+                    row["outcome"] = _outcome(row)
                 found[(row["task"], row["type"])] = row
         rows = [r for r in found.values() if r["task"] in tasks]
     else:
