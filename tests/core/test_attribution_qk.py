@@ -182,3 +182,13 @@ def test_graph_indices_results_and_errors(case):
     other = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="not this prompt's graph"):
         qk_attribution(m, tc, other, 1, 0, 3, 1, graph=graph)
+
+
+def test_rows_and_forwards_give_the_same_parts(case):
+    """The default (``2 d_head`` graph rows by backward passes) and one frozen forward per node agree."""
+    m, tc, ids = case
+    rows = qk_attribution(m, tc, ids, 1, 3, -1, 2)
+    fwd = qk_attribution(m, tc, ids, 1, 3, -1, 2, method="forward", batch_size=5)
+    assert rows.labels == fwd.labels and rows.graph_index == fwd.graph_index
+    assert torch.allclose(rows.q, fwd.q, atol=1e-10, rtol=0) and torch.allclose(rows.k, fwd.k, atol=1e-10, rtol=0)
+    assert rows.metadata["closure"] < 1e-10 and fwd.metadata["closure"] < 1e-10

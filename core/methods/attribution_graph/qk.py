@@ -15,15 +15,19 @@ in ``x_t`` (``q = A_q x_t + b_q``, rotary included), and so is the key at ``u``;
 A node's *query-side* term is its row of that matrix (``scale * q_i . k``), its *key-side* term its column;
 removing node ``i``'s write from the frozen model changes the score by ``row_i + column_i - pair(i, i)``.
 
-How the parts are computed: ``c_i`` by forwards of the frozen model with each node's write added in its own
-batch row (:func:`.replacement.direct_run`; the change of ``resid_pre.L``, exact as the frozen model is
-affine); ``q`` and ``k`` of any residual by the adapter's decomposed forward (the one CD-T runs,
-``Adapter.decomposed_forward``, which visits every head's query and key after rotary and with key/value heads
-repeated to their query heads) started at block ``L``, with the model's norms frozen
+How the parts are computed. Queries and keys of any residual come from the adapter's decomposed forward (the
+one CD-T runs, ``Adapter.decomposed_forward``, which visits every head's query and key after rotary and with
+key/value heads repeated to their query heads) started at block ``L``, with the model's norms frozen
 (:class:`.freeze.FrozenNorms`): each norm module there returns the frozen-scale output, so the query is the
-affine map above evaluated exactly; ``A_q c = q(c) - q(0)``. ``scale`` is read off the clean run: the clean
-pattern's log-probabilities must equal ``scale * q . k`` up to a constant per query row, fitted by least
-squares over the layer's heads and checked (an attention that is not ``softmax(scale q k^T + mask)`` is refused).
+affine map above evaluated exactly. By default (``method="rows"``) ``A_q`` at ``t`` and ``A_k`` at ``u`` are read
+from basis directions (``d + 1`` rows of that forward), and each of their ``2 d_head`` rows is a target of the graph
+(``direction_target("resid_pre.L", t, A_q[r])``) whose row of direct effects, computed by the graph's own backward
+passes, is ``q_i[r]`` for every node at once. ``method="forward"`` instead carries each node's write to
+``resid_pre.L`` in its own batch row of the frozen model (``c_i``, exact: the frozen model is affine) and takes
+``q(c_i) - q(0)``; the two agree to rounding (a test). The bias node is the query of ``r`` (one run with every
+node's write removed), biases included. ``scale`` is read off the clean run: the clean pattern's log-probabilities
+must equal ``scale * q . k`` up to a constant per query row, fitted by least squares over the layer's heads and
+checked (an attention that is not ``softmax(scale q k^T + mask)`` is refused).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import torch
 from ...engine.model import WrappedModel, wrap
 from ...trainable.transcoder import Transcoder
 from ..cdt import decomposed_forward
-from .graph import AttributionGraph, _feature_nodes
+from .graph import AttributionGraph, _feature_nodes, _rows, _scaled_decoders
 from .replacement import CleanState, clean_state, direct_run
+from .targets import direction_target
 
 __all__ = ["QKAttribution", "qk_attribution"]
 
@@ -190,108 +195,182 @@ class QKAttribution:
 
 @dataclass
 class _Nodes:
+    """Every source of the graph, in its order: features, error nodes, tokens."""
+
     kinds: list[str]
     layers: list[int]
     positions: list[int]
     feature_ids: list[int]
-    graph_index: list[int]
     activation: list[float]
 
+    def reaches(self, n: int, layer: int) -> bool:
+        """Whether node ``n`` can write the residual layer ``layer``'s attention reads."""
+        return self.kinds[n] == "token" or self.layers[n] < layer
 
-def _nodes(state: CleanState, layer: int) -> tuple[_Nodes, torch.Tensor, torch.Tensor]:
-    """The graph's nodes that can reach layer ``layer``'s attention (features of earlier source layers, errors of
-    earlier layers, every token), with the graph's node indices; and the features' ``(layer, pos, f)`` and
-    activations in the graph's order."""
+
+def _nodes(state: CleanState) -> tuple[_Nodes, torch.Tensor, torch.Tensor]:
+    """The graph's sources in its node order, and the features' ``(layer, pos, f)`` and activations."""
     feats, acts = _feature_nodes(state)
-    n_feat, P = int(feats.shape[0]), state.n_pos
-    nodes = _Nodes([], [], [], [], [], [])
+    nodes = _Nodes([], [], [], [], [])
 
-    def add(kind: str, L: int, p: int, f: int, index: int, a: float = 1.0) -> None:
-        for lst, v in zip((nodes.kinds, nodes.layers, nodes.positions, nodes.feature_ids, nodes.graph_index,
-                           nodes.activation), (kind, L, p, f, index, a)):
+    def add(kind: str, L: int, p: int, f: int, a: float = 1.0) -> None:
+        for lst, v in zip((nodes.kinds, nodes.layers, nodes.positions, nodes.feature_ids, nodes.activation),
+                          (kind, L, p, f, a)):
             lst.append(v)
 
     for k, (L, p, f) in enumerate(feats.tolist()):
-        if L < layer:
-            add("feature", L, p, f, k, float(acts[k]))
-    for li, L in enumerate(state.layers):
-        if L < layer:
-            for p in range(P):
-                add("error", L, p, -1, n_feat + li * P + p)
-    for p in range(P):
-        add("token", -1, p, -1, n_feat + len(state.layers) * P + p)
+        add("feature", L, p, f, float(acts[k]))
+    for L in state.layers:
+        for p in range(state.n_pos):
+            add("error", L, p, -1)
+    for p in range(state.n_pos):
+        add("token", -1, p, -1)
     return nodes, feats, acts
 
 
-def _contributions(state: CleanState, nodes: _Nodes, layer: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``c [n_nodes, pos, d]``: each node's write carried to ``resid_pre.layer`` by the frozen model (one batch
-    row per node, minus the unperturbed run), and ``r [pos, d]``: the residual with every node's write removed."""
-    site = f"resid_pre.{layer}"
-    P, d = state.n_pos, state.embed.shape[-1]
-    dtype, device = state.embed.dtype, state.embed.device
-    tc = state.tc
-    with torch.no_grad():
-        base = direct_run(state, capture=[site]).cache[site][0].to(dtype)
-        out = []
-        for start in range(0, len(nodes.kinds), batch_size):
-            idx = range(start, min(start + batch_size, len(nodes.kinds)))
-            B = len(idx)
-            emb = torch.zeros(B, P, d, dtype=dtype, device=device)
-            mlp = {L: torch.zeros(B, P, d, dtype=dtype, device=device) for L in state.layers}
-            for b, n in enumerate(idx):
-                kind, L, p = nodes.kinds[n], nodes.layers[n], nodes.positions[n]
-                if kind == "feature":
-                    i = state.source_of[L]
-                    for W in state.source_writes(L):
-                        mlp[W][b, p] += nodes.activation[n] * tc.decoder(i, state.output_of[W])[nodes.feature_ids[n]].to(dtype)
-                elif kind == "error":
-                    mlp[L][b, p] += state.error[L][p]
-                else:
-                    emb[b, p] += state.embed[p]
-            run = direct_run(state, rows=B, embed_delta=emb, mlp_delta=mlp, capture=[site])
-            out.append(run.cache[site].to(dtype) - base)
-        # every node removed: the embeddings at 0, each MLP output at the transcoder's bias alone
-        keep = {L: (tc.b_dec[state.output_of[L]].detach().to(dtype) if L in state.output_of else 0.0) for L in state.layers}
-        bias = direct_run(state, embed_delta=-state.embed[None],
-                          mlp_delta={L: (keep[L] - state.mlp_out[L])[None] for L in state.layers}, capture=[site])
-        r = bias.cache[site][0].to(dtype)
-    c = torch.cat(out) if out else torch.zeros(0, P, d, dtype=dtype, device=device)
-    return c, r
+class _QueryKey:
+    """Every head's query and key ``[rows, pos, head, d_head]`` of block ``layer`` reading chosen residuals
+    ``[rows, pos, d]``, through the adapter's decomposed forward with the norms frozen at the clean run (keys
+    repeated to their query heads)."""
 
-
-def _query_key(m: WrappedModel, state: CleanState, layer: int, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every head's query and key ``[rows, pos, head, d_head]`` of block ``layer`` reading ``residuals``
-    ``[rows, pos, d]``, with the norms frozen at the clean run (keys repeated to their query heads)."""
-    try:
-        forward = decomposed_forward(m)
-    except NotImplementedError as e:
-        raise NotImplementedError(f"QK attribution reads each head's query and key through the same forward: {e}") from None
-    names = {f.name for f in forward.families}
-    if not {"resid_pre", "head_q", "head_k"} <= names:
-        raise NotImplementedError(f"the decomposed forward of {type(m.module).__name__} visits no resid_pre / head_q / "
-                                  f"head_k nodes (it has {sorted(names)})")
-    prepared = forward.prepare(state.inputs)
-    rows = residuals.shape[0]
-    read: dict[str, torch.Tensor] = {}
-
-    def visit(key: str, pair):
-        if key == f"resid_pre.{layer}":
-            y = residuals.to(pair[1].dtype)
-            return torch.zeros_like(y), y
-        if key in (f"head_q.{layer}", f"head_k.{layer}"):
-            read[key.split(".")[0]] = (pair[0] + pair[1]).detach().clone()
-            if len(read) == 2:
-                raise _Stop
-        return pair
-
-    with torch.no_grad(), state.norms.frozen():
+    def __init__(self, m: WrappedModel, state: CleanState, layer: int):
         try:
-            forward.run(prepared, visit, repeat=rows, start=layer)
-        except _Stop:
-            pass
-    if len(read) != 2:
-        raise RuntimeError(f"the decomposed forward did not visit head_q.{layer} and head_k.{layer}")
-    return read["head_q"], read["head_k"]
+            self.forward = decomposed_forward(m)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"QK attribution reads each head's query and key through the same forward: {e}") from None
+        names = {f.name for f in self.forward.families}
+        if not {"resid_pre", "head_q", "head_k"} <= names:
+            raise NotImplementedError(f"the decomposed forward of {type(m.module).__name__} visits no resid_pre / "
+                                      f"head_q / head_k nodes (it has {sorted(names)})")
+        self.state, self.layer = state, layer
+        self.prepared = self.forward.prepare(state.inputs)
+
+    def __call__(self, residuals: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        qs, ks = [], []
+        for start in range(0, residuals.shape[0], chunk):
+            q, k = self._run(residuals[start:start + chunk])
+            qs.append(q)
+            ks.append(k)
+        return torch.cat(qs), torch.cat(ks)
+
+    def _run(self, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        read: dict[str, torch.Tensor] = {}
+        layer = self.layer
+
+        def visit(key: str, pair):
+            if key == f"resid_pre.{layer}":
+                y = residuals.to(pair[1].dtype)
+                return torch.zeros_like(y), y
+            if key in (f"head_q.{layer}", f"head_k.{layer}"):
+                read[key.split(".")[0]] = (pair[0] + pair[1]).detach().clone()
+                if len(read) == 2:
+                    raise _Stop
+            return pair
+
+        with torch.no_grad(), self.state.norms.frozen():
+            try:
+                self.forward.run(self.prepared, visit, repeat=residuals.shape[0], start=layer)
+            except _Stop:
+                pass
+        if len(read) != 2:
+            raise RuntimeError(f"the decomposed forward did not visit head_q.{layer} and head_k.{layer}")
+        return read["head_q"], read["head_k"]
+
+
+def _write_rows(state: CleanState, nodes: _Nodes, idx: "list[int]") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The writes of nodes ``idx``, one batch row each: ``(embed delta, {layer: mlp_out delta})`` ``[rows, pos, d]``."""
+    P, d, tc = state.n_pos, state.embed.shape[-1], state.tc
+    dtype, device = state.embed.dtype, state.embed.device
+    emb = torch.zeros(len(idx), P, d, dtype=dtype, device=device)
+    mlp = {L: torch.zeros(len(idx), P, d, dtype=dtype, device=device) for L in state.layers}
+    for b, n in enumerate(idx):
+        kind, L, p = nodes.kinds[n], nodes.layers[n], nodes.positions[n]
+        if kind == "feature":
+            i = state.source_of[L]
+            for W in state.source_writes(L):
+                mlp[W][b, p] += nodes.activation[n] * tc.decoder(i, state.output_of[W])[nodes.feature_ids[n]].detach().to(dtype)
+        elif kind == "error":
+            mlp[L][b, p] += state.error[L][p]
+        else:
+            emb[b, p] += state.embed[p]
+    return emb, mlp
+
+
+@torch.no_grad()
+def _bias_residual(state: CleanState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``resid_pre.layer`` ``[pos, d]`` of the frozen model at the clean point, and with every node's write removed
+    (the embeddings at 0, each MLP output at the transcoder's bias): what the biases make on their own."""
+    site, tc, dtype = f"resid_pre.{layer}", state.tc, state.embed.dtype
+    clean = direct_run(state, capture=[site]).cache[site][0].to(dtype)
+    keep = {L: (tc.b_dec[state.output_of[L]].detach().to(dtype) if L in state.output_of else 0.0) for L in state.layers}
+    run = direct_run(state, embed_delta=-state.embed[None],
+                     mlp_delta={L: (keep[L] - state.mlp_out[L])[None] for L in state.layers}, capture=[site])
+    return clean, run.cache[site][0].to(dtype)
+
+
+@torch.no_grad()
+def _parts_forward(state: CleanState, nodes: _Nodes, qk: _QueryKey, layer: int, t: int, u: int, head: int,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node parts of the query and key by forwards: each reaching node's write in its own row of the frozen model,
+    the change of ``resid_pre.layer`` read at ``t`` and ``u``, then ``q(c) - q(0)``."""
+    site = f"resid_pre.{layer}"
+    reach = [n for n in range(len(nodes.kinds)) if nodes.reaches(n, layer)]
+    P, d, dtype = state.n_pos, state.embed.shape[-1], state.embed.dtype
+    rows = [torch.zeros(1, P, d, dtype=dtype, device=state.embed.device)]  # q(0)
+    for start in range(0, len(reach), batch_size):
+        idx = reach[start:start + batch_size]
+        emb, mlp = _write_rows(state, nodes, idx)
+        # row 0 of each forward is the unperturbed run: the same batch shape rounds the same way, so a position
+        # a node cannot reach differs by exactly 0
+        emb = torch.cat([torch.zeros_like(emb[:1]), emb])
+        mlp = {L: torch.cat([torch.zeros_like(v[:1]), v]) for L, v in mlp.items()}
+        out = direct_run(state, rows=len(idx) + 1, embed_delta=emb, mlp_delta=mlp, capture=[site]).cache[site].to(dtype)
+        c = out[1:] - out[:1]
+        y = torch.zeros_like(c)
+        y[:, t], y[:, u] = c[:, t], c[:, u]
+        rows.append(y)
+    q_all, k_all = qk(torch.cat(rows))
+    dh = q_all.shape[-1]
+    q = torch.zeros(len(nodes.kinds), dh, dtype=q_all.dtype, device=q_all.device)
+    k = torch.zeros_like(q)
+    q[reach], k[reach] = q_all[1:, t, head] - q_all[0, t, head], k_all[1:, u, head] - k_all[0, u, head]
+    return q, k
+
+
+def _linear_maps(state: CleanState, qk: _QueryKey, t: int, u: int, head: int, clean: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A_q`` at ``t`` and ``A_k`` at ``u`` (``[d_head, d]``): the frozen-norm query and key maps of the residual,
+    one basis direction per row (scaled to the residual's size) minus the zero row."""
+    P, d = state.n_pos, clean.shape[-1]
+    ct = max(1.0, float(clean[t].abs().max()))
+    cu = ct if u == t else max(1.0, float(clean[u].abs().max()))
+    rows = torch.zeros(d + 1, P, d, dtype=clean.dtype, device=clean.device)
+    eye = torch.eye(d, dtype=clean.dtype, device=clean.device)
+    rows[:d, t] = ct * eye
+    rows[:d, u] = cu * eye
+    q_all, k_all = qk(rows)
+    a_q = ((q_all[:d, t, head] - q_all[d, t, head]) / ct).T
+    a_k = ((k_all[:d, u, head] - k_all[d, u, head]) / cu).T
+    return a_q, a_k
+
+
+def _parts_rows(state: CleanState, nodes: _Nodes, feats: torch.Tensor, acts: torch.Tensor, qk: _QueryKey, layer: int,
+                t: int, u: int, head: int, clean: torch.Tensor, batch_size: int, source_chunk: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node parts of the query and key as rows of the graph: each coordinate ``r`` of the query is the direction
+    ``A_q[r]`` read from ``resid_pre.layer`` at ``t`` (a target), whose row of direct effects over the sources is
+    ``q_i[r]``; ``2 d_head`` rows by backward passes, whatever the number of nodes."""
+    a_q, a_k = _linear_maps(state, qk, t, u, head, clean)
+    site = f"resid_pre.{layer}"
+    targets = [direction_target(site, t, a_q[r]) for r in range(a_q.shape[0])]
+    targets += [direction_target(site, u, a_k[r]) for r in range(a_k.shape[0])]
+    g = AttributionGraph(tokens=state.inputs["input_ids"][0].tolist(), layers=list(state.layers), features=feats,
+                         activations=acts.cpu(), targets=targets, adjacency=torch.zeros(0))
+    dec = _scaled_decoders(state, g)
+    jobs = [("target", k) for k in range(len(targets))]
+    rows = torch.cat([_rows(state, g, jobs[s:s + batch_size], dec, source_chunk) for s in range(0, len(jobs), batch_size)])
+    dh = a_q.shape[0]
+    return rows[:dh].T.to(a_q.device), rows[dh:].T.to(a_q.device)
 
 
 def _fit_scale(q: torch.Tensor, k: torch.Tensor, pattern: torch.Tensor, layer: int) -> float:
@@ -341,12 +420,20 @@ def qk_attribution(
     key_pos: int,
     *,
     graph: "AttributionGraph | None" = None,
-    batch_size: int = 64,
+    method: str = "rows",
+    batch_size: int = 32,
+    source_chunk: int = 8192,
 ) -> QKAttribution:
     """Split head ``head`` of layer ``layer``'s pre-softmax score from ``query_pos`` to ``key_pos`` over the
     attribution graph's nodes (see the module doc). Positions may be negative (from the end). ``graph``, when
-    given, must be this prompt's graph with this transcoder; node indices then refer to it (they always follow
-    its order). ``batch_size`` nodes share one forward of the frozen model."""
+    given, must be this prompt's graph with this transcoder (checked); ``graph_index`` always follows its order.
+
+    ``method="rows"`` (default) computes the nodes' parts as ``2 d_head`` rows of the graph (backward passes,
+    ``batch_size`` rows each, ``source_chunk`` sources read at once), whatever the number of nodes;
+    ``method="forward"`` runs the frozen model once per ``batch_size`` nodes with each node's write in its own row
+    (a second computation, for checks and small graphs)."""
+    if method not in ("rows", "forward"):
+        raise ValueError(f"method is 'rows' or 'forward', not {method!r}")
     m: WrappedModel = wrap(model)
     state = clean_state(m, transcoder, prompt_or_ids)
     P = state.n_pos
@@ -363,42 +450,41 @@ def qk_attribution(
     if probability == 0.0:
         raise ValueError(f"query position {t} does not attend to key position {u} in layer {layer} head {head} "
                          f"(its clean probability is exactly 0: masked)")
-    nodes, feats, _ = _nodes(state, layer)
+    nodes, feats, acts = _nodes(state)
     if graph is not None:
         if list(graph.tokens) != state.inputs["input_ids"][0].tolist() or not torch.equal(graph.features, feats):
             raise ValueError("the graph passed is not this prompt's graph with this transcoder (its tokens or active "
                              "features differ)")
-    c, r = _contributions(state, nodes, layer, batch_size)
-    clean = direct_run(state, capture=[f"resid_pre.{layer}"]).cache[f"resid_pre.{layer}"][0].to(c.dtype)
-    closure = float((c[:, [t, u]].sum(0) + r[[t, u]] - clean[[t, u]]).abs().max())
+    qk = _QueryKey(m, state, layer)
+    clean, r = _bias_residual(state, layer)
+    fixed = torch.zeros(2, P, clean.shape[-1], dtype=clean.dtype, device=clean.device)
+    fixed[0] = clean
+    fixed[1, t], fixed[1, u] = r[t], r[u]
+    q_fixed, k_fixed = qk(fixed)  # the clean query and key, and the bias node's (biases included)
+    scale = _fit_scale(q_fixed[0], k_fixed[0], state.patterns[layer][0], layer)
+    if method == "rows":
+        q_nodes, k_nodes = _parts_rows(state, nodes, feats, acts, qk, layer, t, u, head, clean, batch_size, source_chunk)
+    else:
+        q_nodes, k_nodes = _parts_forward(state, nodes, qk, layer, t, u, head, batch_size)
+    q_clean, k_clean = q_fixed[0, t, head].double().cpu(), k_fixed[0, u, head].double().cpu()
+    q = torch.cat([q_nodes.double().cpu(), q_fixed[1, t, head].double().cpu()[None]])
+    k = torch.cat([k_nodes.double().cpu(), k_fixed[1, u, head].double().cpu()[None]])
+    closure = max(float((q.sum(0) - q_clean).abs().max()), float((k.sum(0) - k_clean).abs().max()))
+    score = float(scale * q_clean @ k_clean)
 
-    # rows: clean residual, every node removed, zero, then one row per node (only positions t and u matter)
-    d = c.shape[-1]
-    rows = torch.zeros(3 + c.shape[0], P, d, dtype=c.dtype, device=c.device)
-    rows[0] = clean
-    rows[1, t], rows[1, u] = r[t], r[u]
-    rows[3:, t], rows[3:, u] = c[:, t], c[:, u]
-    q_all, k_all = _query_key(m, state, layer, rows)
-    scale = _fit_scale(q_all[0], k_all[0], state.patterns[layer][0], layer)
-    q_nodes = q_all[3:, t, head] - q_all[2, t, head]
-    k_nodes = k_all[3:, u, head] - k_all[2, u, head]
-    q = torch.cat([q_nodes, q_all[1, t, head][None]]).double().cpu()
-    k = torch.cat([k_nodes, k_all[1, u, head][None]]).double().cpu()
-    score = float(scale * q_all[0, t, head].double() @ k_all[0, u, head].double())
-
-    keep = [(n, True) for n in range(len(nodes.kinds)) if bool(q[n].any() or k[n].any())]
-    idx = [n for n, _ in keep] + [len(nodes.kinds)]
+    keep = [n for n in range(len(nodes.kinds)) if bool(q[n].any() or k[n].any())]
+    idx = keep + [len(nodes.kinds)]
     tokens = m.to_str_tokens(state.inputs["input_ids"][0].tolist()) if m.tokenizer is not None else None
-    kinds = [nodes.kinds[n] for n, _ in keep] + ["bias"]
-    layers = [nodes.layers[n] for n, _ in keep] + [-1]
-    positions = [nodes.positions[n] for n, _ in keep] + [-1]
-    fids = [nodes.feature_ids[n] for n, _ in keep] + [-1]
+    kinds = [nodes.kinds[n] for n in keep] + ["bias"]
+    layers = [nodes.layers[n] for n in keep] + [-1]
+    positions = [nodes.positions[n] for n in keep] + [-1]
+    fids = [nodes.feature_ids[n] for n in keep] + [-1]
     result = QKAttribution(
         layer=layer, head=head, query_pos=t, key_pos=u, score=score, scale=scale, probability=probability,
         q=q[idx], k=k[idx], kinds=kinds, layers=layers, positions=positions, feature_ids=fids,
         labels=[_label(kd, L, p, f, tokens) for kd, L, p, f in zip(kinds, layers, positions, fids)],
-        graph_index=[nodes.graph_index[n] for n, _ in keep] + [-1],
-        metadata={"closure": closure, "n_candidates": len(nodes.kinds), "d_head": int(q.shape[-1]),
+        graph_index=keep + [-1],
+        metadata={"closure": closure, "method": method, "n_sources": len(nodes.kinds), "d_head": int(q.shape[-1]),
                   "prompt": prompt_or_ids if isinstance(prompt_or_ids, str) else None,
                   "transcoder": transcoder.config(), "model": type(m.module).__name__, "adapter": m.adapter.name},
     )
