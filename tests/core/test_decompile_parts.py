@@ -123,3 +123,33 @@ def test_the_emitted_program_runs_its_primitives():
     assert prog.compiled()(list("abcd")) == list("dcba")
     assert Program("hand", ops, "frac", True).compiled()(list("abaa")) == [1.0, 0.5, 2 / 3, 0.75]
     assert "crosspatch" not in [line.split()[1] for line in prog.source().splitlines() if line.startswith("import ")]
+
+
+def test_a_trained_style_head_is_read_by_what_it_copies():
+    # a causal previous-token head: attention 0.7 on the previous position, 0.3 on the current one; it
+    # writes a vector per copied token plus a per-position vector (which centring per position removes)
+    from crosspatch.methods.decompile.match import match_head_codes
+
+    rng = np.random.default_rng(3)
+    token_vec, pos_vec = rng.normal(size=(2, 8)), rng.normal(size=(9, 8)) * 5
+    seqs = [list(rng.integers(0, 2, size=8)) for _ in range(150)]
+    trace = {"tokens": [["BOS"] + [int(t) for t in s] for s in seqs], "indices": [[None] + list(range(8)) for _ in seqs]}
+    trace["indices-1"] = [[None] + [i - 1 for i in range(8)] for _ in seqs]
+    patterns, vectors = [], []
+    for s in seqs:
+        a = np.zeros((9, 9))
+        a[0, 0] = a[1, 0] = 1.0  # the first token has no previous one: the start position
+        v = np.zeros((9, 8))
+        for q in range(2, 9):
+            a[q, q - 1], a[q, q] = 0.7, 0.3
+            v[q] = token_vec[s[q - 2]] + pos_vec[q] + rng.normal(scale=0.01, size=8)
+        v[1] = pos_vec[1]
+        patterns.append(a)
+        vectors.append(v)
+    op, values = match_head_codes("head_out.0[head=0]", patterns, trace, ["tokens", "indices", "indices-1"], vectors,
+                                  "prev", causal=True, query_only=["indices-1"])
+    assert (op.keys, op.queries, op.predicate, op.bos, op.numerical, op.value) == ("indices", "indices-1", "EQ", "default",
+                                                                                    False, "tokens")
+    # 1 - TV is 0.7 on the 7 rows with a previous token, 1 on the first (all on the start position)
+    assert op.agreement > 0.99 and op.pattern_fit == pytest.approx((7 * 0.7 + 1) / 8)
+    assert values[0][1:] == [None] + [int(t) for t in seqs[0][:-1]]
