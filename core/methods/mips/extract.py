@@ -33,7 +33,7 @@ from ...progress import progress_bar
 from ...zoo.algorithmic.rnn import TaskRNN
 from .basis import change_basis
 from .emit import ProgramSpec, emit
-from .fsm import Machine, explore, minimise
+from .fsm import Machine, explore, machine_from_data, minimise
 from .inputs import Alphabet, all_sequences, random_sequences, run_hidden, run_predict
 from .lattice import Lattice, find_lattice
 from .normalise import normalise, quantise
@@ -201,7 +201,7 @@ def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: s
     prev = np.concatenate([np.broadcast_to(h0, (len(seqs), 1, h.shape[2])), h[:, :-1]], axis=1)
     lat = find_lattice(h.reshape(-1, h.shape[2]), h0, steps=(h - prev).reshape(-1, h.shape[2]))
     if lat is None:
-        return [], None, "the hidden states lie on no integer lattice (and their set kept growing: no finite machine)"
+        return [], None, "the hidden states lie on no integer lattice"
     z = np.round(lat.encode(h.reshape(-1, h.shape[2]))).astype(np.int64).reshape(len(seqs), seqs.shape[1], -1)
     z0 = np.round(lat.encode(h0[None])).astype(np.int64)[0]
     y = run_predict(net, seqs).reshape(-1)
@@ -306,25 +306,35 @@ def extract_program(
     plot_data: dict[str, Any] = {}
     for label, net in nets:
         machines = _machines(net, info.alphabet)
+        closed = bool(machines)
+        if not closed:
+            read = machine_from_data(net, info.alphabet, seqs)
+            if read is not None:
+                machines.append(minimise(read))
+            else:
+                reasons.append(f"{label}: breadth-first reading did not close and no clustering of the states seen "
+                               f"is a machine (one output per cluster, one successor per cluster and symbol)")
         cands: list[tuple[_Candidate, Machine | None]] = []
         if machines:
-            cands = sorted(((c, m) for m in machines for c in _machine_candidates(m, info, title)),
-                           key=lambda cm: (not cm[0].complete, cm[0].cost))
+            cands = [(c, m) for m in machines for c in _machine_candidates(m, info, title)]
             plot_data = _machine_plot(net, machines[-1])
             if not cands:
                 reasons.append(f"{label}: a {machines[-1].size}-state machine, but no labelling of its states gives "
                                f"formulas or a table")
-        else:
+        if not closed:
             found, lat, why = _lattice_candidates(net, info, seqs, title)
-            cands = [(c, None) for c in found]
-            plot_data = {"net": net}
+            cands += [(c, None) for c in found]
             if lat is not None:
                 result.lattice = {"dim": lat.dim, "method": lat.method, "boolean": lat.boolean,
                                   "bits_per_state": round(lat.bits, 3), "residual": round(lat.residual, 4)}
                 pts = np.unique(lat.coords, axis=0)[:60]
-                plot_data.update(points=lat.origin + pts @ lat.basis, labels=[",".join(str(int(v)) for v in p) for p in pts])
+                plot_data = {"net": net, "points": lat.origin + pts @ lat.basis,
+                             "labels": [",".join(str(int(v)) for v in p) for p in pts]}
+            elif not machines:
+                plot_data = {"net": net}
             if why:
                 reasons.append(f"{label}: {why}")
+        cands.sort(key=lambda cm: (not cm[0].complete, cm[0].cost))
         screened = 0
         for cand, m in cands:
             program = compile_program(emit(cand.spec))
@@ -342,24 +352,28 @@ def extract_program(
     next(stages, None)
     if not passing:
         result.reason = "; ".join(reasons) or "no candidate program"
-    for cand, m, data in passing:  # shortest first; the first equal to the network on every checked input wins
-        result.reason = ""
+    best: tuple | None = None
+    for cand, m, data in passing:  # shortest first; the first equal to the network and the truth wins
         text = emit(cand.spec)
         ver = verify_program(text, rnn, info.alphabet, info.truth, length=verify_length, seed=seed)
+        if best is None or (ver.matches_network and not best[3].matches_network) or ver.solved:
+            best = (cand, m, data, ver, text)
+        if ver.solved:
+            break
+    if best is not None:
+        cand, m, plot_data, ver, text = best
         result.route, result.fits, result.program, result.verification = cand.route, cand.fits, text, ver
         result.machine_states = None if m is None else m.size
-        plot_data = data
         result.solved = ver.solved
         if not ver.matches_network:
             result.reason = (f"the {len(passing)} candidate program(s) equal to the network on the sample inputs differ "
-                             f"from it on the full check (the last on {ver.network_mismatches} of {ver.network_checked})")
-            continue
-        if info.truth is None:
+                             f"from it on the full check (the shortest on {ver.network_mismatches} of "
+                             f"{ver.network_checked})")
+        elif info.truth is None:
             result.reason = "equal to the network, but no ground truth was given"
         elif not ver.matches_truth:
             result.reason = (f"equal to the network up to length {verify_length}, but differs from the ground "
                              f"truth on {ver.truth_mismatches} of {ver.truth_checked} longer inputs")
-        break
 
     next(stages, None)
     result.seconds = round(time.perf_counter() - start, 3)

@@ -127,3 +127,83 @@ def minimise(machine: Machine) -> Machine:
     out = [machine.out[reps[i]] for i in range(m)]
     pts = None if machine.points is None else machine.points[[reps[i] for i in range(m)]]
     return Machine(nxt, out, pts, closed=True)
+
+
+@torch.no_grad()
+def machine_from_data(rnn: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, max_points: int = 3000) -> Machine | None:
+    """The coarsest clustering of the hidden states seen on ``seqs`` that is a machine, or ``None``.
+
+    For a trained network whose states never settle on exact points (breadth-first reading does not
+    close), states are clustered by single linkage; cut heights are tried where the merge heights jump
+    (coarsest first), and the first cut where every cluster has one output and every (cluster, symbol)
+    seen leads to one cluster is kept. A (cluster, symbol) pair never seen is stepped from the cluster's
+    first member. ``None`` when there are more than ``max_points`` distinct states or no cut works."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    from .inputs import run_hidden, run_predict
+
+    n_seq, length = seqs.shape[:2]
+    h = run_hidden(rnn, seqs)
+    h0 = rnn.h0.detach().double().numpy()
+    states = np.concatenate([h0[None], h.reshape(-1, h.shape[-1])])
+    scale = float(np.abs(states - states.mean(0)).max()) or 1.0
+    grid = 1e-6 * scale  # states on one grid cell are one point; the grid coarsens until few remain
+    while True:
+        _, first, inverse = np.unique(np.round(states / grid), axis=0, return_index=True, return_inverse=True)
+        if len(first) <= max_points or grid > 0.02 * scale:
+            break
+        grid *= 3
+    if len(first) > max_points or len(first) < 2:
+        return None
+    points = states[first]
+    outs_all = np.concatenate([[-1], run_predict(rnn, seqs).reshape(-1)])
+    prev_idx = np.concatenate([np.zeros((n_seq, 1), np.int64), 1 + np.arange(n_seq * length).reshape(n_seq, length)[:, :-1]], axis=1)
+    prev_pt, next_pt = inverse.reshape(-1)[prev_idx.reshape(-1)], inverse.reshape(-1)[1:]
+    steps = np.asarray(alphabet.steps, dtype=np.int64)
+    sym = np.array([{tuple(s): i for i, s in enumerate(steps.tolist())}[tuple(x)] for x in seqs.reshape(-1, seqs.shape[-1]).tolist()])
+    outs = outs_all[1:]
+    tree = linkage(points, "single")
+    heights = np.sort(tree[:, 2])
+    cuts = [float(np.sqrt(a * b)) for a, b in zip(heights[:-1], heights[1:]) if b > 1.3 * max(a, 1e-12 * scale)]
+    for cut in sorted(cuts, reverse=True):
+        label = fcluster(tree, cut, criterion="distance") - 1
+        k = int(label.max()) + 1
+        out = np.full(k, -1)
+        ok = True
+        for c, y in zip(label[next_pt], outs):
+            if out[c] == -1:
+                out[c] = y
+            elif out[c] != y:
+                ok = False
+                break
+        if not ok:
+            continue
+        table: dict[tuple[int, int], int] = {}
+        for a, b, s in zip(label[prev_pt], label[next_pt], sym):
+            if table.setdefault((int(a), int(s)), int(b)) != b:
+                ok = False
+                break
+        if not ok:
+            continue
+        start = int(label[inverse.reshape(-1)[0]])
+        order = [start] + [c for c in range(k) if c != start]
+        rename = {c: i for i, c in enumerate(order)}
+        members = {c: int(np.argmax(label == c)) for c in range(k)}
+        nxt = []
+        for c in order:
+            row = []
+            for s in range(len(steps)):
+                if (c, s) not in table:  # unseen: step the network from a member of the cluster
+                    stepped = rnn.step(torch.as_tensor(points[members[c]][None]), torch.as_tensor(steps[s][None], dtype=torch.float64))
+                    dist = np.linalg.norm(points - stepped.double().numpy()[0], axis=1)
+                    table[(c, s)] = int(label[int(dist.argmin())])
+                row.append(rename[table[(c, s)]])
+            nxt.append(row)
+        missing_out = [c for c in order if out[c] == -1]
+        if missing_out:
+            y = _outputs(rnn, points[[members[c] for c in missing_out]])
+            for c, v in zip(missing_out, y):
+                out[c] = v
+        pts = np.array([points[members[c]] for c in order])
+        return Machine(nxt, [int(out[c]) for c in order], pts, closed=True)
+    return None
