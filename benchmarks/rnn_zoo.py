@@ -48,6 +48,9 @@ def run_task(name: str, seed: int, cached: bool) -> dict:
     loaded = zoo.load(zname, seed=seed, progress=False) if cached else zoo.train(zname, seed=seed, progress=False)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     info = loaded.info
+    from_cache = cached and wall < 0.5 * info["seconds"]
+    if from_cache:  # the build's own record (CPU seconds are recorded by builds since they were added)
+        wall, cpu = info["seconds"], info.get("cpu_seconds")
     shape = info["shape"]
     by_len = {int(k): v for k, v in info["accuracy_by_length"].items()}
     return {
@@ -56,9 +59,13 @@ def run_task(name: str, seed: int, cached: bool) -> dict:
         "parameters": info["parameters"], "nonzero": info["nonzero_parameters"],
         "accuracy": min(by_len.values()), "accuracy_by_length": by_len, "beyond": info["beyond_accuracy"],
         "exhaustive_length": info.get("exhaustive_length"), "runs": len(info.get("attempts", [])),
-        "search_seconds": info["seconds"], "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
-        "from_cache": bool(cached and wall < 0.5 * info["seconds"]),
+        "search_seconds": info["seconds"], "wall_seconds": round(wall, 2),
+        "cpu_seconds": None if cpu is None else round(cpu, 2), "from_cache": bool(from_cache),
     }
+
+
+def _fmt_s(v: float | None) -> str:
+    return "?" if v is None else f"{v:.1f}"
 
 
 def _fmt_acc(v: float) -> str:
@@ -85,7 +92,9 @@ def render(data: dict) -> str:
         f"- **solved {len(solved)} of {len(rows)} tasks** ({sum(r['success'] for r in mips_rows)} of the "
         f"{len(mips_rows)} MIPS tasks here; MIPS's Newton_Magnetic is not in the family)",
         f"- **total {data['total_wall_seconds'] / 60:.1f} min wall, {data['total_cpu_seconds'] / 60:.1f} min CPU** "
-        f"(this process; the machine's 2 cores were shared, see the load)",
+        f"(sums over the tasks' builds, one process at a time; the machine's 2 cores were shared, see the load)"
+        + (f"; CPU not recorded for {len(data['cpu_unknown'])} task(s) built before CPU time was recorded"
+           if data.get("cpu_unknown") else ""),
         "",
         "| task | MIPS name | out | solved | hidden | f | g | params | nonzero | acc 1-12 | exh. | acc 24 | runs | wall s | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -95,7 +104,7 @@ def render(data: dict) -> str:
             f"| {r['task']} | {r['mips_name'] or '(ours)'} | {r['output_kind']} | {'yes' if r['success'] else '**no**'} "
             f"| {r['hidden']} | {r['f_hidden'] or '-'} | {r['g_hidden'] or '-'} | {r['parameters']} | {r['nonzero']} "
             f"| {_fmt_acc(r['accuracy'])} | {r['exhaustive_length'] or '-'} | {_fmt_acc(r['beyond'])} | {r['runs']} "
-            f"| {r['wall_seconds']:.1f} | {r['cpu_seconds']:.1f} |"
+            f"| {r['wall_seconds']:.1f} | {_fmt_s(r['cpu_seconds'])} |"
         )
     failed = [r for r in rows if not r["success"]]
     lines += ["", "## Not solved", ""]
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="*", default=None, help="task names (default: every task)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cached", action="store_true", help="reuse cached zoo builds instead of retraining")
+    p.add_argument("--cached", action="store_true", help="reuse cached zoo builds (and their recorded seconds) "
+                   "instead of retraining; build the missing ones")
+    p.add_argument("--reverse", action="store_true", help="go through the tasks in reverse order")
     p.add_argument("--out", type=Path, default=HERE / "rnn_zoo.md")
     p.add_argument("--render", action="store_true", help="only render the markdown from the JSON next to --out")
     args = p.parse_args(argv)
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("CROSSPATCH_PROGRESS", "0")
     names = args.tasks or [t.name for t in ALGORITHMIC_TASKS]
+    if args.reverse:
+        names = names[::-1]
     data = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seed": args.seed, "uptime_before": _uptime(), "rows": [],
@@ -135,9 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         data["rows"].append(row)
         print(f"{row['task']:>26}  {'solved' if row['success'] else 'NOT solved':>10}  hidden {row['hidden']:>2} "
               f"f {row['f_hidden']} g {row['g_hidden']}  acc {row['accuracy']:.4f}  acc24 {row['beyond']:.4f}  "
-              f"{row['wall_seconds']:.1f}s wall {row['cpu_seconds']:.1f}s cpu", flush=True)
-        data["total_wall_seconds"] = round(time.perf_counter() - wall0, 1)
-        data["total_cpu_seconds"] = round(time.process_time() - cpu0, 1)
+              f"{row['wall_seconds']:.1f}s wall {_fmt_s(row['cpu_seconds'])}s cpu", flush=True)
+        data["total_wall_seconds"] = round(sum(r["wall_seconds"] for r in data["rows"]), 1)
+        data["total_cpu_seconds"] = round(sum(r["cpu_seconds"] or 0.0 for r in data["rows"]), 1)
+        data["cpu_unknown"] = [r["task"] for r in data["rows"] if r["cpu_seconds"] is None]
+        data["this_run_wall_seconds"] = round(time.perf_counter() - wall0, 1)
         data["uptime_after"] = _uptime()
         json_path.write_text(json.dumps(data, indent=1), encoding="utf-8")  # partial results survive a stop
     args.out.write_text(render(data), encoding="utf-8")

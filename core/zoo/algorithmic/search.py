@@ -133,6 +133,7 @@ class SearchResult:
     seconds: float
     attempts: list[Attempt] = field(default_factory=list)
     l1: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None
 
     @property
     def test_accuracy(self) -> float:
@@ -146,7 +147,8 @@ class SearchResult:
             "accuracy": self.test_accuracy, "accuracy_by_length": {str(k): v for k, v in self.accuracy_by_length.items()},
             "beyond_accuracy": self.beyond_accuracy, "exhaustive_length": self.exhaustive_length,
             "parameters": self.parameters, "nonzero_parameters": self.nonzero_parameters,
-            "seconds": round(self.seconds, 2), "attempts": [a.to_dict() for a in self.attempts], "l1": self.l1,
+            "seconds": round(self.seconds, 2), "cpu_seconds": None if self.cpu_seconds is None else round(self.cpu_seconds, 2),
+            "attempts": [a.to_dict() for a in self.attempts], "l1": self.l1,
         }
 
 
@@ -393,7 +395,7 @@ def search_rnn(task: AlgorithmicTask, *, seed: int = 0, config: SearchConfig | N
     ``progress`` shows a bar over the training runs (``None``: ``CROSSPATCH_PROGRESS`` decides).
     """
     config = config or SearchConfig()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     deadline = None if config.max_seconds is None else start + config.max_seconds
     h = _heldout(task, config, seed)
     attempts: list[Attempt] = []
@@ -475,7 +477,7 @@ def search_rnn(task: AlgorithmicTask, *, seed: int = 0, config: SearchConfig | N
         task=task.name, success=success, model=model, shape=model.shape, accuracy_by_length=by_len,
         beyond_accuracy=beyond, exhaustive_length=h.exhaustive_length, parameters=count_parameters(model),
         nonzero_parameters=count_parameters(model, nonzero=True), seconds=time.perf_counter() - start,
-        attempts=attempts, l1=l1_record,
+        attempts=attempts, l1=l1_record, cpu_seconds=time.process_time() - cpu_start,
     )
 
 
