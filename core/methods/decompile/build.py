@@ -77,6 +77,7 @@ def build_program(subject: Subject, seqs: Sequence[Sequence[Any]], kept: Sequenc
         output = ops[-1].out
     if output not in trace:
         notes.append(f"output variable {output} is written by no kept component")
+    ops = _live(ops, output, notes)
     program = Program(subject.name, ops, output, subject.numerical, subject.index_start, subject.causal, notes)
     return program, trace
 
@@ -136,10 +137,23 @@ def _trained_ops(subject: Subject, caps: dict, kept: Sequence[str], trace: Trace
         ops.append(op)
         available.append(name)
     trace["output"] = outputs
-    readout = match_lookup("readout", trace, list(reversed(available)), "output", subject.numerical,
+    node = f"readout ({', '.join(mlps + ['unembedding'])})"
+    readout = match_lookup(node, trace, list(reversed(available)), "output", subject.numerical,
                            threshold=subject.readout_threshold)
     ops.append(readout)
     return ops
+
+
+def _live(ops: list, output: str, notes: list[str]) -> list:
+    """The operations the output depends on (dead ones are named in the notes and dropped)."""
+    needed, keep = {output}, []
+    for op in reversed(ops):
+        if op.out in needed:
+            keep.append(op)
+            needed.update(op.reads)
+        elif "head=" in op.node or op.node.startswith("mlp_out"):
+            notes.append(f"{op.node} ({op.describe()}) is kept by pruning but the output does not read it")
+    return keep[::-1]
 
 
 def _defined_before(var: str, node: str, ops: list) -> bool:

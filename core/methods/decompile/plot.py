@@ -35,7 +35,7 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
     for v, (x, y) in pos.items():
         if v in writer:
             op = next(o for o in ops if o.out == v)
-            colour = "#cfe3f7" if "head=" in op.node else "#f7dfc6"
+            colour = _COLOURS[_kind(op.node)]
             text = f"{op.node}\n{v}\n{_wrap(op.describe())}\nagreement {op.agreement:.3f}"
         else:
             colour, text = "#e3e3e3", f"{v}\n(input)"
@@ -56,13 +56,25 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
         ax.text(x, y + 1.05, "output", ha="center", fontsize=8, color="#a00000")
     pruned = len(graph.nodes) - len(graph.kept)
     ax.set_title(f"{title}\nkept {len(graph.kept)} of {len(graph.nodes)} components ({pruned} replaced by their "
-                 f"optimal-ablation constant; accuracy {graph.pruned_accuracy:.3f}). Blue: heads, orange: MLPs", fontsize=9)
+                 f"optimal-ablation constant; accuracy {graph.pruned_accuracy:.3f})\nblue: heads, orange: MLPs, "
+                 f"purple: MLPs and unembedding read as one table, green: index maps", fontsize=9)
     ax.set_xlim(-1.7, (n_cols - 1) * 3.4 + 1.7)
     ax.set_ylim(-(n_rows - 1) * 2.2 - 1.3, 1.5)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_COLOURS = {"head": "#cfe3f7", "mlp": "#f7dfc6", "readout": "#e6d5f2", "map": "#dcefd2"}
+
+
+def _kind(node: str) -> str:
+    if "head=" in node:
+        return "head"
+    if node.startswith("readout"):
+        return "readout"
+    return "mlp" if node.startswith("mlp_out") else "map"
 
 
 def _wrap(text: str, width: int = 30) -> str:
