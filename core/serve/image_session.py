@@ -17,10 +17,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..methods.activation_patching import activation_patching
 from ..methods.steering import steering_vector
-from ..sites.site import SiteError
+from ..results.metrics import Metric
+from ..sites.site import Site, SiteError
 from .images import Gallery, png_data_url, shapes_gallery
-from .session import RequestError, parse_interventions
+from .session import RequestError, cancellable, parse_interventions, stream_sweep
 
 __all__ = ["ImageSession", "VAESession", "CLIPSession", "model_kind"]
 
@@ -46,6 +48,7 @@ class ImageSession:
 
     kind = "image"
     families: tuple[str, ...] = ()
+    sweeps: tuple[str, ...] = ()
 
     def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
         self.m = model
@@ -69,13 +72,34 @@ class ImageSession:
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.name, "describe": self.m.describe(),
                 "families": sorted(self.m.catalog.families), "sites": self.sites(),
-                "patch_sites": self.patch_sites(), "gallery": self.gallery.describe(), "pairs": self.gallery.pairs}
+                "patch_sites": self.patch_sites(), "sweeps": self.suggested_sweeps(), "gallery": self.gallery.describe(),
+                "pairs": self.gallery.pairs}
 
     def tokens(self, text: str) -> list[str]:
         raise RequestError(f"model {self.name!r} takes images; it has no text prompt to split into tokens")
 
     def sweep(self, job: Any, request: Mapping[str, Any]) -> dict[str, Any]:
-        raise RequestError(f"sweeps run on text models; {self.name!r} is a {self.kind} model: use its image panels")
+        """Patch each site of the pattern from image ``toward`` (B) into image ``image``'s (A's) run, one
+        layer per step; the metric normalised so that 1 is the whole way from A's output to B's."""
+        a, b = self._image(request.get("image")), self._image(request.get("toward"))
+        pattern = str(request.get("sites") or "")
+        clean, corrupt = self._sweep_inputs(b, request), self._sweep_inputs(a, request)
+        try:
+            self.m.catalog.expand(pattern, self.m.adapter.sizes(self.m.prepare(corrupt)))
+        except SiteError as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+        metric = cancellable(self._sweep_metric(request, b), job)
+        return stream_sweep(job, self.m, pattern, lambda one: activation_patching(
+            self.m, clean, corrupt, one, metric, normalize=True, progress=False))
+
+    def suggested_sweeps(self) -> list[str]:
+        return [p for p in self.sweeps if Site.parse(p).family in self.m.catalog.families]
+
+    def _sweep_inputs(self, image: torch.Tensor, request: Mapping[str, Any]) -> Any:
+        return self._inputs(image)
+
+    def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
+        raise NotImplementedError
 
     def predict(self, request: Mapping[str, Any]) -> dict[str, Any]:
         raise RequestError(f"{self.name!r} is a {self.kind} model: POST /api/image with an image index instead")
@@ -127,6 +151,16 @@ class VAESession(ImageSession):
 
     kind = "vae"
     families = VAE_FAMILIES
+    sweeps = ("latent.z[dim=*]", "latent.mu[dim=*]", "encoder.block.*", "decoder.block.*")
+
+    def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
+        """Minus the mean squared distance to image B's reconstruction (0 for B's own run)."""
+        target = self._run(self._inputs(toward), {}).output.detach()
+
+        def closeness(output: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return -(output - target.to(output)).double().pow(2).flatten(1).mean(1)
+
+        return Metric("closeness to B's reconstruction", closeness)
 
     def patch_sites(self) -> list[str]:
         dim = self._latent_dim()
@@ -166,6 +200,25 @@ class CLIPSession(ImageSession):
 
     kind = "clip"
     families = CLIP_FAMILIES
+    sweeps = ("vision.resid_pre.*[pos=*]", "vision.resid_post.*[pos=*]", "vision.attn_out.*", "vision.mlp_out.*",
+              "vision.head_out.*[head=*]")
+
+    def _sweep_inputs(self, image: torch.Tensor, request: Mapping[str, Any]) -> Any:
+        return {"images": image, "texts": self.texts(self._sweep_captions(request))}
+
+    def _sweep_captions(self, request: Mapping[str, Any]) -> list[str]:
+        """Image A's caption and image B's (the two the metric compares), unless the request names two."""
+        captions = request.get("sweep_captions") or [self.gallery.captions[request["image"]],
+                                                     self.gallery.captions[request["toward"]]]
+        if len(captions) != 2 or captions[0] == captions[1]:
+            raise RequestError(f"a CLIP sweep compares two different captions (A's and B's); got {captions}: pick "
+                               f"images whose captions differ")
+        return list(captions)
+
+    def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
+        """logit(image, B's caption) - logit(image, A's caption)."""
+        return Metric("logit(B's caption) - logit(A's caption)",
+                      lambda output, ctx: (output[:, 1] - output[:, 0]).double())
 
     def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
         if model.tokenizer is None:

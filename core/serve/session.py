@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ..sites.site import ANY, Site, SiteError
 from .features import Dictionary, feature_request, load_dictionary
 from .jobs import Job
 
-__all__ = ["Session", "RequestError", "METHODS", "METRICS"]
+__all__ = ["Session", "RequestError", "METHODS", "METRICS", "stream_sweep", "cancellable"]
 
 METHODS = ("activation_patching", "attribution_patching")
 METRICS = ("logit_diff", "probability", "kl")
@@ -95,12 +95,11 @@ class Session:
         method = _choice(request.get("method", "activation_patching"), METHODS, "method")
         pattern = str(request.get("sites") or "")
         try:
-            site = Site.parse(pattern)
             sizes = self.m.adapter.sizes(self.m.prepare(prompts.clean))
             self.m.catalog.expand(pattern, sizes)
         except SiteError as exc:
             raise RequestError(str(exc).splitlines()[0]) from None
-        metric = _cancellable(self._metric(request, prompts), job)
+        metric = cancellable(self._metric(request, prompts), job)
         options = {"normalize": bool(request.get("normalize", True))}
         if method == "activation_patching":
             options["direction"] = _choice(request.get("direction", "denoising"), ("denoising", "noising"), "direction")
@@ -108,21 +107,8 @@ class Session:
         if method == "activation_patching":
             options["progress"] = False
 
-        family = self.m.catalog.family(site.family)
-        if site.layer != ANY or not family.layers:  # one step
-            job.emit("progress", done=0, total=1)
-            result = run(self.m, prompts.clean, prompts.corrupt, pattern, metric, **options)
-            return {"view": view(result, pattern), "result": _document(result)}
-        layers = list(range(family.layers))
-        parts: list[Result] = []
-        for layer in layers:
-            job.check()
-            one = str(Site(site.family, layer, site.sel))
-            parts.append(run(self.m, prompts.clean, prompts.corrupt, one, metric, **options))
-            partial = _stack(parts, layers, pattern)
-            job.emit("progress", done=layer + 1, total=len(layers), view=view(partial, pattern))
-        result = _stack(parts, layers, pattern)
-        return {"view": view(result, pattern), "result": _document(result)}
+        return stream_sweep(job, self.m, pattern, lambda one: run(self.m, prompts.clean, prompts.corrupt, one, metric,
+                                                               **options))
 
     # ---------------------------------------------------------------- next token
 
@@ -213,6 +199,26 @@ class Session:
         return _metrics.logit_diff(prompts.answer, prompts.distractor).resolve(self.m.token_id)
 
 
+def stream_sweep(job: Job, m: Any, pattern: str, run: "Callable[[str], Result]") -> dict[str, Any]:
+    """``run(pattern)`` over the sites of ``pattern``, one layer per step when it spans the family's
+    layers, emitting the partial result after each step; the final view and the Result's JSON document."""
+    site = Site.parse(pattern)
+    family = m.catalog.family(site.family)
+    if site.layer != ANY or not family.layers:  # one step
+        job.emit("progress", done=0, total=1)
+        result = run(pattern)
+        return {"view": view(result, pattern), "result": _document(result)}
+    layers = list(range(family.layers))
+    parts: list[Result] = []
+    for layer in layers:
+        job.check()
+        parts.append(run(str(Site(site.family, layer, site.sel))))
+        partial = _stack(parts, layers, pattern)
+        job.emit("progress", done=layer + 1, total=len(layers), view=view(partial, pattern))
+    result = _stack(parts, layers, pattern)
+    return {"view": view(result, pattern), "result": _document(result)}
+
+
 def parse_interventions(items: Any) -> dict[str, Intervention]:
     """``[{"site": "...", "intervention": {...}}]`` -> ``{site: Intervention}``, each rebuilt with from_dict."""
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
@@ -230,7 +236,7 @@ def parse_interventions(items: Any) -> dict[str, Intervention]:
     return out
 
 
-def _cancellable(metric: Metric, job: Job) -> Metric:
+def cancellable(metric: Metric, job: Job) -> Metric:
     """The metric, checking for cancellation each time a forward's output reaches it."""
     fn = metric.fn
 

@@ -130,6 +130,20 @@ def test_clip_slider_and_patch_show_pythons_similarities(image_servers, page):
     rows = page.driver.find_elements(*_by("#patch-out tr[data-caption]"))
     assert [r.find_element(*_by("td.cp-after")).text for r in rows] == [page_number(v) for v in expected["patched"]]
     page.screenshot("serve_clip_patch")
+
+    # A sweep streams in; clicking a cell patches that site.
+    _type(page, "#sites", "vision.resid_post.*[pos=*]")
+    page.driver.find_element(*_by("#run")).click()
+    page.wait(lambda: page.driver.find_element(*_by("#sweep-status")).text == "done", 60, "the sweep")
+    cells = page.driver.find_elements(*_by("#result rect.cp-cell"))
+    assert len(cells) == 2 * 17  # two blocks x (class token + 16 patches)
+    next(c for c in cells if c.get_attribute("data-r") == "1" and c.get_attribute("data-c") == "0").click()
+    page.wait(lambda: _one(page, "#patch-out[data-site='vision.resid_post.1[pos=0]']"), 30, "the clicked site's patch")
+    expected = session.image({"image": 2, "captions": captions, "interventions": [
+        {"site": "vision.resid_post.1[pos=0]", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
+    rows = page.driver.find_elements(*_by("#patch-out tr[data-caption]"))
+    assert [r.find_element(*_by("td.cp-after")).text for r in rows] == [page_number(v) for v in expected["patched"]]
+    page.screenshot("serve_clip_sweep")
     assert page.console_errors() == []
     assert page.foreign_requests(server.url) == []
 

@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("starlette", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
 pytest.importorskip("uvicorn", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
 
-from test_serve import _post as post_text  # noqa: E402  (after the skips)
+from test_serve import _events  # noqa: E402  (after the skips)
+from test_serve import _post as post_text  # noqa: E402
 
 
 def tiny_vae(seed: int = 0):
@@ -238,6 +239,45 @@ def test_clip_similarities_under_steering_and_patching(servers):
     status, out = _post(server.url + "/api/image", {"image": 2, "captions": captions, "interventions": [
         {"site": "vision.resid_post.1[pos=3]", "intervention": {"kind": "patch", "source": {"image": 5}}}]})
     np.testing.assert_allclose(out["patched"], similarities(a), rtol=1e-5, atol=1e-5)  # a patch token is not read
+
+
+def _sweep(server, body):
+    status, job = _post(server.url + "/api/jobs", {"kind": "sweep", **body})
+    assert status == 202, job
+    return _events(server.url + job["events"])
+
+
+def test_image_sweeps_stream_and_measure_the_way_from_a_to_b(servers):
+    # VAE, one latent at a time from B into A: 1 - |decode(z_A with z_k from B) - decode(z_B)|^2 / |decode(z_A) - decode(z_B)|^2
+    server, session = servers["vae"]
+    events = _sweep(server, {"image": 12, "toward": 13, "sites": "latent.z[dim=*]"})
+    assert [e for e, _ in events] == ["queued", "started", "progress", "result"]
+    shown = events[-1][1]["data"]["view"]["values"]
+    vae = session.m.module
+    with torch.no_grad():
+        mu_a, mu_b = vae.encode(session.gallery.image(12))[0], vae.encode(session.gallery.image(13))[0]
+        target = vae.decode(mu_b)
+        gap = (vae.decode(mu_a) - target).double().pow(2).mean()
+        expected = []
+        for k in range(4):
+            mixed = mu_a.clone()
+            mixed[0, k] = mu_b[0, k]
+            expected.append(float(1 - (vae.decode(mixed) - target).double().pow(2).mean() / gap))
+    np.testing.assert_allclose(shown, expected, rtol=1e-5, atol=1e-7)
+    assert "latent.z[dim=*]" in json.loads(_get(server.url + "/api/info"))["sweeps"]
+
+    # CLIP, the residual after each block at each position, streamed one layer at a time: after the last
+    # block only the class token is read, so patching it there is the whole way (1) and any other token none (0).
+    server, session = servers["clip"]
+    events = _sweep(server, {"image": 2, "toward": 5, "sites": "vision.resid_post.*[pos=*]"})
+    assert [e for e, _ in events] == ["queued", "started", "progress", "progress", "result"]
+    partial = events[2][1]["view"]["values"]
+    assert all(v is not None for v in partial[0]) and all(v is None for v in partial[1])
+    last = events[-1][1]["data"]["view"]["values"][1]
+    np.testing.assert_allclose(last, [1.0] + [0.0] * 16, atol=1e-5)
+    events = _sweep(server, {"image": 12, "toward": 13, "sites": "vision.attn_out.*",
+                             "sweep_captions": ["a red square", "a red square"]})
+    assert events[-1][0] == "error" and "compares two different captions" in events[-1][1]["message"]
 
 
 def test_image_requests_say_what_is_wrong(servers):

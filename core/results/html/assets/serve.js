@@ -7,7 +7,7 @@
   var cp = window.crosspatch, el = cp.el, fmt = cp.fmt;
   var info = JSON.parse(document.getElementById("cp-serve").textContent).info;
   var root = document.getElementById("cp-root");
-  var currentJob = null, lastDocument = null;
+  var lastDocument = null;
   var example = Object.assign({ clean: "When Mary and John went to the store, John gave a drink to",
     corrupt: "When Mary and John went to the store, Mary gave a drink to", answer: " Mary", distractor: " John" },
     info.example || {});
@@ -126,60 +126,25 @@
     cp.renderView(result, view, 0);
   }
 
-  form.addEventListener("submit", function (event) {
-    event.preventDefault();
+  var startSweep = cp.serveCommon.sweeper(function () {
     var body = request();
     body.kind = "sweep";
-    document.getElementById("run").disabled = true;
-    setStatus("sending…");
-    api("/api/jobs", body).then(function (job) {
-      currentJob = job.id;
-      document.getElementById("cancel").disabled = false;
-      var source = new EventSource(job.events);
-      var progress = document.getElementById("progress");
-      function end(text, cls) {
-        source.close();
-        currentJob = null;
-        document.getElementById("run").disabled = false;
-        document.getElementById("cancel").disabled = true;
-        setStatus(text, cls);
-      }
-      source.addEventListener("queued", function (e) {
-        var d = JSON.parse(e.data);
-        setStatus(d.position > 0 ? "queued behind " + d.position + " job(s)" : "queued");
-      });
-      source.addEventListener("started", function () { setStatus("running"); });
-      source.addEventListener("progress", function (e) {
-        var d = JSON.parse(e.data);
-        progress.max = d.total;
-        progress.value = d.done;
-        setStatus("running: " + d.done + " of " + d.total + " layers");
-        if (d.view) draw(d.view);
-      });
-      source.addEventListener("result", function (e) {
-        var d = JSON.parse(e.data).data;
-        progress.value = progress.max;
-        draw(d.view);
-        lastDocument = d.result;
-        var link = document.getElementById("download");
-        link.href = URL.createObjectURL(new Blob([JSON.stringify(lastDocument)], { type: "application/json" }));
-        link.download = "result.json";
-        link.className = "";
-        end("done", "cp-ok");
-      });
-      source.addEventListener("error", function (e) {
-        if (e.data) end("error: " + JSON.parse(e.data).message, "cp-bad");
-        else if (source.readyState === EventSource.CLOSED) end("connection lost", "cp-bad");
-      });
-      source.addEventListener("cancelled", function () { end("cancelled", "cp-bad"); });
-    }).catch(function (err) {
-      document.getElementById("run").disabled = false;
-      setStatus("error: " + err.message, "cp-bad");
-    });
+    return body;
+  }, {
+    status: setStatus, progress: document.getElementById("progress"), unit: "layers", draw: draw,
+    result: function (d) {
+      draw(d.view);
+      lastDocument = d.result;
+      var link = document.getElementById("download");
+      link.href = URL.createObjectURL(new Blob([JSON.stringify(lastDocument)], { type: "application/json" }));
+      link.download = "result.json";
+      link.className = "";
+    }
   });
 
-  document.getElementById("cancel").addEventListener("click", function () {
-    if (currentJob) api("/api/jobs/" + currentJob + "/cancel", {}).catch(function () { /* already ended */ });
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    startSweep();
   });
 
   // ------------------------------------------------------------------ next-token distributions

@@ -1,7 +1,8 @@
 /* crosspatch serve: what every page of the local explorer shares. api(path, body) sends JSON to the
    page's own server (GET without a body) and rejects with the server's error message; latest(send)
    wraps a request so that one is in flight at a time and, while it runs, only the newest value waits
-   to be sent next (a dragged slider never piles up requests). Uses explorer.js. */
+   to be sent next (a dragged slider never piles up requests); follow(job, ui) shows a queued job's
+   events as they stream. Uses explorer.js. */
 (function () {
   "use strict";
 
@@ -34,5 +35,64 @@
     return go;
   }
 
-  window.crosspatch.serveCommon = { api: api, latest: latest };
+  // A queued job's server-sent events (queued, started, progress, result, error, cancelled) shown through
+  // ui: status(text, cls), progress (a <progress>), unit (what a step is), draw(view), result(data), end().
+  function follow(job, ui) {
+    var source = new EventSource(job.events);
+    function end(text, cls) {
+      source.close();
+      ui.end();
+      ui.status(text, cls);
+    }
+    source.addEventListener("queued", function (e) {
+      var d = JSON.parse(e.data);
+      ui.status(d.position > 0 ? "queued behind " + d.position + " job(s)" : "queued");
+    });
+    source.addEventListener("started", function () { ui.status("running"); });
+    source.addEventListener("progress", function (e) {
+      var d = JSON.parse(e.data);
+      ui.progress.max = d.total;
+      ui.progress.value = d.done;
+      ui.status("running: " + d.done + " of " + d.total + " " + ui.unit);
+      if (d.view) ui.draw(d.view);
+    });
+    source.addEventListener("result", function (e) {
+      ui.progress.value = ui.progress.max;
+      ui.result(JSON.parse(e.data).data);
+      end("done", "cp-ok");
+    });
+    source.addEventListener("error", function (e) {
+      if (e.data) end("error: " + JSON.parse(e.data).message, "cp-bad");
+      else if (source.readyState === EventSource.CLOSED) end("connection lost", "cp-bad");
+    });
+    source.addEventListener("cancelled", function () { end("cancelled", "cp-bad"); });
+    return source;
+  }
+
+  // A sweep's Cancel button (#cancel) wired, and the function that starts one: body() is the request,
+  // ui as for follow (without end: the Run button #run and Cancel are enabled and disabled here).
+  function sweeper(body, ui) {
+    var current = null, run = document.getElementById("run"), cancel = document.getElementById("cancel");
+    cancel.addEventListener("click", function () {
+      if (current) api("/api/jobs/" + current + "/cancel", {}).catch(function () { /* already ended */ });
+    });
+    return function start() {
+      run.disabled = true;
+      ui.status("sending…");
+      api("/api/jobs", body()).then(function (job) {
+        current = job.id;
+        cancel.disabled = false;
+        follow(job, Object.assign({}, ui, { end: function () {
+          current = null;
+          run.disabled = false;
+          cancel.disabled = true;
+        } }));
+      }).catch(function (err) {
+        run.disabled = false;
+        ui.status("error: " + err.message, "cp-bad");
+      });
+    };
+  }
+
+  window.crosspatch.serveCommon = { api: api, latest: latest, follow: follow, sweeper: sweeper };
 })();

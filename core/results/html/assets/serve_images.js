@@ -126,6 +126,25 @@
     ]),
     el("div", { id: "patch-out" })
   ]);
+  var sweepList = el("datalist", { id: "cp-sweeps" });
+  (info.sweeps || []).forEach(function (s) { sweepList.appendChild(el("option", { value: s })); });
+  var sweep = el("div", { id: "sweep-panel", class: "cp-panel" }, [
+    el("h2", { text: "Sweep" }),
+    el("p", { class: "cp-muted", text: "Patch each site of the pattern from image B into image A's run, one layer at a " +
+      "time; 1 is the whole way from A's output to B's (" + (isVAE ? "minus the squared distance to B's " +
+      "reconstruction" : "logit of B's caption minus logit of A's") + "). Click a cell to patch that site." }),
+    el("div", { class: "cp-inline" }, [
+      el("label", { class: "cp-field cp-narrow" }, [el("span", { text: "sites" }),
+        el("input", { id: "sites", type: "text", list: "cp-sweeps", class: "cp-sites", value: (info.sweeps || [""])[0] })]),
+      sweepList,
+      el("button", { id: "run", type: "button", text: "Run sweep" }),
+      el("button", { id: "cancel", type: "button", text: "Cancel", disabled: "disabled" }),
+      el("progress", { id: "progress", max: 1, value: 0 }),
+      el("span", { id: "sweep-status", class: "cp-status", text: "idle" })
+    ]),
+    el("div", { id: "result", class: "cp-result" })
+  ]);
+  root.appendChild(sweep);
   root.appendChild(el("div", { class: "cp-columns" }, [steer, patch]));
 
   function setStatus(text, cls) {
@@ -284,6 +303,29 @@
     document.getElementById("steer-value").textContent = "α = " + alpha + (steering ? " (at " + steering.site + ")" : "");
     steerTo(alpha);
   });
+
+  // ------------------------------------------------------------------ sweeps
+
+  function sweepStatus(text, cls) {
+    var node = document.getElementById("sweep-status");
+    node.textContent = text;
+    node.className = "cp-status " + (cls || "");
+  }
+
+  function drawSweep(view) {
+    var result = document.getElementById("result");
+    result.textContent = "";
+    view.onSite = function (site) {  // a clicked cell: patch that site from B into A
+      document.getElementById("patch-site").value = site;
+      document.getElementById("patch-run").click();
+    };
+    cp.renderView(result, view, 0);
+  }
+
+  document.getElementById("run").addEventListener("click", cp.serveCommon.sweeper(function () {
+    return { kind: "sweep", image: imageA(), toward: imageB(), sites: value("sites") };
+  }, { status: sweepStatus, progress: document.getElementById("progress"), unit: "steps", draw: drawSweep,
+    result: function (d) { drawSweep(d.view); } }));
 
   // ------------------------------------------------------------------ patching
 
