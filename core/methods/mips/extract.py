@@ -298,7 +298,7 @@ def extract_program(
     quant = quantise(norm.rnn, seqs)
     result.quantised = f"{quant.snapped} of {quant.total} parameters snapped to integers or simple fractions"
     nets = [("quantised", quant.rnn)] if quant.snapped else []
-    nets.append(("normalised", norm.rnn))
+    nets += [("normalised", norm.rnn), ("as trained", rnn)]  # whitening can blur clusters: the raw basis last
 
     next(stages, None)
     reasons: list[str] = []
@@ -369,6 +369,9 @@ def extract_program(
             result.reason = (f"the {len(passing)} candidate program(s) equal to the network on the sample inputs differ "
                              f"from it on the full check (the shortest on {ver.network_mismatches} of "
                              f"{ver.network_checked})")
+            if ver.network_wrong_program_right:
+                result.reason += (f"; on {ver.network_wrong_program_right} of those the network is wrong and the "
+                                  f"program equals the ground truth")
         elif info.truth is None:
             result.reason = "equal to the network, but no ground truth was given"
         elif not ver.matches_truth:

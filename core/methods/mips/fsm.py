@@ -130,12 +130,13 @@ def minimise(machine: Machine) -> Machine:
 
 
 @torch.no_grad()
-def machine_from_data(rnn: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, max_points: int = 3000) -> Machine | None:
+def machine_from_data(rnn: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, max_points: int = 3000,
+                      max_clusters: int = 64) -> Machine | None:
     """The coarsest clustering of the hidden states seen on ``seqs`` that is a machine, or ``None``.
 
     For a trained network whose states never settle on exact points (breadth-first reading does not
     close), states are clustered by single linkage; cut heights are tried where the merge heights jump
-    (coarsest first), and the first cut where every cluster has one output and every (cluster, symbol)
+    and at every height leaving at most ``max_clusters`` clusters (coarsest first), and the first cut where every cluster has one output and every (cluster, symbol)
     seen leads to one cluster is kept. A (cluster, symbol) pair never seen is stepped from the cluster's
     first member. ``None`` when there are more than ``max_points`` distinct states or no cut works."""
     from scipy.cluster.hierarchy import fcluster, linkage
@@ -164,7 +165,9 @@ def machine_from_data(rnn: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, max_po
     outs = outs_all[1:]
     tree = linkage(points, "single")
     heights = np.sort(tree[:, 2])
-    cuts = [float(np.sqrt(a * b)) for a, b in zip(heights[:-1], heights[1:]) if b > 1.3 * max(a, 1e-12 * scale)]
+    jumps = [i for i, (a, b) in enumerate(zip(heights[:-1], heights[1:])) if b > 1.3 * max(a, 1e-12 * scale)]
+    few = range(max(0, len(heights) - max_clusters), len(heights) - 1)  # every cut leaving at most max_clusters
+    cuts = [float(np.sqrt(max(heights[i], 1e-12 * scale) * heights[i + 1])) for i in sorted(set(jumps) | set(few))]
     for cut in sorted(cuts, reverse=True):
         label = fcluster(tree, cut, criterion="distance") - 1
         k = int(label.max()) + 1

@@ -24,7 +24,9 @@ class Verification:
     """What was checked and how many sequences disagreed (a sequence disagrees if any step does).
 
     ``network_mode`` is ``"exhaustive"`` or ``"random"``; ``truth_lengths`` the held-out lengths
-    compared with the ground truth (empty when no truth was given); ``examples`` a few disagreements."""
+    compared with the ground truth (empty when no truth was given); ``network_wrong_program_right``
+    how many of the (first 1000) inputs where program and network differ are ones where the network is
+    wrong and the program agrees with the ground truth; ``examples`` a few disagreements."""
 
     length: int
     network_mode: str
@@ -33,6 +35,7 @@ class Verification:
     truth_lengths: list[int] = field(default_factory=list)
     truth_checked: int = 0
     truth_mismatches: int = 0
+    network_wrong_program_right: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -71,7 +74,8 @@ def as_program_input(seqs: np.ndarray) -> list[list]:
     return [[tuple(step) for step in seq] for seq in seqs.tolist()]
 
 
-def _compare(program: Callable, seqs: np.ndarray, expected: np.ndarray, label: str, examples: list) -> int:
+def _compare(program: Callable, seqs: np.ndarray, expected: np.ndarray, label: str, examples: list,
+             wrong: list | None = None) -> int:
     bad = 0
     for seq, want in zip(as_program_input(seqs), expected.tolist()):
         try:
@@ -80,6 +84,8 @@ def _compare(program: Callable, seqs: np.ndarray, expected: np.ndarray, label: s
             got = [f"{type(exc).__name__}: {exc}"]
         if got != want:
             bad += 1
+            if wrong is not None and len(wrong) < 1000:
+                wrong.append((seq, got))
             if len(examples) < 5:
                 examples.append({"against": label, "input": seq, "expected": want, "program": got})
     return bad
@@ -105,9 +111,11 @@ def verify_program(
     else:
         seqs, mode = random_sequences(alphabet, random_count, length, seed), "random"
     examples: list[dict[str, Any]] = []
-    bad = _compare(program, seqs, run_predict(rnn, seqs), "network", examples)
+    wrong: list = []
+    bad = _compare(program, seqs, run_predict(rnn, seqs), "network", examples, wrong)
     out = Verification(length, mode, len(seqs), bad, examples=examples)
     if truth is not None:
+        out.network_wrong_program_right = sum(1 for seq, got in wrong if truth(seq) == got)
         for i, n in enumerate(held_out):
             long = random_sequences(alphabet, held_out_count, n, seed + 1 + i)
             expected = np.array([truth(s) for s in as_program_input(long)], dtype=np.int64)
