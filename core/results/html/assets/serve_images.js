@@ -132,7 +132,7 @@
     el("h2", { text: "Sweep" }),
     el("p", { class: "cp-muted", text: "Patch each site of the pattern from image B into image A's run, one layer at a " +
       "time; 1 is the whole way from A's output to B's (" + (isVAE ? "minus the squared distance to B's " +
-      "reconstruction" : "logit of B's caption minus logit of A's") + "). Click a cell to patch that site." }),
+      "reconstruction" : "logit of B's caption minus logit of A's") + "). Click a heatmap cell to patch that site." }),
     el("div", { class: "cp-inline" }, [
       el("label", { class: "cp-field cp-narrow" }, [el("span", { text: "sites" }),
         el("input", { id: "sites", type: "text", list: "cp-sweeps", class: "cp-sites", value: (info.sweeps || [""])[0] })]),
