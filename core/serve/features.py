@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Dictionary", "load_dictionary", "zoo_dictionaries"]
+__all__ = ["Dictionary", "feature_request", "load_dictionary", "zoo_dictionaries"]
 
 logger = logging.getLogger(__name__)
 
