@@ -245,7 +245,9 @@ class _QueryKey:
         self.state, self.layer = state, layer
         self.prepared = self.forward.prepare(state.inputs)
 
-    def __call__(self, residuals: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, residuals: torch.Tensor, elements: int = 2 ** 25) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys of ``residuals``, about ``elements`` residual values per forward."""
+        chunk = max(1, elements // (residuals.shape[1] * residuals.shape[2]))
         qs, ks = [], []
         for start in range(0, residuals.shape[0], chunk):
             q, k = self._run(residuals[start:start + chunk])
@@ -344,13 +346,18 @@ def _linear_maps(state: CleanState, qk: _QueryKey, t: int, u: int, head: int, cl
     P, d = state.n_pos, clean.shape[-1]
     ct = max(1.0, float(clean[t].abs().max()))
     cu = ct if u == t else max(1.0, float(clean[u].abs().max()))
-    rows = torch.zeros(d + 1, P, d, dtype=clean.dtype, device=clean.device)
-    eye = torch.eye(d, dtype=clean.dtype, device=clean.device)
-    rows[:d, t] = ct * eye
-    rows[:d, u] = cu * eye
-    q_all, k_all = qk(rows)
-    a_q = ((q_all[:d, t, head] - q_all[d, t, head]) / ct).T
-    a_k = ((k_all[:d, u, head] - k_all[d, u, head]) / cu).T
+    q0, k0 = qk(torch.zeros(1, P, d, dtype=clean.dtype, device=clean.device))
+    a_q = torch.zeros(q0.shape[-1], d, dtype=q0.dtype, device=q0.device)
+    a_k = torch.zeros_like(a_q)
+    step = max(1, 2 ** 25 // (P * d))  # basis rows built a chunk at a time: [d, pos, d] at once would not fit
+    for start in range(0, d, step):
+        dims = torch.arange(start, min(start + step, d), device=clean.device)
+        rows = torch.zeros(len(dims), P, d, dtype=clean.dtype, device=clean.device)
+        rows[torch.arange(len(dims)), t, dims] = ct
+        rows[torch.arange(len(dims)), u, dims] = cu
+        q, k = qk(rows)
+        a_q[:, dims] = ((q[:, t, head] - q0[0, t, head]) / ct).T
+        a_k[:, dims] = ((k[:, u, head] - k0[0, u, head]) / cu).T
     return a_q, a_k
 
 
