@@ -21,7 +21,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("starlette", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
 pytest.importorskip("uvicorn", reason="crosspatch serve needs the serve extra (starlette, uvicorn)")
 
-from test_serve import _post as post_text  # noqa: E402  (after the skips)
+from fake_zoo import fake_zoo  # noqa: E402,F401  (a fixture; after the skips)
+from test_serve import _post as post_text  # noqa: E402
 
 
 def tiny_dictionaries(folder):
@@ -171,3 +172,35 @@ def test_feature_requests_say_what_is_wrong(served):
     assert status == 400 and "source must be an index 0 .. 1" in out["error"]
     status, out = _post(server.url + "/api/dictionaries", {"path": str(folder)})
     assert status == 400 and "neither an SAE folder (cfg.json) nor a transcoder folder" in out["error"]
+
+
+def test_zoo_transcoders_are_offered_once_built(fake_zoo):
+    """The picker offers ``<model>-transcoders`` from the zoo only when it is built already: serving never trains."""
+    from crosspatch.plugins.registry import get_registry
+    from crosspatch.serve.features import zoo_dictionaries
+    from crosspatch.trainable.transcoder import Transcoder, load_transcoder
+    from crosspatch.zoo import store
+
+    def build(folder, settings):
+        Transcoder(16, 16, 4, ["mlp_in.0"], ["mlp_out.0"], kind="relu").save(folder / "transcoder")
+        return {"note": "untrained"}
+
+    def load(folder):
+        return store.Loaded(load_transcoder(folder / "transcoder"), None, {})
+
+    plugin = types.ModuleType("fake_transcoders")
+    from crosspatch.plugins.hookspecs import hookimpl
+
+    @hookimpl
+    def register_models(register):
+        register(store.ZooModel("fake-ioi-tiny-transcoders", "tiny transcoder for tests", "transformers", "ioi",
+                                build, load))
+
+    plugin.register_models = register_models
+    get_registry().register(plugin, "fake-transcoders")
+    assert zoo_dictionaries("fake-ioi-tiny") == []  # not built: not offered, and not trained here
+    assert not store.cached("fake-ioi-tiny-transcoders")
+    store.load("fake-ioi-tiny-transcoders")
+    [offered] = zoo_dictionaries("fake-ioi-tiny")
+    assert offered.name == "fake-ioi-tiny-transcoders" and offered.kind == "transcoder" and offered.n_features == 4
+    assert zoo_dictionaries("other-model") == []
