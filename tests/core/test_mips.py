@@ -16,7 +16,7 @@ import torch
 from crosspatch.methods.mips import Alphabet, TaskInfo, extract_program, verify_program
 from crosspatch.methods.mips.basis import change_basis, recurrence_matrices
 from crosspatch.methods.mips.emit import ProgramSpec, emit
-from crosspatch.methods.mips.fsm import Machine, explore, minimise
+from crosspatch.methods.mips.fsm import Machine, explore, machine_from_data, minimise
 from crosspatch.methods.mips.inputs import all_sequences, random_sequences, run_predict
 from crosspatch.methods.mips.lattice import find_lattice, real_gcd
 from crosspatch.methods.mips.normalise import is_toeplitz, normalise, quantise
@@ -159,6 +159,26 @@ def test_minimise_merges_equivalent_states():
 def test_explore_reads_the_parity_machine():
     m = minimise(explore(parity_rnn().double(), PARITY_TASK.alphabet))
     assert m.closed and m.size == 2 and m.next == [[0, 1], [1, 0]] and m.out == [0, 1]
+
+
+def test_machine_read_from_data_clusters_noisy_states():
+    """Parity plus a second hidden unit the output ignores, a leaky memory of the inputs
+    (``w' = 0.9 w + 0.2 x``): the states seen are spread over hundreds of points, and their clustering
+    still gives the 2-state machine."""
+    net = TaskRNN(RNNShape(1, 2, 2, f_hidden=(3,))).double()
+    with torch.no_grad():
+        net.f[0].weight[:] = torch.tensor([[1.0, 0, 1], [1, 0, 1], [0, 0.9, 0.2]])  # reads (h, w, x)
+        net.f[0].bias[:] = torch.tensor([0.0, -1.0, 0.0])
+        net.f[2].weight[:] = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 1.0]])
+        net.f[2].bias.zero_()
+        net.g[0].weight[:] = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+        net.g[0].bias[:] = torch.tensor([0.5, -0.5])
+        net.h0.zero_()
+    seqs = random_sequences(PARITY_TASK.alphabet, 500, 12, 0)
+    states = net.hidden_states(torch.as_tensor(seqs, dtype=torch.float64)).detach().numpy().reshape(-1, 2)
+    assert len(np.unique(np.round(states, 6), axis=0)) > 300
+    m = minimise(machine_from_data(net, PARITY_TASK.alphabet, seqs))
+    assert m.size == 2 and m.next == [[0, 1], [1, 0]] and m.out == [0, 1]
 
 
 @pytest.mark.parametrize("rows,target,text", [
