@@ -25,6 +25,8 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --host other than loopback (anyone reaching it can run the model)")
+    p.add_argument("--features", action="append", default=[], metavar="DIR",
+                   help="an SAE or transcoder folder for the feature picker (repeatable)")
     add_model_options(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -45,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                        f"who reaches it. Pass --allow-remote to listen there anyway, or keep the default 127.0.0.1")
     try:
         session = load_session(args.model, seed=args.model_seed, device=parse_device(args.device),
-                               dtype=parse_dtype(args.dtype))
+                               dtype=parse_dtype(args.dtype), features=args.features)
     except RequestError as exc:
         raise CLIError(str(exc)) from None
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -235,3 +235,17 @@ def test_zoo_train_prints_its_metrics_as_a_table(fake_zoo, capsys):
     assert lines[1].split() == ["METRIC", "VALUE"]
     rows = dict(line.split() for line in lines[2:])
     assert rows == {"accuracy": "0", "steps": "1", "train_seconds": "0.01"}  # the note (text) is left out
+
+
+def test_serve_passes_feature_folders_to_the_session(monkeypatch, tmp_path):
+    """``crosspatch serve MODEL --features DIR --features DIR2`` hands both folders to the session loader."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    import crosspatch.serve.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "load_session", lambda model, **kw: seen.update(model=model, **kw) or "session")
+    monkeypatch.setattr(server, "serve", lambda session, host, port, allow_remote: seen.update(served=session))
+    a, b = str(tmp_path / "sae"), str(tmp_path / "transcoder")
+    assert cli.main(["serve", "some-model", "--features", a, "--features", b]) == 0
+    assert seen["model"] == "some-model" and seen["features"] == [a, b] and seen["served"] == "session"
