@@ -69,6 +69,11 @@ def _trained_ok(info: dict) -> bool:
 
 def run(task: str, source: object, info: dict, reports: Path | None) -> dict:
     start = time.perf_counter()
+    if not _trained_ok(info):
+        acc = info.get("accuracy")
+        return {"task": task, "solved": False, "trained_ok": False, "seconds": 0.0,
+                "shape": info.get("shape"), "reason": f"the search found no network at 100 % (best held-out accuracy "
+                f"{acc if acc is None else round(float(acc), 3)}); not extracted"}
     try:
         r = extract_program(source, task, reports / task if reports else None, progress=False)
     except Exception as exc:  # a crash is a result too: recorded, not hidden

@@ -199,7 +199,8 @@ def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: s
     h = run_hidden(net, seqs)
     h0 = net.h0.detach().double().numpy()
     prev = np.concatenate([np.broadcast_to(h0, (len(seqs), 1, h.shape[2])), h[:, :-1]], axis=1)
-    lat = find_lattice(h.reshape(-1, h.shape[2]), h0, steps=(h - prev).reshape(-1, h.shape[2]))
+    lat = find_lattice(h.reshape(-1, h.shape[2]), h0, steps=(h - prev).reshape(-1, h.shape[2]),
+                       directions=_input_directions(net, info.alphabet, seqs))
     if lat is None:
         return [], None, "the hidden states lie on no integer lattice"
     z = np.round(lat.encode(h.reshape(-1, h.shape[2]))).astype(np.int64).reshape(len(seqs), seqs.shape[1], -1)
@@ -220,6 +221,28 @@ def _lattice_candidates(net: TaskRNN, info: TaskInfo, seqs: np.ndarray, title: s
     if not out:
         return [], lat, "no formula in the regression families fits the update or the output on the lattice coordinates"
     return sorted(out, key=lambda c: c.cost), lat, ""
+
+
+def _input_directions(net: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, back: int = 4, n: int = 200) -> np.ndarray:
+    """Median change of the last state when one input ``j = 0 … back-1`` steps back moves up by one
+    symbol (per input stream): the counterfactual directions along which inputs write the state."""
+    steps = np.asarray(alphabet.steps, dtype=np.int64)
+    base = seqs[:n].copy()
+    h = run_hidden(net, base)[:, -1]
+    rows = []
+    for j in range(min(back, seqs.shape[1])):
+        for i in range(steps.shape[1]):
+            values = np.unique(steps[:, i])
+            up = np.searchsorted(values, base[:, -1 - j, i]) + 1
+            ok = up < len(values)
+            if not ok.any():
+                continue
+            moved = base[ok].copy()
+            moved[:, -1 - j, i] = values[up[ok]]
+            if not {tuple(s) for s in moved[:, -1 - j]} <= {tuple(s) for s in steps.tolist()}:
+                continue  # the moved step is not a step the task feeds
+            rows.append(np.median(run_hidden(net, moved)[:, -1] - h[ok], axis=0))
+    return np.array(rows)
 
 
 def _unimodular(k: int) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ and signs are chosen so most coordinates are non-negative.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,16 +67,17 @@ def real_gcd(values: np.ndarray, tol: float = 0.05, max_divisor: int = 12) -> fl
     return None
 
 
-def _independent_shortest(vectors: np.ndarray, k: int) -> np.ndarray | None:
-    """``k`` linearly independent rows of ``vectors``, shortest first; ``None`` if there are fewer."""
+def _independent_shortest(vectors: np.ndarray, k: int, ordered: bool = False) -> np.ndarray | None:
+    """``k`` linearly independent rows of ``vectors``, shortest first (in the given order if
+    ``ordered``); ``None`` if there are fewer."""
     norms = np.linalg.norm(vectors, axis=1)
     scale = float(norms.max()) if len(norms) else 0.0
     chosen: list[np.ndarray] = []
-    for i in np.argsort(norms):
+    for i in (range(len(norms)) if ordered else np.argsort(norms)):
         if norms[i] <= 1e-6 * scale:
             continue
         trial = np.array(chosen + [vectors[i]])
-        if np.linalg.matrix_rank(trial, tol=1e-6 * scale) == len(trial):
+        if np.linalg.matrix_rank(trial, tol=1e-3 * scale) == len(trial):
             chosen.append(vectors[i])
             if len(chosen) == k:
                 return np.array(chosen)
@@ -88,25 +90,32 @@ def _distinct(vectors: np.ndarray, grid: float) -> np.ndarray:
     return vectors[np.sort(first)]
 
 
-def _try_basis(y: np.ndarray, b: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """Coordinates of ``y`` in basis rows ``b``, each axis divided by its real GCD; ``None`` if off-lattice."""
+def _try_basis(y: np.ndarray, b: np.ndarray, tol: float, shift: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray] | None:
+    """Integer coordinates of ``y`` in basis rows ``b`` (each axis divided by its real GCD), the basis
+    and offset refitted to every state, the largest distance from integers; ``None`` if off-lattice.
+    ``shift`` first moves each axis by the circular mean of its fractional parts (a lattice whose
+    origin is not the first state)."""
     if abs(np.linalg.det(b)) < 1e-12 * max(float(np.abs(b).max()), 1e-300) ** b.shape[0]:
         return None
     z = y @ np.linalg.inv(b)
+    if shift:
+        angle = 2 * np.pi * z
+        z = z - np.arctan2(np.sin(angle).mean(0), np.cos(angle).mean(0)) / (2 * np.pi)
     for i in range(z.shape[1]):
         u = real_gcd(z[:, i], tol)
         if u is None:
             return None
         z[:, i] /= u
-        b = b.copy()
-        b[i] *= u
     residual = float(np.abs(z - np.round(z)).max()) if z.size else 0.0
     if residual >= tol:
         return None
     zi = np.round(z).astype(np.int64)
-    if np.linalg.matrix_rank(zi) == b.shape[0]:  # the decoder refitted to every state, not one
-        b = np.linalg.lstsq(zi.astype(np.float64), y, rcond=None)[0]
-    return zi, b, residual
+    design = np.concatenate([zi.astype(np.float64), np.ones((len(zi), 1))], axis=1)
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        return None
+    fit = np.linalg.lstsq(design, y, rcond=None)[0]  # the decoder and offset refitted to every state
+    return zi, fit[:-1], residual, fit[-1]
 
 
 def _tidy(z: np.ndarray, b: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,11 +132,14 @@ def _tidy(z: np.ndarray, b: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray,
 
 
 def find_lattice(
-    points: np.ndarray, origin: np.ndarray, steps: np.ndarray | None = None, tol: float = 0.1
+    points: np.ndarray, origin: np.ndarray, steps: np.ndarray | None = None, tol: float = 0.1,
+    directions: np.ndarray | None = None,
 ) -> Lattice | None:
     """The shortest-code integer lattice through ``origin`` holding ``points [N, n]``, or ``None``.
 
-    ``steps`` are single-step displacements ``h_t - h_{t-1}`` (candidate basis vectors)."""
+    ``steps`` are single-step displacements ``h_t - h_{t-1}``; ``directions`` are what changing one
+    earlier input by one symbol does to the state (``j`` steps back, one row each): both give candidate
+    basis vectors."""
     points = np.asarray(points, dtype=np.float64)
     d = points - origin
     scale = float(np.abs(d).max()) if d.size else 0.0
@@ -138,6 +150,10 @@ def find_lattice(
     span = vt[:k]
     y = d @ span.T
     candidates: list[tuple[str, np.ndarray]] = [("principal axes", np.eye(k))]
+    if directions is not None and len(directions):
+        b = _independent_shortest(np.asarray(directions) @ span.T, k, ordered=True)
+        if b is not None:
+            candidates.append(("input differences", b))
     if steps is not None and len(steps):
         b = _independent_shortest(_distinct(steps @ span.T, 1e-4 * scale), k)
         if b is not None:
@@ -146,12 +162,15 @@ def find_lattice(
     if b is not None:
         candidates.append(("shortest states", b))
     best: Lattice | None = None
-    for name, basis in candidates:
-        found = _try_basis(y, basis, tol)
+    for (name, basis), shift in itertools.product(candidates, (False, True)):
+        found = _try_basis(y, basis, tol, shift)
         if found is None:
             continue
-        z, b, residual = found
-        z, b, o = _tidy(z, b @ span, origin)
+        z, b, residual, offset = found
+        at = np.linalg.lstsq(b.T, -offset, rcond=None)[0]  # where ``origin`` (the first state) falls
+        if np.abs(at - np.round(at)).max() < tol:  # on the lattice: make it the zero of the coordinates
+            offset, z = offset + np.round(at) @ b, z - np.round(at).astype(np.int64)
+        z, b, o = _tidy(z, b @ span, origin + offset @ span)
         bits = float(np.log2(1 + np.abs(z)).sum(1).mean())
         if best is None or bits < best.bits - 1e-9:
             best = Lattice(o, b, z, residual, bits, name)
