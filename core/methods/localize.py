@@ -60,8 +60,8 @@ from ..progress import progress_bar
 from ..results.metrics import Metric
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
-from .activation_patching import activation_patching
 from .attribution import attribution_patching
+from .localize_verify import Verifier
 from .pairs import label_positions, prepare_pair
 
 if TYPE_CHECKING:
@@ -281,14 +281,18 @@ def localize(
     for unit in units.values():  # a parent counts when it is walked at an earlier level
         unit.parents = [q for q in unit.parents if q in units and order[units[q].level] < order[unit.level]]
 
+    verifier: list[Verifier] = []  # made at the first round: the clean and corrupt runs, once
+
     def verify(todo: list[_Unit]) -> None:
-        res = activation_patching(m, clean, corrupt, [u.site for u in todo], metric, batch_size=batch_size,
-                                  reuse_prefix=reuse_prefix, progress=False, **common)
-        skipped = res.skipped if res.skipped is not None else np.zeros(len(todo), dtype=bool)
-        for u, value, skip in zip(todo, res.values, skipped):
+        if not verifier:
+            verifier.append(Verifier(pair, list(units), direction=direction, normalize=normalize,
+                                     batch_size=batch_size, reuse_prefix=reuse_prefix))
+            cost["baseline_runs"] += 2
+        before = verifier[0].forwards
+        values, skipped = verifier[0].patch([u.site for u in todo])
+        for u, value, skip in zip(todo, values, skipped):
             u.value, u.skipped = float(value), bool(skip)
-        cost["baseline_runs"] += 2
-        cost["patched_sites"] += int(res.metadata["sites_run"])
+        cost["patched_sites"] += verifier[0].forwards - before
 
     stats: dict[str, dict[str, Any]] = {}
     bar = progress_bar(walked, progress, desc="localize", unit="level")
@@ -305,7 +309,7 @@ def localize(
             if lv == "layer":  # the anchor: every layer, whatever AtP* says (it can be blind to a whole layer)
                 todo = [u for u in listed if u.value is None]
             else:
-                todo = _pick(listed, families, bounds, threshold, k, unexplained)
+                todo = _pick(listed, families, bounds, threshold, k, unexplained, lv == walked[-1])
             if not todo:
                 break
             verify(todo)
@@ -421,7 +425,7 @@ def _unexplained(listed: list[_Unit], units: dict[str, _Unit]) -> dict[str, tupl
 
 
 def _pick(listed: list[_Unit], families: list[str], bounds: dict[str, float], threshold: float, k: int | None,
-          unexplained: dict) -> list[_Unit]:
+          unexplained: dict, finest: bool = False) -> list[_Unit]:
     """The sites a round verifies (see the module docstring): while the level has fewer than ``k`` exact
     effects, or a family fewer than :data:`_OWN_ERRORS`, the largest bounds that make them up; then every
     site whose bound reaches the threshold and more children of every parent left unexplained."""
@@ -436,18 +440,26 @@ def _pick(listed: list[_Unit], families: list[str], bounds: dict[str, float], th
         first.update((u.site, u) for u in fresh[: max(0, need)])
     if first:
         return list(first.values())
-    return candidates + _more_children(unexplained, threshold, bounds, candidates)
+    return candidates + _more_children(unexplained, threshold, bounds, candidates, finest)
 
 
-def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float], todo: list[_Unit]) -> list[_Unit]:
+def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float], todo: list[_Unit],
+                   finest: bool = False) -> list[_Unit]:
     """Of each parent whose unexplained part could lift its likeliest unverified child to ``threshold`` (``D``
     plus that child's bound reaches it), as many unverified children (largest bound first) as it has verified
-    ones, at least one: the verified children of such a parent double each round."""
+    ones, at least one: the verified children of such a parent double each round. At the ``finest`` level
+    ``D`` is first reduced by the error allowances (bound minus ``|estimate|``) of the child's unverified
+    siblings: the part of ``D`` they can account for within their own bounds is no sign of that child."""
     more: list[_Unit] = []
     for d, kids in unexplained.values():
         taken = {u.site for u in todo + more}
         open_ = sorted((u for u in kids if u.value is None and u.site not in taken), key=lambda u: -bounds[u.site])
-        if open_ and d + bounds[open_[0].site] >= threshold:
+        if not open_:
+            continue
+        if finest:
+            siblings = (u for u in kids if u.value is None and u is not open_[0])
+            d = max(0.0, d - sum(bounds[u.site] - abs(u.estimate) for u in siblings))
+        if d + bounds[open_[0].site] >= threshold:
             more += open_[: max(1, sum(u.value is not None for u in kids))]
     return more
 

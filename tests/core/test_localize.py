@@ -173,7 +173,7 @@ def test_forwards_are_the_rows_run(planted, monkeypatch):
     m, clean, corrupt, metric = planted
     rows = []
     modules = ["crosspatch.methods.activation_patching", "crosspatch.methods.attribution",
-               "crosspatch.methods.shared_prefix"]
+               "crosspatch.methods.shared_prefix", "crosspatch.methods.localize_verify"]
     for name in modules:
         module = importlib.import_module(name)
         real = module.execute

@@ -1,0 +1,87 @@
+"""Exact activation patching of sites chosen a round at a time, for :func:`~crosspatch.methods.localize.localize`.
+
+``activation_patching`` makes the clean and corrupt runs on every call, so a localisation verifying in
+``r`` rounds paid ``2 r`` forwards for the same two runs. :class:`Verifier` makes them once, capturing
+every site any round may patch, and each :meth:`Verifier.patch` call runs only the patched forwards,
+planned as ``activation_patching`` plans them: the same engine calls, sites whose source value equals
+the base run's skipped (effect exactly 0), sites sharing a start batched into forwards by the engine's
+cost model on a CPU (:func:`~crosspatch.engine.resume.resume_chunks`). A site's value is that function's
+for the site within float rounding (which sites share a forward changes the last bits).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..engine.adapter import model_device, repeat_rows
+from ..engine.forward import Bound, execute
+from ..engine.interventions import Patch
+from ..engine.resume import resume_chunks
+from ..results.metrics import MetricContext
+from ..sites.site import Site, Span
+from .activation_patching import CPU_TOKENS_PER_FORWARD, _first_differences, _source_run
+from .pairs import Pair, check_gap, rows_per_forward, same_masks
+
+__all__ = ["Verifier"]
+
+
+class Verifier:
+    """The clean and corrupt runs of ``pair``, made once, capturing ``sites`` (every site a round may patch);
+    :meth:`patch` gives activation patching's values for any of them. ``forwards`` counts the model runs
+    made so far as localize counts them (rows / prompts): the two baselines and one per site run."""
+
+    def __init__(self, pair: Pair, sites: Sequence[str], *, direction: str, normalize: bool,
+                 batch_size: int | None, reuse_prefix: bool) -> None:
+        m, n = pair.model, pair.n
+        self.pair, self.normalize, self.batch_size = pair, normalize, batch_size
+        keys = list(dict.fromkeys(m.catalog.through_source(Site.parse(s)).key for s in sites))
+        reuse = reuse_prefix and m.adapter.can_resume(m.module)
+        self.ctx = MetricContext(torch.arange(n), None, pair.base.get("attention_mask"))
+        self.at = pair.metric.positions(self.ctx, pair.sizes)
+        source_at = self.at if same_masks(pair.source, pair.base) else None
+        self.base = execute(m.module, m.adapter, m.catalog, pair.base, capture=keys, keep_prefix=reuse,
+                            output_at=self.at)
+        source_out, self.source = _source_run(m, pair.source, pair.base, self.base, keys, source_at, reuse)
+        clean_out, corrupt_out = (source_out, self.base.output) if direction == "denoising" else (self.base.output, source_out)
+        self.ctx.example, self.ctx.clean = self.ctx.example.to(clean_out.device), clean_out
+        with torch.inference_mode():
+            clean_metric, corrupt_metric = pair.metric(clean_out, self.ctx), pair.metric(corrupt_out, self.ctx)
+        self.baseline = corrupt_metric if direction == "denoising" else clean_metric
+        self.gap = (clean_metric - corrupt_metric).double().mean()
+        if normalize:
+            check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), pair.metric.name)
+        self.forwards = 2
+
+    def patch(self, sites: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each site's effect (``activation_patching``'s value: the mean over prompts of the metric's change,
+        divided by the gap with ``normalize``) and whether it was skipped as unchanged."""
+        pair, m, n = self.pair, self.pair.model, self.pair.n
+        patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), pair.sizes).sites]
+        prefix = self.base.prefix
+        differs = _first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
+        todo = [i for i, first in enumerate(differs) if first is not None]
+        patched = [s if not differs[i] else s.with_(pos=Span(differs[i], None)) for i, s in enumerate(patched)]
+        per_forward, tokens = max(1, rows_per_forward(self.batch_size, m, n) // n), None
+        if self.batch_size is None and prefix is not None and CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
+            per_forward, tokens = max(1, len(todo)), CPU_TOKENS_PER_FORWARD  # as activation_patching plans a CPU sweep
+        effects = torch.zeros(len(patched), dtype=torch.float64)
+        patch = Patch(self.source)
+        for members, resume in resume_chunks([patched[i] for i in todo], m.catalog, prefix, per_forward, tokens):
+            members = [todo[j] for j in members]
+            inputs = repeat_rows(pair.base, len(members))
+            bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
+            run = execute(m.module, m.adapter, m.catalog, inputs, bounds, resume=resume,
+                          output_at=None if self.at is None else self.at.repeat(len(members)))
+            rows = MetricContext(self.ctx.example.repeat(len(members)), self.ctx.clean, inputs.get("attention_mask"))
+            with torch.inference_mode():
+                change = (pair.metric(run.output, rows).view(len(members), n) - self.baseline).double().mean(dim=1)
+            effects[members] = change.cpu()
+        self.forwards += len(todo)
+        if self.normalize:
+            effects = effects / self.gap.cpu()
+        skipped = np.ones(len(patched), dtype=bool)
+        skipped[todo] = False
+        return effects.numpy(), skipped
