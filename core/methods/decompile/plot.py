@@ -11,10 +11,8 @@ __all__ = ["plot_graph"]
 
 
 def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: nothing global, and its import is slow
 
     ops = program.operations
     columns: dict[str, int] = {"tokens": 0, "indices": 0}
@@ -29,7 +27,9 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
         writer[op.out] = op.node
     n_cols = max(columns.values()) + 1
     n_rows = max(col_count.values())
-    fig, ax = plt.subplots(figsize=(2.6 * n_cols + 0.8, 1.9 * n_rows + 2.2))
+    fig = Figure(figsize=(2.6 * n_cols + 0.8, 1.9 * n_rows + 2.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     pos = {v: (columns[v] * 3.4, -rows[v] * 2.2) for v in columns}
     boxes = {}
     for v, (x, y) in pos.items():
@@ -41,7 +41,6 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
             colour, text = "#e3e3e3", f"{v}\n(input)"
         boxes[v] = ax.text(x, y, text, ha="center", va="center", fontsize=7.5, zorder=2,
                            bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#333333"})
-    fig.canvas.draw()  # the boxes get their size, so arrows can end at their edges
     for op in ops:
         for v in op.reads:
             if v not in pos:
@@ -63,7 +62,6 @@ def plot_graph(program: Program, graph: PrunedGraph, path: "str | Path", title: 
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 _COLOURS = {"head": "#cfe3f7", "mlp": "#f7dfc6", "readout": "#e6d5f2", "map": "#dcefd2"}
