@@ -49,22 +49,34 @@ class Lattice:
 
 def real_gcd(values: np.ndarray, tol: float = 0.05, max_divisor: int = 12) -> float | None:
     """The largest ``u`` such that every value is within ``tol * u / m`` of a multiple of ``u``, where
-    ``u`` is the smallest non-negligible ``|value|`` divided by ``m`` = 1, 2, … ``max_divisor`` (a finer
-    unit must fit more tightly: with a loose tolerance any values fit a fine enough grid);
-    ``None`` if none fits."""
+    ``u`` is one of the smallest non-negligible ``|values|`` divided by ``m`` = 1, 2, … ``max_divisor``
+    (a finer unit must fit more tightly: with a loose tolerance any values fit a fine enough grid).
+    Several small values are tried as the base, so rounding noise around zero is not taken for the
+    unit, and each candidate unit is refitted by least squares to all values; ``None`` if none fits."""
     v = np.abs(np.asarray(values, dtype=np.float64).ravel())
     top = float(v.max()) if v.size else 0.0
     if top == 0.0:
         return 1.0
-    nonzero = v[v > 1e-4 * top]
-    smallest = float(nonzero.min())
-    for m in range(1, max_divisor + 1):
-        u = smallest / m
-        if u < tol * smallest / 2 or top / u > 1e6:
-            break
-        if float(np.abs(v / u - np.round(v / u)).max()) < tol / m:
-            return u
+    bases = np.unique(np.round(v[v > 1e-4 * top], 6))[:8]
+    for base in sorted(bases, reverse=True):  # larger bases give larger units: shorter codes first
+        for m in range(1, max_divisor + 1):
+            u = float(base) / m
+            if top / u > 1e6:
+                break
+            n = np.round(v / u)
+            if n.any():  # the unit refitted to every value: one small value is only a noisy estimate
+                u = float(n @ v / (n @ n))
+            if float(np.abs(v / u - np.round(v / u)).max()) < tol / m:
+                return _largest_fitting(v, u, tol, max_divisor)
     return None
+
+
+def _largest_fitting(v: np.ndarray, u: float, tol: float, max_divisor: int) -> float:
+    """``u`` or a multiple ``q u`` that still fits every value (the base may have been a multiple)."""
+    for q in range(max_divisor, 1, -1):
+        if float(np.abs(v / (q * u) - np.round(v / (q * u))).max()) < tol:
+            return q * u
+    return u
 
 
 def _independent_shortest(vectors: np.ndarray, k: int, ordered: bool = False) -> np.ndarray | None:
