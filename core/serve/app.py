@@ -11,7 +11,7 @@
     POST /api/image               VAE / CLIP: a gallery image's reconstruction or similarities under interventions
     POST /api/feature             an SAE / transcoder feature: its steering interventions, where it fires
     POST /api/dictionaries        {"path"}: load an SAE or transcoder folder for the feature picker
-    POST /api/study               the page's settings as a study file (TOML text)
+    POST /api/study               the page's sweep as a study file (TOML text): prompts, or two shapes images
     POST /api/view                a saved Result or graph (its JSON) -> the view the page draws
 
 POST bodies must be JSON (``Content-Type: application/json``: another site's page cannot send that
@@ -36,7 +36,6 @@ from starlette.routing import Route
 from ..results.html.graph import is_graph
 from ..results.html.page import document_html, json_script
 from ..results.html.views import view
-from ..study.spec import Analysis, Inputs, Study
 from .jobs import TERMINAL, JobQueue
 from .session import RequestError, Session
 
@@ -139,20 +138,7 @@ def create_app(session: Session, *, allowed_hosts: list[str] | None = None) -> S
         return await answered(request, "dictionary")
 
     async def study(request: Request) -> Response:
-        body = await _json(request)
-        if session.kind != "text":
-            raise RequestError(f"study files describe text sweeps; {session.name!r} is a {session.kind} model")
-        options: dict[str, Any] = {"normalize": bool(body.get("normalize", True))}
-        if body.get("method", "activation_patching") == "activation_patching" and body.get("direction"):
-            options["direction"] = str(body["direction"])
-        study = Study(
-            model=session.name, metric=str(body.get("metric", "logit_diff")), title=str(body.get("title") or
-                                                                                       "Study saved from crosspatch serve"),
-            inputs=Inputs(clean=[str(body.get("clean", ""))], corrupt=[str(body.get("corrupt", ""))],
-                          answer=body.get("answer") or None, distractor=body.get("distractor") or None),
-            analyses=[Analysis(name="sweep", method=str(body.get("method", "activation_patching")),
-                               sites=str(body.get("sites", "")), options=options)],
-        )
+        study = session.study(await _json(request))
         return PlainTextResponse(study.to_toml(), media_type="application/toml",
                                  headers={"Content-Disposition": 'attachment; filename="study.toml"'})
 

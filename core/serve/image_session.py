@@ -13,6 +13,7 @@ scores them, and their softmax over the captions.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,6 +22,8 @@ from ..methods.activation_patching import activation_patching
 from ..methods.steering import steering_vector
 from ..results.metrics import Metric
 from ..sites.site import Site, SiteError
+from ..study.images import caption_ids, image_metric, model_kind
+from ..study.spec import Analysis, Inputs, Study
 from .images import Gallery, png_data_url, shapes_gallery
 from .session import RequestError, cancellable, parse_interventions, stream_sweep
 
@@ -33,16 +36,6 @@ CLIP_FAMILIES = ("vision.resid_pre", "vision.attn_out", "vision.mlp_out", "visio
 MAX_CAPTIONS = 32
 
 
-def model_kind(model: Any) -> str:
-    """``"vae"`` (latents and a reconstruction), ``"clip"`` (two towers scored by similarity) or ``"text"``."""
-    families = model.catalog.families
-    if "latent.z" in families and "recon" in families:
-        return "vae"
-    if "image_embed" in families and "text_embed" in families:
-        return "clip"
-    return "text"
-
-
 class ImageSession:
     """What the VAE and CLIP panels share: the gallery, interventions with image sources, sites."""
 
@@ -50,10 +43,11 @@ class ImageSession:
     families: tuple[str, ...] = ()
     sweeps: tuple[str, ...] = ()
 
-    def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
+    def __init__(self, model: Any, name: str, gallery: Gallery | None = None, model_seed: int = 0):
         self.m = model
         self.name = name
         self.gallery = gallery if gallery is not None else shapes_gallery()
+        self.model_seed = model_seed  # the zoo build the model is (a study file names it)
 
     def sites(self) -> list[str]:
         """Concrete family-and-layer sites the panels offer."""
@@ -84,13 +78,36 @@ class ImageSession:
         a, b = self._image(request.get("image")), self._image(request.get("toward"))
         pattern = str(request.get("sites") or "")
         clean, corrupt = self._sweep_inputs(b, request), self._sweep_inputs(a, request)
-        try:
-            self.m.catalog.expand(pattern, self.m.adapter.sizes(self.m.prepare(corrupt)))
-        except SiteError as exc:
-            raise RequestError(str(exc).splitlines()[0]) from None
+        self._check_pattern(pattern, corrupt)
         metric = cancellable(self._sweep_metric(request, b), job)
         return stream_sweep(job, self.m, pattern, lambda one: activation_patching(
             self.m, clean, corrupt, one, metric, normalize=True, progress=False))
+
+    def study(self, request: Mapping[str, Any]) -> Study:
+        """The sweep ``request`` asks for as a study file: the two images named by how the task draws
+        them (a gallery pair as ``pair``), the pattern, and this model's image metric."""
+        try:
+            a, b = self.gallery.origin(request.get("image")), self.gallery.origin(request.get("toward"))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        pattern = str(request.get("sites") or "")
+        self._check_pattern(pattern, self._sweep_inputs(self._image(request.get("image")), request))
+        if a.get("factor") is not None and a.get("side") == "a" and {**a, "side": "b"} == b:
+            inputs = Inputs(task=self.gallery.task, pair={k: v for k, v in a.items() if k != "side"})
+        else:
+            inputs = Inputs(task=self.gallery.task, image=a, toward=b)
+        if self.kind == "clip":
+            inputs = dataclasses.replace(inputs, captions=self._sweep_captions(request))
+        return Study(model=self.name, model_seed=self.model_seed, metric=self.metric,
+                     title=str(request.get("title") or "Study saved from crosspatch serve"), inputs=inputs,
+                     analyses=[Analysis(name="sweep", method="activation_patching", sites=pattern,
+                                        options={"normalize": True})])
+
+    def _check_pattern(self, pattern: str, inputs: Any) -> None:
+        try:
+            self.m.catalog.expand(pattern, self.m.adapter.sizes(self.m.prepare(inputs)))
+        except SiteError as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
 
     def suggested_sweeps(self) -> list[str]:
         return [p for p in self.sweeps if Site.parse(p).family in self.m.catalog.families]
@@ -99,7 +116,8 @@ class ImageSession:
         return self._inputs(image)
 
     def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
-        raise NotImplementedError
+        """The study's image metric of this model (the same code, so a saved study computes the same bits)."""
+        return image_metric(self.metric, self.m, self._sweep_inputs(toward, request))
 
     def predict(self, request: Mapping[str, Any]) -> dict[str, Any]:
         raise RequestError(f"{self.name!r} is a {self.kind} model: POST /api/image with an image index instead")
@@ -150,17 +168,9 @@ class VAESession(ImageSession):
     """A VAE: the reconstruction of a gallery image, with and without interventions."""
 
     kind = "vae"
+    metric = "closeness"  # minus the mean squared distance to image B's reconstruction
     families = VAE_FAMILIES
     sweeps = ("latent.z[dim=*]", "latent.mu[dim=*]", "encoder.block.*", "decoder.block.*")
-
-    def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
-        """Minus the mean squared distance to image B's reconstruction (0 for B's own run)."""
-        target = self._run(self._inputs(toward), {}).output.detach()
-
-        def closeness(output: torch.Tensor, ctx: Any) -> torch.Tensor:
-            return -(output - target.to(output)).double().pow(2).flatten(1).mean(1)
-
-        return Metric("closeness to B's reconstruction", closeness)
 
     def patch_sites(self) -> list[str]:
         dim = self._latent_dim()
@@ -199,6 +209,7 @@ class CLIPSession(ImageSession):
     """A CLIP-style model: a gallery image scored against captions, with and without interventions."""
 
     kind = "clip"
+    metric = "caption_logit_diff"  # logit(image, B's caption) - logit(image, A's caption)
     families = CLIP_FAMILIES
     sweeps = ("vision.resid_pre.*[pos=*]", "vision.resid_post.*[pos=*]", "vision.attn_out.*", "vision.mlp_out.*",
               "vision.head_out.*[head=*]")
@@ -215,15 +226,10 @@ class CLIPSession(ImageSession):
                                f"images whose captions differ")
         return list(captions)
 
-    def _sweep_metric(self, request: Mapping[str, Any], toward: torch.Tensor) -> Metric:
-        """logit(image, B's caption) - logit(image, A's caption)."""
-        return Metric("logit(B's caption) - logit(A's caption)",
-                      lambda output, ctx: (output[:, 1] - output[:, 0]).double())
-
-    def __init__(self, model: Any, name: str, gallery: Gallery | None = None):
+    def __init__(self, model: Any, name: str, gallery: Gallery | None = None, model_seed: int = 0):
         if model.tokenizer is None:
             raise RequestError(f"model {name!r} has no tokenizer; the CLIP panel scores images against typed captions")
-        super().__init__(model, name, gallery)
+        super().__init__(model, name, gallery, model_seed)
 
     def sites(self) -> list[str]:
         return [*super().sites(), "image_embed"]
@@ -263,14 +269,7 @@ class CLIPSession(ImageSession):
             raise RequestError("captions must be a non-empty list of non-empty texts")
         if len(captions) > MAX_CAPTIONS:
             raise RequestError(f"at most {MAX_CAPTIONS} captions at a time, got {len(captions)}")
-        tokenizer = self.m.tokenizer
-        ids = tokenizer(list(captions))
-        if isinstance(ids, torch.Tensor):
-            return ids
-        context = self.m.describe().get("text", {}).get("context_length")
-        encoded = tokenizer(list(captions), padding="max_length", truncation=True, max_length=context,
-                            return_tensors="pt")
-        return encoded["input_ids"]
+        return caption_ids(self.m, captions)
 
     def image(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Similarities of image ``request["image"]`` to ``request["captions"]``, with and without interventions."""

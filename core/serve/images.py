@@ -56,6 +56,10 @@ class Gallery:
     splits: list[str] = field(default_factory=list)
     #: counterfactual pairs among the images: ``{"factor", "a", "b"}``, images a and b differ in that factor alone
     pairs: list[dict[str, Any]] = field(default_factory=list)
+    #: how the task draws each image, as a study file names it (:mod:`crosspatch.study.images`):
+    #: ``{split, seed, n, index}``, with ``factor`` and ``side`` for a pair's image
+    origins: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "shapes"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -65,6 +69,13 @@ class Gallery:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self):
             raise ValueError(f"image must be an index 0 .. {len(self) - 1} of the gallery, got {index!r}")
         return self.images[index : index + 1]
+
+    def origin(self, index: Any) -> dict[str, Any]:
+        """How the task draws image ``index`` (a ValueError when the gallery does not know)."""
+        self.image(index)
+        if not self.origins:
+            raise ValueError("these images were not drawn by a task, so a study file cannot name them")
+        return dict(self.origins[index])
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"index": i, "caption": c, "split": self.splits[i] if self.splits else None,
@@ -80,12 +91,16 @@ def shapes_gallery(n: int = 12, seed: int = 0, pair_factors: tuple[str, ...] = (
     n_test = n // 2
     parts = [("train", task.sample(n - n_test, seed=seed, split="train")),
              ("test", task.sample(n_test, seed=seed, split="test"))]
+    origins = [{"split": "train", "seed": seed, "n": n - n_test, "index": i} for i in range(n - n_test)]
+    origins += [{"split": "test", "seed": seed, "n": n_test, "index": i} for i in range(n_test)]
     pairs = []
     for factor in pair_factors:
         pair = task.pairs(1, seed=seed, split="train", factor=factor)
         start = sum(len(batch.captions) for _, batch in parts)
         pairs.append({"factor": factor, "a": start, "b": start + 1})
         parts += [("train", pair.clean), ("train", pair.corrupt)]
+        origins += [{"factor": factor, "side": side, "split": "train", "seed": seed, "n": 1, "index": 0}
+                    for side in ("a", "b")]
     images, captions, factors, splits = [], [], [], []
     for split, batch in parts:
         images.append(batch.images)
@@ -93,4 +108,4 @@ def shapes_gallery(n: int = 12, seed: int = 0, pair_factors: tuple[str, ...] = (
         columns = {k: v.tolist() for k, v in batch.factors.items()}
         factors += [{k: int(columns[k][i]) for k in columns} for i in range(len(batch.captions))]
         splits += [split] * len(batch.captions)
-    return Gallery(torch.cat(images), captions, factors, splits, pairs)
+    return Gallery(torch.cat(images), captions, factors, splits, pairs, origins)

@@ -25,6 +25,7 @@ from ..results.html.views import view
 from ..results.metrics import Metric
 from ..results.result import Result
 from ..sites.site import ANY, Site, SiteError
+from ..study.spec import Analysis, Inputs, Study
 from .features import Dictionary, feature_request, load_dictionary
 from .jobs import Job
 
@@ -56,7 +57,7 @@ class Session:
     kind = "text"
 
     def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None,
-                 features: "Sequence[Dictionary]" = ()):
+                 features: "Sequence[Dictionary]" = (), model_seed: int = 0):
         if model.tokenizer is None:
             raise RequestError(f"model {name!r} has no tokenizer; the explorer takes text prompts")
         if "logits" not in model.catalog.families:
@@ -71,6 +72,7 @@ class Session:
         self.example = self.examples[0] if self.examples else {}
         # SAEs and transcoders the feature picker offers, by name
         self.dictionaries: dict[str, Dictionary] = {d.name: d for d in features}
+        self.model_seed = model_seed  # the zoo build the model is (a study file names it)
 
     # ---------------------------------------------------------------- describing
 
@@ -109,6 +111,22 @@ class Session:
 
         return stream_sweep(job, self.m, pattern, lambda one: run(self.m, prompts.clean, prompts.corrupt, one, metric,
                                                                **options))
+
+    def study(self, request: Mapping[str, Any]) -> Study:
+        """The sweep ``request`` asks for as a study file: prompts, answers, metric, method, sites and a
+        noising sweep's direction."""
+        method = _choice(request.get("method", "activation_patching"), METHODS, "method")
+        options: dict[str, Any] = {"normalize": bool(request.get("normalize", True))}
+        if method == "activation_patching" and request.get("direction"):
+            options["direction"] = str(request["direction"])
+        return Study(
+            model=self.name, model_seed=self.model_seed, metric=_choice(request.get("metric", "logit_diff"), METRICS,
+                                                                        "metric"),
+            title=str(request.get("title") or "Study saved from crosspatch serve"),
+            inputs=Inputs(clean=[str(request.get("clean", ""))], corrupt=[str(request.get("corrupt", ""))],
+                          answer=request.get("answer") or None, distractor=request.get("distractor") or None),
+            analyses=[Analysis(name="sweep", method=method, sites=str(request.get("sites", "")), options=options)],
+        )
 
     # ---------------------------------------------------------------- next token
 

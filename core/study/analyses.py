@@ -22,7 +22,10 @@ from ..results.result import Result, collect_versions
 from .inputs import StudyInputs, study_metric
 from .spec import Analysis, StudyError
 
-__all__ = ["METHODS", "attention_patterns", "run_analysis"]
+__all__ = ["METHODS", "IMAGE_METHODS", "attention_patterns", "run_analysis"]
+
+#: The methods a study of two images can name.
+IMAGE_METHODS = ("activation_patching", "attribution_patching")
 
 
 def run_analysis(m: Any, inputs: StudyInputs, metric_name: str, analysis: Analysis, seed: int) -> Result:
@@ -31,6 +34,9 @@ def run_analysis(m: Any, inputs: StudyInputs, metric_name: str, analysis: Analys
     if method is None:
         raise StudyError(f"analysis {analysis.name!r}: unknown method {analysis.method!r}; methods: "
                          f"{', '.join(sorted(METHODS))}")
+    if isinstance(inputs.clean, dict) and analysis.method not in IMAGE_METHODS:
+        raise StudyError(f"analysis {analysis.name!r}: a study of images runs {', '.join(IMAGE_METHODS)}, not "
+                         f"{analysis.method!r}")
     torch.manual_seed(seed)
     try:
         result = method(m, inputs, metric_name, analysis, seed)

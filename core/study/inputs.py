@@ -1,4 +1,5 @@
-"""The prompts and the metric a study names, for a wrapped model with a tokenizer."""
+"""The inputs and the metric a study names: prompts for a model with a tokenizer, or two images for
+a VAE or a CLIP-style model (:mod:`crosspatch.study.images`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from ..results import metrics as _metrics
 from ..results.metrics import Metric
-from .spec import Study, StudyError
+from .images import image_inputs, image_metric
+from .spec import IMAGE_METRICS, Study, StudyError
 
 __all__ = ["StudyInputs", "seed_everything", "study_inputs", "study_metric"]
 
@@ -27,8 +29,11 @@ class StudyInputs:
 
 
 def study_inputs(study: Study, m: Any) -> StudyInputs:
-    """A task's pairs (drawn with the study's seed) or the prompts of the file."""
+    """A task's pairs (drawn with the study's seed), the prompts of the file, or the two images."""
     spec = study.inputs
+    if spec.has_images:
+        pair = image_inputs(study, m)
+        return StudyInputs(pair.clean, pair.corrupt, None, None, [pair.label], pair.description)
     if m.tokenizer is None:
         raise StudyError(f"model {study.model!r} has no tokenizer, and a study's prompts are text")
     if spec.clean is not None:
@@ -53,7 +58,9 @@ def study_inputs(study: Study, m: Any) -> StudyInputs:
 
 
 def study_metric(name: str, inputs: StudyInputs, m: Any) -> Metric:
-    """The named metric with the study's answers as token ids."""
+    """The named metric with the study's answers as token ids (an image metric toward image B)."""
+    if name in IMAGE_METRICS:
+        return image_metric(name, m, inputs.clean)
     if name == "kl":
         return _metrics.kl_to_clean()
     if inputs.answer is None:

@@ -14,10 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Analysis", "Inputs", "Study", "StudyError", "load_study", "parse_study", "METRICS", "SPLITS"]
+__all__ = ["Analysis", "Inputs", "Study", "StudyError", "load_study", "parse_study", "METRICS", "TEXT_METRICS",
+           "IMAGE_METRICS", "SPLITS"]
 
-METRICS = ("logit_diff", "probability", "kl")
+TEXT_METRICS = ("logit_diff", "probability", "kl")
+#: Metrics of image studies (:mod:`crosspatch.study.images`): a VAE's closeness to image B's
+#: reconstruction, a CLIP model's logit of B's caption minus A's.
+IMAGE_METRICS = ("closeness", "caption_logit_diff")
+METRICS = TEXT_METRICS + IMAGE_METRICS
 SPLITS = ("train", "test")
+SIDES = ("a", "b")
 
 
 class StudyError(ValueError):
@@ -36,7 +42,10 @@ class Analysis:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A task's counterfactual pairs (``task``, ``n``, ``split``) or prompts given in the file."""
+    """A task's counterfactual pairs (``task``, ``n``, ``split``) or prompts given in the file; or two
+    images of an image task: ``image`` (A, the run patched into) and ``toward`` (B, the source), or a
+    counterfactual ``pair`` (A its clean image, B its corrupt one), each a table naming a draw (see
+    :mod:`crosspatch.study.images`), with ``captions`` (A's, B's) for a CLIP model."""
 
     task: str | None = None
     n: int = 16
@@ -45,6 +54,22 @@ class Inputs:
     corrupt: list[str] | None = None
     answer: str | list[str] | None = None
     distractor: str | list[str] | None = None
+    image: dict[str, Any] | None = None
+    toward: dict[str, Any] | None = None
+    pair: dict[str, Any] | None = None
+    captions: list[str] | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.image is not None or self.pair is not None
+
+    def images(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The draws of image A and image B."""
+        if self.pair is not None:
+            return {**self.pair, "side": "a"}, {**self.pair, "side": "b"}
+        if self.image is None or self.toward is None:
+            raise StudyError("[inputs] names no images: give image and toward, or pair")
+        return self.image, self.toward
 
 
 @dataclass(frozen=True)
@@ -73,7 +98,7 @@ class Study:
         lines.append("")
         lines.append("[inputs]")
         for key, value in asdict(self.inputs).items():
-            if value is not None:
+            if value is not None and not (self.inputs.has_images and key in ("n", "split")):
                 lines.append(f"{key} = {_toml(value)}")
         for analysis in self.analyses:
             lines += ["", "[[analysis]]", f"name = {_toml(analysis.name)}", f"method = {_toml(analysis.method)}"]
@@ -110,10 +135,18 @@ def parse_study(data: Mapping[str, Any], path: Path | None = None) -> Study:
     output = top.get("output", str)
     if output is not None and not Path(output).is_absolute():
         output = str((base / output).resolve())
-    metric = top.get("metric", str, "logit_diff")
-    if metric not in METRICS:
-        raise StudyError(f"{where}metric = {metric!r}; metrics: {', '.join(METRICS)}")
-    inputs = _inputs(top.get("inputs", dict, {}), where)
+    seed = top.get("seed", int, 0)
+    inputs = _inputs(top.get("inputs", dict, {}), where, seed)
+    metric = top.get("metric", str, None if inputs.has_images else "logit_diff")
+    allowed = IMAGE_METRICS if inputs.has_images else TEXT_METRICS
+    if metric is None:
+        raise StudyError(f"{where}a study of images needs a metric: {' or '.join(map(repr, IMAGE_METRICS))} "
+                         f"(closeness to B's reconstruction for a VAE, B's caption minus A's for CLIP)")
+    if metric not in allowed:
+        if metric in METRICS:
+            kind = "images" if inputs.has_images else "prompts"
+            raise StudyError(f"{where}metric = {metric!r} is not for a study of {kind}; metrics: {', '.join(allowed)}")
+        raise StudyError(f"{where}metric = {metric!r}; metrics: {', '.join(allowed)}")
     analyses = top.get("analysis", list, required=True)
     if not analyses:
         raise StudyError(f"{where}no [[analysis]] table: a study runs at least one method")
@@ -123,7 +156,7 @@ def parse_study(data: Mapping[str, Any], path: Path | None = None) -> Study:
     if duplicate:
         raise StudyError(f"{where}two analyses are named {duplicate!r}; names become file names, make them unique")
     study = Study(
-        model=model, analyses=parsed, inputs=inputs, metric=metric, seed=top.get("seed", int, 0),
+        model=model, analyses=parsed, inputs=inputs, metric=metric, seed=seed,
         model_seed=top.get("model_seed", int, 0), dtype=top.get("dtype", str), title=top.get("title", str),
         output=output, pictures=top.get("pictures", bool, True),
     )
@@ -131,15 +164,21 @@ def parse_study(data: Mapping[str, Any], path: Path | None = None) -> Study:
     return study
 
 
-def _inputs(data: Mapping[str, Any], where: str) -> Inputs:
+def _inputs(data: Mapping[str, Any], where: str, seed: int) -> Inputs:
     t = _Checked(data, where, "[inputs]")
     texts = (str, list)
     inputs = Inputs(
         task=t.get("task", str), n=t.get("n", int, 16), split=t.get("split", str, "test"),
         clean=t.get("clean", list), corrupt=t.get("corrupt", list), answer=t.get("answer", texts),
-        distractor=t.get("distractor", texts),
+        distractor=t.get("distractor", texts), image=t.get("image", dict), toward=t.get("toward", dict),
+        pair=t.get("pair", dict), captions=t.get("captions", list),
     )
+    given = {k for k in data}
     t.done()
+    if inputs.image is not None or inputs.toward is not None or inputs.pair is not None:
+        return _image_inputs(inputs, given, where, seed)
+    if inputs.captions is not None:
+        raise StudyError(f"{where}[inputs] captions go with images (image and toward, or pair)")
     if inputs.split not in SPLITS:
         raise StudyError(f"{where}[inputs] split = {inputs.split!r}; splits: {', '.join(SPLITS)}")
     if inputs.n < 1:
@@ -153,6 +192,48 @@ def _inputs(data: Mapping[str, Any], where: str) -> Inputs:
             raise StudyError(f"{where}[inputs] has {len(inputs.clean)} clean and {len(inputs.corrupt)} corrupt "
                              f"prompts; give the same number, at least one")
     return inputs
+
+
+def _image_inputs(inputs: Inputs, given: set[str], where: str, seed: int) -> Inputs:
+    """Check the image tables and fill in their defaults (split "train", the study's seed, n 1, index 0)."""
+    text_keys = sorted(given & {"n", "split", "clean", "corrupt", "answer", "distractor"})
+    if text_keys:
+        raise StudyError(f"{where}[inputs] names images, and {text_keys} belong to text studies; an image's split, "
+                         f"seed, n and index go in its table: image = {{ split = \"train\", n = 6, index = 2 }}")
+    if inputs.pair is not None and (inputs.image is not None or inputs.toward is not None):
+        raise StudyError(f"{where}[inputs] gives a pair and image/toward; give a pair (A and B its two images) or "
+                         f"image (A) and toward (B)")
+    if inputs.pair is None and (inputs.image is None or inputs.toward is None):
+        raise StudyError(f"{where}[inputs] image (A, the run patched into) and toward (B, the source) come together")
+    tables = {"pair": inputs.pair} if inputs.pair is not None else {"image": inputs.image, "toward": inputs.toward}
+    checked = {name: _image(table, f"[inputs] {name}", where, seed, pair=name == "pair") for name, table in
+               tables.items()}
+    captions = inputs.captions
+    if captions is not None and (len(captions) != 2 or not all(isinstance(c, str) and c.strip() for c in captions)
+                                 or captions[0] == captions[1]):
+        raise StudyError(f"{where}[inputs] captions = {captions!r}; give two different captions, A's then B's")
+    return Inputs(task=inputs.task or "shapes", captions=captions, **checked)
+
+
+def _image(data: Mapping[str, Any], table: str, where: str, seed: int, pair: bool) -> dict[str, Any]:
+    t = _Checked(data, where, table)
+    factor = t.get("factor", str)
+    side = None if pair else t.get("side", str)
+    out = {"factor": factor, "side": side, "split": t.get("split", str, "train"), "seed": t.get("seed", int, seed),
+           "n": t.get("n", int, 1), "index": t.get("index", int, 0)}
+    t.done()
+    if out["split"] not in SPLITS:
+        raise StudyError(f"{where}{table}: split = {out['split']!r}; splits: {', '.join(SPLITS)}")
+    if out["n"] < 1 or not 0 <= out["index"] < out["n"]:
+        raise StudyError(f"{where}{table}: index = {out['index']} of n = {out['n']} drawn; give 0 <= index < n")
+    if pair and factor is None:
+        raise StudyError(f"{where}{table} needs a factor: the one its two images differ in (\"colour\", \"shape\", ...)")
+    if not pair and (factor is None) != (side is None):
+        raise StudyError(f"{where}{table}: factor and side come together (side \"a\" or \"b\" of a pair that "
+                         f"differs in factor)")
+    if side is not None and side not in SIDES:
+        raise StudyError(f"{where}{table}: side = {side!r}; a pair's sides are \"a\" (clean) and \"b\" (corrupt)")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _analysis(data: Any, index: int, where: str) -> Analysis:

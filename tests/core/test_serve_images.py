@@ -290,7 +290,9 @@ def test_image_requests_say_what_is_wrong(servers):
     status, out = _post(server.url + "/api/predict", {"prompt": "a"})
     assert status == 400 and "/api/image" in out["error"]
     status, out = _post(server.url + "/api/study", {"sites": "latent.z"})
-    assert status == 400 and "vae model" in out["error"]
+    assert status == 400 and "image must be an index 0 .. 19" in out["error"]
+    status, out = _post(server.url + "/api/study", {"image": 0, "toward": 1, "sites": "latent.q[dim=*]"})
+    assert status == 400 and "latent.q" in out["error"]
     server, _ = servers["clip"]
     status, out = _post(server.url + "/api/image", {"image": 0, "captions": []})
     assert status == 400 and "captions must be a non-empty list" in out["error"]
