@@ -149,6 +149,10 @@ def chrome():
         shutil.rmtree(profile, ignore_errors=True)
         pytest.skip(f"Chromium did not start: {' '.join(str(exc).split())[:300]}")
     driver.set_page_load_timeout(30)
+    # Downloads ("Save as study.toml") land in the profile, where a test can read them.
+    driver.download_dir = Path(profile) / "downloads"
+    driver.download_dir.mkdir()
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(driver.download_dir)})
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)

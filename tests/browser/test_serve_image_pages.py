@@ -194,3 +194,49 @@ def test_feature_slider_shows_pythons_distribution(feature_server, page):
     page.screenshot("serve_feature")
     assert page.console_errors() == []
     assert page.foreign_requests(server.url) == []
+
+
+def _saved_study(page, timeout=30.0):
+    """The study file the page's "Save as study.toml" downloaded."""
+    folder = page.driver.download_dir
+    for old in folder.glob("study*.toml"):
+        old.unlink()
+    page.driver.find_element(*_by("#save-study")).click()
+    found = page.wait(lambda: sorted(folder.glob("study*.toml")), timeout, "the downloaded study file")
+    return found[0].read_text(encoding="utf-8")
+
+
+def test_vae_bars_patch_their_site_and_the_sweep_saves_as_a_study(image_servers, page):
+    """A sweep with one wildcard draws bars; clicking one patches that site (the latent axis, the block), as
+    a heatmap cell does, and the page draws the PNG Python computes; the sweep saves as a study file."""
+    import tomllib
+
+    server, session = image_servers["vae"]
+    page.open(server.url + "/")
+    page.wait(lambda: _one(page, "#steer-out img"), 30, "the reconstruction")
+    pair = next(p for p in session.gallery.pairs if p["factor"] == "colour")
+    _select(page, "#pair-pick", session.gallery.pairs.index(pair))
+    for pattern, index, site in (("latent.z[dim=*]", 2, "latent.z[dim=2]"), ("encoder.block.*", 1, "encoder.block.1")):
+        _type(page, "#sites", pattern)
+        page.driver.find_element(*_by("#run")).click()
+        page.wait(lambda: page.driver.find_element(*_by("#sweep-status")).text == "done", 60, "the sweep")
+        bars = page.driver.find_elements(*_by("#result rect.cp-bar"))
+        assert len(bars) == (4 if "latent" in pattern else 3)
+        assert f"{site} (click: patch it)" in page.hover(bars[index])
+        bars[index].click()
+        page.wait(lambda: _one(page, f"#patch-out[data-site='{site}']"), 30, f"the patch at {site}")
+        expected = session.image({"image": pair["a"], "interventions": [
+            {"site": site, "intervention": {"kind": "patch", "source": {"image": pair["b"]}}}]})
+        assert page.driver.find_element(*_by("#patch-shown")).get_attribute("src") == expected["output"]
+        assert page.driver.find_element(*_by("#patch-site")).get_attribute("value") == site
+        assert "cp-picked" in bars[index].get_attribute("class")
+    assert expected["output"] != expected["base"]
+    page.screenshot("serve_vae_bars")
+
+    study = tomllib.loads(_saved_study(page))
+    assert study["model"] == session.name and study["metric"] == "closeness"
+    assert study["inputs"]["pair"] == {"factor": "colour", "split": "train", "seed": 0, "n": 1, "index": 0}
+    assert study["analysis"][0]["sites"] == "encoder.block.*"
+    assert "saved study.toml" in page.driver.find_element(*_by("#sweep-status")).text
+    assert page.console_errors() == []
+    assert page.foreign_requests(server.url) == []

@@ -336,13 +336,44 @@
         (opts.skipped && opts.skipped[i]) ? "not run: 0 by construction" : "value " + fmt(opts.values[i])]);
     });
     root.addEventListener("mouseleave", hideTip);
+    if (opts.onClick) {
+      root.classList.add("cp-clickable");
+      root.addEventListener("click", function (event) {
+        var t = event.target;
+        if (!t.classList || !t.classList.contains("cp-bar")) return;
+        root.querySelectorAll(".cp-bar").forEach(function (bar) {
+          bar.setAttribute("stroke", "#777");
+          bar.setAttribute("stroke-width", 0.4);
+          bar.classList.remove("cp-picked");
+        });
+        t.setAttribute("stroke", "#000");
+        t.setAttribute("stroke-width", 1.5);
+        t.classList.add("cp-picked");
+        opts.onClick(Number(t.getAttribute("data-i")));
+      });
+    }
     return root;
+  }
+
+  function barSite(view, label) {
+    // The concrete site of a bar of a sweep with one wildcard ("latent.z[dim=*]", "encoder.block.*").
+    var pattern = view.site || (view.metadata && typeof view.metadata.sites === "string" ? view.metadata.sites : null);
+    if (!pattern) return null;
+    var wildcards = (pattern.match(/\.\*/g) || []).length + (pattern.match(/=\*/g) || []).length;
+    if (wildcards !== 1) return null;
+    var value = String(label).split(" ")[0];
+    if (view.xdim === "layer" && /\.\*/.test(pattern)) return pattern.replace(/\.\*/, "." + value);
+    var axis = new RegExp("\\b" + view.xdim + "=\\*");
+    return axis.test(pattern) ? pattern.replace(axis, view.xdim + "=" + value) : null;
   }
 
   function renderBars(body, view) {
     var limit = absMax(view.values);
+    var clickable = typeof view.onSite === "function" && barSite(view, view.x[0]) !== null;
     body.appendChild(el("div", { class: "cp-plot" }, barsSvg({ labels: view.x, values: view.values, limit: limit,
-      xdim: view.xdim, skipped: view.skipped })));
+      xdim: view.xdim, skipped: view.skipped, tips: clickable ? view.x.map(function (x) {
+        return x + " · " + barSite(view, x) + " (click: patch it)";
+      }) : null, onClick: clickable ? function (i) { view.onSite(barSite(view, view.x[i])); } : null })));
   }
 
   function renderScalar(body, view) {
@@ -648,7 +679,7 @@
   }
 
   window.crosspatch = { renderView: renderView, renderPage: renderPage, colour: colour, fmt: fmt, el: el,
-    barsSvg: barsSvg, showTip: showTip, hideTip: hideTip };
+    barsSvg: barsSvg, barSite: barSite, showTip: showTip, hideTip: hideTip };
 
   function boot() {
     var block = document.getElementById("cp-data");

@@ -1,5 +1,5 @@
 /* crosspatch serve: the page of the local explorer. Sweeps stream their progress (server-sent events),
-   a click on a heatmap cell patches that site, the steering slider re-runs the next-token distribution.
+   a click on a heatmap cell or a bar patches that site, the steering slider re-runs the next-token distribution.
    Every intervention is sent as its JSON (Intervention.to_dict()), never as code. Uses explorer.js. */
 (function () {
   "use strict";
@@ -77,10 +77,10 @@
   }
 
   var result = el("div", { id: "result", class: "cp-result" },
-    el("p", { class: "cp-muted", text: "Run a sweep; then click a cell to patch that site." }));
+    el("p", { class: "cp-muted", text: "Run a sweep; then click a cell (or a bar) to patch that site." }));
   var patch = el("div", { id: "patch-panel", class: "cp-panel" }, [
     el("h2", { text: "Patch and see" }),
-    el("p", { id: "patch-site", class: "cp-muted", text: "Click a heatmap cell: the clean activation there is " +
+    el("p", { id: "patch-site", class: "cp-muted", text: "Click a heatmap cell or a bar: the clean activation there is " +
       "patched into the corrupt run." }),
     el("div", { id: "patch-dist" })
   ]);
@@ -243,14 +243,7 @@
   // ------------------------------------------------------------------ study file, saved results
 
   document.getElementById("save-study").addEventListener("click", function () {
-    fetch("/api/study", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(request()) }).then(function (r) { return r.text(); }).then(function (text) {
-      var link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "application/toml" })),
-        download: "study.toml" });
-      document.body.appendChild(link);
-      link.click();
-      link.remove();
-    });
+    cp.serveCommon.saveStudy(request(), setStatus);
   });
 
   document.getElementById("open-file").addEventListener("change", function (event) {

@@ -2,7 +2,7 @@
    page's own server (GET without a body) and rejects with the server's error message; latest(send)
    wraps a request so that one is in flight at a time and, while it runs, only the newest value waits
    to be sent next (a dragged slider never piles up requests); follow(job, ui) shows a queued job's
-   events as they stream. Uses explorer.js. */
+   events as they stream; saveStudy(body, status) downloads the sweep as a study file. Uses explorer.js. */
 (function () {
   "use strict";
 
@@ -94,5 +94,26 @@
     };
   }
 
-  window.crosspatch.serveCommon = { api: api, latest: latest, follow: follow, sweeper: sweeper };
+  // "Save as study.toml": the server writes the sweep's settings as a study file, the page downloads it;
+  // status(text, cls) says what happened (the server's reason when it cannot be saved).
+  function saveStudy(body, status) {
+    return fetch("/api/study", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) }).then(function (response) {
+      return response.text().then(function (text) {
+        if (!response.ok) {
+          var message;
+          try { message = JSON.parse(text).error; } catch (e) { message = "HTTP " + response.status; }
+          throw new Error(message);
+        }
+        var link = window.crosspatch.el("a", { href: URL.createObjectURL(new Blob([text], { type: "application/toml" })),
+          download: "study.toml" });
+        document.body.appendChild(link);
+        link.click();
+        link.remove();
+        status("saved study.toml: crosspatch run study.toml computes these values", "cp-ok");
+      });
+    }).catch(function (err) { status("study not saved: " + err.message, "cp-bad"); });
+  }
+
+  window.crosspatch.serveCommon = { api: api, latest: latest, follow: follow, sweeper: sweeper, saveStudy: saveStudy };
 })();

@@ -132,7 +132,8 @@
     el("h2", { text: "Sweep" }),
     el("p", { class: "cp-muted", text: "Patch each site of the pattern from image B into image A's run, one layer at a " +
       "time; 1 is the whole way from A's output to B's (" + (isVAE ? "minus the squared distance to B's " +
-      "reconstruction" : "logit of B's caption minus logit of A's") + "). Click a heatmap cell to patch that site." }),
+      "reconstruction" : "logit of B's caption minus logit of A's") + "). Click a heatmap cell or a bar to patch " +
+      "that site." }),
     el("div", { class: "cp-inline" }, [
       el("label", { class: "cp-field cp-narrow" }, [el("span", { text: "sites" }),
         el("input", { id: "sites", type: "text", list: "cp-sweeps", class: "cp-sites", value: (info.sweeps || [""])[0] })]),
@@ -140,7 +141,10 @@
       el("button", { id: "run", type: "button", text: "Run sweep" }),
       el("button", { id: "cancel", type: "button", text: "Cancel", disabled: "disabled" }),
       el("progress", { id: "progress", max: 1, value: 0 }),
-      el("span", { id: "sweep-status", class: "cp-status", text: "idle" })
+      el("span", { id: "sweep-status", class: "cp-status", text: "idle" }),
+      el("button", { id: "save-study", type: "button", text: "Save as study.toml",
+        title: "the two images (named by how the shapes task draws them), the sites and the metric, as a study " +
+          "file: crosspatch run study.toml computes this sweep's values" })
     ]),
     el("div", { id: "result", class: "cp-result" })
   ]);
@@ -315,16 +319,23 @@
   function drawSweep(view) {
     var result = document.getElementById("result");
     result.textContent = "";
-    view.onSite = function (site) {  // a clicked cell: patch that site from B into A
+    view.onSite = function (site) {  // a clicked cell or bar: patch that site from B into A
       document.getElementById("patch-site").value = site;
       document.getElementById("patch-run").click();
     };
     cp.renderView(result, view, 0);
   }
 
-  document.getElementById("run").addEventListener("click", cp.serveCommon.sweeper(function () {
+  function sweepRequest() {
     return { kind: "sweep", image: imageA(), toward: imageB(), sites: value("sites") };
-  }, { status: sweepStatus, progress: document.getElementById("progress"), unit: "steps", draw: drawSweep,
+  }
+
+  document.getElementById("save-study").addEventListener("click", function () {
+    cp.serveCommon.saveStudy(sweepRequest(), sweepStatus);
+  });
+
+  document.getElementById("run").addEventListener("click", cp.serveCommon.sweeper(sweepRequest, {
+    status: sweepStatus, progress: document.getElementById("progress"), unit: "steps", draw: drawSweep,
     result: function (d) { drawSweep(d.view); } }));
 
   // ------------------------------------------------------------------ patching
