@@ -81,7 +81,7 @@ def main() -> None:
     figure = Figure(figsize=(13, 4), layout="constrained")
     for ax, (factor, result) in zip(figure.subplots(1, 2), patching.items()):
         meta = result.metadata
-        shown = cp.Result(result.values, result.dims, result.coords, {**meta, "metric": "restored", "normalize": False})
+        shown = cp.Result(np.round(result.values, 2), result.dims, result.coords, {**meta, "metric": "restored", "normalize": False})
         shown.plot(ax=ax, annotate=True)
         ax.set_title(f"{factor} pairs, {meta['question']!r} ({meta['pairs']} pairs)", fontsize=10)
         ax.set_xlabel("language-model layer")

@@ -25,6 +25,7 @@ from crosspatch.results.result import Result
 
 from . import llava
 from .shapes_questions import QUESTIONS, ShapesPrompts, shapes_prompts
+from .zoo import draw_factors, questions_batch
 
 __all__ = ["PATCH_SITES", "QuestionPrompts", "flow_by_question", "image_pair_patching", "question_prompts", "subset"]
 
@@ -71,14 +72,11 @@ def _top(m: WrappedModel, inputs: dict[str, Any]) -> torch.Tensor:
 
 def question_prompts(m: WrappedModel, tokenizer: Any, question: str, n: int, *, split: str = "test",
                      seed: int = 0) -> QuestionPrompts:
-    """``n`` images of ``split`` asked ``question`` (for ``left``, half the shapes on the left)."""
+    """``n`` images of ``split`` (``"test"``: images ``shapes-vlm`` never saw in training, :func:`.zoo.draw_factors`)
+    asked ``question`` (for ``left``, half the shapes on the left)."""
     task = _task()
     gen = torch.Generator().manual_seed(seed)
-    batch = task.sample(n, seed=seed, split=split)
-    if question == "left":
-        left = torch.rand(n, generator=gen) < 0.5
-        other = 1 + torch.randint(task.sizes["x"] - 1, (n,), generator=gen)
-        batch = task.batch({**batch.factors, "x": torch.where(left, torch.zeros_like(other), other)}, split=split)
+    batch = questions_batch(task, draw_factors(task, n, split, gen), question, gen)
     prompts = shapes_prompts(tokenizer, batch.images, batch.values, question, llava.image_tokens(m.module), task)
     return QuestionPrompts(prompts, _top(m, prompts.inputs) == prompts.answer)
 
@@ -113,10 +111,14 @@ def image_pair_patching(m: WrappedModel, tokenizer: Any, factor: str, n: int = 6
     if factor not in FACTOR_QUESTION:
         raise ValueError(f"factor must be one of {', '.join(FACTOR_QUESTION)}, got {factor!r}")
     task = _task()
-    pairs = task.pairs(n, seed=seed, split=split, factor=factor)
+    gen = torch.Generator().manual_seed(seed)
+    factors = draw_factors(task, n, split, gen)
+    size = task.sizes[factor]
+    other = {**factors, factor: (factors[factor] + torch.randint(1, size, (n,), generator=gen)) % size}
+    pairs = [task.batch(f) for f in (factors, other)]
     q, k = FACTOR_QUESTION[factor], llava.image_tokens(m.module)
-    clean = shapes_prompts(tokenizer, pairs.clean.images, pairs.clean.values, q, k, task)
-    corrupt = shapes_prompts(tokenizer, pairs.corrupt.images, pairs.corrupt.values, q, k, task)
+    clean = shapes_prompts(tokenizer, pairs[0].images, pairs[0].values, q, k, task)
+    corrupt = shapes_prompts(tokenizer, pairs[1].images, pairs[1].values, q, k, task)
     metric = logit_diff(clean.answer, corrupt.answer)
     prepared = m.prepare(clean.inputs)
     sites = PATCH_SITES if sites is None else sites
@@ -124,7 +126,7 @@ def image_pair_patching(m: WrappedModel, tokenizer: Any, factor: str, n: int = 6
                                    normalize=True, progress=False) for p in sites.values()]
     base = results[0].metadata.get("baseline")
     correct = (_top(m, clean.inputs) == clean.answer) & (_top(m, corrupt.inputs) == corrupt.answer)
-    meta = {"method": "image_pair_patching", "factor": factor, "question": QUESTIONS[q].text, "pairs": len(pairs),
+    meta = {"method": "image_pair_patching", "factor": factor, "question": QUESTIONS[q].text, "pairs": n,
             "split": split, "seed": seed, "sites": dict(sites), "baseline": base,
             "both_right": float(correct.float().mean()), "metric": "normalised logit diff (clean - corrupt answer)"}
     return Result(np.stack([np.asarray(r.values, dtype=float) for r in results]), ("site", "layer"),

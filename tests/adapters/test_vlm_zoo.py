@@ -56,6 +56,20 @@ def test_prompts_lay_out_image_question_and_last(question):
     assert m_inputs["group.question"].sum(1).tolist() == [len(words) - 1] * 3
 
 
+def test_training_never_draws_the_held_out_images():
+    task = ShapesTask()
+    gen = torch.Generator().manual_seed(0)
+    train, test = (vlm_zoo.draw_factors(task, 3000, split, gen) for split in ("train", "test"))
+    medium = task.values["scale"].index("medium")
+    assert set(train["scale"].tolist()) == {0, 2} and set(test["scale"].tolist()) == {medium}
+    assert len(set(zip(train["shape"].tolist(), train["colour"].tolist()))) == 24  # every combination trains
+    by_combination = replace(vlm_zoo.RECIPE, held_out="combinations")
+    held = {(task.shapes.index(s), task.colours.index(c)) for s, c in task.held_out}
+    train, test = (vlm_zoo.draw_factors(task, 3000, split, gen, by_combination) for split in ("train", "test"))
+    assert not held & set(zip(train["shape"].tolist(), train["colour"].tolist()))
+    assert set(zip(test["shape"].tolist(), test["colour"].tolist())) == held
+
+
 def _tiny_model(tok):
     import transformers as T
 
@@ -85,7 +99,7 @@ def test_zoo_round_trip_scores_what_the_build_recorded(tmp_path, monkeypatch):
     assert again == {k: info[k] for k in again}  # the saved weights are the evaluated ones
     m = cp.wrap(loaded.model)
     assert m.adapter.name == "vlm"
-    assert m.catalog.family("resid_pre").layers == 2 and m.catalog.family("vision.resid_pre").layers == 2
+    assert m.catalog.family("resid_pre").layers == 2 and m.catalog.family("vision.resid_pre").layers == SMALL.vision_layers
 
 
 @pytest.mark.skipif(not os.environ.get("CROSSPATCH_SLOW"), reason="trains the full model (minutes); CROSSPATCH_SLOW=1")
