@@ -93,10 +93,7 @@ def render(rows: list[dict], seconds: float) -> str:
         lines.append(f"| {r['name']} | {len(r['kept'])} / {r['nodes']} | {'yes' if same else 'no'} | "
                      f"{r['model_sequences']} / {r['sequences']} | {r['defined_model_sequences']} / {r['defined_sequences']} | "
                      f"{r['seconds']} |")
-    lines += ["", "Primitives matched:", ""]
-    for r in rows:
-        if r["kind"] == "tracr":
-            lines.append(f"- **{r['name']}**: " + "; ".join(f"`{o['node']}` {o['out']} = {o['primitive']}" for o in r["ops"]))
+    lines += ["", "Primitives matched:", "", *_programs(rows, "tracr")]
     lines += [
         "",
         "## Transformers trained here (2 layers x 2 heads, d_model 64; lengths 1..8, every sequence)",
@@ -114,11 +111,13 @@ def render(rows: list[dict], seconds: float) -> str:
         lines.append(f"| {r['task']} | {r['model_task_accuracy']} | {len(r['kept'])} / {r['nodes']} | "
                      f"{r['model_sequences']} / {r['sequences']} | {r['model_accuracy']:.4f} | {r['truth_accuracy']:.4f} | "
                      f"{'yes' if r['decompiles'] else 'no'} | {fit} / {agree} | {r['train_seconds']} | {r['seconds']} |")
-    lines += ["", "Programs:", ""]
-    for r in rows:
-        if r["kind"] == "trained":
-            lines.append(f"- **{r['task']}**: " + "; ".join(f"`{o['node']}` {o['out']} = {o['primitive']}" for o in r["ops"]))
+    lines += ["", "Programs:", "", *_programs(rows, "trained")]
     return "\n".join(lines) + "\n"
+
+
+def _programs(rows: list[dict], kind: str) -> list[str]:
+    return [f"- **{r.get('task', r['name'])}**: " + "; ".join(f"`{o['node']}` {o['out']} = {o['primitive']}" for o in r["ops"])
+            for r in rows if r["kind"] == kind]
 
 
 def main() -> None:
@@ -140,7 +139,8 @@ def main() -> None:
             rows.append(run_trained(task, args.reports, args.steps))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops"}), flush=True)
     args.out.write_text(render(rows, time.perf_counter() - start))
-    args.out.with_suffix(".rows.json").write_text(json.dumps(rows, indent=1)) if args.out.parent != HERE else None
+    if args.reports is not None:
+        (args.reports / "rows.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 from .primitives import PREDICATES, interpreter
 from .program import Lookup, SelectAggregate
 
-__all__ = ["Trace", "evaluate", "match_head", "match_head_codes", "match_lookup", "match_select"]
+__all__ = ["Trace", "evaluate", "match_head", "match_head_codes", "match_lookup", "match_select", "rank_selects"]
 
 Trace = dict[str, list[list[Any]]]
 
@@ -57,31 +57,33 @@ def match_select(patterns: Sequence[np.ndarray], trace: Trace, candidates: Seque
                  causal: bool = False, query_only: Sequence[str] = ()) -> tuple[str, str, str, str, float]:
     """Best ``(keys, queries, predicate, bos_rule, fit)`` for attention ``patterns`` (one ``[T, T]``
     array per sequence); variables in ``query_only`` (index offsets) serve as queries only. ``fit`` is
-    the mean over non-start query rows of ``1 - TV(pattern row, uniform
-    attention over the selection)`` (1: the head attends exactly uniformly to what the selector selects)."""
+    the mean over non-start query rows of ``1 - TV(pattern row, uniform attention over the selection)``
+    (1: the head attends exactly uniformly to what the selector selects)."""
+    return rank_selects(patterns, trace, candidates, causal=causal, query_only=query_only, top=1)[0]
+
+
+def rank_selects(patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str], *, causal: bool = False,
+                 query_only: Sequence[str] = (), top: int = 10) -> list[tuple[str, str, str, str, float]]:
+    """The ``top`` selects of :func:`match_select`, best first (distinct fits: selects that select the
+    same keys on these sequences are one)."""
     groups = _by_length(patterns)
     observed = {T: np.stack([patterns[i] for i in idx]).astype(np.float64) for T, idx in groups.items()}
     rows = sum(len(idx) * (T - 1) for T, idx in groups.items())
-    best: tuple[float, int, tuple] | None = None
+    scored: dict[tuple, tuple[float, int, tuple]] = {}
 
     def consider(pred_rows: dict[int, np.ndarray], rank: int, label: tuple) -> None:
-        nonlocal best
         for bos in _BOS_RULES:
             total = 0.0
             for T, r in pred_rows.items():
-                r = r.copy()
-                if bos == "always":
-                    r[..., 0] = True
-                elif bos == "default":
-                    r[..., 0] = ~r[..., 1:].any(axis=-1)
+                r = _final(r, bos)
                 count = r.sum(axis=-1, keepdims=True)
                 uniform = np.where(count > 0, r / np.maximum(count, 1), 0.0)
                 tv = 0.5 * np.abs(observed[T] - uniform).sum(axis=-1)  # 1 where nothing is selected
                 total += float((1.0 - np.minimum(tv, 1.0))[:, 1:].sum())
             fit = round(total / max(rows, 1), 9)
-            key = (fit, -rank)
-            if best is None or key > best[:2]:
-                best = (fit, -rank, (*label, bos))
+            same = b"".join(_final(r, bos).tobytes() for r in pred_rows.values())
+            if same not in scored or (fit, -rank) > scored[same][:2]:
+                scored[same] = (fit, -rank, (*label, bos))
 
     def base(T: int) -> np.ndarray:
         r = np.ones((T, T), dtype=bool)
@@ -108,9 +110,18 @@ def match_select(patterns: Sequence[np.ndarray], trace: Trace, candidates: Seque
                          "NEQ": (K != Q) & ~np.isnan(K) & ~np.isnan(Q)}[pred]
                 out[T] = r & base(T)
             consider(out, 10 + p_rank + 10 * pair_rank, (k, q, pred))
-    assert best is not None
-    keys, queries, pred, bos = best[2]
-    return keys, queries, pred, bos, best[0]
+    ranked = sorted(scored.values(), key=lambda x: x[:2], reverse=True)[:top]
+    return [(*label, fit) for fit, _, label in ranked]
+
+
+def _final(r: np.ndarray, bos: str) -> np.ndarray:
+    """A selection matrix with the start-position rule applied (what identifies a select on the data)."""
+    r = r.copy()
+    if bos == "always":
+        r[..., 0] = True
+    elif bos == "default":
+        r[..., 0] = ~r[..., 1:].any(axis=-1)
+    return r
 
 
 def _agreement(pred: list[list[Any]], obs: list[list[Any]], numerical: bool, tol: float) -> float:
@@ -215,42 +226,50 @@ def evaluate(op: Any, trace: Trace) -> list[list[Any]]:
 
 
 def match_head_codes(node: str, patterns: Sequence[np.ndarray], trace: Trace, candidates: Sequence[str],
-                     vectors: Sequence[np.ndarray], out: str, *, causal: bool = False,
-                     query_only: Sequence[str] = ()) -> tuple[SelectAggregate, list[list[Any]]]:
+                     vectors: Sequence[np.ndarray], out: str, *, causal: bool = False, query_only: Sequence[str] = (),
+                     top: int = 8) -> tuple[SelectAggregate, list[list[Any]]]:
     """A head of a trained model (no named subspaces), from its writes ``vectors`` (one ``[T, d]`` per
     sequence). The writes are centred per position (what a position-wise constant cannot carry: that
-    part is what optimal ablation would keep), then each candidate aggregate (categorical copy of a
-    variable; numerical mean of a variable or an indicator) is scored by the share of that variance
-    it explains (R^2: grouped by the copied value, or linear in the mean). The best one is the head's
-    variable; its ``agreement`` is that R^2. Returns the op and the values the program computes."""
+    part is what optimal ablation would keep); for each of the ``top`` selects by pattern fit, each
+    candidate aggregate (categorical copy of a variable; numerical mean of a variable or an indicator)
+    is scored by the share of that variance it explains (R^2: grouped by the copied value, or linear in
+    the mean). The pair with the largest ``pattern_fit * R^2`` is the head's variable (a diffuse head
+    fits a broad selection best, but what it writes is read off the keys it attends to most); its
+    ``agreement`` is the R^2. Returns the op and the values the program computes for it."""
     fn = interpreter()
-    keys, queries, pred, bos, fit = match_select(patterns, trace, candidates, causal=causal, query_only=query_only)
-    sels = [fn["select"](kk, qq, pred, bos, causal) for kk, qq in zip(trace[keys], trace[queries])]
-    candidates = [c for c in candidates if c not in set(query_only)]
     X = np.concatenate([v[1:] for v in vectors]).astype(np.float64)
     pos = np.concatenate([np.arange(1, len(v)) for v in vectors])
     for p in np.unique(pos):
         X[pos == p] -= X[pos == p].mean(axis=0)
     total = float((X**2).sum()) or 1.0
-    common = dict(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos, causal=causal, pattern_fit=fit)
+    values_from = [c for c in candidates if c not in set(query_only)]
     best: tuple[float, int, SelectAggregate] | None = None
+    for s_rank, (keys, queries, pred, bos, fit) in enumerate(rank_selects(patterns, trace, candidates, causal=causal,
+                                                                          query_only=query_only, top=top)):
+        sels = [fn["select"](kk, qq, pred, bos, causal) for kk, qq in zip(trace[keys], trace[queries])]
+        common = dict(node=node, out=out, keys=keys, queries=queries, predicate=pred, bos=bos, causal=causal,
+                      pattern_fit=fit)
+        for rank, (r2, op) in enumerate(_aggregates(fn, sels, trace, values_from, X, pos, total, common)):
+            score = (round(fit * r2, 9), -(1000 * s_rank + rank))
+            if best is None or score > best[:2]:
+                op.agreement = r2
+                best = (*score, op)
+    assert best is not None, f"{node}: no candidate variable to aggregate"
+    op = best[2]
+    return op, evaluate(op, trace)
 
-    def consider(score: float, rank: int, op: SelectAggregate) -> None:
-        nonlocal best
-        if best is None or (round(score, 9), -rank) > (round(best[0], 9), best[1]):
-            best = (score, -rank, op)
 
-    for rank, name in enumerate(candidates):
+def _aggregates(fn: dict, sels: list, trace: Trace, names: Sequence[str], X: np.ndarray, pos: np.ndarray, total: float,
+                common: dict):
+    """``(R^2, op)`` for every aggregate of ``names`` under the selections ``sels``."""
+    for name in names:
         copied = [x for s, v in zip(sels, trace[name]) for x in fn["categorical_aggregate"](s, v)[1:]]
-        within = 0.0
         groups: dict[Any, list[int]] = defaultdict(list)
         for i, c in enumerate(copied):
             groups[(c, int(pos[i]))].append(i)
-        for idx in groups.values():
-            g = X[idx]
-            within += float(((g - g.mean(axis=0)) ** 2).sum())
-        consider(1.0 - within / total, 2 * rank, SelectAggregate(value=name, numerical=False, **common))
-    for rank, (name, target) in enumerate(_numerical_options(trace, candidates)):
+        within = sum(float(((X[idx] - X[idx].mean(axis=0)) ** 2).sum()) for idx in groups.values())
+        yield 1.0 - within / total, SelectAggregate(value=name, numerical=False, **common)
+    for name, target in _numerical_options(trace, names):
         values = trace[name] if target is None else [fn["indicator"](s, target) for s in trace[name]]
         mean = np.array([x for s, v in zip(sels, values) for x in fn["numerical_aggregate"](s, v)[1:]], dtype=np.float64)
         for p in np.unique(pos):
@@ -260,11 +279,7 @@ def match_head_codes(node: str, patterns: Sequence[np.ndarray], trace: Trace, ca
             continue
         coef = (mean @ X) / denom  # per output dimension, least squares on the centred mean
         resid = float(((X - np.outer(mean, coef)) ** 2).sum())
-        consider(1.0 - resid / total, 2 * rank + 1, SelectAggregate(value=name, value_of=target, numerical=True, **common))
-    assert best is not None, f"{node}: no candidate variable to aggregate"
-    op = best[2]
-    op.agreement = best[0]
-    return op, evaluate(op, trace)
+        yield 1.0 - resid / total, SelectAggregate(value=name, value_of=target, numerical=True, **common)
 
 
 def _numerical_options(trace: Trace, candidates: Sequence[str]) -> list[tuple[str, Any]]:
