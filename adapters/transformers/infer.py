@@ -116,6 +116,10 @@ def _out_features(linear: nn.Module) -> int:
 def infer(model: nn.Module) -> Inferred:
     """The Architecture of ``model`` read off one probe forward; InferenceError names what did not fit."""
     config, base = sizing_config(model), model.base_model
+    if getattr(model.config, "is_encoder_decoder", False) and all(
+            isinstance(getattr(base, stack, None), nn.Module) for stack in ("encoder", "decoder")):
+        raise InferenceError("an encoder-decoder model of a type the encoder-decoder table does not list: inference "
+                             "reads one stack, whose positions are not the output's")
     n_heads, width = config_int(config, _HEADS), config_int(config, _WIDTH)
     if n_heads is None or width is None:
         raise InferenceError("the config names no number of attention heads or hidden size")

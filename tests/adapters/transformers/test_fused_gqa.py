@@ -244,3 +244,13 @@ def test_falcon_writes_survive_the_blocks_in_place_sum(name):
     finally:
         handle.remove()
     torch.testing.assert_close(m.run(IDS, {"mlp_out.0": Zero()}).output, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_encoder_decoder_outside_the_table_is_not_inferred_as_one_stack():
+    """MVP's encoder and decoder run along different positions (source and target): inference, which reads one
+    stack, refuses it and says why (the generic adapter serves it), while BART's decoder alone is inferred."""
+    from crosspatch.adapters.transformers.tiny import tiny_model
+
+    mapping = mapping_for(tiny_model("mvp", "seq2seq-lm"))
+    assert mapping.arch is None and "encoder-decoder" in mapping.error
+    assert mapping_for(tiny_model("bart", "causal-lm")).arch is not None
