@@ -85,3 +85,18 @@ def test_an_image_metric_names_the_model_it_needs():
                    + HEAD.split("\n", 1)[1])
     with pytest.raises(StudyError, match="'caption_logit_diff' is for a CLIP model, and 'tiny' is a VAE model"):
         image_inputs(study, cp.wrap(tiny_vae()))
+
+
+def test_the_example_image_studies_read():
+    from pathlib import Path
+
+    from crosspatch.study import load_study
+    from crosspatch.study.analyses import IMAGE_METHODS
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for name, model, metric in (("shapes_vae_study.toml", "shapes-vae", "closeness"),
+                                ("shapes_clip_study.toml", "shapes-clip", "caption_logit_diff")):
+        study = load_study(examples / name)
+        assert (study.model, study.metric, study.inputs.task) == (model, metric, "shapes")
+        assert study.inputs.pair == {"factor": "colour", "split": "train", "seed": 0, "n": 1, "index": 0}
+        assert {a.method for a in study.analyses} <= set(IMAGE_METHODS)
