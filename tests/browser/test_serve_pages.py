@@ -99,6 +99,28 @@ def test_sweep_patch_and_steer(served, page):
     assert page.foreign_requests(server.url) == []
 
 
+def test_a_bar_patches_its_site(served, page):
+    """A sweep over one layer's heads draws bars; clicking head 1's patches head_out.1[head=1]."""
+    server, session = served
+    example = session.example
+    page.open(server.url + "/")
+    page.wait(lambda: page.driver.find_elements(*_by("#run")), what="the form")
+    page.driver.find_element(*_by("#sites")).clear()
+    page.driver.find_element(*_by("#sites")).send_keys("head_out.1[head=*]")
+    page.driver.find_element(*_by("#run")).click()
+    page.wait(lambda: _status(page) == "done", 60, "the sweep")
+    bars = page.driver.find_elements(*_by("#result rect.cp-bar"))
+    assert len(bars) == 2 and not page.driver.find_elements(*_by("#result rect.cp-cell"))
+    bars[1].click()
+    site = "head_out.1[head=1]"
+    panel = page.wait(lambda: _one(page, f"#patch-dist[data-site='{site}']"), 30, "the patch")
+    expected = session.predict({"prompt": example["corrupt"], "interventions": [
+        {"site": site, "intervention": {"kind": "patch", "source": example["clean"]}}]})
+    assert _rows(panel) == [(t["token"], page_number(t["p"])) for t in expected["patched"]]
+    assert expected["patched"] != expected["base"]
+    assert page.console_errors() == []
+
+
 def test_two_tabs_queue_and_cancel(served, page):
     server, _ = served
     jobs = server.server.config.app.state.jobs
