@@ -7,7 +7,8 @@ tensor as its source before it is rebuilt with
 :func:`~crosspatch.engine.interventions.from_dict`; everything else is the intervention's
 ``to_dict`` JSON as for text models. The VAE's output travels as a PNG data URL (8-bit, what the
 page draws); CLIP's as the similarity numbers, ``logit_scale * cos(image, caption)`` as the model
-scores them, and their softmax over the captions.
+scores them, and their softmax over the captions. A sweep saves as a study file of two images
+(:mod:`crosspatch.study.images`: each named by how the task draws it, the same metric code).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ImageSession:
     """What the VAE and CLIP panels share: the gallery, interventions with image sources, sites."""
 
     kind = "image"
+    metric = ""  # the study metric of the model's sweeps (crosspatch.study.images)
+    dtype: str | None = None  # the dtype the model was loaded in, when not its own (a study file names it)
     families: tuple[str, ...] = ()
     sweeps: tuple[str, ...] = ()
 
@@ -98,7 +101,7 @@ class ImageSession:
             inputs = Inputs(task=self.gallery.task, image=a, toward=b)
         if self.kind == "clip":
             inputs = dataclasses.replace(inputs, captions=self._sweep_captions(request))
-        return Study(model=self.name, model_seed=self.model_seed, metric=self.metric,
+        return Study(model=self.name, model_seed=self.model_seed, dtype=self.dtype, metric=self.metric,
                      title=str(request.get("title") or "Study saved from crosspatch serve"), inputs=inputs,
                      analyses=[Analysis(name="sweep", method="activation_patching", sites=pattern,
                                         options={"normalize": True})])

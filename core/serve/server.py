@@ -64,12 +64,16 @@ def load_session(model: str, *, seed: int = 0, device: Any = None, dtype: Any = 
     m = wrap(model, seed=seed, device=device, dtype=dtype)
     kind = model_kind(m)
     if kind == "vae":
-        return VAESession(m, model, model_seed=seed)
-    if kind == "clip":
-        return CLIPSession(m, model, model_seed=seed)
-    dictionaries = [*zoo_dictionaries(model), *(load_dictionary(path) for path in features)]
-    return Session(m, model, task_examples(found.task) if isinstance(found, ZooModel) and found.task else None,
-                   dictionaries, model_seed=seed)
+        session = VAESession(m, model, model_seed=seed)
+    elif kind == "clip":
+        session = CLIPSession(m, model, model_seed=seed)
+    else:
+        dictionaries = [*zoo_dictionaries(model), *(load_dictionary(path) for path in features)]
+        session = Session(m, model, task_examples(found.task) if isinstance(found, ZooModel) and found.task else None,
+                          dictionaries, model_seed=seed)
+    if dtype is not None:  # a saved study loads the model the same way
+        session.dtype = str(dtype).removeprefix("torch.")
+    return session
 
 
 def task_example(task_name: str) -> dict[str, str] | None:

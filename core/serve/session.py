@@ -55,6 +55,7 @@ class Session:
     """One wrapped model with a tokenizer, shared by every tab; only the job worker runs it."""
 
     kind = "text"
+    dtype: str | None = None  # the dtype the model was loaded in, when not its own (a study file names it)
 
     def __init__(self, model: Any, name: str, examples: "Sequence[Mapping[str, str]] | Mapping[str, str] | None" = None,
                  features: "Sequence[Dictionary]" = (), model_seed: int = 0):
@@ -120,7 +121,7 @@ class Session:
         if method == "activation_patching" and request.get("direction"):
             options["direction"] = str(request["direction"])
         return Study(
-            model=self.name, model_seed=self.model_seed, metric=_choice(request.get("metric", "logit_diff"), METRICS,
+            model=self.name, model_seed=self.model_seed, dtype=self.dtype, metric=_choice(request.get("metric", "logit_diff"), METRICS,
                                                                         "metric"),
             title=str(request.get("title") or "Study saved from crosspatch serve"),
             inputs=Inputs(clean=[str(request.get("clean", ""))], corrupt=[str(request.get("corrupt", ""))],

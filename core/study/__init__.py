@@ -19,8 +19,13 @@ report folder that holds a normalised copy of the study and the digest of every 
     sites = "head_out.*[head=*]"
     options = { normalize = true }
 
+A VAE or CLIP-style model is studied on two images of the ``shapes`` task instead, named by how the
+task draws them (``[inputs] pair = { factor = "colour", ... }``, or ``image`` and ``toward``), with
+the metric ``closeness`` (VAE) or ``caption_logit_diff`` (CLIP).
+
 Modules: ``spec`` (the dataclasses, reading and writing TOML), ``inputs`` (prompts and metric from a
-study), ``analyses`` (the methods a study can name), ``runner`` (run, write, check). Sits above the
+study), ``images`` (the two images and the image metrics), ``analyses`` (the methods a study can
+name), ``runner`` (run, write, check). Sits above the
 methods (it runs them) and below the command line and the server.
 """
 

@@ -139,3 +139,16 @@ def test_image_tables_draw_the_gallery_images():
     for i in range(len(gallery)):
         image, caption = draw_image(gallery.task, gallery.origin(i))
         assert torch.equal(image, gallery.image(i)) and caption == gallery.captions[i], gallery.origin(i)
+
+
+def test_a_saved_study_loads_the_model_as_the_server_did(served):
+    """The zoo build (model_seed) and a dtype given to serve go into the study file, and its run loads them."""
+    import tomllib
+
+    from crosspatch.serve.server import load_session
+    from crosspatch.study.spec import parse_study
+
+    session = load_session(VAE, seed=3, dtype=torch.float64)
+    study = parse_study(tomllib.loads(session.study({"image": 0, "toward": 1, "sites": "latent.z"}).to_toml()))
+    assert (study.model, study.model_seed, study.dtype) == (VAE, 3, "float64")
+    assert getattr(torch, study.dtype) is torch.float64 and next(session.m.module.parameters()).dtype is torch.float64
