@@ -108,7 +108,11 @@ def image_inputs(study: Study, m: Any) -> ImagePair:
         ids = caption_ids(m, captions)
         clean, corrupt = {**clean, "texts": ids}, {**corrupt, "texts": ids}
     label = f"A: {a_caption} <- B: {b_caption}"
-    description = f"image A {_name(a_spec)} ({a_caption!r}) patched from image B {_name(b_spec)} ({b_caption!r})"
+    if spec.pair is not None:
+        description = (f"the {spec.pair['factor']} pair {_name({**spec.pair, 'factor': None})}: image A ({a_caption!r}) "
+                       f"patched from image B ({b_caption!r})")
+    else:
+        description = f"image A {_name(a_spec)} ({a_caption!r}) patched from image B {_name(b_spec)} ({b_caption!r})"
     if captions is not None:
         description += f"; captions {captions}"
     return ImagePair(clean, corrupt, label, description)
