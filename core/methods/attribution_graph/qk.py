@@ -245,7 +245,7 @@ class _QueryKey:
         self.state, self.layer = state, layer
         self.prepared = self.forward.prepare(state.inputs)
 
-    def __call__(self, residuals: torch.Tensor, elements: int = 2 ** 25) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, residuals: torch.Tensor, elements: int = 2 ** 22) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys of ``residuals``, about ``elements`` residual values per forward."""
         chunk = max(1, elements // (residuals.shape[1] * residuals.shape[2]))
         qs, ks = [], []
@@ -349,7 +349,7 @@ def _linear_maps(state: CleanState, qk: _QueryKey, t: int, u: int, head: int, cl
     q0, k0 = qk(torch.zeros(1, P, d, dtype=clean.dtype, device=clean.device))
     a_q = torch.zeros(q0.shape[-1], d, dtype=q0.dtype, device=q0.device)
     a_k = torch.zeros_like(a_q)
-    step = max(1, 2 ** 25 // (P * d))  # basis rows built a chunk at a time: [d, pos, d] at once would not fit
+    step = max(1, 2 ** 22 // (P * d))  # basis rows built a chunk at a time: [d, pos, d] at once would not fit
     for start in range(0, d, step):
         dims = torch.arange(start, min(start + step, d), device=clean.device)
         rows = torch.zeros(len(dims), P, d, dtype=clean.dtype, device=clean.device)
