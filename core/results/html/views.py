@@ -54,7 +54,7 @@ def view(item: "Result | Mapping[str, Any]", name: str = "") -> dict[str, Any]:
         return {**base, "kind": "scalar", "value": _num(float(item.values))}
     if item.values.ndim == 1:
         return {**base, "kind": "bars", "x": _strs(item.coords[dims[0]]), "xdim": dims[0],
-                "values": _nums(item.values), "skipped": _skipped(item)}
+                "values": _nums(item.values), "skipped": _skipped(item), "site": _site_pattern(item)}
     return {**base, **_heatmap(item)}
 
 
