@@ -118,7 +118,8 @@ class Program:
             "",
             "def program(tokens):",
             "    tokens = [BOS] + list(tokens)",
-            f"    indices = [None] + list(range({self.index_start}, {self.index_start} + len(tokens) - 1))",
+            "    indices = [None] + " + (f"list(range({self.index_start}, {self.index_start} + len(tokens) - 1))"
+                                      if self.index_start else "list(range(len(tokens) - 1))"),
         ]
         for op in self.operations:
             lines.append(f"    # {op.node}: {op.describe()}")
