@@ -344,15 +344,13 @@ def extract_program(
             if not cands:
                 reasons.append(f"{label}: a {machines[-1].size}-state machine, but no labelling of its states gives "
                                f"formulas or a table")
-        if not closed:
+        if not closed or max(m.size for m in machines) > 16:  # a large machine may be a lattice read coarsely
             found, lat, why = _lattice_candidates(net, info, seqs, title)
             cands += [(c, None) for c in found]
             if lat is not None:
                 result.lattice = {"dim": lat.dim, "method": lat.method, "boolean": lat.boolean,
                                   "bits_per_state": round(lat.bits, 3), "residual": round(lat.residual, 4)}
-                pts = np.unique(lat.coords, axis=0)[:60]
-                plot_data = {"net": net, "points": lat.origin + pts @ lat.basis,
-                             "labels": [",".join(str(int(v)) for v in p) for p in pts]}
+                plot_data = {"net": net, "lattice": lat}
             elif not machines:
                 plot_data = {"net": net}
             if why:
@@ -421,8 +419,15 @@ def _write(result: Extraction, folder: Path, plot_data: dict[str, Any], seqs: np
     if net is not None:
         h = run_hidden(net, seqs[:1500]).reshape(-1, net.shape.hidden_dim)
         y = run_predict(net, seqs[:1500]).reshape(-1)
-        title = f"{result.task}: hidden states ({result.route or 'no program'})"
-        plot_states(h, y, folder / "lattice.png", title, plot_data.get("points"), plot_data.get("labels"))
+        lat = plot_data.get("lattice")
+        if lat is not None and lat.dim:  # the states in lattice coordinates: they sit on the integer grid
+            z = lat.encode(h)
+            grid = np.unique(np.round(z), axis=0)[:400]
+            title = f"{result.task}: hidden states in {lat.dim}-d lattice coordinates ({result.route or 'no program'})"
+            plot_states(z, y, folder / "lattice.png", title, grid, None, axis="lattice coordinate")
+        else:
+            title = f"{result.task}: hidden states ({result.route or 'no program'})"
+            plot_states(h, y, folder / "lattice.png", title, plot_data.get("points"), plot_data.get("labels"))
         result.files["lattice_plot"] = str(folder / "lattice.png")
     result.files["verification"] = str(folder / "verification.json")
     (folder / "verification.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")

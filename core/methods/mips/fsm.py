@@ -161,7 +161,8 @@ def machine_from_data(rnn: TaskRNN, alphabet: Alphabet, seqs: np.ndarray, max_po
     prev_idx = np.concatenate([np.zeros((n_seq, 1), np.int64), 1 + np.arange(n_seq * length).reshape(n_seq, length)[:, :-1]], axis=1)
     prev_pt, next_pt = inverse.reshape(-1)[prev_idx.reshape(-1)], inverse.reshape(-1)[1:]
     steps = np.asarray(alphabet.steps, dtype=np.int64)
-    sym = np.array([{tuple(s): i for i, s in enumerate(steps.tolist())}[tuple(x)] for x in seqs.reshape(-1, seqs.shape[-1]).tolist()])
+    index = {tuple(s): i for i, s in enumerate(steps.tolist())}
+    sym = np.array([index[tuple(x)] for x in seqs.reshape(-1, seqs.shape[-1]).tolist()])
     outs = outs_all[1:]
     tree = linkage(points, "single")
     heights = np.sort(tree[:, 2])

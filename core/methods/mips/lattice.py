@@ -51,13 +51,14 @@ def real_gcd(values: np.ndarray, tol: float = 0.05, max_divisor: int = 12) -> fl
     """The largest ``u`` such that every value is within ``tol * u / m`` of a multiple of ``u``, where
     ``u`` is one of the smallest non-negligible ``|values|`` divided by ``m`` = 1, 2, … ``max_divisor``
     (a finer unit must fit more tightly: with a loose tolerance any values fit a fine enough grid).
-    Several small values are tried as the base, so rounding noise around zero is not taken for the
-    unit, and each candidate unit is refitted by least squares to all values; ``None`` if none fits."""
+    The smallest values above several noise floors are tried as the base, so rounding noise around
+    zero is not taken for the unit, and each candidate unit is refitted by least squares to all values; ``None`` if none fits."""
     v = np.abs(np.asarray(values, dtype=np.float64).ravel())
     top = float(v.max()) if v.size else 0.0
     if top == 0.0:
         return 1.0
-    bases = np.unique(np.round(v[v > 1e-4 * top], 6))[:8]
+    # the smallest value above each of several noise floors: noise near zero is not taken for the unit
+    bases = {float(v[v > f * top].min()) for f in (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1) if (v > f * top).any()}
     for base in sorted(bases, reverse=True):  # larger bases give larger units: shorter codes first
         for m in range(1, max_divisor + 1):
             u = float(base) / m

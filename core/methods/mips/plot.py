@@ -16,6 +16,7 @@ def plot_states(
     title: str,
     lattice_points: np.ndarray | None = None,
     labels: list[str] | None = None,
+    axis: str = "normalised hidden coordinate",
 ) -> Path:
     """Scatter ``points [N, n]`` (first two coordinates; one coordinate against the output when
     ``n = 1``), coloured by ``outputs``, with ``lattice_points`` as rings labelled by ``labels``."""
@@ -33,8 +34,8 @@ def plot_states(
     if lattice_points is not None and len(lattice_points):
         lp = np.asarray(lattice_points, dtype=np.float64)
         if two_d:
-            ax.scatter(lp[:, 0], lp[:, 1], s=110, facecolors="none", edgecolors="crimson", linewidths=1.2,
-                       label="lattice / machine states")
+            ax.scatter(lp[:, 0], lp[:, 1], s=110 if len(lp) <= 60 else 30, facecolors="none", edgecolors="crimson",
+                       linewidths=1.2 if len(lp) <= 60 else 0.6, label="lattice / machine states")
         else:
             ax.vlines(lp[:, 0], 0, 1, transform=ax.get_xaxis_transform(), color="crimson", lw=0.6, alpha=0.5)
             ax.plot([], [], color="crimson", lw=0.6, label="lattice / machine states")
@@ -45,8 +46,8 @@ def plot_states(
                 at = (lp[i, 0], lp[i, 1] if two_d else low)
                 ax.annotate(text, at, textcoords="offset points", xytext=(4, 6), fontsize=7, color="crimson")
         ax.legend(loc="best", fontsize=7)
-    ax.set_xlabel("normalised hidden coordinate 1")
-    ax.set_ylabel("normalised hidden coordinate 2" if two_d else "network output")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2" if two_d else "network output")
     fig.colorbar(sc, ax=ax, label="network output")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -52,12 +52,12 @@ def _affine(v: np.ndarray, t: np.ndarray) -> tuple[list[int], int] | None:
     return None
 
 
-def _modular(v: np.ndarray, t: np.ndarray, names: list[str], budget: int = 60000) -> Fit | None:
+def _modular(v: np.ndarray, t: np.ndarray, names: list[str], budget: int = 20_000_000) -> Fit | None:
     if t.min() < 0 or t.max() >= 16:
         return None
     for m in range(max(2, int(t.max()) + 1), 17):
         nv = v.shape[1]
-        if m ** (nv + 1) > budget:
+        if m ** (nv + 1) * len(t) > budget:  # coefficient grid times rows: keep the search to seconds
             return None
         grid = np.array(list(itertools.product(range(m), repeat=nv)), dtype=np.int64)  # [G, nv]
         lin = v @ grid.T  # [rows, G]
