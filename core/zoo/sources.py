@@ -2,7 +2,8 @@
 
 The command line, ``crosspatch.wrap("ioi-gpt2-tiny")`` and the workers of a sharded run resolve a
 name the same way, through these. Local folders load with transformers (imported only when one is
-loaded), together with their tokenizer when the folder holds one.
+loaded), together with their tokenizer when the folder holds one; :func:`build_causal_lm` makes a
+randomly initialised transformers model from a config given as data, for zoo entries trained here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .store import ZooError, ZooModel, did_you_mean, load, models
 if TYPE_CHECKING:
     from ..engine.model import WrappedModel
 
-__all__ = ["find_model", "load_local", "load_model", "quiet_transformers", "tokenizer_files", "wrap"]
+__all__ = ["build_causal_lm", "find_model", "load_local", "load_model", "quiet_transformers", "tokenizer_files", "wrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,19 @@ def load_local(path: Any) -> tuple[Any, Any]:
     else:  # transformers would make an empty tokenizer of the config's class: every text would be 0 tokens
         logger.debug("no tokenizer files in %s", path)
     return model.eval(), tokenizer
+
+
+def build_causal_lm(config: dict[str, Any]) -> Any:
+    """A randomly initialised transformers causal LM of ``config`` (``model_type`` and the config's fields)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ZooError("building a transformers model needs transformers: pip install \"crosspatch[transformers]\"") from None
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ZooError(f"a model config needs its model_type (e.g. 'gpt2'); got the fields {sorted(fields)}")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
 
 
 def _has_vocabulary(tokenizer: Any) -> bool:

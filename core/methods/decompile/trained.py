@@ -63,16 +63,16 @@ def _ids(task: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def build_transformer(task: Any, recipe: Recipe, seed: int = 0):
-    """A randomly initialised ``GPT2LMHeadModel`` for ``task`` (seeded)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A randomly initialised GPT-2 (``GPT2LMHeadModel``) for ``task`` (seeded)."""
+    from ...zoo.sources import build_causal_lm
 
     n_tokens = 1 + len(step_values(task))
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=max(n_tokens, int(task.n_classes)), n_positions=recipe.length + 1,
-                        n_embd=recipe.n_embd, n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=4 * recipe.n_embd,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                        tie_word_embeddings=False)
-    return GPT2LMHeadModel(config)
+    return build_causal_lm(dict(
+        model_type="gpt2", vocab_size=max(n_tokens, int(task.n_classes)), n_positions=recipe.length + 1,
+        n_embd=recipe.n_embd, n_layer=recipe.n_layer, n_head=recipe.n_head, n_inner=4 * recipe.n_embd,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+    ))
 
 
 def _logits(model: Any, ids: torch.Tensor, n_classes: int) -> torch.Tensor:
