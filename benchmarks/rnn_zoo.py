@@ -87,12 +87,13 @@ def render(data: dict) -> str:
         "`acc 24` is at 24 steps, never checked by the search. `nonzero` counts parameters after the L1 stage.",
         "",
         f"- machine: {data['machine']}, torch {data['torch']}, {data['threads']} torch thread(s), seed {data['seed']}",
+        *[f"- {note}" for note in data.get("notes", [])],
         f"- load before: `{data['uptime_before']}`",
         f"- load after: `{data['uptime_after']}`",
         f"- **solved {len(solved)} of {len(rows)} tasks** ({sum(r['success'] for r in mips_rows)} of the "
         f"{len(mips_rows)} MIPS tasks here; MIPS's Newton_Magnetic is not in the family)",
         f"- **total {data['total_wall_seconds'] / 60:.1f} min wall, {data['total_cpu_seconds'] / 60:.1f} min CPU** "
-        f"(sums over the tasks' builds, one process at a time; the machine's 2 cores were shared, see the load)"
+        f"(sums over the tasks' builds; the machine's 2 cores were shared, see the load)"
         + (f"; CPU not recorded for {len(data['cpu_unknown'])} task(s) built before CPU time was recorded"
            if data.get("cpu_unknown") else ""),
         "",
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cached", action="store_true", help="reuse cached zoo builds (and their recorded seconds) "
                    "instead of retraining; build the missing ones")
     p.add_argument("--reverse", action="store_true", help="go through the tasks in reverse order")
+    p.add_argument("--cpu-from", type=Path, default=None, help="an earlier run's JSON: CPU seconds of cached builds "
+                   "that did not record them")
+    p.add_argument("--note", action="append", default=[], help="a line for the table's header (repeatable)")
     p.add_argument("--out", type=Path, default=HERE / "rnn_zoo.md")
     p.add_argument("--render", action="store_true", help="only render the markdown from the JSON next to --out")
     args = p.parse_args(argv)
@@ -143,8 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "seed": args.seed, "uptime_before": _uptime(), "rows": [],
     }
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    earlier = {}
+    if args.cpu_from is not None:
+        earlier = {r["task"]: r for r in json.loads(args.cpu_from.read_text())["rows"]}
+    data["notes"] = list(args.note)
     for name in names:
         row = run_task(name, args.seed, args.cached)
+        if row["cpu_seconds"] is None and row["task"] in earlier:
+            row["cpu_seconds"] = earlier[row["task"]]["cpu_seconds"]
         data["rows"].append(row)
         print(f"{row['task']:>26}  {'solved' if row['success'] else 'NOT solved':>10}  hidden {row['hidden']:>2} "
               f"f {row['f_hidden']} g {row['g_hidden']}  acc {row['accuracy']:.4f}  acc24 {row['beyond']:.4f}  "
