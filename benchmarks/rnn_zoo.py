@@ -69,7 +69,7 @@ def _fmt_s(v: float | None) -> str:
 
 
 def _fmt_acc(v: float) -> str:
-    return "1" if v == 1.0 else f"{v:.4f}"
+    return "1" if v == 1.0 else f"{min(v, 0.99999):.5f}"
 
 
 def render(data: dict) -> str:
