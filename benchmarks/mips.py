@@ -87,7 +87,9 @@ def run(task: str, source: object, info: dict, reports: Path | None) -> dict:
         "lattice": r.lattice, "fits": r.fits, "quantised": r.quantised, "normalised_equal": r.normalised_equal,
         "network": None if v is None else f"{v.network_checked - v.network_mismatches}/{v.network_checked} {v.network_mode}",
         "truth": None if v is None else f"{v.truth_checked - v.truth_mismatches}/{v.truth_checked}",
-        "program": r.program, "seconds": round(time.perf_counter() - start, 1),
+        "program": r.program, "program_lines": len((r.program or "").splitlines()),
+        "tables": r.program is not None and ("NEXT = {" in r.program or "OUTPUT = {" in r.program),
+        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -114,6 +116,11 @@ def write_markdown(rows: list[dict], path: Path, seconds: float) -> None:
         f"Extraction time {seconds:.0f} s in total on {platform.machine()} "
         f"({torch.get_num_threads()} torch thread(s)).",
         "",
+        f"Of the solved programs, {sum(1 for r in solved if not r.get('tables'))} "
+        f"are formulas only; the others keep a lookup table for the update or the output of a finite machine "
+        f"(verified all the same, but less of an explanation). Zoo entries not yet trained when the run "
+        f"started are not in the table.",
+        "",
         "| task | MIPS name | network | solved | route | structure | regression | seconds | why not |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -134,7 +141,12 @@ def write_markdown(rows: list[dict], path: Path, seconds: float) -> None:
                      f"{r.get('route') or ''} | {structure} | {fits} | {r['seconds']} | {why} |")
     lines += ["", "## Programs of the solved tasks", ""]
     for r in sorted(solved, key=lambda r: r["task"]):
-        lines += [f"### {r['task']}", "", "```python", r["program"].rstrip(), "```", ""]
+        text = (r.get("program") or "").rstrip().splitlines()
+        if not text or len(text) > 60:  # a long lookup table: its size, not its text
+            lines += [f"### {r['task']}", "", f"A program of {r.get('program_lines', len(text))} lines (a lookup "
+                      f"table of the machine; `--reports DIR` writes it).", ""]
+            continue
+        lines += [f"### {r['task']}", "", "```python", *text, "```", ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -145,7 +157,13 @@ def main() -> None:
     p.add_argument("--from-dir", type=Path, help="read TaskRNNs saved as <task>.pt instead of the zoo")
     p.add_argument("--reports", type=Path, help="write each task's report folder here")
     p.add_argument("--out", type=Path, default=HERE / "mips.md")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite --out from the JSON next to it")
     args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.rewrite:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        write_markdown(saved["rows"], args.out, saved["seconds"])
+        return
     torch.set_num_threads(1)
     sources = _dir_sources(args.from_dir, args.tasks) if args.from_dir else _zoo_sources(args.tasks, args.train)
     start = time.perf_counter()
@@ -156,7 +174,8 @@ def main() -> None:
         print(f"{task}: {'solved' if row['solved'] else 'not solved: ' + row['reason']} ({row['seconds']} s)", flush=True)
     total = time.perf_counter() - start
     write_markdown(rows, args.out, total)
-    args.out.with_suffix(".json").write_text(json.dumps({"seconds": round(total, 1), "rows": rows}, indent=2) + "\n")
+    kept = [{**r, "program": r.get("program") if len((r.get("program") or "").splitlines()) <= 60 else None} for r in rows]
+    args.out.with_suffix(".json").write_text(json.dumps({"seconds": round(total, 1), "rows": kept}, indent=2) + "\n")
     print(f"solved {sum(r['solved'] for r in rows if r.get('trained_ok', True))} of "
           f"{sum(1 for r in rows if r.get('trained_ok', True))} (MIPS: {MIPS_SOLVED} of {MIPS_TASKS}); {total:.0f} s")
 
