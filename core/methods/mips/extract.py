@@ -422,7 +422,8 @@ def _write(result: Extraction, folder: Path, plot_data: dict[str, Any], seqs: np
         lat = plot_data.get("lattice")
         if lat is not None and lat.dim:  # the states in lattice coordinates: they sit on the integer grid
             z = lat.encode(h)
-            grid = np.unique(np.round(z), axis=0)[:400]
+            grid = np.unique(np.round(z), axis=0)
+            grid = grid if len(grid) <= 150 else None  # a dense grid: the states alone show it
             title = f"{result.task}: hidden states in {lat.dim}-d lattice coordinates ({result.route or 'no program'})"
             plot_states(z, y, folder / "lattice.png", title, grid, None, axis="lattice coordinate")
         else:
