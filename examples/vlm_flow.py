@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=96, help="images per question, and image pairs per factor")
     parser.add_argument("--window", type=int, default=3,
                         help="layers blocked around each layer (the paper: 9 of 32-40 layers; here 3 of 8)")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="test: shape-colour combinations never seen in training; train: the ones it trained on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,8 @@ def main() -> None:
     print(f"{MODEL} ready after {time.perf_counter() - start:.1f} s; held-out accuracy per question {accuracy}")
 
     # 2. Knockout per question, windows of args.window layers, and single layers.
-    flows = {w: flow_by_question(m, loaded.tokenizer, args.n, window=w, seed=args.seed) for w in (args.window, 1)}
+    flows = {w: flow_by_question(m, loaded.tokenizer, args.n, window=w, split=args.split, seed=args.seed)
+             for w in (args.window, 1)}
     main_flows = flows[args.window]
     for q, flow in main_flows.items():
         print(f"\n{q}: {flow.metadata['n_items']} items answered right; mean % change of the answer probability")
@@ -72,12 +75,13 @@ def main() -> None:
             if ax is not axes[row][0]:
                 ax.set_ylabel("")
                 ax.get_legend().remove()
-    figure.suptitle(f"{MODEL}: attention knockout on held-out images, % change of the right answer's probability "
+    figure.suptitle(f"{MODEL}: attention knockout on {args.split}-split images, % change of the right answer's probability "
                     f"(mean, 95 % bootstrap interval)")
     figure.savefig(args.out / "flow.png", dpi=120)
 
     # 3. Image-token patching between images that differ in one factor.
-    patching = {f: image_pair_patching(m, loaded.tokenizer, f, args.n, seed=args.seed) for f in ("colour", "shape")}
+    patching = {f: image_pair_patching(m, loaded.tokenizer, f, args.n, split=args.split, seed=args.seed)
+                for f in ("colour", "shape")}
     figure = Figure(figsize=(13, 4), layout="constrained")
     for ax, (factor, result) in zip(figure.subplots(1, 2), patching.items()):
         meta = result.metadata
@@ -97,7 +101,7 @@ def main() -> None:
     results = {f"flow_{q}_window{w}": flow.to_result().sel(stat="mean") for w in flows for q, flow in flows[w].items()}
     results.update({f"patching_{f}": r for f, r in patching.items()})
     context = {"model": MODEL, "held-out accuracy": accuracy, "items per question": args.n, "window": args.window,
-               "seed": args.seed, "train_seconds": info.get("train_seconds")}
+               "split": args.split, "seed": args.seed, "train_seconds": info.get("train_seconds")}
     write_report(results, args.out, title=f"{MODEL}: cross-modal information flow", context=context, pictures=False)
     summary = {
         "accuracy": accuracy, "window": args.window,
