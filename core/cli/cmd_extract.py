@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CLIError
-
 __all__ = ["add_extract"]
 
 EXIT_UNSOLVED = 1
@@ -50,17 +48,6 @@ def _is_task_rnn(name: str) -> bool:
     return isinstance(store.load(name).model, TaskRNN)
 
 
-def _decompile() -> Any:
-    try:
-        from ..methods.decompile import extract_program
-    except ImportError as exc:
-        raise CLIError(
-            f"this model is not a TaskRNN, and transformer decompilation "
-            f"(crosspatch.methods.decompile.extract_program) cannot be imported: {exc}"
-        ) from None
-    return extract_program
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"extract-{args.model}")
     progress = False if args.no_progress else None
@@ -81,12 +68,13 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             for label, path in result.files.items():
                 print(f"  {label}: {path}")
         return 0 if result.solved else EXIT_UNSOLVED
-    report = _decompile()(args.model, args.task, out, progress=progress)
-    ok = bool(getattr(report, "decompiles", False))
-    if args.json and hasattr(report, "to_dict"):
+    from ..methods.decompile import extract_program as decompile
+
+    report = decompile(args.model, args.task, out, progress=progress)
+    if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
-        print(f"{args.model}: {'decompiles' if ok else 'does not decompile'}")
-        for label, path in (getattr(report, "files", None) or {}).items():
+        print(f"{args.model}: {'decompiles' if report.decompiles else 'does not decompile'}")
+        for label, path in report.files.items():
             print(f"  {label}: {path}")
-    return 0 if ok else EXIT_UNSOLVED
+    return 0 if report.decompiles else EXIT_UNSOLVED
