@@ -28,22 +28,25 @@ The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - met
 * a verified parent's *unexplained part* is ``|exact(P) - sum of its children at this level|``, a child
   counted by its exact effect when verified, by its estimate otherwise;
 * the ``layer`` level verifies all its sites, whatever AtP* says (the anchor: AtP* can be blind to a
-  whole layer). At every other level a round verifies, in one ``activation_patching`` call: while fewer
-  than ``k`` of the level's sites, or fewer than three of a family's, are verified, the largest bounds
-  that make them up (they set the threshold and ``rho``); after that every unverified site whose bound
-  reaches the threshold, and, of every parent whose unexplained part plus its likeliest unverified child's
-  bound reaches the threshold, as many more unverified children (largest bound first) as it has verified
-  ones, at least one. The level stops when a round would verify nothing; each round verifies at least one
-  site, so it stops.
+  whole layer). At every other level a round verifies: while fewer than ``k`` of the level's sites, or
+  fewer than three of a family's, are verified, the largest bounds that make them up (they set the
+  threshold and ``rho``); after that every unverified site whose bound reaches the threshold, and, of
+  every parent whose unexplained part plus its likeliest unverified child's bound reaches the threshold,
+  as many more unverified children (largest bound first) as it has verified ones, at least one. At the
+  finest walked level the unexplained part is first reduced by the error allowances (bound minus
+  ``|estimate|``) of that child's unverified siblings. The level stops when a round would verify nothing;
+  each round verifies at least one site, so it stops.
 
 ``tol=0`` (and no ``k``) verifies every site: the result is the exhaustive sweep's. Verified values are
-``activation_patching``'s own for those sites (the same function is called on them).
+``activation_patching``'s for those sites within float rounding: the clean and corrupt runs are made once
+(:class:`~crosspatch.methods.localize_verify.Verifier`) and each round patches into them as that function
+does.
 
 Forwards are counted as rows through the model divided by the number of prompts (a forward of ``n``
 prompts is one, however rows are batched), a backward as two forwards: AtP* with GradDrop over ``L``
 layer groups costs ``3 (L + 1) + 1`` (one gradient forward of ``(L + 1) n`` rows, its backward, the
-source run), an ``activation_patching`` call ``2 + metadata["sites_run"]`` (the clean and corrupt runs
-and one per site run). The exhaustive sweep is counted the same way.
+source run), the verification ``2`` (the clean and corrupt runs, once) plus one per site run. The
+exhaustive sweep, one ``activation_patching`` call, is counted the same way: ``2 + metadata["sites_run"]``.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def atp_forwards(result: Result) -> int:
 
 
 def patching_forwards(result: Result) -> int:
-    """Forwards an ``activation_patching`` call spent: the clean and corrupt runs and one per site run."""
+    """Forwards an ``activation_patching`` call (the exhaustive sweep) spent: the clean and corrupt runs and
+    one per site run; counted as localize counts its own."""
     return 2 + int(result.metadata["sites_run"])
 
 
@@ -229,8 +233,8 @@ def localize(
     adds); ``levels=["component_pos"]`` is AtP* verified without the coarser levels. ``start="resid"``
     makes the first two levels the residual stream (``resid_pre.L``, ``resid_pre.L[pos=p]`` and the last
     layer's ``resid_post``) instead of the attention and MLP writes. ``direction``, ``normalize``,
-    ``batch_size`` and ``reuse_prefix`` are passed to ``activation_patching`` and (the first two) to
-    ``attribution_patching``. ``tol=0`` without ``k`` verifies every site. Returns a
+    ``batch_size`` and ``reuse_prefix`` mean what they mean to ``activation_patching``, whose values the
+    verified sites get, and the first two are passed to ``attribution_patching``. ``tol=0`` without ``k`` verifies every site. Returns a
     :class:`Localization`; the module docstring and ``docs/localize.md`` give the rule and the cost count.
     """
     if not tol >= 0:
