@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from crosspatch.engine.model import WrappedModel
-from crosspatch.methods.vlm_flow import Flow, cross_modal_flow, group_patterns
+from crosspatch.methods.vlm_flow import Flow, cross_modal_flow
 from crosspatch.results.result import Result
 
 from . import llava
@@ -120,9 +120,8 @@ def image_pair_patching(m: WrappedModel, tokenizer: Any, factor: str, n: int = 6
     clean = shapes_prompts(tokenizer, pairs[0].images, pairs[0].values, q, k, task)
     corrupt = shapes_prompts(tokenizer, pairs[1].images, pairs[1].values, q, k, task)
     metric = logit_diff(clean.answer, corrupt.answer)
-    prepared = m.prepare(clean.inputs)
     sites = PATCH_SITES if sites is None else sites
-    results = [activation_patching(m, clean.inputs, corrupt.inputs, group_patterns(p, prepared), metric,
+    results = [activation_patching(m, clean.inputs, corrupt.inputs, p, metric,
                                    normalize=True, progress=False) for p in sites.values()]
     base = results[0].metadata.get("baseline")
     correct = (_top(m, clean.inputs) == clean.answer) & (_top(m, corrupt.inputs) == corrupt.answer)

@@ -72,7 +72,7 @@ def activation_patching(
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
-    sweep = m.catalog.expand(sites, pair.sizes)
+    sweep = pair.expand(sites)
     # Each site is patched where that costs least: a head's write as its head_z (the write is linear in it).
     patched = [m.catalog.through_source(site) for site in sweep.sites]
     keys = list(dict.fromkeys(site.key for site in patched))

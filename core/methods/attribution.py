@@ -140,7 +140,7 @@ def attribution_patching(
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
-    sweep = m.catalog.expand(sites, pair.sizes)
+    sweep = pair.expand(sites)
     by_key: dict[str, list[int]] = {}
     for i, site in enumerate(sweep.sites):
         by_key.setdefault(site.key, []).append(i)

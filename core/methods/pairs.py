@@ -12,6 +12,8 @@ from ..engine.adapter import Inputs, batch_size, model_device
 from ..results.metrics import Metric, as_metric
 from ..engine.model import WrappedModel, wrap
 from ..engine.text import check_same_lengths, is_text
+from ..sites.selection import group_patterns, input_groups
+from ..sites.site import Site
 
 __all__ = [
     "Pair", "prepare_pair", "check_pair", "check_gap", "label_positions", "model_metric", "same_masks",
@@ -35,6 +37,13 @@ class Pair:
     base: Inputs
     source: Inputs
     sizes: dict[str, int]
+
+    def expand(self, sites: Any) -> Any:
+        """The sweep of ``sites`` on these inputs (a ``Sweep``); position-group names (``resid_pre.*[pos=image]``)
+        become the columns the base inputs give the group."""
+        if input_groups(self.base):
+            sites = group_patterns([sites] if isinstance(sites, (str, Site)) else list(sites), self.base)
+        return self.model.catalog.expand(sites, self.sizes)
 
 
 def check_pair(clean: Inputs, corrupt: Inputs) -> None:

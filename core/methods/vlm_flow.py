@@ -24,10 +24,10 @@ from ..engine.adapter import batch_size, repeat_rows
 from ..engine.knockout import Knockout, bind
 from ..engine.model import WrappedModel
 from ..results.result import Result, collect_versions
-from ..sites.selection import group_sites, input_groups
+from ..sites.selection import input_groups
 from ..sites.site import SiteError
 
-__all__ = ["DEFAULT_EDGES", "Flow", "cross_modal_flow", "group_patterns", "layer_windows"]
+__all__ = ["DEFAULT_EDGES", "Flow", "cross_modal_flow", "layer_windows"]
 
 #: The edge sets of the paper: (source group, destination group); attention from source keys to destination queries.
 DEFAULT_EDGES: dict[str, tuple[str, str]] = {
@@ -160,20 +160,3 @@ def cross_modal_flow(
                 per_item, list(edges), windows, level, n_boot, seed, metadata)
 
 
-def group_patterns(sites: "str | list[str]", inputs: Mapping[str, Any]) -> "str | list[str]":
-    """Site patterns with position-group names (``resid_pre.*[pos=image]``) turned into the columns the prepared
-    ``inputs`` give each group (``resid_pre.*[pos={1,...,16}]``), for sweeps such as ``activation_patching``, which
-    expand patterns by the site grammar alone. A group must hold the same columns in every row (align the rows,
-    e.g. no padding before it); a pattern naming no group is returned as it is."""
-    groups = input_groups(inputs)
-
-    def one(pattern: str) -> str:
-        resolved = group_sites(pattern, groups)
-        if len(resolved) != 1 or resolved[0][1] is not None:
-            raise SiteError(
-                f"site {pattern}: its groups hold different columns in different rows; a sweep patches one set of "
-                f"columns for every row, so align the rows (same layout, no padding before the group)"
-            )
-        return str(resolved[0][0])
-
-    return one(sites) if isinstance(sites, str) else [one(s) for s in sites]

@@ -13,7 +13,7 @@ back. :func:`check_padding` refuses a negative position where rows are padded on
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from .catalog import SiteFamily
 from .site import LAST, POSITION_AXES, Site, SiteError, Span, span_range
 
 __all__ = [
-    "GROUP_PREFIX", "group_columns", "group_sites", "input_groups", "named_groups", "take_group",
+    "GROUP_PREFIX", "group_columns", "group_patterns", "group_sites", "input_groups", "named_groups", "take_group",
     "axis_index", "at_first", "check_padding", "index_for", "last_axes", "last_columns", "last_positions",
     "put_rows", "row_ends", "select", "take_rows",
 ]
@@ -281,6 +281,25 @@ def group_sites(
     if len(out) == 1:
         return [(out[0][0], None)]
     return out
+
+
+def group_patterns(sites: "str | list[str]", inputs: Mapping[str, Any]) -> "str | list[str]":
+    """Site patterns with position-group names (``resid_pre.*[pos=image]``) turned into the columns the prepared
+    ``inputs`` give each group (``resid_pre.*[pos={1,...,16}]``), before a sweep expands patterns by the site
+    grammar (which knows ``last`` but no other group). A group must hold the same columns in every row (align the rows,
+    e.g. no padding before it); a pattern naming no group is returned as it is."""
+    groups = input_groups(inputs)
+
+    def one(pattern: str) -> str:
+        resolved = group_sites(pattern, groups)
+        if len(resolved) != 1 or resolved[0][1] is not None:
+            raise SiteError(
+                f"site {pattern}: its groups hold different columns in different rows; a sweep patches one set of "
+                f"columns for every row, so align the rows (same layout, no padding before the group)"
+            )
+        return str(resolved[0][0])
+
+    return one(sites) if isinstance(sites, str) else [one(s) for s in sites]
 
 
 def take_group(tensor: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -17,7 +17,8 @@ import crosspatch as cp  # noqa: E402
 from crosspatch.adapters.vlm import VLMAdapter  # noqa: E402
 from crosspatch.adapters.vlm import zoo as vlm_zoo  # noqa: E402
 from crosspatch.adapters.vlm.shapes_study import flow_by_question, image_pair_patching, question_prompts, subset  # noqa: E402
-from crosspatch.methods.vlm_flow import cross_modal_flow, group_patterns  # noqa: E402
+from crosspatch.methods.vlm_flow import cross_modal_flow  # noqa: E402
+from crosspatch.sites.selection import group_patterns  # noqa: E402
 from crosspatch.sites.site import Site, SiteError  # noqa: E402
 
 SMALL = replace(vlm_zoo.RECIPE, text_layers=3, batch_size=48, pool=2000)
@@ -43,6 +44,21 @@ def test_group_names_resolve_in_sweep_patterns(trained):
     padded["group.image"][0] = torch.roll(padded["group.image"][0], 1)  # row 0 one column later
     with pytest.raises(SiteError, match="align the rows"):
         group_patterns("resid_pre.*[pos=image]", padded)
+
+
+def test_sweeps_take_group_names_directly(trained):
+    """activation_patching and attribution_patching resolve group names themselves: the same values as the
+    pattern with the group's columns written out."""
+    m, tok = trained
+    clean = question_prompts(m, tok, "colour", 4, seed=1).prompts.inputs
+    corrupt = question_prompts(m, tok, "colour", 4, seed=2).prompts.inputs
+    metric = lambda out, ctx: out[:, -1].log_softmax(-1)[:, 5]  # noqa: E731
+    written = group_patterns(["resid_pre.*[pos=image]", "mlp_out.*[pos=question]"], m.prepare(clean))
+    for method in (cp.activation_patching, cp.attribution_patching):
+        named = method(m, clean, corrupt, ["resid_pre.*[pos=image]", "mlp_out.*[pos=question]"], metric)
+        explicit = method(m, clean, corrupt, written, metric)
+        np.testing.assert_array_equal(named.values, explicit.values)
+        assert np.abs(named.values).max() > 0
 
 
 def test_image_pair_patching_meets_its_exact_ends(trained):
