@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "Knockout": "engine.knockout", "KnockoutEdges": "engine.interventions", "cross_modal_flow": "methods.vlm_flow",
     "attribution_graph": "methods.attribution_graph.graph", "AttributionGraph": "methods.attribution_graph.graph",
     "feature_intervention": "methods.attribution_graph.interventions",
+    "qk_attribution": "methods.attribution_graph.qk", "QKAttribution": "methods.attribution_graph.qk",
     "Transcoder": "trainable.transcoder", "train_transcoder": "trainable.transcoder",
     "load_transcoder": "trainable.transcoder",
     "run_study": "study.runner", "load_study": "study.spec",
@@ -136,6 +137,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .methods.attribution_graph.graph import AttributionGraph, attribution_graph
     from .methods.attribution_graph.interventions import feature_intervention
     from .methods.attribution_graph.prune import prune as prune_graph
+    from .methods.attribution_graph.qk import QKAttribution, qk_attribution
     from .methods.attribution_graph.prune import scores as graph_scores
     from .methods.cdt_circuit import cdt_circuit
     from .methods.head_roles import head_roles
