@@ -6,6 +6,9 @@ A :class:`Transcoder` covers ``n`` layers. Source layer ``i`` reads ``input_site
     f_i = act(pre_i)                                       # JumpReLU (pre * (pre > threshold)), TopK or ReLU
     y_j = sum over sources i writing to j of f_i @ W_dec[i][:, j - i] + b_dec[j]
 
+A transcoder with a skip connection (``skip=True``, circuit-tracer's skip transcoders) adds a linear
+term of its own input to each output, ``y_j += x_j @ W_skip[j].T`` (``W_skip[j]`` is ``[d_out, d_in]``).
+
 A per-layer transcoder (PLT) writes only its own layer (``W_dec[i]`` is ``[n_features, 1, d_out]``);
 a cross-layer transcoder (CLT) writes its layer and every later one (``[n_features, n - i, d_out]``,
 circuit-tracer's layout), so ``output_sites[j]`` (``mlp_out.L``) is the sum of the decoders of every
@@ -60,6 +63,7 @@ class Transcoder(nn.Module):
         kind: Kind = "jumprelu",
         k: int | None = None,
         normalized_input: bool = False,
+        skip: bool = False,
         metadata: dict | None = None,
         dtype: torch.dtype = torch.float32,
     ):
@@ -87,6 +91,8 @@ class Transcoder(nn.Module):
             [nn.Parameter(torch.zeros(n_features, (n - i) if cross_layer else 1, d_out, dtype=dtype)) for i in range(n)]
         )
         self.b_dec = nn.Parameter(torch.zeros(n, d_out, dtype=dtype))
+        # Output j's linear skip term reads input j: [n, d_out, d_in] (circuit-tracer's orientation).
+        self.W_skip = nn.Parameter(torch.zeros(n, d_out, d_in, dtype=dtype)) if skip else None
         self.bandwidth = 1e-3  # JumpReLU's straight-through kernel width (set by training)
 
     # ------------------------------------------------------------------ structure
@@ -139,8 +145,19 @@ class Transcoder(nn.Module):
         return [(torch.zeros(*shape, self.d_out, dtype=self.b_dec.dtype, device=self.b_dec.device) if o is None else o)
                 + self.b_dec[j] for j, o in enumerate(outs)]
 
+    def skip(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Output ``j``'s skip term for its input ``x`` ``[..., d_in]`` (zero without a skip connection)."""
+        if self.W_skip is None:
+            return torch.zeros(*x.shape[:-1], self.d_out, dtype=self.b_dec.dtype, device=x.device)
+        return x.to(self.W_skip.dtype) @ self.W_skip[j].T
+
+    def reconstruct(self, inputs: Sequence[torch.Tensor], features: Sequence["torch.Tensor | None"]) -> list[torch.Tensor]:
+        """Every output: the decoding of ``features`` plus, with a skip connection, each output's skip term."""
+        outs = self.decode(features)
+        return outs if self.W_skip is None else [o + self.skip(j, x) for j, (o, x) in enumerate(zip(outs, inputs))]
+
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.decode([self.encode(i, x) for i, x in enumerate(inputs)])
+        return self.reconstruct(inputs, [self.encode(i, x) for i, x in enumerate(inputs)])
 
     @torch.no_grad()
     def evaluate(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> dict[str, Any]:
@@ -149,7 +166,7 @@ class Transcoder(nn.Module):
         inputs = [x.reshape(-1, self.d_in).to(self.W_enc) for x in inputs]
         outputs = [y.reshape(-1, self.d_out).to(self.W_enc) for y in outputs]
         feats = [self.encode(i, x) for i, x in enumerate(inputs)]
-        recon = self.decode(feats)
+        recon = self.reconstruct(inputs, feats)
         err = [(r - y).double().pow(2).sum() for r, y in zip(recon, outputs)]
         var = [(y.double() - y.double().mean(0)).pow(2).sum().clamp_min(1e-30) for y in outputs]
         return {
@@ -167,7 +184,7 @@ class Transcoder(nn.Module):
             "d_in": self.d_in, "d_out": self.d_out, "n_features": self.n_features,
             "input_sites": self.input_sites, "output_sites": self.output_sites,
             "cross_layer": self.cross_layer, "kind": self.kind, "k": self.k,
-            "normalized_input": self.normalized_input,
+            "normalized_input": self.normalized_input, "skip": self.W_skip is not None,
             "dtype": str(self.W_enc.dtype).removeprefix("torch."), "metadata": self.metadata,
         }
 
@@ -180,6 +197,8 @@ class Transcoder(nn.Module):
         (path / TRANSCODER_CFG).write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold, "b_dec": self.b_dec}
         tensors.update({f"W_dec_{i}": w for i, w in enumerate(self.W_dec)})
+        if self.W_skip is not None:
+            tensors["W_skip"] = self.W_skip
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TRANSCODER_WEIGHTS))
         return path
 
@@ -216,8 +235,8 @@ def load_transcoder(path: "str | Path", device: "str | torch.device" = "cpu") ->
     dtype = weights["W_enc"].dtype if "W_enc" in weights else torch.float32
     tc = Transcoder(cfg["d_in"], cfg["d_out"], cfg["n_features"], cfg["input_sites"], cfg["output_sites"],
                     cross_layer=cfg["cross_layer"], kind=cfg["kind"], k=cfg["k"],
-                    normalized_input=bool(cfg.get("normalized_input", False)), metadata=cfg.get("metadata") or {},
-                    dtype=dtype)
+                    normalized_input=bool(cfg.get("normalized_input", False)), skip=bool(cfg.get("skip", False)),
+                    metadata=cfg.get("metadata") or {}, dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in tc.state_dict().items()}
     state = {("W_dec." + k.removeprefix("W_dec_")) if k.startswith("W_dec_") else k: v for k, v in weights.items()}
     bad = {k: (tuple(state[k].shape) if k in state else None, shape) for k, shape in expected.items()

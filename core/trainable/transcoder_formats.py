@@ -15,7 +15,9 @@ circuit-tracer describes a folder with ``config.yaml``:
 become sites: ``hook_resid_mid`` reads ``mlp_in.L`` (the residual the MLP's norm reads), ``hook_mlp_out`` /
 ``mlp.hook_out`` writes ``mlp_out.L``; ``mlp.hook_in`` / ``ln2.hook_normalized`` read the *normed* input,
 loaded with ``normalized_input=True``. ``hf://`` entries are read from the folder by their file name:
-nothing is downloaded. Skip connections (``W_skip``) are refused rather than dropped.
+nothing is downloaded. A per-layer file's skip connection (``W_skip [d_model, d_model]``, applied as
+``x @ W_skip.T``) loads into ``Transcoder(skip=True)``; a cross-layer folder with one is refused rather
+than dropped.
 """
 
 from __future__ import annotations
@@ -107,12 +109,13 @@ def _npz(path: Path) -> dict[str, torch.Tensor]:
             "activation_function.threshold": params["threshold"]}
 
 
-def _need(weights: dict, keys: list[str], path: Path) -> None:
+def _need(weights: dict, keys: list[str], path: Path, *, skip_allowed: bool = False) -> None:
     missing = [k for k in keys if k not in weights]
     if missing:
         raise FormatError(f"{path} lacks {missing}; it holds {sorted(weights)}")
-    if any(k.startswith("W_skip") for k in weights):
-        raise NotImplementedError(f"{path} has a skip connection (W_skip), which these transcoders do not model")
+    if not skip_allowed and any(k.startswith("W_skip") for k in weights):
+        raise NotImplementedError(f"{path} has a skip connection (W_skip), which cross-layer transcoders here do not "
+                                  f"model (per-layer transcoder sets with W_skip load)")
 
 
 def load_published(folder: "str | Path", *, dtype: torch.dtype = torch.float32,
@@ -136,7 +139,7 @@ def load_published(folder: "str | Path", *, dtype: torch.dtype = torch.float32,
     layers = []
     for path in paths:
         weights = _npz(path) if path.suffix == ".npz" else _safetensors(path)
-        _need(weights, ["W_enc", "W_dec", "b_enc", "b_dec"], path)
+        _need(weights, ["W_enc", "W_dec", "b_enc", "b_dec"], path, skip_allowed=True)
         layers.append(weights)
     first = layers[0]
     n_features, d_in = first["W_enc"].shape
@@ -148,9 +151,13 @@ def load_published(folder: "str | Path", *, dtype: torch.dtype = torch.float32,
     else:
         kind = "relu"
     normed = hook_site(in_hook, 0, output=False)[1]
+    skips = ["W_skip" in w for w in layers]
+    if any(skips) and not all(skips):
+        raise FormatError(f"{folder}: layers {[i for i, s in enumerate(skips) if s]} have a skip connection (W_skip) "
+                          f"and layers {[i for i, s in enumerate(skips) if not s]} do not; a set has it everywhere or nowhere")
     tc = Transcoder(d_in, d_out, n_features, [hook_site(in_hook, i, output=False)[0] for i in range(len(layers))],
                     [hook_site(out_hook, i, output=True)[0] for i in range(len(layers))], kind=kind,
-                    k=k if kind == "topk" else None, normalized_input=normed,
+                    k=k if kind == "topk" else None, normalized_input=normed, skip=all(skips),
                     metadata={"loaded_from": str(folder), "format": "circuit-tracer transcoder_set",
                               "scan": cfg.get("scan"), "model_name": cfg.get("model_name")}, dtype=dtype)
     with torch.no_grad():
@@ -162,6 +169,11 @@ def load_published(folder: "str | Path", *, dtype: torch.dtype = torch.float32,
             tc.b_enc[i].copy_(w["b_enc"])
             tc.W_dec[i][:, 0].copy_(w["W_dec"])
             tc.b_dec[i].copy_(w["b_dec"])
+            if tc.W_skip is not None:
+                if tuple(w["W_skip"].shape) != (d_out, d_in):
+                    raise FormatError(f"{path}: W_skip is {tuple(w['W_skip'].shape)}, expected [d_out, d_in] = "
+                                      f"[{d_out}, {d_in}]")
+                tc.W_skip[i].copy_(w["W_skip"])
             if kind == "jumprelu":
                 tc.threshold[i].copy_(w["activation_function.threshold"].reshape(-1))
     return tc

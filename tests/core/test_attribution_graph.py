@@ -13,11 +13,12 @@ from crosspatch.trainable.transcoder import Transcoder
 
 
 def random_transcoder(d: int, layers: int, n_features: int = 16, *, cross_layer: bool, kind: str = "jumprelu",
-                      seed: int = 0) -> Transcoder:
+                      seed: int = 0, skip: bool = False) -> Transcoder:
     """Random weights with thresholds that leave a few features on per position (no training needed)."""
     gen = torch.Generator().manual_seed(seed)
     tc = Transcoder(d, d, n_features, [f"mlp_in.{L}" for L in range(layers)], [f"mlp_out.{L}" for L in range(layers)],
-                    cross_layer=cross_layer, kind=kind, k=4 if kind == "topk" else None, dtype=torch.float64)
+                    cross_layer=cross_layer, kind=kind, k=4 if kind == "topk" else None, skip=skip,
+                    dtype=torch.float64)
     with torch.no_grad():
         for p in tc.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
@@ -81,10 +82,14 @@ def _finite_difference_columns(state, graph) -> torch.Tensor:
     return cols
 
 
-@pytest.mark.parametrize("cross_layer", [False, True], ids=["plt", "clt"])
-def test_replacement_model_reproduces_the_clean_logits(setup, cross_layer):
+VARIANTS = pytest.mark.parametrize("cross_layer, skip", [(False, False), (True, False), (False, True)],
+                                   ids=["plt", "clt", "plt-skip"])
+
+
+@VARIANTS
+def test_replacement_model_reproduces_the_clean_logits(setup, cross_layer, skip):
     m, ids = setup
-    tc = random_transcoder(64, 2, cross_layer=cross_layer)
+    tc = random_transcoder(64, 2, cross_layer=cross_layer, skip=skip)
     state = clean_state(m, tc, ids)
     assert sum(int((f != 0).sum()) for f in state.features.values()) > 10  # the transcoder is not idle
     assert max(float(e.abs().max()) for e in state.error.values()) > 0.1  # and not exact: errors carry the rest
@@ -95,10 +100,10 @@ def test_replacement_model_reproduces_the_clean_logits(setup, cross_layer):
     assert float((replacement_run(state).output[0] - state.logits).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("cross_layer", [False, True], ids=["plt", "clt"])
-def test_every_edge_is_a_finite_difference_of_the_frozen_model(setup, cross_layer):
+@VARIANTS
+def test_every_edge_is_a_finite_difference_of_the_frozen_model(setup, cross_layer, skip):
     m, ids = setup
-    tc = random_transcoder(64, 2, cross_layer=cross_layer, seed=1)
+    tc = random_transcoder(64, 2, cross_layer=cross_layer, seed=1, skip=skip)
     graph = attribution_graph(m, tc, ids, batch_size=7, progress=False)
     state = clean_state(m, tc, ids)
     A = graph.dense()
@@ -204,13 +209,13 @@ def test_a_transcoder_over_some_layers_leaves_the_others_as_error_nodes(setup):
     assert float((A - fd).abs().max()) <= 1e-4 * max(float(A.abs().max()), 1.0)
 
 
-@pytest.mark.parametrize("cross_layer", [False, True], ids=["plt", "clt"])
-def test_paths_through_the_graph_are_the_replacement_models_response(setup, cross_layer):
+@VARIANTS
+def test_paths_through_the_graph_are_the_replacement_models_response(setup, cross_layer, skip):
     """Summing every path, ``[(I - M)^-1]`` (``M``: the adjacency per unit of each source feature), gives what
     the local replacement model does when a feature is edited: the later features respond through their
     frozen masks and the targets move by exactly that."""
     m, ids = setup
-    tc = random_transcoder(64, 2, cross_layer=cross_layer, seed=10)
+    tc = random_transcoder(64, 2, cross_layer=cross_layer, seed=10, skip=skip)
     graph = attribution_graph(m, tc, ids, progress=False)
     state = clean_state(m, tc, ids)
     A = graph.dense()
@@ -232,3 +237,6 @@ def test_paths_through_the_graph_are_the_replacement_models_response(setup, cros
         torch.testing.assert_close(moved, 1.5 * total[targets, k], rtol=1e-7, atol=1e-10)
         indirect.append(float((total[targets, k] - M[targets, k]).abs().max()))
     assert max(indirect) > 1e-6  # the paths through layer 1's features count: the direct edge alone is not it
+    if skip:  # the skip terms carry part of every edge: without them the graph is another one
+        tc.W_skip = None
+        assert float((attribution_graph(m, tc, ids, progress=False).dense() - A).abs().max()) > 1e-3

@@ -228,11 +228,44 @@ def test_published_folders_that_cannot_load_say_why(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_published(tmp_path)
     w = {k: torch.zeros(3, 2) for k in ("W_enc", "W_dec")} | {"b_enc": torch.zeros(3), "b_dec": torch.zeros(2),
-                                                              "W_skip": torch.zeros(2, 2)}
+                                                              "W_skip": torch.zeros(3, 2)}
     save_file(w, str(tmp_path / "x.safetensors"))
-    with pytest.raises(NotImplementedError, match="W_skip"):
+    with pytest.raises(FormatError, match=r"W_skip is \(3, 2\), expected \[d_out, d_in\] = \[2, 2\]"):
         load_published(tmp_path)
     _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: hook_attn_out\n"
                                           "feature_output_hook: hook_mlp_out\ntranscoders:\n  - x.safetensors\n")
     with pytest.raises(ValueError, match="no crosspatch site"):
         load_published(tmp_path)
+
+
+def test_a_skip_transcoder_set_loads_and_adds_x_at_w_skip_transposed(tmp_path):
+    """circuit-tracer's skip transcoders: each layer's output is decode(features) + x @ W_skip.T, written by hand
+    here from the file's tensors; saved and reloaded through crosspatch's own folder format unchanged."""
+    from safetensors.torch import save_file
+
+    from crosspatch.trainable.transcoder import load_transcoder
+    from crosspatch.trainable.transcoder_formats import load_published
+
+    gen = torch.Generator().manual_seed(0)
+    d, f = 4, 6
+    files = []
+    for layer in range(2):
+        w = {"W_enc": torch.randn(f, d, generator=gen), "W_dec": torch.randn(f, d, generator=gen),
+             "b_enc": torch.randn(f, generator=gen), "b_dec": torch.randn(d, generator=gen),
+             "W_skip": torch.randn(d, d, generator=gen)}
+        save_file(w, str(tmp_path / f"layer_{layer}.safetensors"))
+        files.append(w)
+    _write_yaml(tmp_path / "config.yaml", "model_kind: transcoder_set\nfeature_input_hook: hook_resid_mid\n"
+                                          "feature_output_hook: hook_mlp_out\n")
+    tc = load_published(tmp_path, activation="relu")
+    assert tc.W_skip is not None and tc.config()["skip"] is True
+    x = [torch.randn(5, d, generator=gen) for _ in range(2)]
+    out = tc(x)
+    for layer, w in enumerate(files):
+        expected = torch.relu(x[layer] @ w["W_enc"].T + w["b_enc"]) @ w["W_dec"] + w["b_dec"] + x[layer] @ w["W_skip"].T
+        torch.testing.assert_close(out[layer], expected, rtol=1e-5, atol=1e-5)
+        assert float((x[layer] @ w["W_skip"].T).abs().max()) > 0.1  # the skip term is there to be checked
+    again = load_transcoder(tc.save(tmp_path / "saved"))
+    assert again.W_skip is not None and torch.equal(again.W_skip, tc.W_skip)
+    for a, b in zip(again(x), out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -441,6 +441,9 @@ def qk_attribution(
     (a second computation, for checks and small graphs)."""
     if method not in ("rows", "forward"):
         raise ValueError(f"method is 'rows' or 'forward', not {method!r}")
+    if transcoder.W_skip is not None:
+        raise NotImplementedError("QK attribution of a skip transcoder: its nodes' writes are read through the "
+                                  "decomposed forward, which does not carry the skip term; use one without W_skip")
     m: WrappedModel = wrap(model)
     state = clean_state(m, transcoder, prompt_or_ids)
     P = state.n_pos

@@ -5,9 +5,11 @@
 encoding each layer's MLP input with the transcoder. Every MLP output then splits exactly into the
 transcoder's reconstruction and an error::
 
-    mlp_out_L = sum over sources i writing L of f_i @ W_dec[i -> L] + b_dec[L] + error_L
+    mlp_out_L = sum over sources i writing L of f_i @ W_dec[i -> L] + b_dec[L] (+ skip_L) + error_L
 
-(a layer the transcoder does not cover is all error). A transcoder reading the MLP's normed input
+(a layer the transcoder does not cover is all error). A skip transcoder's term ``skip_L = x_L @ W_skip.T``
+is linear in what the transcoder reads, so in every frozen forward it is recomputed from the run's own
+input, like attention with its pattern frozen: paths through it are direct effects, as in circuit-tracer. A transcoder reading the MLP's normed input
 (``normalized_input``, GemmaScope) reads the norm's clean output at the clean run and its frozen-scale output
 in the frozen forwards (:mod:`.normed`). In the *local replacement model* attention
 patterns and norm scales are the clean run's, each feature's nonlinearity is its clean on/off mask
@@ -70,6 +72,7 @@ class CleanState:
     error: dict[int, torch.Tensor]  # model layer -> [pos, d]
     norms: FrozenNorms = field(repr=False, default=None)  # type: ignore[assignment]
     input_norms: dict = field(repr=False, default_factory=dict)  # model layer -> the MLP's norm (normed-input transcoders)
+    skip_inputs: dict = field(repr=False, default_factory=dict)  # output layer -> clean input its skip term reads
 
     @property
     def n_pos(self) -> int:
@@ -86,6 +89,17 @@ class CleanState:
 
     def layer_of_output(self, j: int) -> int:
         return next(layer for layer, o in self.output_of.items() if o == j)
+
+    def skip_source(self, layer: int) -> "int | None":
+        """The model layer whose transcoder input output ``layer``'s skip term reads (None without a skip)."""
+        if self.tc.W_skip is None or layer not in self.output_of:
+            return None
+        return next((L for L, i in self.source_of.items() if i == self.output_of[layer]), None)
+
+    def skip_term(self, layer: int, read: "dict[int, torch.Tensor]", dtype: torch.dtype) -> "torch.Tensor | None":
+        """Output ``layer``'s skip term from the transcoder inputs ``read`` of this forward (None without one)."""
+        src = self.skip_source(layer)
+        return None if src is None else self.tc.skip(self.output_of[layer], read[src]).to(dtype)
 
     def source_writes(self, layer: int) -> list[int]:
         """Model layers whose MLP output the features of source ``layer`` write."""
@@ -131,19 +145,27 @@ def clean_state(m: WrappedModel, tc: Transcoder, inputs: Any) -> CleanState:
     mlp_in = {L: cache[f"mlp_in.{L}"][0].to(dtype) for L in layers}
     mlp_out = {L: cache[f"mlp_out.{L}"][0].to(dtype) for L in layers}
     input_norms = mlp_norms(norms, {L: cache[f"mlp_in.{L}"][:1] for L in source_of}) if tc.normalized_input else {}
-    pre, feats = {}, {}
+    pre, feats, reads = {}, {}, {}
     for L, i in source_of.items():
-        read = input_norms[L].y[0].to(dtype) if L in input_norms else mlp_in[L]  # the norm's own clean output
-        pre[L] = tc.pre_activation(i, read)
+        reads[L] = input_norms[L].y[0].to(dtype) if L in input_norms else mlp_in[L]  # the norm's own clean output
+        pre[L] = tc.pre_activation(i, reads[L])
         feats[L] = tc.activate(i, pre[L])
     decoded = tc.decode([feats.get(next((L for L, s in source_of.items() if s == i), -1)) for i in range(tc.n)])
     recon = {L: decoded[j] for L, j in output_of.items()}
+    skip_inputs = {}
+    if tc.W_skip is not None:
+        for L, j in output_of.items():
+            src = next((S for S, i in source_of.items() if i == j), None)
+            if src is not None:
+                skip_inputs[L] = reads[src]
+                recon[L] = recon[L] + tc.skip(j, reads[src])
     error = {L: mlp_out[L] - recon[L] if L in recon else mlp_out[L].clone() for L in layers}
     return CleanState(
         m=m, tc=tc, inputs=prepared, layers=layers, source_of=source_of, output_of=output_of,
         embed=cache["embed"][0].to(dtype), mlp_in=mlp_in, mlp_out=mlp_out,
         patterns={L: cache[f"attn_pattern.{L}"][:1].detach() for L in layers}, logits=cache["logits"][0],
         pre=pre, features=feats, recon=recon, error=error, norms=norms, input_norms=input_norms,
+        skip_inputs=skip_inputs,
     )
 
 
@@ -152,6 +174,18 @@ def _add(base: torch.Tensor, extra: "torch.Tensor | None"):
         out = base.to(x.dtype).expand_as(x)
         return out if extra is None else out + extra.to(x.dtype)
     return Fn(fn)
+
+
+def _skip_reads(state: CleanState, reads: "dict[int, torch.Tensor]") -> list[Bound]:
+    """Bounds at the inputs a skip transcoder's terms read, keeping this forward's transcoder input in ``reads``."""
+    def keep(L: int):
+        def fn(x):
+            reads[L] = state.transcoder_input(L, x)
+            return x
+        return Fn(fn)
+
+    sources = {state.skip_source(L) for L in state.layers} - {None}
+    return [Bound(Site.parse(f"mlp_in.{L}"), keep(L)) for L in sorted(sources)]
 
 
 def direct_run(
@@ -165,10 +199,25 @@ def direct_run(
     freeze_attention: bool = True,
 ) -> Run:
     """The frozen model with every MLP output held at its clean value (plus ``mlp_delta[L]``,
-    ``[rows, pos, d]``) and the embeddings at theirs (plus ``embed_delta``): what edges differentiate."""
+    ``[rows, pos, d]``) and the embeddings at theirs (plus ``embed_delta``): what edges differentiate.
+    A skip transcoder's term follows this forward's input (its change from the clean one is added)."""
     mlp_delta = mlp_delta or {}
     bounds = [Bound(Site.parse("embed"), _add(state.embed, embed_delta))]
-    bounds += [Bound(Site.parse(f"mlp_out.{L}"), _add(state.mlp_out[L], mlp_delta.get(L))) for L in state.layers]
+    reads: dict[int, torch.Tensor] = {}
+    bounds += _skip_reads(state, reads)
+
+    def held(L: int):
+        base, extra = state.mlp_out[L], mlp_delta.get(L)
+        if state.skip_source(L) is None:
+            return _add(base, extra)
+
+        def fn(x):
+            out = base.to(x.dtype) + state.skip_term(L, reads, x.dtype) - state.tc.skip(
+                state.output_of[L], state.skip_inputs[L]).to(x.dtype)
+            return out if extra is None else out + extra.to(x.dtype)
+        return Fn(fn)
+
+    bounds += [Bound(Site.parse(f"mlp_out.{L}"), held(L)) for L in state.layers]
     if freeze_attention:
         bounds += pattern_bounds(state.layers, state.patterns)
     with state.norms.frozen():
@@ -189,9 +238,12 @@ def replacement_run(
     stash: dict[int, torch.Tensor] = {}
     masks = {L: (f != 0) for L, f in state.features.items()}
 
+    reads: dict[int, torch.Tensor] = {}
+
     def read(L: int):
         def fn(x):
-            f = masks[L].to(x.dtype) * tc.pre_activation(state.source_of[L], state.transcoder_input(L, x))
+            reads[L] = state.transcoder_input(L, x)
+            f = masks[L].to(x.dtype) * tc.pre_activation(state.source_of[L], reads[L])
             stash[L] = f + feature_edits[L].to(f.dtype) if L in feature_edits else f
             return x
         return Fn(fn)
@@ -205,6 +257,8 @@ def replacement_run(
                 for src, i in state.source_of.items():
                     if j in tc.outputs_of(i):
                         out = out + stash[src].to(x.dtype) @ tc.decoder(i, j).to(x.dtype)
+                skip = state.skip_term(L, reads, x.dtype)
+                out = out if skip is None else out + skip
             return out
         return Fn(fn)
 
