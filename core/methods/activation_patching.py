@@ -20,7 +20,7 @@ from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward, s
 from ..results.result import Result, collect_versions
 from ..sites.site import Site, Span
 
-__all__ = ["activation_patching"]
+__all__ = ["activation_patching", "first_differences", "source_run"]
 
 # Token rows (prompts x positions computed) a resumed forward holds at most on a CPU when the caller
 # gives no batch_size: a matmul's cost per row is lowest from about 64 to 256 rows at GPT-2's widths.
@@ -90,7 +90,7 @@ def activation_patching(
     at = metric.positions(ctx, pair.sizes)
     source_at = at if same_masks(source_in, base_in) else None
     base = execute(m.module, m.adapter, m.catalog, base_in, capture=keys, keep_prefix=reuse, output_at=at)
-    source_out, source_cache = _source_run(m, source_in, base_in, base, keys, source_at, reuse)
+    source_out, source_cache = source_run(m, source_in, base_in, base, keys, source_at, reuse)
     clean_out, corrupt_out = (source_out, base.output) if direction == "denoising" else (base.output, source_out)
     ctx.example, ctx.clean = ctx.example.to(clean_out.device), clean_out
     with torch.inference_mode():
@@ -105,7 +105,7 @@ def activation_patching(
     todo = list(range(len(sweep)))  # sweep indices of the sites to run
     if skip_unchanged and todo:
         causal = base.prefix is not None and base.prefix.causal
-        differs = _first_differences(m, patched, source_cache, base.cache, causal)
+        differs = first_differences(m, patched, source_cache, base.cache, causal)
         todo = [i for i in todo if differs[i] is not None]
         # A site over every position writes the base run's own values before its first difference: it is
         # patched from there on (the same values), so a causal run resumes there.
@@ -162,7 +162,7 @@ def activation_patching(
     return Result(values, sweep.dims, coords, metadata, skipped.reshape(sweep.shape).numpy())
 
 
-def _source_run(
+def source_run(
     m: WrappedModel, source_in: Inputs, base_in: Inputs, base: Run, keys: list[str], output_at: torch.Tensor | None,
     reuse: bool,
 ) -> tuple[torch.Tensor, Cache]:
@@ -185,7 +185,7 @@ def _source_run(
     return run.output, run.cache
 
 
-def _first_differences(
+def first_differences(
     m: WrappedModel, sites: list[Site], source: Cache, base: Cache, causal: bool
 ) -> list[int | None]:
     """Per site, None when its source and base values are equal bit for bit on every prompt; else, for a

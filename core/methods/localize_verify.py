@@ -22,7 +22,7 @@ from ..engine.interventions import Patch
 from ..engine.resume import resume_chunks
 from ..results.metrics import MetricContext
 from ..sites.site import Site, Span
-from .activation_patching import CPU_TOKENS_PER_FORWARD, _first_differences, _source_run
+from .activation_patching import CPU_TOKENS_PER_FORWARD, first_differences, source_run
 from .pairs import Pair, check_gap, rows_per_forward, same_masks
 
 __all__ = ["Verifier"]
@@ -44,7 +44,7 @@ class Verifier:
         source_at = self.at if same_masks(pair.source, pair.base) else None
         self.base = execute(m.module, m.adapter, m.catalog, pair.base, capture=keys, keep_prefix=reuse,
                             output_at=self.at)
-        source_out, self.source = _source_run(m, pair.source, pair.base, self.base, keys, source_at, reuse)
+        source_out, self.source = source_run(m, pair.source, pair.base, self.base, keys, source_at, reuse)
         clean_out, corrupt_out = (source_out, self.base.output) if direction == "denoising" else (self.base.output, source_out)
         self.ctx.example, self.ctx.clean = self.ctx.example.to(clean_out.device), clean_out
         with torch.inference_mode():
@@ -61,7 +61,7 @@ class Verifier:
         pair, m, n = self.pair, self.pair.model, self.pair.n
         patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), pair.sizes).sites]
         prefix = self.base.prefix
-        differs = _first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
+        differs = first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
         todo = [i for i, first in enumerate(differs) if first is not None]
         patched = [s if not differs[i] else s.with_(pos=Span(differs[i], None)) for i, s in enumerate(patched)]
         per_forward, tokens = max(1, rows_per_forward(self.batch_size, m, n) // n), None
