@@ -114,11 +114,7 @@
       normalize: true };
   }
 
-  function setStatus(text, cls) {
-    var status = document.getElementById("status");
-    status.textContent = text;
-    status.className = "cp-status " + (cls || "");
-  }
+  var setStatus = cp.serveCommon.statusLine("status");
 
   function draw(view) {
     result.textContent = "";

@@ -94,6 +94,15 @@
     };
   }
 
+  // A status line's setter: status(text, cls) shows text in element #id styled by cls (cp-ok, cp-bad, ...).
+  function statusLine(id) {
+    return function (text, cls) {
+      var node = document.getElementById(id);
+      node.textContent = text;
+      node.className = "cp-status " + (cls || "");
+    };
+  }
+
   // "Save as study.toml": the server writes the sweep's settings as a study file, the page downloads it;
   // status(text, cls) says what happened (the server's reason when it cannot be saved).
   function saveStudy(body, status) {
@@ -115,5 +124,6 @@
     }).catch(function (err) { status("study not saved: " + err.message, "cp-bad"); });
   }
 
-  window.crosspatch.serveCommon = { api: api, latest: latest, follow: follow, sweeper: sweeper, saveStudy: saveStudy };
+  window.crosspatch.serveCommon = { api: api, latest: latest, follow: follow, sweeper: sweeper, saveStudy: saveStudy,
+    statusLine: statusLine };
 })();

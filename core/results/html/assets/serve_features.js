@@ -39,11 +39,7 @@
   ]);
   side.appendChild(panel);
 
-  function status(text, cls) {
-    var node = document.getElementById("feature-status");
-    node.textContent = text;
-    node.className = "cp-status " + (cls || "");
-  }
+  var status = cp.serveCommon.statusLine("feature-status");
 
   function fillDictionaries(selected) {
     dictSelect.textContent = "";

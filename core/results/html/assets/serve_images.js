@@ -151,11 +151,7 @@
   root.appendChild(sweep);
   root.appendChild(el("div", { class: "cp-columns" }, [steer, patch]));
 
-  function setStatus(text, cls) {
-    var status = document.getElementById("status");
-    status.textContent = text;
-    status.className = "cp-status " + (cls || "");
-  }
+  var setStatus = cp.serveCommon.statusLine("status");
 
   // ------------------------------------------------------------------ requests and what they show
 
@@ -310,11 +306,7 @@
 
   // ------------------------------------------------------------------ sweeps
 
-  function sweepStatus(text, cls) {
-    var node = document.getElementById("sweep-status");
-    node.textContent = text;
-    node.className = "cp-status " + (cls || "");
-  }
+  var sweepStatus = cp.serveCommon.statusLine("sweep-status");
 
   function drawSweep(view) {
     var result = document.getElementById("result");
