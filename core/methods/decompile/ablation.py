@@ -109,28 +109,21 @@ def optimal_ablation(m: Any, batches: Sequence[Batch], site: str, loss_fn: LossF
     best_c, best_loss = mean.clone(), mean_loss
     if abs(mean_loss - clean) <= 1e-9 or steps <= 0:
         return AblationFit(site, best_c, best_loss, mean_loss, clean, 0)
-    # Adam on one tensor, written out: torch.optim's constructor imports torch._dynamo (seconds)
     c = mean.clone().requires_grad_(True)
-    m1, m2 = torch.zeros_like(c), torch.zeros_like(c)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    done = 0
-    for step in range(1, steps + 1):
+    opt = torch.optim.Adam([c], lr=lr)
+    for _ in range(steps):
         loss = _loss(m, batches, loss_fn, {**fixed, site: c}, grad=True)
         value = float(loss.detach())
         if value < best_loss:
             best_c, best_loss = c.detach().clone(), value
-        (grad,) = torch.autograd.grad(loss, [c])
-        with torch.no_grad():
-            m1.mul_(beta1).add_(grad, alpha=1 - beta1)
-            m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-            c -= step_size * m1 / (m2.sqrt() + eps * (1 - beta2**step) ** 0.5)
-        done += 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     with torch.no_grad():
         final = float(_loss(m, batches, loss_fn, {**fixed, site: c.detach()}))
     if final < best_loss:
         best_c, best_loss = c.detach().clone(), final
-    return AblationFit(site, best_c, best_loss, mean_loss, clean, done)
+    return AblationFit(site, best_c, best_loss, mean_loss, clean, steps)
 
 
 @dataclass
