@@ -269,7 +269,7 @@ def localize(
                       stacklevel=2)
 
     # Sites of each pattern in the order AtP* returned them (expand concatenates the patterns' sweeps).
-    sweeps = {p: m.catalog.expand(p, pair.sizes) for p in unique}
+    sweeps = {p: pair.expand(p) for p in unique}
     names, values, offset = {}, {}, 0
     for p in unique:
         names[p] = estimates.coords["site"][offset : offset + len(sweeps[p])]

@@ -154,7 +154,7 @@ def plan_study(
     if method not in SHARDABLE:
         raise ValueError(f"{method!r} cannot be sharded; methods that can: {', '.join(SHARDABLE)}")
     pair = prepare_pair(model, clean, corrupt, metric, options.get("direction", "denoising"))
-    sweep = pair.model.catalog.expand(sites, pair.sizes)
+    sweep = pair.expand(sites)
     label = str(sites) if isinstance(sites, (str, Site)) else [str(s) for s in sites]
     cpu = lambda inputs: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # noqa: E731
     # positions labelled with the clean prompt's tokens, as both methods label them

@@ -59,6 +59,12 @@ def test_sweeps_take_group_names_directly(trained):
         explicit = method(m, clean, corrupt, written, metric)
         np.testing.assert_array_equal(named.values, explicit.values)
         assert np.abs(named.values).max() > 0
+    from crosspatch.scale.executors import LocalExecutor
+
+    sharded = cp.activation_patching(m, clean, corrupt, ["resid_pre.*[pos=image]", "mlp_out.*[pos=question]"], metric,
+                                     executor=LocalExecutor(sites_per_shard=2))
+    np.testing.assert_allclose(sharded.values, cp.activation_patching(m, clean, corrupt, written, metric).values,
+                               rtol=0, atol=1e-9)
 
 
 def test_image_pair_patching_meets_its_exact_ends(trained):
