@@ -72,7 +72,7 @@ class CleanState:
     error: dict[int, torch.Tensor]  # model layer -> [pos, d]
     norms: FrozenNorms = field(repr=False, default=None)  # type: ignore[assignment]
     input_norms: dict = field(repr=False, default_factory=dict)  # model layer -> the MLP's norm (normed-input transcoders)
-    skip_inputs: dict = field(repr=False, default_factory=dict)  # output layer -> clean input its skip term reads
+    skip_clean: dict = field(repr=False, default_factory=dict)  # output layer -> its skip term at the clean run
 
     @property
     def n_pos(self) -> int:
@@ -152,20 +152,20 @@ def clean_state(m: WrappedModel, tc: Transcoder, inputs: Any) -> CleanState:
         feats[L] = tc.activate(i, pre[L])
     decoded = tc.decode([feats.get(next((L for L, s in source_of.items() if s == i), -1)) for i in range(tc.n)])
     recon = {L: decoded[j] for L, j in output_of.items()}
-    skip_inputs = {}
+    skip_clean = {}
     if tc.W_skip is not None:
         for L, j in output_of.items():
             src = next((S for S, i in source_of.items() if i == j), None)
             if src is not None:
-                skip_inputs[L] = reads[src]
-                recon[L] = recon[L] + tc.skip(j, reads[src])
+                skip_clean[L] = tc.skip(j, reads[src])
+                recon[L] = recon[L] + skip_clean[L]
     error = {L: mlp_out[L] - recon[L] if L in recon else mlp_out[L].clone() for L in layers}
     return CleanState(
         m=m, tc=tc, inputs=prepared, layers=layers, source_of=source_of, output_of=output_of,
         embed=cache["embed"][0].to(dtype), mlp_in=mlp_in, mlp_out=mlp_out,
         patterns={L: cache[f"attn_pattern.{L}"][:1].detach() for L in layers}, logits=cache["logits"][0],
         pre=pre, features=feats, recon=recon, error=error, norms=norms, input_norms=input_norms,
-        skip_inputs=skip_inputs,
+        skip_clean=skip_clean,
     )
 
 
@@ -208,12 +208,12 @@ def direct_run(
 
     def held(L: int):
         base, extra = state.mlp_out[L], mlp_delta.get(L)
-        if state.skip_source(L) is None:
+        if L not in state.skip_clean:
             return _add(base, extra)
+        base = base - state.skip_clean[L]  # all but the skip term, which this forward recomputes
 
         def fn(x):
-            out = base.to(x.dtype) + state.skip_term(L, reads, x.dtype) - state.tc.skip(
-                state.output_of[L], state.skip_inputs[L]).to(x.dtype)
+            out = base.to(x.dtype) + state.skip_term(L, reads, x.dtype)
             return out if extra is None else out + extra.to(x.dtype)
         return Fn(fn)
 
