@@ -195,7 +195,7 @@ def _position_weights(ref: torch.Tensor, names: tuple[str, ...], mask: torch.Ten
         return None
     shape = [1] * ref.ndim
     shape[0], shape[pos] = ref.shape[0], ref.shape[pos]
-    return mask.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32).reshape(shape)
+    return mask.to(ref.device).reshape(shape)
 
 
 def _masked_mean(wide: torch.Tensor, dims: list[int], weights: torch.Tensor | None) -> torch.Tensor:
