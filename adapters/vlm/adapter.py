@@ -21,6 +21,7 @@ from crosspatch.sites.selection import GROUP_PREFIX
 
 from . import llava, qwen2_vl
 from .groups import group_masks
+from .qwen2_vision import vision_sizes
 
 __all__ = ["VLMAdapter"]
 
@@ -110,13 +111,15 @@ class VLMAdapter(Adapter):
 
     def sizes(self, inputs: Inputs) -> dict[str, int]:
         n = inputs["input_ids"].shape[1]
-        return {"pos": n, "key_pos": n}
+        return {"pos": n, "key_pos": n, **vision_sizes(inputs)}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = model.config
         if qwen2_vl.is_served(model):
-            t = config.text_config
+            t, v = config.text_config, config.vision_config
             return {"class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
+                    "vision": {"n_layers": v.depth, "n_heads": v.num_heads, "d_model": v.embed_dim,
+                               "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size},
                     "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
                     "name_or_path": getattr(config, "name_or_path", "") or "",
                     "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
@@ -143,29 +146,27 @@ class VLMAdapter(Adapter):
         return tiny_model(kind)
 
     def family_oracles(self, model: nn.Module) -> dict[str, tuple[float, str | None]]:
-        """Per-head sums against the attention outputs (vision heads + out_proj bias; language heads + o_proj
-        bias when there is one), and ``embed`` at the image positions against ``projector_out``."""
+        """Per-head sums against the attention outputs (vision heads + the output projection's bias; language
+        heads + o_proj bias when there is one), and ``embed`` at the image positions against ``projector_out``."""
         from crosspatch.engine.model import WrappedModel
 
         m = WrappedModel(model, self)
         inputs = m.prepare(self.example_inputs(model))
-        if qwen2_vl.is_served(model):  # the language model only
-            lm = model.model.language_model
-            cache = m.run(inputs, capture=["head_out.0", "attn_out.0"]).cache
-            with torch.no_grad():
-                return {"head_out": _heads_oracle(cache, lm)}
-        tower, _, lm = llava.parts(model)
         last_vision = m.catalog.family("vision.head_out").layers - 1
         keys = ["embed", "projector_out", f"vision.head_out.{last_vision}", f"vision.attn_out.{last_vision}",
                 "head_out.0", "attn_out.0"]
         cache = m.run(inputs, capture=keys).cache
+        if qwen2_vl.is_served(model):
+            bias, lm = model.model.visual.blocks[last_vision].attn.proj.bias, model.model.language_model
+        else:
+            tower, _, lm = llava.parts(model)
+            bias = tower.encoder.layers[last_vision].self_attn.out_proj.bias
         with torch.no_grad():
-            return self._oracles(cache, keys, inputs, tower, lm, last_vision)
+            return self._oracles(cache, keys, inputs, bias, lm)
 
     @staticmethod
-    def _oracles(cache, keys, inputs, tower, lm, last_vision) -> dict[str, tuple[float, str | None]]:
+    def _oracles(cache, keys, inputs, bias, lm) -> dict[str, tuple[float, str | None]]:
         scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
-        bias = tower.encoder.layers[last_vision].self_attn.out_proj.bias
         vision = cache[keys[2]].sum(2) + (0 if bias is None else bias)
         image = inputs[GROUP_PREFIX + "image"]
         merged = cache["embed"][image].view_as(cache["projector_out"])
@@ -173,7 +174,7 @@ class VLMAdapter(Adapter):
             "vision.head_out": float((vision - cache[keys[3]]).abs().max()) / scale(cache[keys[3]]),
             "embed": float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"]),
         }
-        what = {"vision.head_out": "vision heads + out_proj bias differ from vision.attn_out",
+        what = {"vision.head_out": "vision heads + output projection bias differ from vision.attn_out",
                 "embed": "embed at the image positions differs from projector_out"}
         out = {name: _verdict(err, what[name]) for name, err in errors.items()}
         return {**out, "head_out": _heads_oracle(cache, lm)}

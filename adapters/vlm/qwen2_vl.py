@@ -1,9 +1,11 @@
-"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): the language model's families and position groups.
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): the vision tower, the merger and the language model's
+families, and position groups.
 
-Qwen2-VL's vision tower runs every image's patches as one flat sequence (no batch axis), with each
-image's size in ``image_grid_thw``; the merger's output is flat too. Sites need a leading axis of
-rows, so the vision tower and the merger are not served; the language model is, with its multimodal
-rotary positions computed by the model from ``image_grid_thw`` and ``mm_token_type_ids``.
+Qwen2-VL's vision tower runs every image's patches as one flat sequence, with each image's size in
+``image_grid_thw``; the merger's output is flat too. With one image per row and one grid for all rows,
+the flat sequence splits into rows, and :mod:`.qwen2_vision` serves both under ``vision.*`` and
+``projector_out``. The language model's multimodal rotary positions are computed by the model from
+``image_grid_thw`` and ``mm_token_type_ids``.
 
 Inputs are what the processor returns (``input_ids``, ``attention_mask``, ``pixel_values``
 ``[patches, features]``, ``image_grid_thw`` ``[images, 3]``, ``mm_token_type_ids``), with one image per row
@@ -21,13 +23,10 @@ from torch import nn
 from crosspatch.sites.catalog import Catalog
 
 from .language import language_families
+from .llava import install_output_recorders
+from .qwen2_vision import NOT_SERVED, vision_families
 
-__all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_inputs", "NOT_SERVED"]
-
-NOT_SERVED = {
-    "vision.*": "Qwen2-VL's vision tower runs all images' patches as one flat sequence without a row axis",
-    "projector_out": "Qwen2-VL's merger output is flat over all images (no row axis)",
-}
+__all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_inputs"]
 
 
 def is_served(model: nn.Module) -> bool:
@@ -36,8 +35,9 @@ def is_served(model: nn.Module) -> bool:
 
 
 def catalog(model: nn.Module) -> Catalog:
+    install_output_recorders(model)
     families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
-    return Catalog(families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
+    return Catalog(vision_families(model) + families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
 
 
 def _token(model: nn.Module) -> int:

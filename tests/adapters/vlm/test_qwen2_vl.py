@@ -1,5 +1,6 @@
-"""Qwen2-VL through the vlm adapter: the language model's families (the vision tower and merger run flat over
-all images and are not served), processor-shaped inputs, groups and knockout."""
+"""Qwen2-VL through the vlm adapter: the vision tower and merger (flat over all images, shown one image per row)
+against hand-written hooks and computations, the language model's families, processor-shaped inputs, groups
+and knockout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 
 import crosspatch as cp
 from crosspatch.adapters.vlm import VLMAdapter
+from crosspatch.adapters.vlm import qwen2_vl
 from crosspatch.adapters.vlm.tiny import tiny_model
+from crosspatch.engine.interventions import Zero
 from crosspatch.engine.knockout import Knockout, bind
 from crosspatch.sites.site import SiteError
 from crosspatch.testing import assert_conforms
@@ -31,9 +34,11 @@ def processor_inputs(m, seed: int = 0) -> dict:
 
 def test_conforms(m):
     assert_conforms(m.module, processor_inputs(m), VLMAdapter())
-    assert "vision.*" in m.sites().unavailable and "projector_out" in m.sites().unavailable
-    with pytest.raises(SiteError, match="flat"):
-        m.sites().family("projector_out")
+    names = set(m.sites().families)
+    assert {"vision.embed", "vision.attn_pattern", "vision.head_out", "vision.resid_post", "projector_out"} <= names
+    assert set(m.sites().unavailable) == {"vision.head_in"}
+    with pytest.raises(SiteError, match="fused qkv"):
+        m.sites().family("vision.head_in")
 
 
 def test_processor_inputs_run_row_by_row(m):
@@ -64,4 +69,85 @@ def test_knocking_out_image_to_text_hides_the_image(m):
 def test_verify_kind():
     adapter = VLMAdapter()
     oracles = adapter.family_oracles(adapter.tiny_model("qwen2_vl"))
-    assert oracles["head_out"][1] is None
+    assert set(oracles) == {"head_out", "vision.head_out", "embed"}
+    assert all(why is None for _, why in oracles.values()), oracles
+
+
+def _flat_hook(module, value_at):
+    """A hand-written forward pre-hook replacing the flat input [rows * patches, d] of ``module`` by ``value_at(x)``."""
+    return module.register_forward_pre_hook(lambda mod, args: (value_at(args[0]), *args[1:]))
+
+
+def test_vision_sites_are_the_flat_tower_split_into_rows(m):
+    """vision.resid_pre.1[patch=3] zeroed equals a hand hook zeroing flat positions r * 16 + 3 of block 1's input;
+    vision.embed and projector_out equal the tower's own patch embeddings and merger output, row-major."""
+    inp = m.prepare(processor_inputs(m))
+    visual = m.module.model.visual
+    got = m.run(inp, {"vision.resid_pre.1[patch=3]": Zero()}).output
+
+    def zero(x):
+        x = x.clone()
+        x[[3, 16 + 3]] = 0
+        return x
+
+    handle = _flat_hook(visual.blocks[1], zero)
+    try:
+        with torch.no_grad():
+            want = m.module(**qwen2_vl.model_inputs(inp), use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, m.run(inp).output)
+    cache = m.run(inp, capture=["vision.embed", "projector_out", "embed"]).cache
+    with torch.no_grad():
+        out = visual(inp["pixel_values"].reshape(32, -1), grid_thw=inp["image_grid_thw"])
+    assert torch.equal(cache["vision.embed"], visual.patch_embed(inp["pixel_values"].reshape(32, -1)).view(2, 16, -1))
+    assert torch.equal(cache["projector_out"], out.pooler_output.view(2, 4, -1))
+    assert torch.equal(cache["embed"][inp["group.image"]].view(2, 4, -1), cache["projector_out"])
+
+
+def test_vision_heads_are_exact(m):
+    """Heads + the proj bias sum to attn_out; each head's pattern times its values (computed by hand from
+    vision.resid_pre through norm1 and qkv, rotary applied) is its head_z in a plain (sdpa) run, per image."""
+    inp = m.prepare(processor_inputs(m))
+    blk = m.module.model.visual.blocks[1]
+    keys = ["vision.head_out.1", "vision.attn_out.1", "vision.head_z.1", "vision.resid_pre.1"]
+    plain = m.run(inp, capture=keys).cache
+    torch.testing.assert_close(plain["vision.head_out.1"].sum(2) + blk.attn.proj.bias, plain["vision.attn_out.1"],
+                               rtol=0, atol=1e-12)
+    pattern = m.run(inp, capture=["vision.attn_pattern.1"]).cache["vision.attn_pattern.1"]  # [2, 4, 16, 16]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 4, 16, dtype=pattern.dtype), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        values = blk.attn.qkv(blk.norm1(plain["vision.resid_pre.1"])).view(2, 16, 3, 4, 8)[:, :, 2]  # [row, patch, head, d]
+    z = torch.einsum("rhqk,rkhd->rqhd", pattern, values)
+    torch.testing.assert_close(z, plain["vision.head_z.1"], rtol=0, atol=1e-12)
+
+
+def test_a_vision_head_patch_equals_a_hand_hook(m):
+    """Patching vision.head_out.0[head=2] from another image's run equals a hand hook putting the source's slice
+    of head 2 into the proj input of block 0; the other heads are untouched."""
+    from crosspatch.engine.interventions import Patch
+
+    base, source = m.prepare(processor_inputs(m, seed=0)), m.prepare(processor_inputs(m, seed=1))
+    proj = m.module.model.visual.blocks[0].attn.proj
+    seen = []
+    handle = proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        cache = m.run(source, capture=["vision.head_out.0"]).cache
+    finally:
+        handle.remove()
+    got = m.run(base, {"vision.head_out.0[head=2]": Patch(cache)}).output
+
+    def put(x):
+        x = x.clone()
+        x[:, 16:24] = seen[0][:, 16:24]
+        return x
+
+    handle = _flat_hook(proj, put)
+    try:
+        with torch.no_grad():
+            want = m.module(**qwen2_vl.model_inputs(base), use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got - m.run(base).output).abs().max() > 1e-6
