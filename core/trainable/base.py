@@ -10,9 +10,10 @@ Serialisation keeps the full configuration next to the weights:
 
 - ``to_dict()`` / ``from_dict()`` give ``{"kind", "config", "state"}`` (state = tensors on CPU),
   the form the intervention registry and :func:`crosspatch.interventions.from_dict` use;
-- ``save(path)`` writes a folder with ``config.json`` and ``weights.safetensors`` (or
-  ``weights.pt`` when safetensors is not installed); :func:`load` reads it back onto the CPU,
-  then moves it to ``device`` when one is given. Loading never assumes a GPU.
+- ``save(path)`` writes a folder with ``config.json`` and ``weights.safetensors`` (a
+  :class:`~crosspatch.results.tensor_folder.TensorFolder`; folders holding ``weights.pt`` load too);
+  :func:`load` reads it back onto the CPU, then moves it to ``device`` when one is given. Loading
+  never assumes a GPU.
 
 Subclasses implement :meth:`config` (the JSON-able constructor arguments) and ``apply``, and set
 a unique ``kind``. They register with :func:`register` (and so become known to :func:`load` and
@@ -21,7 +22,6 @@ a unique ``kind``. They register with :func:`register` (and so become known to :
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -31,19 +31,22 @@ from torch import nn
 
 from ..engine.interventions import ApplyContext, Intervention
 from ..results.formats import FormatError, json_field, read_versioned
+from ..results.tensor_folder import TensorFolder, load_tensors
 from ..sites.site import SiteError
 
 __all__ = [
     "TrainableIntervention", "register", "registered", "from_dict", "load", "source_rows",
-    "FORMAT", "FORMAT_VERSION",
+    "FORMAT", "FORMAT_VERSION", "TRAINABLE_FOLDER",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "crosspatch.trainable"
 FORMAT_VERSION = 1
-_CONFIG = "config.json"
-_SAFETENSORS = "weights.safetensors"
+#: ``weights`` in the config names the weights file: ``weights.safetensors`` (folders saved where safetensors was
+#: missing hold ``weights.pt``, and load as well)
+TRAINABLE_FOLDER = TensorFolder("config.json", "weights.safetensors", "a trainable intervention", sort_keys=True,
+                                final_newline=True)
 _TORCH = "weights.pt"
 
 _REGISTRY: dict[str, type["TrainableIntervention"]] = {}
@@ -130,26 +133,15 @@ class TrainableIntervention(nn.Module, Intervention):
 
     def save(self, path: "str | Path") -> Path:
         """Write ``config.json`` and the weights into folder ``path`` (created); returns the folder."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        try:
-            from safetensors.torch import save_file
-        except ImportError:  # pragma: no cover - safetensors ships with transformers
-            weights = _TORCH
-            torch.save(state, folder / weights)
-        else:
-            weights = _SAFETENSORS
-            save_file(state, str(folder / weights))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "config": self.config(),
-            "weights": weights,
+            "weights": TRAINABLE_FOLDER.weights,
         }
-        (folder / _CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        folder = TRAINABLE_FOLDER.write(path, meta, self.state_dict())
         logger.debug("saved %s intervention to %s", self.kind, folder)
         return folder
 
@@ -168,20 +160,15 @@ def load(path: "str | Path", device: "torch.device | str | None" = None) -> Trai
     inside the folder.
     """
     folder = Path(path)
-    config_path = folder / _CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {_CONFIG}; it was not written by TrainableIntervention.save")
+    config_path, _ = TRAINABLE_FOLDER.require(folder, weights=False, hint="; it was not written by "
+                                              "TrainableIntervention.save")
     meta = read_versioned(config_path, "a crosspatch trainable intervention", FORMAT, "format_version", FORMAT_VERSION)
     kind = json_field(meta, "kind", str, config_path)
     config = json_field(meta, "config", dict, config_path, {})
-    weights = _weights_file(folder, json_field(meta, "weights", str, config_path, _SAFETENSORS), config_path)
+    weights = _weights_file(folder, json_field(meta, "weights", str, config_path, TRAINABLE_FOLDER.weights),
+                            config_path)
     try:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weights), device="cpu")
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_tensors(weights)
     except FileNotFoundError:
         raise FormatError(f"{config_path}: field 'weights' names {weights.name}, which is not in {folder}") from None
     except Exception as exc:
@@ -200,7 +187,7 @@ def _weights_file(folder: Path, name: str, config_path: Path) -> Path:
     if Path(name).is_absolute() or ".." in Path(name).parts or inside not in candidate.resolve().parents:
         raise FormatError(
             f"{config_path}: field 'weights' is {name!r}, which points outside the folder; it names a file in it "
-            f"({_SAFETENSORS} or {_TORCH})"
+            f"({TRAINABLE_FOLDER.weights} or {_TORCH})"
         )
     return candidate
 

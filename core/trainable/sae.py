@@ -19,7 +19,6 @@ ReLU SAE (MSE + L1 on features weighted by decoder row norms), seeded, on a tens
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -29,15 +28,17 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
-from ..results.formats import FormatError, json_field, read_json
+from ..results.formats import json_field
+from ..results.tensor_folder import TensorFolder
 from ..sites.site import Site, SiteError
 
-__all__ = ["SAE", "train_sae", "load_sae", "site_of_hook", "SAE_CFG", "SAE_WEIGHTS", "SAE_LENS_HOOKS"]
+__all__ = ["SAE", "train_sae", "load_sae", "site_of_hook", "SAE_CFG", "SAE_FOLDER", "SAE_WEIGHTS", "SAE_LENS_HOOKS"]
 
 logger = logging.getLogger(__name__)
 
 SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
+SAE_FOLDER = TensorFolder(SAE_CFG, SAE_WEIGHTS, "an SAE")
 Kind = Literal["relu", "topk", "jumprelu"]
 _ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
@@ -170,13 +171,7 @@ class SAE(nn.Module):
 
     def save(self, path: "str | Path") -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` (the sae-lens layout) into folder ``path``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / SAE_CFG).write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / SAE_WEIGHTS))
-        return path
+        return SAE_FOLDER.write(path, self.config(), self.state_dict())
 
     @classmethod
     def load(cls, path: "str | Path", device: "str | torch.device" = "cpu") -> "SAE":
@@ -197,24 +192,16 @@ def load_sae(path: "str | Path", device: "str | torch.device" = "cpu", *, site: 
     names it yourself. Folders that need activation normalisation or a scaling factor are refused
     rather than loaded wrong; a malformed ``cfg.json`` is a FormatError naming the field.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    cfg_path, weights_path = path / SAE_CFG, path / SAE_WEIGHTS
-    if not cfg_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{path} is not an SAE folder: it needs {SAE_CFG} and {SAE_WEIGHTS}")
-    cfg = read_json(cfg_path, "an SAE config")
+    cfg_path, weights_path = SAE_FOLDER.require(path)
+    cfg = SAE_FOLDER.read_config(path)
     for name, kind in (("d_in", int), ("d_sae", int), ("hook_name", (str, type(None))),
                        ("architecture", (str, type(None))), ("activation_fn_kwargs", (dict, type(None))),
                        ("metadata", (dict, type(None))), ("apply_b_dec_to_input", bool),
                        ("normalize_activations", (str, type(None))), ("k", (int, type(None))),
                        ("rescale_acts_by_decoder_norm", (bool, type(None)))):
         json_field(cfg, name, kind, cfg_path, None)
-    try:
-        weights = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{weights_path} is not a safetensors file of SAE weights: {exc}") from None
+    weights = SAE_FOLDER.read_weights(path)
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in weights]
     if missing:
         raise ValueError(f"{weights_path} lacks {missing}; it holds {sorted(weights)}")

@@ -23,7 +23,6 @@ circuit-tracer and GemmaScope layouts.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -33,17 +32,19 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
-from ..results.formats import FormatError, json_field, read_json
+from ..results.formats import FormatError, json_field
+from ..results.tensor_folder import TensorFolder
 from ..sites.site import Site
 from .jumprelu import jumprelu, step
 
 __all__ = ["Transcoder", "train_transcoder", "collect_pairs", "load_transcoder", "TRANSCODER_CFG",
-           "TRANSCODER_WEIGHTS"]
+           "TRANSCODER_FOLDER", "TRANSCODER_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
 TRANSCODER_CFG = "transcoder.json"
 TRANSCODER_WEIGHTS = "transcoder.safetensors"
+TRANSCODER_FOLDER = TensorFolder(TRANSCODER_CFG, TRANSCODER_WEIGHTS, "a transcoder")
 Kind = Literal["jumprelu", "topk", "relu"]
 _KINDS = ("jumprelu", "topk", "relu")
 
@@ -190,17 +191,11 @@ class Transcoder(nn.Module):
 
     def save(self, path: "str | Path") -> Path:
         """Write ``transcoder.json`` and ``transcoder.safetensors`` into folder ``path``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / TRANSCODER_CFG).write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold, "b_dec": self.b_dec}
         tensors.update({f"W_dec_{i}": w for i, w in enumerate(self.W_dec)})
         if self.W_skip is not None:
             tensors["W_skip"] = self.W_skip
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TRANSCODER_WEIGHTS))
-        return path
+        return TRANSCODER_FOLDER.write(path, self.config(), tensors)
 
     @classmethod
     def load(cls, path: "str | Path", device: "str | torch.device" = "cpu") -> "Transcoder":
@@ -214,24 +209,15 @@ class Transcoder(nn.Module):
 
 def load_transcoder(path: "str | Path", device: "str | torch.device" = "cpu") -> Transcoder:
     """Load a folder written by :meth:`Transcoder.save` (FormatError naming a malformed field)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    cfg_path, weights_path = path / TRANSCODER_CFG, path / TRANSCODER_WEIGHTS
-    if not cfg_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a transcoder folder: it needs {TRANSCODER_CFG} and {TRANSCODER_WEIGHTS} (published "
-            f"circuit-tracer / GemmaScope folders load with crosspatch.trainable.transcoder_formats.load_published)"
-        )
-    cfg = read_json(cfg_path, "a transcoder config")
+    cfg_path, weights_path = TRANSCODER_FOLDER.require(
+        path, hint=" (published circuit-tracer / GemmaScope folders load with "
+                   "crosspatch.trainable.transcoder_formats.load_published)")
+    cfg = TRANSCODER_FOLDER.read_config(path)
     for name, kind in (("d_in", int), ("d_out", int), ("n_features", int), ("input_sites", list),
                        ("output_sites", list), ("cross_layer", bool), ("kind", str), ("k", (int, type(None)))):
         json_field(cfg, name, kind, cfg_path)
-    try:
-        weights = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{weights_path} is not a safetensors file of transcoder weights: {exc}") from None
+    weights = TRANSCODER_FOLDER.read_weights(path)
     dtype = weights["W_enc"].dtype if "W_enc" in weights else torch.float32
     tc = Transcoder(cfg["d_in"], cfg["d_out"], cfg["n_features"], cfg["input_sites"], cfg["output_sites"],
                     cross_layer=cfg["cross_layer"], kind=cfg["kind"], k=cfg["k"],

@@ -28,9 +28,12 @@ from typing import Any
 import torch
 
 from ..results.formats import FormatError
+from ..results.tensor_folder import read_tensors
 from .transcoder import Transcoder
 
 __all__ = ["load_published", "load_gemma_scope", "hook_site"]
+
+_WEIGHTS = "transcoder weights"  # what a published weights file holds, for the error when it is not one
 
 _INPUT_HOOKS = {"hook_resid_mid": ("mlp_in", False), "mlp.hook_in": ("mlp_in", True),
                 "ln2.hook_normalized": ("mlp_in", True), "hook_mlp_in": ("mlp_in", True)}
@@ -86,16 +89,6 @@ def _local(folder: Path, entry: str) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from None
-
-
 def _npz(path: Path) -> dict[str, torch.Tensor]:
     import numpy as np
 
@@ -138,7 +131,7 @@ def load_published(folder: "str | Path", *, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"{folder}: config.yaml lists no transcoders and there is no layer_<i>.safetensors")
     layers = []
     for path in paths:
-        weights = _npz(path) if path.suffix == ".npz" else _safetensors(path)
+        weights = _npz(path) if path.suffix == ".npz" else read_tensors(path, _WEIGHTS)
         _need(weights, ["W_enc", "W_dec", "b_enc", "b_dec"], path, skip_allowed=True)
         layers.append(weights)
     first = layers[0]
@@ -184,14 +177,14 @@ def _load_clt(folder: Path, cfg: dict, in_hook: str, out_hook: str, dtype: torch
     n = len(enc_files)
     if n == 0:
         raise FileNotFoundError(f"{folder}: a cross-layer transcoder folder holds W_enc_<i>.safetensors files")
-    encs = [_safetensors(p) for p in enc_files]
+    encs = [read_tensors(p, _WEIGHTS) for p in enc_files]
     decs = []
     for i, p in enumerate(enc_files):
         _need(encs[i], [f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"], p)
         dec_path = folder / f"W_dec_{i}.safetensors"
         if not dec_path.is_file():
             raise FileNotFoundError(f"{folder}: {dec_path.name} is missing")
-        dec = _safetensors(dec_path)
+        dec = read_tensors(dec_path, _WEIGHTS)
         _need(dec, [f"W_dec_{i}"], dec_path)
         if tuple(dec[f"W_dec_{i}"].shape[1:2]) != (n - i,):
             raise FormatError(f"{dec_path}: W_dec_{i} {tuple(dec[f'W_dec_{i}'].shape)} should write {n - i} layers")
