@@ -124,3 +124,21 @@ def test_truth_checks_steps():
 def test_all_sequences_refuses_large():
     with pytest.raises(AlgorithmicTaskError, match="use sample"):
         get_algorithmic_task("sum-all").all_sequences(12)
+
+
+def test_every_sequence_is_the_product_of_the_steps_in_order():
+    """One enumeration serves tasks and MIPS: itertools.product over a task's steps, written out here."""
+    import itertools
+
+    from crosspatch.methods.mips.inputs import Alphabet, all_sequences
+    from crosspatch.zoo.algorithmic.task import every_sequence
+
+    task = next(t for t in ALGORITHMIC_TASKS if t.input_dim == 2 and min(t.low) == 0)
+    assert task.steps == tuple(itertools.product(range(task.alphabet[0]), range(task.alphabet[1])))
+    expected = [list(seq) for seq in itertools.product(task.steps, repeat=3)]
+    assert every_sequence(task.steps, 3).tolist() == [[list(s) for s in seq] for seq in expected]
+    assert task.all_sequences(3)[0].long().tolist() == every_sequence(task.steps, 3).tolist()
+    assert np.array_equal(all_sequences(Alphabet(task.steps), 3), every_sequence(task.steps, 3))
+    assert every_sequence(task.steps, 0).shape == (1, 0, 2)
+    shifted = get_algorithmic_task(next(t.name for t in ALGORITHMIC_TASKS if any(t.low)))
+    assert min(v for step in shifted.steps for v in step) == min(shifted.low)

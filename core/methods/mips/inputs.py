@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ...zoo.algorithmic.rnn import TaskRNN
+from ...zoo.algorithmic.task import every_sequence
 
 __all__ = ["Alphabet", "all_sequences", "random_sequences", "run_hidden", "run_predict"]
 
@@ -37,10 +38,9 @@ class Alphabet:
 
 
 def all_sequences(alphabet: Alphabet, length: int) -> np.ndarray:
-    """Every sequence of ``length`` steps: ``[len(alphabet)**length, length, input_dim]`` integers."""
-    steps = np.asarray(alphabet.steps, dtype=np.int64)
-    idx = np.indices((len(alphabet),) * length).reshape(length, -1).T if length else np.zeros((1, 0), np.int64)
-    return steps[idx]
+    """Every sequence of ``length`` steps: ``[len(alphabet)**length, length, input_dim]`` integers
+    (:func:`~crosspatch.zoo.algorithmic.task.every_sequence` over the alphabet's steps)."""
+    return every_sequence(alphabet.steps, length)
 
 
 def random_sequences(alphabet: Alphabet, n: int, length: int, seed: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,5 +33,4 @@ def task_info(task: Any, rnn: TaskRNN | None = None) -> TaskInfo:
         from ...zoo.algorithmic.tasks import get_algorithmic_task
 
         task = get_algorithmic_task(task)
-    steps = tuple(itertools.product(*(tuple(task.symbols(i)) for i in range(task.input_dim))))
-    return TaskInfo(task.name, Alphabet(steps), task.truth)
+    return TaskInfo(task.name, Alphabet(task.steps), task.truth)

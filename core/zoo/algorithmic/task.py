@@ -17,6 +17,7 @@ trained with cross-entropy) or ``"value"`` (any integer, trained as a regression
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 
 from .rnn import RNNShape
 
-__all__ = ["AlgorithmicTask", "AlgorithmicTaskError", "Step"]
+__all__ = ["AlgorithmicTask", "AlgorithmicTaskError", "Step", "every_sequence"]
 
 Step = tuple[int, ...]
 _SPLITS = {"train": 0, "test": 1}
@@ -90,6 +91,11 @@ class AlgorithmicTask:
         """The integers stream ``stream`` carries."""
         lo = self.low[stream]
         return range(lo, lo + self.alphabet[stream])
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """Every value one step can take, in order: the streams' symbols combined, the last stream fastest."""
+        return tuple(itertools.product(*(self.symbols(i) for i in range(self.input_dim))))
 
     def rnn_shape(self, hidden_dim: int, f_hidden: Sequence[int] = (), g_hidden: Sequence[int] = ()) -> RNNShape:
         """The :class:`RNNShape` of a network for this task with the given widths."""
@@ -168,14 +174,7 @@ class AlgorithmicTask:
         if count > limit:
             raise AlgorithmicTaskError(f"task {self.name!r} has {count} sequences of length {length}, more "
                                        f"than limit={limit}; use sample()")
-        per_step = math.prod(self.alphabet)
-        idx = np.arange(count, dtype=np.int64)
-        x = np.empty((count, length, self.input_dim), dtype=np.int64)
-        for t in range(length):
-            digit = (idx // per_step ** (length - 1 - t)) % per_step
-            for i in reversed(range(self.input_dim)):
-                x[:, t, i] = digit % self.alphabet[i] + self.low[i]
-                digit = digit // self.alphabet[i]
+        x = every_sequence(self.steps, length)
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(self.label(x))
 
     def accuracy(self, predictions: torch.Tensor, y: torch.Tensor) -> float:
@@ -187,6 +186,16 @@ class AlgorithmicTask:
         if not y.numel():
             return 1.0
         return float((predictions.long() == y.long()).all(dim=1).float().mean())
+
+
+def every_sequence(steps: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """Every sequence of ``length`` steps drawn from ``steps`` (each a tuple of ``input_dim`` integers), in
+    order with the last step fastest: ``[len(steps) ** length, length, input_dim]`` int64."""
+    values = np.asarray(steps, dtype=np.int64).reshape(len(steps), -1)
+    if not length:
+        return np.zeros((1, 0, values.shape[1]), dtype=np.int64)
+    idx = np.indices((len(steps),) * length).reshape(length, -1).T
+    return values[idx]
 
 
 def _name_key(name: str) -> int:
