@@ -37,24 +37,27 @@ def add_extract(sub: Any) -> None:
     p.set_defaults(func=_cmd_extract)
 
 
-def _is_task_rnn(name: str) -> bool:
+def _task_rnn(name: str) -> Any:
+    """The zoo model ``name``, loaded, when it is a ``TaskRNN`` (MIPS's input); None otherwise."""
     from ..zoo import store
     from ..zoo.algorithmic.rnn import TaskRNN
 
     try:
         store.get(name)
     except store.ZooError:
-        return False
-    return isinstance(store.load(name).model, TaskRNN)
+        return None
+    loaded = store.load(name)
+    return loaded if isinstance(loaded.model, TaskRNN) else None
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"extract-{args.model}")
     progress = False if args.no_progress else None
-    if _is_task_rnn(args.model):
+    rnn = _task_rnn(args.model)
+    if rnn is not None:
         from ..methods.mips import extract_program
 
-        result = extract_program(args.model, args.task, out, progress=progress)
+        result = extract_program(rnn, args.task, out, progress=progress)  # loaded once, reported under its zoo name
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
         else:

@@ -22,10 +22,14 @@ def _build(folder: Path, settings) -> dict:
     return {"accuracy": 1.0, "steps": 0, "train_seconds": 0.0, "note": "hand-set parity machine"}
 
 
+LOADS: list[Path | None] = []  # every load of the fake zoo entry's folder
+
+
 def _load(folder: Path | None):
     from crosspatch.zoo.algorithmic.rnn import RNNShape, TaskRNN
     from crosspatch.zoo.store import Loaded
 
+    LOADS.append(folder)
     saved = torch.load(folder / "rnn.pt")
     net = TaskRNN(RNNShape.from_dict(saved["shape"]))
     net.load_state_dict(saved["state"])
@@ -55,13 +59,15 @@ def rnn_zoo(tmp_path, monkeypatch):
 
 def test_extract_writes_the_report_folder(rnn_zoo, capsys):
     out = rnn_zoo / "report"
+    LOADS.clear()
     code = main(["extract", FAKE_RNN, "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert len(LOADS) == 1  # the network is loaded once: telling it is an RNN and extracting share the load
     assert "solved" in printed and "not solved" not in printed
     assert {p.name for p in out.iterdir()} == {"program.py", "verification.json", "lattice.png"}
     report = json.loads((out / "verification.json").read_text())
-    assert report["task"] == "parity-all" and report["solved"] is True
+    assert report["task"] == "parity-all" and report["solved"] is True and report["model"] == FAKE_RNN
     assert report["verification"]["network_mode"] == "exhaustive" and report["verification"]["network_mismatches"] == 0
     namespace: dict = {}
     exec((out / "program.py").read_text(), namespace)  # standalone: runs with nothing imported

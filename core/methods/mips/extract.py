@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from .normalise import normalise, quantise
 from .regress import fit_expression
 from .tasks import TaskInfo, task_info
 from .verify import Verification, as_program_input, compile_program, verify_program
+
+if TYPE_CHECKING:
+    from ...zoo.store import Loaded
 
 __all__ = ["Extraction", "extract_program"]
 
@@ -269,21 +272,26 @@ def _sample_inputs(alphabet: Alphabet, seed: int, n: int = 2000, length: int = 1
 
 
 def _resolve(source: Any, task: Any) -> tuple[TaskRNN, str, Any]:
+    """The network, its name for the report, and the task (a zoo model's own when ``task`` is None)."""
+    from ...zoo import store
+
     if isinstance(source, TaskRNN):
         return source, type(source).__name__, task
     if isinstance(source, str):
-        from ...zoo import store
-
-        spec = store.get(source)
-        loaded = store.load(source)
-        if not isinstance(loaded.model, TaskRNN):
-            raise TypeError(f"zoo model {source!r} is a {type(loaded.model).__name__}, not a TaskRNN: MIPS reads recurrent networks")
-        return loaded.model, source, task if task is not None else (spec.task or source.removeprefix("rnn-"))
-    raise TypeError(f"source must be a zoo name or a TaskRNN, not {type(source).__name__}")
+        return _resolve(store.load(source), task)
+    if isinstance(source, store.Loaded):
+        name = source.info.get("name")
+        if not isinstance(source.model, TaskRNN):
+            raise TypeError(f"zoo model {name!r} is a {type(source.model).__name__}, not a TaskRNN: MIPS reads "
+                            f"recurrent networks")
+        if task is None and name is not None:
+            task = store.get(name).task or name.removeprefix("rnn-")
+        return source.model, str(name or type(source.model).__name__), task
+    raise TypeError(f"source must be a zoo name, a loaded zoo model or a TaskRNN, not {type(source).__name__}")
 
 
 def extract_program(
-    source: TaskRNN | str,
+    source: "TaskRNN | str | Loaded",
     task: Any = None,
     out: str | Path | None = None,
     *,
@@ -294,7 +302,8 @@ def extract_program(
 ) -> Extraction:
     """Extract a Python program from a recurrent network and verify it (see the module docstring).
 
-    ``source``: a zoo name (``"rnn-parity-last2"``) or a :class:`TaskRNN`; ``task``: a task name, an
+    ``source``: a zoo name (``"rnn-parity-last2"``), a zoo model already loaded (``zoo.load(name)``, reported
+    under its zoo name) or a :class:`TaskRNN`; ``task``: a task name, an
     algorithmic task or a :class:`TaskInfo` (default: the zoo entry's task). ``out``: a folder to
     write ``program.py``, ``verification.json`` and ``lattice.png`` into. Up to ``max_verified``
     candidates that pass the screening are verified in full, shortest first, until one equals the network."""
