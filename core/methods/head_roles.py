@@ -42,10 +42,9 @@ from ..engine.model import WrappedModel, wrap
 from ..progress import progress_bar
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result, collect_versions
-from ..sites.site import Site
+from ..sites.site import Site, split_tower
 from .edges import edge_graph
-from .edges.graph import _role
-from .edges.patching import Ablation, _Patcher
+from .edges.patcher import Ablation, EdgePatcher
 from .pairs import check_gap, model_metric
 
 __all__ = ["head_roles", "roles_of", "plot_head_roles"]
@@ -79,13 +78,13 @@ def head_roles(
         raise ValueError(f"threshold is a fraction of the gap, >= 0; got {threshold}")
     m = wrap(model)
     metric = model_metric(m, metric)
-    p = _Patcher(m, clean, corrupt, ablation, reference, edge_graph(m))
+    p = EdgePatcher(m, clean, corrupt, ablation, reference, edge_graph(m))
     g, n = p.graph, p.n
-    heads = [i for i, s in enumerate(g.senders) if _role(Site.parse(s).family) == "head_out"]
+    heads = [i for i, s in enumerate(g.senders) if _role(s) == "head_out"]
     if not heads:
         raise ValueError(f"{m.catalog.model_name} has no head_out senders in its edge graph")
     names = [g.senders[i] for i in heads]
-    logits_in = next(r for r, name in enumerate(g.receivers) if _role(Site.parse(name).family) == "logits_in")
+    logits_in = next(r for r, name in enumerate(g.receivers) if _role(name) == "logits_in")
     direct_edge = {s: e for e, (s, r) in enumerate(g.edges) if r == logits_in}
     out_edges: dict[int, list[int]] = {}
     for e, (s, _) in enumerate(g.edges):
@@ -128,7 +127,7 @@ def head_roles(
     total = (clean_metric - base[2 : 2 + H]).numpy() / gap
     direct = (clean_metric - base[2 + H : 2 + 2 * H]).numpy() / gap
 
-    nodes = [name for name in g.senders if _role(Site.parse(name).family) != "embed"]
+    nodes = [name for name in g.senders if _role(name) != "embed"]
     chosen = _primaries(primaries, names, nodes, direct, top_k)
     sets = [[c] for c in chosen] + ([chosen] if len(chosen) > 1 else [])
     columns, labels = [total, direct], ["total", "direct"]
@@ -222,6 +221,11 @@ def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or f"head roles (threshold {threshold:g} of the gap, dotted)")
     return figure
+
+
+def _role(key: str) -> str:
+    """A sender or receiver key's family without its tower prefix: ``head_out``, ``logits_in``, ``embed`` …"""
+    return split_tower(Site.parse(key).family)[1]
 
 
 def _primaries(given: "Sequence[str] | None", names: list[str], nodes: list[str], direct: np.ndarray,
