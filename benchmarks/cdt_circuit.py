@@ -18,6 +18,16 @@ or the exact ranking's top 10 % (ioi), the Spearman correlation with the exact e
 median wall-clock time of 3 runs after a warm-up (one torch thread; the exact sweep once). ACDC gives 1 / 0 per
 edge, so its AUC is one interior point of the ROC.
 
+The node table (``granularity="node"``: (layer, position, head), (layer, position) MLP and per-position embedding
+nodes) needs a ground truth with positions, which tracr's compiled circuit does not give. It is derived by exact
+patching of each node: the node alone ablated (tracr: zeroed; ioi: set to its per-position mean over the corrupt
+prompts, CD-T's baseline), ``|metric change|`` averaged over prompts; positives are the *functional* nodes (effect >
+1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is its largest ``|edge score|`` (``node_scores``); the
+position-free methods (CD-T component, EAP) give each position of a component the component's largest edge score,
+which is what a position-free ranking can say about a node. "Recall": the share of the positives the search keeps.
+The node search is also collapsed onto the component graph (``to_components``: the largest node-edge score per
+component edge) and scored against tracr's compiled circuit, next to the component search.
+
     python benchmarks/cdt_circuit.py                 # the tables of benchmarks/cdt_circuit.md
     python benchmarks/cdt_circuit.py --cases hist --repeats 1
 """
@@ -38,6 +48,7 @@ import torch
 import crosspatch as cp
 from crosspatch.adapters.tracr import load, output_distance, output_score
 from crosspatch.methods.cdt_circuit import cdt_circuit
+from crosspatch.methods.cdt_circuit_nodes import at_position, node_scores, to_components
 from crosspatch.methods.circuit_eval import roc
 from crosspatch.methods.edges import acdc, eap, edge_graph, patch_edges
 from crosspatch.methods.pairs import model_metric
@@ -102,6 +113,33 @@ def exact_effects(case: Case, graph) -> np.ndarray:
     return (values[1:] - values[0]).abs().numpy()
 
 
+def node_effects(case: Case, nodes: list[str]) -> np.ndarray:
+    """|metric(node ablated) - metric(clean)| per node, prompt means: zeroed (tracr) or set to its per-position mean
+    over the corrupt prompts (ioi), one forward a node."""
+    metric = model_metric(case.m, case.exact_metric)
+    prepared = case.m.prepare(case.clean)
+    n = next(iter(prepared.values())).shape[0]
+    clean_out = case.m.run(case.clean).output
+    ctx = MetricContext(torch.arange(n), clean_out, prepared.get("attention_mask"))
+    with torch.inference_mode():
+        base = float(metric(clean_out, ctx).double().mean())
+        values = []
+        for node in nodes:
+            iv = cp.Zero() if case.ablation == "zero" else cp.Mean(reference=case.corrupt)
+            out = case.m.run(case.clean, {node: iv}).output
+            values.append(float(metric(out, ctx).double().mean()))
+    return np.abs(np.array(values) - base)
+
+
+def broadcast(scores: dict[str, float], senders: list[str], n_pos: int) -> dict[str, float]:
+    """A component ranking at node level: each position of a sender gets the sender's largest |edge score|."""
+    best = dict.fromkeys(senders, 0.0)
+    for edge, value in scores.items():
+        sender = edge.split("->")[0]
+        best[sender] = max(best[sender], abs(float(value)))
+    return {at_position(s, p): best[s] for s in senders for p in range(n_pos)}
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
     # average ranks for ties
@@ -122,7 +160,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return result, statistics.median(times)
 
 
-def run_case(case: Case, repeats: int) -> list[dict]:
+def run_case(case: Case, repeats: int) -> tuple[list[dict], list[dict]]:
     g = edge_graph(case.m)
     names = g.edge_names
     start = time.perf_counter()
@@ -150,8 +188,10 @@ def run_case(case: Case, repeats: int) -> list[dict]:
                              ablation=case.ablation, reference=ref, change=case.acdc_change, graph=g),
     }
     rows = []
+    results = {}
     for method, fn in methods.items():
         res, seconds = timed(fn, repeats)
+        results[method] = (res, seconds)
         scores = np.abs(np.asarray(res.values, dtype=float))
         table = dict(zip(names, scores))
         row = {"case": case.name, "method": method, "edges": len(names), "seconds": seconds,
@@ -163,6 +203,50 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     rows.append({"case": case.name, "method": "exact patching (every edge alone)", "edges": len(names), "seconds": exact_time,
                  "auc_truth": roc(dict(zip(names, exact)), case.truth).metadata["auc"] if case.truth else None,
                  "auc_exact": 1.0, "label": label, "spearman": 1.0, "scored": len(names), "kept": len(positives)})
+    return rows, node_rows(case, g, results, metric, irrel, ref, repeats)
+
+
+def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any, repeats: int) -> list[dict]:
+    """The node-level table: CD-T's node search against exact patching of every node (see the docstring)."""
+    n_pos = int(case.m.adapter.sizes(case.m.prepare(case.clean))["pos"])
+    nodes = [at_position(s, p) for s in g.senders for p in range(n_pos)]
+    start = time.perf_counter()
+    exact = node_effects(case, nodes)
+    exact_time = time.perf_counter() - start
+    if case.truth is not None:
+        positives, label = {nodes[i] for i in np.flatnonzero(exact > 1e-6)}, "functional"
+    else:
+        k = max(1, round(0.1 * len(nodes)))
+        positives, label = {nodes[i] for i in np.argsort(-exact, kind="stable")[:k]}, f"exact top {k}"
+    search = {
+        "CD-T node, direct": dict(threshold=0.05),
+        "CD-T node, direct, unpruned": dict(threshold=0.0),
+        "CD-T node, all paths (paper)": dict(threshold=0.05, paths="all"),
+    }
+    rows = []
+    for method, kwargs in search.items():
+        res, seconds = timed(lambda: cdt_circuit(case.m, case.clean, metric, irrel=irrel, reference=ref, graph=g,
+                                                 granularity="node", progress=False, **kwargs), repeats)
+        table = dict(zip(res_nodes := node_scores(res).coords["node"], node_scores(res).values))
+        kept = {name.split("->")[0] for name in res.metadata["kept"]}
+        collapsed = to_components(res, g)
+        rows.append({"case": case.name, "method": method, "nodes": len(nodes), "seconds": seconds,
+                     "auc_exact": roc(table, positives, level="node").metadata["auc"], "label": label,
+                     "spearman": spearman(np.array([table[x] for x in nodes]), exact),
+                     "recall": len(positives & kept) / len(positives), "kept": len(kept),
+                     "scored": len(res.metadata["scored"]),
+                     "auc_truth": roc(collapsed, case.truth).metadata["auc"] if case.truth else None})
+        assert set(res_nodes) == set(nodes)
+    for method in ("CD-T direct", "EAP"):
+        res, seconds = component[method]
+        table = broadcast(dict(zip(res.coords["edge"], np.asarray(res.values, dtype=float))), list(g.senders), n_pos)
+        rows.append({"case": case.name, "method": f"{method} (components, each position alike)", "nodes": len(nodes),
+                     "seconds": seconds, "auc_exact": roc(table, positives, level="node").metadata["auc"], "label": label,
+                     "spearman": spearman(np.array([table[x] for x in nodes]), exact), "recall": None, "kept": None,
+                     "scored": None, "auc_truth": None})
+    rows.append({"case": case.name, "method": "exact patching (every node alone)", "nodes": len(nodes),
+                 "seconds": exact_time, "auc_exact": 1.0, "label": label, "spearman": 1.0, "recall": 1.0,
+                 "kept": len(positives), "scored": None, "auc_truth": None})
     return rows
 
 
@@ -177,18 +261,33 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_nodes(rows: list[dict]) -> str:
+    lines = ["| case | method | AUC vs exact nodes (positives) | Spearman vs exact | recall (kept) | node edges scored | "
+             "collapsed: AUC vs tracr circuit | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recall = "—" if r["recall"] is None else f"{r['recall']:.2f} ({r['kept']})"
+        scored = "—" if r["scored"] is None else str(r["scored"])
+        truth = "—" if r["auc_truth"] is None else f"{r['auc_truth']:.3f}"
+        lines.append(f"| {r['case']} | {r['method']} | {r['auc_exact']:.3f} ({r['label']}, {r['nodes']} nodes) | "
+                     f"{r['spearman']:.3f} | {recall} | {scored} | {truth} | {r['seconds']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    rows, nodes = [], []
     for name in args.cases:
         case = ioi_case() if name == "ioi-gpt2-tiny" else tracr_case(name)
-        rows += run_case(case, args.repeats)
+        edge_rows, node_table = run_case(case, args.repeats)
+        rows, nodes = rows + edge_rows, nodes + node_table
     print(f"{platform.machine()}, torch {torch.__version__}, 1 thread, median of {args.repeats} runs after a warm-up\n")
     print(render(rows))
+    print()
+    print(render_nodes(nodes))
 
 
 if __name__ == "__main__":

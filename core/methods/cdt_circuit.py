@@ -33,9 +33,11 @@ from torch import nn
 from ..engine.adapter import batch_size as batch_size_of
 from ..engine.model import WrappedModel, wrap
 from ..results.metrics import Metric, MetricContext
-from ..results.result import Result, collect_versions
+from ..results.result import Result
 from ..sites.site import Site, Span
 from .cdt import decompose
+from .cdt_circuit_common import search_metadata
+from .cdt_circuit_nodes import node_circuit
 from .edges import EdgeGraph, edge_graph
 from .edges.graph import _role
 from .pairs import model_metric
@@ -68,10 +70,17 @@ def cdt_circuit(
     over: Sequence[str] = ("batch",),
     paths: Literal["direct", "all"] = "direct",
     graph: EdgeGraph | None = None,
+    granularity: Literal["component", "node"] = "component",
     batch_size: int | None = None,
     progress: bool | None = None,
 ) -> Result:
     """CD-T's circuit as a score per edge of the edge graph (0 for edges whose receiver the search never reached).
+
+    ``granularity``: ``"component"`` (the default): a node is a head or an MLP at every position, the edge graph EAP,
+    ACDC and the learned masks score, so the results compare edge for edge and inputs may be padded. ``"node"``: the
+    paper's (layer, position, head) and (layer, position) MLP nodes (:mod:`.cdt_circuit_nodes`); inputs of one length
+    without padding; the Result lists the scored node edges only (``node_scores`` ranks the nodes, ``to_components``
+    collapses onto the edge graph).
 
     ``threshold``: the ``|score|`` a sender needs at a target to be kept and searched further (scores are shares of
     the target's norm, or of the model's metric). ``irrel``, ``reference`` and ``over``: the sources' baseline, as
@@ -83,11 +92,17 @@ def cdt_circuit(
         raise ValueError(f"threshold is a share, >= 0; got {threshold}")
     if paths not in ("direct", "all"):
         raise ValueError(f"paths must be 'direct' (the edge's own score) or 'all' (the paper's), got {paths!r}")
+    if granularity not in ("component", "node"):
+        raise ValueError(f"granularity must be 'component' (heads and MLPs) or 'node' (per position), got {granularity!r}")
     m = wrap(model)
     g = graph or edge_graph(m)
     prepared = m.prepare(inputs)
     n = batch_size_of(prepared)
     metric = None if metric is None else model_metric(m, metric)
+    if granularity == "node":
+        return node_circuit(m, prepared, metric, graph=g, receivers_of=_receivers_of(g), threshold=threshold,
+                            irrel=irrel, reference=reference, over=over, paths=paths, batch_size=batch_size,
+                            progress=progress)
     incoming: dict[int, list[int]] = {}
     edge_of: dict[tuple[int, int], int] = {}
     for e, (s, r) in enumerate(g.edges):
@@ -124,25 +139,14 @@ def cdt_circuit(
 
     names = g.edge_names
     kept = [names[e] for e in range(len(names)) if scored[e] and abs(scores[e]) >= threshold and scores[e] != 0]
-    metadata = {
-        "method": "cdt_circuit",
-        "metric": None if metric is None else metric.name,
-        "score": "metric(rel) / metric(model) at the logits" if metric is not None else
-                 "norm(rel) / norm(rel + irrel) at the receiver's target",
-        "threshold": threshold,
-        "irrel": irrel,
-        "paths": paths,
-        "kept": kept,
-        "nodes": sorted({g.senders[s] for s in kept_senders} | {g.receivers[r] for r in searched}),
-        "levels": levels,
-        "scored": [names[e] for e in np.flatnonzero(scored)],
-        "decompositions": decompositions,
-        "n_prompts": n,
-        "seed": None,
-        "model": m.describe(),
-        "adapter": m.adapter.name,
-        "versions": collect_versions(),
-    }
+    metadata = search_metadata(
+        m, metric, granularity="component", threshold=threshold, irrel=irrel, paths=paths,
+        score="metric(rel) / metric(model) at the logits" if metric is not None else
+              "norm(rel) / norm(rel + irrel) at the receiver's target",
+        kept=kept, nodes=sorted({g.senders[s] for s in kept_senders} | {g.receivers[r] for r in searched}),
+        senders=list(g.senders), levels=levels, scored=[names[e] for e in np.flatnonzero(scored)],
+        decompositions=decompositions, n_prompts=n,
+    )
     return Result(scores, ("edge",), {"edge": names}, metadata)
 
 

@@ -1,5 +1,6 @@
 """CD-T on tracr programs: the decomposed forward is exact at every node, ``direct`` keeps the sum and reads a
-sender's own write, and the circuit search recovers the compiled circuit."""
+sender's own write, and the circuit search recovers the compiled circuit; at node granularity it keeps every node
+whose ablation moves the output."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 
 import crosspatch as cp
-from crosspatch.adapters.tracr import load
+from crosspatch.adapters.tracr import load, output_distance
 from crosspatch.methods.cdt import decompose
 from crosspatch.methods.cdt_circuit import cdt_circuit
+from crosspatch.methods.cdt_circuit_nodes import at_position, to_components, without_position
 from crosspatch.methods.circuit_eval import roc
+from crosspatch.methods.edges import edge_graph
+from crosspatch.methods.pairs import model_metric
+from crosspatch.results.metrics import MetricContext
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "tracr"
 PROGRAMS = ["reverse", "frac_prevs", "sort_unique", "hist"]
@@ -70,3 +75,31 @@ def test_circuit_search_recovers_the_compiled_circuit(program):
     assert scored < set(res.coords["edge"]) or model.program == "hist"  # the pruning saved work (hist has 8 edges)
     every = cdt_circuit(m, ids, threshold=0.05, paths="all", progress=False)  # the paper's: every path counts
     assert truth <= set(every.metadata["kept"])
+
+
+def test_node_search_keeps_every_functional_node(program):
+    """Ground truth with positions: a node is functional when zeroing it alone moves the output (KL > 1e-6, summed
+    over positions). The node search keeps every functional node, and collapsed onto the component graph it keeps
+    only compiled edges; a compiled edge it drops starts or ends at a head or MLP inert at every position on these
+    inputs (reverse: the length head, on inputs of one length)."""
+    model, m, ids = program
+    g = edge_graph(m)
+    res = cdt_circuit(m, ids, threshold=0.05, granularity="node", progress=False)
+    metric = model_metric(m, output_distance(model.categorical))
+    clean = m.run(ids).output
+    ctx = MetricContext(torch.arange(len(ids)), clean, None)
+    nodes = [at_position(s, p) for s in g.senders for p in range(ids.shape[1])]
+    with torch.inference_mode():
+        effect = {node: float(metric(m.run(ids, {node: cp.Zero()}).output, ctx).mean()) for node in nodes}
+    functional = {node for node, value in effect.items() if value > 1e-6}
+    kept = {edge.split("->")[0] for edge in res.metadata["kept"]}
+    assert functional and functional <= kept
+    truth = set(model.circuit_edges)
+    collapsed = set(to_components(res, g).metadata["kept"])
+    assert collapsed <= truth
+    inert = {c for c in g.senders if all(effect[n] <= 1e-6 for n in nodes if without_position(n) == c)}
+    for edge in truth - collapsed:
+        sender, receiver = edge.split("->")
+        site = cp.Site.parse(receiver)
+        node = {"head_in": f"head_out.{site.layer}[head={site.selection.get('head')}]", "mlp_in": f"mlp_out.{site.layer}"}
+        assert sender in inert or node.get(site.family) in inert, edge
