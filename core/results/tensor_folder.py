@@ -101,24 +101,26 @@ def write_json(path: "str | Path", document: Mapping[str, Any], *, sort_keys: bo
 
 
 def load_tensors(path: "str | Path") -> dict[str, "torch.Tensor"]:
-    """The tensors of a safetensors file on the CPU, or of a torch ``.pt`` state dict (``weights_only``),
-    as folders saved without safetensors hold; the libraries' own errors pass through."""
+    """The tensors of a ``.safetensors`` file on the CPU; a file with any other suffix is read as a torch
+    state dict (``weights_only``), as folders saved without safetensors hold (``weights.pt``). The
+    libraries' own errors pass through."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
     import torch
 
-    path = Path(path)
-    if path.suffix == ".pt":
-        return torch.load(path, map_location="cpu", weights_only=True)
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_tensors(path: "str | Path", what: str) -> dict[str, "torch.Tensor"]:
-    """:func:`load_tensors` of a file that must hold ``what`` (``"SAE weights"``): a FormatError naming the
-    file when it is not a readable tensor file."""
+    """The tensors of the safetensors file ``path`` (whatever its suffix) on the CPU, which must hold ``what``
+    (``"SAE weights"``): a FormatError naming the file when it is not a readable safetensors file."""
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     try:
-        return load_tensors(path)
+        return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise FormatError(f"{path} is not a safetensors file of {what}: {exc}") from None
