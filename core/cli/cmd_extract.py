@@ -37,27 +37,27 @@ def add_extract(sub: Any) -> None:
     p.set_defaults(func=_cmd_extract)
 
 
-def _task_rnn(name: str) -> Any:
-    """The zoo model ``name``, loaded, when it is a ``TaskRNN`` (MIPS's input); None otherwise."""
+def _zoo_model(name: str) -> Any:
+    """The zoo model ``name``, loaded once for whichever extractor reads it; None when it is not in the zoo."""
     from ..zoo import store
-    from ..zoo.algorithmic.rnn import TaskRNN
 
     try:
         store.get(name)
     except store.ZooError:
         return None
-    loaded = store.load(name)
-    return loaded if isinstance(loaded.model, TaskRNN) else None
+    return store.load(name)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"extract-{args.model}")
     progress = False if args.no_progress else None
-    rnn = _task_rnn(args.model)
-    if rnn is not None:
+    from ..zoo.algorithmic.rnn import TaskRNN
+
+    loaded = _zoo_model(args.model)
+    if loaded is not None and isinstance(loaded.model, TaskRNN):
         from ..methods.mips import extract_program
 
-        result = extract_program(rnn, args.task, out, progress=progress)  # loaded once, reported under its zoo name
+        result = extract_program(loaded, args.task, out, progress=progress)
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
         else:
@@ -73,7 +73,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         return 0 if result.solved else EXIT_UNSOLVED
     from ..methods.decompile import extract_program as decompile
 
-    report = decompile(args.model, args.task, out, progress=progress)
+    report = decompile(loaded if loaded is not None else args.model, args.task, out, progress=progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

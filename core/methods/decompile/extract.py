@@ -65,7 +65,9 @@ def subject_of(source: Any, task: str | None = None) -> Subject:
 
     if isinstance(source, Subject):
         return source
-    if isinstance(source, str):
+    from ...zoo.store import Loaded
+
+    if isinstance(source, (str, Loaded)):
         from .trained import trained_subject
 
         return trained_subject(source, task)
@@ -112,7 +114,8 @@ def extract_program(source: Any, task: str | None = None, out: "str | Path | Non
                     ablation_steps: int = 40, verify_limit: int = 200_000, seed: int = 0) -> DecompileReport:
     """Decompile ``source`` into a RASP-like Python program verified against it.
 
-    ``source``: a zoo name (a transformer trained here on an algorithmic task), a tracr-compiled model
+    ``source``: a zoo name (a transformer trained here on an algorithmic task) or that zoo model already
+    loaded (``zoo.load(name)``), a tracr-compiled model
     or any wrapped transformer; ``task``: the algorithmic task giving the ground truth (a zoo entry
     knows its own). ``out``: a folder for ``program.py``, ``verification.json`` and ``graph.png``.
     """

@@ -136,17 +136,18 @@ def load_transformer(folder: Path | None):
 
 
 def trained_subject(source: Any, task: str | None = None) -> Subject:
-    """The :class:`Subject` of a task transformer: a zoo name, or a (wrapped) model with ``task`` given."""
+    """The :class:`Subject` of a task transformer: a zoo name, a zoo model already loaded (reported under
+    its zoo name), or a (wrapped) model with ``task`` given."""
     import crosspatch as cp
+    from ...zoo import store
 
     info: dict[str, Any] = {}
     if isinstance(source, str):
-        from ...zoo.store import load as zoo_load
-
-        loaded = zoo_load(source)
-        info = dict(loaded.info)
-        wrapped = cp.wrap(loaded.model)
-        name = source
+        source = store.load(source)
+    if isinstance(source, store.Loaded):
+        info = dict(source.info)
+        wrapped = cp.wrap(source.model)
+        name = str(info.get("name") or type(source.model).__name__)
     else:
         wrapped = source if hasattr(source, "catalog") and hasattr(source, "module") else cp.wrap(source)
         name = type(wrapped.module).__name__
