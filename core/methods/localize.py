@@ -1,5 +1,6 @@
-"""Coarse-to-fine localisation (``cp.localize``): AtP* ranks the sites of every level, exact activation
-patching verifies them, level by level, until no unverified site can matter by the rule below.
+"""Coarse-to-fine localisation (``cp.localize``): attribution patching (AtP) ranks the sites of every level,
+exact activation patching verifies them, level by level, until no unverified site can matter by the rule
+below.
 
 Levels, coarse to fine (``start="components"``; ``docs/localize.md`` has the rule in full):
 
@@ -9,7 +10,12 @@ Levels, coarse to fine (``start="components"``; ``docs/localize.md`` has the rul
 ``component_pos``  ``head_out.L[pos=p,head=h]``, ``mlp_out.L[pos=p]``
 ``neuron``         ``mlp_act.L[pos=p,neuron=i]`` (``neurons=True``)
 
-One AtP* call (``attribution_patching(grad_drop=True)``) estimates every site of every level. A site
+One AtP call (``attribution_patching``; with ``estimator="atp*"`` AtP*'s GradDrop, ``grad_drop=True``)
+estimates every site of every level. Plain AtP is the default: it is linear in each site's activation, so
+a parent's estimate is the sum of its children's and a parent's unexplained part (below) is AtP's own
+error on the parent; GradDrop's scores are not additive, cost ``L + 1`` row blocks of the gradient forward
+instead of one, and, measured on planted models (``benchmarks/localize.md``), made localisation verify more
+for no recall. A site
 listed at two levels (``mlp_out.L`` is a layer and a component) is one site, verified at most once, and a
 candidate at both. A site's *parents* are the coarser sites it is a summand of: ``attn_out.L[pos=p]`` of
 ``attn_out.L``, ``head_out.L[head=h]`` of ``attn_out.L``, ``head_out.L[pos=p,head=h]`` of
@@ -20,15 +26,18 @@ of finer sites, so it is a parent of nothing).
 The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - metric(corrupt)|`` (1 with
 ``normalize``) and ``tau = tol * scale``:
 
-* the *threshold* is ``tau``; with ``k``, ``max(tau, the k-th largest |exact effect| among the level's
-  sites)`` once ``k`` of them are verified;
-* a site's *bound* is ``|estimate| * (1 + rho)``, ``rho`` the :data:`ERROR_QUANTILE` quantile of AtP*'s
+* the *threshold* is ``tau``; with ``k``, ``max(tau, the k_l-th largest |exact effect| among the level's
+  sites)`` once ``k_l`` of them are verified. At the finest walked level ``k_l = k``; at a coarser one it
+  is how many of its sites are among the finest level's ``k`` largest estimates or their ancestors (at
+  least one): the coarse levels are there to verify the parents of the likely top ``k`` and to find what
+  the estimates miss, not to rank ``k`` sites of their own;
+* a site's *bound* is ``|estimate| * (1 + rho)``, ``rho`` the :data:`ERROR_QUANTILE` quantile of the estimator's
   relative errors ``|exact - estimate| / |estimate|`` on the verified sites of its family at this level
   with ``|estimate| >= tau`` (the level's, then every level's, while the family has fewer than three);
 * a verified parent's *unexplained part* is ``|exact(P) - sum of its children at this level|``, a child
   counted by its exact effect when verified, by its estimate otherwise;
-* the ``layer`` level verifies all its sites, whatever AtP* says (the anchor: AtP* can be blind to a
-  whole layer). At every other level a round verifies: while fewer than ``k`` of the level's sites, or
+* the ``layer`` level verifies all its sites, whatever AtP says (the anchor: AtP can be blind to a
+  whole layer). At every other level a round verifies: while fewer than ``k_l`` of the level's sites, or
   fewer than three of a family's, are verified, the largest bounds that make them up (they set the
   threshold and ``rho``); after that every unverified site whose bound reaches the threshold, and, of
   every parent whose unexplained part plus its likeliest unverified child's bound reaches the threshold,
@@ -43,10 +52,11 @@ The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - met
 does.
 
 Forwards are counted as rows through the model divided by the number of prompts (a forward of ``n``
-prompts is one, however rows are batched), a backward as two forwards: AtP* with GradDrop over ``L``
-layer groups costs ``3 (L + 1) + 1`` (one gradient forward of ``(L + 1) n`` rows, its backward, the
-source run), the verification ``2`` (the clean and corrupt runs, once) plus one per site run. The
-exhaustive sweep, one ``activation_patching`` call, is counted the same way: ``2 + metadata["sites_run"]``.
+prompts is one, however rows are batched), a backward as two forwards: AtP costs ``3 + 1`` (the gradient
+forward, its backward, the source run), AtP* with GradDrop over ``L`` layer groups ``3 (L + 1) + 1`` (a
+gradient forward of ``(L + 1) n`` rows), the verification ``2`` (the clean and corrupt runs, once) plus
+one per site run. The exhaustive sweep, one ``activation_patching`` call, is counted the same way:
+``2 + metadata["sites_run"]``.
 """
 
 from __future__ import annotations
@@ -78,7 +88,7 @@ _DEFAULT = ("layer", "layer_pos", "component", "component_pos")
 _RESID_LEVELS = ("layer", "layer_pos")
 #: Relative errors needed at a level before its own quantile replaces the one of every level so far.
 _OWN_ERRORS = 3
-#: The quantile of AtP*'s relative errors that inflates every estimate (``rho``).
+#: The quantile of the estimator's relative errors that inflates every estimate (``rho``).
 ERROR_QUANTILE = 0.9
 
 
@@ -145,9 +155,9 @@ def _parents(site: Site) -> list[str]:
 
 @dataclass(repr=False)
 class Localization:
-    """What :func:`localize` found: per level a Result over its sites, the AtP* estimates and the cost.
+    """What :func:`localize` found: per level a Result over its sites, the AtP estimates and the cost.
 
-    ``levels[name]`` has dims ``("site",)``: the exact effect where the site was verified, the AtP* estimate
+    ``levels[name]`` has dims ``("site",)``: the exact effect where the site was verified, the AtP estimate
     elsewhere; its metadata says which (``verified``, ``estimate``, ``skipped``: lists over the sites) and
     how the level went (``rounds``, ``threshold``, ``rho`` per family, ``verified_count``,
     ``max_unverified_bound``, ``unverified_mass`` (their sum), ``max_unexplained``, ``forwards``).
@@ -222,15 +232,18 @@ def localize(
     normalize: bool = False,
     batch_size: int | None = None,
     reuse_prefix: bool = True,
+    estimator: Literal["atp", "atp*"] = "atp",
     progress: bool | None = None,
 ) -> Localization:
     """Walk from layers to (layer, position), heads and MLPs, then head-position (and neurons), ranking
-    each level by AtP* and verifying with exact activation patching until no unverified site's bound
+    each level by AtP and verifying with exact activation patching until no unverified site's bound
     reaches the threshold: ``tol`` times the clean-corrupt gap, and with ``k`` at least the ``k``-th
-    largest exact effect of the level (``k`` is how many sites per level you want ranked exactly).
+    largest exact effect of the finest level (``k`` is how many sites of the finest level you want ranked
+    exactly; a coarser level ranks as many of its sites as hold the finest level's ``k`` likeliest).
 
     ``levels`` picks levels out of :data:`LEVELS` (default: all but ``neuron``, which ``neurons=True``
-    adds); ``levels=["component_pos"]`` is AtP* verified without the coarser levels. ``start="resid"``
+    adds); ``levels=["component_pos"]`` is AtP verified without the coarser levels. ``estimator="atp*"``
+    ranks by AtP* with GradDrop instead of plain AtP (``"atp"``). ``start="resid"``
     makes the first two levels the residual stream (``resid_pre.L``, ``resid_pre.L[pos=p]`` and the last
     layer's ``resid_post``) instead of the attention and MLP writes. ``direction``, ``normalize``,
     ``batch_size`` and ``reuse_prefix`` mean what they mean to ``activation_patching``, whose values the
@@ -241,6 +254,8 @@ def localize(
         raise ValueError(f"tol must be >= 0 (a fraction of the clean-corrupt gap), got {tol!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive int or None, got {k!r}")
+    if estimator not in ("atp", "atp*"):
+        raise ValueError(f"estimator must be 'atp' (attribution patching) or 'atp*' (with GradDrop), got {estimator!r}")
     if start not in ("components", "resid"):
         raise ValueError(f"start must be 'components' or 'resid', got {start!r}")
     walked = _walked(levels, neurons)
@@ -259,7 +274,7 @@ def localize(
     unique = list(dict.fromkeys(p for lv in walked for p in patterns[lv]))
     common = dict(direction=direction, normalize=normalize)
 
-    estimates = attribution_patching(m, clean, corrupt, unique, metric, grad_drop=True, **common)
+    estimates = attribution_patching(m, clean, corrupt, unique, metric, grad_drop=estimator == "atp*", **common)
     cost = {"attribution": atp_forwards(estimates), "baseline_runs": 0, "patched_sites": 0}
     baseline = estimates.metadata["baseline"]
     scale = 1.0 if normalize else abs(baseline["clean"] - baseline["corrupt"])
@@ -268,7 +283,7 @@ def localize(
         warnings.warn(f"the clean-corrupt gap of {metric.name} is 0, so tol={tol} is 0 too: every site is verified",
                       stacklevel=2)
 
-    # Sites of each pattern in the order AtP* returned them (expand concatenates the patterns' sweeps).
+    # Sites of each pattern in the order AtP returned them (expand concatenates the patterns' sweeps).
     sweeps = {p: pair.expand(p) for p in unique}
     names, values, offset = {}, {}, 0
     for p in unique:
@@ -298,6 +313,7 @@ def localize(
             u.value, u.skipped = float(value), bool(skip)
         cost["patched_sites"] += verifier[0].forwards - before
 
+    finest = [units[name] for name in _level_sites(walked[-1], patterns, names)]
     stats: dict[str, dict[str, Any]] = {}
     bar = progress_bar(walked, progress, desc="localize", unit="level")
     for lv in bar:
@@ -305,15 +321,16 @@ def localize(
         listed = [units[name] for name in _level_sites(lv, patterns, names)]
         families = list(dict.fromkeys(u.family for u in listed))
         rounds = 0
+        level_k = _level_k(k, listed, finest, units) if lv != walked[-1] else k
         while True:
-            threshold = _threshold(tau, listed, k)
+            threshold = _threshold(tau, listed, level_k)
             rhos = {f: _rho([u for u in listed if u.family == f], listed, units.values(), tau) for f in families}
             bounds = {u.site: abs(u.estimate) * (1 + rhos[u.family]) for u in listed}
             unexplained = _unexplained(listed, units)
-            if lv == "layer":  # the anchor: every layer, whatever AtP* says (it can be blind to a whole layer)
+            if lv == "layer":  # the anchor: every layer, whatever AtP says (it can be blind to a whole layer)
                 todo = [u for u in listed if u.value is None]
             else:
-                todo = _pick(listed, families, bounds, threshold, k, unexplained, lv == walked[-1])
+                todo = _pick(listed, families, bounds, threshold, level_k, unexplained, lv == walked[-1])
             if not todo:
                 break
             verify(todo)
@@ -337,6 +354,7 @@ def localize(
         "tol": tol,
         "k": k,
         "start": start,
+        "estimator": estimator,
         "levels": list(walked),
         "patterns": {lv: patterns[lv] for lv in walked},
         "scale": scale,
@@ -399,15 +417,16 @@ def _threshold(tau: float, listed: list[_Unit], k: int | None) -> float:
 
 
 def _errors(units: Any, tau: float) -> list[float]:
-    """AtP*'s relative errors ``|exact - estimate| / |estimate|`` on the verified sites with ``|estimate| >= tau``
-    (and non-zero)."""
+    """The estimator's relative errors ``|exact - estimate| / |estimate|`` on the verified sites with
+    ``|estimate| >= tau`` (and non-zero)."""
     return [abs(u.value - u.estimate) / abs(u.estimate) for u in units
             if u.value is not None and u.estimate != 0 and abs(u.estimate) >= tau]
 
 
 def _rho(family: list[_Unit], listed: list[_Unit], every: Any, tau: float) -> float:
-    """The :data:`ERROR_QUANTILE` quantile of AtP*'s relative errors on one family's sites of a level once it
-    has :data:`_OWN_ERRORS` of them; before, on the level's, and before that on every level's (0 with none)."""
+    """The :data:`ERROR_QUANTILE` quantile of the estimator's relative errors on one family's sites of a level
+    once it has :data:`_OWN_ERRORS` of them; before, on the level's, and before that on every level's (0 with
+    none)."""
     pools = [_errors(family, tau), _errors(listed, tau), _errors(every, tau)]
     pool = next((p for p in pools if len(p) >= _OWN_ERRORS), pools[-1])
     return float(np.quantile(pool, ERROR_QUANTILE)) if pool else 0.0
@@ -466,6 +485,24 @@ def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float]
         if d + bounds[open_[0].site] >= threshold:
             more += open_[: max(1, sum(u.value is not None for u in kids))]
     return more
+
+
+def _level_k(k: int | None, listed: list[_Unit], finest: list[_Unit], units: dict[str, _Unit]) -> int | None:
+    """How many sites a coarser level ranks exactly with ``k``: as many of its sites as are among the finest
+    level's ``k`` largest estimates or their ancestors (at least one), so the parents of every site likely to
+    be in the finest top ``k`` are verified, and no more than the finest level needs."""
+    if k is None:
+        return None
+    here = {u.site for u in listed}
+    held: set[str] = set()
+    for unit in sorted(finest, key=lambda u: -abs(u.estimate))[:k]:
+        todo = [unit.site]
+        while todo:
+            site = todo.pop()
+            if site not in held:
+                held.add(site)
+                todo += units[site].parents
+    return max(1, len(held & here))
 
 
 def _unit_lists(sites: list[_Unit]) -> dict[str, list]:

@@ -81,12 +81,14 @@ def test_noising_verifies_with_noising_patching(planted):
     m, clean, corrupt, metric = planted
     loc = localize(m, clean, corrupt, metric, tol=0.05, direction="noising", levels=["layer", "component_pos"])
     assert loc.estimates.metadata["direction"] == "noising"
+    checked = 0
     for pattern in level_patterns("component_pos"):
         exact = cp.activation_patching(m, clean, corrupt, pattern, metric, direction="noising", progress=False)
         res = loc.sweep(pattern)
         verified = np.array(res.metadata["verified"], dtype=bool)
-        assert verified.any()
+        checked += int(verified.sum())
         close(res.values[verified], exact.values[verified])
+    assert checked
 
 
 def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted, sweeps):
@@ -134,21 +136,24 @@ def test_with_k_the_top_k_are_verified_and_the_threshold_rises(planted, sweeps):
     m, clean, corrupt, metric = planted
     truth = _truth(m, sweeps)
     top3 = sorted(truth, key=lambda s: -abs(truth[s]))[:3]
-    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.0, k=3)
-    res = loc.levels["component_pos"]
-    assert res.metadata["threshold"] > 0  # the 3rd largest exact effect, not tol
-    assert set(top3) <= set(loc.verified)
-    assert set(loc.top(3)["site"]) == set(top3)
-    assert res.metadata["verified_count"] < res.values.size
+    for estimator in ("atp", "atp*"):
+        loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.0, k=3, estimator=estimator)
+        res = loc.levels["component_pos"]
+        assert res.metadata["threshold"] > 0  # the 3rd largest exact effect, not tol
+        assert set(top3) <= set(loc.verified)
+        assert set(loc.top(3)["site"]) == set(top3)
+        assert res.metadata["verified_count"] < res.values.size
     # the planted head 1.2 at the corrupted position, which AtP* puts at less than half its effect
     missed = "head_out.1[pos=3,head=2]"
     assert missed in top3 and loc.estimates.values[loc.estimates.coords["site"].index(missed)] < truth[missed] / 2
 
 
-def test_the_layer_level_catches_what_atp_cannot_see():
-    """tracr's hist: attention saturated, ReLUs off, so AtP* is 0 at every site. Verifying AtP*'s ranking
-    alone finds nothing; the layers, always patched, leave their whole effect unexplained, which sends
-    localize down to the sites."""
+@pytest.mark.parametrize("estimator", ["atp", "atp*"])
+def test_the_layer_level_catches_what_atp_cannot_see(estimator):
+    """tracr's hist: the attention is saturated, so AtP puts 0 (to 1e-6) on every head's write although the
+    heads carry the output (AtP* too; it also zeroes the MLP, its GradDrop dropping the only layer).
+    Verifying the estimates' ranking alone misses the heads; the layers, always patched, leave their effect
+    unexplained by children estimated at 0, which sends localize down to every one of them."""
     from crosspatch.adapters.tracr import TracrAdapter, load, output_score
 
     model = load(DATA / "tracr", "hist")
@@ -158,20 +163,25 @@ def test_the_layer_level_catches_what_atp_cannot_see():
     gen = torch.Generator().manual_seed(0)
     clean, corrupt = (ids[torch.randperm(len(ids), generator=gen)[:8]] for _ in range(2))
     metric = output_score(model.categorical)
-    loc = localize(m, clean, corrupt, metric, tol=0.05)
-    assert not np.any(loc.estimates.values)
-    flat = localize(m, clean, corrupt, metric, tol=0.05, levels=["component_pos"])
-    assert flat.verified == {}
+    loc = localize(m, clean, corrupt, metric, tol=0.05, estimator=estimator)
+    flat = localize(m, clean, corrupt, metric, tol=0.05, levels=["component_pos"], estimator=estimator)
+    blind = 0
     for pattern in level_patterns("component_pos"):
         exact = cp.activation_patching(m, clean, corrupt, pattern, metric, progress=False)
         big = np.abs(exact.values) >= 0.05 * loc.metadata["scale"]
         assert big.any()
+        estimate = np.abs(np.array(loc.sweep(pattern).metadata["estimate"]))
+        unseen = big & (estimate <= 1e-6 * loc.metadata["scale"])  # AtP's blind spot
+        blind += int(unseen.sum())
+        assert not np.array(flat.sweep(pattern).metadata["verified"])[unseen].any()
         found = loc.sweep(pattern)
         assert np.array(found.metadata["verified"])[big].all()
         close(found.values[big], exact.values[big])
+    assert blind >= 5  # the five heads' writes that carry the output
 
 
-def test_forwards_are_the_rows_run(planted, monkeypatch):
+@pytest.mark.parametrize("estimator, blocks", [("atp", 1), ("atp*", 1 + 3)])
+def test_forwards_are_the_rows_run(planted, monkeypatch, estimator, blocks):
     m, clean, corrupt, metric = planted
     rows = []
     modules = ["crosspatch.methods.activation_patching", "crosspatch.methods.attribution",
@@ -185,8 +195,8 @@ def test_forwards_are_the_rows_run(planted, monkeypatch):
             return _real(module_, adapter, catalog, inputs, *args, **kwargs)
 
         monkeypatch.setattr(module, "execute", counting)
-    loc = localize(m, clean, corrupt, metric, tol=0.05)
-    n, blocks = clean.shape[0], 1 + 3  # AtP* row blocks: the plain one and one per layer dropped
+    loc = localize(m, clean, corrupt, metric, tol=0.05, estimator=estimator)
+    n = clean.shape[0]  # AtP's row blocks: the plain one, and with AtP* one per layer dropped
     assert sum(rows) % n == 0
     assert loc.forwards == sum(rows) // n + 2 * blocks  # + the backward through the gradient forward, as two
     cost = loc.metadata["cost"]
@@ -220,13 +230,13 @@ def test_the_result_reads_as_tables(planted):
         loc["heads"]
     with pytest.raises(KeyError, match="patterns"):
         loc.sweep("head_out.*")
-    assert loc.estimates.metadata["variant"] == "atp*_graddrop"
+    assert loc.estimates.metadata["variant"] == "atp" and loc.metadata["estimator"] == "atp"
 
 
 @pytest.mark.parametrize(
     "options, message",
     [({"tol": -0.1}, "tol must be >= 0"), ({"k": 0}, "k must be a positive int"),
-     ({"start": "embed"}, "start must be"), ({"levels": ["heads"]}, "levels must name")],
+     ({"start": "embed"}, "start must be"), ({"estimator": "cdt"}, "estimator must be"), ({"levels": ["heads"]}, "levels must name")],
 )
 def test_bad_arguments_raise(planted, options, message):
     m, clean, corrupt, metric = planted
