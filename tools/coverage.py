@@ -5,8 +5,10 @@ mappings it builds a tiny random model from the config class
 (:mod:`crosspatch.adapters.transformers.tiny`), wraps it, runs ``crosspatch.testing.verify`` and
 records the exact, approximate, unavailable and failing site families, or why the type could not be
 built or wrapped. Types the transformers adapter cannot serve are tried with the generic adapter
-(module-level sites). Each type runs in a worker process with a time limit. Writes docs/coverage.md
-and a JSON file beside it.
+(module-level sites). Every type of the image-text-to-text mapping (task ``image-text-to-text``) is
+built the same way (:func:`crosspatch.adapters.vlm.tiny.tiny_vlm`) and verified with the vlm adapter on
+that adapter's example inputs (an image per row), when it claims the type. Each type runs in a worker
+process with a time limit. Writes docs/coverage.md and a JSON file beside it.
 
     python tools/coverage.py [--tasks causal-lm,masked-lm] [--types gemma2,opt] [--timeout 120] [--log rows.jsonl]
     python tools/coverage.py --from-log rows.jsonl[,more.jsonl]   # the tables from measured rows
@@ -24,10 +26,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PER_HEAD = "head_out"
+VLM = "image-text-to-text"
+OUTCOMES = ("per-head", "module-level", "failing", "not built", "not wrapped")
+VLM_OUTCOMES = ("per-head", "heads not all exact", "failing", "not run", "not built", "not wrapped")
 
 
 def measure(model_type: str, task: str) -> dict:
     """Build, wrap and verify one type (in a worker process)."""
+    if task == VLM:
+        return measure_vlm(model_type)
     warnings.simplefilter("ignore")
     import torch
     import transformers
@@ -74,13 +81,64 @@ def measure(model_type: str, task: str) -> dict:
     return row
 
 
+def measure_vlm(model_type: str) -> dict:
+    """Build one image-text-to-text type and verify it with the vlm adapter on its example inputs (in a worker)."""
+    warnings.simplefilter("ignore")
+    import torch
+    import transformers
+
+    from crosspatch.adapters.vlm import VLMAdapter
+    from crosspatch.adapters.vlm.tiny import tiny_vlm
+    from crosspatch.testing import verify
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    row: dict = {"type": model_type, "task": VLM}
+
+    def done(**fields) -> dict:
+        return {**row, **fields, "seconds": round(time.perf_counter() - start, 2)}
+
+    try:
+        model = tiny_vlm(model_type)
+    except Exception as exc:
+        return done(outcome="not built", why=_one_line(exc))
+    adapter = VLMAdapter()
+    if not adapter.matches(model):
+        parts = ", ".join(name for name, _ in getattr(model, "model", model).named_children())
+        return done(outcome="not wrapped", why=f"{type(model).__name__} ({parts}) is not a layout the vlm adapter serves "
+                    "(a CLIP- or SigLIP-style tower, a projector and a language model; or Qwen2-VL's)")
+    try:
+        inputs = adapter.example_inputs(model)
+        with torch.no_grad():
+            adapter.forward(model, adapter.prepare(model, inputs))
+    except Exception as exc:
+        return done(outcome="not run", why=f"the vlm adapter's example inputs (one image per row) do not run: {_one_line(exc)}")
+    try:
+        result = verify(model, inputs, adapter=adapter, cuda=False)
+    except Exception as exc:
+        return done(outcome="failing", why=f"verify raised {_one_line(exc)}")
+    fams = {f.family: f.status for f in result.families}
+    row.update(
+        adapter="vlm", ok=result.ok, exact=sorted(f for f, st in fams.items() if st == "exact"),
+        approximate=sorted(f for f, st in fams.items() if st == "approximate"),
+        unavailable={f.family: f.note for f in result.families if f.status == "unavailable"},
+        failed={f.family: f.note for f in result.families if f.status == "failed"},
+        general=result.general,
+    )
+    return done(outcome=_outcome(row))
+
+
 def _outcome(row: dict) -> str:
     """per-head: the transformers adapter serves exact per-head writes (``head_out``, or every stack's
     ``encoder.head_out`` / ``decoder.head_out`` ...) and nothing fails; else module-level, or failing."""
     heads = [f for f in row["exact"] + row["approximate"] + list(row["unavailable"]) + list(row["failed"])
              if f == PER_HEAD or f.endswith("." + PER_HEAD)]
-    per_head = (row["adapter"] == "transformers" and row["ok"] and bool(heads)
+    per_head = (row["adapter"] in ("transformers", "vlm") and row["ok"] and bool(heads)
                 and all(f in row["exact"] for f in heads))
+    if row["adapter"] == "vlm":  # a VLM's heads: the language model's head_out and the tower's vision.head_out
+        per_head = per_head and {PER_HEAD, "vision." + PER_HEAD} <= set(heads)
+        return "per-head" if per_head else ("heads not all exact" if row["ok"] else "failing")
     return "per-head" if per_head else ("module-level" if row["ok"] else "failing")
 
 
@@ -138,6 +196,18 @@ def _run_all(jobs: list[tuple[str, str]], timeout: float, log: Path | None = Non
     return rows
 
 
+VLM_NOTE = (
+    "Vision-language models, verified with the vlm adapter (`crosspatch.adapters.vlm`) on its example inputs: "
+    "one image per row at the vision config's size, the image tokens, then text. *per-head*: the conformance "
+    "suite and the oracles pass, and both the language model's `head_out` and the vision tower's "
+    "`vision.head_out` are exact; *heads not all exact*: everything served passes, but a head family is not "
+    "served; *failing*: a served family fails a check; *not run*: the vlm adapter claims the layout but its "
+    "example inputs do not run the model (a different image-token count, multi-crop inputs ...); *not built*: "
+    "the tiny model could not be built from the shrunk config; *not wrapped*: the vlm adapter does not claim "
+    "the layout (no other adapter is tried: the inputs such a model runs on are its own)."
+)
+
+
 def _markdown(rows: list[dict], tasks: list[str]) -> str:
     lines = ["# Coverage of transformers model types", "",
              "Measured by `make coverage` (`tools/coverage.py`): every model type of transformers' auto mappings for "
@@ -149,11 +219,14 @@ def _markdown(rows: list[dict], tasks: list[str]) -> str:
              "built or run on a CPU here; *not wrapped*: no adapter served it.", ""]
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
-        count = {k: sum(r["outcome"] == k for r in mine) for k in ("per-head", "module-level", "failing", "not built", "not wrapped")}
-        lines += [f"## {task}: {len(mine)} types", "", ", ".join(f"{v} {k}" for k, v in count.items()), "",
+        count = {k: sum(r["outcome"] == k for r in mine) for k in (VLM_OUTCOMES if task == VLM else OUTCOMES)}
+        lines += [f"## {task}: {len(mine)} types", ""]
+        if task == VLM:
+            lines += [VLM_NOTE, ""]
+        lines += [ ", ".join(f"{v} {k}" for k, v in count.items()), "",
                   "| type | outcome | exact families | not served / failing | seconds |", "|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: r["type"]):
-            exact = ", ".join(r.get("exact", [])) if r["outcome"] in ("per-head", "failing") else (
+            exact = ", ".join(r.get("exact", [])) if r["outcome"] in ("per-head", "failing", "heads not all exact") else (
                 f"{len(r.get('exact', []))} module families" if r.get("exact") else "")
             issues = {**r.get("unavailable", {}), **r.get("failed", {})}
             why = r.get("why") or "; ".join(f"{k}: {v}" for k, v in issues.items())
@@ -166,7 +239,7 @@ def _markdown(rows: list[dict], tasks: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="causal-lm,masked-lm,seq2seq-lm,image-classification")
+    parser.add_argument("--tasks", default=f"causal-lm,masked-lm,seq2seq-lm,image-classification,{VLM}")
     parser.add_argument("--types", default=None, help="only these model types (comma-separated)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per type")
     parser.add_argument("--out", default=str(REPO / "docs" / "coverage.md"))
@@ -187,17 +260,20 @@ def main() -> int:
         rows = [r for r in found.values() if r["task"] in tasks]
     else:
         from crosspatch.adapters.transformers.tiny import model_types
+        from crosspatch.adapters.vlm.tiny import vlm_types
 
         only = set(args.types.split(",")) if args.types else None
-        jobs = [(t, task) for task in tasks for t in model_types(task) if only is None or t in only]
+        jobs = [(t, task) for task in tasks for t in (vlm_types() if task == VLM else model_types(task))
+                if only is None or t in only]
         rows = _run_all(jobs, args.timeout, Path(args.log) if args.log else None)
     out = Path(args.out)
     out.write_text(_markdown(rows, tasks))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, sort_keys=True))
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
+        second = "heads not all exact" if task == VLM else "module-level"
         print(f"{task}: {sum(r['outcome'] == 'per-head' for r in mine)} per-head, "
-              f"{sum(r['outcome'] == 'module-level' for r in mine)} module-level of {len(mine)}")
+              f"{sum(r['outcome'] == second for r in mine)} {second} of {len(mine)}")
     return 0
 
 

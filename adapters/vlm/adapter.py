@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from crosspatch.engine.adapter import Adapter, AdapterError, Inputs, model_device
+from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.selection import GROUP_PREFIX
 
@@ -91,14 +92,15 @@ class VLMAdapter(Adapter):
                     f"pixel_values of shape {tuple(pixels.shape)} for {ids.shape[0]} rows; the vlm adapter takes one "
                     f"image per row, {shape}"
                 )
-            dtype = llava.parts(model)[0].embeddings.patch_embedding.weight.dtype
+            dtype = llava.pixel_dtype(model)
             out["pixel_values"] = pixels.to(device=device, dtype=dtype)
         carried = {k: v for k, v in inputs.items() if str(k).startswith(GROUP_PREFIX)}
         if carried:  # prepared already: keep the groups as they are (they follow the rows when tiled)
             out.update({k: v.to(device) for k, v in carried.items()})
         else:
             token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
-            out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), out.get("token_type_ids")))
+            prefix = out.get("token_type_ids") if model.config.model_type == "paligemma" else None  # Gemma 3's mark images
+            out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), prefix))
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
@@ -146,38 +148,40 @@ class VLMAdapter(Adapter):
         return tiny_model(kind)
 
     def family_oracles(self, model: nn.Module) -> dict[str, tuple[float, str | None]]:
-        """Per-head sums against the attention outputs (vision heads + the output projection's bias; language
-        heads + o_proj bias when there is one), and ``embed`` at the image positions against ``projector_out``."""
+        """Per-head sums against the output projection they split (vision heads of the last served block,
+        language heads of block 0: heads + the projection's bias = its output, read by a plain forward hook),
+        and ``embed`` at the image positions against ``projector_out``."""
         from crosspatch.engine.model import WrappedModel
 
         m = WrappedModel(model, self)
         inputs = m.prepare(self.example_inputs(model))
         last_vision = m.catalog.family("vision.head_out").layers - 1
-        keys = ["embed", "projector_out", f"vision.head_out.{last_vision}", f"vision.attn_out.{last_vision}",
-                "head_out.0", "attn_out.0"]
-        cache = m.run(inputs, capture=keys).cache
-        if qwen2_vl.is_served(model):
-            bias, lm = model.model.visual.blocks[last_vision].attn.proj.bias, model.model.language_model
-        else:
-            tower, _, lm = llava.parts(model)
-            bias = tower.encoder.layers[last_vision].self_attn.out_proj.bias
+        sites = {"vision.head_out": (f"vision.head_out.{last_vision}", last_vision), "head_out": ("head_out.0", 0)}
+        projections = {name: _projection(m.catalog.family(name).reach, layer) for name, (_, layer) in sites.items()}
+        outputs: dict[str, torch.Tensor] = {}
+        with temporarily() as changes:
+            for name, module in projections.items():
+                changes.forward_hook(module, lambda mod, args, out, name=name: outputs.__setitem__(name, out.detach()))
+            cache = m.run(inputs, capture=["embed", "projector_out", *(key for key, _ in sites.values())]).cache
         with torch.no_grad():
-            return self._oracles(cache, keys, inputs, bias, lm)
+            scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
+            out: dict[str, tuple[float, str | None]] = {}
+            for name, (key, _) in sites.items():
+                bias = projections[name].bias
+                heads = cache[key].sum(2) + (0 if bias is None else bias)
+                target = outputs[name].reshape(heads.shape)
+                out[name] = _verdict(float((heads - target).abs().max()) / scale(target),
+                                     f"{name} summed over heads (+ the projection's bias) differs from the projection's output")
+            merged = cache["embed"][inputs[GROUP_PREFIX + "image"]].view_as(cache["projector_out"])
+            err = float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"])
+            out["embed"] = _verdict(err, "embed at the image positions differs from projector_out")
+        return out
 
-    @staticmethod
-    def _oracles(cache, keys, inputs, bias, lm) -> dict[str, tuple[float, str | None]]:
-        scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
-        vision = cache[keys[2]].sum(2) + (0 if bias is None else bias)
-        image = inputs[GROUP_PREFIX + "image"]
-        merged = cache["embed"][image].view_as(cache["projector_out"])
-        errors = {
-            "vision.head_out": float((vision - cache[keys[3]]).abs().max()) / scale(cache[keys[3]]),
-            "embed": float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"]),
-        }
-        what = {"vision.head_out": "vision heads + output projection bias differ from vision.attn_out",
-                "embed": "embed at the image positions differs from projector_out"}
-        out = {name: _verdict(err, what[name]) for name, err in errors.items()}
-        return {**out, "head_out": _heads_oracle(cache, lm)}
+
+def _projection(reach: Any, layer: int) -> nn.Module:
+    """The output projection a per-head family splits (:class:`HeadOut`, or :class:`FlatHeadOut` around one)."""
+    heads = getattr(reach, "heads", reach)
+    return submodule(heads.root, heads.path, layer)
 
 
 def _served(model: nn.Module) -> bool:
@@ -186,12 +190,3 @@ def _served(model: nn.Module) -> bool:
 
 def _verdict(err: float, what: str) -> tuple[float, str | None]:
     return err, None if err <= 1e-5 else f"{what} by {err:.3g} (relative)"
-
-
-def _heads_oracle(cache, lm: nn.Module) -> tuple[float, str | None]:
-    """Language heads of block 0 (+ the o_proj bias when there is one) against its attention output."""
-    o_bias = getattr(lm.layers[0].self_attn.o_proj, "bias", None)
-    heads = cache["head_out.0"].sum(2) + (0 if o_bias is None else o_bias)
-    target = cache["attn_out.0"]
-    err = float((heads - target).abs().max()) / (float(target.abs().max()) or 1.0)
-    return _verdict(err, "heads (+ o_proj bias) differ from attn_out")

@@ -21,7 +21,7 @@ from crosspatch.sites.catalog import Axis, SiteFamily
 from crosspatch.adapters.transformers.adapter import InferenceWarning, TransformersAdapter
 from crosspatch.adapters.transformers.reaches import AttentionPattern
 
-from .reaches import LogitsField
+from .reaches import OutputField
 
 __all__ = ["language_families"]
 
@@ -55,7 +55,7 @@ def language_families(
     if unavailable:
         warnings.warn(f"{type(model).__name__}: language-model families not served: "
                       + "; ".join(f"{name} ({why})" for name, why in unavailable.items()), InferenceWarning, stacklevel=4)
-    families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), LogitsField(model),
+    families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), OutputField(model, "logits"),
                                doc="next-token logits"))
     return families, unavailable
 

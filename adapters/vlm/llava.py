@@ -19,20 +19,22 @@ The families come from the code that serves each part alone, so they hold the sa
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from crosspatch.engine.reach import ModuleOutput
+from crosspatch.engine.reach import ModuleOutput, temporarily
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
 
 from crosspatch.adapters.transformers.clip import _tower_families
 
 from .language import language_families
-from .reaches import OutputFirst
+from .reaches import OutputFirst, TokenGrid
 
-__all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis"]
+__all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis", "pixel_dtype", "image_hw"]
 
 # (vision tower, projector, language model) attribute names of the base model, per layout.
 _LAYOUTS = (("vision_tower", "multi_modal_projector", "language_model"), ("vision_model", "connector", "text_model"))
@@ -44,7 +46,12 @@ def _layout(model: nn.Module) -> tuple[str, str, str] | None:
 
 
 def is_served(model: nn.Module) -> bool:
-    return _layout(model) is not None and hasattr(model, "lm_head")
+    """One of the layouts, with a CLIP- or SigLIP-style tower (``encoder.layers[i].self_attn.out_proj``)."""
+    names = _layout(model)
+    if names is None or not hasattr(model, "lm_head"):
+        return False
+    layers = getattr(getattr(getattr(model.model, names[0]), "encoder", None), "layers", None)
+    return isinstance(layers, nn.ModuleList) and len(layers) > 0 and hasattr(getattr(layers[0], "self_attn", None), "out_proj")
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -70,16 +77,44 @@ def _has_class_token(tower: nn.Module) -> bool:
     return hasattr(tower, "pre_layrnorm")  # CLIP's tower has a class token and a pre-norm; SigLIP's neither
 
 
+def pixel_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the vision tower's weights (and so its pixels) have."""
+    return next(parts(model)[0].parameters()).dtype
+
+
+def image_hw(model: nn.Module) -> tuple[int, int]:
+    """The vision config's image size as (height, width)."""
+    size = model.config.vision_config.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+_TOKENS: "weakref.WeakKeyDictionary[nn.Module, torch.Size]" = weakref.WeakKeyDictionary()
+
+
+def _projected_shape(model: nn.Module) -> torch.Size:
+    """The projector's output for one image at the config's size, measured once per model (transformers'
+    ``get_image_features``): it says how many image tokens an image gives whatever the projector does
+    (drop the class token, Idefics3's pixel shuffle, Gemma 3's pooling, a 2-d grid of tokens ...)."""
+    found = _TOKENS.get(model)
+    if found is None:
+        projector = parts(model)[1]
+        install_output_recorders(model)
+        pixels = torch.ones(1, model.config.vision_config.num_channels, *image_hw(model),  # not 0: Idefics3 drops all-0 images
+                             dtype=pixel_dtype(model), device=model.lm_head.weight.device)
+        seen: list[torch.Size] = []
+        with temporarily() as changes, torch.no_grad():
+            changes.forward_hook(projector, lambda module, args, output: seen.append(output.shape))
+            model.model.get_image_features(pixel_values=pixels.unsqueeze(1) if images_per_row_axis(model) else pixels)
+        if not seen:
+            raise NotImplementedError(f"{type(model).__name__}'s image features do not pass through its projector")
+        found = _TOKENS[model] = seen[-1]
+    return found
+
+
 def image_tokens(model: nn.Module) -> int:
-    """Image tokens per image: the patches, plus the class token when the projector keeps it."""
-    config = model.config
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    if images_per_row_axis(model):  # the connector folds scale_factor**2 patches into one token
-        return patches // int(config.scale_factor) ** 2
-    if not _has_class_token(parts(model)[0]):
-        return patches
-    return patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else patches + 1
+    """Image tokens per image: the positions of the projector's output for one image (the patches, plus the
+    class token when the projector keeps it; fewer when the projector merges patches)."""
+    return math.prod(_projected_shape(model)[1:-1])
 
 
 def install_output_recorders(model: nn.Module) -> None:
@@ -128,7 +163,8 @@ def catalog(model: nn.Module) -> Catalog:
                   if f.name == "vision.embed" else f for f in vision]
     d_text = config.text_config.hidden_size
     families = vision + [
-        SiteFamily("projector_out", (Axis("pos", image_tokens(model)), Axis("dim", d_text)), ModuleOutput(projector, ""),
+        SiteFamily("projector_out", (Axis("pos", image_tokens(model)), Axis("dim", d_text)),
+                   ModuleOutput(projector, "") if len(_projected_shape(model)) == 3 else TokenGrid(projector),
                    doc="projected image features, one per image token (before they replace the image-token embeddings)"),
     ]
     text, unavailable = language_families(model, lm, lambda: example_inputs(model))
@@ -146,8 +182,8 @@ def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0
     words = torch.randint(3, max(4, min(vocab, 1000)), (rows, text), generator=g)
     words[words == token] = 3
     ids = torch.cat([torch.full((rows, image_tokens(model)), token), torch.ones(rows, 1, dtype=torch.long), words], 1)
-    pixels = torch.randn(rows, vision.num_channels, vision.image_size, vision.image_size, generator=g)
-    pixels = pixels.to(parts(model)[0].embeddings.patch_embedding.weight.dtype)
+    pixels = torch.randn(rows, vision.num_channels, *image_hw(model), generator=g)
+    pixels = pixels.to(pixel_dtype(model))
     if images_per_row_axis(model):
         pixels = pixels.unsqueeze(1)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}

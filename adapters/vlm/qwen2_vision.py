@@ -8,7 +8,7 @@ sequence is ``[rows * patches, d]`` in row order, so each site shows it as ``[ro
 processor lays patches out block by block over ``spatial_merge_size`` x ``spatial_merge_size`` windows,
 so the 4 patches the merger folds into one image token are consecutive.
 
-Families (``vision.`` prefix as for CLIP towers): ``embed`` (the patch embeddings entering block 0),
+Families (``vision.`` prefix as for CLIP towers): ``embed`` (what enters block 0),
 ``resid_pre``, ``attn_pattern`` (``[head, patch, key_patch]``), ``head_z``, ``head_out`` (heads + the
 ``proj`` bias = ``attn_out``), ``attn_out``, ``resid_mid``, ``mlp_in``, ``mlp_act``, ``mlp_out``,
 ``resid_post``; and ``projector_out``, the merger's output ``[rows, image_pos, d_text]``, one per image token.
@@ -26,9 +26,11 @@ from crosspatch.sites.catalog import Axis, LinearFrom, SiteFamily
 from crosspatch.adapters.transformers.reaches import HeadZ, ResidualAfterAttention
 from crosspatch.adapters.transformers.twotower import HEAD_Z_DOC, MLP_IN_DOC
 
-from .reaches import FlatAttentionPattern, FlatHeadOut, PerImage
+from .reaches import FlatAttentionPattern, FlatHeadOut, OutputField, PerImage
 
 __all__ = ["vision_families", "vision_sizes", "NOT_SERVED"]
+
+_MLP_OUT = ("fc2", "down_proj", "linear_fc2")  # the MLP's last linear (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): it reads the neurons
 
 NOT_SERVED = {
     "vision.head_in": "the tower's queries, keys and values come from one fused qkv projection of the normed residual; "
@@ -39,8 +41,9 @@ NOT_SERVED = {
 def vision_families(model: nn.Module) -> list[SiteFamily]:
     visual = model.model.visual
     config = visual.config
-    heads, d = config.num_heads, config.embed_dim
+    heads, d = config.num_heads, getattr(config, "embed_dim", None) or config.hidden_size
     n = len(visual.blocks)
+    mlp_last = next(name for name in _MLP_OUT if hasattr(visual.blocks[0].mlp, name))
     block = "blocks.{layer}"
     patch, key_patch, dim = Axis("patch"), Axis("key_patch"), Axis("dim", d)
 
@@ -50,8 +53,9 @@ def vision_families(model: nn.Module) -> list[SiteFamily]:
     head_out = FlatHeadOut(visual, visual, f"{block}.attn.proj", heads)
     p = "vision."
     return [
-        SiteFamily(p + "embed", (patch, dim), flat(ModuleOutput(visual, "patch_embed")),
-                   doc="patch embeddings entering the first block (rotary positions are applied inside attention)"),
+        SiteFamily(p + "embed", (patch, dim), flat(ModuleInput(visual, block.format(layer=0))),
+                   doc="what enters the first block: the patch embeddings (plus Qwen3-VL's learned position embeddings; "
+                   "rotary positions are applied inside attention)"),
         SiteFamily(p + "resid_pre", (patch, dim), flat(ModuleInput(visual, block)), n, "residual stream entering the block"),
         SiteFamily(p + "attn_pattern", (Axis("head", heads), patch, key_patch), FlatAttentionPattern(visual, f"{block}.attn"), n,
                    "attention probabilities within each image (query patch, key patch)"),
@@ -64,12 +68,12 @@ def vision_families(model: nn.Module) -> list[SiteFamily]:
         SiteFamily(p + "resid_mid", (patch, dim), flat(ResidualAfterAttention(visual, block, f"{block}.attn")), n,
                    "residual after attention"),
         SiteFamily(p + "mlp_in", (patch, dim), flat(ModuleInput(visual, f"{block}.norm2", name=None)), n, MLP_IN_DOC),
-        SiteFamily(p + "mlp_act", (patch, Axis("neuron", visual.blocks[0].mlp.fc1.out_features)),
-                   flat(ModuleInput(visual, f"{block}.mlp.fc2", name=None)), n, "MLP neuron activations"),
+        SiteFamily(p + "mlp_act", (patch, Axis("neuron", getattr(visual.blocks[0].mlp, mlp_last).in_features)),
+                   flat(ModuleInput(visual, f"{block}.mlp.{mlp_last}", name=None)), n, "MLP neuron activations"),
         SiteFamily(p + "mlp_out", (patch, dim), flat(ModuleOutput(visual, f"{block}.mlp")), n, "MLP write"),
         SiteFamily(p + "resid_post", (patch, dim), flat(ModuleOutput(visual, block)), n, "residual stream leaving the block"),
         SiteFamily("projector_out", (Axis("image_pos"), Axis("dim", model.config.text_config.hidden_size)),
-                   flat(ModuleOutput(visual, "merger")),
+                   flat(OutputField(visual, "pooler_output")),
                    doc="the merger's output, one per image token (spatial_merge_size ** 2 patches each), before it "
                    "replaces the image-token embeddings"),
     ]

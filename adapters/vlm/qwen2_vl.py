@@ -30,8 +30,13 @@ __all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_in
 
 
 def is_served(model: nn.Module) -> bool:
+    """``model.visual`` with Qwen2-VL-style blocks (``blocks[i].attn.qkv`` and ``.proj``), ``model.language_model``
+    and an ``lm_head``."""
     base = getattr(model, "model", None)
-    return hasattr(base, "visual") and hasattr(base, "language_model") and hasattr(model, "lm_head")
+    blocks = getattr(getattr(base, "visual", None), "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+    return (hasattr(attn, "qkv") and hasattr(attn, "proj") and hasattr(base, "language_model")
+            and hasattr(model, "lm_head"))
 
 
 def catalog(model: nn.Module) -> Catalog:
@@ -87,13 +92,13 @@ def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0
     merge = vision.spatial_merge_size
     g = torch.Generator().manual_seed(seed)
     words = torch.randint(3, max(4, min(config.text_config.vocab_size, 1000)), (rows, text), generator=g)
-    special = {config.image_token_id, config.vision_start_token_id, config.vision_end_token_id}
-    for token in special:
+    start, end = (next(getattr(config, k) for k in (f"vision_{at}_token_id", f"image_{at}_token_id") if hasattr(config, k))
+                  for at in ("start", "end"))
+    for token in {config.image_token_id, start, end}:
         words[words == token] = 3
     n_image = grid * grid // merge ** 2
-    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, 1), config.vision_start_token_id),
-                     torch.full((rows, n_image), config.image_token_id), torch.full((rows, 1), config.vision_end_token_id),
-                     words], dim=1)
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, 1), start),
+                     torch.full((rows, n_image), config.image_token_id), torch.full((rows, 1), end), words], dim=1)
     features = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     pixels = torch.randn(rows, grid * grid, features, generator=g)
     device = model.lm_head.weight.device

@@ -1,4 +1,4 @@
-"""Reaches of the vlm adapter: a block output hooked ahead of transformers' own hooks, the logits field, and
+"""Reaches of the vlm adapter: a block output hooked ahead of transformers' own hooks, output fields, and
 Qwen2-VL's flat vision activations (every image's patches in one sequence) seen one image per row."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 
 from crosspatch.engine.reach import installing, submodule
 
-__all__ = ["OutputFirst", "LogitsField", "PerImage", "FlatHeadOut", "FlatAttentionPattern"]
+__all__ = ["OutputFirst", "TokenGrid", "OutputField", "PerImage", "FlatHeadOut", "FlatAttentionPattern"]
 
 
 class OutputFirst:
@@ -36,18 +36,38 @@ class OutputFirst:
             return changes.handles
 
 
-class LogitsField:
-    """The ``logits`` field of the top-level model's output, read and written by a forward hook."""
+class TokenGrid:
+    """A module output laid out as a grid of tokens ``[images, h, w, d]`` (Aya Vision's and Command A Vision's
+    projectors), read and written as ``[images, h * w, d]``."""
 
     def __init__(self, root: nn.Module):
         self.root = root
 
     def install(self, layer: int | None, callback) -> list:
         def hook(module, args, output):
-            new = callback(output["logits"])
+            new = callback(output.flatten(1, -2))
+            return None if new is None else new.reshape(output.shape)
+
+        with installing() as changes:
+            changes.forward_hook(self.root, hook)
+            return changes.handles
+
+
+class OutputField:
+    """A field of a module's output (a transformers ``ModelOutput``: the model's ``logits``, the vision tower's
+    ``pooler_output``), read and written by a forward hook."""
+
+    def __init__(self, root: nn.Module, field: str):
+        self.root, self.field = root, field
+
+    def install(self, layer: int | None, callback) -> list:
+        field = self.field
+
+        def hook(module, args, output):
+            new = callback(output[field])
             if new is None:
                 return None
-            output["logits"] = new
+            output[field] = new
             return output
 
         with installing() as changes:
@@ -142,13 +162,15 @@ class FlatAttentionPattern:
     def install(self, layer: int | None, callback) -> list:
         module = submodule(self.root, self.path, layer)
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        images = _Images(self.root)
 
         def forward(hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
             n_total, heads = hidden_states.shape[0], module.num_heads
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            if len(set(lengths)) != 1:
-                raise ValueError(f"vision attention over images of {sorted(set(lengths))} patches; the pattern is served "
-                                 f"for images of one size")
+            if len(set(lengths)) != 1 or len(lengths) != images.count:
+                raise ValueError(f"vision attention over {len(lengths)} chunks of {sorted(set(lengths))} patches for "
+                                 f"{images.count} images; the pattern is served where each image is one chunk (full "
+                                 f"attention, images of one size), not in windowed layers")
             q, k, v = module.qkv(hidden_states).reshape(n_total, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rotary(q, k, *position_embeddings)
             q, k, v = (t.reshape(len(lengths), lengths[0], heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -168,6 +190,7 @@ class FlatAttentionPattern:
         if "forward" in module.__dict__:
             raise RuntimeError(f"{self.path.format(layer=layer)}.forward is replaced already (its pattern is hooked twice?)")
         with installing() as changes:
+            images.install(changes)
             changes.undo(restore)
             module.forward = forward
             return changes.handles

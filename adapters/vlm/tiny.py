@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["IMAGE_TOKEN", "KINDS", "tiny_model"]
+__all__ = ["IMAGE_TOKEN", "KINDS", "tiny_model", "tiny_vlm", "vlm_types"]
 
 IMAGE_TOKEN = 63  # the last id of the 64-token vocabulary
 KINDS = ("llava", "paligemma", "idefics3", "qwen2_vl")
@@ -45,3 +45,72 @@ def tiny_model(kind: str, seed: int = 0, vision: dict | None = None, text: dict 
                               image_token_id=IMAGE_TOKEN, vision_start_token_id=61, vision_end_token_id=62, **config)
         return T.Qwen2VLForConditionalGeneration(cfg).eval()
     raise ValueError(f"no tiny vision-language model {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+#: Special-token ids of a vision-language config that index its text vocabulary (the image token and its kin).
+_SPECIAL = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "vision_start_token_id",
+            "vision_end_token_id", "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+            "image_start_token_id", "image_end_token_id", "vision_token_id", "fake_image_token_id", "global_image_token_id")
+
+
+def vlm_types() -> list[str]:
+    """Every model type of transformers' image-text-to-text auto mapping, sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def tiny_vlm(model_type: str, seed: int = 0) -> nn.Module:
+    """A tiny random model of any image-text-to-text ``model_type``: the config class's defaults shrunk as for
+    language models (:func:`crosspatch.adapters.transformers.tiny.tiny_config`, which shrinks the text and
+    vision sub-configs too), with the special-token ids moved inside the shrunk text vocabulary."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from crosspatch.adapters.transformers.tiny import tiny_config
+
+    names = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    if names is None:
+        raise ValueError(f"transformers has no image-text-to-text model for {model_type!r}; types: {', '.join(vlm_types())}")
+    cls = getattr(transformers, names if isinstance(names, str) else names[0])
+    config = tiny_config(model_type)
+    text = getattr(config, "text_config", None)
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    if isinstance(vocab, int):
+        taken = {getattr(text, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        free = (i for i in range(vocab - 1, 2, -1) if i not in taken)
+        for key in _SPECIAL:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= vocab:
+                setattr(config, key, next(free))
+    if text is not None:
+        _fit_to_text(config, text)
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def _fit_to_text(config, text) -> None:
+    """Widths the shrink left at their defaults though they must match the shrunk parts: the projection into
+    the text width (PaliGemma's ``projection_dim``, Qwen2.5-VL's ``out_hidden_size``), multimodal rotary
+    sections summing to half the text head width (Qwen2-VL), image tokens the vision grid can hold (Gemma 3)."""
+    width = getattr(text, "hidden_size", None)
+    vision = getattr(config, "vision_config", None)
+    for owner, key in ((config, "projection_dim"), (vision, "projection_dim"), (vision, "out_hidden_size")):
+        if owner is not None and isinstance(getattr(owner, key, None), int) and isinstance(width, int):
+            setattr(owner, key, width)
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and "mrope_section" in getattr(text, "ignore_keys_at_rope_validation", ()):
+        heads = getattr(text, "num_attention_heads", None)
+        head = getattr(text, "head_dim", None) or (width // heads if width and heads else None)
+        sections = rope.get("mrope_section") or [16, 24, 24]
+        if head:
+            half, total = head // 2, sum(sections)
+            scaled = [max(1, s * half // total) for s in sections]
+            scaled[-1] += half - sum(scaled)
+            rope["mrope_section"] = scaled
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    tokens = getattr(config, "mm_tokens_per_image", None)
+    if isinstance(size, int) and isinstance(patch, int) and isinstance(tokens, int):
+        patches = (size // patch) ** 2
+        if tokens > patches:
+            config.mm_tokens_per_image = patches // 4
