@@ -220,6 +220,7 @@ def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any,
         positives, label = {nodes[i] for i in np.argsort(-exact, kind="stable")[:k]}, f"exact top {k}"
     search = {
         "CD-T node, direct": dict(threshold=0.05),
+        "CD-T node, direct, threshold 0.1": dict(threshold=0.1),
         "CD-T node, direct, unpruned": dict(threshold=0.0),
         "CD-T node, all paths (paper)": dict(threshold=0.05, paths="all"),
     }

@@ -127,7 +127,7 @@ def node_circuit(
         positions = sorted({p for r, p in frontier if r in logits_receivers})
         tables = {t: _scores(dec.rel[t], dec.irrel[t], t, metric, n, mask, positions) for t in targets}
         slot = {key: j for j, key in enumerate(sets)}
-        following: list[tuple[int, int]] = []
+        following: dict[tuple[int, int], None] = {}  # the next level's receivers, in the order they were opened
         for r, p_r in frontier:
             target, head = _target_family(g.receivers[r])
             table = tables[target]  # [sets, pos] or [sets, pos, head]
@@ -140,10 +140,9 @@ def node_circuit(
                     rows[(s, p_s, r, p_r)] = value
                     if value != 0 and abs(value) >= threshold and (s, p_s) not in kept_nodes:
                         kept_nodes.add((s, p_s))
-                        for nxt in _opened(g, s, p_s, receivers_of, keys):
-                            if nxt not in searched and nxt not in following:
-                                following.append(nxt)
-        frontier = following
+                        following.update((nxt, None) for nxt in _opened(g, s, p_s, receivers_of, keys)
+                                         if nxt not in searched)
+        frontier = list(following)
 
     order = sorted(rows, key=lambda k: (g._stage(g.receivers[k[2]]), k[3], k[2], g._stage(g.senders[k[0]]), k[1], k[0]))
     names = [f"{at_position(g.senders[s], ps)}->{at_position(g.receivers[r], pr)}" for s, ps, r, pr in order]
