@@ -1,5 +1,5 @@
 """Coarse-to-fine localisation (``cp.localize``) against the exhaustive activation-patching sweep and
-against AtP* alone: recall of the exhaustive sweep's top-k at the (component, position) level
+against AtP and AtP* alone: recall of the exhaustive sweep's top-k at the (component, position) level
 (``head_out.*[pos=*,head=*]`` and ``mlp_out.*[pos=*]`` ranked together by |effect|) and the share of
 the sweep's forwards spent, on the zoo models and on random GPT-2s with planted heads.
 
@@ -7,16 +7,18 @@ Forwards are counted as crosspatch.methods.localize counts them (rows / prompts,
 the exhaustive sweep is its clean and corrupt runs plus one per site it runs (sites before the corrupted
 position are not run: their effect is 0 by construction). The same runs are also counted as engine calls
 and costed by the engine's batching model (:class:`Count`), since a CPU sweep batches sites into shared
-forwards. A planted model is a GPT-2 of the given
+forwards; the profile splits both counts by level and part (estimates, baselines, each level's sites).
+A planted model is a GPT-2 of the given
 geometry with seeded random weights in which three heads (distinct layers, drawn by the seed) have their
 output projection scaled by 8, so they dominate the logit difference; ``saturated`` also scales their
-query weights by 30, so their attention saturates and AtP*'s gradients through it go flat (its blind
+query weights by 30, so their attention saturates and AtP's gradients through it go flat (its blind
 spot). The metric is each prompt's logit difference between the tokens the corruption raises most and
 least at the last position; values are normalised by the clean-corrupt gap.
 
     python benchmarks/localize.py                       # small and gpt2 geometries, zoo models: localize.md
     python benchmarks/localize.py --geometries small --seeds 0 1 --out /tmp/localize.md
     python benchmarks/localize.py --render              # localize.md again from the last run's rows
+    python benchmarks/localize.py --geometries small --seeds 0 --zoo --tracr --methods localize --out /tmp/l.md
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from crosspatch.adapters.transformers.tiny import tiny_model
 from crosspatch.methods.attribution import attribution_patching
 from crosspatch.engine.resume import FORWARD_OVERHEAD_TOKENS
 from crosspatch.methods.localize import atp_forwards, level_patterns, localize
+from crosspatch.methods.localize_verify import Verifier
 
 HERE = Path(__file__).resolve().parent
 FINE = level_patterns("component_pos")  # head_out.*[pos=*,head=*], mlp_out.*[pos=*]
@@ -114,6 +117,7 @@ def tracr_case(program: str, prompts: int = 16) -> Case:
 # The modules whose engine calls are counted: every model run of the sweep, AtP* and localize goes through one.
 COUNTED = ["crosspatch.methods.activation_patching", "crosspatch.methods.attribution",
            "crosspatch.methods.shared_prefix", "crosspatch.methods.localize_verify"]
+ESTIMATES = ("crosspatch.methods.attribution", "crosspatch.methods.shared_prefix")  # AtP's gradient and source runs
 
 
 @dataclass
@@ -125,11 +129,23 @@ class Count:
     calls: int = 0
     units: float = 0.0
     whole: float = 1.0  # the cost of one whole forward of the n prompts
-    rows: list = field(default_factory=list)
+    phase: str | None = None  # set while localize's verifier patches a round: the level of its first site
+    parts: dict = field(default_factory=dict)  # units by part: "estimates", "baselines", or a level
 
     @property
     def model_forwards(self) -> float:
         return self.units / self.whole
+
+    def part_forwards(self) -> dict[str, float]:
+        return {part: units / self.whole for part, units in self.parts.items()}
+
+
+def site_level(site: str) -> str:
+    """The first level (start="components") that lists ``site``: the level a verified site is charged to."""
+    family = site.split(".")[0]
+    if family in ("attn_out", "mlp_out"):
+        return "layer_pos" if "[pos=" in site else "layer"
+    return "component_pos" if "pos=" in site else "component"
 
 
 @contextmanager
@@ -145,20 +161,34 @@ def counting(case: Case):
         module = importlib.import_module(name)
         real = module.execute
 
-        def wrapper(module_, adapter, catalog, inputs, *args, _real=real, **kwargs):
+        def wrapper(module_, adapter, catalog, inputs, *args, _real=real, _name=name, **kwargs):
             rows = _ids(inputs).shape[0]
             resume, grad = kwargs.get("resume"), kwargs.get("grad", False)
             blocks = layers - (resume.layer if resume is not None else 0)
             positions = length - (resume.pos if resume is not None else 0)
+            units = (3 if grad else 1) * blocks * (FORWARD_OVERHEAD_TOKENS + rows * positions)
             count.calls += 1
-            count.units += (3 if grad else 1) * blocks * (FORWARD_OVERHEAD_TOKENS + rows * positions)
+            count.units += units
+            part = count.phase or ("estimates" if _name in ESTIMATES else "baselines")
+            count.parts[part] = count.parts.get(part, 0.0) + units
             return _real(module_, adapter, catalog, inputs, *args, **kwargs)
 
         module.execute = wrapper
         patched.append((module, real))
+    real_patch = Verifier.patch
+
+    def patch(self, sites, _real=real_patch):
+        count.phase = site_level(str(sites[0])) if len(sites) else None
+        try:
+            return _real(self, sites)
+        finally:
+            count.phase = None
+
+    Verifier.patch = patch
     try:
         yield count
     finally:
+        Verifier.patch = real_patch
         for module, real in patched:
             module.execute = real
 
@@ -196,7 +226,7 @@ def recall(truth: dict[str, float], found: dict[str, float], k: int) -> float:
 
 
 def fine_values(loc) -> tuple[dict[str, float], set[str]]:
-    """The (component, position) level's values (exact where verified, else AtP*) and the verified sites."""
+    """The (component, position) level's values (exact where verified, else the estimate) and the verified sites."""
     res = loc.levels["component_pos"]
     values = dict(zip(res.coords["site"], res.values.tolist()))
     return values, {s for s, f in zip(res.coords["site"], res.metadata["verified"]) if f}
@@ -216,35 +246,51 @@ def planted_found(verified: set[str], truth: dict[str, float], planted: list[tup
 
 
 def fixed_cost(loc) -> int:
-    """What localize spends before it verifies anything the estimates choose: AtP*, the clean and corrupt
-    runs, and the anchor (every layer-level site, always verified)."""
+    """What localize spends before it verifies anything the estimates choose: the estimates (AtP or AtP*), the
+    clean and corrupt runs, and the anchor (every layer-level site, always verified)."""
     cost = loc.metadata["cost"]
     anchor = loc.levels["layer"].metadata["verified_count"] if "layer" in loc.levels else 0
     return cost["attribution"] + cost["baseline_runs"] + anchor
 
 
-def run_case(case: Case, ks: list[int], tol: float, cache: Path) -> list[dict]:
+#: The methods compared with the sweep: AtP alone (plain, and AtP* with GradDrop), AtP verified by
+#: localize's rule at the finest level only, localize (plain AtP, the default) and localize ranking by AtP*.
+METHODS = {
+    "AtP": {"estimates_only": True, "grad_drop": False},
+    "AtP*": {"estimates_only": True, "grad_drop": True},
+    "AtP + verify": {"levels": ["component_pos"]},
+    "localize": {},
+    "localize (AtP*)": {"estimator": "atp*"},
+}
+PARTS = ["estimates", "baselines", "layer", "layer_pos", "component", "component_pos"]
+
+
+def run_case(case: Case, ks: list[int], tol: float, cache: Path, methods: list[str]) -> list[dict]:
     full = exhaustive(case, cache)
     truth = full["values"]
     rows = []
-    start = time.perf_counter()
-    with counting(case) as count:
-        atp = attribution_patching(case.model, case.clean, case.corrupt, FINE, case.metric, grad_drop=True,
-                                   normalize=True)
-    atp_seconds = time.perf_counter() - start
-    atp_values = dict(zip(atp.coords["site"], atp.values.tolist()))
     base = {"case": case.name, "group": case.group, "exhaustive_forwards": full["forwards"],
             "exhaustive_seconds": full["seconds"], "exhaustive_calls": full["calls"],
             "exhaustive_model_forwards": full["model_forwards"], "planted_ranks": None}
+    alone = {}
+    for method in [m for m in methods if METHODS[m].get("estimates_only")]:
+        start = time.perf_counter()
+        with counting(case) as count:
+            atp = attribution_patching(case.model, case.clean, case.corrupt, FINE, case.metric,
+                                       grad_drop=METHODS[method]["grad_drop"], normalize=True)
+        alone[method] = (atp, count, time.perf_counter() - start)
     for k in ks:
-        rows.append({**base, "method": "AtP*", "k": k, "recall": recall(truth, atp_values, k),
-                     "verified_recall": 0.0, "forwards": atp_forwards(atp), "seconds": atp_seconds, "planted": None,
-                     "calls": count.calls, "model_forwards": count.model_forwards, "fixed": atp_forwards(atp)})
-        for method, levels in (("AtP* + verify", ["component_pos"]), ("localize", None)):
+        for method, (atp, count, seconds) in alone.items():
+            rows.append({**base, "method": method, "k": k,
+                         "recall": recall(truth, dict(zip(atp.coords["site"], atp.values.tolist())), k),
+                         "verified_recall": 0.0, "forwards": atp_forwards(atp), "seconds": seconds, "planted": None,
+                         "calls": count.calls, "model_forwards": count.model_forwards, "fixed": atp_forwards(atp),
+                         "parts": count.part_forwards(), "level_forwards": {}})
+        for method in [m for m in methods if not METHODS[m].get("estimates_only")]:
             start = time.perf_counter()
             with counting(case) as count_loc:
-                loc = localize(case.model, case.clean, case.corrupt, case.metric, tol=tol, k=k, levels=levels,
-                               normalize=True, progress=False)
+                loc = localize(case.model, case.clean, case.corrupt, case.metric, tol=tol, k=k, normalize=True,
+                               progress=False, **METHODS[method])
             seconds = time.perf_counter() - start
             values, verified = fine_values(loc)
             for site in verified:  # the oracle: verified values are the sweep's own, within float rounding
@@ -254,7 +300,10 @@ def run_case(case: Case, ks: list[int], tol: float, cache: Path) -> list[dict]:
             rows.append({**base, "method": method, "k": k, "recall": recall(truth, values, k),
                          "verified_recall": len(set(top(truth, k)) & verified) / k, "forwards": loc.forwards,
                          "seconds": seconds, "planted": found, "planted_ranks": ranks, "calls": count_loc.calls,
-                         "model_forwards": count_loc.model_forwards, "fixed": fixed_cost(loc)})
+                         "model_forwards": count_loc.model_forwards, "fixed": fixed_cost(loc),
+                         "parts": count_loc.part_forwards(),
+                         "level_forwards": {lv: r.metadata["forwards"] for lv, r in loc.levels.items()},
+                         "level_verified": {lv: r.metadata["verified_count"] for lv, r in loc.levels.items()}})
     for row in rows:
         row["fraction"] = row["forwards"] / row["exhaustive_forwards"]
         row["model_fraction"] = row["model_forwards"] / row["exhaustive_model_forwards"]
@@ -311,6 +360,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=0.01)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "crosspatch" / "bench-localize")
     parser.add_argument("--out", type=Path, default=HERE / "localize.md")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--render", action="store_true", help="rewrite --out from the last run's rows in --cache")
     args = parser.parse_args()
     if args.render:
@@ -327,12 +377,13 @@ def main() -> None:
                 cases.append(lambda g=geometry, s=seed, sat=saturated: planted_case(g, s, sat))
     for make in cases:
         case = make()
-        found = run_case(case, args.tracr_ks if case.name.startswith("tracr") else args.ks, args.tol, args.cache)
+        found = run_case(case, args.tracr_ks if case.name.startswith("tracr") else args.ks, args.tol, args.cache,
+                         args.methods)
         rows += found
         for r in found:
-            print(f"{r['case']:>24} {r['method']:>14} k={r['k']:<3} recall {r['recall']:.2f} (verified "
+            print(f"{r['case']:>24} {r['method']:>16} k={r['k']:<3} recall {r['recall']:.2f} (verified "
                   f"{r['verified_recall']:.2f}) forwards {r['forwards']}/{r['exhaustive_forwards']} = "
-                  f"{r['fraction']:.3f}", flush=True)
+                  f"{r['fraction']:.3f}, cost model {r['model_fraction']:.3f}", flush=True)
     write(rows, args)
 
 
@@ -347,11 +398,43 @@ def targets(rows: list[dict]) -> list[dict]:
             "group": r["group"], "k": r["k"], "cases": r["cases"],
             "recall": _verdict(r["recall"] >= 0.95, sum(x["recall"] >= 0.95 for x in sel), len(sel)),
             "fraction": _verdict(r["fraction"] <= 0.10, sum(x["fraction"] <= 0.10 for x in sel), len(sel)),
+            "model_fraction": _verdict(r["model_fraction"] <= 0.10, sum(x["model_fraction"] <= 0.10 for x in sel),
+                                       len(sel)),
+            "fixed_model": f"{np.mean([_fixed_model(x) for x in sel]):.1%}",
             "fixed": f"{np.mean(fixed):.1%}",
             "budget": _verdict(np.mean([x["forwards"] for x in sel]) <= np.mean([x["budget"] for x in sel]),
                                sum(x["forwards"] <= x["budget"] for x in sel), len(sel)),
         })
     return out
+
+
+def _fixed_model(row: dict) -> float:
+    """The fixed part in cost-model forwards, as a share of the sweep's: estimates, baselines and the anchor."""
+    parts = row["parts"]
+    return sum(parts.get(p, 0.0) for p in ("estimates", "baselines", "layer")) / row["exhaustive_model_forwards"]
+
+
+def profile(rows: list[dict]) -> list[dict]:
+    """Per group, localize method and k: mean forwards by level and cost-model forwards by part, as shares of
+    the sweep's, and the mean number of sites verified per level."""
+    out = []
+    sel_rows = [r for r in rows if r.get("level_forwards")]
+    for group, method, k in dict.fromkeys((r["group"], r["method"], r["k"]) for r in sel_rows):
+        sel = [r for r in sel_rows if (r["group"], r["method"], r["k"]) == (group, method, k)]
+        row = {"group": group, "method": method, "k": k}
+        for lv in PARTS[2:]:
+            row[f"fwd_{lv}"] = _pct(np.mean([r["level_forwards"].get(lv, 0) / r["exhaustive_forwards"] for r in sel]))
+        for part in PARTS:
+            row[f"cm_{part}"] = _pct(np.mean([r["parts"].get(part, 0.0) / r["exhaustive_model_forwards"]
+                                              for r in sel]))
+        row["verified"] = " / ".join(f"{np.mean([r['level_verified'].get(lv, 0) for r in sel]):.0f}"
+                                     for lv in PARTS[2:])
+        out.append(row)
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
 
 
 def _verdict(mean_ok: bool, cases_ok: int, cases: int) -> str:
@@ -374,24 +457,28 @@ def write(rows: list[dict], args) -> None:
         "# Coarse-to-fine localisation: recall and forwards",
         "",
         f"`python benchmarks/localize.py` (tol {args.tol}; `cp.localize(..., tol, k)` with the same k as the "
-        "recall). Recall@k: the share of the exhaustive sweep's k largest |effects| at the (component, position) "
+        "recall). Methods: `AtP` and `AtP*` alone (one `attribution_patching` call over the (component, "
+        "position) sites, plain and with GradDrop); `AtP + verify`, `localize(levels=['component_pos'])`, the "
+        "same rule without the coarser levels; `localize`, the default (ranking by plain AtP); `localize (AtP*)`, "
+        "`localize(estimator='atp*')`, the same rule ranking by AtP* (GradDrop), which was the default before. "
+        "Recall@k: the share of the exhaustive sweep's k largest |effects| at the (component, position) "
         "level (every `head_out.L[pos=p,head=h]` and `mlp_out.L[pos=p]`) that are among the method's k largest "
-        "(localize: exact where verified, AtP* elsewhere). Verified share: of those k, how many the method "
-        "patched exactly. Forwards counted as `crosspatch.methods.localize` counts them (rows / prompts, a "
+        "(localize: exact where verified, the estimate elsewhere). Verified share: of those k, how many the "
+        "method patched exactly. Forwards counted as `crosspatch.methods.localize` counts them (rows / prompts, a "
         "backward as two; the exhaustive sweep is one `activation_patching` call over both patterns: its clean "
         "and corrupt runs and one per site run). Two more counts of the same runs, measured by wrapping every "
         "engine call: engine calls (the sweep batches sites that share a start into one call on a CPU; "
         "localize's rounds batch their own sites the same way), and cost-model forwards (every call costed by "
-        "the engine's batching model, blocks run x (overhead + token rows computed), in whole forwards of the "
-        "prompts; a resumed run counts only the blocks and positions it computes, so a site late in the model "
-        "or the sequence is cheap for both). Fixed part: AtP*, the clean and corrupt runs and the layer-level "
-        "anchor, which localize spends before the estimates choose anything. `AtP* + verify` is "
-        "`localize(levels=['component_pos'])`, the same rule without the coarser levels. Planted heads found: of the planted heads, how many have their strongest "
+        "the engine's batching model, blocks run x (overhead + token rows computed), a gradient call three "
+        "times, in whole forwards of the prompts; a resumed run counts only the blocks and positions it "
+        "computes, so a site late in the model or the sequence is cheap for both). Fixed part: the estimates, "
+        "the clean and corrupt runs and the layer-level anchor, which localize spends before the estimates "
+        "choose anything. Planted heads found: of the planted heads, how many have their strongest "
         "(component, position) site, by the exhaustive sweep, verified (their ranks in the sweep are in the "
         "last column of every case: a planted head's site ranked below k need not be). Seconds are wall clock "
         "on a shared 2-core machine, the exhaustive sweep's from the run that cached it: indicative only. "
         "Targets: recall >= 0.95 at <= 10 % of the exhaustive sweep's forwards, or at most the fixed part where "
-        "that is larger. The rule, the count, what the "
+        "that is larger; the same 10 % in cost-model forwards. The rule, the count, what the "
         "method can miss and a reading of these numbers: `docs/localize.md`.",
         "",
         f"Machine: {platform.machine()}, {platform.system()}, 1 torch thread, torch {torch.__version__}, "
@@ -399,9 +486,24 @@ def write(rows: list[dict], args) -> None:
         "",
         "## Targets (localize)",
         "",
-        table(targets(rows), ["group", "k", "cases", "recall", "fraction", "fixed", "budget"],
+        table(targets(rows), ["group", "k", "cases", "recall", "fraction", "fixed", "budget", "model_fraction",
+                              "fixed_model"],
               ["models", "k", "cases", "recall@k >= 0.95", "forwards <= 10 %", "fixed part / exhaustive",
-               "forwards <= max(10 %, fixed part)"]),
+               "forwards <= max(10 %, fixed part)", "cost-model forwards <= 10 %",
+               "fixed part, cost model / exhaustive"]),
+        "",
+        "## Profile: where localize's forwards and computation go",
+        "",
+        "Mean over the cases, as shares of the exhaustive sweep's. Forwards by level (the layer level includes "
+        "the clean and corrupt runs, made at its first round) and cost-model forwards by part: the estimates "
+        "(AtP's gradient forward and backward and its source run), the baselines (the verifier's clean and "
+        "corrupt runs), and the sites verified at each level (a site listed at two levels is charged to the "
+        "first: `mlp_out.L` to the layer level, `mlp_out.L[pos=p]` to the (layer, position) level).",
+        "",
+        table(profile(rows), ["group", "method", "k"] + [f"fwd_{lv}" for lv in PARTS[2:]]
+              + [f"cm_{part}" for part in PARTS] + ["verified"],
+              ["models", "method", "k"] + [f"fwd {lv}" for lv in PARTS[2:]] + [f"cost {part}" for part in PARTS]
+              + ["sites verified per level"]),
         "",
         "## Summary",
         "",
