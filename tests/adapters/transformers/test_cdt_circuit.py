@@ -199,3 +199,20 @@ def test_node_granularity_arguments(setup):
         cdt_circuit(m, ids, granularity="heads", progress=False)
     with pytest.raises(ValueError, match="node-level"):
         to_components(cdt_circuit(m, ids, metric, threshold=10.0, progress=False), edge_graph(m))
+
+
+def test_node_search_grouped_query_attention():
+    """Under grouped-query attention a key/value receiver at a position is the key/value head's input there, read at
+    its first query head's key (the same key repeated); its node edges are single-node relevances there."""
+    from conftest import tiny_llama
+
+    m = cp.wrap(randomize(tiny_llama()))
+    ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    res = _table(cdt_circuit(m, ids, threshold=0.0, granularity="node", progress=False))
+    edge = "mlp_out.0[pos=4]->head_in.1[pos=4,qkv=1,head=2:4]"
+    assert edge in res
+    for head in (2, 3):
+        dec = decompose(m, ids, [["mlp_out.0[pos=4]"]], f"head_k.1[pos=4,head={head}]", direct=True, progress=False)
+        key = next(iter(dec.rel))
+        share = (dec.rel[key][0].double().norm(dim=-1) / dec.total(key)[0].double().norm(dim=-1)).mean()
+        assert res[edge] == pytest.approx(float(share), rel=1e-5)
