@@ -29,8 +29,8 @@ The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - met
 * the *threshold* is ``tau``; with ``k``, ``max(tau, the k_l-th largest |exact effect| among the level's
   sites)`` once ``k_l`` of them are verified. At the finest walked level ``k_l = k``; at a coarser one it
   is how many of its sites are among the finest level's ``k`` largest estimates or their ancestors (at
-  least one): the coarse levels are there to verify the parents of the likely top ``k`` and to find what
-  the estimates miss, not to rank ``k`` sites of their own;
+  least one): the coarse levels are there to verify about as many sites as the likely top ``k`` have
+  parents there and to find what the estimates miss, not to rank ``k`` sites of their own;
 * a site's *bound* is ``|estimate| * (1 + rho)``, ``rho`` the :data:`ERROR_QUANTILE` quantile of the estimator's
   relative errors ``|exact - estimate| / |estimate|`` on the verified sites of its family at this level
   with ``|estimate| >= tau`` (the level's, then every level's, while the family has fewer than three);
@@ -488,9 +488,10 @@ def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float]
 
 
 def _level_k(k: int | None, listed: list[_Unit], finest: list[_Unit], units: dict[str, _Unit]) -> int | None:
-    """How many sites a coarser level ranks exactly with ``k``: as many of its sites as are among the finest
-    level's ``k`` largest estimates or their ancestors (at least one), so the parents of every site likely to
-    be in the finest top ``k`` are verified, and no more than the finest level needs."""
+    """How many sites a coarser level ranks exactly with ``k`` (``k_l``): as many of its sites as are among the
+    finest level's ``k`` largest estimates or their ancestors, at least one. A coarse level then ranks about as
+    many sites as the likely finest top ``k`` have parents there, instead of ``k`` of its own (which made the
+    coarse levels cost more than the finest one at ``k = 20``)."""
     if k is None:
         return None
     here = {u.site for u in listed}

@@ -282,3 +282,29 @@ def test_a_tenth_of_the_sweeps_forwards_on_a_deep_planted_model(monkeypatch):
     top5 = sorted(truth, key=lambda s: -abs(truth[s]))[:5]
     assert set(loc.top(5)["site"]) == set(top5) and set(top5) <= set(loc.verified)
     close([loc.verified[s] for s in top5], [truth[s] for s in top5])
+
+
+def test_plain_atp_estimates_are_additive_so_a_parents_unexplained_part_is_its_own_error(planted):
+    """The default estimator is attribution_patching without GradDrop (a second call gives the same values),
+    and it is linear in each site's activation: a parent's estimate is the sum of its children's (the heads'
+    writes at a position sum to the attention output there, the positions' MLP writes to the layer's), so a
+    verified parent's unexplained part, |exact - sum of the children's estimates|, is AtP's error on it."""
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05)
+    est = dict(zip(loc.estimates.coords["site"], loc.estimates.values.tolist()))
+    sites = list(est)
+    again = cp.attribution_patching(m, clean, corrupt, sites, metric, normalize=True)
+    np.testing.assert_allclose(again.values, [est[s] for s in sites], rtol=1e-5, atol=1e-7)
+    scale = max(abs(v) for v in est.values())
+    for layer in range(3):
+        for pos in range(3, 8):
+            heads = sum(est[f"head_out.{layer}[pos={pos},head={h}]"] for h in range(4))
+            assert abs(est[f"attn_out.{layer}[pos={pos}]"] - heads) <= 1e-5 * scale
+        mlp = sum(est[f"mlp_out.{layer}[pos={p}]"] for p in range(8))
+        assert abs(est[f"mlp_out.{layer}"] - mlp) <= 1e-5 * scale
+    star = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, estimator="atp*",
+                    levels=["layer", "layer_pos"])
+    star_est = dict(zip(star.estimates.coords["site"], star.estimates.values.tolist()))
+    gaps = [abs(star_est[f"mlp_out.{layer}"] - sum(star_est[f"mlp_out.{layer}[pos={p}]"] for p in range(8)))
+            for layer in range(2)]
+    assert max(gaps) > 1e-3 * scale  # GradDrop's scores are not additive (the last layer's equal AtP's)
