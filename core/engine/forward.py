@@ -72,6 +72,7 @@ class _Plan:
     written: list[Site] = field(default_factory=list)  # each bound's site before a resumed run's shift
     capture: bool = False
     fired: int = 0
+    join: torch.Tensor | None = None  # rows appended to the batch here, before the bounds apply (Resume.joins)
 
 
 def _grad_mode(grad: bool):
@@ -96,6 +97,8 @@ def execute(
     ``keep_prefix`` also returns what later runs of the same inputs need to start part-way;
     ``resume`` is such a run: it computes only the blocks and positions ``bounds`` can change. Its
     captures hold what it computed: positions ``resume.pos..`` of sites at blocks ``resume.layer..``.
+    With ``resume.joins`` the adapter runs the prefix's rows and the other rows of ``inputs`` join at
+    their blocks (``bounds`` and ``output_at`` address the rows of the whole batch, joined ones last).
     ``output_at`` (``[rows]``, e.g. :meth:`Metric.positions`): the output is needed at that position of
     each row only; an adapter that can computes it there alone (zeros elsewhere), others everywhere.
     Sites the run reads or writes are computed whole, except ``output_only`` keys: the caller reads
@@ -136,6 +139,9 @@ def execute(
         if resume is not None:
             _capturable(site, resume, catalog)
         plan_for(site).capture = True
+    run_inputs = inputs
+    if resume is not None and resume.joins:
+        run_inputs = _joining(resume, catalog, plan_for, inputs, n_rows)
 
     sources = _resolve_sources(model, adapter, catalog, [b for p in plans.values() for b in p.bounds], grad)
     window = resume.pos if resume is not None else 0
@@ -146,7 +152,7 @@ def execute(
     mark, previous = hook_mark(), collector()
     try:
         raw, output, prefix = _installed_forward(
-            model, adapter, inputs, callbacks, handles, previous, grad, keep_prefix, resume, output_at,
+            model, adapter, run_inputs, callbacks, handles, previous, grad, keep_prefix, resume, output_at,
             set(plans) - set(output_only),
         )
     except BaseException:
@@ -218,6 +224,24 @@ def _attention_mask(inputs: Inputs, n_rows: int) -> torch.Tensor | None:
     if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[0] == n_rows:
         return mask
     return None
+
+
+def _joining(resume: Resume, catalog: Catalog, plan_for, inputs: Inputs, n_rows: int) -> Inputs:
+    """Set each join's rows on its site's plan; return the inputs of the rows the adapter starts with."""
+    start = resume.prefix.rows
+    if n_rows != start + resume.joined:
+        raise ValueError(
+            f"a run with rows joining part-way has {start} starting rows and {resume.joined} joining: "
+            f"{start + resume.joined} rows of inputs, got {n_rows}"
+        )
+    for key, copies in resume.joins:
+        site = catalog.resolve(key)
+        if site.selection or _before_resume(site, resume, catalog) or catalog.family(site.family).axis_names[:1] != ("pos",):
+            raise SiteError(f"rows join at {key}: a whole residual of a block the run computes, laid out [rows, pos, ...]")
+        plan = plan_for(site)
+        value = resume.prefix.residuals[site.layer][:, resume.pos :]
+        plan.join = value.repeat(copies, *([1] * (value.ndim - 1)))
+    return {k: v[:start] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n_rows else v for k, v in inputs.items()}
 
 
 def _resumable(site: Site, intervention: Intervention, resume: Resume, catalog: Catalog) -> Site:
@@ -323,6 +347,10 @@ def _callback(
 
     def on_value(value: torch.Tensor) -> torch.Tensor | None:
         plan.fired += 1
+        if plan.join is not None:
+            if plan.join.shape[1:] != value.shape[1:]:
+                raise SiteError(f"rows joining at {key} hold {tuple(plan.join.shape[1:])} per row, the run {tuple(value.shape[1:])}")
+            value = torch.cat([value, plan.join.to(device=value.device, dtype=value.dtype)])
         out = value
         for bound, written in zip(plan.bounds, plan.written):
             check_padding(written, fam.axis_names, value.shape[1:], rows_mask(bound), window)
@@ -356,7 +384,7 @@ def _callback(
                     put_rows(whole_target, picks, target)
         if plan.capture:
             cache._store(key, out if grad else out.detach(), fam.axis_names)
-        return out if plan.bounds else None
+        return out if plan.bounds or plan.join is not None else None
 
     return on_value
 

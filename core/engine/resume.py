@@ -66,6 +66,12 @@ class Resume:
     layer: int
     pos: int = 0
     own_inputs: bool = False
+    # Rows joining part-way: ``(site key, copies)`` with the site the residual entering its block (``resid_pre.l``):
+    # ``copies`` more copies of the prefix's rows join the batch there, holding the prefix's residual at that block
+    # (positions ``pos..``), appended after the rows already running. The adapter runs the first ``prefix.rows`` rows
+    # from ``layer``; the caller's inputs and row slices cover every row. One-prompt prefixes only: a batch's
+    # attention mask, built for the rows the forward starts with, must broadcast over the rows joining.
+    joins: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         n_layers = len(self.prefix.residuals)
@@ -80,6 +86,23 @@ class Resume:
                 f"resume position {self.pos}: the model is not causal, so every position depends on every "
                 f"other one; only pos=0 (layer-prefix reuse) is possible"
             )
+        if self.joins and (self.own_inputs or self.prefix.rows != 1):
+            raise ValueError(
+                f"rows join a resumed run part-way only from a one-prompt prefix (got {self.prefix.rows} rows) "
+                f"resuming at a block (own_inputs={self.own_inputs}); run every row from the start instead"
+            )
+        for key, copies in self.joins:
+            layer = Site.parse(key).layer
+            if not (isinstance(layer, int) and self.layer <= layer < n_layers) or copies < 1:
+                raise ValueError(
+                    f"join {key!r} x {copies}: rows join at a block {self.layer}..{n_layers - 1} of the run, "
+                    f"one copy or more"
+                )
+
+    @property
+    def joined(self) -> int:
+        """Rows that join part-way (the run starts with ``prefix.rows``)."""
+        return self.prefix.rows * sum(copies for _, copies in self.joins)
 
 
 def _lowest(value, size: int) -> int | None:
@@ -155,6 +178,7 @@ def resume_chunks(
     per_forward: int,
     tokens_per_forward: int | None = None,
     overhead: int = FORWARD_OVERHEAD_TOKENS,
+    join_at: str | None = None,
 ) -> list[tuple[list[int], Resume | None]]:
     """Batches of ``sites`` (indices, at most ``per_forward`` each) and where each batch may resume.
 
@@ -168,10 +192,16 @@ def resume_chunks(
     position's sites join the next earlier position's group (their runs computing the positions
     between as well) while that plan costs less than two. ``tokens_per_forward`` caps a batch's
     token rows (a site with more runs alone), as ``per_forward`` caps its sites.
+
+    ``join_at`` (the family of the residual entering a block, ``"resid_pre"``; one-prompt prefixes only): a
+    batch's later sites do not recompute the blocks before their own. Their rows join the run at their block,
+    holding the prefix's residual there (:attr:`Resume.joins`), so a batch costs
+    ``(n_layers - first layer) x overhead + token rows x sum over its sites of (n_layers - layer)``.
     """
     if prefix is None:
         return [(list(range(i, min(i + per_forward, len(sites)))), None) for i in range(0, len(sites), per_forward)]
     n_layers, rows, length = len(prefix.residuals), prefix.rows, prefix.length
+    join = join_at is not None and rows == 1
     starts = [start_of(site, catalog, length, prefix.causal) for site in sites]
     whole = [i for i in range(len(sites)) if starts[i] is None]
     chunks: list[tuple[list[int], Resume | None]] = [
@@ -185,9 +215,10 @@ def resume_chunks(
         tokens = rows * (length - pos)  # every site of the group computes the same token rows
         most = per_forward if tokens_per_forward is None else min(per_forward, max(1, tokens_per_forward // tokens))
         layers = [starts[i][0] for i in members]  # type: ignore[index]
-        split = _least_cost_split(layers, n_layers, tokens, overhead, most)
-        cost = sum((n_layers - layers[lo]) * (overhead + (hi - lo) * tokens) for lo, hi in split)
-        return cost, [(members[lo:hi], Resume(prefix, layers[lo], pos)) for lo, hi in split]
+        split = _least_cost_split(layers, n_layers, tokens, overhead, most, join)
+        cost = sum(_batch_cost(layers[lo:hi], n_layers, tokens, overhead, join) for lo, hi in split)
+        return cost, [(members[lo:hi], Resume(prefix, layers[lo], pos, joins=_joins(layers[lo:hi], join_at) if join else ()))
+                      for lo, hi in split]
 
     # From the last position down, a position's sites join the next earlier position's group (computing the
     # positions between too) while one plan of both costs less than two.
@@ -205,15 +236,36 @@ def resume_chunks(
     return chunks
 
 
-def _least_cost_split(layers: list[int], n_layers: int, tokens: int, overhead: int, most: int) -> list[tuple[int, int]]:
+def _batch_cost(layers: list[int], n_layers: int, tokens: int, overhead: int, join: bool) -> int:
+    """A batch of sites at ``layers`` (ascending) under the cost model: every block it runs costs ``overhead`` plus
+    its token rows, all sites' from the first layer on, or (``join``) each site's from its own layer on."""
+    if join:
+        return (n_layers - layers[0]) * overhead + tokens * sum(n_layers - layer for layer in layers)
+    return (n_layers - layers[0]) * (overhead + len(layers) * tokens)
+
+
+def _joins(layers: list[int], family: str) -> tuple[tuple[str, int], ...]:
+    """The joins of a batch of sites at ``layers`` (ascending): every site but the first joins at its block."""
+    counts: dict[int, int] = {}
+    for layer in layers[1:]:
+        counts[layer] = counts.get(layer, 0) + 1
+    return tuple((f"{family}.{layer}", copies) for layer, copies in counts.items())
+
+
+def _least_cost_split(layers: list[int], n_layers: int, tokens: int, overhead: int, most: int,
+                      join: bool = False) -> list[tuple[int, int]]:
     """Contiguous batches ``[lo, hi)`` of sites at ``layers`` (ascending), at most ``most`` each, of least total
-    cost ``sum over batches of (n_layers - layers[lo]) * (overhead + (hi - lo) * tokens)``."""
+    cost (:func:`_batch_cost`)."""
     k = len(layers)
     best = [0] + [None] * k  # best[j]: least cost of the first j sites
     cut = [0] * (k + 1)
+    blocks = [0]  # blocks[j]: sum of (n_layers - layer) over the first j sites
+    for layer in layers:
+        blocks.append(blocks[-1] + n_layers - layer)
     for j in range(1, k + 1):
         for lo in range(max(0, j - most), j):
-            cost = best[lo] + (n_layers - layers[lo]) * (overhead + (j - lo) * tokens)  # type: ignore[operator]
+            run = (n_layers - layers[lo]) * overhead + tokens * (blocks[j] - blocks[lo] if join else (n_layers - layers[lo]) * (j - lo))
+            cost = best[lo] + run  # type: ignore[operator]
             if best[j] is None or cost < best[j]:  # type: ignore[operator]
                 best[j], cut[j] = cost, lo
     out, j = [], k

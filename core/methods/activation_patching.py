@@ -27,6 +27,10 @@ __all__ = ["activation_patching", "first_differences", "source_run"]
 # None: one site per forward (each site's numbers then do not depend on which other sites are swept,
 # bit for bit; batched sites round differently, by about 1e-7).
 CPU_TOKENS_PER_FORWARD: int | None = 256
+# With one prompt, a batch's later sites join its forward at their own block (their rows hold the clean residual
+# until then) instead of recomputing the blocks before it (:attr:`~crosspatch.engine.resume.Resume.joins`).
+# False: every site of a batch runs from the batch's first block (for measuring what joining saves).
+JOIN_ROWS = True
 
 
 def activation_patching(
@@ -110,13 +114,15 @@ def activation_patching(
         # A site over every position writes the base run's own values before its first difference: it is
         # patched from there on (the same values), so a causal run resumes there.
         patched = [site if not differs[i] else site.with_(pos=Span(differs[i], None)) for i, site in enumerate(patched)]
-    per_forward, tokens = max(1, rows_per_forward(batch_size, m, n) // n), None
+    per_forward, tokens, join_at = max(1, rows_per_forward(batch_size, m, n) // n), None, None
     if batch_size is None and base.prefix is not None and CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
         # On a CPU a forward over few token rows costs mostly its weights' reads: sites that start at the
         # same position share forwards while that is cheaper (resume_chunks' cost model), up to a few
         # hundred token rows (beyond that a row costs more again: the activations leave the cache).
         per_forward, tokens = max(1, len(todo)), CPU_TOKENS_PER_FORWARD
-    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward, tokens)
+        # One prompt: a site's rows join the batch at its block, holding the clean residual (resid_pre) there.
+        join_at = "resid_pre" if JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
+    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward, tokens, join_at=join_at)
     bar = progress_bar(range(len(todo)), progress, desc=f"patching {len(todo)} of {len(sweep)} sites", unit="site")
     try:
         for members, resume in chunks:
