@@ -24,7 +24,8 @@ patching of each node: the node alone ablated (tracr: zeroed; ioi: set to its pe
 prompts, CD-T's baseline), ``|metric change|`` averaged over prompts; positives are the *functional* nodes (effect >
 1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is its largest ``|edge score|`` (``node_scores``); the
 position-free methods (CD-T component, EAP) give each position of a component the component's largest edge score,
-which is what a position-free ranking can say about a node. "Recall": the share of the positives the search keeps.
+which is what a position-free ranking can say about a node. AtP per node is the gradient estimate of the same
+ablation at every node at once (EAP's metric; one forward and backward). "Recall": the share of the positives the search keeps.
 The node search is also collapsed onto the component graph (``to_components``: the largest node-edge score per
 component edge) and scored against tracr's compiled circuit, next to the component search.
 
@@ -53,6 +54,7 @@ from crosspatch.methods.circuit_eval import roc
 from crosspatch.methods.edges import acdc, eap, edge_graph, patch_edges
 from crosspatch.methods.pairs import model_metric
 from crosspatch.results.metrics import MetricContext
+from crosspatch.sites.site import Site
 
 TRACR = Path(__file__).resolve().parents[1] / "tests" / "data" / "tracr"
 LENGTH = {"reverse": 3, "frac_prevs": 5, "sort_unique": 5, "hist": 5}
@@ -129,6 +131,38 @@ def node_effects(case: Case, nodes: list[str]) -> np.ndarray:
             out = case.m.run(case.clean, {node: iv}).output
             values.append(float(metric(out, ctx).double().mean()))
     return np.abs(np.array(values) - base)
+
+
+def node_atp(case: Case, g, n_pos: int) -> dict[str, float]:
+    """Attribution patching at node level, with the exact sweep's ablation: ``(baseline - clean) . d metric / d node``
+    summed over the node's dims, prompt means (EAP's metric; one forward with grad and one backward, plus a capture of
+    the corrupt prompts for the mean). The gradient is read through a zero probe added at each sender family."""
+    m, keys = case.m, [key for key, _ in g.sender_keys]
+    metric = model_metric(m, case.eap_metric)
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def probe(key: str):
+        def add(x):
+            p = torch.zeros_like(x, requires_grad=True)
+            probes[key] = (p, x.detach())
+            return x + p
+        return add
+
+    run = m.run(case.clean, {key: probe(key) for key in keys}, grad=True)
+    n = next(iter(m.prepare(case.clean).values())).shape[0]
+    value = metric(run.output, MetricContext(torch.arange(n), run.output.detach(), None)).sum()
+    grads = torch.autograd.grad(value, [probes[key][0] for key in keys])
+    ref = m.capture(case.corrupt, keys) if case.ablation == "mean" else None
+    scores = {}
+    for key, grad in zip(keys, grads):
+        act = probes[key][1]
+        base = torch.zeros_like(act) if ref is None else ref[key].mean(0, keepdim=True).expand_as(act)
+        per = ((base - act) * grad).sum(-1).mean(0)  # [pos] or [pos, head]
+        senders = [name for name in g.senders if Site.parse(name).key == key]
+        for p in range(n_pos):
+            for h, sender in enumerate(senders):
+                scores[at_position(sender, p)] = float(per[p, h] if per.ndim == 2 else per[p])
+    return scores
 
 
 def broadcast(scores: dict[str, float], senders: list[str], n_pos: int) -> dict[str, float]:
@@ -238,6 +272,11 @@ def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any,
                      "scored": len(res.metadata["scored"]),
                      "auc_truth": roc(collapsed, case.truth).metadata["auc"] if case.truth else None})
         assert set(res_nodes) == set(nodes)
+    table, seconds = timed(lambda: node_atp(case, g, n_pos), repeats)
+    rows.append({"case": case.name, "method": "AtP per node (gradient, same ablation)", "nodes": len(nodes),
+                 "seconds": seconds, "auc_exact": roc(table, positives, level="node").metadata["auc"], "label": label,
+                 "spearman": spearman(np.abs(np.array([table[x] for x in nodes])), exact), "recall": None,
+                 "kept": None, "scored": None, "auc_truth": None})
     for method in ("CD-T direct", "EAP"):
         res, seconds = component[method]
         table = broadcast(dict(zip(res.coords["edge"], np.asarray(res.values, dtype=float))), list(g.senders), n_pos)
