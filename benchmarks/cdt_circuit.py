@@ -25,7 +25,8 @@ prompts, CD-T's baseline), ``|metric change|`` averaged over prompts; positives 
 1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is its largest ``|edge score|`` (``node_scores``); the
 position-free methods (CD-T component, EAP) give each position of a component the component's largest edge score,
 which is what a position-free ranking can say about a node. AtP per node is the gradient estimate of the same
-ablation at every node at once (EAP's metric; one forward and backward). "Recall": the share of the positives the search keeps.
+ablation at every node at once (EAP's metric; one forward and backward), checked against a finite difference at its
+three largest nodes. "Recall": the share of the positives the search keeps.
 The node search is also collapsed onto the component graph (``to_components``: the largest node-edge score per
 component edge) and scored against tracr's compiled circuit, next to the component search.
 
@@ -165,6 +166,29 @@ def node_atp(case: Case, g, n_pos: int) -> dict[str, float]:
     return scores
 
 
+def check_atp(case: Case, scores: dict[str, float], top: int = 3, eps: float = 1e-3) -> None:
+    """AtP per node against a finite difference: the node moved a step ``eps`` towards its ablation value, for the
+    ``top`` nodes by |AtP| (a wrong gradient path would stop the benchmark here)."""
+    m, metric = case.m, model_metric(case.m, case.eap_metric)
+    n = next(iter(m.prepare(case.clean).values())).shape[0]
+    with torch.inference_mode():
+        out = m.run(case.clean).output
+        ctx = MetricContext(torch.arange(n), out, None)
+        base = float(metric(out, ctx).double().mean())
+        for node in sorted(scores, key=lambda k: -abs(scores[k]))[:top]:
+            key = Site.parse(node).key
+            mean = None if case.ablation == "zero" else m.capture(case.corrupt, [key])[key].mean(0, keepdim=True)
+
+            def step(x, ctx, mean=mean):
+                target = torch.zeros_like(x) if mean is None else ctx.select(mean.expand_as(ctx.target))
+                return x + eps * (target - x)
+
+            moved = float(metric(m.run(case.clean, {node: step}).output, ctx).double().mean())
+            slope = (moved - base) / eps
+            if abs(slope - scores[node]) > 0.05 * abs(scores[node]) + 1e-4:
+                raise AssertionError(f"AtP at {node} is {scores[node]:.6g}, the finite difference {slope:.6g}")
+
+
 def broadcast(scores: dict[str, float], senders: list[str], n_pos: int) -> dict[str, float]:
     """A component ranking at node level: each position of a sender gets the sender's largest |edge score|."""
     best = dict.fromkeys(senders, 0.0)
@@ -273,6 +297,7 @@ def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any,
                      "auc_truth": roc(collapsed, case.truth).metadata["auc"] if case.truth else None})
         assert set(res_nodes) == set(nodes)
     table, seconds = timed(lambda: node_atp(case, g, n_pos), repeats)
+    check_atp(case, table)
     rows.append({"case": case.name, "method": "AtP per node (gradient, same ablation)", "nodes": len(nodes),
                  "seconds": seconds, "auc_exact": roc(table, positives, level="node").metadata["auc"], "label": label,
                  "spearman": spearman(np.abs(np.array([table[x] for x in nodes])), exact), "recall": None,
