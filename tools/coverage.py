@@ -109,6 +109,10 @@ def measure_vlm(model_type: str) -> dict:
         return done(outcome="not wrapped", why=f"{type(model).__name__} ({parts}) is not a layout the vlm adapter serves "
                     "(a CLIP- or SigLIP-style tower, a projector and a language model; or Qwen2-VL's)")
     try:
+        adapter.catalog(model)
+    except Exception as exc:
+        return done(outcome="not run", why=f"the vlm adapter refuses it: {_one_line(exc)}")
+    try:
         inputs = adapter.example_inputs(model)
         with torch.no_grad():
             adapter.forward(model, adapter.prepare(model, inputs))
@@ -201,8 +205,9 @@ VLM_NOTE = (
     "one image per row at the vision config's size, the image tokens, then text. *per-head*: the conformance "
     "suite and the oracles pass, and both the language model's `head_out` and the vision tower's "
     "`vision.head_out` are exact; *heads not all exact*: everything served passes, but a head family is not "
-    "served; *failing*: a served family fails a check; *not run*: the vlm adapter claims the layout but its "
-    "example inputs do not run the model (a different image-token count, multi-crop inputs ...); *not built*: "
+    "served; *failing*: a served family fails a check; *not run*: the vlm adapter claims the layout but refuses "
+    "the model (the reason is given), or its example inputs do not run it (multi-crop inputs, a different "
+    "image-token layout ...); *not built*: "
     "the tiny model could not be built from the shrunk config; *not wrapped*: the vlm adapter does not claim "
     "the layout (no other adapter is tried: the inputs such a model runs on are its own)."
 )

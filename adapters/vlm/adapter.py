@@ -20,13 +20,14 @@ from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.selection import GROUP_PREFIX
 
-from . import llava, qwen2_vl
+from . import llava, llava_next, qwen2_vl
 from .groups import group_masks
 from .qwen2_vision import vision_sizes
 
 __all__ = ["VLMAdapter"]
 
-_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "image_grid_thw", "mm_token_type_ids")
+_MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "image_grid_thw", "mm_token_type_ids",
+               "image_sizes")
 _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
 
 
@@ -51,7 +52,7 @@ class VLMAdapter(Adapter):
             )
         found = _CATALOGS.get(model)
         if found is None:
-            found = _CATALOGS[model] = (qwen2_vl if qwen2_vl.is_served(model) else llava).catalog(model)
+            found = _CATALOGS[model] = _kind(model).catalog(model)
         return found
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
@@ -80,6 +81,8 @@ class VLMAdapter(Adapter):
             types = inputs.get("mm_token_type_ids")
             types = qwen2_vl.token_types(model, ids) if types is None else torch.as_tensor(types)
             out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
+        elif llava_next.is_anyres(model):
+            out.update(llava_next.prepare_images(model, inputs, ids.shape[0], device, llava.pixel_dtype(model)))
         elif pixels is not None:
             pixels = torch.as_tensor(pixels)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
@@ -101,6 +104,8 @@ class VLMAdapter(Adapter):
             token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
             prefix = out.get("token_type_ids") if model.config.model_type == "paligemma" else None  # Gemma 3's mark images
             out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), prefix))
+            if "image_sizes" in out:  # LLaVA-NeXT: which image tokens come from the whole image, which from each crop
+                out.update({GROUP_PREFIX + k: v for k, v in llava_next.crop_groups(model, ids, out["image_sizes"], token).items()})
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
@@ -131,7 +136,7 @@ class VLMAdapter(Adapter):
             "vision": {"n_layers": v.num_hidden_layers, "n_heads": v.num_attention_heads, "d_model": v.hidden_size,
                        "image_size": v.image_size, "patch_size": v.patch_size},
             "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
-            "image_tokens": llava.image_tokens(model),
+            **({} if llava_next.is_anyres(model) else {"image_tokens": llava.image_tokens(model)}),
             "name_or_path": getattr(config, "name_or_path", "") or "",
             "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         }
@@ -139,7 +144,7 @@ class VLMAdapter(Adapter):
     # -- verification: crosspatch verify ----------------------------------------------------------
 
     def example_inputs(self, model: nn.Module) -> Any:
-        return (qwen2_vl if qwen2_vl.is_served(model) else llava).example_inputs(model)
+        return _kind(model).example_inputs(model)
 
     def tiny_model(self, kind: str) -> nn.Module:
         """A tiny random ``llava``, ``paligemma``, ``idefics3`` or ``qwen2_vl`` (:mod:`.tiny`)."""
@@ -155,14 +160,17 @@ class VLMAdapter(Adapter):
 
         m = WrappedModel(model, self)
         inputs = m.prepare(self.example_inputs(model))
-        last_vision = m.catalog.family("vision.head_out").layers - 1
+        families = m.catalog.families
+        last_vision = families["vision.head_out"].layers - 1 if "vision.head_out" in families else 0
         sites = {"vision.head_out": (f"vision.head_out.{last_vision}", last_vision), "head_out": ("head_out.0", 0)}
+        sites = {name: site for name, site in sites.items() if name in families}  # the LM or the tower may be unserved
+        merged = ["embed", "projector_out"] if "projector_out" in families else []
         projections = {name: _projection(m.catalog.family(name).reach, layer) for name, (_, layer) in sites.items()}
         outputs: dict[str, torch.Tensor] = {}
         with temporarily() as changes:
             for name, module in projections.items():
                 changes.forward_hook(module, lambda mod, args, out, name=name: outputs.__setitem__(name, out.detach()))
-            cache = m.run(inputs, capture=["embed", "projector_out", *(key for key, _ in sites.values())]).cache
+            cache = m.run(inputs, capture=[*merged, *(key for key, _ in sites.values())]).cache
         with torch.no_grad():
             scale = lambda t: float(t.abs().max()) or 1.0  # noqa: E731
             out: dict[str, tuple[float, str | None]] = {}
@@ -172,9 +180,10 @@ class VLMAdapter(Adapter):
                 target = outputs[name].reshape(heads.shape)
                 out[name] = _verdict(float((heads - target).abs().max()) / scale(target),
                                      f"{name} summed over heads (+ the projection's bias) differs from the projection's output")
-            merged = cache["embed"][inputs[GROUP_PREFIX + "image"]].view_as(cache["projector_out"])
-            err = float((merged - cache["projector_out"]).abs().max()) / scale(cache["projector_out"])
-            out["embed"] = _verdict(err, "embed at the image positions differs from projector_out")
+            if merged:
+                image = cache["embed"][inputs[GROUP_PREFIX + "image"]].view_as(cache["projector_out"])
+                err = float((image - cache["projector_out"]).abs().max()) / scale(cache["projector_out"])
+                out["embed"] = _verdict(err, "embed at the image positions differs from projector_out")
         return out
 
 
@@ -186,6 +195,11 @@ def _projection(reach: Any, layer: int) -> nn.Module:
 
 def _served(model: nn.Module) -> bool:
     return llava.is_served(model) or qwen2_vl.is_served(model)
+
+
+def _kind(model: nn.Module):
+    """The module serving ``model``'s layout: :mod:`.qwen2_vl`, :mod:`.llava_next` or :mod:`.llava`."""
+    return qwen2_vl if qwen2_vl.is_served(model) else llava_next if llava_next.is_anyres(model) else llava
 
 
 def _verdict(err: float, what: str) -> tuple[float, str | None]:

@@ -9,7 +9,8 @@ inputs themselves:
 - ``text``: every other real token (the attention mask's 1s),
 - ``last``: each row's last real token,
 - ``prefix`` / ``suffix`` when the inputs have ``token_type_ids`` (PaliGemma): the real tokens of type 0,
-  which attend to each other both ways, and of type 1.
+  which attend to each other both ways, and of type 1,
+- ``image_base``, ``crop0``, ``crop1`` ..., ``image_newline`` for LLaVA-NeXT (:mod:`.llava_next`).
 
 Others are given with the inputs, ``{"groups": {"question": spec}}``, where ``spec`` is a span
 ``(start, stop)`` shared by every row, a list of one span per row, or a mask ``[pos]`` / ``[rows, pos]``.
@@ -17,6 +18,7 @@ Others are given with the inputs, ``{"groups": {"question": spec}}``, where ``sp
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import torch
@@ -25,7 +27,7 @@ from crosspatch.sites.selection import GROUP_PREFIX
 
 __all__ = ["BUILTIN_GROUPS", "group_masks"]
 
-BUILTIN_GROUPS = ("image", "text", "last", "prefix", "suffix")
+BUILTIN_GROUPS = ("image", "text", "last", "prefix", "suffix", "image_base", "image_newline")
 
 
 def _mask(name: str, spec: Any, rows: int, columns: int, device: torch.device) -> torch.Tensor:
@@ -72,8 +74,8 @@ def group_masks(
     if token_type_ids is not None:
         out["prefix"], out["suffix"] = real & token_type_ids.eq(0), real & token_type_ids.ne(0)
     for name, spec in (given or {}).items():
-        if name in BUILTIN_GROUPS:
-            raise ValueError(f"group {name!r} is built in ({', '.join(BUILTIN_GROUPS)}); give your group another name")
+        if name in BUILTIN_GROUPS or re.fullmatch(r"crop\d+", str(name)):
+            raise ValueError(f"group {name!r} is built in ({', '.join(BUILTIN_GROUPS)}, crop<i>); give your group another name")
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"a group name is an identifier such as 'question', got {name!r}")
         out[name] = _mask(name, spec, rows, columns, input_ids.device)

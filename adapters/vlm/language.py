@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from crosspatch.engine.adapter import AdapterError
 from crosspatch.engine.reach import ModuleInput, temporarily
 from crosspatch.sites.catalog import Axis, SiteFamily
 
@@ -25,7 +26,8 @@ from .reaches import OutputField
 
 __all__ = ["language_families"]
 
-_LM_SKIP = ("embed",)  # replaced: the LM's embed_tokens runs before the image features are merged in
+_LM_SKIP = ("embed",)
+_LM_FAMILIES = ("resid_pre", "attn_pattern", "head_out", "attn_out", "mlp_out", "resid_post")  # listed when none is served  # replaced: the LM's embed_tokens runs before the image features are merged in
 
 
 def language_families(
@@ -33,15 +35,22 @@ def language_families(
 ) -> tuple[list[SiteFamily], dict[str, str]]:
     """``embed``, the LM's families and ``logits``, and the LM families not served (with the reason).
     ``example`` gives inputs of the whole model, for the in-context proof of ``attn_pattern``."""
-    with warnings.catch_warnings(record=True) as caught:  # said once below, for what stays unserved
-        warnings.simplefilter("always", InferenceWarning)
-        text = TransformersAdapter().catalog(lm)
-    for w in caught:
-        if not issubclass(w.category, InferenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     pos, dim = Axis("pos"), Axis("dim", lm.config.hidden_size)
     families = [SiteFamily("embed", (pos, dim), ModuleInput(lm, "layers.0"),
                            doc="token embeddings with the projected image features in the image positions (what block 0 reads)")]
+    logits = SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), OutputField(model, "logits"),
+                        doc="next-token logits")
+    with warnings.catch_warnings(record=True) as caught:  # said once below, for what stays unserved
+        warnings.simplefilter("always", InferenceWarning)
+        try:
+            text = TransformersAdapter().catalog(lm)
+        except AdapterError as err:  # the vision tower and the projector are still served
+            why = f"the transformers adapter does not serve the language model: {' '.join(str(err).split())}"
+            warnings.warn(f"{type(model).__name__}: {why}", InferenceWarning, stacklevel=3)
+            return families + [logits], {name: why for name in _LM_FAMILIES}
+    for w in caught:
+        if not issubclass(w.category, InferenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unavailable = dict(text.unavailable)
     lm_families = [f for f in text if f.name not in _LM_SKIP]
     if "attn_pattern" in unavailable:
@@ -55,8 +64,7 @@ def language_families(
     if unavailable:
         warnings.warn(f"{type(model).__name__}: language-model families not served: "
                       + "; ".join(f"{name} ({why})" for name, why in unavailable.items()), InferenceWarning, stacklevel=4)
-    families.append(SiteFamily("logits", (pos, Axis("vocab", model.lm_head.weight.shape[0])), OutputField(model, "logits"),
-                               doc="next-token logits"))
+    families.append(logits)
     return families, unavailable
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from crosspatch.sites.catalog import Catalog
 
+from .inputs import pixels_with
 from .language import language_families
 from .llava import install_output_recorders
 from .qwen2_vision import NOT_SERVED, vision_families
@@ -51,12 +52,10 @@ def _token(model: nn.Module) -> int:
 
 def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """``pixel_values`` as ``[rows, patches, features]`` and ``image_grid_thw`` as ``[rows, 3]``."""
-    pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
-    if pixels is None:
+    found = pixels_with(inputs, "image_grid_thw", "Qwen2-VL", "[images, 3]")
+    if found is None:
         return {}
-    if grid is None:
-        raise ValueError("Qwen2-VL inputs with pixel_values need image_grid_thw ([images, 3]), as the processor returns")
-    pixels, grid = torch.as_tensor(pixels), torch.as_tensor(grid).long()
+    pixels, grid = found
     if grid.shape[0] != rows or bool((grid != grid[0]).any()):
         raise ValueError(
             f"image_grid_thw {grid.tolist()} for {rows} rows: the vlm adapter takes one image per row, all of one grid "

@@ -10,7 +10,7 @@ from torch import nn
 __all__ = ["IMAGE_TOKEN", "KINDS", "tiny_model", "tiny_vlm", "vlm_types"]
 
 IMAGE_TOKEN = 63  # the last id of the 64-token vocabulary
-KINDS = ("llava", "paligemma", "idefics3", "qwen2_vl")
+KINDS = ("llava", "paligemma", "idefics3", "qwen2_vl", "llava_next")
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 _TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -44,6 +44,11 @@ def tiny_model(kind: str, seed: int = 0, vision: dict | None = None, text: dict 
                               text_config={**t, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
                               image_token_id=IMAGE_TOKEN, vision_start_token_id=61, vision_end_token_id=62, **config)
         return T.Qwen2VLForConditionalGeneration(cfg).eval()
+    if kind == "llava_next":  # anyres grids of 16-pixel crops: 1 x 2, 2 x 1, 2 x 2
+        cfg = T.LlavaNextConfig(vision_config=T.CLIPVisionConfig(**v, projection_dim=32), text_config=T.LlamaConfig(**t),
+                                image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+                                **{"vision_feature_layer": -1, "vision_feature_select_strategy": "default", **config})
+        return T.LlavaNextForConditionalGeneration(cfg).eval()
     raise ValueError(f"no tiny vision-language model {kind!r}; kinds: {', '.join(KINDS)}")
 
 
@@ -92,7 +97,8 @@ def tiny_vlm(model_type: str, seed: int = 0) -> nn.Module:
 def _fit_to_text(config, text) -> None:
     """Widths the shrink left at their defaults though they must match the shrunk parts: the projection into
     the text width (PaliGemma's ``projection_dim``, Qwen2.5-VL's ``out_hidden_size``), multimodal rotary
-    sections summing to half the text head width (Qwen2-VL), image tokens the vision grid can hold (Gemma 3)."""
+    sections summing to half the text head width (Qwen2-VL), image tokens the vision grid can hold (Gemma 3),
+    concatenated hidden states the shrunk tower has (VipLLaVA), anyres grids of the shrunk image size (LLaVA-NeXT)."""
     width = getattr(text, "hidden_size", None)
     vision = getattr(config, "vision_config", None)
     for owner, key in ((config, "projection_dim"), (vision, "projection_dim"), (vision, "out_hidden_size")):
@@ -108,6 +114,13 @@ def _fit_to_text(config, text) -> None:
             scaled = [max(1, s * half // total) for s in sections]
             scaled[-1] += half - sum(scaled)
             rope["mrope_section"] = scaled
+    pinpoints, side = getattr(config, "image_grid_pinpoints", None), getattr(vision, "image_size", None)
+    if isinstance(pinpoints, list) and isinstance(side, int):  # LLaVA-NeXT: grids of 1 x 2, 2 x 1 and 2 x 2 crops
+        config.image_grid_pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    layers, depth = getattr(config, "vision_feature_layers", None), getattr(vision, "num_hidden_layers", None)
+    if isinstance(layers, (list, tuple)) and isinstance(depth, int):  # VipLLaVA concatenates hidden states
+        kept = [layer for layer in layers if -depth - 1 <= layer <= depth][:2]
+        config.vision_feature_layers = kept if len(kept) == 2 else [-2, -1]
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     tokens = getattr(config, "mm_tokens_per_image", None)
     if isinstance(size, int) and isinstance(patch, int) and isinstance(tokens, int):

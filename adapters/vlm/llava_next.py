@@ -1,0 +1,121 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, "anyres"): each image is run as a resized whole image plus
+a grid of crops at the tower's size, chosen from ``image_grid_pinpoints`` by the image's size; the crops'
+features are stitched into one grid, the padding cut off, and a newline token added after each grid row.
+
+One image per row: ``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` and ``image_sizes`` ``[rows, 2]``, every
+image of one size (so every row has the same crops and image tokens). The language model's families are
+served as for LLaVA, with groups that say which image token comes from where (:func:`crop_groups`):
+``image_base`` (the whole image), ``crop0`` ... (each crop, in raster order over the grid) and
+``image_newline``. The tower runs ``rows * (1 + crops)`` images, so the ``vision.*`` and ``projector_out``
+families, whose batch is the rows, are not served.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from crosspatch.sites.catalog import Catalog
+
+from .inputs import pixels_with
+from .language import language_families
+
+__all__ = ["is_anyres", "catalog", "token_sources", "crop_groups", "prepare_images", "example_inputs", "NOT_SERVED"]
+
+NOT_SERVED = {
+    "vision.*": "LLaVA-NeXT's tower runs the whole image and every crop of it (1 + crops images per row), not one per row",
+    "projector_out": "the projector's batch is every crop of every image, not the rows",
+}
+
+BASE, NEWLINE = -1, -2
+
+
+def is_anyres(model: nn.Module) -> bool:
+    """A LLaVA-NeXT-style model: anyres grids, packed by the model's ``pack_image_features``."""
+    return getattr(model.config, "image_grid_pinpoints", None) is not None and hasattr(model.model, "pack_image_features")
+
+
+def catalog(model: nn.Module) -> Catalog:
+    from .llava import install_output_recorders
+
+    install_output_recorders(model)
+    families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
+    return Catalog(families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
+
+
+def crops(model: nn.Module, image_size: tuple[int, int]) -> int:
+    """How many crops an image of ``image_size`` (height, width) is cut into (the whole image not counted)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    rows, columns = get_anyres_image_grid_shape(list(image_size), model.config.image_grid_pinpoints,
+                                                model.config.vision_config.image_size)
+    return int(rows) * int(columns)
+
+
+def token_sources(model: nn.Module, image_size: tuple[int, int]) -> torch.Tensor:
+    """For each image token of an image of ``image_size``, where it comes from: ``BASE`` (-1, the whole image),
+    ``NEWLINE`` (-2) or the crop's index (raster order). Computed by the model's own ``pack_image_features``
+    on stand-in features that hold their crop's index, so the layout is the model's by construction."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    n = crops(model, image_size)
+    fake = torch.cat([torch.full((1, side * side, 1), float(BASE)),
+                      torch.arange(n, dtype=torch.float).view(n, 1, 1).expand(n, side * side, 1)])
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    packed, _ = model.model.pack_image_features([fake], torch.tensor([list(image_size)]), strategy,
+                                                image_newline=torch.tensor([float(NEWLINE)]))
+    return packed[0][:, 0].round().long()  # a list: one packed tensor per image
+
+
+def crop_groups(model: nn.Module, ids: torch.Tensor, image_sizes: torch.Tensor, token: int) -> dict[str, torch.Tensor]:
+    """``image_base``, ``image_newline`` and ``crop<i>`` masks ``[rows, pos]``: each row's image tokens, in order,
+    labelled by :func:`token_sources` for its image's size."""
+    image = ids.eq(token)
+    out: dict[str, torch.Tensor] = {}
+    for r in range(ids.shape[0]):
+        sources = token_sources(model, tuple(int(v) for v in image_sizes[r])).to(ids.device)
+        if int(image[r].sum()) != len(sources):
+            raise ValueError(f"row {r} holds {int(image[r].sum())} image tokens; an image of size "
+                             f"{image_sizes[r].tolist()} gives {len(sources)}")
+        where = image[r].nonzero().flatten()
+        names = {BASE: "image_base", NEWLINE: "image_newline", **{c: f"crop{c}" for c in range(int(sources.max()) + 1)}}
+        for value, name in names.items():
+            mask = out.setdefault(name, torch.zeros_like(image))
+            mask[r, where[sources == value]] = True
+    return out
+
+
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device, dtype) -> dict[str, torch.Tensor]:
+    """``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` and ``image_sizes`` ``[rows, 2]``, one image per row of one size."""
+    found = pixels_with(inputs, "image_sizes", "LLaVA-NeXT", "[images, 2]")
+    if found is None:
+        return {}
+    pixels, sizes = found
+    if pixels.ndim != 5 or pixels.shape[0] != rows or sizes.shape != (rows, 2) or bool((sizes != sizes[0]).any()):
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixels.shape)} and image_sizes {sizes.tolist()} for {rows} rows; the vlm "
+            f"adapter takes one image per row, all of one size: [rows, 1 + crops, 3, H, W] and [rows, 2]"
+        )
+    return {"pixel_values": pixels.to(device=device, dtype=dtype), "image_sizes": sizes.to(device)}
+
+
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``[bos, image tokens, text ...]`` with an image one tower-size high and two wide per row (the grid's
+    crops, the whole image and newlines as the model packs them)."""
+    config = model.config
+    side = config.vision_config.image_size
+    size = (side, 2 * side)
+    token = config.image_token_id
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(3, max(4, min(config.text_config.vocab_size, 1000)), (rows, text), generator=g)
+    words[words == token] = 3
+    n_image = len(token_sources(model, size))
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, n_image), token), words], dim=1)
+    dtype = next(model.model.vision_tower.parameters()).dtype
+    pixels = torch.randn(rows, 1 + crops(model, size), config.vision_config.num_channels, side, side, generator=g)
+    device = model.lm_head.weight.device
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(dtype),
+           "image_sizes": torch.tensor([list(size)] * rows)}
+    return {k: v.to(device) for k, v in out.items()}

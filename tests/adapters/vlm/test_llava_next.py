@@ -1,0 +1,84 @@
+"""LLaVA-NeXT (anyres) through the vlm adapter: conformance, and the crop groups against the model's own
+computation (changing one crop's pixels moves the merged embeddings exactly at that crop's group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crosspatch as cp
+from crosspatch.adapters.vlm import VLMAdapter, llava_next
+from crosspatch.adapters.vlm.tiny import IMAGE_TOKEN, tiny_model
+from crosspatch.engine.knockout import Knockout, bind
+from crosspatch.sites.site import SiteError
+from crosspatch.testing import assert_conforms
+
+from conftest import randomize
+
+
+@pytest.fixture(scope="module")
+def m():
+    return cp.wrap(randomize(tiny_model("llava_next")).double(), VLMAdapter())
+
+
+def inputs(m, size=(16, 32), seed=0, rows=2) -> dict:
+    """``[bos, image tokens, 5 words]`` per row, one image of ``size`` per row (its crops and the whole image)."""
+    n = len(llava_next.token_sources(m.module, size))
+    crops = llava_next.crops(m.module, size)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, n), IMAGE_TOKEN),
+                     torch.randint(3, 60, (rows, 5), generator=g)], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_sizes": torch.tensor([list(size)] * rows),
+            "pixel_values": torch.randn(rows, 1 + crops, 3, 16, 16, generator=g, dtype=torch.float64)}
+
+
+def test_conforms(m):
+    assert_conforms(m.module, inputs(m), VLMAdapter())
+    assert {"vision.*", "projector_out"} <= set(m.sites().unavailable)
+    assert {"embed", "head_out", "attn_pattern", "logits"} <= set(m.sites().families)
+    with pytest.raises(SiteError, match="crop"):
+        m.sites().family("projector_out")
+
+
+@pytest.mark.parametrize("size", [(16, 32), (12, 32), (32, 32)])
+def test_crop_groups_are_where_each_crop_lands(m, size):
+    """Changing the pixels of the whole image (slot 0) or of crop c (slot 1 + c) changes ``embed`` exactly at
+    ``image_base`` or ``crop<c>``; newlines never. (12, 32) is cut to a 1 x 2 grid with padding rows unpadded
+    away; (32, 32) is a 2 x 2 grid."""
+    raw = inputs(m, size)
+    base = m.prepare(raw)
+    plain = m.run(base, capture=["embed"]).cache["embed"]
+    slots = raw["pixel_values"].shape[1]
+    names = ["image_base"] + [f"crop{c}" for c in range(slots - 1)]
+    assert all(base["group." + name].any(1).all() for name in names)
+    covered = sum(base["group." + name].long() for name in names + ["image_newline"])
+    assert torch.equal(covered.bool(), base["group.image"]) and int(covered.max()) == 1
+    for slot, name in enumerate(names):
+        pixels = raw["pixel_values"].clone()
+        pixels[:, slot] = torch.randn_like(pixels[:, slot])
+        moved = m.run(m.prepare({**raw, "pixel_values": pixels}), capture=["embed"]).cache["embed"]
+        changed = (moved - plain).abs().amax(-1) > 0
+        assert torch.equal(changed, base["group." + name]), name
+
+
+def test_knocking_out_a_crop_hides_it_from_the_text(m):
+    """With crop1 -> every other position knocked out, the text's logits do not depend on crop 1's pixels (crop
+    1's rows interleave with crop 0's, so crop1 -> text alone would leave paths through crop 0 and the newlines)."""
+    raw = inputs(m)
+    other = raw["pixel_values"].clone()
+    other[:, 2] = torch.randn_like(other[:, 2])
+    outs = []
+    for pixels in (raw["pixel_values"], other):
+        inp = m.prepare({**raw, "pixel_values": pixels})
+        outs.append(m.run(inp, bind(m, inp, [Knockout("crop1", ~inp["group.crop1"])])).output)
+    text = m.prepare(raw)["group.text"][0]
+    assert torch.equal(outs[0][:, text], outs[1][:, text])
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_inputs_of_another_shape_are_refused(m):
+    raw = inputs(m)
+    with pytest.raises(ValueError, match="one image per row"):
+        m.prepare({**raw, "image_sizes": torch.tensor([[16, 32], [32, 16]])})
+    with pytest.raises(ValueError, match="image tokens"):
+        m.prepare({**raw, "image_sizes": torch.tensor([[32, 32], [32, 32]])})
