@@ -115,6 +115,7 @@ def cdt_circuit(
     kept_senders: set[int] = set()
     levels: list[list[str]] = []
     searched: set[int] = set()
+    opened_by: dict[int, set[int]] = {}  # receiver -> the kept senders whose node it is an input of
     frontier = [r for r, name in enumerate(g.receivers) if _role(Site.parse(name).family) == "logits_in"]
     decompositions = 0
     while frontier:
@@ -134,6 +135,8 @@ def cdt_circuit(
                 scores[e], scored[e] = values[candidates.index(s)], True
                 if abs(scores[e]) >= threshold and scores[e] != 0:
                     kept_senders.add(s)
+                    for r2 in reads_of.get(s, []):
+                        opened_by.setdefault(r2, set()).add(s)
                     following += [r2 for r2 in reads_of.get(s, []) if r2 not in searched and r2 not in following]
         frontier = following
 
@@ -146,6 +149,7 @@ def cdt_circuit(
         kept=kept, nodes=sorted({g.senders[s] for s in kept_senders} | {g.receivers[r] for r in searched}),
         senders=list(g.senders), levels=levels, scored=[names[e] for e in np.flatnonzero(scored)],
         decompositions=decompositions, n_prompts=n,
+        opened={g.receivers[r]: sorted(g.senders[s] for s in by) for r, by in opened_by.items()},
     )
     return Result(scores, ("edge",), {"edge": names}, metadata)
 

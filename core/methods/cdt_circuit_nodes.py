@@ -106,6 +106,7 @@ def node_circuit(
     rows: dict[tuple[int, int, int, int], float] = {}  # (sender, sender pos, receiver, receiver pos) -> score
     kept_nodes: set[tuple[int, int]] = set()
     searched: set[tuple[int, int]] = set()
+    opened_by: dict[tuple[int, int], set[tuple[int, int]]] = {}  # receiver node -> the kept nodes whose input it is
     levels: list[list[str]] = []
     decompositions = 0
     logits_receivers = [r for r, name in enumerate(g.receivers) if _role(Site.parse(name).family) == "logits_in"]
@@ -140,8 +141,10 @@ def node_circuit(
                     rows[(s, p_s, r, p_r)] = value
                     if value != 0 and abs(value) >= threshold and (s, p_s) not in kept_nodes:
                         kept_nodes.add((s, p_s))
-                        following.update((nxt, None) for nxt in _opened(g, s, p_s, receivers_of, keys)
-                                         if nxt not in searched)
+                        for nxt in _opened(g, s, p_s, receivers_of, keys):
+                            opened_by.setdefault(nxt, set()).add((s, p_s))
+                            if nxt not in searched:
+                                following[nxt] = None
         frontier = list(following)
 
     order = sorted(rows, key=lambda k: (g._stage(g.receivers[k[2]]), k[3], k[2], g._stage(g.senders[k[0]]), k[1], k[0]))
@@ -156,6 +159,8 @@ def node_circuit(
         kept=kept, nodes=sorted({at_position(g.senders[s], p) for s, p in kept_nodes} |
                                 {at_position(g.receivers[r], p) for r, p in searched}),
         senders=senders, levels=levels, scored=names, decompositions=decompositions, n_prompts=n, positions=n_pos,
+        opened={at_position(g.receivers[r], p): sorted(at_position(g.senders[s], q) for s, q in by)
+                for (r, p), by in opened_by.items()},
     )
     return Result(values, ("edge",), {"edge": names}, metadata)
 
@@ -218,19 +223,44 @@ def _scores(rel: torch.Tensor, irrel: torch.Tensor, target: str, metric: Metric 
     return (size / torch.where(whole > 0, whole, torch.ones_like(whole))).mean(dim=1).cpu()
 
 
-def node_scores(result: Result) -> Result:
-    """Per sender node of a circuit search (either granularity), the largest ``|score|`` of its scored edges (0 for
-    a node never scored): a node ranking, e.g. for a ROC against ground-truth nodes (``circuit_eval.roc(...,
-    level="node")``)."""
+def node_scores(result: Result, rule: Literal["path", "edge"] = "path") -> Result:
+    """Per sender node of a circuit search (either granularity), a score for ranking nodes (0 for a node never scored),
+    e.g. for a ROC against ground-truth nodes (``circuit_eval.roc(..., level="node")``).
+
+    ``rule="path"`` (the default): the largest product of ``|edge score|`` along a searched path from the node to the
+    output, i.e. ``max over its edges s -> r of |score(s -> r)| * importance(r)``, where the output's receivers have
+    importance 1 and another receiver the importance of the kept node whose input it is (``metadata["opened"]``): a
+    share of a receiver counts as much as that receiver's node counts. ``rule="edge"``: the node's largest
+    ``|edge score|``, whatever its receiver's node is worth. On ioi-gpt2-tiny the path rule ranks nodes by their exact
+    effect with AUC 0.996 against 0.898 (``benchmarks/cdt_circuit.md``)."""
     senders = result.metadata.get("senders")
     if senders is None:
         raise ValueError("node_scores reads a cdt_circuit Result (its metadata lists the senders)")
+    if rule not in ("path", "edge"):
+        raise ValueError(f"rule must be 'path' (products along paths to the output) or 'edge', got {rule!r}")
+    edges = [(*name.split("->"), abs(float(v))) for name, v in zip(result.coords["edge"], np.asarray(result.values))]
     best = dict.fromkeys(senders, 0.0)
-    for name, value in zip(result.coords["edge"], np.asarray(result.values, dtype=float)):
-        sender = name.split("->")[0]
-        best[sender] = max(best[sender], abs(float(value)))
-    metadata = {**result.metadata, "method": "cdt_circuit node scores", "score": "max |edge score| of the node"}
-    for key in ("kept", "scored", "levels"):
+    if rule == "edge":
+        for sender, _, value in edges:
+            best[sender] = max(best[sender], value)
+    else:
+        opened = result.metadata.get("opened")
+        if opened is None:
+            raise ValueError("rule='path' needs the receivers each kept node opened (metadata['opened']); use rule='edge'")
+        into: dict[str, list[tuple[str, float]]] = {}
+        for sender, receiver, value in edges:
+            into.setdefault(receiver, []).append((sender, value))
+        # Receivers from the output back: a receiver's node only sends to later receivers, all settled by then.
+        for receiver in sorted(into, key=EdgeGraph._stage, reverse=True):
+            if _role(Site.parse(receiver).family) == "logits_in":
+                weight = 1.0
+            else:
+                weight = max((best[node] for node in opened.get(receiver, [])), default=0.0)
+            for sender, value in into[receiver]:
+                best[sender] = max(best[sender], value * weight)
+    metadata = {**result.metadata, "method": "cdt_circuit node scores", "rule": rule,
+                "score": "max |edge score| x its receiver's importance" if rule == "path" else "max |edge score|"}
+    for key in ("kept", "scored", "levels", "opened"):
         metadata.pop(key, None)
     return Result(np.array(list(best.values())), ("node",), {"node": list(best)}, metadata)
 

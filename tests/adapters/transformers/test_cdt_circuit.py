@@ -179,7 +179,7 @@ def test_node_search_is_causal_and_ranks_nodes(setup):
     edges = [e.split("->") for e in res.coords["edge"]]
     assert edges and all(pos(s) <= pos(r) for s, r in edges)
     assert any(pos(s) < pos(r) for s, r in edges)  # attention carried some relevance forward
-    ranks = node_scores(res)
+    ranks = node_scores(res, "edge")
     assert len(ranks.coords["node"]) == 7 * (1 + 2 * 5)
     table = dict(zip(ranks.coords["node"], ranks.values))
     kept_senders = {e.split("->")[0] for e in res.metadata["kept"]}
@@ -216,3 +216,31 @@ def test_node_search_grouped_query_attention():
         key = next(iter(dec.rel))
         share = (dec.rel[key][0].double().norm(dim=-1) / dec.total(key)[0].double().norm(dim=-1)).mean()
         assert res[edge] == pytest.approx(float(share), rel=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["component", "node"])
+def test_node_scores_path_rule_is_the_best_product_along_searched_paths(setup, granularity):
+    """node_scores' path rule against enumerating every searched path to the output: sender -> receiver -> the kept
+    node whose input that receiver is -> ... -> logits_in, the product of |edge scores| along it, the best path."""
+    m, ids, metric = setup
+    res = cdt_circuit(m, ids, metric, threshold=0.05, granularity=granularity, progress=False)
+    opened, out = res.metadata["opened"], {}
+    for edge, value in _table(res).items():
+        sender, receiver = edge.split("->")
+        out.setdefault(sender, []).append((receiver, abs(value)))
+
+    def best(node):
+        values = [0.0]
+        for receiver, value in out.get(node, []):
+            if receiver.startswith("logits_in"):
+                values.append(value)
+            else:
+                values += [value * best(owner) for owner in opened.get(receiver, [])]
+        return max(values)
+
+    path, edge = node_scores(res), node_scores(res, "edge")
+    assert path.coords["node"] == edge.coords["node"] == res.metadata["senders"]
+    for node, p, e in zip(path.coords["node"], path.values, edge.values):
+        assert p == pytest.approx(best(node), rel=1e-12, abs=1e-15)
+        assert e == pytest.approx(max([v for _, v in out.get(node, [])] + [0.0]), rel=1e-12)
+    assert any(p != pytest.approx(e) for p, e in zip(path.values, edge.values))
