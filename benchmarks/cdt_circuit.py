@@ -22,9 +22,10 @@ The node table (``granularity="node"``: (layer, position, head), (layer, positio
 nodes) needs a ground truth with positions, which tracr's compiled circuit does not give. It is derived by exact
 patching of each node: the node alone ablated (tracr: zeroed; ioi: set to its per-position mean over the corrupt
 prompts, CD-T's baseline), ``|metric change|`` averaged over prompts; positives are the *functional* nodes (effect >
-1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is its largest ``|edge score|`` (``node_scores``); the
-position-free methods (CD-T component, EAP) give each position of a component the component's largest edge score,
-which is what a position-free ranking can say about a node. AtP per node is the gradient estimate of the same
+1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is ``node_scores``' (the path rule: the best product of
+``|edge scores|`` along a searched path to the output; the "edge rule" row: its largest ``|edge score|``); the
+position-free methods give each position of a component the component's score (CD-T's component search: the path rule;
+EAP: the component's largest ``|edge score|``), which is what a position-free ranking can say about a node. AtP per node is the gradient estimate of the same
 ablation at every node at once (EAP's metric; one forward and backward), checked against a finite difference at its
 three largest nodes. "Recall": the share of the positives the search keeps.
 The node search is also collapsed onto the component graph (``to_components``: the largest node-edge score per
@@ -189,15 +190,6 @@ def check_atp(case: Case, scores: dict[str, float], top: int = 3, eps: float = 1
                 raise AssertionError(f"AtP at {node} is {scores[node]:.6g}, the finite difference {slope:.6g}")
 
 
-def broadcast(scores: dict[str, float], senders: list[str], n_pos: int) -> dict[str, float]:
-    """A component ranking at node level: each position of a sender gets the sender's largest |edge score|."""
-    best = dict.fromkeys(senders, 0.0)
-    for edge, value in scores.items():
-        sender = edge.split("->")[0]
-        best[sender] = max(best[sender], abs(float(value)))
-    return {at_position(s, p): best[s] for s in senders for p in range(n_pos)}
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
     # average ranks for ties
@@ -276,17 +268,19 @@ def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any,
     else:
         k = max(1, round(0.1 * len(nodes)))
         positives, label = {nodes[i] for i in np.argsort(-exact, kind="stable")[:k]}, f"exact top {k}"
-    search = {
-        "CD-T node, direct": dict(threshold=0.05),
-        "CD-T node, direct, threshold 0.1": dict(threshold=0.1),
-        "CD-T node, direct, unpruned": dict(threshold=0.0),
-        "CD-T node, all paths (paper)": dict(threshold=0.05, paths="all"),
+    search = {  # (search arguments, node_scores rule)
+        "CD-T node, direct": (dict(threshold=0.05), "path"),
+        "CD-T node, direct, edge rule": (dict(threshold=0.05), "edge"),
+        "CD-T node, direct, threshold 0.1": (dict(threshold=0.1), "path"),
+        "CD-T node, direct, unpruned": (dict(threshold=0.0), "path"),
+        "CD-T node, all paths (paper)": (dict(threshold=0.05, paths="all"), "path"),
     }
     rows = []
-    for method, kwargs in search.items():
+    for method, (kwargs, rule) in search.items():
         res, seconds = timed(lambda: cdt_circuit(case.m, case.clean, metric, irrel=irrel, reference=ref, graph=g,
                                                  granularity="node", progress=False, **kwargs), repeats)
-        table = dict(zip(res_nodes := node_scores(res).coords["node"], node_scores(res).values))
+        ranks = node_scores(res, rule)
+        table = dict(zip(res_nodes := ranks.coords["node"], ranks.values))
         kept = {name.split("->")[0] for name in res.metadata["kept"]}
         collapsed = to_components(res, g)
         rows.append({"case": case.name, "method": method, "nodes": len(nodes), "seconds": seconds,
@@ -304,7 +298,13 @@ def node_rows(case: Case, g, component: dict, metric: Any, irrel: str, ref: Any,
                  "kept": None, "scored": None, "auc_truth": None})
     for method in ("CD-T direct", "EAP"):
         res, seconds = component[method]
-        table = broadcast(dict(zip(res.coords["edge"], np.asarray(res.values, dtype=float))), list(g.senders), n_pos)
+        if method == "EAP":  # a score per edge: a sender's largest |edge score|
+            per = {s: 0.0 for s in g.senders}
+            for edge, value in zip(res.coords["edge"], np.asarray(res.values, dtype=float)):
+                per[edge.split("->")[0]] = max(per[edge.split("->")[0]], abs(float(value)))
+        else:
+            per = dict(zip(node_scores(res).coords["node"], node_scores(res).values))
+        table = {at_position(s, p): per[s] for s in g.senders for p in range(n_pos)}
         rows.append({"case": case.name, "method": f"{method} (components, each position alike)", "nodes": len(nodes),
                      "seconds": seconds, "auc_exact": roc(table, positives, level="node").metadata["auc"], "label": label,
                      "spearman": spearman(np.array([table[x] for x in nodes]), exact), "recall": None, "kept": None,
