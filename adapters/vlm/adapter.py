@@ -20,7 +20,7 @@ from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.selection import GROUP_PREFIX
 
-from . import llava, llava_next, qwen2_vl
+from . import llava, llava_next, qwen2_vl, several
 from .groups import group_masks
 from .qwen2_vision import vision_sizes
 
@@ -28,7 +28,7 @@ __all__ = ["VLMAdapter"]
 
 _MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "image_grid_thw", "mm_token_type_ids",
                "image_sizes")
-_CATALOGS: "weakref.WeakKeyDictionary[nn.Module, Catalog]" = weakref.WeakKeyDictionary()
+_CATALOGS: "weakref.WeakKeyDictionary[nn.Module, dict[int, Catalog]]" = weakref.WeakKeyDictionary()  # per images a row
 
 
 class VLMAdapter(Adapter):
@@ -37,6 +37,13 @@ class VLMAdapter(Adapter):
 
     name = "vlm"
     specific = True  # its models are PreTrainedModels, which the transformers adapter also matches
+
+    def __init__(self, images_per_row: int = 1):
+        """``images_per_row``: images each row holds (LLaVA-style models); above 1, the tower's and the
+        projector's families gain an axis ``image`` (:mod:`.several`)."""
+        if not isinstance(images_per_row, int) or images_per_row < 1:
+            raise ValueError(f"images_per_row is a positive int, got {images_per_row!r}")
+        self.images_per_row = images_per_row
 
     def matches(self, model: nn.Module) -> bool:
         transformers = sys.modules.get("transformers")
@@ -50,10 +57,16 @@ class VLMAdapter(Adapter):
                 f"(model.visual, model.language_model), with an lm_head; "
                 f"{type(model).__name__} is not one"
             )
-        found = _CATALOGS.get(model)
-        if found is None:
-            found = _CATALOGS[model] = _kind(model).catalog(model)
-        return found
+        k = self.images_per_row
+        if k > 1 and _kind(model) is not llava:
+            raise AdapterError(f"several images per row are served for LLaVA-style models; {type(model).__name__} "
+                               f"takes one image per row (VLMAdapter(images_per_row=1))")
+        per_model = _CATALOGS.setdefault(model, {})
+        if 1 not in per_model:
+            per_model[1] = _kind(model).catalog(model)
+        if k not in per_model:
+            per_model[k] = several.with_images(per_model[1], k)
+        return per_model[k]
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
         if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
@@ -84,19 +97,8 @@ class VLMAdapter(Adapter):
         elif llava_next.is_anyres(model):
             out.update(llava_next.prepare_images(model, inputs, ids.shape[0], device, llava.pixel_dtype(model)))
         elif pixels is not None:
-            pixels = torch.as_tensor(pixels)
-            pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
-            stacked = llava.images_per_row_axis(model)
-            if stacked and pixels.ndim == 4:
-                pixels = pixels.unsqueeze(1)
-            if pixels.shape[0] != ids.shape[0] or (stacked and pixels.shape[1] != 1):
-                shape = "[rows, 1, 3, H, W]" if stacked else "[rows, 3, H, W]"
-                raise ValueError(
-                    f"pixel_values of shape {tuple(pixels.shape)} for {ids.shape[0]} rows; the vlm adapter takes one "
-                    f"image per row, {shape}"
-                )
-            dtype = llava.pixel_dtype(model)
-            out["pixel_values"] = pixels.to(device=device, dtype=dtype)
+            pixels = llava.prepare_pixels(model, torch.as_tensor(pixels), ids.shape[0], self.images_per_row)
+            out["pixel_values"] = pixels.to(device=device, dtype=llava.pixel_dtype(model))
         carried = {k: v for k, v in inputs.items() if str(k).startswith(GROUP_PREFIX)}
         if carried:  # prepared already: keep the groups as they are (they follow the rows when tiled)
             out.update({k: v.to(device) for k, v in carried.items()})
@@ -104,14 +106,21 @@ class VLMAdapter(Adapter):
             token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
             prefix = out.get("token_type_ids") if model.config.model_type == "paligemma" else None  # Gemma 3's mark images
             out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), prefix))
+            more: dict[str, torch.Tensor] = {}
             if "image_sizes" in out:  # LLaVA-NeXT: which image tokens come from the whole image, which from each crop
-                out.update({GROUP_PREFIX + k: v for k, v in llava_next.crop_groups(model, ids, out["image_sizes"], token).items()})
+                more = llava_next.crop_groups(model, ids, out["image_sizes"], token)
+            elif self.images_per_row > 1:
+                more = several.image_groups(out[GROUP_PREFIX + "image"], self.images_per_row, llava.image_tokens(model))
+            out.update({GROUP_PREFIX + k: v for k, v in more.items()})
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
         if qwen2_vl.is_served(model):
             return model(**qwen2_vl.model_inputs(inputs), use_cache=False, return_dict=True)
-        return model(**{k: v for k, v in inputs.items() if k in _MODEL_KEYS}, use_cache=False, return_dict=True)
+        kwargs = {k: v for k, v in inputs.items() if k in _MODEL_KEYS}
+        if self.images_per_row > 1 and not llava.images_per_row_axis(model):  # the processor's [rows * k, 3, H, W]
+            kwargs["pixel_values"] = kwargs["pixel_values"].flatten(0, 1)
+        return model(**kwargs, use_cache=False, return_dict=True)
 
     def output(self, raw: Any) -> torch.Tensor:
         return raw.logits
@@ -144,6 +153,8 @@ class VLMAdapter(Adapter):
     # -- verification: crosspatch verify ----------------------------------------------------------
 
     def example_inputs(self, model: nn.Module) -> Any:
+        if self.images_per_row > 1:
+            return llava.example_inputs(model, images=self.images_per_row)
         return _kind(model).example_inputs(model)
 
     def tiny_model(self, kind: str) -> nn.Module:
@@ -176,7 +187,8 @@ class VLMAdapter(Adapter):
             out: dict[str, tuple[float, str | None]] = {}
             for name, (key, _) in sites.items():
                 bias = projections[name].bias
-                heads = cache[key].sum(2) + (0 if bias is None else bias)
+                axis = 1 + families[name].axis_names.index("head")  # after the rows (and the image of a row)
+                heads = cache[key].sum(axis) + (0 if bias is None else bias)
                 target = outputs[name].reshape(heads.shape)
                 out[name] = _verdict(float((heads - target).abs().max()) / scale(target),
                                      f"{name} summed over heads (+ the projection's bias) differs from the projection's output")
@@ -188,7 +200,10 @@ class VLMAdapter(Adapter):
 
 
 def _projection(reach: Any, layer: int) -> nn.Module:
-    """The output projection a per-head family splits (:class:`HeadOut`, or :class:`FlatHeadOut` around one)."""
+    """The output projection a per-head family splits (:class:`HeadOut`, or :class:`FlatHeadOut` around one;
+    per image of a row, :class:`~.several.ImagesOfRow` around either)."""
+    while hasattr(reach, "inner"):
+        reach = reach.inner
     heads = getattr(reach, "heads", reach)
     return submodule(heads.root, heads.path, layer)
 

@@ -34,7 +34,8 @@ from crosspatch.adapters.transformers.clip import _tower_families
 from .language import language_families
 from .reaches import OutputFirst, TokenGrid
 
-__all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis", "pixel_dtype", "image_hw"]
+__all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis", "pixel_dtype", "image_hw",
+           "prepare_pixels"]
 
 # (vision tower, projector, language model) attribute names of the base model, per layout.
 _LAYOUTS = (("vision_tower", "multi_modal_projector", "language_model"), ("vision_model", "connector", "text_model"))
@@ -172,20 +173,40 @@ def catalog(model: nn.Module) -> Catalog:
     return Catalog(families, type(model).__name__, unavailable=unavailable)
 
 
-def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded inputs ``[image tokens, bos, text ...]`` (one image per row) at the config's image size."""
+def prepare_pixels(model: nn.Module, pixels: torch.Tensor, rows: int, k: int = 1) -> torch.Tensor:
+    """``pixel_values`` per row: ``[rows, 3, H, W]`` (Idefics3: ``[rows, 1, 3, H, W]``) for one image a row,
+    ``[rows, k, 3, H, W]`` for ``k``; the processor's flat ``[rows * k, 3, H, W]`` is accepted too."""
+    pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
+    if pixels.ndim == 4 and (k > 1 or images_per_row_axis(model)) and pixels.shape[0] == rows * k:
+        pixels = pixels.unflatten(0, (rows, k))
+    wanted = (rows, k) if pixels.ndim == 5 else (rows,)
+    if tuple(pixels.shape[:len(wanted)]) != wanted or (k > 1 and pixels.ndim != 5) or (pixels.ndim == 5 and pixels.shape[1] != k):
+        shape = "[rows, 1, 3, H, W]" if images_per_row_axis(model) else "[rows, 3, H, W]"
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixels.shape)} for {rows} rows; "
+            + (f"{k} images a row are [rows, {k}, 3, H, W] or [rows * {k}, 3, H, W]" if k > 1 else
+               f"the vlm adapter takes one image per row, {shape} (several: VLMAdapter(images_per_row=k))")
+        )
+    return pixels
+
+
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, images: int = 1) -> dict[str, torch.Tensor]:
+    """Seeded inputs ``[image tokens, bos, text ...]`` (``images`` images a row, each block of image tokens
+    followed by one text token) at the config's image size."""
     config = model.config
     vision = config.vision_config
     token = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
     g = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
-    words = torch.randint(3, max(4, min(vocab, 1000)), (rows, text), generator=g)
+    words = torch.randint(3, max(4, min(vocab, 1000)), (rows, text + images - 1), generator=g)
     words[words == token] = 3
-    ids = torch.cat([torch.full((rows, image_tokens(model)), token), torch.ones(rows, 1, dtype=torch.long), words], 1)
-    pixels = torch.randn(rows, vision.num_channels, *image_hw(model), generator=g)
-    pixels = pixels.to(pixel_dtype(model))
-    if images_per_row_axis(model):
-        pixels = pixels.unsqueeze(1)
+    blocks = [torch.full((rows, image_tokens(model)), token)]
+    for i in range(1, images):  # the next image after one text token
+        blocks += [words[:, text + i - 1:text + i], torch.full((rows, image_tokens(model)), token)]
+    ids = torch.cat([*blocks, torch.ones(rows, 1, dtype=torch.long), words[:, :text]], 1)
+    pixels = torch.randn(rows, images, vision.num_channels, *image_hw(model), generator=g).to(pixel_dtype(model))
+    if images == 1 and not images_per_row_axis(model):
+        pixels = pixels.squeeze(1)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
     if model.config.model_type == "paligemma":
         out["token_type_ids"] = torch.zeros_like(ids)
