@@ -66,8 +66,10 @@ def activation_patching(
     from its keys and values before ``p`` (:mod:`crosspatch.resume`); the values are the same. On a
     CPU without a ``batch_size``, sites that start at the same position then share forwards where a
     cost model says that is cheaper (:func:`~crosspatch.engine.resume.resume_chunks`), up to
-    :data:`CPU_TOKENS_PER_FORWARD` token rows. In a causal model the source run computes only the
-    positions from the first one where its inputs differ from the base run's.
+    :data:`CPU_TOKENS_PER_FORWARD` token rows; with one prompt a batch's later sites join its forward at
+    their own block (:data:`JOIN_ROWS`), so no block is computed for a site before its own. In a causal
+    model the source run computes only the positions from the first one where its inputs differ from the
+    base run's.
     With ``skip_unchanged``, a site whose source value equals the base run's (bit for bit, on every
     prompt: in a causal model, every position before the first token where the inputs differ) is
     not run at all: writing the value already there changes nothing, so its effect is exactly 0;

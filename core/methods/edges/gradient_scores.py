@@ -46,16 +46,17 @@ class _Interpolate(Intervention):
 
 
 def _sender_diffs(p: _Patcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every sender's ``ablated - clean`` as one ``[prompt, sender, pos*d]`` buffer, at the positions from
-    ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0."""
+    """Every sender's ``ablated - clean`` as one sender-major ``[sender, prompt, pos*d]`` buffer, at the positions
+    from ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0.
+    Sender-major, a receiver's incoming senders (a prefix) over every prompt are one ``[n_in, prompts*pos*d]`` view."""
     p.ablated_raw  # noqa: B018 (the ablated run, which sets the shared positions)
     sd, row = None, 0
     for key in p.keys:
         diff = p.sender_diff(key, clean_senders[key], p.shared_positions)  # [n, pos, k, d]
         n, pos, k, d = diff.shape
         if sd is None:
-            sd = diff.new_empty(n, sum(k for _, k in p.graph.sender_keys), pos * d)
-        sd[:, row : row + k].view(n, k, pos, d).copy_(diff.transpose(1, 2))
+            sd = diff.new_empty(sum(k for _, k in p.graph.sender_keys), n, pos * d)
+        sd[row : row + k].view(k, n, pos, d).copy_(diff.permute(2, 0, 1, 3))
         row += k
     return sd
 
@@ -78,7 +79,7 @@ def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, 
             total = scored[key]
         else:
             grad = _slots_first(grads[key], p.n, steps, p.shared_positions).to(sd.dtype)  # [slots, n, pos*d]
-            total = torch.bmm(sd[:, :n_in], grad.permute(1, 2, 0)).sum(0)  # [n_in, slots]
+            total = sd[:n_in].reshape(n_in, -1) @ grad.reshape(grad.shape[0], -1).T  # [n_in, slots]
             if len(slots) == 2:  # head_in: a key/value head's credit is the sum over its query heads' slots
                 total = fold_groups(total.view(n_in, *slots), p.graph.kv_group)
         per_key.append(total.double().reshape(-1) / p.n)
@@ -110,7 +111,7 @@ class _SlotScores:
 
     def __call__(self, row: int, grads: torch.Tensor, first_role: int, head_step: int) -> None:
         r, h = grads.shape[:2]
-        part = self.sd[row, : self.n_in] @ grads.to(self.sd.dtype).reshape(r * h, -1).T  # [n_in, r*h]
+        part = self.sd[: self.n_in, row] @ grads.to(self.sd.dtype).reshape(r * h, -1).T  # [n_in, r*h]
         if self.scores is None:
             self.scores = part.new_zeros(self.n_in, *self.slot_shape)
         self.scores[:, first_role : first_role + r, ::head_step] += part.view(self.n_in, r, h)
