@@ -202,7 +202,8 @@ def _run_all(jobs: list[tuple[str, str]], timeout: float, log: Path | None = Non
 
 VLM_NOTE = (
     "Vision-language models, verified with the vlm adapter (`crosspatch.adapters.vlm`) on its example inputs: "
-    "one image per row at the vision config's size, the image tokens, then text. *per-head*: the conformance "
+    "one image per row at the vision config's size (LLaVA-NeXT: one tower size high and two wide, its whole "
+    "image and two crops), the image tokens, then text. *per-head*: the conformance "
     "suite and the oracles pass, and both the language model's `head_out` and the vision tower's "
     "`vision.head_out` are exact; *heads not all exact*: everything served passes, but a head family is not "
     "served; *failing*: a served family fails a check; *not run*: the vlm adapter claims the layout but refuses "

@@ -85,14 +85,22 @@ def token_types(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return ids.eq(_token(model)).long()
 
 
+def _special(config, at: str) -> int:
+    """The id of the token before (``at="start"``) or after (``"end"``) an image's tokens."""
+    for key in (f"vision_{at}_token_id", f"image_{at}_token_id"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise NotImplementedError(f"{type(config).__name__} names no vision_{at}_token_id or image_{at}_token_id; "
+                              f"example inputs for it are not written")
+
+
 def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, grid: int = 4) -> dict[str, torch.Tensor]:
     """``[bos, vision start, image tokens, vision end, text ...]`` with a ``grid`` x ``grid`` patch image per row."""
     config, vision = model.config, model.config.vision_config
     merge = vision.spatial_merge_size
     g = torch.Generator().manual_seed(seed)
     words = torch.randint(3, max(4, min(config.text_config.vocab_size, 1000)), (rows, text), generator=g)
-    start, end = (next(getattr(config, k) for k in (f"vision_{at}_token_id", f"image_{at}_token_id") if hasattr(config, k))
-                  for at in ("start", "end"))
+    start, end = (_special(config, at) for at in ("start", "end"))
     for token in {config.image_token_id, start, end}:
         words[words == token] = 3
     n_image = grid * grid // merge ** 2
