@@ -2,34 +2,35 @@
 ranking, with its runtime next to ACDC and EAP on the same edge graph and inputs.
 
 Cases: the four tracr programs (16 reference inputs of one length: reverse 3, the others 5; zero ablation, as
-docs/tracr.md) and the zoo's ioi-gpt2-tiny (32 held-out pairs; mean ablation over the corrupt prompts, CD-T's
-baseline the same mean per position). For each case:
+docs/tracr.md) and the zoo's ioi-gpt2-tiny and greater-than-tiny (32 held-out pairs each, of one length; mean ablation
+over the corrupt prompts, CD-T's baseline the same mean per position; metric ``logit_diff`` of the answer against the
+distractor). For each case:
 
 * the exact ranking: every edge patched alone (``patch_edges``, the case's ablation), the change of the metric
-  (tracr: ``output_distance``, the KL to the clean output; ioi: ``logit_diff``) averaged over prompts;
+  (tracr: ``output_distance``, the KL to the clean output; zoo models: ``logit_diff``) averaged over prompts;
 * CD-T's circuit with ``paths="direct"`` (each edge's own score; the default) and ``paths="all"`` (the paper's: the
   relevance a source reaches a target with along every path), threshold 0.05, and direct without pruning
   (threshold 0: every receiver a nonzero score reaches is searched);
-* EAP (tracr: ``output_score``; ioi: ``logit_diff``) and ACDC (tracr: ``output_distance``, threshold 1e-12,
-  ``change="increase"``; ioi: ``logit_diff``, threshold 1 % of the clean value) on the same graph.
+* EAP (tracr: ``output_score``; zoo models: ``logit_diff``) and ACDC (tracr: ``output_distance``, threshold 1e-12,
+  ``change="increase"``; zoo models: ``logit_diff``, threshold 1 % of the clean value) on the same graph.
 
 Reported: ROC AUC against tracr's compiled circuit, against the *functional* edges (exact effect > 1e-6, tracr)
-or the exact ranking's top 10 % (ioi), the Spearman correlation with the exact effects over all edges, and the
+or the exact ranking's top 10 % (zoo models), the Spearman correlation with the exact effects over all edges, and the
 median wall-clock time of 3 runs after a warm-up (one torch thread; the exact sweep once). ACDC gives 1 / 0 per
 edge, so its AUC is one interior point of the ROC.
 
 The node table (``granularity="node"``: (layer, position, head), (layer, position) MLP and per-position embedding
 nodes) needs a ground truth with positions, which tracr's compiled circuit does not give. It is derived by exact
-patching of each node: the node alone ablated (tracr: zeroed; ioi: set to its per-position mean over the corrupt
+patching of each node: the node alone ablated (tracr: zeroed; zoo models: set to its per-position mean over the corrupt
 prompts, CD-T's baseline), ``|metric change|`` averaged over prompts; positives are the *functional* nodes (effect >
-1e-6, tracr) or the top 10 % (ioi). A node's CD-T score is ``node_scores``' (the path rule: the best product of
+1e-6, tracr) or the top 10 % (zoo models). A node's CD-T score is ``node_scores``' (the path rule: the best product of
 ``|edge scores|`` along a searched path to the output; the "edge rule" row: its largest ``|edge score|``); the
-position-free methods give each position of a component the component's score (CD-T's component search: the path rule;
-EAP: the component's largest ``|edge score|``), which is what a position-free ranking can say about a node. AtP per node is the gradient estimate of the same
-ablation at every node at once (EAP's metric; one forward and backward), checked against a finite difference at its
-three largest nodes. "Recall": the share of the positives the search keeps.
-The node search is also collapsed onto the component graph (``to_components``: the largest node-edge score per
-component edge) and scored against tracr's compiled circuit, next to the component search.
+position-free methods give each position of a component the component's score (CD-T's component search: the path
+rule; EAP: the component's largest ``|edge score|``), which is what a position-free ranking can say about a node.
+AtP per node is the gradient estimate of the same ablation at every node at once (EAP's metric; one forward and
+backward), checked against a finite difference at its three largest nodes. "Recall": the share of the positives
+the search keeps. The node search is also collapsed onto the component graph (``to_components``: the largest
+node-edge score per component edge) and scored against tracr's compiled circuit, next to the component search.
 
     python benchmarks/cdt_circuit.py                 # the tables of benchmarks/cdt_circuit.md
     python benchmarks/cdt_circuit.py --cases hist --repeats 1
@@ -60,7 +61,8 @@ from crosspatch.sites.site import Site
 
 TRACR = Path(__file__).resolve().parents[1] / "tests" / "data" / "tracr"
 LENGTH = {"reverse": 3, "frac_prevs": 5, "sort_unique": 5, "hist": 5}
-CASES = [*LENGTH, "ioi-gpt2-tiny"]
+ZOO = {"ioi-gpt2-tiny": "ioi", "greater-than-tiny": "greater-than"}  # zoo model -> its task
+CASES = [*LENGTH, *ZOO]
 
 
 @dataclass
@@ -86,17 +88,17 @@ def tracr_case(name: str) -> Case:
                 1e-12, "increase", set(model.circuit_edges))
 
 
-def ioi_case() -> Case:
+def zoo_case(name: str = "ioi-gpt2-tiny") -> Case:
     from crosspatch.zoo.tasks import get_task
 
-    m = cp.wrap("ioi-gpt2-tiny")
-    pairs = get_task("ioi").pairs(32, seed=0, split="test")
+    m = cp.wrap(name)
+    pairs = get_task(ZOO[name]).pairs(32, seed=0, split="test")
     metric = cp.metrics.logit_diff([p.answer_prefix + p.answer for p in pairs], [p.answer_prefix + p.distractor for p in pairs])
     metric = model_metric(m, metric)
     clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
     out = m.run(clean).output
     value = float(metric(out, MetricContext(torch.arange(len(pairs)), out, m.prepare(clean).get("attention_mask"))).mean())
-    return Case("ioi-gpt2-tiny", m, clean, corrupt, "mean", metric, metric, 0.01 * abs(value), "abs", None)
+    return Case(name, m, clean, corrupt, "mean", metric, metric, 0.01 * abs(value), "abs", None)
 
 
 def exact_effects(case: Case, graph) -> np.ndarray:
@@ -119,7 +121,7 @@ def exact_effects(case: Case, graph) -> np.ndarray:
 
 def node_effects(case: Case, nodes: list[str]) -> np.ndarray:
     """|metric(node ablated) - metric(clean)| per node, prompt means: zeroed (tracr) or set to its per-position mean
-    over the corrupt prompts (ioi), one forward a node."""
+    over the corrupt prompts (zoo models), one forward a node."""
     metric = model_metric(case.m, case.exact_metric)
     prepared = case.m.prepare(case.clean)
     n = next(iter(prepared.values())).shape[0]
@@ -225,7 +227,7 @@ def run_case(case: Case, repeats: int) -> tuple[list[dict], list[dict]]:
         label = f"exact top {k}"
     ref = case.corrupt if case.ablation == "mean" else None
     irrel = "zero" if case.ablation == "zero" else "mean"
-    metric = case.exact_metric if case.truth is None else None  # ioi: logit_diff's share at the logits; tracr: norm shares
+    metric = case.exact_metric if case.truth is None else None  # zoo models: logit_diff's share at the logits; tracr: norm shares
     methods: dict[str, Callable[[], Any]] = {
         "CD-T direct": lambda: cdt_circuit(case.m, case.clean, metric, threshold=0.05, irrel=irrel, reference=ref,
                                            graph=g, progress=False),
@@ -346,7 +348,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows, nodes = [], []
     for name in args.cases:
-        case = ioi_case() if name == "ioi-gpt2-tiny" else tracr_case(name)
+        case = zoo_case(name) if name in ZOO else tracr_case(name)
         edge_rows, node_table = run_case(case, args.repeats)
         rows, nodes = rows + edge_rows, nodes + node_table
     print(f"{platform.machine()}, torch {torch.__version__}, 1 thread, median of {args.repeats} runs after a warm-up\n")
