@@ -20,6 +20,10 @@ kept, and its receivers (the three inputs of a head, the input of an MLP) are th
 receivers never reached are not scored and get 0: they rank below every scored edge (the pruning). One level is one
 :func:`~crosspatch.methods.cdt.decompose` call: every candidate source set against every target of the level, the
 source sets batched as rows, each run stopping once its targets are read.
+
+``granularity="node"`` runs the same search on the paper's (layer, position, head) and (layer, position) MLP nodes
+(:mod:`.cdt_circuit_nodes`); the default stays the components above, the graph EAP and ACDC score. Both record which
+kept node opened each receiver (``metadata["opened"]``), from which :func:`~.cdt_circuit_nodes.node_scores` ranks nodes.
 """
 
 from __future__ import annotations
