@@ -150,11 +150,12 @@ class FlatHeadOut:
 
 
 class FlatAttentionPattern:
-    """Attention patterns ``[images, head, n, n]`` of a flat vision attention that attends within each image
-    (Qwen2-VL's ``VisionAttention``: fused ``qkv``, 2-d rotary positions, ``proj``; the images are the chunks
-    of ``cu_seqlens``). While hooked, the module's forward is replaced by an eager one that runs every image
-    as one row of a batch (all images of one size), calls back with the pattern and uses what it returns;
-    the module's own forward is put back when the handle is removed."""
+    """Attention patterns ``[images, head, n, n]`` of a flat vision attention that attends within chunks of
+    ``cu_seqlens`` (Qwen2-VL's ``VisionAttention``: fused ``qkv``, 2-d rotary positions, ``proj``; a chunk is
+    an image, or a window of one in Qwen2.5-VL's windowed layers). While hooked, the module's forward is
+    replaced by an eager one that runs every image as one row of a batch (all images of one size), with the
+    keys outside a query's chunk masked (probability 0, as if the chunks were run apart), calls back with the
+    pattern and uses what it returns; the module's own forward is put back when the handle is removed."""
 
     def __init__(self, root: nn.Module, path: str):
         self.root, self.path = root, path
@@ -166,15 +167,18 @@ class FlatAttentionPattern:
 
         def forward(hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
             n_total, heads = hidden_states.shape[0], module.num_heads
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            if len(set(lengths)) != 1 or len(lengths) != images.count:
-                raise ValueError(f"vision attention over {len(lengths)} chunks of {sorted(set(lengths))} patches for "
-                                 f"{images.count} images; the pattern is served where each image is one chunk (full "
-                                 f"attention, images of one size), not in windowed layers")
+            chunk = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
+                                            cu_seqlens[1:] - cu_seqlens[:-1])
+            chunk = images.split(chunk)  # [images, n]: the chunk of each patch
+            if bool((chunk[1:, :1] == chunk[:-1, -1:]).any()):
+                raise ValueError("a chunk of the vision attention spans two images; the pattern is served for "
+                                 "chunks within one image")
             q, k, v = module.qkv(hidden_states).reshape(n_total, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rotary(q, k, *position_embeddings)
-            q, k, v = (t.reshape(len(lengths), lengths[0], heads, -1).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (images.split(t).transpose(1, 2) for t in (q, k, v))
             scores = torch.matmul(q, k.transpose(2, 3)) * module.scaling
+            apart = (chunk[:, :, None] != chunk[:, None, :]).unsqueeze(1)  # [images, 1, query, key]
+            scores = scores.masked_fill(apart, float("-inf"))
             wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
             pattern = torch.softmax(scores, dim=-1, dtype=wide).to(q.dtype)
             new = callback(pattern)

@@ -65,10 +65,11 @@ def vlm_types() -> list[str]:
     return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
-def tiny_vlm(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_vlm(model_type: str, seed: int = 0, vision: dict | None = None) -> nn.Module:
     """A tiny random model of any image-text-to-text ``model_type``: the config class's defaults shrunk as for
     language models (:func:`crosspatch.adapters.transformers.tiny.tiny_config`, which shrinks the text and
-    vision sub-configs too), with the special-token ids moved inside the shrunk text vocabulary."""
+    vision sub-configs too), with the special-token ids moved inside the shrunk text vocabulary; ``vision``
+    overrides fields of the vision config (Qwen2.5-VL's ``window_size``)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -90,6 +91,8 @@ def tiny_vlm(model_type: str, seed: int = 0) -> nn.Module:
                 setattr(config, key, next(free))
     if text is not None:
         _fit_to_text(config, text)
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
     torch.manual_seed(seed)
     return cls(config).eval()
 

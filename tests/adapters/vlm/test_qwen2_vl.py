@@ -151,3 +151,26 @@ def test_a_vision_head_patch_equals_a_hand_hook(m):
         handle.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert (got - m.run(base).output).abs().max() > 1e-6
+
+
+def test_windowed_patterns_of_qwen2_5_vl():
+    """Qwen2.5-VL with 4 windows per image (8 x 8 patches, windows of 4 x 4, every block windowed): conformance;
+    the pattern is 0 outside each query's window and, times the values computed by hand, equals head_z of a
+    plain run, where the model attends window by window itself."""
+    from crosspatch.adapters.vlm.tiny import tiny_vlm
+
+    model = randomize(tiny_vlm("qwen2_5_vl", vision={"window_size": 32})).double()
+    m = cp.wrap(model, VLMAdapter())
+    raw = qwen2_vl.example_inputs(model, grid=8)
+    assert_conforms(model, raw, VLMAdapter())
+    inp = m.prepare(raw)
+    blk = model.model.visual.blocks[0]
+    plain = m.run(inp, capture=["vision.head_z.0", "vision.resid_pre.0"]).cache
+    pattern = m.run(inp, capture=["vision.attn_pattern.0"]).cache["vision.attn_pattern.0"]  # [2, 4, 64, 64]
+    heads = model.config.vision_config.num_heads
+    kept = (pattern[0, 0] > 0).sum(-1)
+    assert kept.tolist() == [16] * 64  # each patch sees the 16 patches of its window
+    with torch.no_grad():
+        values = blk.attn.qkv(blk.norm1(plain["vision.resid_pre.0"])).view(2, 64, 3, heads, -1)[:, :, 2]
+    z = torch.einsum("rhqk,rkhd->rqhd", pattern, values)
+    torch.testing.assert_close(z, plain["vision.head_z.0"], rtol=0, atol=1e-12)
