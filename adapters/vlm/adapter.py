@@ -58,9 +58,9 @@ class VLMAdapter(Adapter):
                 f"{type(model).__name__} is not one"
             )
         k = self.images_per_row
-        if k > 1 and _kind(model) is not llava:
-            raise AdapterError(f"several images per row are served for LLaVA-style models; {type(model).__name__} "
-                               f"takes one image per row (VLMAdapter(images_per_row=1))")
+        if k > 1 and _kind(model) is llava_next:
+            raise AdapterError(f"several images per row are served for LLaVA-style models and Qwen2-VL; "
+                               f"{type(model).__name__} takes one image per row (VLMAdapter(images_per_row=1))")
         per_model = _CATALOGS.setdefault(model, {})
         if 1 not in per_model:
             per_model[1] = _kind(model).catalog(model)
@@ -90,7 +90,7 @@ class VLMAdapter(Adapter):
             out["token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
         pixels = inputs.get("pixel_values")
         if qwen2_vl.is_served(model):
-            out.update(qwen2_vl.prepare_images(model, inputs, ids.shape[0], device))
+            out.update(qwen2_vl.prepare_images(model, inputs, ids.shape[0], device, self.images_per_row))
             types = inputs.get("mm_token_type_ids")
             types = qwen2_vl.token_types(model, ids) if types is None else torch.as_tensor(types)
             out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
@@ -110,7 +110,9 @@ class VLMAdapter(Adapter):
             if "image_sizes" in out:  # LLaVA-NeXT: which image tokens come from the whole image, which from each crop
                 more = llava_next.crop_groups(model, ids, out["image_sizes"], token)
             elif self.images_per_row > 1:
-                more = several.image_groups(out[GROUP_PREFIX + "image"], self.images_per_row, llava.image_tokens(model))
+                per_image = (qwen2_vl.image_tokens(model, out["image_grid_thw"]) if qwen2_vl.is_served(model)
+                             else llava.image_tokens(model))
+                more = several.image_groups(out[GROUP_PREFIX + "image"], self.images_per_row, per_image)
             out.update({GROUP_PREFIX + k: v for k, v in more.items()})
         return out
 
@@ -127,7 +129,7 @@ class VLMAdapter(Adapter):
 
     def sizes(self, inputs: Inputs) -> dict[str, int]:
         n = inputs["input_ids"].shape[1]
-        return {"pos": n, "key_pos": n, **vision_sizes(inputs)}
+        return {"pos": n, "key_pos": n, **vision_sizes(inputs, self.images_per_row)}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = model.config
@@ -154,7 +156,7 @@ class VLMAdapter(Adapter):
 
     def example_inputs(self, model: nn.Module) -> Any:
         if self.images_per_row > 1:
-            return llava.example_inputs(model, images=self.images_per_row)
+            return _kind(model).example_inputs(model, images=self.images_per_row)
         return _kind(model).example_inputs(model)
 
     def tiny_model(self, kind: str) -> nn.Module:

@@ -79,10 +79,11 @@ def vision_families(model: nn.Module) -> list[SiteFamily]:
     ]
 
 
-def vision_sizes(inputs) -> dict[str, int]:
-    """``patch`` / ``key_patch`` (patches per image) and ``image_pos`` (image tokens per row) of prepared inputs."""
+def vision_sizes(inputs, k: int = 1) -> dict[str, int]:
+    """``patch`` / ``key_patch`` (patches per image) and ``image_pos`` (image tokens per image) of prepared
+    inputs with ``k`` images a row."""
     grid = inputs.get("image_grid_thw")
     if grid is None:
         return {}
-    patches = int(grid[0].prod())
-    return {"patch": patches, "key_patch": patches, "image_pos": int(inputs["group.image"][0].sum())}
+    patches = int(grid.reshape(-1, 3)[0].prod())
+    return {"patch": patches, "key_patch": patches, "image_pos": int(inputs["group.image"][0].sum()) // k}

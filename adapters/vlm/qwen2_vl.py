@@ -50,22 +50,28 @@ def _token(model: nn.Module) -> int:
     return model.config.image_token_id
 
 
-def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """``pixel_values`` as ``[rows, patches, features]`` and ``image_grid_thw`` as ``[rows, 3]``."""
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device,
+                   k: int = 1) -> dict[str, torch.Tensor]:
+    """``pixel_values`` as ``[rows, k * patches, features]`` and ``image_grid_thw`` as ``[rows, 3]`` (``[rows, k, 3]``
+    for ``k`` images a row), so both follow the rows when the engine tiles or slices them."""
     found = pixels_with(inputs, "image_grid_thw", "Qwen2-VL", "[images, 3]")
     if found is None:
         return {}
     pixels, grid = found
-    if grid.shape[0] != rows or bool((grid != grid[0]).any()):
+    grid = grid.reshape(-1, 3)
+    if grid.shape[0] != rows * k or bool((grid != grid[0]).any()):
         raise ValueError(
-            f"image_grid_thw {grid.tolist()} for {rows} rows: the vlm adapter takes one image per row, all of one grid "
-            f"(resize the images to one size)"
+            f"image_grid_thw {grid.tolist()} for {rows} rows: the vlm adapter takes "
+            + ("one image per row" if k == 1 else f"{k} images per row") + ", all of one grid (resize the images to one "
+            "size; several a row: VLMAdapter(images_per_row=k))"
         )
+    patches = k * int(grid[0].prod())
     if pixels.ndim == 2:  # the processor's flat [patches of every image, features]
         pixels = pixels.view(rows, -1, pixels.shape[-1])
-    if pixels.ndim != 3 or pixels.shape[0] != rows or pixels.shape[1] != int(grid[0].prod()):
-        raise ValueError(f"pixel_values of shape {tuple(pixels.shape)} do not hold {int(grid[0].prod())} patches per row")
+    if pixels.ndim != 3 or pixels.shape[0] != rows or pixels.shape[1] != patches:
+        raise ValueError(f"pixel_values of shape {tuple(pixels.shape)} do not hold {patches} patches per row")
     dtype = model.model.visual.patch_embed.proj.weight.dtype
+    grid = grid.view(rows, k, 3) if k > 1 else grid
     return {"pixel_values": pixels.to(device=device, dtype=dtype), "image_grid_thw": grid.to(device)}
 
 
@@ -75,9 +81,14 @@ def model_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "pixel_values" in inputs:
         pixels = inputs["pixel_values"]
         out["pixel_values"] = pixels.reshape(-1, pixels.shape[-1])
-        out["image_grid_thw"] = inputs["image_grid_thw"]
+        out["image_grid_thw"] = inputs["image_grid_thw"].reshape(-1, 3)  # [rows * k, 3], each row's images in turn
     out["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     return out
+
+
+def image_tokens(model: nn.Module, grid: torch.Tensor) -> int:
+    """Image tokens per image of ``grid`` (``image_grid_thw``): its patches over ``spatial_merge_size ** 2``."""
+    return int(grid.reshape(-1, 3)[0].prod()) // model.config.vision_config.spatial_merge_size ** 2
 
 
 def token_types(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -94,8 +105,9 @@ def _special(config, at: str) -> int:
                               f"example inputs for it are not written")
 
 
-def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, grid: int = 4) -> dict[str, torch.Tensor]:
-    """``[bos, vision start, image tokens, vision end, text ...]`` with a ``grid`` x ``grid`` patch image per row."""
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, grid: int = 4,
+                   images: int = 1) -> dict[str, torch.Tensor]:
+    """``[bos, (vision start, image tokens, vision end) x images, text ...]`` with ``grid`` x ``grid`` patch images."""
     config, vision = model.config, model.config.vision_config
     merge = vision.spatial_merge_size
     g = torch.Generator().manual_seed(seed)
@@ -104,11 +116,11 @@ def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0
     for token in {config.image_token_id, start, end}:
         words[words == token] = 3
     n_image = grid * grid // merge ** 2
-    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, 1), start),
-                     torch.full((rows, n_image), config.image_token_id), torch.full((rows, 1), end), words], dim=1)
+    image = [torch.full((rows, 1), start), torch.full((rows, n_image), config.image_token_id), torch.full((rows, 1), end)]
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), *image * images, words], dim=1)
     features = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-    pixels = torch.randn(rows, grid * grid, features, generator=g)
+    pixels = torch.randn(rows, images * grid * grid, features, generator=g)
     device = model.lm_head.weight.device
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-           "image_grid_thw": torch.tensor([[1, grid, grid]] * rows), "mm_token_type_ids": token_types(model, ids)}
+           "image_grid_thw": torch.tensor([[1, grid, grid]] * (rows * images)), "mm_token_type_ids": token_types(model, ids)}
     return {k: v.to(device) for k, v in out.items()}

@@ -174,3 +174,26 @@ def test_windowed_patterns_of_qwen2_5_vl():
         values = blk.attn.qkv(blk.norm1(plain["vision.resid_pre.0"])).view(2, 64, 3, heads, -1)[:, :, 2]
     z = torch.einsum("rhqk,rkhd->rqhd", pattern, values)
     torch.testing.assert_close(z, plain["vision.head_z.0"], rtol=0, atol=1e-12)
+
+
+def test_two_images_per_row(m):
+    """VLMAdapter(images_per_row=2) on Qwen2-VL: conformance and oracles; vision.embed[image=i] of row r is the
+    patch embedding of that image's pixels; changing image i of every row moves embed exactly at image<i>."""
+    adapter = VLMAdapter(images_per_row=2)
+    raw = qwen2_vl.example_inputs(m.module, images=2)
+    raw = {**raw, "pixel_values": raw["pixel_values"].double()}
+    assert_conforms(m.module, raw, adapter)
+    two = cp.wrap(m.module, adapter)
+    assert all(why is None for _, why in adapter.family_oracles(m.module).values())
+    inp = two.prepare(raw)
+    assert inp["pixel_values"].shape == (2, 32, 96) and inp["image_grid_thw"].shape == (2, 2, 3)
+    cache = two.run(inp, capture=["vision.embed", "embed", "projector_out"]).cache
+    assert cache["vision.embed"].shape == (2, 2, 16, 32) and cache["projector_out"].shape == (2, 2, 4, 32)
+    with torch.no_grad():
+        alone = m.module.model.visual.patch_embed(inp["pixel_values"][1, 16:])  # row 1, image 1
+    torch.testing.assert_close(cache["vision.embed"][1, 1], alone, rtol=0, atol=0)
+    for i in range(2):
+        pixels = inp["pixel_values"].clone()
+        pixels[:, 16 * i:16 * (i + 1)] = torch.randn_like(pixels[:, :16])
+        moved = two.run(two.prepare({**raw, "pixel_values": pixels}), capture=["embed"]).cache["embed"]
+        assert torch.equal((moved - cache["embed"]).abs().amax(-1) > 0, inp[f"group.image{i}"])
