@@ -129,6 +129,7 @@ def measure_vlm(model_type: str) -> dict:
         unavailable={f.family: f.note for f in result.families if f.status == "unavailable"},
         failed={f.family: f.note for f in result.families if f.status == "failed"},
         general=result.general,
+        dead_ends=sorted(f.family for f in result.families if f.status == "exact" and "dead end" in f.note),
     )
     return done(outcome=_outcome(row))
 
@@ -236,6 +237,8 @@ def _markdown(rows: list[dict], tasks: list[str]) -> str:
                 f"{len(r.get('exact', []))} module families" if r.get("exact") else "")
             issues = {**r.get("unavailable", {}), **r.get("failed", {})}
             why = r.get("why") or "; ".join(f"{k}: {v}" for k, v in issues.items())
+            if r.get("dead_ends"):  # exact, but a write there does not reach the output here
+                why += ("; " if why else "") + f"writes do not reach the output: {', '.join(r['dead_ends'])}"
             if r.get("adapter") == "generic" and r.get("transformers_error"):
                 why = f"transformers adapter: {r['transformers_error']}" + (f"; {why}" if why else "")
             lines.append(f"| {r['type']} | {r['outcome']} | {exact} | {why.replace('|', '/')} | {r.get('seconds', '')} |")

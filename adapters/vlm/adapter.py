@@ -1,7 +1,10 @@
-"""The VLM adapter: generative vision-language models (LLaVA, PaliGemma, Idefics3 / SmolVLM) with a position-group axis.
+"""The VLM adapter: generative vision-language models (LLaVA, PaliGemma, Idefics3 / SmolVLM, Gemma 3, Qwen2-VL and
+its kin, LLaVA-NeXT) with a position-group axis.
 
-Inputs are what a processor returns, ``{"input_ids", "pixel_values", "attention_mask"?}`` with one
-image per row (PaliGemma: and ``token_type_ids``, 0 on the prefix), plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
+Inputs are what a processor returns, ``{"input_ids", "pixel_values", "attention_mask"?}`` with one image per
+row, or ``k`` with ``VLMAdapter(images_per_row=k)`` (:mod:`.several`); PaliGemma adds ``token_type_ids`` (0 on
+the prefix), Qwen2-VL ``image_grid_thw`` (:mod:`.qwen2_vl`), LLaVA-NeXT ``image_sizes`` (:mod:`.llava_next`);
+plus optionally ``"groups": {"question": (start, stop), ...}`` (:mod:`.groups`).
 Prepared inputs carry every group as a mask ``group.<name>`` ``[rows, pos]``; selections name them
 through :func:`crosspatch.engine.knockout.bind` (``resid_pre.3[pos=image]``).
 """
@@ -32,8 +35,8 @@ _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, dict[int, Catalog]]" = weakref.
 
 
 class VLMAdapter(Adapter):
-    """``LlavaForConditionalGeneration``, ``PaliGemmaForConditionalGeneration`` and
-    ``Idefics3ForConditionalGeneration`` (SmolVLM); see :mod:`.llava` for the layouts."""
+    """LLaVA-style models (a CLIP- or SigLIP-style tower, a projector, a language model: :mod:`.llava`),
+    Qwen2-VL-style models (:mod:`.qwen2_vl`) and LLaVA-NeXT (:mod:`.llava_next`)."""
 
     name = "vlm"
     specific = True  # its models are PreTrainedModels, which the transformers adapter also matches
@@ -160,7 +163,7 @@ class VLMAdapter(Adapter):
         return _kind(model).example_inputs(model)
 
     def tiny_model(self, kind: str) -> nn.Module:
-        """A tiny random ``llava``, ``paligemma``, ``idefics3`` or ``qwen2_vl`` (:mod:`.tiny`)."""
+        """A tiny random ``llava``, ``paligemma``, ``idefics3``, ``qwen2_vl`` or ``llava_next`` (:mod:`.tiny`)."""
         from .tiny import tiny_model
 
         return tiny_model(kind)

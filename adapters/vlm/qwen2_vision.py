@@ -38,7 +38,8 @@ NOT_SERVED = {
 }
 
 
-def vision_families(model: nn.Module) -> list[SiteFamily]:
+def vision_families(model: nn.Module) -> tuple[list[SiteFamily], dict[str, str]]:
+    """The tower's and the merger's families, and those not served with the reason."""
     visual = model.model.visual
     config = visual.config
     heads, d = config.num_heads, getattr(config, "embed_dim", None) or config.hidden_size
@@ -52,7 +53,7 @@ def vision_families(model: nn.Module) -> list[SiteFamily]:
 
     head_out = FlatHeadOut(visual, visual, f"{block}.attn.proj", heads)
     p = "vision."
-    return [
+    families = [
         SiteFamily(p + "embed", (patch, dim), flat(ModuleInput(visual, block.format(layer=0))),
                    doc="what enters the first block: the patch embeddings (plus Qwen3-VL's learned position embeddings; "
                    "rotary positions are applied inside attention)"),
@@ -77,6 +78,13 @@ def vision_families(model: nn.Module) -> list[SiteFamily]:
                    doc="the merger's output, one per image token (spatial_merge_size ** 2 patches each), before it "
                    "replaces the image-token embeddings"),
     ]
+    unavailable = dict(NOT_SERVED)
+    parts = sorted(name for name, _ in visual.blocks[0].attn.named_children())
+    if parts != ["proj", "qkv"]:  # the pattern's eager forward recomputes qkv, rotary, softmax and proj only
+        families = [f for f in families if f.name != p + "attn_pattern"]
+        unavailable[p + "attn_pattern"] = (f"the tower's attention has parts ({', '.join(parts)}) beyond qkv and proj, "
+                                           f"which the pattern's eager recomputation does not know")
+    return families, unavailable
 
 
 def vision_sizes(inputs, k: int = 1) -> dict[str, int]:

@@ -25,7 +25,7 @@ from crosspatch.sites.catalog import Catalog
 from .inputs import pixels_with
 from .language import language_families
 from .llava import install_output_recorders
-from .qwen2_vision import NOT_SERVED, vision_families
+from .qwen2_vision import vision_families
 
 __all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_inputs"]
 
@@ -42,8 +42,9 @@ def is_served(model: nn.Module) -> bool:
 
 def catalog(model: nn.Module) -> Catalog:
     install_output_recorders(model)
+    vision, vision_unavailable = vision_families(model)
     families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
-    return Catalog(vision_families(model) + families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
+    return Catalog(vision + families, type(model).__name__, unavailable={**vision_unavailable, **unavailable})
 
 
 def _token(model: nn.Module) -> int:

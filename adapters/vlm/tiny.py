@@ -1,6 +1,7 @@
 """Tiny random vision-language models built from configs (no downloads): ``crosspatch verify --config llava``
 and the tests use them. Each has two vision blocks (16 patches of a 16 x 16 image), a projector, and a
-two-block language model with grouped-query attention (4 query heads on 2 key/value heads)."""
+two-block language model with grouped-query attention (4 query heads on 2 key/value heads). :func:`tiny_vlm`
+builds any image-text-to-text model type of transformers from its shrunk default config (the coverage table's)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def tiny_vlm(model_type: str, seed: int = 0, vision: dict | None = None) -> nn.M
     """A tiny random model of any image-text-to-text ``model_type``: the config class's defaults shrunk as for
     language models (:func:`crosspatch.adapters.transformers.tiny.tiny_config`, which shrinks the text and
     vision sub-configs too), with the special-token ids moved inside the shrunk text vocabulary; ``vision``
-    overrides fields of the vision config (Qwen2.5-VL's ``window_size``)."""
+    overrides fields of the vision config (Qwen2.5-VL's ``window_size``). Weight matrices the model
+    initialises to 0 get small random values, so that every site can reach the output."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -94,7 +96,12 @@ def tiny_vlm(model_type: str, seed: int = 0, vision: dict | None = None) -> nn.M
     for key, value in (vision or {}).items():
         setattr(config.vision_config, key, value)
     torch.manual_seed(seed)
-    return cls(config).eval()
+    model = cls(config).eval()
+    with torch.no_grad():  # weight matrices initialised to 0 (Gemma 3's projection) would cut the image off the text
+        for p in model.parameters():
+            if p.ndim >= 2 and not bool(p.any()):
+                p.normal_(0.0, 0.02)
+    return model
 
 
 def _fit_to_text(config, text) -> None:
