@@ -346,6 +346,9 @@ def localize(
         }
 
     forwards = _total(cost)
+    # What the exhaustive sweep of the finest level would cost, counted the same way (no forward: the verifier's
+    # clean and corrupt runs say which sites it would skip); None when nothing was verified.
+    sweep_forwards = 2 + verifier[0].runs([u.site for u in finest]) if verifier else None
     metadata = {
         "method": "localize",
         "metric": metric.name,
@@ -362,6 +365,7 @@ def localize(
         "baseline": baseline,
         "n_prompts": pair.n,
         "forwards": forwards,
+        "sweep_forwards": sweep_forwards,
         "cost": dict(cost),
         "model": m.describe(),
         "adapter": m.adapter.name,

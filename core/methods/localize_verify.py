@@ -55,6 +55,15 @@ class Verifier:
             check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), pair.metric.name)
         self.forwards = 2
 
+    def runs(self, sites: Sequence[str]) -> int:
+        """How many of ``sites`` activation patching would run (the rest are skipped as unchanged); no forward.
+        ``2 + runs(every site of a sweep)`` is that sweep's forwards as localize counts them."""
+        m = self.pair.model
+        patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), self.pair.sizes).sites]
+        prefix = self.base.prefix
+        differs = first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
+        return sum(first is not None for first in differs)
+
     def patch(self, sites: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each site's effect (``activation_patching``'s value: the mean over prompts of the metric's change,
         divided by the gap with ``normalize``) and whether it was skipped as unchanged."""

@@ -277,6 +277,7 @@ def test_a_tenth_of_the_sweeps_forwards_on_a_deep_planted_model(monkeypatch):
     assert sweep_forwards == 2 + sweep.metadata["sites_run"] == 2 + 6 * 9 * 16
     loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.01, k=5)
     assert loc.forwards == sum(rows) / n
+    assert loc.metadata["sweep_forwards"] == sweep_forwards  # what localize says the sweep costs, without running it
     assert loc.forwards <= 0.10 * sweep_forwards
     truth = dict(zip(sweep.coords["site"], sweep.values.tolist()))
     top5 = sorted(truth, key=lambda s: -abs(truth[s]))[:5]
