@@ -297,7 +297,8 @@ def run_case(case: Case, ks: list[int], tol: float, cache: Path, methods: list[s
                 # (batched differently: measured up to 1.2e-6 of the gap with GPT-2's width and saturated heads)
                 assert abs(values[site] - truth[site]) <= 1e-5, (case.name, site, values[site], truth[site])
             # localize's own count of the sweep it spared, made without running it, is the sweep's measured count
-            assert loc.metadata["sweep_forwards"] in (full["forwards"], None), (case.name, loc.metadata["sweep_forwards"])
+            spared = loc.metadata["sweep_forwards"]
+            assert spared in (full["forwards"], None), (case.name, spared)
             found, ranks = planted_found(verified, truth, case.planted) if case.planted else (None, None)
             rows.append({**base, "method": method, "k": k, "recall": recall(truth, values, k),
                          "verified_recall": len(set(top(truth, k)) & verified) / k, "forwards": loc.forwards,
