@@ -72,7 +72,6 @@ test suite holds the default build to at least 0.9 on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -80,15 +79,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from crosspatch.results.tensor_folder import TensorFolder
 from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
-__all__ = ["ZOO_MODELS", "Recipe", "RECIPE", "CaptionSet", "build_shapes_clip", "load_shapes_clip",
+__all__ = ["ZOO_MODELS", "Recipe", "RECIPE", "CaptionSet", "build_shapes_clip", "load_shapes_clip", "save_shapes_clip",
            "combination_mask", "minimal_pairs", "model_config", "training_task", "zero_shot"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
+_FOLDER = TensorFolder(CONFIG_FILE, WEIGHTS_FILE, "an open_clip local-dir model")
 
 
 @dataclass(frozen=True)
@@ -392,19 +393,21 @@ def train(recipe: Recipe = RECIPE, *, seed: int = 0, steps: int | None = None, p
 
 def build_shapes_clip(folder: Path, settings: TrainSettings, recipe: Recipe | None = None) -> dict[str, Any]:
     """Train ``shapes-clip`` (with :data:`RECIPE` unless told) into an open_clip ``local-dir`` model in ``folder``."""
-    from safetensors.torch import save_file
-
     recipe = RECIPE if recipe is None else recipe
     model, _, metrics = train(recipe, seed=settings.seed, steps=settings.steps, progress=settings.progress)
+    save_shapes_clip(folder, model, recipe)
+    return metrics
+
+
+def save_shapes_clip(folder: Path, model: "open_clip.CLIP", recipe: Recipe) -> Path:  # noqa: F821
+    """Write a CLIP built from ``model_config(recipe)`` as an open_clip ``local-dir`` model in ``folder``."""
     config = {
         "model_cfg": model_config(recipe),
         "preprocess_cfg": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bicubic",
                            "resize_mode": "shortest"},
         "crosspatch": {"zoo": "shapes-clip", "task": "shapes", "note": "inputs are ShapesTask images as they are"},
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    return metrics
+    return _FOLDER.write(folder, config, model.state_dict())
 
 
 def load_shapes_clip(folder: Path | None) -> Loaded:

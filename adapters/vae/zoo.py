@@ -28,23 +28,27 @@ How training works, and why:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from crosspatch.results.tensor_folder import TensorFolder, write_json
 from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
-__all__ = ["ZOO_MODELS", "VAERecipe", "KLRecipe", "build_conv_vae", "load_conv_vae", "build_kl_vae", "load_kl_vae"]
+if TYPE_CHECKING:
+    from .models import ConvVAE
+
+__all__ = ["ZOO_MODELS", "VAERecipe", "KLRecipe", "build_conv_vae", "load_conv_vae", "save_conv_vae", "build_kl_vae",
+           "load_kl_vae"]
 
 logger = logging.getLogger(__name__)
 
 _CONFIG = "crosspatch_vae.json"
-_WEIGHTS = "model.safetensors"
+_CONV_FOLDER = TensorFolder(_CONFIG, "model.safetensors", "a ConvVAE", sort_keys=True)
 _ACTIVE_NATS = 0.1
 
 
@@ -133,10 +137,6 @@ def _lr_lambda(steps: int):
     return at
 
 
-def _write_config(folder: Path, payload: dict) -> None:
-    (folder / _CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
-
-
 # ------------------------------------------------------------------ ConvVAE (plain torch)
 
 
@@ -144,7 +144,6 @@ def build_conv_vae(folder: Path, settings: TrainSettings, recipe: VAERecipe = VA
     """Train a ConvVAE β-VAE into ``folder`` (``model.safetensors`` + ``crosspatch_vae.json``)."""
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
 
     from crosspatch.progress import progress_bar
 
@@ -175,8 +174,7 @@ def build_conv_vae(folder: Path, settings: TrainSettings, recipe: VAERecipe = VA
         seconds = time.perf_counter() - start
         model.eval()
         metrics = _conv_metrics(model, task, recipe, settings.seed, steps)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / _WEIGHTS))
-    _write_config(folder, {"kind": "conv_vae", "model": model.config, "recipe": asdict(recipe)})
+    save_conv_vae(folder, model, recipe)
     metrics.update({"task": "shapes", "beta": recipe.beta, "steps": steps, "batch_size": recipe.batch_size,
                     "train_seconds": round(seconds, 2), "parameters": sum(p.numel() for p in model.parameters()),
                     "pixel_range": [0.0, 1.0]})
@@ -198,19 +196,23 @@ def _conv_metrics(model, task, recipe: VAERecipe, seed: int, steps: int) -> dict
     return out
 
 
+def save_conv_vae(folder: Path, model: "ConvVAE", recipe: VAERecipe) -> Path:
+    """Write a ConvVAE trained by ``recipe`` as a zoo folder (``model.safetensors`` + ``crosspatch_vae.json``)."""
+    return _CONV_FOLDER.write(folder, {"kind": "conv_vae", "model": model.config, "recipe": asdict(recipe)},
+                              model.state_dict())
+
+
 def load_conv_vae(folder: Path | None) -> Loaded:
     """A ConvVAE zoo folder -> ``Loaded`` (the model in eval mode, no tokenizer)."""
-    from safetensors.torch import load_file
-
     from .models import ConvVAE
 
     if folder is None:
         raise ValueError("ConvVAE zoo models load from the folder their build wrote")
-    config = json.loads((Path(folder) / _CONFIG).read_text(encoding="utf-8"))
+    config, tensors = _CONV_FOLDER.read(folder)
     spec = dict(config["model"])
     spec["channels"] = tuple(spec["channels"])
     model = ConvVAE(**spec)
-    model.load_state_dict(load_file(str(Path(folder) / _WEIGHTS)))
+    model.load_state_dict(tensors)
     return Loaded(model.eval(), None, {"beta": config["recipe"]["beta"], "pixel_range": [0.0, 1.0]})
 
 
@@ -270,7 +272,7 @@ def build_kl_vae(folder: Path, settings: TrainSettings, recipe: KLRecipe = KLRec
                     metrics["kl_per_latent"] = [round(float(v), 4) for v in kl]
                     metrics["active_latents"] = int((kl > _ACTIVE_NATS).sum())
     vae.save_pretrained(folder, safe_serialization=True)
-    _write_config(folder, {"kind": "autoencoder_kl", "recipe": asdict(recipe)})
+    write_json(folder / _CONFIG, {"kind": "autoencoder_kl", "recipe": asdict(recipe)}, sort_keys=True)
     metrics.update({"task": "shapes", "beta": recipe.beta, "sigma": recipe.sigma, "steps": steps,
                     "batch_size": recipe.batch_size, "train_seconds": round(seconds, 2),
                     "parameters": sum(p.numel() for p in vae.parameters()), "pixel_range": [0.0, 1.0]})
