@@ -110,7 +110,7 @@ def run(setup: Setup, positions: int, repeats: int, peer_sites: int, only, unbat
 def report(rows: list[dict]) -> str:
     peer_names = list(dict.fromkeys(p for r in rows for p in r["peers"]))
     out = ["| size | sites (run) | floor (bare forwards) | bare forward | crosspatch | x floor | setup share | "
-           "one site per forward, x floor | " + " | ".join(f"{p}, x floor" for p in peer_names) + " |",
+           "one site per forward, x floor |" + "".join(f" {p}, x floor |" for p in peer_names),
            "|---|---|---|---|---|---|---|---|" + "---|" * len(peer_names)]
     for r in rows:
         s, t = r["setup"], r["times"]
@@ -119,7 +119,7 @@ def report(rows: list[dict]) -> str:
         cells = [f"{r['peers'][p]:.1f} s*, {r['peers'][p] / floor_s:.2f}" if p in r["peers"] else "-" for p in peer_names]
         out.append(
             f"| {s.label} | {r['sites']} ({r['run']}) | {r['floor']:.2f} | {t['bare'] * 1e3:.0f} ms | {t['crosspatch']:.2f} s | "
-            f"**{t['crosspatch'] / floor_s:.2f}** | {t['setup'] / t['crosspatch']:.0%} | {unb} | " + " | ".join(cells) + " |"
+            f"**{t['crosspatch'] / floor_s:.2f}** | {t['setup'] / t['crosspatch']:.0%} | {unb} |" + "".join(f" {c} |" for c in cells)
         )
     out.append("")
     out.append("\\* extrapolated: time per site on a sample of the sites x the sweep's sites (they run one whole "
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="32,128,512")
     parser.add_argument("--pairs", default="middle,first")
     parser.add_argument("--batch", type=int, default=1, help="prompts")
-    parser.add_argument("--positions", default="32,32,16", help="positions swept per seq (evenly spaced)")
+    parser.add_argument("--positions", default="32,16,8", help="positions swept per seq (evenly spaced)")
     parser.add_argument("--repeats", default="3,3,1", help="rounds per seq")
     parser.add_argument("--peer-sites", type=int, default=12)
     parser.add_argument("--unbatched-up-to", type=int, default=128, help="also time one site per forward up to this seq")
