@@ -98,6 +98,26 @@ def test_one_prompt_sweep_with_joins_equals_hooked_forwards(kind, monkeypatch):
         torch.testing.assert_close(got_values, torch.as_tensor(plain.values).reshape(want.shape), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind,pad,row", [("middle", "left", 1), ("first", "right", 0), ("zero", None, 0)])
+def test_one_padded_prompt_or_a_pair_differing_at_position_0_joins_rows_exactly(kind, pad, row):
+    """A single prompt padded on either side (its one-row mask broadcasts over the joined rows), and a pair that
+    differs at position 0 (every batch resumes at position 0): equal to hand-hooked forwards."""
+    model = randomize(tiny_gpt2(n_layer=4, initializer_range=0.3))
+    m = cp.wrap(model)
+    clean, corrupt = _pair("first" if kind == "zero" else kind, pad)
+    clean, corrupt = ({k: v[row : row + 1] for k, v in x.items()} for x in (clean, corrupt))
+    if kind == "zero":
+        corrupt["input_ids"][:, 0] = corrupt["input_ids"][:, 0] % 99 + 1
+    assert pad is None or not clean["attention_mask"].all()  # the prompt is padded
+    mask = clean["attention_mask"]
+    answer = clean["input_ids"][0, (mask[0] * torch.arange(LENGTH)).argmax()].reshape(1)
+    metric = cp.metrics.logit_diff(answer, answer % 99 + 1)
+    want = _naive(model, clean, corrupt, answer, answer % 99 + 1, "resid_pre")
+    got = cp.activation_patching(m, clean, corrupt, "resid_pre.*[pos=*]", metric, progress=False)
+    assert want.abs().max() > 0.05
+    torch.testing.assert_close(torch.as_tensor(got.values).reshape(want.shape), want, atol=1e-5, rtol=0)
+
+
 def test_join_plan_covers_every_site_once_and_costs_no_recomputed_blocks():
     m = cp.wrap(tiny_gpt2(n_layer=4))
     catalog = m.catalog
