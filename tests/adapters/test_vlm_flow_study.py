@@ -21,7 +21,7 @@ from crosspatch.methods.vlm_flow import cross_modal_flow  # noqa: E402
 from crosspatch.sites.selection import group_patterns  # noqa: E402
 from crosspatch.sites.site import Site, SiteError  # noqa: E402
 
-SMALL = replace(vlm_zoo.RECIPE, text_layers=3, batch_size=48, pool=2000)
+SMALL = replace(vlm_zoo.RECIPE, text_layers=3, batch_size=48, pool=2000, tower_steps=20)
 
 
 @pytest.fixture(scope="module")
