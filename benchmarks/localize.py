@@ -166,7 +166,7 @@ def counting(case: Case):
             resume, grad = kwargs.get("resume"), kwargs.get("grad", False)
             blocks = layers - (resume.layer if resume is not None else 0)
             positions = length - (resume.pos if resume is not None else 0)
-            units = (3 if grad else 1) * blocks * (FORWARD_OVERHEAD_TOKENS + rows * positions)
+            units = (3 if grad else 1) * call_units(rows, blocks, positions, layers, resume)
             count.calls += 1
             count.units += units
             part = count.phase or ("estimates" if _name in ESTIMATES else "baselines")
@@ -191,6 +191,17 @@ def counting(case: Case):
         Verifier.patch = real_patch
         for module, real in patched:
             module.execute = real
+
+
+def call_units(rows: int, blocks: int, positions: int, layers: int, resume) -> int:
+    """One engine call under the cost model: every block it runs costs the overhead plus its token rows; rows that
+    join the run part-way (``Resume.joins``, one-prompt sweeps) count only from their own block on."""
+    joins = resume.joins if resume is not None else ()
+    joined = resume.joined if resume is not None else 0
+    units = blocks * (FORWARD_OVERHEAD_TOKENS + (rows - joined) * positions)
+    for key, copies in joins:
+        units += copies * resume.prefix.rows * positions * (layers - int(key.split(".")[1]))
+    return units
 
 
 def _ids(inputs) -> torch.Tensor:
@@ -474,7 +485,8 @@ def write(rows: list[dict], args) -> None:
         "localize's rounds batch their own sites the same way), and cost-model forwards (every call costed by "
         "the engine's batching model, blocks run x (overhead + token rows computed), a gradient call three "
         "times, in whole forwards of the prompts; a resumed run counts only the blocks and positions it "
-        "computes, so a site late in the model or the sequence is cheap for both). Fixed part: the estimates, "
+        "computes, so a site late in the model or the sequence is cheap for both; rows joining a one-prompt run at "
+        "their own block count from that block on, for both). Fixed part: the estimates, "
         "the clean and corrupt runs and the layer-level anchor, which localize spends before the estimates "
         "choose anything. Planted heads found: of the planted heads, how many have their strongest "
         "(component, position) site, by the exhaustive sweep, verified (their ranks in the sweep are in the "

@@ -309,3 +309,32 @@ def test_plain_atp_estimates_are_additive_so_a_parents_unexplained_part_is_its_o
     gaps = [abs(star_est[f"mlp_out.{layer}"] - sum(star_est[f"mlp_out.{layer}[pos={p}]"] for p in range(8)))
             for layer in range(2)]
     assert max(gaps) > 1e-3 * scale  # GradDrop's scores are not additive (the last layer's equal AtP's)
+
+
+def test_one_prompt_verification_joins_rows_at_their_block_and_keeps_the_values(monkeypatch):
+    """With one prompt a verification round's later sites join its forward at their own block, as the sweep's do;
+    the verified values stay activation patching's, with joins and without."""
+    m, clean, corrupt, _ = _planted(n_layer=4)
+    clean, corrupt = clean[:1], corrupt[:1]
+    with torch.no_grad():
+        moved = m.module(clean).logits[:, -1] - m.module(corrupt).logits[:, -1]
+    metric = cp.metrics.logit_diff(moved.argmax(-1), moved.argmin(-1))
+    verify = importlib.import_module("crosspatch.methods.localize_verify")
+    joined = []
+
+    def spy(module_, adapter, catalog, inputs, *args, _real=verify.execute, **kwargs):
+        resume = kwargs.get("resume")
+        if resume is not None and resume.joins:
+            joined.append(resume.joined)
+        return _real(module_, adapter, catalog, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "execute", spy)
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0)  # every site of every level verified
+    assert joined and sum(joined) > len(joined)  # rows joined part-way, several a forward
+    ap = importlib.import_module("crosspatch.methods.activation_patching")
+    for flag in (True, False):
+        monkeypatch.setattr(ap, "JOIN_ROWS", flag)
+        for pattern, res in loc.sweeps.items():
+            exact = cp.activation_patching(m, clean, corrupt, pattern, metric, normalize=True, progress=False)
+            close(res.values, exact.values)
+            assert np.array(res.metadata["skipped"]).tolist() == exact.skipped.tolist()
