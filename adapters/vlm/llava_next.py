@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, "anyres"): each image is run as a resized whole image plus
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, "anyres"; LLaVA-OneVision packs the same way): each image is run as a resized whole image plus
 a grid of crops at the tower's size, chosen from ``image_grid_pinpoints`` by the image's size; the crops'
 features are stitched into one grid, the padding cut off, and a newline token added after each grid row.
 
@@ -12,6 +12,7 @@ families, whose batch is the rows, are not served.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -63,10 +64,19 @@ def token_sources(model: nn.Module, image_size: tuple[int, int]) -> torch.Tensor
     n = crops(model, image_size)
     fake = torch.cat([torch.full((1, side * side, 1), float(BASE)),
                       torch.arange(n, dtype=torch.float).view(n, 1, 1).expand(n, side * side, 1)])
-    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-    packed, _ = model.model.pack_image_features([fake], torch.tensor([list(image_size)]), strategy,
-                                                image_newline=torch.tensor([float(NEWLINE)]))
-    return packed[0][:, 0].round().long()  # a list: one packed tensor per image
+    pack = model.model.pack_image_features
+    options = {"image_newline": torch.tensor([float(NEWLINE)])}
+    wanted = inspect.signature(pack).parameters
+    if "vision_feature_select_strategy" in wanted:  # LLaVA-NeXT
+        options["vision_feature_select_strategy"] = getattr(model.config, "vision_feature_select_strategy", "default")
+    if "vision_aspect_ratio" in wanted:  # LLaVA-OneVision
+        options["vision_aspect_ratio"] = getattr(model.config, "vision_aspect_ratio", "anyres_max_9")
+    packed, _ = pack([fake], torch.tensor([list(image_size)]), **options)
+    labels = packed[0][:, 0]  # a list: one packed tensor per image
+    if bool(((labels - labels.round()).abs() > 1e-6).any()):
+        raise NotImplementedError(f"{type(model).__name__} resamples the crop grid of a {list(image_size)} image, so its "
+                                  f"image tokens do not each come from one crop; crop groups are not served for it")
+    return labels.round().long()
 
 
 def crop_groups(model: nn.Module, ids: torch.Tensor, image_sizes: torch.Tensor, token: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 import crosspatch as cp
 from crosspatch.adapters.vlm import VLMAdapter, llava_next
-from crosspatch.adapters.vlm.tiny import IMAGE_TOKEN, tiny_model
+from crosspatch.adapters.vlm.tiny import tiny_model, tiny_vlm
 from crosspatch.engine.knockout import Knockout, bind
 from crosspatch.sites.site import SiteError
 from crosspatch.testing import assert_conforms
@@ -16,20 +16,27 @@ from crosspatch.testing import assert_conforms
 from conftest import randomize
 
 
-@pytest.fixture(scope="module")
-def m():
-    return cp.wrap(randomize(tiny_model("llava_next")).double(), VLMAdapter())
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def m(request):
+    """LLaVA-NeXT (16-pixel crops, grids 1 x 2, 2 x 1, 2 x 2) and LLaVA-OneVision (built from its shrunk config:
+    32-pixel crops, the same grids), which packs its crops the same way."""
+    model = tiny_model("llava_next") if request.param == "llava_next" else tiny_vlm("llava_onevision")
+    return cp.wrap(randomize(model).double(), VLMAdapter())
 
 
-def inputs(m, size=(16, 32), seed=0, rows=2) -> dict:
-    """``[bos, image tokens, 5 words]`` per row, one image of ``size`` per row (its crops and the whole image)."""
+def inputs(m, size=(1, 2), seed=0, rows=2) -> dict:
+    """``[bos, image tokens, 5 words]`` per row, one image of ``size`` (in crops of the tower's size) per row."""
+    side = m.module.config.vision_config.image_size
+    size = tuple(int(v * side) for v in size)
     n = len(llava_next.token_sources(m.module, size))
     crops = llava_next.crops(m.module, size)
+    token = m.module.config.image_token_id
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, n), IMAGE_TOKEN),
-                     torch.randint(3, 60, (rows, 5), generator=g)], dim=1)
+    words = torch.randint(3, 60, (rows, 5), generator=g)
+    words[words == token] = 3
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), torch.full((rows, n), token), words], dim=1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_sizes": torch.tensor([list(size)] * rows),
-            "pixel_values": torch.randn(rows, 1 + crops, 3, 16, 16, generator=g, dtype=torch.float64)}
+            "pixel_values": torch.randn(rows, 1 + crops, 3, side, side, generator=g, dtype=torch.float64)}
 
 
 def test_conforms(m):
@@ -40,11 +47,11 @@ def test_conforms(m):
         m.sites().family("projector_out")
 
 
-@pytest.mark.parametrize("size", [(16, 32), (12, 32), (32, 32)])
+@pytest.mark.parametrize("size", [(1, 2), (0.75, 2), (2, 2)])
 def test_crop_groups_are_where_each_crop_lands(m, size):
     """Changing the pixels of the whole image (slot 0) or of crop c (slot 1 + c) changes ``embed`` exactly at
-    ``image_base`` or ``crop<c>``; newlines never. (12, 32) is cut to a 1 x 2 grid with padding rows unpadded
-    away; (32, 32) is a 2 x 2 grid."""
+    ``image_base`` or ``crop<c>``; newlines never. An image 0.75 x 2 crops is cut to a 1 x 2 grid with padding
+    rows unpadded away; 2 x 2 is a 2 x 2 grid."""
     raw = inputs(m, size)
     base = m.prepare(raw)
     plain = m.run(base, capture=["embed"]).cache["embed"]
@@ -79,6 +86,6 @@ def test_knocking_out_a_crop_hides_it_from_the_text(m):
 def test_inputs_of_another_shape_are_refused(m):
     raw = inputs(m)
     with pytest.raises(ValueError, match="one image per row"):
-        m.prepare({**raw, "image_sizes": torch.tensor([[16, 32], [32, 16]])})
-    with pytest.raises(ValueError, match="image tokens"):
-        m.prepare({**raw, "image_sizes": torch.tensor([[32, 32], [32, 32]])})
+        m.prepare({**raw, "image_sizes": torch.stack([raw["image_sizes"][0], raw["image_sizes"][1].flip(0)])})  # 1 x 2, 2 x 1
+    with pytest.raises(ValueError, match="image tokens"):  # 2 x 2 crops: more image tokens than the rows hold
+        m.prepare({**raw, "image_sizes": raw["image_sizes"].amax(-1, keepdim=True).expand(-1, 2)})
