@@ -365,8 +365,9 @@ def load_shapes_vlm(folder: Path | None) -> Loaded:
 ZOO_MODELS: list[ZooModel] = [
     ZooModel(
         name=NAME,
-        description="tiny LLaVA (CLIP tower, 8-layer Llama, d_model 64) trained here to answer colour, shape and "
-                    "left questions about shapes images; tested on held-out shape-colour combinations",
+        description="tiny LLaVA (CLIP tower pretrained here and frozen, 8-layer Llama, d_model 64) trained here to "
+                    "answer colour, shape and left questions about shapes images; tested on held-out shape-colour "
+                    "combinations",
         adapter="vlm",
         task="shapes",
         build=build_shapes_vlm,
