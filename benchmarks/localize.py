@@ -15,7 +15,7 @@ query weights by 30, so their attention saturates and AtP's gradients through it
 spot). The metric is each prompt's logit difference between the tokens the corruption raises most and
 least at the last position; values are normalised by the clean-corrupt gap.
 
-    python benchmarks/localize.py                       # small and gpt2 geometries, zoo models: localize.md
+    python benchmarks/localize.py                       # small, gpt2 and one-prompt small1, zoo models: localize.md
     python benchmarks/localize.py --geometries small --seeds 0 1 --out /tmp/localize.md
     python benchmarks/localize.py --render              # localize.md again from the last run's rows
     python benchmarks/localize.py --geometries small --seeds 0 --zoo --tracr --methods localize --out /tmp/l.md
@@ -48,6 +48,7 @@ FINE = level_patterns("component_pos")  # head_out.*[pos=*,head=*], mlp_out.*[po
 GEOMETRIES = {  # layers, heads, d_model, tokens, prompts
     "small": (6, 8, 128, 24, 8),
     "gpt2": (12, 12, 768, 24, 8),  # GPT-2 small's depth, heads and width (vocabulary 512)
+    "small1": (6, 8, 128, 24, 1),  # one prompt: the sweep's and the verification's later sites join at their block
 }
 PLANTED = 3
 
@@ -364,9 +365,10 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--geometries", nargs="*", default=["small", "gpt2"], choices=list(GEOMETRIES))
+    parser.add_argument("--geometries", nargs="*", default=["small", "gpt2", "small1"], choices=list(GEOMETRIES))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(range(12)))
     parser.add_argument("--gpt2-seeds", nargs="*", type=int, default=[0, 1])
+    parser.add_argument("--small1-seeds", nargs="*", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--zoo", nargs="*", default=["ioi-gpt2-tiny"])
     parser.add_argument("--tracr", nargs="*", default=["reverse", "frac_prevs", "hist"])
     parser.add_argument("--ks", nargs="*", type=int, default=[5, 10, 20])
@@ -376,7 +378,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "localize.md")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--render", action="store_true", help="rewrite --out from the last run's rows in --cache")
+    parser.add_argument("--no-verify-joins", action="store_true",
+                        help="localize's verification without joined rows (as before; the sweep still joins)")
     args = parser.parse_args()
+    if args.no_verify_joins:
+        importlib.import_module("crosspatch.methods.localize_verify").JOIN_ROWS = False
     if args.render:
         write(json.loads((args.cache / "rows.json").read_text()), args)
         return
@@ -386,7 +392,8 @@ def main() -> None:
     cases = [lambda name=name: zoo_case(name) for name in args.zoo]
     cases += [lambda p=program: tracr_case(p) for program in args.tracr]
     for geometry in args.geometries:
-        for seed in (args.gpt2_seeds if geometry == "gpt2" else args.seeds):
+        seeds = {"gpt2": args.gpt2_seeds, "small1": args.small1_seeds}.get(geometry, args.seeds)
+        for seed in seeds:
             for saturated in (False, True):
                 cases.append(lambda g=geometry, s=seed, sat=saturated: planted_case(g, s, sat))
     for make in cases:
@@ -492,6 +499,10 @@ def write(rows: list[dict], args) -> None:
         "(component, position) site, by the exhaustive sweep, verified (their ranks in the sweep are in the "
         "last column of every case: a planted head's site ranked below k need not be). Seconds are wall clock "
         "on a shared 2-core machine, the exhaustive sweep's from the run that cached it: indicative only. "
+        "Planted models (`small`, `gpt2`, `small1`): random GPT-2s with three planted heads, 6 layers x 8 heads x "
+        "d 128 and GPT-2 small's 12 x 12 x 768, 8 prompts of 24 tokens corrupted at position 8; `small1` is the "
+        "6-layer geometry on one prompt, where the sweep's and localize's verification forwards let their later "
+        "sites join at their own block (`--no-verify-joins` measures localize verifying without). "
         "Targets: recall >= 0.95 at <= 10 % of the exhaustive sweep's forwards, or at most the fixed part where "
         "that is larger; the same 10 % in cost-model forwards. The rule, the count, what the "
         "method can miss and a reading of these numbers: `docs/localize.md`.",

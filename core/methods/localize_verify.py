@@ -31,6 +31,10 @@ __all__ = ["Verifier"]
 
 # The module, not the function the package exports under its name: its planning switches are read at each call.
 _ap = import_module(".activation_patching", __package__)
+# With one prompt a round's later sites join its forward at their own block, as the sweep's do (when the sweep
+# joins: activation_patching.JOIN_ROWS). False: every site of a batch runs from the batch's first block (for
+# measuring what joining saves).
+JOIN_ROWS = True
 
 
 class Verifier:
@@ -83,7 +87,7 @@ class Verifier:
             # as activation_patching plans a CPU sweep: sites sharing a start batched, and with one prompt a
             # batch's later sites joining its forward at their own block
             per_forward, tokens = max(1, len(todo)), _ap.CPU_TOKENS_PER_FORWARD
-            join_at = "resid_pre" if _ap.JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
+            join_at = "resid_pre" if JOIN_ROWS and _ap.JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
         effects = torch.zeros(len(patched), dtype=torch.float64)
         patch = Patch(self.source)
         for members, resume in resume_chunks([patched[i] for i in todo], m.catalog, prefix, per_forward, tokens,
