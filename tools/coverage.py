@@ -114,6 +114,8 @@ def measure_vlm(model_type: str) -> dict:
         return done(outcome="not run", why=f"the vlm adapter refuses it: {_one_line(exc)}")
     try:
         inputs = adapter.example_inputs(model)
+        if "image_sizes" in inputs:  # anyres (LLaVA-NeXT): the tower's families over the whole image and its crops
+            adapter = VLMAdapter(images_per_row=int(inputs["pixel_values"].shape[1]))
         with torch.no_grad():
             adapter.forward(model, adapter.prepare(model, inputs))
     except Exception as exc:
@@ -204,7 +206,8 @@ def _run_all(jobs: list[tuple[str, str]], timeout: float, log: Path | None = Non
 VLM_NOTE = (
     "Vision-language models, verified with the vlm adapter (`crosspatch.adapters.vlm`) on its example inputs: "
     "one image per row at the vision config's size (LLaVA-NeXT: one tower size high and two wide, its whole "
-    "image and two crops), the image tokens, then text. *per-head*: the conformance "
+    "image and two crops, with `images_per_row=3` so that the tower is served over them), the image tokens, then "
+    "text. *per-head*: the conformance "
     "suite and the oracles pass, and both the language model's `head_out` and the vision tower's "
     "`vision.head_out` are exact; *heads not all exact*: everything served passes, but a head family is not "
     "served; *failing*: a served family fails a check; *not run*: the vlm adapter claims the layout but refuses "

@@ -61,14 +61,11 @@ class VLMAdapter(Adapter):
                 f"{type(model).__name__} is not one"
             )
         k = self.images_per_row
-        if k > 1 and _kind(model) is llava_next:
-            raise AdapterError(f"several images per row are served for LLaVA-style models and Qwen2-VL; "
-                               f"{type(model).__name__} takes one image per row (VLMAdapter(images_per_row=1))")
         per_model = _CATALOGS.setdefault(model, {})
         if 1 not in per_model:
             per_model[1] = _kind(model).catalog(model)
-        if k not in per_model:
-            per_model[k] = several.with_images(per_model[1], k)
+        if k not in per_model:  # LLaVA-NeXT: k tower images a row are the whole image and its crops
+            per_model[k] = llava_next.crop_catalog(model, k) if _kind(model) is llava_next else several.with_images(per_model[1], k)
         return per_model[k]
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
@@ -98,7 +95,8 @@ class VLMAdapter(Adapter):
             types = qwen2_vl.token_types(model, ids) if types is None else torch.as_tensor(types)
             out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
         elif llava_next.is_anyres(model):
-            out.update(llava_next.prepare_images(model, inputs, ids.shape[0], device, llava.pixel_dtype(model)))
+            out.update(llava_next.prepare_images(model, inputs, ids.shape[0], device, llava.pixel_dtype(model),
+                                                 self.images_per_row))
         elif pixels is not None:
             pixels = llava.prepare_pixels(model, torch.as_tensor(pixels), ids.shape[0], self.images_per_row)
             out["pixel_values"] = pixels.to(device=device, dtype=llava.pixel_dtype(model))
@@ -123,7 +121,7 @@ class VLMAdapter(Adapter):
         if qwen2_vl.is_served(model):
             return model(**qwen2_vl.model_inputs(inputs), use_cache=False, return_dict=True)
         kwargs = {k: v for k, v in inputs.items() if k in _MODEL_KEYS}
-        if self.images_per_row > 1 and not llava.images_per_row_axis(model):  # the processor's [rows * k, 3, H, W]
+        if self.images_per_row > 1 and _kind(model) is llava and not llava.images_per_row_axis(model):  # [rows * k, 3, H, W]
             kwargs["pixel_values"] = kwargs["pixel_values"].flatten(0, 1)
         return model(**kwargs, use_cache=False, return_dict=True)
 
@@ -158,7 +156,7 @@ class VLMAdapter(Adapter):
     # -- verification: crosspatch verify ----------------------------------------------------------
 
     def example_inputs(self, model: nn.Module) -> Any:
-        if self.images_per_row > 1:
+        if self.images_per_row > 1 and _kind(model) is not llava_next:
             return _kind(model).example_inputs(model, images=self.images_per_row)
         return _kind(model).example_inputs(model)
 
@@ -180,7 +178,8 @@ class VLMAdapter(Adapter):
         last_vision = families["vision.head_out"].layers - 1 if "vision.head_out" in families else 0
         sites = {"vision.head_out": (f"vision.head_out.{last_vision}", last_vision), "head_out": ("head_out.0", 0)}
         sites = {name: site for name, site in sites.items() if name in families}  # the LM or the tower may be unserved
-        merged = ["embed", "projector_out"] if "projector_out" in families else []
+        # LLaVA-NeXT packs the projected crops (unpadded, with newlines), so embed there is not projector_out
+        merged = ["embed", "projector_out"] if "projector_out" in families and _kind(model) is not llava_next else []
         projections = {name: _projection(m.catalog.family(name).reach, layer) for name, (_, layer) in sites.items()}
         outputs: dict[str, torch.Tensor] = {}
         with temporarily() as changes:

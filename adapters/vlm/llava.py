@@ -95,7 +95,8 @@ _TOKENS: "weakref.WeakKeyDictionary[nn.Module, torch.Size]" = weakref.WeakKeyDic
 def _projected_shape(model: nn.Module) -> torch.Size:
     """The projector's output for one image at the config's size, measured once per model (transformers'
     ``get_image_features``): it says how many image tokens an image gives whatever the projector does
-    (drop the class token, Idefics3's pixel shuffle, Gemma 3's pooling, a 2-d grid of tokens ...)."""
+    (drop the class token, Idefics3's pixel shuffle, Gemma 3's pooling, a 2-d grid of tokens ...). For
+    anyres models (LLaVA-NeXT) it is the tokens of one crop, before the model packs the crops."""
     found = _TOKENS.get(model)
     if found is None:
         projector = parts(model)[1]
@@ -105,11 +106,26 @@ def _projected_shape(model: nn.Module) -> torch.Size:
         seen: list[torch.Size] = []
         with temporarily() as changes, torch.no_grad():
             changes.forward_hook(projector, lambda module, args, output: seen.append(output.shape))
-            model.model.get_image_features(pixel_values=pixels.unsqueeze(1) if images_per_row_axis(model) else pixels)
+            if getattr(model.config, "image_grid_pinpoints", None) is not None:  # anyres: the tower's batch is the crops
+                n = 1 + anyres_crops(model, image_hw(model))
+                model.model.get_image_features(pixel_values=pixels.unsqueeze(1).expand(1, n, *pixels.shape[1:]),
+                                               image_sizes=torch.tensor([image_hw(model)]))
+            else:
+                model.model.get_image_features(pixel_values=pixels.unsqueeze(1) if images_per_row_axis(model) else pixels)
         if not seen:
             raise NotImplementedError(f"{type(model).__name__}'s image features do not pass through its projector")
         found = _TOKENS[model] = seen[-1]
     return found
+
+
+def anyres_crops(model: nn.Module, image_size: tuple[int, int]) -> int:
+    """How many crops an anyres model (LLaVA-NeXT) cuts an image of ``image_size`` (height, width) into, the whole
+    image not counted: the grid transformers picks from ``image_grid_pinpoints``."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    rows, columns = get_anyres_image_grid_shape(list(image_size), model.config.image_grid_pinpoints,
+                                                model.config.vision_config.image_size)
+    return int(rows) * int(columns)
 
 
 def image_tokens(model: nn.Module) -> int:
@@ -148,7 +164,9 @@ def feature_blocks(model: nn.Module) -> int:
     return used
 
 
-def catalog(model: nn.Module) -> Catalog:
+def catalog(model: nn.Module, example=None) -> Catalog:
+    """``example`` gives the whole model's inputs (for the in-context proof of ``attn_pattern``); default
+    :func:`example_inputs`."""
     tower, projector, lm = parts(model)
     install_output_recorders(model)
     config = model.config
@@ -168,7 +186,7 @@ def catalog(model: nn.Module) -> Catalog:
                    ModuleOutput(projector, "") if len(_projected_shape(model)) == 3 else TokenGrid(projector),
                    doc="projected image features, one per image token (before they replace the image-token embeddings)"),
     ]
-    text, unavailable = language_families(model, lm, lambda: example_inputs(model))
+    text, unavailable = language_families(model, lm, example or (lambda: example_inputs(model)))
     families += text
     return Catalog(families, type(model).__name__, unavailable=unavailable)
 

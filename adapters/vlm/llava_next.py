@@ -7,7 +7,8 @@ image of one size (so every row has the same crops and image tokens). The langua
 served as for LLaVA, with groups that say which image token comes from where (:func:`crop_groups`):
 ``image_base`` (the whole image), ``crop0`` ... (each crop, in raster order over the grid) and
 ``image_newline``. The tower runs ``rows * (1 + crops)`` images, so the ``vision.*`` and ``projector_out``
-families, whose batch is the rows, are not served.
+families, whose batch is the rows, are not served; with ``VLMAdapter(images_per_row=1 + crops)`` they are,
+over ``[rows, image, ...]`` (``image=0`` the whole image, ``image=c + 1`` crop ``c``: :func:`crop_catalog`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from torch import nn
 
 from crosspatch.sites.catalog import Catalog
 
+from . import several
 from .inputs import pixels_with
 from .language import language_families
+from .llava import anyres_crops, install_output_recorders
+from .llava import catalog as llava_catalog
 
 __all__ = ["is_anyres", "catalog", "token_sources", "crop_groups", "prepare_images", "example_inputs", "NOT_SERVED"]
 
@@ -39,20 +43,21 @@ def is_anyres(model: nn.Module) -> bool:
 
 
 def catalog(model: nn.Module) -> Catalog:
-    from .llava import install_output_recorders
-
+    """The language model's families (the tower's batch is every crop: see :func:`crop_catalog` for them)."""
     install_output_recorders(model)
     families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
     return Catalog(families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
 
 
+def crop_catalog(model: nn.Module, k: int) -> Catalog:
+    """Every family, the tower's and the projector's over ``[rows, image, ...]``: ``k`` tower images a row, the
+    whole image (``image=0``) and ``k - 1`` crops (``image=c + 1`` is ``crop<c>``), for images of one size."""
+    return several.with_images(llava_catalog(model, lambda: example_inputs(model)), k)
+
+
 def crops(model: nn.Module, image_size: tuple[int, int]) -> int:
     """How many crops an image of ``image_size`` (height, width) is cut into (the whole image not counted)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-    rows, columns = get_anyres_image_grid_shape(list(image_size), model.config.image_grid_pinpoints,
-                                                model.config.vision_config.image_size)
-    return int(rows) * int(columns)
+    return anyres_crops(model, image_size)
 
 
 def token_sources(model: nn.Module, image_size: tuple[int, int]) -> torch.Tensor:
@@ -97,16 +102,20 @@ def crop_groups(model: nn.Module, ids: torch.Tensor, image_sizes: torch.Tensor, 
     return out
 
 
-def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device, dtype) -> dict[str, torch.Tensor]:
-    """``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` and ``image_sizes`` ``[rows, 2]``, one image per row of one size."""
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device, dtype,
+                   k: int = 1) -> dict[str, torch.Tensor]:
+    """``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` and ``image_sizes`` ``[rows, 2]``, one image per row of one
+    size (``1 + crops`` is ``k`` when the tower's families are served, ``k > 1``)."""
     found = pixels_with(inputs, "image_sizes", "LLaVA-NeXT", "[images, 2]")
     if found is None:
         return {}
     pixels, sizes = found
-    if pixels.ndim != 5 or pixels.shape[0] != rows or sizes.shape != (rows, 2) or bool((sizes != sizes[0]).any()):
+    if pixels.ndim != 5 or pixels.shape[0] != rows or sizes.shape != (rows, 2) or bool((sizes != sizes[0]).any()) or (
+            k > 1 and pixels.shape[1] != k):
         raise ValueError(
             f"pixel_values of shape {tuple(pixels.shape)} and image_sizes {sizes.tolist()} for {rows} rows; the vlm "
             f"adapter takes one image per row, all of one size: [rows, 1 + crops, 3, H, W] and [rows, 2]"
+            + (f", with 1 + crops = {k} (VLMAdapter(images_per_row={k}))" if k > 1 else "")
         )
     return {"pixel_values": pixels.to(device=device, dtype=dtype), "image_sizes": sizes.to(device)}
 

@@ -89,3 +89,28 @@ def test_inputs_of_another_shape_are_refused(m):
         m.prepare({**raw, "image_sizes": torch.stack([raw["image_sizes"][0], raw["image_sizes"][1].flip(0)])})  # 1 x 2, 2 x 1
     with pytest.raises(ValueError, match="image tokens"):  # 2 x 2 crops: more image tokens than the rows hold
         m.prepare({**raw, "image_sizes": raw["image_sizes"].amax(-1, keepdim=True).expand(-1, 2)})
+
+
+def test_the_tower_over_the_whole_image_and_its_crops(m):
+    """VLMAdapter(images_per_row=1 + crops) serves the tower and the projector over [rows, image, ...] (image 0 the
+    whole image, image c + 1 crop c): conformance and oracles; vision.resid_pre.1[image=i] is the tower run on that
+    crop alone; the merged embeddings at image_base and at crop<c> are projector_out[image=0] and [image=c + 1],
+    in order (a 1 x 2 grid: nothing unpadded)."""
+    raw = inputs(m)
+    k = raw["pixel_values"].shape[1]
+    adapter = VLMAdapter(images_per_row=k)
+    assert_conforms(m.module, raw, adapter)
+    assert all(why is None for _, why in adapter.family_oracles(m.module).values())
+    crops = cp.wrap(m.module, adapter)
+    inp = crops.prepare(raw)
+    cache = crops.run(inp, capture=["vision.resid_pre.1", "projector_out", "embed"]).cache
+    tower = m.module.model.vision_tower
+    for i in range(k):
+        with torch.no_grad():
+            alone = tower(pixel_values=inp["pixel_values"][1, i:i + 1], output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(cache["vision.resid_pre.1"][1, i], alone[0], rtol=0, atol=1e-12)
+    for i, name in enumerate(["image_base", "crop0", "crop1"]):
+        mask = inp["group." + name]
+        assert torch.equal(cache["embed"][mask].view(2, -1, cache["embed"].shape[-1]), cache["projector_out"][:, i])
+    with pytest.raises(ValueError, match="1 \\+ crops = 3"):
+        crops.prepare({**raw, "pixel_values": raw["pixel_values"][:, :2]})
