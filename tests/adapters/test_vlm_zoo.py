@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ pytest.importorskip("transformers")
 import crosspatch as cp  # noqa: E402
 from crosspatch.adapters.vlm import VLMAdapter  # noqa: E402
 from crosspatch.adapters.vlm import zoo as vlm_zoo  # noqa: E402
-from crosspatch.adapters.vlm.shapes_tower import random_colours, recolour  # noqa: E402
+from crosspatch.adapters.vlm.shapes_tower import probe_shape, random_colours, recolour  # noqa: E402
 from crosspatch.adapters.vlm.shapes_questions import IMAGE, QUESTIONS, shapes_prompts, shapes_tokenizer, vocabulary  # noqa: E402
 from crosspatch.zoo import store  # noqa: E402
 from crosspatch.zoo.tasks.shapes import ShapesTask  # noqa: E402
@@ -120,6 +121,31 @@ def test_pretrained_tower_is_frozen_while_the_language_model_trains():
     three, _, _ = vlm_zoo.train(loose, seed=1, steps=3, progress=False)
     a, b = (torch.cat([p.flatten() for p in m.model.vision_tower.parameters()]) for m in (one, three))
     assert not torch.equal(a, b)
+
+
+class _FixedFeatures(torch.nn.Module):
+    """A stand-in tower whose patch tokens are fixed functions of the pixels (what probe_shape reads)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, pixel_values, output_hidden_states=True, return_dict=True):
+        tokens = self.features(pixel_values)[:, None]  # one patch token
+        return SimpleNamespace(hidden_states=[torch.cat([torch.zeros_like(tokens), tokens], 1)])
+
+
+def test_shape_probe_tells_colour_from_shape_features():
+    """Oracles for the probe: features that see only the colour never name a held-out combination's shape (in
+    the train split each colour comes with other shapes only); features of the shape's coverage alone name it."""
+    colour_only = _FixedFeatures(lambda x: x.mean((2, 3)))
+    # the spectrum's magnitude of the coverage (brightest channel): colour-free and the same at every position
+    coverage = _FixedFeatures(lambda x: torch.fft.rfft2(x.amax(1)).abs().flatten(1))
+    by_colour = probe_shape(colour_only, vlm_zoo.RECIPE, n=300)
+    by_coverage = probe_shape(coverage, vlm_zoo.RECIPE, n=300)
+    # a colour-only reader gets at most 6 of 16 train combinations right (one shape per colour): about 0.375
+    assert by_colour["probe_test"] == 0.0 and 0.25 < by_colour["probe_train"] < 0.45
+    assert by_coverage["probe_test"] > 0.9 and by_coverage["probe_train"] > 0.9
 
 
 def _tiny_model(tok):
