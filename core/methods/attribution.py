@@ -50,6 +50,7 @@ AtP* (Kramár et al. 2024), what is implemented here:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -57,7 +58,8 @@ import torch
 from torch import nn
 
 from ..engine.adapter import repeat_rows
-from ..engine.forward import Bound, execute
+from ..engine.cache import Cache
+from ..engine.forward import Bound, Run, execute
 from ..engine.interventions import Intervention
 from ..results.metrics import Metric, MetricContext
 from ..engine.model import WrappedModel
@@ -68,7 +70,20 @@ from .pairs import check_gap, label_positions, prepare_pair, same_masks
 from .qk_fix import corrected_products, exact_patterns, qk_layers
 from .shared_prefix import capture_sharing_prefix, may_share
 
-__all__ = ["attribution_patching", "compare"]
+__all__ = ["attribution_patching", "compare", "BaseAndSource"]
+
+
+@dataclass
+class BaseAndSource:
+    """The base and source runs an attribution call made, for a caller that patches into the same runs
+    (:class:`~crosspatch.methods.localize_verify.Verifier`): ``base`` is the gradient forward's first row block,
+    detached, with its output at the metric's positions and its kept prefix; ``source`` the source run's captures
+    (before the first position where the inputs differ, the base run's values) and output (at the metric's
+    positions where the masks agree). Both caches hold the tapped keys."""
+
+    base: Run
+    source: Cache
+    source_output: torch.Tensor
 
 
 class _Tap(Intervention):
@@ -128,6 +143,7 @@ def attribution_patching(
     grad_drop_groups: Sequence[Sequence[str]] | None = None,
     normalize: bool = False,
     qk_fix: bool = False,
+    keep_runs: "list[BaseAndSource] | None" = None,
 ) -> Result:
     """AtP for every site of ``sites`` at once; AtP* is ``grad_drop=True, qk_fix=True``.
 
@@ -137,6 +153,9 @@ def attribution_patching(
 
     Returns a Result with the dims and coords of ``activation_patching`` for the same pattern.
     See the module docstring for the formula, the conventions and the cost.
+    ``keep_runs``: a list to which the base and source runs are appended (:class:`BaseAndSource`) when the
+    base run kept a prefix (a causal model whose inputs share their first position), so that exact patching
+    into the same pair needs no runs of its own.
     """
     pair = prepare_pair(model, clean, corrupt, metric, direction)
     m, metric, n, base_in, source_in = pair.model, pair.metric, pair.n, pair.base, pair.source
@@ -172,11 +191,14 @@ def attribution_patching(
     # decides where it reads the clean output, so only equal masks restrict.
     src_ctx = MetricContext(torch.arange(n), None, source_in.get("attention_mask"))
     first = None if run.prefix is None else (inputs, run.prefix, {k: run.cache[k] for k in tapped})
-    run.prefix = None
+    kept, run.prefix = (run.prefix if keep_runs is not None else None), None
     src_out, src_values, shared = capture_sharing_prefix(
         m, source_in, tapped, metric.positions(src_ctx, pair.sizes) if same_masks(source_in, base_in) else None, first
     )
     del first
+    if kept is not None and shared > 0:
+        keep_runs.append(_base_and_source(run, base_in, source_in, tapped, src_values, src_out, n, kept))  # type: ignore[union-attr]
+    del kept
 
     # The one backward.
     ctx.example, ctx.clean = ctx.example.to(base_out.device), src_out if direction == "denoising" else base_out
@@ -248,6 +270,20 @@ def attribution_patching(
     }
     coords = label_positions(dict(sweep.coords), m.position_labels(pair.clean))
     return Result(scores.reshape(sweep.shape), sweep.dims, coords, metadata)
+
+
+def _base_and_source(run: Run, base_in, source_in, tapped: list[str], src_values: dict, src_out: torch.Tensor, n: int,
+                     prefix) -> BaseAndSource:
+    """The gradient forward's first row block (detached) with its kept prefix, and the source run's captures."""
+    def mask(inputs):
+        value = inputs.get("attention_mask")
+        return value if isinstance(value, torch.Tensor) else None
+
+    axes = {k: run.cache.axes[k] for k in tapped}
+    base = Run(run.output[:n].detach(), Cache({k: run.cache[k].detach()[:n] for k in tapped}, axes, mask(base_in)),
+               prefix=prefix.first_rows(n))
+    return BaseAndSource(base, Cache({k: src_values[k].detach() for k in tapped}, axes, mask(source_in)),
+                         src_out.detach())
 
 
 def _read_key(catalog, key: str, sites: Sequence[Site]) -> str:

@@ -73,7 +73,7 @@ from ..progress import progress_bar
 from ..results.metrics import Metric
 from ..results.result import Result, collect_versions
 from ..sites.site import Site
-from .attribution import attribution_patching
+from .attribution import BaseAndSource, attribution_patching
 from .localize_verify import Verifier
 from .pairs import label_positions, prepare_pair
 
@@ -274,7 +274,9 @@ def localize(
     unique = list(dict.fromkeys(p for lv in walked for p in patterns[lv]))
     common = dict(direction=direction, normalize=normalize)
 
-    estimates = attribution_patching(m, clean, corrupt, unique, metric, grad_drop=estimator == "atp*", **common)
+    runs: list[BaseAndSource] = []  # AtP's base and source runs, which the verification patches into
+    estimates = attribution_patching(m, clean, corrupt, unique, metric, grad_drop=estimator == "atp*", keep_runs=runs,
+                                     **common)
     cost = {"attribution": atp_forwards(estimates), "baseline_runs": 0, "patched_sites": 0}
     baseline = estimates.metadata["baseline"]
     scale = 1.0 if normalize else abs(baseline["clean"] - baseline["corrupt"])
@@ -305,8 +307,9 @@ def localize(
     def verify(todo: list[_Unit]) -> None:
         if not verifier:
             verifier.append(Verifier(pair, list(units), direction=direction, normalize=normalize,
-                                     batch_size=batch_size, reuse_prefix=reuse_prefix))
-            cost["baseline_runs"] += 2
+                                     batch_size=batch_size, reuse_prefix=reuse_prefix, runs=runs[0] if runs else None))
+            runs.clear()
+            cost["baseline_runs"] += verifier[0].forwards
         before = verifier[0].forwards
         values, skipped = verifier[0].patch([u.site for u in todo])
         for u, value, skip in zip(todo, values, skipped):

@@ -25,6 +25,7 @@ from ..engine.resume import resume_chunks
 from ..results.metrics import MetricContext
 from ..sites.site import Site, Span
 from .activation_patching import first_differences, source_run
+from .attribution import BaseAndSource
 from .pairs import Pair, check_gap, rows_per_forward, same_masks
 
 __all__ = ["Verifier"]
@@ -35,6 +36,9 @@ _ap = import_module(".activation_patching", __package__)
 # joins: activation_patching.JOIN_ROWS). False: every site of a batch runs from the batch's first block (for
 # measuring what joining saves).
 JOIN_ROWS = True
+# The clean and corrupt runs are the attribution call's own when it hands them over (``runs``): no runs of its own.
+# False: the verifier makes its own two runs (for measuring what sharing saves).
+SHARE_RUNS = True
 
 
 class Verifier:
@@ -43,7 +47,7 @@ class Verifier:
     made so far as localize counts them (rows / prompts): the two baselines and one per site run."""
 
     def __init__(self, pair: Pair, sites: Sequence[str], *, direction: str, normalize: bool,
-                 batch_size: int | None, reuse_prefix: bool) -> None:
+                 batch_size: int | None, reuse_prefix: bool, runs: BaseAndSource | None = None) -> None:
         m, n = pair.model, pair.n
         self.pair, self.normalize, self.batch_size = pair, normalize, batch_size
         keys = list(dict.fromkeys(m.catalog.through_source(Site.parse(s)).key for s in sites))
@@ -51,9 +55,16 @@ class Verifier:
         self.ctx = MetricContext(torch.arange(n), None, pair.base.get("attention_mask"))
         self.at = pair.metric.positions(self.ctx, pair.sizes)
         source_at = self.at if same_masks(pair.source, pair.base) else None
-        self.base = execute(m.module, m.adapter, m.catalog, pair.base, capture=keys, keep_prefix=reuse,
-                            output_at=self.at)
-        source_out, self.source = source_run(m, pair.source, pair.base, self.base, keys, source_at, reuse)
+        self.forwards = 2
+        if runs is not None and reuse and SHARE_RUNS and all(k in runs.base.cache and k in runs.source for k in keys):
+            # the attribution call's runs of the same pair: its gradient forward kept a prefix, and its source
+            # run took the base run's values before the first difference, as source_run does
+            self.base, self.source, self.forwards = runs.base, runs.source, 0
+            source_out = runs.source_output
+        else:
+            self.base = execute(m.module, m.adapter, m.catalog, pair.base, capture=keys, keep_prefix=reuse,
+                                output_at=self.at)
+            source_out, self.source = source_run(m, pair.source, pair.base, self.base, keys, source_at, reuse)
         clean_out, corrupt_out = (source_out, self.base.output) if direction == "denoising" else (self.base.output, source_out)
         self.ctx.example, self.ctx.clean = self.ctx.example.to(clean_out.device), clean_out
         with torch.inference_mode():
@@ -62,7 +73,6 @@ class Verifier:
         self.gap = (clean_metric - corrupt_metric).double().mean()
         if normalize:
             check_gap(float(clean_metric.double().mean()), float(corrupt_metric.double().mean()), pair.metric.name)
-        self.forwards = 2
 
     def runs(self, sites: Sequence[str]) -> int:
         """How many of ``sites`` activation patching would run (the rest are skipped as unchanged); no forward.

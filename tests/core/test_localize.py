@@ -338,3 +338,47 @@ def test_one_prompt_verification_joins_rows_at_their_block_and_keeps_the_values(
             exact = cp.activation_patching(m, clean, corrupt, pattern, metric, normalize=True, progress=False)
             close(res.values, exact.values)
             assert np.array(res.metadata["skipped"]).tolist() == exact.skipped.tolist()
+
+
+@pytest.mark.parametrize("case", ["middle", "first", "left", "right", "noising"])
+def test_the_verification_patches_into_atps_own_runs(case, monkeypatch):
+    """Where AtP's gradient forward keeps a prefix (the pair shares its first position) the verification patches
+    into AtP's base and source runs and makes none of its own; its values stay activation patching's (with
+    padding, and noising); a pair differing at position 0 makes its own two runs. Sharing or not, the same
+    sites are verified with the same values (to float rounding: a gradient forward may round differently)."""
+    from conftest import padded_prompts
+
+    m, _, _, _ = _planted(n_layer=3)
+    pad = case if case in ("left", "right") else None
+    clean = padded_prompts(3, rows=4, length=8, pad=pad)
+    corrupt = {k: v.clone() for k, v in clean.items()}
+    at = 0 if case == "first" else 4
+    corrupt["input_ids"][:, at] = clean["input_ids"][:, at] % 97 + 2
+    with torch.no_grad():
+        moved = m.module(**clean).logits[:, -1] - m.module(**corrupt).logits[:, -1]
+    metric = cp.metrics.logit_diff(moved.argmax(-1), moved.argmin(-1))
+    direction = "noising" if case == "noising" else "denoising"
+    verify = importlib.import_module("crosspatch.methods.localize_verify")
+    whole = []
+
+    def spy(module_, adapter, catalog, inputs, *args, _real=verify.execute, **kwargs):
+        if kwargs.get("resume") is None:
+            whole.append(inputs["input_ids"].shape[0])
+        return _real(module_, adapter, catalog, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "execute", spy)
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, direction=direction)
+    shared = at > 0
+    assert loc.metadata["cost"]["baseline_runs"] == (0 if shared else 2)
+    assert whole == ([] if shared else [4])  # the base run; the source run goes through shared_prefix
+    monkeypatch.setattr(verify, "SHARE_RUNS", False)
+    own = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, direction=direction)
+    assert own.metadata["cost"]["baseline_runs"] == 2
+    assert sorted(own.verified) == sorted(loc.verified) and loc.verified
+    close([loc.verified[s] for s in sorted(loc.verified)], [own.verified[s] for s in sorted(loc.verified)])
+    for pattern, res in loc.sweeps.items():
+        exact = cp.activation_patching(m, clean, corrupt, pattern, metric, normalize=True, direction=direction,
+                                       progress=False)
+        verified = np.array(res.metadata["verified"], dtype=bool)
+        close(res.values[verified], exact.values[verified])
+        assert np.array(res.metadata["skipped"])[verified].tolist() == exact.skipped[verified].tolist()
