@@ -6,6 +6,7 @@ floor an exact EAP cannot go below here: a forward with gradients, the corrupt r
 inputs alone (measured: the model's own backward with no parameter gradients).
 
     python benchmarks/edges_eap.py [--seq 16 32]
+    python benchmarks/edges_eap.py --ab   # head_in slot gradients row by row against blocks of rows, alternated
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 import torch
 from common import gpt2_setup
 
+import crosspatch.adapters.transformers.inputs as inputs
+import crosspatch.adapters.transformers.slot_grad as slot_grad
 import crosspatch.methods.edges.gradient_scores as scores
 import crosspatch.methods.edges.patching as patching
 from crosspatch.methods.edges import eap, edge_graph
@@ -43,13 +46,32 @@ def _timed(acc: dict, obj, name: str):
     return lambda: setattr(obj, name, f)
 
 
+def _timed_eap(s, corrupt, g, phases) -> dict[str, float]:
+    """One ``eap`` call's CPU seconds: ``total`` and each of ``phases`` (``(object, function name)``)."""
+    acc: dict[str, float] = {}
+    undo = [_timed(acc, obj, name) for obj, name in phases]
+    t = time.process_time()
+    try:
+        eap(s.m, s.clean, corrupt, s.metric, graph=g)
+    finally:
+        acc["total"] = time.process_time() - t
+        for u in undo:
+            u()
+    return acc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ab", action="store_true", help="alternate the slot gradients made row by row and in blocks")
+    parser.add_argument("--block-bytes", type=int, nargs="+", default=None,
+                        help="with --ab: the block sizes to alternate with row by row (default: slot_grad.BLOCK_BYTES)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.ab:
+        return ab(args)
     print("| T | pair | EAP | forward w/ grad | corrupt forward | sender diffs | backward + scoring | "
           "input backward alone | floor |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -81,14 +103,8 @@ def main() -> None:
             times["bare"].append(time.process_time() - t)
             times["backward"].append(backward_only())
             for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
-                acc: dict[str, float] = {}
-                undo = [_timed(acc, patching._Patcher, "senders"), _timed(acc, patching, "capture_sharing_prefix"),
-                        _timed(acc, scores, "_sender_diffs"), _timed(acc, torch.autograd, "grad")]
-                t = time.process_time()
-                eap(s.m, s.clean, corrupt, s.metric, graph=g)
-                acc["total"] = time.process_time() - t
-                for u in undo:
-                    u()
+                acc = _timed_eap(s, corrupt, g, [(patching._Patcher, "senders"), (patching, "capture_sharing_prefix"),
+                                                 (scores, "_sender_diffs"), (torch.autograd, "grad")])
                 for k, v in acc.items():
                     phases[kind].setdefault(k, []).append(v)
         b = statistics.median(times["bare"])
@@ -101,6 +117,55 @@ def main() -> None:
                   f"**{p['total']:.2f}** | {p['senders']:.2f} | {p['capture_sharing_prefix']:.2f} | "
                   f"{p['_sender_diffs'] - p['capture_sharing_prefix']:.2f} | {p['grad']:.2f} | {med['backward']:.2f} | "
                   f"{floor:.2f} |")
+
+
+def ab(args) -> None:
+    """EAP and its backward in forward-equivalents, alternated in one process (medians): "before" makes the
+    head_in slot gradients one prompt row at a time (``BLOCK_BYTES = 0``) and adds a zero term to each
+    projection's output for their gradient (``carry=False``); then blocks of rows of each ``--block-bytes``
+    (default ``slot_grad.BLOCK_BYTES``) with the zero term, and the last size with the output carrying the
+    gradient itself (the current code)."""
+    default = slot_grad.BLOCK_BYTES
+    made = inputs.slot_gradient
+
+    def zero_term(slots, x, norm, weight, output, bias, sink=None, where=(0, 1), carry=False):
+        return output + made(slots, x, norm, weight, output, bias, sink, where)
+
+    sizes = args.block_bytes or [default]
+    ways = ([("before", 0, zero_term)] + [(f"{size >> 10} KiB", size, zero_term) for size in sizes]
+            + [(f"{sizes[-1] >> 10} KiB, carried", sizes[-1], made)])
+    print("| T | pair | " + " | ".join(f"EAP, {w}" for w, _, _ in ways) + " | "
+          + " | ".join(f"backward + scoring, {w}" for w, _, _ in ways) + " | "
+          + " | ".join(f"forward w/ grad, {w}" for w, _, _ in ways) + " |")
+    print("|---|---|" + "---|" * (3 * len(ways)))
+    for seq in args.seq:
+        s = gpt2_setup(4, 256, seq, args.prompts)
+        g = edge_graph(s.m)
+        unshared = s.corrupt.clone()
+        unshared[:, 0] = (unshared[:, 0] + 1) % 1000
+        for _ in range(2):
+            eap(s.m, s.clean, unshared, s.metric, graph=g)
+        bare: list[float] = []
+        res: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for _ in range(args.repeats):
+            t = time.process_time()
+            with torch.inference_mode():
+                s.model(s.clean, use_cache=False)
+            bare.append(time.process_time() - t)
+            for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
+                for way, size, fn in ways:
+                    slot_grad.BLOCK_BYTES, inputs.slot_gradient = size, fn
+                    acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patching._Patcher, "senders")])
+                    for k, v in acc.items():
+                        res.setdefault((kind, way), {}).setdefault(k, []).append(v)
+        slot_grad.BLOCK_BYTES, inputs.slot_gradient = default, made
+        b = statistics.median(bare)
+        for kind in ("middle", "first"):
+            m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w, _, _ in ways}
+            print(f"| {seq} | differ at {'the middle token' if kind == 'middle' else 'position 1 too'} | "
+                  + " | ".join(f"{m[w]['total']:.2f}" for w, _, _ in ways) + " | "
+                  + " | ".join(f"{m[w]['grad']:.2f}" for w, _, _ in ways) + " | "
+                  + " | ".join(f"{m[w]['senders']:.2f}" for w, _, _ in ways) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class HeadIn:
                     slots = new[:, :, part.first : part.first + part.roles].to(output.device)
                     if part.group > 1:  # a key/value head reads the mean of its query heads' slots; unchanged slots add 0
                         slots = x[:, :, None, None, :] + (slots - x[:, :, None, None, :]).unflatten(3, (part.heads, part.group)).mean(4)
-                    keep = (part.orig + slot_gradient(slots, x, ln, part.w, part.orig, part.bias, sink, (part.first, part.group))
+                    keep = (slot_gradient(slots, x, ln, part.w, part.orig, part.bias, sink, (part.first, part.group), carry=True)
                             if grad else part.orig)
                     # One check per part and layer (a host sync on accelerators), none for the value handed back
                     # as it was: a pure read (a gradient tap, an identity write) recomputes nothing.
