@@ -47,15 +47,16 @@ The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - met
   each round verifies at least one site, so it stops.
 
 ``tol=0`` (and no ``k``) verifies every site: the result is the exhaustive sweep's. Verified values are
-``activation_patching``'s for those sites within float rounding: the clean and corrupt runs are made once
-(:class:`~crosspatch.methods.localize_verify.Verifier`) and each round patches into them as that function
-does.
+``activation_patching``'s for those sites within float rounding: each round patches into one clean and one
+corrupt run (:class:`~crosspatch.methods.localize_verify.Verifier`) as that function does; they are AtP's own
+base and source runs when its gradient forward kept a prefix (a causal model, the pair sharing its first
+position), else made once at the first round.
 
 Forwards are counted as rows through the model divided by the number of prompts (a forward of ``n``
 prompts is one, however rows are batched), a backward as two forwards: AtP costs ``3 + 1`` (the gradient
 forward, its backward, the source run), AtP* with GradDrop over ``L`` layer groups ``3 (L + 1) + 1`` (a
-gradient forward of ``(L + 1) n`` rows), the verification ``2`` (the clean and corrupt runs, once) plus
-one per site run. The exhaustive sweep, one ``activation_patching`` call, is counted the same way:
+gradient forward of ``(L + 1) n`` rows), the verification one per site run, plus ``2`` (the clean and
+corrupt runs) when it cannot use AtP's. The exhaustive sweep, one ``activation_patching`` call, is counted the same way:
 ``2 + metadata["sites_run"]``.
 """
 

@@ -2,7 +2,8 @@
 
 ``activation_patching`` makes the clean and corrupt runs on every call, so a localisation verifying in
 ``r`` rounds paid ``2 r`` forwards for the same two runs. :class:`Verifier` makes them once, capturing
-every site any round may patch, and each :meth:`Verifier.patch` call runs only the patched forwards,
+every site any round may patch, or takes the attribution call's own base and source runs of the pair
+(:class:`~crosspatch.methods.attribution.BaseAndSource`: its gradient forward kept a prefix), and each :meth:`Verifier.patch` call runs only the patched forwards,
 planned as ``activation_patching`` plans them: the same engine calls, sites whose source value equals
 the base run's skipped (effect exactly 0), sites sharing a start batched into forwards by the engine's
 cost model on a CPU (:func:`~crosspatch.engine.resume.resume_chunks`), with one prompt a batch's later sites
@@ -42,9 +43,10 @@ SHARE_RUNS = True
 
 
 class Verifier:
-    """The clean and corrupt runs of ``pair``, made once, capturing ``sites`` (every site a round may patch);
-    :meth:`patch` gives activation patching's values for any of them. ``forwards`` counts the model runs
-    made so far as localize counts them (rows / prompts): the two baselines and one per site run."""
+    """The clean and corrupt runs of ``pair``, made once, capturing ``sites`` (every site a round may patch), or
+    ``runs``, an attribution call's of the same pair, when they hold those sites and a prefix; :meth:`patch` gives
+    activation patching's values for any of them. ``forwards`` counts the model runs made so far as localize
+    counts them (rows / prompts): the two baselines when made here, and one per site run."""
 
     def __init__(self, pair: Pair, sites: Sequence[str], *, direction: str, normalize: bool,
                  batch_size: int | None, reuse_prefix: bool, runs: BaseAndSource | None = None) -> None:
