@@ -123,8 +123,8 @@ def ab(args) -> None:
     """EAP and its backward in forward-equivalents, alternated in one process (medians): "before" makes the
     head_in slot gradients one prompt row at a time (``BLOCK_BYTES = 0``) and adds a zero term to each
     projection's output for their gradient (``carry=False``); then blocks of rows of each ``--block-bytes``
-    (default ``slot_grad.BLOCK_BYTES``) with the zero term, and the last size with the output carrying the
-    gradient itself (the current code)."""
+    (default ``slot_grad.BLOCK_BYTES``) with the zero term, the last size with the output carrying the
+    gradient itself, and that with each block scored by one matmul (the current code)."""
     default = slot_grad.BLOCK_BYTES
     made = inputs.slot_gradient
 
@@ -132,11 +132,12 @@ def ab(args) -> None:
         return output + made(slots, x, norm, weight, output, bias, sink, where)
 
     sizes = args.block_bytes or [default]
-    ways = ([("before", 0, zero_term)] + [(f"{size >> 10} KiB", size, zero_term) for size in sizes]
-            + [(f"{sizes[-1] >> 10} KiB, carried", sizes[-1], made)])
-    print("| T | pair | " + " | ".join(f"EAP, {w}" for w, _, _ in ways) + " | "
-          + " | ".join(f"backward + scoring, {w}" for w, _, _ in ways) + " | "
-          + " | ".join(f"forward w/ grad, {w}" for w, _, _ in ways) + " |")
+    ways = ([("before", 0, zero_term, False)] + [(f"{size >> 10} KiB", size, zero_term, False) for size in sizes]
+            + [(f"{sizes[-1] >> 10} KiB, carried", sizes[-1], made, False),
+               (f"{sizes[-1] >> 10} KiB, carried, scored per block", sizes[-1], made, True)])
+    print("| T | pair | " + " | ".join(f"EAP, {w}" for w, *_ in ways) + " | "
+          + " | ".join(f"backward + scoring, {w}" for w, *_ in ways) + " | "
+          + " | ".join(f"forward w/ grad, {w}" for w, *_ in ways) + " |")
     print("|---|---|" + "---|" * (3 * len(ways)))
     for seq in args.seq:
         s = gpt2_setup(4, 256, seq, args.prompts)
@@ -153,19 +154,21 @@ def ab(args) -> None:
                 s.model(s.clean, use_cache=False)
             bare.append(time.process_time() - t)
             for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
-                for way, size, fn in ways:
+                for way, size, fn, per_block in ways:
                     slot_grad.BLOCK_BYTES, inputs.slot_gradient = size, fn
+                    scores._SlotScores.takes_row_blocks = per_block
                     acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patching._Patcher, "senders")])
                     for k, v in acc.items():
                         res.setdefault((kind, way), {}).setdefault(k, []).append(v)
         slot_grad.BLOCK_BYTES, inputs.slot_gradient = default, made
+        scores._SlotScores.takes_row_blocks = True
         b = statistics.median(bare)
         for kind in ("middle", "first"):
-            m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w, _, _ in ways}
+            m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w, *_ in ways}
             print(f"| {seq} | differ at {'the middle token' if kind == 'middle' else 'position 1 too'} | "
-                  + " | ".join(f"{m[w]['total']:.2f}" for w, _, _ in ways) + " | "
-                  + " | ".join(f"{m[w]['grad']:.2f}" for w, _, _ in ways) + " | "
-                  + " | ".join(f"{m[w]['senders']:.2f}" for w, _, _ in ways) + " |", flush=True)
+                  + " | ".join(f"{m[w]['total']:.2f}" for w, *_ in ways) + " | "
+                  + " | ".join(f"{m[w]['grad']:.2f}" for w, *_ in ways) + " | "
+                  + " | ".join(f"{m[w]['senders']:.2f}" for w, *_ in ways) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,10 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
     as their sum spread evenly over them: the input reads every slot, so what flows upstream is the same.
 
     The gradients are made for blocks of rows at once (``BLOCK_BYTES`` at most, never all rows of a long
-    input): one batched matmul ``[slot, rows*pos, e] @ [slot, e, d]`` per block, the sink then called per row
-    with that row's ``[role, head, pos, d]`` view of the block (no copy)."""
+    input): one batched matmul ``[slot, rows*pos, e] @ [slot, e, d]`` per block. A sink with a true
+    ``takes_row_blocks`` attribute is called once per block with ``slice(first row, last row + 1)`` and the
+    block's ``[role, head, rows, pos, d]``; any other once per row with that row's ``[role, head, pos, d]``
+    view of the block (no copy)."""
     b, p, r, h, d = shape
     rows, slots, e = gs.shape
     sink, start = ctx.sink, ctx.sink.start
@@ -147,8 +149,11 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
             p_blk = proj.view(b, p, slots)[i0:i1, start:].permute(2, 0, 1).reshape(slots, n * q, 1)
             u.addcmul_(xhat.view(b, p, d)[i0:i1, start:].reshape(1, n * q, d), p_blk, value=-1)
         u5 = u.view(r, h, n, q, d)
-        for j in range(n):
-            sink(i0 + j, u5[:, :, j], *ctx.where)
+        if getattr(sink, "takes_row_blocks", False):  # the whole block at once: rows i0..i1 - 1
+            sink(slice(i0, i1), u5, *ctx.where)
+        else:
+            for j in range(n):
+                sink(i0 + j, u5[:, :, j], *ctx.where)
         summed[i0:i1, start:] = u.sum(dim=0).view(n, q, d)
     return (summed / slots).to(ctx.dtype).view(b, p, 1, 1, d).expand(b, p, r, h, d)
 

@@ -109,9 +109,12 @@ class _SlotScores:
         self.sd: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # None until the reach hands over gradients
 
-    def __call__(self, row: int, grads: torch.Tensor, first_role: int, head_step: int) -> None:
+    takes_row_blocks = True  # also called with a slice of rows and their gradients [role, head, rows, pos, d]
+
+    def __call__(self, row: "int | slice", grads: torch.Tensor, first_role: int, head_step: int) -> None:
         r, h = grads.shape[:2]
-        part = self.sd[: self.n_in, row] @ grads.to(self.sd.dtype).reshape(r * h, -1).T  # [n_in, r*h]
+        sd = self.sd[: self.n_in, row].reshape(self.n_in, -1)  # [n_in, (rows *) pos * d], a view
+        part = sd @ grads.to(self.sd.dtype).reshape(r * h, -1).T  # [n_in, r*h], summed over the rows
         if self.scores is None:
             self.scores = part.new_zeros(self.n_in, *self.slot_shape)
         self.scores[:, first_role : first_role + r, ::head_step] += part.view(self.n_in, r, h)
