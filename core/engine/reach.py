@@ -213,7 +213,9 @@ class SlotSink(Protocol):
     on the value handed back to it (:func:`slot_sink`) calls it once per batch row with the gradients
     ``[roles, heads, pos - start, d]`` of that row's positions ``start..``, never writing all slots'
     gradients at once; the tap's own gradient is then only right summed over the slots (what flows
-    further upstream). Edge attribution uses it to score edges as the backward produces them.
+    further upstream). Edge attribution uses it to score edges as the backward produces them. A sink
+    with ``takes_row_blocks = True`` is instead called once per block of rows, with ``row`` a
+    ``slice(i0, i1)`` and gradients ``[roles, heads, rows, pos - start, d]`` (fewer, larger matmuls).
     """
 
     start: int
