@@ -103,7 +103,7 @@ def main() -> None:
             times["bare"].append(time.process_time() - t)
             times["backward"].append(backward_only())
             for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
-                acc = _timed_eap(s, corrupt, g, [(patching._Patcher, "senders"), (patching, "capture_sharing_prefix"),
+                acc = _timed_eap(s, corrupt, g, [(patching.EdgePatcher, "senders"), (patching, "capture_sharing_prefix"),
                                                  (scores, "_sender_diffs"), (torch.autograd, "grad")])
                 for k, v in acc.items():
                     phases[kind].setdefault(k, []).append(v)
@@ -157,7 +157,7 @@ def ab(args) -> None:
                 for way, size, fn, per_block in ways:
                     slot_grad.BLOCK_BYTES, inputs.slot_gradient = size, fn
                     scores._SlotScores.takes_row_blocks = per_block
-                    acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patching._Patcher, "senders")])
+                    acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patching.EdgePatcher, "senders")])
                     for k, v in acc.items():
                         res.setdefault((kind, way), {}).setdefault(k, []).append(v)
         slot_grad.BLOCK_BYTES, inputs.slot_gradient = default, made

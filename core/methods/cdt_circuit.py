@@ -38,12 +38,11 @@ from ..engine.adapter import batch_size as batch_size_of
 from ..engine.model import WrappedModel, wrap
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result
-from ..sites.site import Site, Span
+from ..sites.site import Site, Span, split_tower
 from .cdt import decompose
 from .cdt_circuit_common import search_metadata
 from .cdt_circuit_nodes import node_circuit
 from .edges import EdgeGraph, edge_graph
-from .edges.graph import _role
 from .pairs import model_metric
 
 __all__ = ["cdt_circuit", "receiver_target"]
@@ -52,7 +51,7 @@ __all__ = ["cdt_circuit", "receiver_target"]
 def receiver_target(receiver: str) -> str:
     """The CD-T target a receiver of the edge graph is read at (see the module docstring)."""
     site = Site.parse(receiver)
-    role, tower = _role(site.family), site.family[: len(site.family) - len(_role(site.family))]
+    tower, role = split_tower(site.family)
     if role == "head_in":
         sel = site.selection
         return f"{tower}head_{'qkv'[int(sel['qkv'])]}.{site.layer}[head={sel['head']}]"
@@ -120,7 +119,7 @@ def cdt_circuit(
     levels: list[list[str]] = []
     searched: set[int] = set()
     opened_by: dict[int, set[int]] = {}  # receiver -> the kept senders whose node it is an input of
-    frontier = [r for r, name in enumerate(g.receivers) if _role(Site.parse(name).family) == "logits_in"]
+    frontier = [r for r, name in enumerate(g.receivers) if split_tower(Site.parse(name).family)[1] == "logits_in"]
     decompositions = 0
     while frontier:
         searched.update(frontier)
@@ -163,7 +162,7 @@ def _receivers_of(g: EdgeGraph) -> dict[int, list[int]]:
     by_node: dict[tuple[str, Any, Any], list[int]] = {}
     for r, name in enumerate(g.receivers):
         site = Site.parse(name)
-        role = _role(site.family)
+        role = split_tower(site.family)[1]
         if role == "head_in":  # a key/value head under grouped-query attention reads for its query heads a:b
             head = site.selection["head"]
             heads = range(head.start, head.stop) if isinstance(head, Span) else [head]
@@ -174,7 +173,7 @@ def _receivers_of(g: EdgeGraph) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for s, name in enumerate(g.senders):
         site = Site.parse(name)
-        role = _role(site.family)
+        role = split_tower(site.family)[1]
         if role == "head_out":
             out[s] = by_node.get(("head", site.layer, site.selection["head"]), [])
         elif role == "mlp_out":

@@ -34,11 +34,10 @@ from ..engine.adapter import batch_size as batch_size_of
 from ..engine.model import WrappedModel
 from ..results.metrics import Metric, MetricContext
 from ..results.result import Result
-from ..sites.site import Site, Span
+from ..sites.site import Site, Span, split_tower
 from .cdt import decompose
 from .cdt_circuit_common import search_metadata
 from .edges import EdgeGraph
-from .edges.graph import _role
 
 __all__ = ["node_circuit", "node_scores", "to_components", "at_position", "without_position"]
 
@@ -58,7 +57,7 @@ def without_position(name: str) -> str:
 def _target_family(receiver: str) -> tuple[str, Any]:
     """The whole-family target a component receiver is read in, and its head index there (None: no head axis)."""
     site = Site.parse(receiver)
-    role = _role(site.family)
+    role = split_tower(site.family)[1]
     tower = site.family[: len(site.family) - len(role)]
     if role == "head_in":
         head = site.selection["head"]
@@ -109,7 +108,7 @@ def node_circuit(
     opened_by: dict[tuple[int, int], set[tuple[int, int]]] = {}  # receiver node -> the kept nodes whose input it is
     levels: list[list[str]] = []
     decompositions = 0
-    logits_receivers = [r for r, name in enumerate(g.receivers) if _role(Site.parse(name).family) == "logits_in"]
+    logits_receivers = [r for r, name in enumerate(g.receivers) if split_tower(Site.parse(name).family)[1] == "logits_in"]
     frontier = [(r, p) for r in logits_receivers for p in range(n_pos)]
     while frontier:
         searched.update(frontier)
@@ -167,7 +166,7 @@ def node_circuit(
 
 def _attended(m: WrappedModel, prepared: Any, g: EdgeGraph) -> dict[tuple[int, int], torch.Tensor]:
     """Per (layer, head): which key positions each query position attends to with nonzero weight in some prompt."""
-    layers = sorted({int(Site.parse(name).layer) for name in g.receivers if _role(Site.parse(name).family) == "head_in"})
+    layers = sorted({int(Site.parse(name).layer) for name in g.receivers if split_tower(Site.parse(name).family)[1] == "head_in"})
     family = f"{g.tower}attn_pattern"
     if family not in m.catalog:  # no pattern to read: every key position counts as attended
         n_pos, n_heads = int(m.adapter.sizes(prepared)["pos"]), m.catalog.family(f"{g.tower}head_out").axis("head").size
@@ -191,7 +190,7 @@ def _opened(g: EdgeGraph, s: int, p: int, receivers_of: dict[int, list[int]],
     out: list[tuple[int, int]] = []
     for r in receivers_of.get(s, []):
         receiver = Site.parse(g.receivers[r])
-        if _role(receiver.family) == "head_in" and int(receiver.selection["qkv"]) > 0:
+        if split_tower(receiver.family)[1] == "head_in" and int(receiver.selection["qkv"]) > 0:
             attended = keys[(int(site.layer), int(site.selection["head"]))][p]
             out += [(r, int(k)) for k in torch.nonzero(attended).flatten().tolist()]
         else:
@@ -252,7 +251,7 @@ def node_scores(result: Result, rule: Literal["path", "edge"] = "path") -> Resul
             into.setdefault(receiver, []).append((sender, value))
         # Receivers from the output back: a receiver's node only sends to later receivers, all settled by then.
         for receiver in sorted(into, key=EdgeGraph._stage, reverse=True):
-            if _role(Site.parse(receiver).family) == "logits_in":
+            if split_tower(Site.parse(receiver).family)[1] == "logits_in":
                 weight = 1.0
             else:
                 weight = max((best[node] for node in opened.get(receiver, [])), default=0.0)

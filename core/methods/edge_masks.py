@@ -30,7 +30,7 @@ from ..engine.forward import Bound
 from ..results.metrics import Metric, MetricContext, kl_to_clean
 from ..sites.site import Site
 from .edges.graph import EdgeGraph, spread_groups
-from .edges.patching import _Patcher, _Receiver, _Sender, _State, _ZeroSender
+from .edges.patching import EdgePatcher, _Receiver, _Sender, _State, _ZeroSender
 from .edges.result import _flat_index, _result
 from .pairs import model_metric
 from ..trainable.masks import expected_open, kept_gates, relaxed_gates
@@ -73,7 +73,7 @@ def dense_masks(graph: EdgeGraph, masks: torch.Tensor) -> list[torch.Tensor]:
     return [spread_groups(d, graph.kv_group) if d.ndim == 4 else d for d in parts]
 
 
-def masked_edges_output(p: _Patcher, patch: torch.Tensor, grad: bool = True) -> torch.Tensor:
+def masked_edges_output(p: EdgePatcher, patch: torch.Tensor, grad: bool = True) -> torch.Tensor:
     """The clean run with edge ``e`` patched by weight ``patch[:, e]`` (``[k, n_edges]``, row blocks),
     differentiable in ``patch``. Same sites and formula as :func:`~crosspatch.methods.edges.patch_edges`."""
     patch = patch.unsqueeze(0) if patch.ndim == 1 else patch
@@ -132,7 +132,7 @@ def learn_edge_masks(
     kept; use them as scores for :func:`~crosspatch.methods.circuit_eval.roc`); ``metadata["kept"]`` lists the edges
     whose deterministic gate is above 1/2 and ``metadata["history"]`` the loss per step.
     """
-    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p = EdgePatcher(model, clean, corrupt, ablation, reference, graph)
     metric = model_metric(p.m, metric if metric is not None else kl_to_clean())  # text answers: the tokenizer
     if p.ablated is not None:  # captured in inference mode; autograd needs ordinary tensors
         p.ablated = {k: v.clone() for k, v in p.ablated.items()}

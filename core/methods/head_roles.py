@@ -44,7 +44,7 @@ from ..results.metrics import Metric, MetricContext
 from ..results.result import Result, collect_versions
 from ..sites.site import Site, split_tower
 from .edges import edge_graph
-from .edges.patcher import Ablation, EdgePatcher
+from .edges.patching import Ablation, EdgePatcher
 from .pairs import check_gap, model_metric
 
 __all__ = ["head_roles", "roles_of", "plot_head_roles"]

@@ -27,6 +27,6 @@ prefix, :func:`patch_edges`), ``result`` (edge order of per-receiver-key scores,
 from .acdc_search import acdc, acdc_sweep
 from .gradient_scores import _gradient_run, eap, eap_ig
 from .graph import EdgeGraph, edge_graph
-from .patching import _Patcher, patch_edges
+from .patching import EdgePatcher, patch_edges
 
-__all__ = ["EdgeGraph", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc", "acdc_sweep"]
+__all__ = ["EdgeGraph", "EdgePatcher", "edge_graph", "patch_edges", "eap", "eap_ig", "acdc", "acdc_sweep"]

@@ -20,7 +20,7 @@ from ...results.result import Result
 from ..edge_paths import connected
 from ..pairs import model_metric
 from .graph import EdgeGraph
-from .patching import Ablation, _Patcher
+from .patching import Ablation, EdgePatcher
 from .result import _result
 
 Search = Literal["speculative", "rounds"]
@@ -30,7 +30,7 @@ class _Evaluator:
     """The metric of the clean run with each edge mask patched (averaged over prompts), row blocks of
     ``batch_size`` rows, resumed from the clean prefix when kept; a mask met before is not run again."""
 
-    def __init__(self, p: _Patcher, metric: Metric, batch_size: int, reuse_prefix: bool):
+    def __init__(self, p: EdgePatcher, metric: Metric, batch_size: int, reuse_prefix: bool):
         self.p, self.metric = p, metric
         n = p.n
         self.sizes = p.m.adapter.sizes(p.clean)
@@ -144,7 +144,7 @@ def _rounds(evaluate: _Evaluator, g: EdgeGraph, threshold: float, change: str) -
     return removed, current
 
 
-def _circuit(p: _Patcher, evaluate: _Evaluator, metric: Metric, removed: torch.Tensor, current: float, prune: bool,
+def _circuit(p: EdgePatcher, evaluate: _Evaluator, metric: Metric, removed: torch.Tensor, current: float, prune: bool,
              extra: dict) -> Result:
     g = p.graph
     kept = 1 - removed.numpy()
@@ -200,7 +200,7 @@ def acdc_sweep(
     change = change or ("increase" if metric is None else "abs")
     if search not in ("speculative", "rounds"):
         raise ValueError(f"search must be 'speculative' or 'rounds', got {search!r}")
-    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p = EdgePatcher(model, clean, corrupt, ablation, reference, graph)
     metric = model_metric(p.m, metric if metric is not None else kl_to_clean())  # text answers: the tokenizer
     evaluate = _Evaluator(p, metric, batch_size, reuse_prefix)
     order = _order(p.graph)

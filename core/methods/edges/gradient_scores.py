@@ -22,7 +22,7 @@ from ..attribution import _Tap
 from ..pairs import model_metric
 from ..shared_prefix import may_share
 from .graph import EdgeGraph, _role, fold_groups
-from .patching import Ablation, _Patcher
+from .patching import Ablation, EdgePatcher
 from .result import _flat_index, _result
 
 
@@ -45,7 +45,7 @@ class _Interpolate(Intervention):
         return base + alpha * (target - base) + (x - x.detach())
 
 
-def _sender_diffs(p: _Patcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
+def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
     """Every sender's ``ablated - clean`` as one sender-major ``[sender, prompt, pos*d]`` buffer, at the positions
     from ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0.
     Sender-major, a receiver's incoming senders (a prefix) over every prompt are one ``[n_in, prompts*pos*d]`` view."""
@@ -61,7 +61,7 @@ def _sender_diffs(p: _Patcher, clean_senders: dict[str, torch.Tensor]) -> torch.
     return sd
 
 
-def _edge_scores(p: _Patcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, steps: int,
+def _edge_scores(p: EdgePatcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, steps: int,
                  scored: dict[str, torch.Tensor] | None = None):
     """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
 
@@ -131,7 +131,7 @@ class _SinkTap(_Tap):
         return attach_slot_sink(super().apply(x, ctx), self.sink)
 
 
-def _gradient_run(p: _Patcher, metric: Metric, extra: list[Bound], steps: int, score: bool = False):
+def _gradient_run(p: EdgePatcher, metric: Metric, extra: list[Bound], steps: int, score: bool = False):
     """One forward with grad over ``steps`` row blocks of the clean inputs, taps at every receiver, one backward.
 
     Returns ``(grads, clean senders, metric values, sd, scored)``. With ``score`` (one step) the sender
@@ -181,7 +181,7 @@ def eap(
     ablation source (none for ``zero``; for ``resample`` in a causal model only from the first position
     where clean and corrupt differ, :mod:`~crosspatch.methods.shared_prefix`, ``metadata["shared_positions"]``).
     """
-    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p = EdgePatcher(model, clean, corrupt, ablation, reference, graph)
     metric = model_metric(p.m, metric)  # text answers through the model's tokenizer
     p.clean_out = None
     grads, _, _, sd, scored = _gradient_run(p, metric, [], 1, score=True)
@@ -200,7 +200,7 @@ def eap_ig(
     """
     if variant not in ("inputs", "activations"):
         raise ValueError(f"variant must be 'inputs' or 'activations', got {variant!r}")
-    p = _Patcher(model, clean, corrupt, ablation, reference, graph)
+    p = EdgePatcher(model, clean, corrupt, ablation, reference, graph)
     metric = model_metric(p.m, metric)  # text answers through the model's tokenizer
     ctx = MetricContext(torch.arange(p.n), None, p.clean.get("attention_mask"))
     clean_run, senders = p.senders(p.clean, output_at=metric.positions(ctx, p.m.adapter.sizes(p.clean)))

@@ -1,6 +1,6 @@
 """Exact edge patching in one forward: the sender interventions record each sender's ``ablated - current``
 as it fires, the receiver interventions add the masked sum of those differences to their input, and
-``_Patcher`` holds the clean inputs, the ablated sender values (resample, zero or mean) and the graph,
+``EdgePatcher`` holds the clean inputs, the ablated sender values (resample, zero or mean) and the graph,
 runs any stack of edge masks as row blocks of one forward and, with a kept clean prefix
 (``_CleanPrefix``), starts that forward at the first block a mask patches; :func:`patch_edges` is
 its public face.
@@ -75,7 +75,7 @@ class _Receiver(Intervention):
         return x + torch.matmul(mask, diffs.reshape(k, -1, n_in, diffs.shape[-1])).view(x.shape)
 
 
-class _Patcher:
+class EdgePatcher:
     """Clean inputs, ablated sender values and the graph: runs any stack of edge masks in one forward."""
 
     def __init__(self, model, clean, corrupt, ablation: Ablation, reference, graph: EdgeGraph | None):
@@ -265,4 +265,4 @@ def patch_edges(
     ``edge_mask`` is ``[n_edges]`` or ``[k, n_edges]`` (``k`` variants as row blocks of one forward;
     output rows ``j * n : (j + 1) * n`` belong to mask ``j``).
     """
-    return _Patcher(model, clean, corrupt, ablation, reference, graph).run(edge_mask)
+    return EdgePatcher(model, clean, corrupt, ablation, reference, graph).run(edge_mask)

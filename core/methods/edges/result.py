@@ -12,7 +12,7 @@ import numpy as np
 from ...results.metrics import Metric
 from ...results.result import Result, collect_versions
 from .graph import EdgeGraph
-from .patching import _Patcher
+from .patching import EdgePatcher
 
 
 def _flat_index(g: EdgeGraph) -> np.ndarray:
@@ -28,7 +28,7 @@ def _flat_index(g: EdgeGraph) -> np.ndarray:
     return g._flat
 
 
-def _result(p: _Patcher, scores, method: str, metric: Metric, extra: dict) -> Result:
+def _result(p: EdgePatcher, scores, method: str, metric: Metric, extra: dict) -> Result:
     metadata = {
         "method": method,
         "metric": metric.name,

@@ -10,7 +10,7 @@ import crosspatch as cp
 from crosspatch.results.metrics import MetricContext
 from crosspatch.methods.circuit_eval import roc
 from crosspatch.methods.edge_masks import ablated_senders, learn_edge_masks, masked_edges_output
-from crosspatch.methods.edges import _Patcher, eap, edge_graph, patch_edges
+from crosspatch.methods.edges import EdgePatcher, eap, edge_graph, patch_edges
 from test_edges import _model, _pair, _sparse_model, _truth
 
 
@@ -37,7 +37,7 @@ def test_masked_forward_is_patch_edges(m, ablation):
     clean, corrupt = _pair()
     g = edge_graph(m)
     masks = torch.bernoulli(torch.full((3, len(g)), 0.3), generator=torch.Generator().manual_seed(0))
-    p = _Patcher(m, clean, corrupt, ablation, None, g)
+    p = EdgePatcher(m, clean, corrupt, ablation, None, g)
     want = patch_edges(m, clean, corrupt, masks, ablation=ablation, graph=g)
     torch.testing.assert_close(masked_edges_output(p, masks, grad=False), want, atol=1e-5, rtol=1e-5)
 
@@ -47,7 +47,7 @@ def test_mask_gradient_at_zero_is_eap(m):
     clean, corrupt = _pair()
     g = edge_graph(m)
     metric = cp.metrics.logit_diff(clean[:, -1], (clean[:, -1] + 1) % 100)
-    p = _Patcher(m, clean, corrupt, "resample", None, g)
+    p = EdgePatcher(m, clean, corrupt, "resample", None, g)
     p.ablated = {k: v.clone() for k, v in p.ablated.items()}
     w = torch.zeros(1, len(g), requires_grad=True)
     out = masked_edges_output(p, w)
@@ -80,7 +80,7 @@ def test_learned_masks_on_the_plain_sparse_model_keep_only_true_edges():
 def test_mean_per_position_is_edges_mean(m):
     clean, _ = _pair()
     g = edge_graph(m)
-    p = _Patcher(m, clean, None, "mean", None, g)
+    p = EdgePatcher(m, clean, None, "mean", None, g)
     cache = m.capture(clean, p.keys)
     per_pos = ablated_senders(cache, p.keys, "mean_per_position")
     for k in p.keys:

@@ -10,7 +10,7 @@ import crosspatch as cp
 from conftest import randomize, tiny_gpt2
 from crosspatch.engine.interventions import Patch
 from crosspatch.methods.edge_paths import connected
-from crosspatch.methods.edges import _Patcher, acdc, acdc_sweep, eap, eap_ig, edge_graph, patch_edges
+from crosspatch.methods.edges import EdgePatcher, acdc, acdc_sweep, eap, eap_ig, edge_graph, patch_edges
 from test_inputs import with_inputs
 
 
@@ -201,7 +201,7 @@ def test_a_threshold_sweep_equals_acdc_at_each_threshold(m):
 def test_runs_resumed_from_the_clean_prefix_equal_full_runs(m, ablation):
     """Before the first block a mask patches, every value is the clean run's: starting there changes nothing."""
     clean, corrupt = _pair()
-    p = _Patcher(m, clean, corrupt, ablation, None, None)
+    p = EdgePatcher(m, clean, corrupt, ablation, None, None)
     kept = p.keep_clean(None)
     g = p.graph
     starts = []

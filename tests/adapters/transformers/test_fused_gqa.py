@@ -27,7 +27,7 @@ from crosspatch.adapters.transformers.proof import prove
 from crosspatch.engine.interventions import Patch
 from crosspatch.methods.attribution import _Tap, attribution_patching
 from crosspatch.methods.edge_masks import masked_edges_output
-from crosspatch.methods.edges import _Patcher, eap, edge_graph
+from crosspatch.methods.edges import EdgePatcher, eap, edge_graph
 from crosspatch.sites.catalog import Catalog
 
 H, E = 4, 16  # query heads, head width (d_model 64)
@@ -210,7 +210,7 @@ def test_eap_scores_into_kv_receivers_are_the_derivative_of_edge_patching(name):
     edges = [f"embed->head_in.1[qkv=1,head={kv_range(0)}]", f"head_out.0[head=1]->head_in.1[qkv=2,head={kv_range(int(last))}]",
              f"mlp_out.0->head_in.1[qkv=1,head={kv_range(int(last))}]", "head_out.0[head=2]->head_in.1[qkv=0,head=3]"]
     scores = eap(m, IDS, corrupt, metric, graph=g)
-    p = _Patcher(m, IDS, corrupt, "resample", None, g)
+    p = EdgePatcher(m, IDS, corrupt, "resample", None, g)
     weights = torch.full((1, len(g)), 1e-9, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(metric(masked_edges_output(p, weights)).mean(), [weights])
     for e in edges:

@@ -16,7 +16,7 @@ from crosspatch.engine.interventions import Patch
 from crosspatch.methods.attribution import _Tap, attribution_patching
 from crosspatch.methods.edge_paths import connected, senders_of
 from crosspatch.methods.edge_masks import masked_edges_output
-from crosspatch.methods.edges import _Patcher, eap, eap_ig, edge_graph, patch_edges
+from crosspatch.methods.edges import EdgePatcher, eap, eap_ig, edge_graph, patch_edges
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_eap_scores_are_the_derivative_of_edge_patching(gqa):
     edges = ["embed->head_in.1[qkv=1,head=0:2]", "head_out.0[head=1]->head_in.1[qkv=2,head=2:4]",
              "mlp_out.0->head_in.1[qkv=1,head=2:4]", "embed->head_in.0[qkv=2,head=0:2]",
              "head_out.0[head=2]->head_in.1[qkv=0,head=3]", "mlp_out.0->logits_in"]
-    p = _Patcher(m, clean, corrupt, "resample", None, g)
+    p = EdgePatcher(m, clean, corrupt, "resample", None, g)
     weights = torch.full((1, len(g)), 1e-9, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(metric(masked_edges_output(p, weights)).mean(), [weights])
     for e in edges:

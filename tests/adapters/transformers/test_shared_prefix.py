@@ -92,7 +92,7 @@ def test_atp_and_eap_equal_their_whole_run_values(name, pad):
 def test_eap_scoring_head_inputs_in_the_backward_equals_scoring_their_gradients(name, shared):
     """EAP scores ``head_in`` edges as the backward makes each slot's gradient (never writing them all);
     one-step EAP-IG reads the whole per-slot gradients: the same numbers, with grouped keys and values too."""
-    from crosspatch.methods.edges import _gradient_run, _Patcher, eap_ig
+    from crosspatch.methods.edges import _gradient_run, EdgePatcher, eap_ig
 
     model = MODELS[name]()
     m = cp.wrap(model)
@@ -104,6 +104,6 @@ def test_eap_scoring_head_inputs_in_the_backward_equals_scoring_their_gradients(
     fused, whole = eap(m, clean, corrupt, metric, graph=graph), eap_ig(m, clean, corrupt, metric, steps=1, graph=graph)
     assert fused.metadata["shared_positions"] == (DIFFER if shared else 0)
     np.testing.assert_allclose(fused.values, whole.values, rtol=1e-4, atol=1e-6 * np.abs(whole.values).max())
-    p = _Patcher(m, clean, corrupt, "resample", None, graph)
+    p = EdgePatcher(m, clean, corrupt, "resample", None, graph)
     scored = _gradient_run(p, metric, [], 1, score=True)[4]
     assert sorted(scored) == sorted(k for k, _, _ in graph.receiver_keys if k.startswith("head_in"))
