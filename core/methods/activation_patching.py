@@ -20,7 +20,7 @@ from .pairs import check_gap, label_positions, prepare_pair, rows_per_forward, s
 from ..results.result import Result, collect_versions
 from ..sites.site import Site, Span
 
-__all__ = ["activation_patching", "first_differences", "source_run"]
+__all__ = ["activation_patching", "first_differences", "plan_sweep", "source_run"]
 
 # Token rows (prompts x positions computed) a resumed forward holds at most on a CPU when the caller
 # gives no batch_size: a matmul's cost per row is lowest from about 64 to 256 rows at GPT-2's widths.
@@ -31,6 +31,23 @@ CPU_TOKENS_PER_FORWARD: int | None = 256
 # until then) instead of recomputing the blocks before it (:attr:`~crosspatch.engine.resume.Resume.joins`).
 # False: every site of a batch runs from the batch's first block (for measuring what joining saves).
 JOIN_ROWS = True
+
+
+def plan_sweep(m: Any, sites: Sequence[Site], n: int, batch_size: int | None, prefix: Any,
+               join: bool = True) -> list[tuple[list[int], Any]]:
+    """Batches of ``sites`` (indices into them) and where each resumes, as a sweep of ``n`` prompts runs them.
+
+    On a CPU without a ``batch_size`` a forward over few token rows costs mostly its weights' reads: sites
+    that start at the same position share forwards while that is cheaper (``resume_chunks``' cost model),
+    up to :data:`CPU_TOKENS_PER_FORWARD` token rows (beyond that a row costs more again: the activations
+    leave the cache); with one prompt a site's rows join the batch at its block, holding the clean residual
+    there (:data:`JOIN_ROWS`, and ``join``).
+    """
+    per_forward, tokens, join_at = max(1, rows_per_forward(batch_size, m, n) // n), None, None
+    if batch_size is None and prefix is not None and CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
+        per_forward, tokens = max(1, len(sites)), CPU_TOKENS_PER_FORWARD
+        join_at = "resid_pre" if join and JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
+    return resume_chunks(list(sites), m.catalog, prefix, per_forward, tokens, join_at=join_at)
 
 
 def activation_patching(
@@ -116,15 +133,7 @@ def activation_patching(
         # A site over every position writes the base run's own values before its first difference: it is
         # patched from there on (the same values), so a causal run resumes there.
         patched = [site if not differs[i] else site.with_(pos=Span(differs[i], None)) for i, site in enumerate(patched)]
-    per_forward, tokens, join_at = max(1, rows_per_forward(batch_size, m, n) // n), None, None
-    if batch_size is None and base.prefix is not None and CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
-        # On a CPU a forward over few token rows costs mostly its weights' reads: sites that start at the
-        # same position share forwards while that is cheaper (resume_chunks' cost model), up to a few
-        # hundred token rows (beyond that a row costs more again: the activations leave the cache).
-        per_forward, tokens = max(1, len(todo)), CPU_TOKENS_PER_FORWARD
-        # One prompt: a site's rows join the batch at its block, holding the clean residual (resid_pre) there.
-        join_at = "resid_pre" if JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
-    chunks = resume_chunks([patched[i] for i in todo], m.catalog, base.prefix, per_forward, tokens, join_at=join_at)
+    chunks = plan_sweep(m, [patched[i] for i in todo], n, batch_size, base.prefix)
     bar = progress_bar(range(len(todo)), progress, desc=f"patching {len(todo)} of {len(sweep)} sites", unit="site")
     try:
         for members, resume in chunks:

@@ -6,33 +6,29 @@ every site any round may patch, or takes the attribution call's own base and sou
 (:class:`~crosspatch.methods.attribution.BaseAndSource`: its gradient forward kept a prefix), and each :meth:`Verifier.patch` call runs only the patched forwards,
 planned as ``activation_patching`` plans them: the same engine calls, sites whose source value equals
 the base run's skipped (effect exactly 0), sites sharing a start batched into forwards by the engine's
-cost model on a CPU (:func:`~crosspatch.engine.resume.resume_chunks`), with one prompt a batch's later sites
+cost model on a CPU (:func:`~crosspatch.methods.activation_patching.plan_sweep`), with one prompt a batch's later sites
 joining its forward at their own block (:data:`~crosspatch.methods.activation_patching.JOIN_ROWS`). A site's value is that function's
 for the site within float rounding (which sites share a forward changes the last bits).
 """
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..engine.adapter import model_device, repeat_rows
+from ..engine.adapter import repeat_rows
 from ..engine.forward import Bound, execute
 from ..engine.interventions import Patch
-from ..engine.resume import resume_chunks
 from ..results.metrics import MetricContext
 from ..sites.site import Site, Span
-from .activation_patching import first_differences, source_run
+from .activation_patching import first_differences, plan_sweep, source_run
 from .attribution import BaseAndSource
-from .pairs import Pair, check_gap, rows_per_forward, same_masks
+from .pairs import Pair, check_gap, same_masks
 
 __all__ = ["Verifier"]
 
-# The module, not the function the package exports under its name: its planning switches are read at each call.
-_ap = import_module(".activation_patching", __package__)
 # With one prompt a round's later sites join its forward at their own block, as the sweep's do (when the sweep
 # joins: activation_patching.JOIN_ROWS). False: every site of a batch runs from the batch's first block (for
 # measuring what joining saves).
@@ -94,16 +90,9 @@ class Verifier:
         differs = first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
         todo = [i for i, first in enumerate(differs) if first is not None]
         patched = [s if not differs[i] else s.with_(pos=Span(differs[i], None)) for i, s in enumerate(patched)]
-        per_forward, tokens, join_at = max(1, rows_per_forward(self.batch_size, m, n) // n), None, None
-        if self.batch_size is None and prefix is not None and _ap.CPU_TOKENS_PER_FORWARD and model_device(m.module).type == "cpu":
-            # as activation_patching plans a CPU sweep: sites sharing a start batched, and with one prompt a
-            # batch's later sites joining its forward at their own block
-            per_forward, tokens = max(1, len(todo)), _ap.CPU_TOKENS_PER_FORWARD
-            join_at = "resid_pre" if JOIN_ROWS and _ap.JOIN_ROWS and n == 1 and "resid_pre" in m.catalog else None
         effects = torch.zeros(len(patched), dtype=torch.float64)
         patch = Patch(self.source)
-        for members, resume in resume_chunks([patched[i] for i in todo], m.catalog, prefix, per_forward, tokens,
-                                          join_at=join_at):
+        for members, resume in plan_sweep(m, [patched[i] for i in todo], n, self.batch_size, prefix, join=JOIN_ROWS):
             members = [todo[j] for j in members]
             inputs = repeat_rows(pair.base, len(members))
             bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
