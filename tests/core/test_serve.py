@@ -134,7 +134,10 @@ def test_streamed_sweep_is_activation_patching(served):
     shown = np.array(events[-1][1]["data"]["view"]["values"], dtype=float)
     metric = metrics.logit_diff(ex["answer"], ex["distractor"]).resolve(session.m.token_id)
     direct = activation_patching(session.m, ex["clean"], ex["corrupt"], "head_out.*[head=*]", metric, normalize=True)
-    np.testing.assert_array_equal(shown, direct.values)
+    # The direct sweep batches every layer's sites into one forward (rows joining at their block), the served one
+    # runs a layer at a time: float32 rounding (3e-8 of logit difference here) divided by this random model's
+    # small clean-corrupt gap (4.6e-4) moves a normalised value by up to 6.4e-5.
+    np.testing.assert_allclose(shown, direct.values, rtol=0, atol=2e-4)
 
     # The same settings saved as a study file read back as a study.
     import tomllib

@@ -49,6 +49,8 @@ def test_saved_study_reproduces_the_served_sweep(served, tmp_path, capsys):
     [(name, entry)] = record["results"].items()
     result = Result.load(out / entry["file"])
     assert result.metadata["method"] == "activation_patching"
-    np.testing.assert_array_equal(result.values.reshape(shown.shape), shown)
+    # The study runs the whole sweep in one call (rows of several layers joining one forward), the server a layer
+    # at a time: float32 rounding over this random model's small probability gap (up to 8e-5 normalised).
+    np.testing.assert_allclose(result.values.reshape(shown.shape), shown, rtol=0, atol=2e-4)
     assert record["study"]["analyses"][0]["options"] == {"normalize": True, "direction": "noising"}
     assert record["study"]["inputs"]["clean"] == [session.examples[1]["clean"]]
