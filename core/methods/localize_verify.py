@@ -75,24 +75,27 @@ class Verifier:
     def runs(self, sites: Sequence[str]) -> int:
         """How many of ``sites`` activation patching would run (the rest are skipped as unchanged); no forward.
         ``2 + runs(every site of a sweep)`` is that sweep's forwards as localize counts them."""
-        m = self.pair.model
-        patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), self.pair.sizes).sites]
-        prefix = self.base.prefix
-        differs = first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
+        _, differs = self._differences(sites)
         return sum(first is not None for first in differs)
+
+    def _differences(self, sites: Sequence[str]) -> tuple[list[Site], list[int | None]]:
+        """``sites`` as patched (through their family's linear source) and where each one's source value first
+        differs from the base run's (None: nowhere, the site is skipped)."""
+        m, prefix = self.pair.model, self.base.prefix
+        patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), self.pair.sizes).sites]
+        return patched, first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
 
     def patch(self, sites: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each site's effect (``activation_patching``'s value: the mean over prompts of the metric's change,
         divided by the gap with ``normalize``) and whether it was skipped as unchanged."""
         pair, m, n = self.pair, self.pair.model, self.pair.n
-        patched = [m.catalog.through_source(site) for site in m.catalog.expand(list(sites), pair.sizes).sites]
-        prefix = self.base.prefix
-        differs = first_differences(m, patched, self.source, self.base.cache, prefix is not None and prefix.causal)
+        patched, differs = self._differences(sites)
         todo = [i for i, first in enumerate(differs) if first is not None]
         patched = [s if not differs[i] else s.with_(pos=Span(differs[i], None)) for i, s in enumerate(patched)]
         effects = torch.zeros(len(patched), dtype=torch.float64)
         patch = Patch(self.source)
-        for members, resume in plan_sweep(m, [patched[i] for i in todo], n, self.batch_size, prefix, join=JOIN_ROWS):
+        for members, resume in plan_sweep(m, [patched[i] for i in todo], n, self.batch_size, self.base.prefix,
+                                          join=JOIN_ROWS):
             members = [todo[j] for j in members]
             inputs = repeat_rows(pair.base, len(members))
             bounds = [Bound(patched[i], patch, slice(j * n, (j + 1) * n)) for j, i in enumerate(members)]
