@@ -150,9 +150,10 @@ def _gradient_run(p: EdgePatcher, metric: Metric, extra: list[Bound], steps: int
     at = metric.positions(ctx, p.m.adapter.sizes(inputs))
     run, senders = p.senders(inputs, bounds, grad=True, output_at=at, keep_prefix=keep, output_only=p.output_only)
     senders = {k: v[:n] for k, v in senders.items()}
-    if run.prefix is not None:  # the corrupt run, made after this one, starts where the two inputs differ
-        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in p.read_keys})
+    if steps == 1:  # the corrupt run, made after this one, needs the output_only keys where this run's output is
         p.first_at = at
+    if run.prefix is not None:  # ... and starts where the two inputs differ
+        p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in p.read_keys})
         run.prefix = None
     ctx.example = ctx.example.to(run.output.device)
     ctx.clean = p.clean_out if p.clean_out is not None else run.output.detach()[:n]

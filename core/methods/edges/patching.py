@@ -100,7 +100,8 @@ class EdgePatcher:
         self._ablated_raw: dict[str, torch.Tensor] | None = None
         self._corrupt = None
         # A clean run's (inputs, prefix, senders as read), kept for the corrupt run to start where the inputs
-        # differ, and the positions that run computed its output at (its gradients are zero elsewhere).
+        # differ, and the positions a clean gradient run computed its output at (its gradients are zero
+        # elsewhere, so the corrupt run's ``output_only`` keys are needed there alone, prefix or not).
         self.first: tuple | None = None
         self.first_at: torch.Tensor | None = None
         # The last MLP's write reaches only logits_in: where both are used only through logits_in's gradient,
@@ -121,7 +122,7 @@ class EdgePatcher:
         senders' own values. The corrupt run is made on first use, from the positions it shares with
         ``first`` when a clean run kept one (:mod:`~crosspatch.methods.shared_prefix`)."""
         if self._ablated_raw is None and self._corrupt is not None:
-            if self.first is not None and self.first_at is not None:  # values for that run's gradients only
+            if self.first_at is not None:  # values for a clean gradient run's gradients only (with or without a prefix)
                 at, only = self.first_at, self.output_only
             else:  # the output is not read
                 at, only = torch.full((self.n,), self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1), ()

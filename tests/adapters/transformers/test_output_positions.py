@@ -121,14 +121,18 @@ def test_attribution_and_eap_are_unchanged_by_the_restriction(pair, metric):
             assert np.abs(slow.values).max() > 1e-4
             np.testing.assert_allclose(fast.values, slow.values, rtol=1e-5, atol=1e-7)
             assert fast.metadata["baseline"] == pytest.approx(slow.metadata["baseline"], rel=1e-6, abs=1e-7)
-    seen = []  # positions the last MLP computes: EAP reads its write only through logits_in's gradient
-    handle = model.transformer.h[-1].mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
-    try:
-        fast = eap(model, clean, corrupt, fn)
-    finally:
-        handle.remove()
-    assert seen == [1, 1]  # the run with gradients and the corrupt run
-    np.testing.assert_allclose(fast.values, eap(model, clean, corrupt, _everywhere(fn)).values, rtol=1e-5, atol=1e-7)
+    unshared = corrupt.clone()  # differs at position 0 too: the corrupt run shares no prefix with the clean one
+    unshared[:, 0] = (clean[:, 0] + 5) % 98 + 2
+    for other in (corrupt, unshared):
+        seen = []  # positions the last MLP computes: EAP reads its write only through logits_in's gradient
+        handle = model.transformer.h[-1].mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+        try:
+            fast = eap(model, clean, other, fn)
+        finally:
+            handle.remove()
+        assert seen == [1, 1]  # the run with gradients and the corrupt run, with a shared prefix or without
+        assert fast.metadata["shared_positions"] == (3 if other is corrupt else 0)
+        np.testing.assert_allclose(fast.values, eap(model, clean, other, _everywhere(fn)).values, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(eap_ig(model, clean, corrupt, fn, steps=2).values,
                                eap_ig(model, clean, corrupt, _everywhere(fn), steps=2).values, rtol=1e-5, atol=1e-7)
 
