@@ -48,15 +48,34 @@ class _Interpolate(Intervention):
 def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
     """Every sender's ``ablated - clean`` as one sender-major ``[sender, prompt, pos*d]`` buffer, at the positions
     from ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0.
-    Sender-major, a receiver's incoming senders (a prefix) over every prompt are one ``[n_in, prompts*pos*d]`` view."""
-    p.ablated_raw  # noqa: B018 (the ablated run, which sets the shared positions)
+    Sender-major, a receiver's incoming senders (a prefix) over every prompt are one ``[n_in, prompts*pos*d]`` view.
+
+    Each difference is written into the buffer where it is made: a sender read as itself by one subtraction,
+    per-head writes read as ``head_z`` by one batched matmul of the ``z`` differences with each head's rows of
+    the output projection (:meth:`~.patching.EdgePatcher.per_sender_map`), so no ``[prompt, pos, head, d]``
+    write is materialised and permuted."""
+    ablated_raw = p.ablated_raw  # the ablated run, which sets the shared positions
+    start = p.shared_positions
     sd, row = None, 0
     for key in p.keys:
-        diff = p.sender_diff(key, clean_senders[key], p.shared_positions)  # [n, pos, k, d]
-        n, pos, k, d = diff.shape
+        clean = clean_senders[key][:, start:]
+        ablated = None if ablated_raw is None else ablated_raw[key][:, start:].to(clean.dtype).expand_as(clean)
+        per_sender = p.per_sender_map(key, clean)
+        n, q = clean.shape[:2]
+        k = 1 if per_sender is None and clean.ndim == 3 else clean.shape[2]
+        d = clean.shape[-1] if per_sender is None else per_sender.shape[-1]
         if sd is None:
-            sd = diff.new_empty(sum(k for _, k in p.graph.sender_keys), n, pos * d)
-        sd[row : row + k].view(k, n, pos, d).copy_(diff.permute(2, 0, 1, 3))
+            sd = clean.new_empty(sum(k for _, k in p.graph.sender_keys), n, q * d)
+        out = sd[row : row + k]
+        with torch.no_grad():
+            if per_sender is not None:  # [n, q, k, e] -> [k, n*q, e] @ [k, e, d]
+                dz = clean.neg() if ablated is None else ablated - clean
+                torch.bmm(dz.permute(2, 0, 1, 3).reshape(k, n * q, -1), per_sender, out=out.view(k, n * q, d))
+            elif clean.ndim == 3:  # one sender: [n, q, d]
+                dest = out.view(n, q, d)
+                torch.neg(clean, out=dest) if ablated is None else torch.sub(ablated, clean, out=dest)
+            else:  # per-head values read as themselves: [n, q, k, d]
+                out.view(k, n, q, d).copy_((clean.neg() if ablated is None else ablated - clean).permute(2, 0, 1, 3))
         row += k
     return sd
 

@@ -167,6 +167,17 @@ class EdgePatcher:
         site = Site.parse(key)
         return self.m.catalog.family(site.family).linear_from.apply(raw, site.layer)
 
+    def per_sender_map(self, key: str, raw: torch.Tensor) -> torch.Tensor | None:
+        """Sender ``key``'s linear map from its value as read (``raw`` ``[rows, pos, k, e]``) to its own, one
+        ``[e, d]`` matrix per sender as ``[k, e, d]``; None when it is read as itself. Read off the family's
+        ``linear_from`` (bias-free, the same map at every position) applied to the identity laid along the
+        position axis: exact, and no adapter needs to say where its weights are."""
+        if self.reads[key] == key:
+            return None
+        k, e = raw.shape[-2:]
+        eye = torch.eye(e, dtype=raw.dtype, device=raw.device)[None, :, None, :].expand(1, e, k, e)
+        return self.writes(key, eye)[0].transpose(0, 1)  # [k, e, d]
+
     def sender_diff(self, key: str, clean_raw: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``ablated - clean`` for sender ``key`` as ``[rows, pos, k, d]`` at positions ``start..``, from its clean
         value as read (the difference is taken before the linear map, which then runs once)."""
