@@ -38,7 +38,7 @@ from crosspatch.engine.adapter import Adapter
 from crosspatch.engine.forward import Bound, execute
 from crosspatch.engine.cache import Cache
 from crosspatch.engine.interventions import Patch, Zero
-from crosspatch.engine.reach import submodule
+from crosspatch.engine.reach import Changes, submodule, temporarily
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.site import Site, SiteError
 
@@ -95,16 +95,16 @@ class Proof:
 
 
 class _Raw:
-    """Raw hooks on one module per layer: its first input and its output, as torch hands them over."""
+    """Raw hooks on one module per layer, made through ``changes`` (which removes them): its first input and
+    its output, as torch hands them over."""
 
-    def __init__(self, root: nn.Module, path: str, layers: int):
+    def __init__(self, changes: Changes, root: nn.Module, path: str, layers: int):
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = []
         for layer in range(layers):
             module = submodule(root, path, layer)
-            self.handles.append(module.register_forward_pre_hook(self._reads(layer)))
-            self.handles.append(module.register_forward_hook(self._writes(layer)))
+            changes.forward_pre_hook(module, self._reads(layer))
+            changes.forward_hook(module, self._writes(layer))
 
     def _reads(self, layer: int) -> Callable:
         def hook(module, args):
@@ -118,10 +118,6 @@ class _Raw:
 
         return hook
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
 
 def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architecture, layout: InputLayout | None) -> Proof:
     """Every check of the module docstring on ``catalog``'s families."""
@@ -131,18 +127,14 @@ def prove(model: nn.Module, adapter: Adapter, catalog: Catalog, arch: Architectu
     proof = Proof(families=tuple(f.name for f in catalog))
 
     block = f"{arch.layers}.{{layer}}"
-    o_proj = _Raw(base, f"{block}.{arch.o_proj}", n)
-    down = _Raw(base, f"{block}.{arch.mlp_down}", n) if arch.mlp_down else None
-    try:
+    with temporarily() as changes:  # the raw hooks, each undo registered before its hook, removed when the runs end
+        o_proj = _Raw(changes, base, f"{block}.{arch.o_proj}", n)
+        down = _Raw(changes, base, f"{block}.{arch.mlp_down}", n) if arch.mlp_down else None
         try:
             run = execute(model, adapter, catalog, inputs, capture=[key for f in catalog for key in _keys(f)])
         except SiteError:
             catalog = _reached(model, adapter, catalog, inputs, proof)
             run = execute(model, adapter, catalog, inputs, capture=[key for f in catalog for key in _keys(f)])
-    finally:
-        o_proj.remove()
-        if down is not None:
-            down.remove()
     keys = [key for f in catalog for key in _keys(f)]
     # The pattern's capture takes the eager attention; every other family is patched from, and compared
     # with, a run on the model's own attention.
@@ -281,20 +273,19 @@ def _head_out_oracle(model, adapter, catalog, inputs, arch: Architecture, proof:
         return (z, *args[1:])
 
     bound = Bound(Site.make("head_out", layer, head=head), Zero())
-    patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: o_proj.register_forward_pre_hook(zero))
+    install = lambda changes: changes.forward_pre_hook(o_proj, zero)  # noqa: E731
+    patched, expected = _against_hook(model, adapter, catalog, inputs, bound, install)
     proof.check("head_out", patched, expected, f"head {head} zeroed differs from a hook on the output projection's input")
 
 
-def _against_hook(model, adapter, catalog, inputs, bound: Bound, hook: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+def _against_hook(model, adapter, catalog, inputs, bound: Bound,
+                  hook: Callable[[Changes], None]) -> tuple[torch.Tensor, torch.Tensor]:
     """The output with ``bound`` applied by the engine, and the output with the hand-written hook that
-    ``hook()`` installs (and returns the handle of) instead."""
+    ``hook(changes)`` installs through ``changes`` instead (removed when that forward ends)."""
     patched = execute(model, adapter, catalog, inputs, [bound]).output
-    handle = hook()
-    try:
-        with torch.no_grad():
-            expected = adapter.output(adapter.forward(model, inputs))
-    finally:
-        handle.remove()
+    with temporarily() as changes, torch.no_grad():
+        hook(changes)
+        expected = adapter.output(adapter.forward(model, inputs))
     return patched, expected
 
 
@@ -349,7 +340,8 @@ def _head_in_oracle(model, adapter, catalog, inputs, arch: Architecture, layout:
                     out[..., cols] = full[..., cols]
                 return out
 
-            patched, expected = _against_hook(model, adapter, catalog, inputs, bound, lambda: proj.register_forward_hook(hook))
+            install = lambda changes, hook=hook: changes.forward_hook(proj, hook)  # noqa: E731
+            patched, expected = _against_hook(model, adapter, catalog, inputs, bound, install)
             what = f"{names[role]} head {head}: the patch differs from a hook on its projection"
         proof.check("head_in", patched, expected, what)
 
@@ -362,12 +354,10 @@ def _handed_by_other(model, attention: nn.Module, proj: nn.Module, normed: torch
     def read(query, key, value):
         seen.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
 
-    handle = proj.register_forward_pre_hook(lambda module, args: (normed.to(args[0]), *args[1:]))
-    try:
+    with temporarily() as changes:
+        changes.forward_pre_hook(proj, lambda module, args: (normed.to(args[0]), *args[1:]))
         with handed_states(model, attention, read), torch.no_grad():
             adapter.forward(model, inputs)
-    finally:
-        handle.remove()
     return seen[0] if seen else None
 
 
