@@ -319,7 +319,9 @@ class TransformersAdapter(Adapter):
 
     def output_at(self, model: nn.Module, positions: torch.Tensor, keys: set[str]) -> list:
         """A language model's head computed at one position per row (:mod:`crosspatch.output_positions`), and in
-        a causal model also the last block's MLP, which only the head reads (each position on its own)."""
+        a causal model also the last block's MLP, which only the head reads (each position on its own), and in a
+        sequential pre-norm block the attention's output projection before it, which only that MLP and the head
+        read (the attention itself runs whole: its keys and values are read at every position)."""
         if clip.is_clip(model) or model is model.base_model or "logits" in keys:
             return []
         if seq2seq.is_seq2seq(model):
@@ -338,6 +340,11 @@ class TransformersAdapter(Adapter):
         # An MLP handed the residual it adds (BLOOM) reads it whole: it cannot run at one position alone.
         if arch.causal and arch.mlp_residual is None and not arch.flat and not keys & after_mlp:
             handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.mlp}", None), positions)
+            # What the restricted projection's output is summed into on the way to the MLP; any module site may be.
+            after_attn = {f"{f}.{last}" for f in ("head_out", "attn_out", "resid_mid", "mlp_in")}
+            plain = arch.resid_mid == "sum" and arch.attn_residual is None and arch.attn_scale is None and not arch.copied
+            if plain and not keys & after_attn and not any(key.startswith("module") for key in keys):
+                handles += restrict(submodule(model.base_model, f"{arch.layers}.{last}.{arch.o_proj}", None), positions)
         return handles
 
     def gradient_hooks(self, model: nn.Module) -> list:

@@ -104,9 +104,11 @@ class EdgePatcher:
         # elsewhere, so the corrupt run's ``output_only`` keys are needed there alone, prefix or not).
         self.first: tuple | None = None
         self.first_at: torch.Tensor | None = None
-        # The last MLP's write reaches only logits_in: where both are used only through logits_in's gradient,
-        # which is zero away from the positions the metric reads, the model may compute them at those alone.
-        self.output_only = (f"{self.graph.tower}mlp_out.{self.n_layers - 1}", f"{self.graph.tower}logits_in")
+        # The last MLP's write reaches only logits_in, and the last MLP's input only that write: where these are used
+        # only through logits_in's gradient (or their own), which is zero away from the positions the metric reads,
+        # the model may compute them at those alone (the last MLP, and the attention output projection before it).
+        last = self.n_layers - 1
+        self.output_only = tuple(f"{self.graph.tower}{f}" for f in (f"mlp_out.{last}", f"mlp_in.{last}", "logits_in"))
         self.shared_positions = 0
         if ablation == "resample":
             if corrupt is None:

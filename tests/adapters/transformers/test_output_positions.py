@@ -86,6 +86,32 @@ def test_the_last_mlp_runs_at_the_positions_only_when_no_site_reads_it(gpt2, ids
         torch.testing.assert_close(run.output[:, -1], full.output[:, -1], atol=1e-5, rtol=0)
 
 
+def test_the_last_attention_projection_runs_at_the_positions_only_when_nothing_reads_what_it_feeds(gpt2, ids):
+    """The last block's attention output projection reaches only the last MLP and the head: restricted with them,
+    unless a site it is summed into is read (head_out, attn_out, resid_mid, mlp_in of that block); then every
+    read value equals a whole run's. Sites before it (head_z, head_in) are read whole either way."""
+    m = cp.wrap(gpt2)
+    inputs = m.prepare(ids)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    reads = ["head_z.1", "head_in.1", "head_out.1", "attn_out.1", "resid_mid.1", "mlp_in.1"]
+    full = execute(m.module, m.adapter, m.catalog, inputs, capture=reads)
+    proj = gpt2.transformer.h[1].attn.c_proj
+    seen, forward = [], proj.forward
+    proj.forward = lambda x: (seen.append(x.shape[1]), forward(x))[1]  # the module's own input, after any pre-hook
+    try:
+        runs = {key: execute(m.module, m.adapter, m.catalog, inputs, capture=[key], output_at=last) for key in reads}
+        only = execute(m.module, m.adapter, m.catalog, inputs, capture=["mlp_in.1"], output_at=last, output_only=["mlp_in.1"])
+    finally:
+        del proj.forward
+    assert seen == [1, 1] + [ids.shape[1]] * 4 + [1]
+    for key, run in runs.items():
+        torch.testing.assert_close(run.cache[key], full.cache[key], atol=0, rtol=0)
+        torch.testing.assert_close(run.output[:, -1], full.output[:, -1], atol=1e-5, rtol=0)
+    rows = torch.arange(ids.shape[0])  # read at the output positions only, as output_only says
+    torch.testing.assert_close(only.cache["mlp_in.1"][rows, last], full.cache["mlp_in.1"][rows, last], atol=1e-6, rtol=0)
+    torch.testing.assert_close(only.output[:, -1], full.output[:, -1], atol=1e-5, rtol=0)
+
+
 def test_hooks_go_on_error_and_bad_positions_are_refused(gpt2, ids):
     m = cp.wrap(gpt2)
     inputs = m.prepare(ids)
