@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.sites.catalog import Catalog
 from crosspatch.sites.selection import GROUP_PREFIX
 
-from . import llava, llava_next, qwen2_vl, several
+from . import llava, llava_next, qwen2_vl
 from .groups import group_masks
 from .qwen2_vision import vision_sizes
 
@@ -32,6 +32,28 @@ __all__ = ["VLMAdapter"]
 _MODEL_KEYS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "image_grid_thw", "mm_token_type_ids",
                "image_sizes")
 _CATALOGS: "weakref.WeakKeyDictionary[nn.Module, dict[int, Catalog]]" = weakref.WeakKeyDictionary()  # per images a row
+
+
+class _Layout(Protocol):
+    """What a layout module (:mod:`.llava`, :mod:`.qwen2_vl`, :mod:`.llava_next`) answers for the adapter."""
+
+    EMBED_IS_PROJECTOR_OUT: bool  # embed at the image positions is projector_out as it is
+
+    def catalog(self, model: nn.Module) -> Catalog: ...
+
+    def with_images(self, model: nn.Module, catalog: Catalog, k: int) -> Catalog: ...
+
+    def prepare_images(self, model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor, device: torch.device,
+                       k: int = 1) -> dict[str, torch.Tensor]: ...
+
+    def part_groups(self, model: nn.Module, prepared: Mapping[str, torch.Tensor], token: int | None,
+                    k: int) -> dict[str, torch.Tensor]: ...
+
+    def forward_kwargs(self, model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]: ...
+
+    def describe(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def example_inputs(self, model: nn.Module, *, images: int = 1) -> dict[str, torch.Tensor]: ...
 
 
 class VLMAdapter(Adapter):
@@ -65,7 +87,7 @@ class VLMAdapter(Adapter):
         if 1 not in per_model:
             per_model[1] = _kind(model).catalog(model)
         if k not in per_model:  # LLaVA-NeXT: k tower images a row are the whole image and its crops
-            per_model[k] = llava_next.crop_catalog(model, k) if _kind(model) is llava_next else several.with_images(per_model[1], k)
+            per_model[k] = _kind(model).with_images(model, per_model[1], k)
         return per_model[k]
 
     def prepare(self, model: nn.Module, inputs: Any) -> Inputs:
@@ -88,18 +110,8 @@ class VLMAdapter(Adapter):
         if inputs.get("token_type_ids") is not None:  # PaliGemma: 0 marks the prefix (attended both ways)
             types = torch.as_tensor(inputs["token_type_ids"])
             out["token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
-        pixels = inputs.get("pixel_values")
-        if qwen2_vl.is_served(model):
-            out.update(qwen2_vl.prepare_images(model, inputs, ids.shape[0], device, self.images_per_row))
-            types = inputs.get("mm_token_type_ids")
-            types = qwen2_vl.token_types(model, ids) if types is None else torch.as_tensor(types)
-            out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
-        elif llava_next.is_anyres(model):
-            out.update(llava_next.prepare_images(model, inputs, ids.shape[0], device, llava.pixel_dtype(model),
-                                                 self.images_per_row))
-        elif pixels is not None:
-            pixels = llava.prepare_pixels(model, torch.as_tensor(pixels), ids.shape[0], self.images_per_row)
-            out["pixel_values"] = pixels.to(device=device, dtype=llava.pixel_dtype(model))
+        layout = _kind(model)
+        out.update(layout.prepare_images(model, inputs, ids, device, self.images_per_row))
         carried = {k: v for k, v in inputs.items() if str(k).startswith(GROUP_PREFIX)}
         if carried:  # prepared already: keep the groups as they are (they follow the rows when tiled)
             out.update({k: v.to(device) for k, v in carried.items()})
@@ -107,22 +119,12 @@ class VLMAdapter(Adapter):
             token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
             prefix = out.get("token_type_ids") if model.config.model_type == "paligemma" else None  # Gemma 3's mark images
             out.update(group_masks(ids, out.get("attention_mask"), token, inputs.get("groups"), prefix))
-            more: dict[str, torch.Tensor] = {}
-            if "image_sizes" in out:  # LLaVA-NeXT: which image tokens come from the whole image, which from each crop
-                more = llava_next.crop_groups(model, ids, out["image_sizes"], token)
-            elif self.images_per_row > 1:
-                per_image = (qwen2_vl.image_tokens(model, out["image_grid_thw"]) if qwen2_vl.is_served(model)
-                             else llava.image_tokens(model))
-                more = several.image_groups(out[GROUP_PREFIX + "image"], self.images_per_row, per_image)
+            more = layout.part_groups(model, out, token, self.images_per_row)  # each image's or crop's tokens
             out.update({GROUP_PREFIX + k: v for k, v in more.items()})
         return out
 
     def forward(self, model: nn.Module, inputs: Inputs) -> Any:
-        if qwen2_vl.is_served(model):
-            return model(**qwen2_vl.model_inputs(inputs), use_cache=False, return_dict=True)
-        kwargs = {k: v for k, v in inputs.items() if k in _MODEL_KEYS}
-        if self.images_per_row > 1 and _kind(model) is llava and not llava.images_per_row_axis(model):  # [rows * k, 3, H, W]
-            kwargs["pixel_values"] = kwargs["pixel_values"].flatten(0, 1)
+        kwargs = _kind(model).forward_kwargs(model, {k: v for k, v in inputs.items() if k in _MODEL_KEYS}, self.images_per_row)
         return model(**kwargs, use_cache=False, return_dict=True)
 
     def output(self, raw: Any) -> torch.Tensor:
@@ -133,32 +135,12 @@ class VLMAdapter(Adapter):
         return {"pos": n, "key_pos": n, **vision_sizes(inputs, self.images_per_row)}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        config = model.config
-        if qwen2_vl.is_served(model):
-            t, v = config.text_config, config.vision_config
-            return {"class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
-                    "vision": {"n_layers": v.depth, "n_heads": v.num_heads, "d_model": v.embed_dim,
-                               "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size},
-                    "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
-                    "name_or_path": getattr(config, "name_or_path", "") or "",
-                    "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
-        v, t = config.vision_config, config.text_config
-        return {
-            "class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
-            "vision": {"n_layers": v.num_hidden_layers, "n_heads": v.num_attention_heads, "d_model": v.hidden_size,
-                       "image_size": v.image_size, "patch_size": v.patch_size},
-            "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
-            **({} if llava_next.is_anyres(model) else {"image_tokens": llava.image_tokens(model)}),
-            "name_or_path": getattr(config, "name_or_path", "") or "",
-            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-        }
+        return _kind(model).describe(model)
 
     # -- verification: crosspatch verify ----------------------------------------------------------
 
     def example_inputs(self, model: nn.Module) -> Any:
-        if self.images_per_row > 1 and _kind(model) is not llava_next:
-            return _kind(model).example_inputs(model, images=self.images_per_row)
-        return _kind(model).example_inputs(model)
+        return _kind(model).example_inputs(model, images=self.images_per_row)
 
     def tiny_model(self, kind: str) -> nn.Module:
         """A tiny random ``llava``, ``paligemma``, ``idefics3``, ``qwen2_vl`` or ``llava_next`` (:mod:`.tiny`)."""
@@ -178,8 +160,8 @@ class VLMAdapter(Adapter):
         last_vision = families["vision.head_out"].layers - 1 if "vision.head_out" in families else 0
         sites = {"vision.head_out": (f"vision.head_out.{last_vision}", last_vision), "head_out": ("head_out.0", 0)}
         sites = {name: site for name, site in sites.items() if name in families}  # the LM or the tower may be unserved
-        # LLaVA-NeXT packs the projected crops (unpadded, with newlines), so embed there is not projector_out
-        merged = ["embed", "projector_out"] if "projector_out" in families and _kind(model) is not llava_next else []
+        # embed at the image positions against projector_out where the layout puts the features in as they are
+        merged = ["embed", "projector_out"] if "projector_out" in families and _kind(model).EMBED_IS_PROJECTOR_OUT else []
         projections = {name: _projection(m.catalog.family(name).reach, layer) for name, (_, layer) in sites.items()}
         outputs: dict[str, torch.Tensor] = {}
         with temporarily() as changes:
@@ -216,7 +198,7 @@ def _served(model: nn.Module) -> bool:
     return llava.is_served(model) or qwen2_vl.is_served(model)
 
 
-def _kind(model: nn.Module):
+def _kind(model: nn.Module) -> _Layout:
     """The module serving ``model``'s layout: :mod:`.qwen2_vl`, :mod:`.llava_next` or :mod:`.llava`."""
     return qwen2_vl if qwen2_vl.is_served(model) else llava_next if llava_next.is_anyres(model) else llava
 

@@ -22,20 +22,27 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import replace
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from crosspatch.engine.reach import ModuleOutput, temporarily
 from crosspatch.sites.catalog import Axis, Catalog, SiteFamily
+from crosspatch.sites.selection import GROUP_PREFIX
 
 from crosspatch.adapters.transformers.clip import _tower_families
 
+from . import several
 from .language import language_families
 from .reaches import OutputFirst, TokenGrid
 
 __all__ = ["is_served", "catalog", "parts", "example_inputs", "image_tokens", "images_per_row_axis", "pixel_dtype", "image_hw",
-           "prepare_pixels"]
+           "prepare_pixels", "with_images", "prepare_images", "part_groups", "forward_kwargs", "describe",
+           "EMBED_IS_PROJECTOR_OUT"]
+
+#: ``embed`` at the image positions is ``projector_out`` as it is (the projected features replace the image tokens).
+EMBED_IS_PROJECTOR_OUT = True
 
 # (vision tower, projector, language model) attribute names of the base model, per layout.
 _LAYOUTS = (("vision_tower", "multi_modal_projector", "language_model"), ("vision_model", "connector", "text_model"))
@@ -189,6 +196,53 @@ def catalog(model: nn.Module, example=None) -> Catalog:
     text, unavailable = language_families(model, lm, example or (lambda: example_inputs(model)))
     families += text
     return Catalog(families, type(model).__name__, unavailable=unavailable)
+
+
+def with_images(model: nn.Module, catalog: Catalog, k: int) -> Catalog:
+    """The catalog for ``k`` images a row: ``catalog``'s (one a row) with the tower's and projector's families
+    over ``[rows, image, ...]`` (:func:`.several.with_images`)."""
+    return several.with_images(catalog, k)
+
+
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor, device: torch.device,
+                   k: int = 1) -> dict[str, torch.Tensor]:
+    """``pixel_values`` per row (:func:`prepare_pixels`) in the tower's dtype, when ``inputs`` hold any."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return {}
+    pixels = prepare_pixels(model, torch.as_tensor(pixels), ids.shape[0], k)
+    return {"pixel_values": pixels.to(device=device, dtype=pixel_dtype(model))}
+
+
+def part_groups(model: nn.Module, prepared: Mapping[str, torch.Tensor], token: int | None, k: int) -> dict[str, torch.Tensor]:
+    """For ``k > 1`` images a row, ``image0`` ... (each image's tokens: :func:`.several.image_groups`); none for one."""
+    if k == 1:
+        return {}
+    return several.image_groups(prepared[GROUP_PREFIX + "image"], k, image_tokens(model))
+
+
+def forward_kwargs(model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments from its prepared ``inputs``: ``k > 1`` images a row flattened to
+    ``[rows * k, 3, H, W]``, unless the model takes them per row (Idefics3)."""
+    if k > 1 and not images_per_row_axis(model):
+        inputs = {**inputs, "pixel_values": inputs["pixel_values"].flatten(0, 1)}
+    return inputs
+
+
+def describe(model: nn.Module, per_image_tokens: bool = True) -> dict[str, Any]:
+    """The class, the tower's and the language model's sizes and, with ``per_image_tokens``, the image tokens
+    of one image (LLaVA-NeXT's depend on each image's size)."""
+    config = model.config
+    v, t = config.vision_config, config.text_config
+    return {
+        "class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
+        "vision": {"n_layers": v.num_hidden_layers, "n_heads": v.num_attention_heads, "d_model": v.hidden_size,
+                   "image_size": v.image_size, "patch_size": v.patch_size},
+        "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
+        **({"image_tokens": image_tokens(model)} if per_image_tokens else {}),
+        "name_or_path": getattr(config, "name_or_path", "") or "",
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+    }
 
 
 def prepare_pixels(model: nn.Module, pixels: torch.Tensor, rows: int, k: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ served as for LLaVA, with groups that say which image token comes from where (:f
 ``image_base`` (the whole image), ``crop0`` ... (each crop, in raster order over the grid) and
 ``image_newline``. The tower runs ``rows * (1 + crops)`` images, so the ``vision.*`` and ``projector_out``
 families, whose batch is the rows, are not served; with ``VLMAdapter(images_per_row=1 + crops)`` they are,
-over ``[rows, image, ...]`` (``image=0`` the whole image, ``image=c + 1`` crop ``c``: :func:`crop_catalog`).
+over ``[rows, image, ...]`` (``image=0`` the whole image, ``image=c + 1`` crop ``c``: :func:`with_images`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ from crosspatch.sites.catalog import Catalog
 from . import several
 from .inputs import pixels_with
 from .language import language_families
+from . import llava
 from .llava import anyres_crops, install_output_recorders
-from .llava import catalog as llava_catalog
 
-__all__ = ["is_anyres", "catalog", "token_sources", "crop_groups", "prepare_images", "example_inputs", "NOT_SERVED"]
+__all__ = ["is_anyres", "catalog", "with_images", "token_sources", "crop_groups", "prepare_images", "part_groups",
+           "forward_kwargs", "describe", "example_inputs", "NOT_SERVED", "EMBED_IS_PROJECTOR_OUT"]
+
+#: ``embed`` at the image positions is not ``projector_out``: the model packs the projected crops (unpadded, with
+#: newlines) before they replace the image tokens.
+EMBED_IS_PROJECTOR_OUT = False
 
 NOT_SERVED = {
     "vision.*": "LLaVA-NeXT's tower runs the whole image and every crop of it (1 + crops images per row), not one per row",
@@ -43,16 +48,17 @@ def is_anyres(model: nn.Module) -> bool:
 
 
 def catalog(model: nn.Module) -> Catalog:
-    """The language model's families (the tower's batch is every crop: see :func:`crop_catalog` for them)."""
+    """The language model's families (the tower's batch is every crop: see :func:`with_images` for them)."""
     install_output_recorders(model)
     families, unavailable = language_families(model, model.model.language_model, lambda: example_inputs(model))
     return Catalog(families, type(model).__name__, unavailable={**NOT_SERVED, **unavailable})
 
 
-def crop_catalog(model: nn.Module, k: int) -> Catalog:
+def with_images(model: nn.Module, catalog: Catalog, k: int) -> Catalog:
     """Every family, the tower's and the projector's over ``[rows, image, ...]``: ``k`` tower images a row, the
-    whole image (``image=0``) and ``k - 1`` crops (``image=c + 1`` is ``crop<c>``), for images of one size."""
-    return several.with_images(llava_catalog(model, lambda: example_inputs(model)), k)
+    whole image (``image=0``) and ``k - 1`` crops (``image=c + 1`` is ``crop<c>``), for images of one size.
+    Built from LLaVA's families (``catalog``, the language model's alone, has no tower family to extend)."""
+    return several.with_images(llava.catalog(model, lambda: example_inputs(model)), k)
 
 
 def crops(model: nn.Module, image_size: tuple[int, int]) -> int:
@@ -102,10 +108,29 @@ def crop_groups(model: nn.Module, ids: torch.Tensor, image_sizes: torch.Tensor, 
     return out
 
 
-def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device, dtype,
+def part_groups(model: nn.Module, prepared: Mapping[str, torch.Tensor], token: int | None, k: int) -> dict[str, torch.Tensor]:
+    """Which image tokens come from the whole image, which from each crop (:func:`crop_groups`); with no
+    image given, those of LLaVA (:func:`.llava.part_groups`)."""
+    if "image_sizes" not in prepared:
+        return llava.part_groups(model, prepared, token, k)
+    return crop_groups(model, prepared["input_ids"], prepared["image_sizes"], token)
+
+
+def forward_kwargs(model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments: its prepared ``inputs`` as they are (the model takes the crops per row)."""
+    return inputs
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """LLaVA's description (:func:`.llava.describe`) without image tokens per image: they depend on its size."""
+    return llava.describe(model, per_image_tokens=False)
+
+
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor, device: torch.device,
                    k: int = 1) -> dict[str, torch.Tensor]:
-    """``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` and ``image_sizes`` ``[rows, 2]``, one image per row of one
-    size (``1 + crops`` is ``k`` when the tower's families are served, ``k > 1``)."""
+    """``pixel_values`` ``[rows, 1 + crops, 3, H, W]`` (in the tower's dtype) and ``image_sizes`` ``[rows, 2]``, one
+    image per row of one size (``1 + crops`` is ``k`` when the tower's families are served, ``k > 1``)."""
+    rows = ids.shape[0]
     found = pixels_with(inputs, "image_sizes", "LLaVA-NeXT", "[images, 2]")
     if found is None:
         return {}
@@ -117,12 +142,13 @@ def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, devic
             f"adapter takes one image per row, all of one size: [rows, 1 + crops, 3, H, W] and [rows, 2]"
             + (f", with 1 + crops = {k} (VLMAdapter(images_per_row={k}))" if k > 1 else "")
         )
-    return {"pixel_values": pixels.to(device=device, dtype=dtype), "image_sizes": sizes.to(device)}
+    return {"pixel_values": pixels.to(device=device, dtype=llava.pixel_dtype(model)), "image_sizes": sizes.to(device)}
 
 
-def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(model: nn.Module, rows: int = 2, text: int = 5, seed: int = 0, images: int = 1) -> dict[str, torch.Tensor]:
     """``[bos, image tokens, text ...]`` with an image one tower-size high and two wide per row (the grid's
-    crops, the whole image and newlines as the model packs them)."""
+    crops, the whole image and newlines as the model packs them). One image a row whatever ``images`` (the
+    tower images a row an adapter takes): its crops are the tower's other images."""
     config = model.config
     side = config.vision_config.image_size
     size = (side, 2 * side)

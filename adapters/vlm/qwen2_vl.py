@@ -21,13 +21,19 @@ import torch
 from torch import nn
 
 from crosspatch.sites.catalog import Catalog
+from crosspatch.sites.selection import GROUP_PREFIX
 
+from . import several
 from .inputs import pixels_with
 from .language import language_families
 from .llava import install_output_recorders
 from .qwen2_vision import vision_families
 
-__all__ = ["is_served", "catalog", "prepare_images", "model_inputs", "example_inputs"]
+__all__ = ["is_served", "catalog", "with_images", "prepare_images", "part_groups", "model_inputs", "forward_kwargs", "describe",
+           "example_inputs", "EMBED_IS_PROJECTOR_OUT"]
+
+#: ``embed`` at the image positions is ``projector_out`` (the merger's output) as it is.
+EMBED_IS_PROJECTOR_OUT = True
 
 
 def is_served(model: nn.Module) -> bool:
@@ -51,8 +57,23 @@ def _token(model: nn.Module) -> int:
     return model.config.image_token_id
 
 
-def prepare_images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device,
+def with_images(model: nn.Module, catalog: Catalog, k: int) -> Catalog:
+    """The catalog for ``k`` images a row: ``catalog``'s (one a row) with the tower's and merger's families
+    over ``[rows, image, ...]`` (:func:`.several.with_images`)."""
+    return several.with_images(catalog, k)
+
+
+def prepare_images(model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor, device: torch.device,
                    k: int = 1) -> dict[str, torch.Tensor]:
+    """The images (:func:`_images`) and ``mm_token_type_ids`` (those given, else 1 on the image tokens of ``ids``)."""
+    out = _images(model, inputs, ids.shape[0], device, k)
+    types = inputs.get("mm_token_type_ids")
+    types = token_types(model, ids) if types is None else torch.as_tensor(types)
+    out["mm_token_type_ids"] = (types.unsqueeze(0) if types.ndim == 1 else types).to(device=device, dtype=torch.long)
+    return out
+
+
+def _images(model: nn.Module, inputs: Mapping[str, Any], rows: int, device: torch.device, k: int) -> dict[str, torch.Tensor]:
     """``pixel_values`` as ``[rows, k * patches, features]`` and ``image_grid_thw`` as ``[rows, 3]`` (``[rows, k, 3]``
     for ``k`` images a row), so both follow the rows when the engine tiles or slices them."""
     found = pixels_with(inputs, "image_grid_thw", "Qwen2-VL", "[images, 3]")
@@ -85,6 +106,30 @@ def model_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out["image_grid_thw"] = inputs["image_grid_thw"].reshape(-1, 3)  # [rows * k, 3], each row's images in turn
     out["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     return out
+
+
+def forward_kwargs(model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments from its prepared ``inputs`` (:func:`model_inputs`)."""
+    return model_inputs(inputs)
+
+
+def part_groups(model: nn.Module, prepared: Mapping[str, torch.Tensor], token: int | None, k: int) -> dict[str, torch.Tensor]:
+    """For ``k > 1`` images a row, ``image0`` ... (each image's tokens: :func:`.several.image_groups`); none for one."""
+    if k == 1:
+        return {}
+    return several.image_groups(prepared[GROUP_PREFIX + "image"], k, image_tokens(model, prepared["image_grid_thw"]))
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The class, the tower's (with its patch merging) and the language model's sizes."""
+    config = model.config
+    t, v = config.text_config, config.vision_config
+    return {"class": type(model).__name__, "library": "transformers", "model_type": config.model_type,
+            "vision": {"n_layers": v.depth, "n_heads": v.num_heads, "d_model": v.embed_dim,
+                       "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size},
+            "text": {"n_layers": t.num_hidden_layers, "n_heads": t.num_attention_heads, "d_model": t.hidden_size},
+            "name_or_path": getattr(config, "name_or_path", "") or "",
+            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
 
 
 def image_tokens(model: nn.Module, grid: torch.Tensor) -> int:
