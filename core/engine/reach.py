@@ -172,8 +172,10 @@ def temporarily() -> Iterator[Changes]:
     changes = Changes()
     try:
         yield changes
-    finally:
         changes.remove()
+    except BaseException:  # also an interrupt that lands in the removal above, before it started removing
+        changes.remove()
+        raise
 
 
 def hook_mark() -> int:

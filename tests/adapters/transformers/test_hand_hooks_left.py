@@ -24,7 +24,6 @@ from crosspatch.adapters.transformers import proof as proof_module
 from crosspatch.adapters.transformers import reaches
 from crosspatch.adapters.transformers.cdt_blocks import TransformersDecomposition, decomposed_forward
 from crosspatch.adapters.transformers.mapping import mapping_for
-from crosspatch.engine import reach as engine_reach
 from crosspatch.engine.forward import execute
 from crosspatch.engine.reach import submodule
 
@@ -180,16 +179,14 @@ def _points(interrupter, action) -> list:
 # CD-T's recording forward: its lines and every line below them in crosspatch and the registration code.
 # The proof: its own lines, and those of its functions that hook the model and every line of the engine's
 # hook tools and torch's registration below them, but not the engine's runs (the engine's own tests
-# interrupt those). Neither interrupts the engine's ``temporarily`` itself: an interrupt at the first lines
-# of its teardown, before the removal starts, leaves the block's changes in place whoever uses it.
-TEMPORARILY = engine_reach.temporarily.__wrapped__
+# interrupt those).
 INTERRUPTED = {
-    "cdt prepare": dict(deep=[TransformersDecomposition.prepare], admit=REGISTRATION, opaque=[TEMPORARILY]),
+    "cdt prepare": dict(deep=[TransformersDecomposition.prepare], admit=REGISTRATION),
     "proof": dict(
         shallow=[proof_module.prove],
         deep=[proof_module._Raw.__init__, proof_module._against_hook, proof_module._handed_by_other],
         admit=interrupts.in_files(str(ROOT / "core" / "engine" / "reach.py"), TORCH_MODULE, TORCH_HOOKS),
-        opaque=[TEMPORARILY, execute],
+        opaque=[execute],
     ),
 }
 
