@@ -11,9 +11,11 @@ mediation (TE, NDE, NIE) 0.031 / 0.0016, CD-T relevance of every head 0.042 / 0.
 about twice that. A low-precision run must also differ from float32 (it really ran in that dtype) and
 keep the ranking of the largest effects.
 
-ACDC decides edge by edge against a threshold, so rounding can flip decisions near it: in float16 it
-keeps the float32 circuit exactly; in bfloat16 31 of the 110 decisions flipped here. Its test asserts
-the first and only that the second runs and keeps a circuit.
+ACDC decides edge by edge against a threshold, and its removals stick, so rounding can flip decisions
+near it and the flips carry on: in float16 it kept the float32 circuit exactly on a CPU without AVX-512
+and flips 2 of the 110 decisions on one with AVX-512 (other float16 kernels); in bfloat16 31 of 110
+flipped. Its test asserts that float16 keeps at least 95 % of the float32 decisions, and only that
+bfloat16 runs and keeps a circuit.
 """
 
 from __future__ import annotations
@@ -92,5 +94,5 @@ def test_method_runs_in_low_precision_within_its_tolerance(models, reference, na
 def test_acdc_keeps_the_float32_circuit_in_float16_and_runs_in_bfloat16(models):
     kept = {dtype: np.asarray(acdc(m, CLEAN, CORRUPT, METRIC, threshold=0.01).values) != 0 for dtype, m in models.items()}
     assert 0 < kept[torch.float32].sum() < kept[torch.float32].size
-    np.testing.assert_array_equal(kept[torch.float16], kept[torch.float32])
+    assert (kept[torch.float16] == kept[torch.float32]).mean() >= 0.95
     assert kept[torch.bfloat16].any()

@@ -43,7 +43,10 @@ def test_flow_equals_one_knockout_run_per_window(m):
         p = out[rows, last].softmax(-1)[rows, answer]
         expected = 100 * (p - plain[rows, answer]) / plain[rows, answer]
         np.testing.assert_allclose(flow.per_item[1, layer], expected.numpy(), rtol=1e-9, atol=1e-9)
-    assert np.all(flow.per_item[2] == 0) and np.all(flow.ci_low[2] == 0) and np.all(flow.ci_high[2] == 0)
+    # Zero up to float64 rounding: the windows batched into one forward round differently from the plain run
+    # on some CPUs (1.7e-14 measured with AVX-512); the two edges that carry attention move it by 0.08 to 8.
+    assert np.all(np.abs(flow.per_item[2]) < 1e-12) and np.all(np.abs(flow.ci_low[2]) < 1e-12)
+    assert np.all(np.abs(flow.ci_high[2]) < 1e-12)
     assert np.any(flow.per_item[:2] != 0)
     assert np.all(flow.ci_low <= flow.change + 1e-12) and np.all(flow.change <= flow.ci_high + 1e-12)
     result = flow.to_result()
