@@ -318,7 +318,8 @@ def run_case(case: Case, ks: list[int], tol: float, cache: Path, methods: list[s
                          "model_forwards": count_loc.model_forwards, "fixed": fixed_cost(loc),
                          "parts": count_loc.part_forwards(),
                          "level_forwards": {lv: r.metadata["forwards"] for lv, r in loc.levels.items()},
-                         "level_verified": {lv: r.metadata["verified_count"] for lv, r in loc.levels.items()}})
+                         "level_verified": {lv: r.metadata["patched_count"] for lv, r in loc.levels.items()},
+                         "level_rests": {lv: r.metadata["rest_test_count"] for lv, r in loc.levels.items()}})
     for row in rows:
         row["fraction"] = row["forwards"] / row["exhaustive_forwards"]
         row["model_fraction"] = row["model_forwards"] / row["exhaustive_model_forwards"]
@@ -378,6 +379,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "localize.md")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--render", action="store_true", help="rewrite --out from the last run's rows in --cache")
+    parser.add_argument("--add-rows", type=Path, default=None,
+                        help="rows.json of an earlier run (the GPT-2 geometry run on its own), written with this one's")
     parser.add_argument("--no-verify-joins", action="store_true",
                         help="localize's verification without joined rows (as before; the sweep still joins)")
     args = parser.parse_args()
@@ -405,6 +408,8 @@ def main() -> None:
             print(f"{r['case']:>24} {r['method']:>16} k={r['k']:<3} recall {r['recall']:.2f} (verified "
                   f"{r['verified_recall']:.2f}) forwards {r['forwards']}/{r['exhaustive_forwards']} = "
                   f"{r['fraction']:.3f}, cost model {r['model_fraction']:.3f}", flush=True)
+    if args.add_rows is not None:
+        rows = json.loads(args.add_rows.read_text()) + rows
     write(rows, args)
 
 
@@ -450,6 +455,8 @@ def profile(rows: list[dict]) -> list[dict]:
                                               for r in sel]))
         row["verified"] = " / ".join(f"{np.mean([r['level_verified'].get(lv, 0) for r in sel]):.0f}"
                                      for lv in PARTS[2:])
+        row["rests"] = " / ".join(f"{np.mean([r.get('level_rests', {}).get(lv, 0) for r in sel]):.1f}"
+                                  for lv in PARTS[2:])
         out.append(row)
     return out
 
@@ -524,12 +531,15 @@ def write(rows: list[dict], args) -> None:
         "the clean and corrupt runs, made at its first round) and cost-model forwards by part: the estimates "
         "(AtP's gradient forward and backward and its source run), the baselines (the verifier's clean and "
         "corrupt runs), and the sites verified at each level (a site listed at two levels is charged to the "
-        "first: `mlp_out.L` to the layer level, `mlp_out.L[pos=p]` to the (layer, position) level).",
+        "first: `mlp_out.L` to the layer level, `mlp_out.L[pos=p]` to the (layer, position) level). Sites patched "
+        "count the sites run (a site known unchanged, a position before the first difference, is 0 without a "
+        "forward and not counted); rest tests are the parents' unverified children patched together, one forward "
+        "each, counted among the forwards and the cost of the level.",
         "",
         table(profile(rows), ["group", "method", "k"] + [f"fwd_{lv}" for lv in PARTS[2:]]
-              + [f"cm_{part}" for part in PARTS] + ["verified"],
+              + [f"cm_{part}" for part in PARTS] + ["verified", "rests"],
               ["models", "method", "k"] + [f"fwd {lv}" for lv in PARTS[2:]] + [f"cost {part}" for part in PARTS]
-              + ["sites verified per level"]),
+              + ["sites patched per level", "rest tests per level"]),
         "",
         "## Summary",
         "",

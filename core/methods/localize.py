@@ -35,16 +35,22 @@ The rule, per level, with ``scale`` the clean-corrupt gap ``|metric(clean) - met
   relative errors ``|exact - estimate| / |estimate|`` on the verified sites of its family at this level
   with ``|estimate| >= tau`` (the level's, then every level's, while the family has fewer than three);
 * a verified parent's *unexplained part* is ``|exact(P) - sum of its children at this level|``, a child
-  counted by its exact effect when verified, by its estimate otherwise;
+  counted by its exact effect when verified, by its estimate otherwise; once a *rest test* (the parent's
+  unverified children patched together as one site, ``attn_out.0[pos={10,12,13}]``) holds every unverified
+  child, its exact effect stands for the parent's: the patched children's interactions no longer count;
 * the ``layer`` level verifies all its sites, whatever AtP says (the anchor: AtP can be blind to a
   whole layer). At every other level a round verifies: while fewer than ``k_l`` of the level's sites, or
   fewer than three of a family's, are verified, the largest bounds that make them up (they set the
   threshold and ``rho``); after that every unverified site whose bound reaches the threshold, and, of
   every parent whose unexplained part plus its likeliest unverified child's bound reaches the threshold,
-  as many more unverified children (largest bound first) as it has verified ones, at least one. At the
-  finest walked level the unexplained part is first reduced by the error allowances (bound minus
-  ``|estimate|``) of that child's unverified siblings. The level stops when a round would verify nothing;
-  each round verifies at least one site, so it stops.
+  one rest test (once some of its children are patched, and at least :data:`REST_MIN` are not), then as
+  many more unverified children (largest bound first) as it has patched ones, at least one. With ``k`` a
+  round takes first only what reaches the threshold the level is heading for (the ``k_l``-th largest
+  effect, exact where verified, estimated elsewhere), the rest once the exact values have raised the
+  threshold or not. At the finest walked level the unexplained part is first reduced by the error
+  allowances (bound minus ``|estimate|``) of that child's unverified siblings. A site whose patch changes
+  nothing (before the first difference) is 0 without a forward. The level stops when a round would verify
+  nothing; each round verifies a site or makes a parent's one rest test, so it stops.
 
 ``tol=0`` (and no ``k``) verifies every site: the result is the exhaustive sweep's. Verified values are
 ``activation_patching``'s for those sites within float rounding: each round patches into one clean and one
@@ -91,6 +97,14 @@ _RESID_LEVELS = ("layer", "layer_pos")
 _OWN_ERRORS = 3
 #: The quantile of the estimator's relative errors that inflates every estimate (``rho``).
 ERROR_QUANTILE = 0.9
+#: With ``k``, a round verifies first the sites that reach the threshold the level is heading for (see
+#: ``_pick``). False: every site reaching the current threshold at once (for measuring what it saves).
+RISING = True
+#: A verified parent left unexplained has its unverified children patched together, as one site, before any of
+#: them is verified one by one (a *rest test*, see ``_more_children``). False: children only (for measuring).
+REST_TESTS = True
+#: The fewest unverified children a rest test is made for (fewer are verified as they are).
+REST_MIN = 3
 
 
 def level_patterns(level: str, start: str = "components", layers: int | None = None) -> list[str]:
@@ -152,6 +166,32 @@ def _parents(site: Site) -> list[str]:
     if fam == "mlp_act":
         return [f"mlp_out.{layer}[pos={pos}]"]
     return []
+
+
+@dataclass
+class _Group:
+    """A verified parent's children in ``members`` patched together as one site (a rest test): its exact
+    effect, next to the sum of theirs, says whether they hold what the parent's other children leave
+    unexplained."""
+
+    site: str
+    members: frozenset[str]
+    value: float | None = None
+
+
+def _group_site(kids: list[_Unit]) -> str | None:
+    """The site patching ``kids`` (children of one parent at one level) at once: their common site with the one
+    axis they differ along selecting all of them (``head_out.3[pos=9,head={1,4,6}]``); None if they are not of
+    one family, or differ along more than one axis."""
+    sites = [Site.parse(u.site) for u in kids]
+    first = sites[0]
+    if len(kids) < 2 or any(s.family != first.family or s.layer != first.layer or s.selection.keys()
+                            != first.selection.keys() for s in sites):
+        return None
+    axes = [a for a in first.selection if len({s.selection[a] for s in sites}) > 1]
+    if len(axes) != 1 or not all(isinstance(s.selection[axes[0]], int) for s in sites):
+        return None
+    return str(first.with_(**{axes[0]: sorted(s.selection[axes[0]] for s in sites)}))
 
 
 @dataclass(repr=False)
@@ -305,16 +345,25 @@ def localize(
 
     verifier: list[Verifier] = []  # made at the first round: the clean and corrupt runs, once
 
-    def verify(todo: list[_Unit]) -> None:
+    groups: dict[str, list[_Group]] = {}  # rest tests made, by parent
+
+    def verify(todo: list[_Unit], tests: list[tuple[str, _Group]] = ()) -> None:
         if not verifier:
             verifier.append(Verifier(pair, list(units), direction=direction, normalize=normalize,
                                      batch_size=batch_size, reuse_prefix=reuse_prefix, runs=runs[0] if runs else None))
             runs.clear()
             cost["baseline_runs"] += verifier[0].forwards
+            # a site whose patch changes nothing (a position before the first difference) is known, 0, for free
+            for u, same in zip(units.values(), verifier[0].unchanged(list(units))):
+                if same and u.value is None:
+                    u.value, u.skipped = 0.0, True
         before = verifier[0].forwards
-        values, skipped = verifier[0].patch([u.site for u in todo])
+        values, skipped = verifier[0].patch([u.site for u in todo] + [g.site for _, g in tests])
         for u, value, skip in zip(todo, values, skipped):
             u.value, u.skipped = float(value), bool(skip)
+        for (parent, g), value in zip(tests, values[len(todo):]):
+            g.value = float(value)
+            groups.setdefault(parent, []).append(g)
         cost["patched_sites"] += verifier[0].forwards - before
 
     finest = [units[name] for name in _level_sites(walked[-1], patterns, names)]
@@ -324,27 +373,29 @@ def localize(
         before = _total(cost)
         listed = [units[name] for name in _level_sites(lv, patterns, names)]
         families = list(dict.fromkeys(u.family for u in listed))
-        rounds = 0
+        rounds = rests = 0
         level_k = _level_k(k, listed, finest, units) if lv != walked[-1] else k
         while True:
             threshold = _threshold(tau, listed, level_k)
             rhos = {f: _rho([u for u in listed if u.family == f], listed, units.values(), tau) for f in families}
             bounds = {u.site: abs(u.estimate) * (1 + rhos[u.family]) for u in listed}
-            unexplained = _unexplained(listed, units)
+            unexplained = _unexplained(listed, units, groups)
             if lv == "layer":  # the anchor: every layer, whatever AtP says (it can be blind to a whole layer)
-                todo = [u for u in listed if u.value is None]
+                todo, tests = [u for u in listed if u.value is None], []
             else:
-                todo = _pick(listed, families, bounds, threshold, level_k, unexplained, lv == walked[-1])
-            if not todo:
+                todo, tests = _pick(listed, families, bounds, threshold, level_k, unexplained, lv == walked[-1])
+            if not todo and not tests:
                 break
-            verify(todo)
+            verify(todo, tests)
+            rests += len(tests)
             rounds += 1
         rest = [bounds[u.site] for u in listed if u.value is None]
         stats[lv] = {
-            "rounds": rounds, "threshold": float(threshold),
+            "rounds": rounds, "rest_test_count": rests, "threshold": float(threshold),
             "verified_count": sum(units[n].value is not None for n in _level_sites(lv, patterns, names)),
+            "patched_count": sum(_ran(units[n]) for n in _level_sites(lv, patterns, names)),
             "max_unverified_bound": float(max(rest, default=0.0)), "unverified_mass": float(sum(rest)),
-            "max_unexplained": float(max((d for d, _ in unexplained.values()), default=0.0)),
+            "max_unexplained": float(max((d for d, *_ in unexplained.values()), default=0.0)),
             "rho": {f: float(r) for f, r in rhos.items()},
             "forwards": _total(cost) - before,
         }
@@ -371,6 +422,7 @@ def localize(
         "forwards": forwards,
         "sweep_forwards": sweep_forwards,
         "cost": dict(cost),
+        "rest_tests": {g.site: g.value for tests in groups.values() for g in tests},
         "model": m.describe(),
         "adapter": m.adapter.name,
         "versions": collect_versions(),
@@ -440,23 +492,32 @@ def _rho(family: list[_Unit], listed: list[_Unit], every: Any, tau: float) -> fl
     return float(np.quantile(pool, ERROR_QUANTILE)) if pool else 0.0
 
 
-def _unexplained(listed: list[_Unit], units: dict[str, _Unit]) -> dict[str, tuple[float, list[_Unit]]]:
+def _unexplained(listed: list[_Unit], units: dict[str, _Unit], groups: dict[str, list[_Group]]
+                 ) -> dict[str, tuple[float, list[_Unit], bool, int]]:
     """Per verified parent with unverified children among ``listed``: the part of its exact effect those
-    children do not account for, ``|exact(P) - sum of children|`` (a child counted by its exact effect when
-    verified, its estimate otherwise), and the children."""
+    children do not account for, ``|exact - sum of children|`` (a child counted by its exact effect when
+    verified, its estimate otherwise), the children, whether a rest test stands for the parent, and how many of
+    the parent's children were patched. Once a rest test holds every unverified child, the smallest such test
+    stands for the parent: its exact effect against the sum of its members."""
     children: dict[str, list[_Unit]] = {}
     for u in listed:
         for q in u.parents:
             children.setdefault(q, []).append(u)
-    return {
-        q: (abs(units[q].value - sum(u.best for u in kids)), kids)
-        for q, kids in children.items()
-        if units[q].value is not None and any(u.value is None for u in kids)
-    }
+    out = {}
+    for q, kids in children.items():
+        open_ = {u.site for u in kids if u.value is None}
+        if units[q].value is None or not open_:
+            continue
+        value, members, rest = units[q].value, kids, False
+        for g in groups.get(q, []):
+            if open_ <= g.members and len(g.members) < len(members):
+                value, members, rest = g.value, [u for u in kids if u.site in g.members], True
+        out[q] = (abs(value - sum(u.best for u in members)), members, rest, sum(_ran(u) for u in kids))
+    return out
 
 
 def _pick(listed: list[_Unit], families: list[str], bounds: dict[str, float], threshold: float, k: int | None,
-          unexplained: dict, finest: bool = False) -> list[_Unit]:
+          unexplained: dict, finest: bool = False) -> tuple[list[_Unit], list[tuple[str, _Group]]]:
     """The sites a round verifies (see the module docstring): while the level has fewer than ``k`` exact
     effects, or a family fewer than :data:`_OWN_ERRORS`, the largest bounds that make them up; then every
     site whose bound reaches the threshold and more children of every parent left unexplained."""
@@ -464,25 +525,42 @@ def _pick(listed: list[_Unit], families: list[str], bounds: dict[str, float], th
                         key=lambda u: -bounds[u.site])
     first: dict[str, _Unit] = {}
     if k is not None:
-        first.update((u.site, u) for u in candidates[: max(0, k - sum(u.value is not None for u in listed))])
+        first.update((u.site, u) for u in candidates[: max(0, k - sum(_ran(u) for u in listed))])
     for f in families:
-        need = _OWN_ERRORS - sum(u.value is not None for u in listed if u.family == f)
+        need = _OWN_ERRORS - sum(_ran(u) for u in listed if u.family == f)
         fresh = [u for u in candidates if u.family == f and u.site not in first]
         first.update((u.site, u) for u in fresh[: max(0, need)])
     if first:
-        return list(first.values())
-    return candidates + _more_children(unexplained, threshold, bounds, candidates, finest)
+        return list(first.values()), []
+    if RISING and k is not None:
+        # the threshold the level is heading for if the unverified sites are what AtP says: what can only reach
+        # the current threshold is verified later, once this round's exact values have (or have not) raised it
+        ahead = max(threshold, _expected_threshold(listed, k))
+        soon = [u for u in candidates if bounds[u.site] >= ahead]
+        kids, tests = _more_children(unexplained, ahead, bounds, soon, finest)
+        if soon or kids or tests:
+            return soon + kids, tests
+    kids, tests = _more_children(unexplained, threshold, bounds, candidates, finest)
+    return candidates + kids, tests
+
+
+def _expected_threshold(listed: list[_Unit], k: int) -> float:
+    """The ``k``-th largest ``|effect|`` among the level's sites, exact where verified, estimated elsewhere."""
+    best = sorted((abs(u.best) for u in listed), reverse=True)
+    return best[k - 1] if len(best) >= k else 0.0
 
 
 def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float], todo: list[_Unit],
-                   finest: bool = False) -> list[_Unit]:
+                   finest: bool = False) -> tuple[list[_Unit], list[tuple[str, _Group]]]:
     """Of each parent whose unexplained part could lift its likeliest unverified child to ``threshold`` (``D``
-    plus that child's bound reaches it), as many unverified children (largest bound first) as it has verified
-    ones, at least one: the verified children of such a parent double each round. At the ``finest`` level
-    ``D`` is first reduced by the error allowances (bound minus ``|estimate|``) of the child's unverified
+    plus that child's bound reaches it): a rest test of its unverified children (at least :data:`REST_MIN`),
+    once some of its children are patched or taken this round and while it has none; else as many unverified
+    children (largest bound first) as it has patched ones, at least one, so they double each round. At the ``finest``
+    level ``D`` is first reduced by the error allowances (bound minus ``|estimate|``) of the child's unverified
     siblings: the part of ``D`` they can account for within their own bounds is no sign of that child."""
     more: list[_Unit] = []
-    for d, kids in unexplained.values():
+    tests: list[tuple[str, _Group]] = []
+    for parent, (d, kids, rest, verified) in unexplained.items():
         taken = {u.site for u in todo + more}
         open_ = sorted((u for u in kids if u.value is None and u.site not in taken), key=lambda u: -bounds[u.site])
         if not open_:
@@ -490,9 +568,17 @@ def _more_children(unexplained: dict, threshold: float, bounds: dict[str, float]
         if finest:
             siblings = (u for u in kids if u.value is None and u is not open_[0])
             d = max(0.0, d - sum(bounds[u.site] - abs(u.estimate) for u in siblings))
-        if d + bounds[open_[0].site] >= threshold:
-            more += open_[: max(1, sum(u.value is not None for u in kids))]
-    return more
+        if d + bounds[open_[0].site] < threshold:
+            continue
+        step = max(1, verified)
+        # one rest test a parent, of fewer children than it has changed ones (else it is the parent again)
+        fresh = REST_TESTS and not rest and REST_MIN <= len(open_) < sum(not u.skipped for u in kids)
+        site = _group_site(open_) if fresh else None
+        if site is not None:
+            tests.append((parent, _Group(site, frozenset(u.site for u in open_))))
+        else:
+            more += open_[:step]
+    return more, tests
 
 
 def _level_k(k: int | None, listed: list[_Unit], finest: list[_Unit], units: dict[str, _Unit]) -> int | None:
@@ -512,6 +598,11 @@ def _level_k(k: int | None, listed: list[_Unit], finest: list[_Unit], units: dic
                 held.add(site)
                 todo += units[site].parents
     return max(1, len(held & here))
+
+
+def _ran(u: _Unit) -> bool:
+    """Whether ``u`` was verified by patching it (not known unchanged)."""
+    return u.value is not None and not u.skipped
 
 
 def _unit_lists(sites: list[_Unit]) -> dict[str, list]:

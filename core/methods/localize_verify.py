@@ -75,8 +75,13 @@ class Verifier:
     def runs(self, sites: Sequence[str]) -> int:
         """How many of ``sites`` activation patching would run (the rest are skipped as unchanged); no forward.
         ``2 + runs(every site of a sweep)`` is that sweep's forwards as localize counts them."""
+        return len(sites) - sum(self.unchanged(sites))
+
+    def unchanged(self, sites: Sequence[str]) -> list[bool]:
+        """Per site, whether its source value equals the base run's, so that patching it changes nothing (its effect
+        is exactly 0, and :meth:`patch` skips it); no forward."""
         _, differs = self._differences(sites)
-        return sum(first is not None for first in differs)
+        return [first is None for first in differs]
 
     def _differences(self, sites: Sequence[str]) -> tuple[list[Site], list[int | None]]:
         """``sites`` as patched (through their family's linear source) and where each one's source value first
