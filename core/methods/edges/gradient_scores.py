@@ -21,7 +21,7 @@ from ...sites.site import Site
 from ..attribution import _Tap
 from ..pairs import model_metric
 from ..shared_prefix import may_share
-from .graph import EdgeGraph, _role, fold_groups
+from .graph import EdgeGraph, _layer, _role, fold_groups
 from .patching import Ablation, EdgePatcher
 from .result import _flat_index, _result
 
@@ -45,10 +45,19 @@ class _Interpolate(Intervention):
         return base + alpha * (target - base) + (x - x.detach())
 
 
-def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor]) -> torch.Tensor:
+def _read_window(at: torch.Tensor, start: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, positions from start, valid)`` of each row's read position ``at``; a row read before ``start``
+    (where every sender difference is 0) is marked invalid and read at ``start``."""
+    at = at.to(device)
+    return torch.arange(n, device=device), (at - start).clamp(min=0), (at >= start)
+
+
+def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
     """Every sender's ``ablated - clean`` as one sender-major ``[sender, prompt, pos*d]`` buffer, at the positions
     from ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0.
     Sender-major, a receiver's incoming senders (a prefix) over every prompt are one ``[n_in, prompts*pos*d]`` view.
+    With ``at`` (each row's read position, when the receivers of the last block's senders, ``p.output_only``,
+    are read there alone: :func:`_edge_scores`) those senders' differences are made there, 0 elsewhere.
 
     Each difference is written into the buffer where it is made: a sender read as itself by one subtraction,
     per-head writes read as ``head_z`` by one batched matmul of the ``z`` differences with each head's rows of
@@ -57,7 +66,13 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor]) -> tor
     ablated_raw = p.ablated_raw  # the ablated run, which sets the shared positions
     start = p.shared_positions
     sd, row = None, 0
+    window = None
     for key in p.keys:
+        if at is not None and window is None:
+            window = _read_window(at, start, p.n, clean_senders[key].device)
+        if window is not None and _layer(key, p.n_layers) == p.n_layers - 1:
+            row += _at_read_positions(p, key, clean_senders[key][:, start:], ablated_raw, sd, row, window)
+            continue
         clean = clean_senders[key][:, start:]
         ablated = None if ablated_raw is None else ablated_raw[key][:, start:].to(clean.dtype).expand_as(clean)
         per_sender = p.per_sender_map(key, clean)
@@ -80,8 +95,31 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor]) -> tor
     return sd
 
 
+def _at_read_positions(p: EdgePatcher, key: str, clean: torch.Tensor, ablated_raw, sd: torch.Tensor, row: int,
+                       window) -> int:
+    """Sender ``key``'s differences at each row's read position only (``window``: :func:`_read_window`), written
+    into its rows of ``sd`` (zeros elsewhere); returns how many senders it holds."""
+    rows, idx, valid = window
+    start = p.shared_positions
+    n, q = clean.shape[:2]
+    with torch.no_grad():
+        c = clean[rows, idx]  # [n, (k,) e]
+        diff = -c if ablated_raw is None else ablated_raw[key][:, start:].to(c.dtype).expand_as(clean)[rows, idx] - c
+        diff = diff * valid.view(-1, *([1] * (diff.ndim - 1))).to(diff.dtype)
+        per_sender = p.per_sender_map(key, clean)
+        if per_sender is not None:
+            value = torch.bmm(diff.transpose(0, 1), per_sender)  # [k, n, d]
+        else:
+            value = diff.unsqueeze(0) if diff.ndim == 2 else diff.transpose(0, 1)
+        k, d = value.shape[0], value.shape[-1]
+        out = sd[row : row + k].view(k, n, q, d)
+        out.zero_()
+        out[:, rows, idx] = value
+    return k
+
+
 def _edge_scores(p: EdgePatcher, grads: dict[str, torch.Tensor], sd: torch.Tensor, steps: int,
-                 scored: dict[str, torch.Tensor] | None = None):
+                 scored: dict[str, torch.Tensor] | None = None, at: torch.Tensor | None = None):
     """``sum_{pos, d} (ablated_s - clean_s) * grad_r`` for every edge, averaged over prompts.
 
     ``sd`` is :func:`_sender_diffs`. A receiver key in ``scored`` (``[n_in, *slots]``, summed over
@@ -90,12 +128,19 @@ def _edge_scores(p: EdgePatcher, grads: dict[str, torch.Tensor], sd: torch.Tenso
     ``[slot, prompt, pos*d]`` view (``head_in`` gradients arrive slot-major from the reach's backward),
     so nothing ``[.., senders, slots, d]`` is materialised. Under grouped-query attention a key/value head's
     score is the sum over its query heads' slots (:func:`~.graph.fold_groups`); the backward's scorer
-    (:class:`_SlotScores`) gets the key/value head's gradient itself.
+    (:class:`_SlotScores`) gets the key/value head's gradient itself. With ``at`` (each row's read position,
+    ``sd`` made with it) the receivers in ``p.output_only`` are scored there alone: their gradient is zero elsewhere.
     """
     per_key = []
+    window = None if at is None else _read_window(at, p.shared_positions, p.n, sd.device)
     for key, n_in, slots in p.graph.receiver_keys:
         if scored and key in scored:
             total = scored[key]
+        elif window is not None and key in p.output_only and not slots:
+            rows, idx, valid = window
+            d = grads[key].shape[-1]
+            picked = sd[:n_in].view(n_in, p.n, -1, d)[:, rows, idx] * valid.view(1, -1, 1).to(sd.dtype)  # [n_in, n, d]
+            total = picked.reshape(n_in, -1) @ grads[key][rows, idx + p.shared_positions].to(sd.dtype).reshape(-1, 1)
         else:
             grad = _slots_first(grads[key], p.n, steps, p.shared_positions).to(sd.dtype)  # [slots, n, pos*d]
             total = sd[:n_in].reshape(n_in, -1) @ grad.reshape(grad.shape[0], -1).T  # [n_in, slots]
@@ -170,7 +215,7 @@ def _gradient_run(p: EdgePatcher, metric: Metric, extra: list[Bound], steps: int
     run, senders = p.senders(inputs, bounds, grad=True, output_at=at, keep_prefix=keep, output_only=p.output_only)
     senders = {k: v[:n] for k, v in senders.items()}
     if steps == 1:  # the corrupt run, made after this one, needs the output_only keys where this run's output is
-        p.first_at = at
+        p.read_at = at
     if run.prefix is not None:  # ... and starts where the two inputs differ
         p.first = (inputs, run.prefix, {read: run.cache[read].detach() for read in p.read_keys})
         run.prefix = None
@@ -179,7 +224,7 @@ def _gradient_run(p: EdgePatcher, metric: Metric, extra: list[Bound], steps: int
     values = metric(run.output, ctx)
     sd = None
     if sinks:
-        sd = _sender_diffs(p, senders)
+        sd = _sender_diffs(p, senders, at)
         for sink in sinks.values():
             sink.start, sink.sd = p.shared_positions, sd
     keys = list(taps)
@@ -205,7 +250,7 @@ def eap(
     metric = model_metric(p.m, metric)  # text answers through the model's tokenizer
     p.clean_out = None
     grads, _, _, sd, scored = _gradient_run(p, metric, [], 1, score=True)
-    return _result(p, _edge_scores(p, grads, sd, 1, scored), "eap", metric, {"backwards": 1})
+    return _result(p, _edge_scores(p, grads, sd, 1, scored, p.read_at), "eap", metric, {"backwards": 1})
 
 
 def eap_ig(

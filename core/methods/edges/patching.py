@@ -103,7 +103,7 @@ class EdgePatcher:
         # differ, and the positions a clean gradient run computed its output at (its gradients are zero
         # elsewhere, so the corrupt run's ``output_only`` keys are needed there alone, prefix or not).
         self.first: tuple | None = None
-        self.first_at: torch.Tensor | None = None
+        self.read_at: torch.Tensor | None = None
         # The last MLP's write reaches only logits_in, and the last MLP's input only that write: where these are used
         # only through logits_in's gradient (or their own), which is zero away from the positions the metric reads,
         # the model may compute them at those alone (the last MLP, and the attention output projection before it).
@@ -124,13 +124,13 @@ class EdgePatcher:
         senders' own values. The corrupt run is made on first use, from the positions it shares with
         ``first`` when a clean run kept one (:mod:`~crosspatch.methods.shared_prefix`)."""
         if self._ablated_raw is None and self._corrupt is not None:
-            if self.first_at is not None:  # values for a clean gradient run's gradients only (with or without a prefix)
-                at, only = self.first_at, self.output_only
+            if self.read_at is not None:  # values for a clean gradient run's gradients only (with or without a prefix)
+                at, only = self.read_at, self.output_only
             else:  # the output is not read
                 at, only = torch.full((self.n,), self.m.adapter.sizes(self._corrupt).get("pos", 1) - 1), ()
             _, values, self.shared_positions = capture_sharing_prefix(self.m, self._corrupt, self.read_keys, at, self.first, only)
             self.forwards += 1
-            self.first = self.first_at = None
+            self.first = None
             self._ablated_raw = {key: values[read].detach() for key, read in self.reads.items()}
         return self._ablated_raw
 
