@@ -7,13 +7,18 @@ inputs alone (measured: the model's own backward with no parameter gradients).
 
     python benchmarks/edges_eap.py [--seq 16 32]
     python benchmarks/edges_eap.py --ab   # head_in slot gradients row by row against blocks of rows, alternated
+    python benchmarks/edges_eap.py --before REV   # the working tree's EAP against revision REV's, alternated
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from common import gpt2_setup
@@ -46,13 +51,35 @@ def _timed(acc: dict, obj, name: str):
     return lambda: setattr(obj, name, f)
 
 
-def _timed_eap(s, corrupt, g, phases) -> dict[str, float]:
-    """One ``eap`` call's CPU seconds: ``total`` and each of ``phases`` (``(object, function name)``)."""
+def _setup(seq: int, prompts: int):
+    """The bench model at ``seq`` tokens, its edge graph and both pairs: ``{"middle": .., "first": ..}``."""
+    s = gpt2_setup(4, 256, seq, prompts)
+    unshared = s.corrupt.clone()
+    unshared[:, 0] = (unshared[:, 0] + 1) % 1000
+    return s, edge_graph(s.m), {"middle": s.corrupt, "first": unshared}
+
+
+def _bare(s) -> float:
+    """CPU seconds of one bare forward (the unit)."""
+    t = time.process_time()
+    with torch.inference_mode():
+        s.model(s.clean, use_cache=False)
+    return time.process_time() - t
+
+
+def _row(seq: int, kind: str, cells: list[float]) -> str:
+    return (f"| {seq} | differ at {'the middle token' if kind == 'middle' else 'position 1 too'} | "
+            + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def _timed_eap(s, corrupt, g, phases, method=None) -> dict[str, float]:
+    """One ``eap`` call's CPU seconds (``method``, by default ``eap``): ``total`` and each of ``phases``
+    (``(object, function name)``)."""
     acc: dict[str, float] = {}
     undo = [_timed(acc, obj, name) for obj, name in phases]
     t = time.process_time()
     try:
-        eap(s.m, s.clean, corrupt, s.metric, graph=g)
+        (method or eap)(s.m, s.clean, corrupt, s.metric, graph=g)
     finally:
         acc["total"] = time.process_time() - t
         for u in undo:
@@ -68,23 +95,19 @@ def main() -> None:
     parser.add_argument("--ab", action="store_true", help="alternate the slot gradients made row by row and in blocks")
     parser.add_argument("--block-bytes", type=int, nargs="+", default=None,
                         help="with --ab: the block sizes to alternate with row by row (default: slot_grad.BLOCK_BYTES)")
+    parser.add_argument("--before", metavar="REV", help="alternate the working tree's EAP with git revision REV's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.ab:
         return ab(args)
+    if args.before:
+        return before(args)
     print("| T | pair | EAP | forward w/ grad | corrupt forward | sender diffs | backward + scoring | "
           "input backward alone | floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seq in args.seq:
-        s = gpt2_setup(4, 256, seq, args.prompts)
-        g = edge_graph(s.m)
-        unshared = s.corrupt.clone()
-        unshared[:, 0] = (unshared[:, 0] + 1) % 1000
+        s, g, pairs = _setup(seq, args.prompts)
         emb = s.model.transformer.wte(s.clean).detach()
-
-        def bare():
-            with torch.inference_mode():
-                s.model(s.clean, use_cache=False)
 
         def backward_only() -> float:
             e = emb.clone().requires_grad_(True)
@@ -98,11 +121,9 @@ def main() -> None:
         times: dict[str, list[float]] = {"bare": [], "backward": []}
         phases: dict[str, dict[str, float]] = {"middle": {}, "first": {}}
         for _ in range(args.repeats):
-            t = time.process_time()
-            bare()
-            times["bare"].append(time.process_time() - t)
+            times["bare"].append(_bare(s))
             times["backward"].append(backward_only())
-            for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
+            for kind, corrupt in pairs.items():
                 acc = _timed_eap(s, corrupt, g, [(patching.EdgePatcher, "senders"), (patching, "capture_sharing_prefix"),
                                                  (scores, "_sender_diffs"), (torch.autograd, "grad")])
                 for k, v in acc.items():
@@ -140,20 +161,14 @@ def ab(args) -> None:
           + " | ".join(f"forward w/ grad, {w}" for w, *_ in ways) + " |")
     print("|---|---|" + "---|" * (3 * len(ways)))
     for seq in args.seq:
-        s = gpt2_setup(4, 256, seq, args.prompts)
-        g = edge_graph(s.m)
-        unshared = s.corrupt.clone()
-        unshared[:, 0] = (unshared[:, 0] + 1) % 1000
+        s, g, pairs = _setup(seq, args.prompts)
         for _ in range(2):
-            eap(s.m, s.clean, unshared, s.metric, graph=g)
+            eap(s.m, s.clean, pairs["first"], s.metric, graph=g)
         bare: list[float] = []
         res: dict[tuple[str, str], dict[str, list[float]]] = {}
         for _ in range(args.repeats):
-            t = time.process_time()
-            with torch.inference_mode():
-                s.model(s.clean, use_cache=False)
-            bare.append(time.process_time() - t)
-            for kind, corrupt in (("middle", s.corrupt), ("first", unshared)):
+            bare.append(_bare(s))
+            for kind, corrupt in pairs.items():
                 for way, size, fn, per_block in ways:
                     slot_grad.BLOCK_BYTES, inputs.slot_gradient = size, fn
                     scores._SlotScores.takes_row_blocks = per_block
@@ -165,10 +180,97 @@ def ab(args) -> None:
         b = statistics.median(bare)
         for kind in ("middle", "first"):
             m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w, *_ in ways}
-            print(f"| {seq} | differ at {'the middle token' if kind == 'middle' else 'position 1 too'} | "
-                  + " | ".join(f"{m[w]['total']:.2f}" for w, *_ in ways) + " | "
-                  + " | ".join(f"{m[w]['grad']:.2f}" for w, *_ in ways) + " | "
-                  + " | ".join(f"{m[w]['senders']:.2f}" for w, *_ in ways) + " |", flush=True)
+            print(_row(seq, kind, [m[w][k] for k in ("total", "grad", "senders") for w, *_ in ways]), flush=True)
+
+
+# The modules EAP's cost depends on, in import order (a later one imports from an earlier one), with their files.
+MODULES = {
+    "crosspatch.engine.output_positions": "core/engine/output_positions.py",
+    "crosspatch.adapters.transformers.slot_grad": "adapters/transformers/slot_grad.py",
+    "crosspatch.adapters.transformers.inputs": "adapters/transformers/inputs.py",
+    "crosspatch.methods.edges.graph": "core/methods/edges/graph.py",
+    "crosspatch.methods.edges.patching": "core/methods/edges/patching.py",
+    "crosspatch.methods.edges.gradient_scores": "core/methods/edges/gradient_scores.py",
+}
+ADAPTER = "adapters/transformers/adapter.py"  # of which TransformersAdapter.output_at
+
+
+def _namespaces(rev: str | None) -> dict:
+    """Each of ``MODULES``' namespaces as at git revision ``rev`` (None: as imported), and the adapter's
+    ``output_at``: the revision's source run in a copy of the module's namespace, each module seeing the
+    revision's versions of those before it. The working tree's stay in place."""
+    root = Path(__file__).resolve().parent.parent
+    from crosspatch.adapters.transformers.adapter import TransformersAdapter
+
+    def source(path: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                              check=True).stdout
+
+    mods = {name: importlib.import_module(name) for name in MODULES}
+    current = {name: dict(mod.__dict__) for name, mod in mods.items()}
+    if rev is None:
+        return {**current, "output_at": TransformersAdapter.output_at}
+    out = {}
+    try:
+        for name, path in MODULES.items():
+            space = dict(current[name])
+            exec(compile(source(path), f"{mods[name].__file__}@{rev}", "exec"), space)
+            out[name] = space
+            _use({name: space})  # the next modules import from this one
+    finally:
+        _use(current)
+    adapter = dict(sys.modules[TransformersAdapter.__module__].__dict__)
+    exec(compile(source(ADAPTER), f"adapter.py@{rev}", "exec"), adapter)
+    out["output_at"] = adapter["TransformersAdapter"].output_at
+    return out
+
+
+def _use(spaces: dict) -> None:
+    """Put ``spaces`` (from :func:`_namespaces`) in place: functions look their globals up at call time."""
+    for name, space in spaces.items():
+        if name == "output_at":
+            from crosspatch.adapters.transformers.adapter import TransformersAdapter
+
+            TransformersAdapter.output_at = space
+            continue
+        mod = sys.modules[name]
+        mod.__dict__.clear()
+        mod.__dict__.update(space)
+
+
+def before(args) -> None:
+    """EAP in forward-equivalents, the working tree's against revision ``--before``'s, alternated in one process
+    (each round: a bare forward, then every pair kind with each version; medians): the total, the forward with
+    gradients and the backward (with the head_in scoring)."""
+    variants = {args.before: _namespaces(args.before), "now": _namespaces(None)}
+    print(f"| T | pair | EAP, {args.before} | EAP, now | forward w/ grad, {args.before} | now | "
+          f"backward + scoring, {args.before} | now |")
+    print("|---|---|---|---|---|---|---|---|")
+    try:
+        for seq in args.seq:
+            s, g, pairs = _setup(seq, args.prompts)
+            for spaces in variants.values():
+                _use(spaces)
+                for corrupt in pairs.values():
+                    sys.modules["crosspatch.methods.edges.gradient_scores"].eap(s.m, s.clean, corrupt, s.metric, graph=g)
+            bare: list[float] = []
+            res: dict[tuple[str, str], dict[str, list[float]]] = {}
+            for _ in range(args.repeats):
+                bare.append(_bare(s))
+                for kind, corrupt in pairs.items():
+                    for name, spaces in variants.items():
+                        _use(spaces)
+                        patcher = sys.modules["crosspatch.methods.edges.patching"].EdgePatcher
+                        acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patcher, "senders")],
+                                         sys.modules["crosspatch.methods.edges.gradient_scores"].eap)
+                        for k, v in acc.items():
+                            res.setdefault((kind, name), {}).setdefault(k, []).append(v)
+            b = statistics.median(bare)
+            for kind in pairs:
+                m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w in variants}
+                print(_row(seq, kind, [m[w][k] for k in ("total", "senders", "grad") for w in variants]), flush=True)
+    finally:
+        _use(variants["now"])
 
 
 if __name__ == "__main__":
