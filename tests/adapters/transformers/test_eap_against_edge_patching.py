@@ -68,3 +68,18 @@ def test_eap_scores_equal_the_derivative_of_exact_edge_patching(arch, ablation, 
     assert got.metadata["shared_positions"] == (0 if first or ablation != "resample" else 3)
     np.testing.assert_allclose(eap_ig(m, clean, corrupt, metric, steps=1, ablation=ablation).values, got.values,
                                rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+
+def test_a_metric_read_before_the_first_difference_gives_zero_scores():
+    """Read at position 2 of a pair that first differs at 3, every edge's effect is 0 (exact edge patching
+    moves nothing there): EAP, whose last block is read at the metric's position alone, gives exact zeros."""
+    m = cp.wrap(MODELS["gpt2"]().double())
+    clean, corrupt = _pair(False)
+    metric = cp.metrics.logit_diff(clean[:, 2], (clean[:, 2] + 1) % 100, pos=2)
+    got = eap(m, clean, corrupt, metric)
+    assert got.metadata["shared_positions"] == 3
+    assert np.all(got.values == 0)
+    p = EdgePatcher(m, clean, corrupt, "resample", None, None)
+    with torch.no_grad():
+        moved = p.run(torch.ones(1, len(p.graph), dtype=torch.float64)) - p.run(torch.zeros(1, len(p.graph)))
+    assert torch.all(moved[:, 2] == 0)
