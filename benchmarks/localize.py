@@ -387,7 +387,8 @@ def main() -> None:
     if args.no_verify_joins:
         importlib.import_module("crosspatch.methods.localize_verify").JOIN_ROWS = False
     if args.render:
-        write(json.loads((args.cache / "rows.json").read_text()), args)
+        rows = json.loads((args.cache / "rows.json").read_text())
+        write(json.loads(args.add_rows.read_text()) + rows if args.add_rows is not None else rows, args)
         return
     torch.set_num_threads(1)
 
@@ -515,7 +516,9 @@ def write(rows: list[dict], args) -> None:
         "method can miss and a reading of these numbers: `docs/localize.md`.",
         "",
         f"Machine: {platform.machine()}, {platform.system()}, 1 torch thread, torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}.",
+        f"Python {sys.version.split()[0]}."
+        + (" The cases were run in more than one process (`--add-rows`: rows of an earlier run of the same code "
+           "written with this one's)." if getattr(args, "add_rows", None) else ""),
         "",
         "## Targets (localize)",
         "",

@@ -224,7 +224,8 @@ class Localization:
 
     @property
     def verified(self) -> dict[str, float]:
-        """Every site patched exactly, with its effect."""
+        """Every site patched exactly, with its effect, and every site known unchanged (a position before the
+        first difference: 0 without a forward)."""
         out: dict[str, float] = {}
         for res in self.levels.values():
             for site, value, done in zip(res.coords["site"], res.values, res.metadata["verified"]):
