@@ -26,11 +26,9 @@ import torch
 from torch import nn
 
 from ..engine.adapter import repeat_rows
-from ..engine.forward import Bound
 from ..results.metrics import Metric, MetricContext, kl_to_clean
-from ..sites.site import Site
 from .edges.graph import EdgeGraph, spread_groups
-from .edges.patching import EdgePatcher, _Receiver, _Sender, _State, _ZeroSender
+from .edges.patching import EdgePatcher
 from .edges.result import _flat_index, _result
 from .pairs import model_metric
 from ..trainable.masks import expected_open, kept_gates, relaxed_gates
@@ -78,15 +76,7 @@ def masked_edges_output(p: EdgePatcher, patch: torch.Tensor, grad: bool = True) 
     differentiable in ``patch``. Same sites and formula as :func:`~crosspatch.methods.edges.patch_edges`."""
     patch = patch.unsqueeze(0) if patch.ndim == 1 else patch
     k = patch.shape[0]
-    inputs = repeat_rows(p.clean, k)
-    state = _State()
-    bounds = []
-    for key in p.keys:
-        abl = None if p.ablated is None else p.ablated_for(key, k)
-        bounds.append(Bound(Site.parse(key), _Sender(state, key, abl) if abl is not None else _ZeroSender(state, key)))
-    for (key, n_in, _), dense in zip(p.graph.receiver_keys, dense_masks(p.graph, patch)):
-        bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, dense, p.n)))
-    return p._execute(inputs, bounds, grad=grad).output
+    return p._execute(repeat_rows(p.clean, k), p.bounds(dense_masks(p.graph, patch), k), grad=grad).output
 
 
 class EdgeMaskParams(nn.Module):

@@ -232,21 +232,28 @@ class EdgePatcher:
         k = masks.shape[0]
         inputs = repeat_rows(self.clean, k)
         dense = self.dense(masks)
-        n_layers = self.n_layers
         start = self._start(dense) if clean is not None else 0
         resume = Resume(clean.prefix, start) if start > 0 else None
+        bounds = self.bounds(dense, k, clean if resume is not None else None, start)
+        return self._execute(inputs, bounds, output_at=output_at, resume=resume).output
+
+    def bounds(self, dense: list[torch.Tensor], k: int, clean: "_CleanPrefix | None" = None, start: int = 0) -> list[Bound]:
+        """The bounds that patch ``k`` masks' edges (``dense``: one ``[k, n_in, *slots]`` mask per receiver) in
+        a run of the clean inputs repeated ``k`` times. With ``clean``, a run resumed at block ``start``: the
+        senders before it add their kept ``ablated - clean`` and the receivers before it are left out."""
+        n_layers = self.n_layers
         state = _State()
         bounds = []
         for key in self.keys:
-            if resume is not None and _layer(key, n_layers) < start:
+            if clean is not None and _layer(key, n_layers) < start:
                 state.diffs.append(clean.diffs[key].repeat(k, *([1] * (clean.diffs[key].ndim - 1))))
                 continue
             abl = None if self.ablated is None else self.ablated_for(key, k)
             bounds.append(Bound(Site.parse(key), _Sender(state, key, abl) if abl is not None else _ZeroSender(state, key)))
         for (key, n_in, _), d in zip(self.graph.receiver_keys, dense):
-            if resume is None or _layer(key, n_layers) >= start:  # the others are before the start and unpatched
+            if clean is None or _layer(key, n_layers) >= start:  # the others are before the start and unpatched
                 bounds.append(Bound(Site.parse(key), _Receiver(state, n_in, d, self.n)))
-        return self._execute(inputs, bounds, output_at=output_at, resume=resume).output
+        return bounds
 
 
 @dataclass
