@@ -376,37 +376,62 @@ class Fn(Intervention):
 class KnockoutEdges(Intervention):
     """The knockout of one attention pattern site: queries in ``dst`` do not attend to keys in ``src``.
 
-    ``src`` ``[rows, key_pos]`` and ``dst`` ``[rows, pos]`` are boolean masks (``rows`` 1 for all rows, or the
-    rows of the batch the site is bound to, or a divisor of them when the inputs are tiled). The site
-    selects heads at most; positions are the masks'. Queries with blocked edges keep the share of their
-    unblocked keys, renormalised; a query left with no key that had attention is an error (the softmax
-    over nothing is undefined). Queries none of whose attention was blocked are returned bit for bit.
+    The site's family is a pattern whose last three axes are ``head``, a query axis and its key axis
+    (``pos`` / ``key_pos`` in a language model, ``patch`` / ``key_patch`` in Qwen2-VL's tower: the key axis is
+    ``key_`` + the query axis), optionally after an axis ``image`` (a tower served with several images a row:
+    one pattern per image). ``dst`` masks the query axis and ``src`` the key axis: ``[n]`` for every row,
+    ``[rows, n]`` per row (``rows`` the rows the site is bound to, or a divisor of them when the inputs are
+    tiled) and, with an ``image`` axis, these for every image alike or ``[rows, image, n]`` per image (rows
+    again 1 or a divisor). The site selects heads at most; positions and images are the masks'.
+
+    Queries with blocked edges keep the share of their unblocked keys, renormalised (the softmax over the
+    unblocked scores); a query left with no key that had attention is an error (the softmax over nothing is
+    undefined). Queries none of whose attention was blocked are returned bit for bit, so edges that carry
+    no attention (masked by the model: causal, a window, padding) change nothing.
     """
 
     kind: ClassVar[str] = "knockout"
     src: torch.Tensor = None  # type: ignore[assignment]
     dst: torch.Tensor = None  # type: ignore[assignment]
 
+    @staticmethod
+    def pattern_axes(family: SiteFamily) -> tuple[str | None, str, str]:
+        """``(image axis or None, query axis, key axis)`` of an attention pattern family; a
+        :class:`SiteError` naming the axes when ``family`` is not laid out as one."""
+        names = family.axis_names
+        lead, tail = names[:-3], names[-3:]
+        if len(tail) == 3 and tail[0] == "head" and tail[2] == f"key_{tail[1]}" and lead in ((), ("image",)):
+            return (lead[0] if lead else None), tail[1], tail[2]
+        raise SiteError(
+            f"Knockout: family {family.name!r} has axes ({', '.join(names)}); a knockout writes an attention pattern "
+            f"(head, <query>, key_<query>), e.g. (head, pos, key_pos) or (head, patch, key_patch), optionally after "
+            f"an 'image' axis"
+        )
+
     def apply(self, x: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
-        extra = set(ctx.site.selection) - {"head"}
-        if extra or ctx.family.axis_names != ("head", "pos", "key_pos") or x.ndim != 4:
+        image, query, key = self.pattern_axes(ctx.family)
+        extra = sorted(set(ctx.site.selection) - {"head"})
+        if extra:
             raise SiteError(
-                f"Knockout at {ctx.site}: expected an attention pattern [rows, head, pos, key_pos] selected by head "
-                f"at most (the positions are the knockout's), got axes {ctx.family.axis_names}"
-                + (f" with {sorted(extra)} selected" if extra else "")
+                f"Knockout at {ctx.site}: expected an attention pattern selected by head at most (the {query} and "
+                f"{key} positions{' and the images' if image else ''} are the knockout's masks), got {extra} selected"
             )
-        rows, _, queries, keys = x.shape
-        src, dst = _mask_rows(self.src, rows, keys, "src", ctx.site), _mask_rows(self.dst, rows, queries, "dst", ctx.site)
-        blocked = (dst[:, None, :, None] & src[:, None, None, :]).to(x.device)
+        rows, queries, keys = x.shape[0], x.shape[-2], x.shape[-1]
+        images = x.shape[1] if image else None
+        src = _mask_rows(self.src, rows, images, keys, "src", key, ctx.site)
+        dst = _mask_rows(self.dst, rows, images, queries, "dst", query, ctx.site)
+        blocked = (dst[..., None, :, None] & src[..., None, None, :]).to(x.device)  # [rows, (image,) 1, query, key]
         kept = x.masked_fill(blocked, 0)
         lost = (x - kept).sum(dim=-1, keepdim=True)
         total = kept.sum(dim=-1, keepdim=True)
         touched = lost > 0
-        if bool((touched & (total <= 0)).any()):
-            where = (touched & (total <= 0)).nonzero()[0].tolist()
+        empty = touched & (total <= 0)
+        if bool(empty.any()):
+            where = empty.nonzero()[0].tolist()
+            at = f"row {where[0]}" + (f", image {where[1]}" if image else "")
             raise SiteError(
-                f"Knockout at {ctx.site}: query position {where[2]} of row {where[0]} (head {where[1]} of the selection) "
-                f"has all its attention blocked; keep at least one key it attends to (its own position, say)"
+                f"Knockout at {ctx.site}: query {query} {where[-2]} of {at} (head {where[-3]} of the selection) has "
+                f"all its attention blocked; keep at least one key it attends to (its own position, say)"
             )
         return torch.where(touched, kept / total.clamp_min(torch.finfo(x.dtype).tiny), x)
 
@@ -418,16 +443,35 @@ class KnockoutEdges(Intervention):
         return cls(torch.tensor(data["src"], dtype=torch.bool), torch.tensor(data["dst"], dtype=torch.bool))
 
 
-def _mask_rows(mask: torch.Tensor, rows: int, size: int, what: str, site: Site) -> torch.Tensor:
+def _mask_rows(mask: torch.Tensor, rows: int, images: int | None, size: int, what: str, axis: str, site: Site
+               ) -> torch.Tensor:
+    """A knockout mask over the pattern's ``axis`` as ``[rows, size]``, or ``[rows, images, size]`` for a pattern
+    with an image axis."""
     mask = mask.bool()
     if mask.ndim == 1:
         mask = mask.unsqueeze(0)
+    shapes = f"[{size}] or [rows, {size}]" + (f", or [rows, {images}, {size}] per image" if images else "")
+    if mask.ndim not in ((2, 3) if images else (2,)):
+        raise SiteError(
+            f"Knockout at {site}: the {what} mask has shape {tuple(mask.shape)}; "
+            + ("" if images or mask.ndim != 3 else "the pattern has no image axis; ") + f"give {shapes}"
+        )
     if mask.shape[-1] != size:
-        raise SiteError(f"Knockout at {site}: the {what} mask covers {mask.shape[-1]} positions, the pattern {size}")
+        raise SiteError(
+            f"Knockout at {site}: the {what} mask covers {mask.shape[-1]} positions, but the pattern's axis "
+            f"{axis!r} has {size}; give {shapes}"
+        )
+    if mask.ndim == 3 and mask.shape[1] != images:
+        raise SiteError(
+            f"Knockout at {site}: the {what} mask covers {mask.shape[1]} images, the pattern {images} a row; "
+            f"give {shapes}"
+        )
+    if images and mask.ndim == 2:
+        mask = mask.unsqueeze(1).expand(-1, images, -1)
     if mask.shape[0] == rows:
         return mask
     if mask.shape[0] == 1 or rows % mask.shape[0] == 0:  # shared, or inputs tiled in blocks (all rows, again ...)
-        return mask.repeat(rows // mask.shape[0], 1)
+        return mask.repeat(rows // mask.shape[0], *([1] * (mask.ndim - 1)))
     raise SiteError(f"Knockout at {site}: the {what} mask has {mask.shape[0]} rows, the batch {rows}")
 
 

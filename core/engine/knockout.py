@@ -10,9 +10,11 @@ attention (the pattern is per query head).
 
 Position sets are group names carried with the inputs (``"image"``, ``"question"``: masks
 ``group.<name>`` of prepared inputs, see :mod:`crosspatch.sites.selection`) or masks given directly
-(``[pos]`` or ``[rows, pos]``). :func:`bind` turns knockouts and ``{site: intervention}`` pairs whose
-sites name groups (``resid_pre.3[pos=image]``) into the :class:`~crosspatch.engine.forward.Bound`
-list ``run`` takes, so knockouts, patches and ablations combine in one forward.
+(``[pos]`` or ``[rows, pos]``). Inside a vision tower (``family="vision.attn_pattern"``) they are masks over
+the patches of an image (its pattern's query axis), per image when the tower has an ``image`` axis.
+:func:`bind` turns knockouts and ``{site: intervention}`` pairs whose sites name groups
+(``resid_pre.3[pos=image]``) into the :class:`~crosspatch.engine.forward.Bound` list ``run`` takes, so
+knockouts, patches and ablations combine in one forward.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..sites.catalog import Catalog
+from ..sites.catalog import Catalog, SiteFamily
 from ..sites.selection import group_sites, input_groups
-from ..sites.site import Site, SiteError
+from ..sites.site import POSITION_AXES, Site, SiteError
 from .forward import Bound
 from .interventions import KnockoutEdges
 
@@ -39,6 +41,11 @@ class Knockout:
     layer of ``family``. ``heads``: None for all, an int or a list of query heads. ``rows``: the rows of the
     batch it applies to (a slice; None for all), as :class:`~crosspatch.engine.forward.Bound` has them.
     ``family``: the pattern family written (``vision.attn_pattern`` for a vision tower).
+
+    In a vision tower the masks are over the pattern's own query axis (``pos`` of a CLIP tower, class token
+    included; ``patch`` of Qwen2-VL's), the patches of one image, which carry no groups: masks only. With
+    several images a row (an ``image`` axis), ``[patch]`` / ``[rows, patch]`` apply to every image alike and
+    ``[rows, image, patch]`` to each image its own (rows 1 for every row); see :class:`KnockoutEdges`.
     """
 
     src: Any
@@ -53,12 +60,13 @@ class Knockout:
         fam = catalog.family(self.family)
         if fam.layers is None or not fam.writable:
             raise SiteError(f"Knockout: family {self.family!r} is not a writable per-layer attention pattern")
+        KnockoutEdges.pattern_axes(fam)
         if self.layers is None:
             layers = list(range(fam.layers))
         else:
             layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
         groups = input_groups(inputs or {})
-        src, dst = (self._mask(v, groups, what) for v, what in ((self.src, "src"), (self.dst, "dst")))
+        src, dst = (self._mask(v, groups, what, fam) for v, what in ((self.src, "src"), (self.dst, "dst")))
         if self.rows is not None:
             src = src[self.rows] if src.shape[0] > 1 else src
             dst = dst[self.rows] if dst.shape[0] > 1 else dst
@@ -70,8 +78,17 @@ class Knockout:
         return out
 
     @staticmethod
-    def _mask(value: Any, groups: Mapping[str, torch.Tensor], what: str) -> torch.Tensor:
+    def _mask(value: Any, groups: Mapping[str, torch.Tensor], what: str, fam: SiteFamily) -> torch.Tensor:
+        image, query, _ = KnockoutEdges.pattern_axes(fam)
+        n = fam.axis(query).size or query
+        shapes = f"[{n}] / [rows, {n}]" + (f" / [rows, image, {n}]" if image else "")
         if isinstance(value, str):
+            if not _grouped(fam):
+                raise SiteError(
+                    f"Knockout: {what} names the position group {value!r}, but the {query!r} positions of "
+                    f"{fam.name!r} ({', '.join(fam.axis_names)}) are not the inputs' token positions (a tower's "
+                    f"patches), and carry no groups; give a boolean mask {shapes}"
+                )
             if value not in groups:
                 raise SiteError(
                     f"Knockout: {what} names the position group {value!r}, but the inputs carry "
@@ -80,8 +97,19 @@ class Knockout:
             return groups[value]
         mask = torch.as_tensor(value)
         if mask.dtype != torch.bool:
-            raise SiteError(f"Knockout: {what} is a group name or a boolean mask [pos] / [rows, pos], got {mask.dtype}")
-        return mask if mask.ndim == 2 else mask.unsqueeze(0)
+            named = "a group name or " if _grouped(fam) else ""
+            raise SiteError(f"Knockout: {what} is {named}a boolean mask {shapes}, got {mask.dtype}")
+        if mask.ndim not in ((1, 2, 3) if image else (1, 2)):
+            raise SiteError(f"Knockout: {what} has shape {tuple(mask.shape)}; give a boolean mask {shapes}")
+        return mask if mask.ndim > 1 else mask.unsqueeze(0)
+
+
+def _grouped(fam: SiteFamily) -> bool:
+    """Whether position groups (masks over the inputs' token columns) index ``fam``'s queries and keys: its query
+    axis is a position axis the inputs size (``pos`` of a language model), not a tower's patches (``patch``, or a
+    ``pos`` whose size the catalog fixes)."""
+    axis = fam.axes[-2]
+    return axis.name in POSITION_AXES and axis.size is None
 
 
 def bind(model: Any, inputs: Mapping[str, Any], interventions: Any) -> list[Bound]:
