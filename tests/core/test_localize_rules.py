@@ -1,6 +1,6 @@
 """localize's verification rule in its parts: the rest test of a parent's unverified children (its value is
 activation patching's of the group, it clears a parent whose unexplained part is its verified children's
-interaction and sends the search down where the rest holds more than its estimates and their allowances),
+interaction and sends the search down where the rest holds more than its estimates),
 the rising threshold (a round verifies first what reaches the threshold the level is heading for, and the
 level still stops only when no unverified bound reaches the threshold), and recall of an exhaustive sweep's
 top k on planted models with both, against both turned off."""
@@ -76,19 +76,19 @@ def test_a_rest_test_clears_an_interaction_and_searches_a_real_miss(monkeypatch)
     assert tests == [] and [u.site for u in more] == ["attn_out.0[pos=2]"]
 
 
-def test_a_rest_tests_members_erring_the_same_way_within_their_bounds_send_no_search(monkeypatch):
+def test_with_allowances_a_rest_tests_members_erring_the_same_way_send_no_search(monkeypatch):
     """Four unverified children estimated at 0.02 each, with bounds 0.03 (an allowance of 0.01 each); their
-    rest test comes out 0.105, 0.025 above their estimates: what three of them can hold within their
-    allowances (0.03), so no sign of the fourth. Without the reduction 0.025 plus the likeliest child's bound
-    reaches the threshold 0.05 and the search goes on."""
+    rest test comes out 0.105, 0.025 above their estimates. By default 0.025 plus the likeliest child's bound
+    reaches the threshold 0.05 and the search goes on; with ``REST_ALLOWANCE`` it is what three of them can
+    hold within their allowances (0.03), no sign of the fourth."""
     units, kids, _ = _units(1.0, {0: 0.6, 1: 0.3}, {p: 0.02 for p in range(2, 6)})
     bounds = {u.site: abs(u.estimate) * 1.5 for u in kids}
     members = frozenset(f"attn_out.0[pos={p}]" for p in range(2, 6))
     groups = {"attn_out.0": [_Group("attn_out.0[pos={2,3,4,5}]", members, 0.105)]}
-    assert _more_children(_unexplained(kids, units, groups), 0.05, bounds, []) == ([], [])
-    monkeypatch.setattr(localize_module, "REST_ALLOWANCE", False)
     more, tests = _more_children(_unexplained(kids, units, groups), 0.05, bounds, [])
     assert len(more) == 2 and tests == []
+    monkeypatch.setattr(localize_module, "REST_ALLOWANCE", True)
+    assert _more_children(_unexplained(kids, units, groups), 0.05, bounds, []) == ([], [])
 
 
 def test_group_sites_select_the_axis_the_children_differ_along():
