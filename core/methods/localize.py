@@ -109,6 +109,10 @@ REST_MIN = 3
 #: level (fewer forwards where many children err the same way, but it lost a top-10 site on a saturated GPT-2
 #: model; ``docs/localize.md``). Off by default; for measuring.
 REST_ALLOWANCE = False
+#: A rest test's unexplained part counts only where it is below the parent's own: a rest of many children that AtP
+#: all underestimates a little can have a larger one than the parent, whose patched children's interaction partly
+#: cancelled it, and would send the search through every child. False: the rest's alone (for measuring).
+REST_MIN_D = True
 
 
 def level_patterns(level: str, start: str = "components", layers: int | None = None) -> list[str]:
@@ -503,7 +507,8 @@ def _unexplained(listed: list[_Unit], units: dict[str, _Unit], groups: dict[str,
     children do not account for, ``|exact - sum of children|`` (a child counted by its exact effect when
     verified, its estimate otherwise), the children, whether a rest test stands for the parent, and how many of
     the parent's children were patched. Once a rest test holds every unverified child, the smallest such test
-    stands for the parent: its exact effect against the sum of its members."""
+    stands for the parent: its exact effect against the sum of its members, where that is below the parent's
+    own (:data:`REST_MIN_D`)."""
     children: dict[str, list[_Unit]] = {}
     for u in listed:
         for q in u.parents:
@@ -517,7 +522,10 @@ def _unexplained(listed: list[_Unit], units: dict[str, _Unit], groups: dict[str,
         for g in groups.get(q, []):
             if open_ <= g.members and len(g.members) < len(members):
                 value, members, rest = g.value, [u for u in kids if u.site in g.members], True
-        out[q] = (abs(value - sum(u.best for u in members)), members, rest, sum(_ran(u) for u in kids))
+        d = abs(value - sum(u.best for u in members))
+        if rest and REST_MIN_D:
+            d = min(d, abs(units[q].value - sum(u.best for u in kids)))
+        out[q] = (d, members, rest, sum(_ran(u) for u in kids))
     return out
 
 

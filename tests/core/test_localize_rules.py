@@ -91,6 +91,24 @@ def test_with_allowances_a_rest_tests_members_erring_the_same_way_send_no_search
     assert _more_children(_unexplained(kids, units, groups), 0.05, bounds, []) == ([], [])
 
 
+def test_a_rest_test_never_makes_a_parent_less_explained(monkeypatch):
+    """The parent's effect exceeds its children's by 0.084; its rest test, of four children estimated at 0.004
+    each, comes out 0.2, 0.184 above them (many small underestimates adding up). With the threshold at 0.1 the
+    parent alone would send no search; the rest test counts where it is below the parent's part, so it does not
+    either (``REST_MIN_D``); the rest's part alone would."""
+    open_ = {2: 0.004, 3: 0.004, 4: 0.004, 5: 0.004}
+    units, kids, bounds = _units(1.0, {0: 0.6, 1: 0.3}, open_)
+    members = frozenset(f"attn_out.0[pos={p}]" for p in open_)
+    groups = {"attn_out.0": [_Group("attn_out.0[pos={2,3,4,5}]", members, 0.2)]}
+    d, _, rest, _ = _unexplained(kids, units, groups)["attn_out.0"]
+    assert rest and d == pytest.approx(0.084)
+    assert _more_children(_unexplained(kids, units, groups), 0.1, bounds, []) == ([], [])
+    monkeypatch.setattr(localize_module, "REST_MIN_D", False)
+    assert _unexplained(kids, units, groups)["attn_out.0"][0] == pytest.approx(0.184)
+    more, _ = _more_children(_unexplained(kids, units, groups), 0.1, bounds, [])
+    assert len(more) == 2
+
+
 def test_group_sites_select_the_axis_the_children_differ_along():
     heads = [_Unit(f"head_out.3[pos=9,head={h}]", "head_out", "component_pos", 0.0) for h in (6, 1, 4)]
     assert _group_site(heads) == "head_out.3[pos=9,head={1,4,6}]"
