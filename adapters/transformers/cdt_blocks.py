@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crosspatch.engine.adapter import Adapter, Inputs
-from crosspatch.engine.reach import Callback, Changes, Reach, collect, collector, submodule, temporarily
+from crosspatch.engine.reach import submodule, temporarily
 from crosspatch.methods.cdt import NodeFamily, Visit
 from crosspatch.methods.cdt_rules import Pair, activation, add, affine, attention, normalize
 
@@ -59,18 +59,6 @@ class _Prepared:
     residuals: list[torch.Tensor]  # each block's input [rows, pos, d]
     masks: list[torch.Tensor | None]  # each block's additive attention mask [rows or 1, 1, pos, key_pos]
     rotary: list[tuple[torch.Tensor, torch.Tensor] | None]  # each block's (cos, sin) [rows or 1, pos, d_head]
-
-
-def _install(changes: Changes, reach: Reach, layer: int | None, callback: Callback) -> None:
-    """``reach`` installed at ``layer`` as part of ``changes``: each undo the install registers joins
-    ``changes`` before its change is made (as in an engine run), so an interrupt anywhere loses none."""
-    previous = collector()
-    try:
-        collect(changes.handles)
-        start = len(changes.handles)
-        changes.handles[start:] = reach.install(layer, callback)
-    finally:
-        collect(previous)
 
 
 # -- one module's rule ----------------------------------------------------------------------------------
@@ -185,7 +173,7 @@ class TransformersDecomposition:
 
         core = f"{self.arch.layers}.{{layer}}.{self.arch.attn_core}"
         with temporarily() as changes:  # each undo registered before its change, all undone at the end
-            _install(changes, AttentionPattern(self.base, core, self.model.config), 0, lambda pattern: None)
+            changes.install(AttentionPattern(self.base, core, self.model.config), 0, lambda pattern: None)
             for i, blk in enumerate(self.blocks):
                 changes.forward_pre_hook(blk, block_input(i), with_kwargs=True)
                 changes.forward_pre_hook(blk.get_submodule(self.arch.attn_core), attention_inputs(i), with_kwargs=True)

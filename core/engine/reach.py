@@ -150,6 +150,17 @@ class Changes:
         self.add(Unhook(module, hook, "forward_pre"))
         module.register_forward_pre_hook(hook, **kwargs)
 
+    def install(self, reach: Reach, layer: int | None, callback: Callback) -> None:
+        """``reach`` installed at ``layer`` as part of these changes: each undo its install registers joins them
+        before its change is made (as in an engine run), so an interrupt anywhere loses none."""
+        previous = _RUN.get()
+        try:
+            _RUN.set(self.handles)
+            start = len(self.handles)
+            self.handles[start:] = reach.install(layer, callback)
+        finally:
+            _RUN.set(previous)
+
     def remove(self) -> None:
         remove_all(self.handles)
 
