@@ -275,14 +275,10 @@ def attribution_patching(
 def _base_and_source(run: Run, base_in, source_in, tapped: list[str], src_values: dict, src_out: torch.Tensor, n: int,
                      prefix) -> BaseAndSource:
     """The gradient forward's first row block (detached) with its kept prefix, and the source run's captures."""
-    def mask(inputs):
-        value = inputs.get("attention_mask")
-        return value if isinstance(value, torch.Tensor) else None
-
     axes = {k: run.cache.axes[k] for k in tapped}
-    base = Run(run.output[:n].detach(), Cache({k: run.cache[k].detach()[:n] for k in tapped}, axes, mask(base_in)),
-               prefix=prefix.first_rows(n))
-    return BaseAndSource(base, Cache({k: src_values[k].detach() for k in tapped}, axes, mask(source_in)),
+    base = Run(run.output[:n].detach(), Cache({k: run.cache[k].detach()[:n] for k in tapped}, axes,
+                                              base_in.get("attention_mask")), prefix=prefix.first_rows(n))
+    return BaseAndSource(base, Cache({k: src_values[k].detach() for k in tapped}, axes, source_in.get("attention_mask")),
                          src_out.detach())
 
 
