@@ -57,8 +57,7 @@ def without_position(name: str) -> str:
 def _target_family(receiver: str) -> tuple[str, Any]:
     """The whole-family target a component receiver is read in, and its head index there (None: no head axis)."""
     site = Site.parse(receiver)
-    role = split_tower(site.family)[1]
-    tower = site.family[: len(site.family) - len(role)]
+    tower, role = split_tower(site.family)
     if role == "head_in":
         head = site.selection["head"]
         first = head.start if isinstance(head, Span) else int(head)  # a key/value head: its first query head's copy
