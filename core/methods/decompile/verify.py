@@ -1,19 +1,19 @@
 """Verification: the emitted program against the network (and the task's answer) on every input.
 
-Inputs are every sequence over the vocabulary of each length (``|vocab| ** length``, in the order of
-:func:`~crosspatch.zoo.algorithmic.task.every_sequence`: the last position fastest) when their number is
-at most ``limit``, else ``limit`` seeded random ones of that length; the record says which.
+Inputs are every sequence over the vocabulary of each length (``|vocab| ** length``, the last position
+fastest, as :func:`~crosspatch.zoo.algorithmic.task.every_sequence` orders a task's inputs) when their
+number is at most ``limit``, else ``limit`` seeded random ones of that length; the record says which.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ...zoo.algorithmic.task import every_sequence
 from .program import Program
 from .subject import Subject
 
@@ -65,14 +65,12 @@ class Verification:
 def enumerate_inputs(vocab: Sequence[Any], lengths: Sequence[int], limit: int = 200_000, seed: int = 0) -> tuple[list[list[Any]], dict[str, str]]:
     """Every sequence of each length, or ``limit`` random ones where there are more; with a description."""
     rng = random.Random(seed)
-    positions = [(i,) for i in range(len(vocab))]  # every_sequence enumerates positions in the vocabulary
     seqs: list[list[Any]] = []
     said: dict[str, str] = {}
     for n in lengths:
         total = len(vocab) ** n
         if total <= limit:
-            rows = every_sequence(positions, n)[..., 0].tolist() if positions else [[]] * total
-            seqs.extend([vocab[i] for i in row] for row in rows)
+            seqs.extend(list(s) for s in itertools.product(vocab, repeat=n))
             said[str(n)] = f"all {total}"
         else:
             seqs.extend([rng.choice(vocab) for _ in range(n)] for _ in range(limit))
