@@ -4,6 +4,13 @@
     GPT-2 architecture (2 layers, 4 heads, d_model 64, 112k parameters) with a word-level
     tokenizer, trained on IOI prompts of the task's *train* names; measured on prompts made only of
     its held-out *test* names.
+``ioi-gpt2-6x16``
+    The IOI recipe at a size where a sweep is worth sparing: 6 layers, 16 heads, d_model 128 (1.2M
+    parameters, about 4 minutes on one core). Its (head, position) sweep is about 500 forwards, so a
+    method that estimates before it patches (``cp.localize``) can be measured against it; on the
+    2-layer model the estimates alone are 15 % of the sweep. Deeper or wider recipes tried (8 x 16 x
+    128, 8 x 16 x 256) learnt the training names better than the held-out ones (0.90 and 0.23 of
+    held-out prompts at 800 steps).
 ``greater-than-tiny``
     The same recipe on greater-than prompts; measured on held-out start years.
 
@@ -37,6 +44,7 @@ How training works, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -47,7 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from crosspatch.zoo.store import Loaded, TrainSettings, ZooModel
 
-__all__ = ["GREATER_THAN_RECIPE", "IOI_RECIPE", "Recipe", "ZOO_MODELS", "load_gpt2", "word_tokenizer"]
+__all__ = ["GREATER_THAN_RECIPE", "IOI_6X16_RECIPE", "IOI_RECIPE", "Recipe", "ZOO_MODELS", "load_gpt2", "word_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +265,8 @@ def _arch(recipe: Recipe) -> dict[str, int]:
 # ------------------------------------------------------------------ IOI
 
 IOI_RECIPE = Recipe(steps=800, lr=5e-3, filler_fraction=0.25, hide_unseen=True)
+IOI_6X16_RECIPE = Recipe(n_layer=6, n_head=16, n_embd=128, steps=800, lr=5e-3, filler_fraction=0.25,
+                         hide_unseen=True)
 
 #: Non-IOI sentences in which every name (train and test) occurs; ``{x}`` is one name.
 IOI_FILLER: tuple[str, ...] = (
@@ -287,8 +297,9 @@ def ioi_vocabulary() -> list[str]:
     return sorted(vocab)
 
 
-def build_ioi(folder: Path, settings: TrainSettings, recipe: Recipe = IOI_RECIPE) -> dict[str, Any]:
-    """Train ``ioi-gpt2-tiny`` into ``folder``; metrics on prompts of held-out (test) names."""
+def build_ioi(folder: Path, settings: TrainSettings, recipe: Recipe = IOI_RECIPE,
+              name: str = "ioi-gpt2-tiny") -> dict[str, Any]:
+    """Train the IOI model ``name`` with ``recipe`` into ``folder``; metrics on prompts of held-out (test) names."""
     import torch
 
     from crosspatch.zoo.tasks import IOITask, tokenize_pairs
@@ -298,7 +309,7 @@ def build_ioi(folder: Path, settings: TrainSettings, recipe: Recipe = IOI_RECIPE
     steps = settings.steps if settings.steps is not None else recipe.steps
     n_filler = round(recipe.batch_size * recipe.filler_fraction)
     n_task = recipe.batch_size - n_filler
-    with _seeded(settings.seed, "ioi-gpt2-tiny") as rng:
+    with _seeded(settings.seed, name) as rng:
         tokenizer = word_tokenizer(ioi_vocabulary())
         model = _gpt2(tokenizer, recipe)
         penalty = None
@@ -420,6 +431,15 @@ ZOO_MODELS: list[ZooModel] = [
         adapter="transformers",
         task="ioi",
         build=build_ioi,
+        load=load_gpt2,
+        version="1",
+    ),
+    ZooModel(
+        name="ioi-gpt2-6x16",
+        description="6-layer GPT-2 (16 heads, d_model 128) trained here on IOI; tested on held-out names",
+        adapter="transformers",
+        task="ioi",
+        build=functools.partial(build_ioi, recipe=IOI_6X16_RECIPE, name="ioi-gpt2-6x16"),
         load=load_gpt2,
         version="1",
     ),

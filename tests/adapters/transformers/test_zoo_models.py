@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -123,3 +124,30 @@ def test_full_ioi_training_generalises_to_held_out_names(cache):
     clean_diff = (logits[rows, data.answer] - logits[rows, data.distractor]).mean()
     corrupt_diff = (corrupt[rows, data.answer] - corrupt[rows, data.distractor]).mean()
     assert clean_diff > 5 and abs(corrupt_diff) < clean_diff / 3
+
+
+def test_the_8x16_ioi_model_is_the_ioi_recipe_at_its_own_size(cache):
+    """``ioi-gpt2-6x16``: registered for IOI, built by the same recipe at 6 layers x 16 heads x d_model 128,
+    seeded by its own name (not the same weights as a tiny model of that size would get)."""
+    from crosspatch.adapters.transformers.zoo import IOI_6X16_RECIPE
+
+    spec = zoo.get("ioi-gpt2-6x16")
+    assert spec.task == "ioi" and spec.adapter == "transformers"
+    loaded = zoo.load("ioi-gpt2-6x16", steps=2, progress=False)
+    config = loaded.model.config
+    assert (config.n_layer, config.n_head, config.n_embd) == (6, 16, 128)
+    assert loaded.info["architecture"] == {"n_layer": 6, "n_head": 16, "n_embd": 128}
+    assert IOI_6X16_RECIPE.hide_unseen and IOI_6X16_RECIPE.filler_fraction > 0
+    m = cp.wrap(loaded.model, tokenizer=loaded.tokenizer)
+    assert m.catalog.family("head_out").layers == 6
+
+
+@pytest.mark.skipif(not os.environ.get("CROSSPATCH_SLOW"), reason="trains for minutes; set CROSSPATCH_SLOW=1")
+def test_full_8x16_ioi_training_generalises_to_held_out_names(cache):
+    loaded = zoo.load("ioi-gpt2-6x16", progress=False)
+    assert loaded.info["accuracy"] >= 0.95 and loaded.info["accuracy_vs_distractor"] >= 0.95, loaded.info
+    data = tokenize_pairs(get_task("ioi").pairs(500, seed=12345, split="test"), loaded.tokenizer)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=data.clean).logits[:, -1]
+    names = torch.tensor(loaded.tokenizer.convert_tokens_to_ids(list(NAMES)))
+    assert (names[logits[:, names].argmax(-1)] == data.answer).float().mean() >= 0.95
