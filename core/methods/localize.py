@@ -10,6 +10,13 @@ Levels, coarse to fine (``start="components"``; ``docs/localize.md`` has the rul
 ``component_pos``  ``head_out.L[pos=p,head=h]``, ``mlp_out.L[pos=p]``
 ``neuron``         ``mlp_act.L[pos=p,neuron=i]`` (``neurons=True``)
 
+The default walk is ``layer``, ``layer_pos``, ``component_pos``: whole heads (``component``) are walked
+when ``levels`` names them. Measured (``benchmarks/localize.md``), the whole-head level cost forwards
+everywhere and found nothing the (layer, position) parents did not: on IOI models trained here, whose
+heads act at one or two positions, a whole head spans every position from the first difference and its
+bound reaches the threshold for most heads; on the planted models and tracr's programs every recall stayed
+the same without it, for fewer forwards (``docs/localize.md`` has the numbers).
+
 One AtP call (``attribution_patching``; with ``estimator="atp*"`` AtP*'s GradDrop, ``grad_drop=True``)
 estimates every site of every level. Plain AtP is the default: it is linear in each site's activation, so
 a parent's estimate is the sum of its children's and a parent's unexplained part (below) is AtP's own
@@ -91,7 +98,7 @@ __all__ = ["localize", "Localization", "LEVELS", "level_patterns", "atp_forwards
 
 #: The levels, coarse to fine.
 LEVELS = ("layer", "layer_pos", "component", "component_pos", "neuron")
-_DEFAULT = ("layer", "layer_pos", "component", "component_pos")
+_DEFAULT = ("layer", "layer_pos", "component_pos")  # ``component`` when asked (module docstring)
 _RESID_LEVELS = ("layer", "layer_pos")
 #: Relative errors needed at a level before its own quantile replaces the one of every level so far.
 _OWN_ERRORS = 3
@@ -285,14 +292,14 @@ def localize(
     estimator: Literal["atp", "atp*"] = "atp",
     progress: bool | None = None,
 ) -> Localization:
-    """Walk from layers to (layer, position), heads and MLPs, then head-position (and neurons), ranking
+    """Walk from layers to (layer, position), then head-position and MLP-position (and neurons), ranking
     each level by AtP and verifying with exact activation patching until no unverified site's bound
     reaches the threshold: ``tol`` times the clean-corrupt gap, and with ``k`` at least the ``k``-th
     largest exact effect of the finest level (``k`` is how many sites of the finest level you want ranked
     exactly; a coarser level ranks as many of its sites as hold the finest level's ``k`` likeliest).
 
-    ``levels`` picks levels out of :data:`LEVELS` (default: all but ``neuron``, which ``neurons=True``
-    adds); ``levels=["component_pos"]`` is AtP verified without the coarser levels. ``estimator="atp*"``
+    ``levels`` picks levels out of :data:`LEVELS` (default: ``layer``, ``layer_pos``, ``component_pos``;
+    ``neurons=True`` adds ``neuron``; whole heads, ``component``, only when named); ``levels=["component_pos"]`` is AtP verified without the coarser levels. ``estimator="atp*"``
     ranks by AtP* with GradDrop instead of plain AtP (``"atp"``). ``start="resid"``
     makes the first two levels the residual stream (``resid_pre.L``, ``resid_pre.L[pos=p]`` and the last
     layer's ``resid_post``) instead of the attention and MLP writes. ``direction``, ``normalize``,

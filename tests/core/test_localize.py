@@ -111,7 +111,7 @@ def test_tolerance_zero_verifies_everything_and_is_the_exhaustive_sweep(planted,
 
 def test_the_planted_heads_are_found(planted):
     m, clean, corrupt, metric = planted
-    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05)
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, levels=LEVELS[:4])  # whole heads too
     heads = loc.top(2, level="component")
     assert set(heads["site"]) == {f"head_out.{layer}[head={head}]" for layer, head in PLANTED}
     assert heads["verified"].all()
@@ -220,7 +220,8 @@ def test_start_resid_walks_the_residual_stream(planted):
 def test_the_result_reads_as_tables(planted):
     m, clean, corrupt, metric = planted
     loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, neurons=True)
-    assert isinstance(loc, Localization) and list(loc.levels) == list(LEVELS)
+    # the default walk: whole heads (``component``) only when asked
+    assert isinstance(loc, Localization) and list(loc.levels) == ["layer", "layer_pos", "component_pos", "neuron"]
     assert "verified" in repr(loc) and f"{loc.forwards} forwards" in repr(loc)
     frame = loc.to_pandas()
     assert set(frame.columns) == {"level", "site", "estimate", "value", "verified", "skipped"}
