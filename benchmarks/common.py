@@ -85,9 +85,9 @@ class Setup:
     metric: cp.metrics.Metric
 
 
-def gpt2_setup(layers: int, d_model: int, seq: int, prompts: int) -> Setup:
+def gpt2_setup(layers: int, d_model: int, seq: int, prompts: int, heads: int = 8) -> Setup:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_head=8, n_embd=d_model, vocab_size=1000, n_positions=128)
+    config = GPT2Config(n_layer=layers, n_head=heads, n_embd=d_model, vocab_size=1000, n_positions=128)
     model = GPT2LMHeadModel(config).eval()
     clean = torch.randint(0, 1000, (prompts, seq))
     corrupt = clean.clone()

@@ -6,6 +6,7 @@ floor an exact EAP cannot go below here: a forward with gradients, the corrupt r
 inputs alone (measured: the model's own backward with no parameter gradients).
 
     python benchmarks/edges_eap.py [--seq 16 32]
+    python benchmarks/edges_eap.py --geometry 12 768 12 --seq 32 --prompts 4   # GPT-2 small's geometry
     python benchmarks/edges_eap.py --ab   # head_in slot gradients row by row against blocks of rows, alternated
     python benchmarks/edges_eap.py --before REV   # the working tree's EAP against revision REV's, alternated
 """
@@ -51,9 +52,13 @@ def _timed(acc: dict, obj, name: str):
     return lambda: setattr(obj, name, f)
 
 
+GEOMETRY = (4, 256, 8)  # layers, d_model, heads: the bench geometry (``--geometry`` changes it)
+
+
 def _setup(seq: int, prompts: int):
-    """The bench model at ``seq`` tokens, its edge graph and both pairs: ``{"middle": .., "first": ..}``."""
-    s = gpt2_setup(4, 256, seq, prompts)
+    """The model at ``seq`` tokens, its edge graph and both pairs: ``{"middle": .., "first": ..}``."""
+    layers, d_model, heads = GEOMETRY
+    s = gpt2_setup(layers, d_model, seq, prompts, heads)
     unshared = s.corrupt.clone()
     unshared[:, 0] = (unshared[:, 0] + 1) % 1000
     return s, edge_graph(s.m), {"middle": s.corrupt, "first": unshared}
@@ -88,15 +93,19 @@ def _timed_eap(s, corrupt, g, phases, method=None) -> dict[str, float]:
 
 
 def main() -> None:
+    global GEOMETRY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--geometry", type=int, nargs=3, default=list(GEOMETRY), metavar=("LAYERS", "D_MODEL", "HEADS"),
+                        help="another GPT-2 geometry than the bench's 4 x 256 x 8 (GPT-2 small: 12 768 12)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ab", action="store_true", help="alternate the slot gradients made row by row and in blocks")
     parser.add_argument("--block-bytes", type=int, nargs="+", default=None,
                         help="with --ab: the block sizes to alternate with row by row (default: slot_grad.BLOCK_BYTES)")
     parser.add_argument("--before", metavar="REV", help="alternate the working tree's EAP with git revision REV's")
     args = parser.parse_args()
+    GEOMETRY = tuple(args.geometry)
     torch.set_num_threads(1)
     if args.ab:
         return ab(args)
