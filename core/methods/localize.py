@@ -15,7 +15,7 @@ when ``levels`` names them. Measured (``benchmarks/localize.md``), the whole-hea
 everywhere and found nothing the (layer, position) parents did not: on IOI models trained here, whose
 heads act at one or two positions, a whole head spans every position from the first difference and its
 bound reaches the threshold for most heads; on the planted models and tracr's programs every recall stayed
-the same without it, for fewer forwards (``docs/localize.md`` has the numbers).
+the same without it, for fewer forwards in all cases but one (``docs/localize.md`` has the numbers).
 
 One AtP call (``attribution_patching``; with ``estimator="atp*"`` AtP*'s GradDrop, ``grad_drop=True``)
 estimates every site of every level. Plain AtP is the default: it is linear in each site's activation, so
