@@ -247,14 +247,28 @@ def _use(spaces: dict) -> None:
         mod.__dict__.update(space)
 
 
+class _In:
+    """A namespace's dict as attributes, for :func:`_timed`: a revision's functions look their globals up in the
+    namespace they were run in (:func:`_namespaces`), not in the module."""
+
+    def __init__(self, space: dict):
+        object.__setattr__(self, "space", space)
+
+    def __getattr__(self, name: str):
+        return self.space[name]
+
+    def __setattr__(self, name: str, value) -> None:
+        self.space[name] = value
+
+
 def before(args) -> None:
     """EAP in forward-equivalents, the working tree's against revision ``--before``'s, alternated in one process
     (each round: a bare forward, then every pair kind with each version; medians): the total, the forward with
-    gradients and the backward (with the head_in scoring)."""
+    gradients, the backward (with the head_in scoring) and the sender differences (without the corrupt run)."""
     variants = {args.before: _namespaces(args.before), "now": _namespaces(None)}
     print(f"| T | pair | EAP, {args.before} | EAP, now | forward w/ grad, {args.before} | now | "
-          f"backward + scoring, {args.before} | now |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"backward + scoring, {args.before} | now | sender diffs, {args.before} | now |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for seq in args.seq:
             s, g, pairs = _setup(seq, args.prompts)
@@ -270,14 +284,17 @@ def before(args) -> None:
                     for name, spaces in variants.items():
                         _use(spaces)
                         patcher = sys.modules["crosspatch.methods.edges.patching"].EdgePatcher
-                        acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patcher, "senders")],
-                                         sys.modules["crosspatch.methods.edges.gradient_scores"].eap)
+                        method = sys.modules["crosspatch.methods.edges.gradient_scores"].eap
+                        acc = _timed_eap(s, corrupt, g, [(torch.autograd, "grad"), (patcher, "senders"),
+                                                         (_In(patcher.__init__.__globals__), "capture_sharing_prefix"),
+                                                         (_In(method.__globals__), "_sender_diffs")], method)
+                        acc["diffs"] = acc["_sender_diffs"] - acc["capture_sharing_prefix"]
                         for k, v in acc.items():
                             res.setdefault((kind, name), {}).setdefault(k, []).append(v)
             b = statistics.median(bare)
             for kind in pairs:
                 m = {w: {k: statistics.median(v) / b for k, v in res[(kind, w)].items()} for w in variants}
-                print(_row(seq, kind, [m[w][k] for k in ("total", "senders", "grad") for w in variants]), flush=True)
+                print(_row(seq, kind, [m[w][k] for k in ("total", "senders", "grad", "diffs") for w in variants]), flush=True)
     finally:
         _use(variants["now"])
 
