@@ -52,6 +52,13 @@ def _read_window(at: torch.Tensor, start: int, n: int, device) -> tuple[torch.Te
     return torch.arange(n, device=device), (at - start).clamp(min=0), (at >= start)
 
 
+# The most a head's rows of the output projection, read off the map applied to the identity, may cost as a share of
+# the per-head writes' matmul (head_dim / (prompts * pos)) to be read so: measured at d_model 256 x 16 prompts (1/8 -
+# 1/16: the write then goes straight into the buffer, 0.17 -> 0.12 FE at T = 32) and at GPT-2 small's 768 x 4
+# prompts (1/2 - 2: the probe costs as much as the write; the family's own map and a copy, 0.17 -> 0.09 at T = 16).
+PROBE_SHARE = 1 / 8
+
+
 def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
     """Every sender's ``ablated - clean`` as one sender-major ``[sender, prompt, pos*d]`` buffer, at the positions
     from ``p.shared_positions`` on: before it the ablated run is the clean run, so every difference is exactly 0.
@@ -59,10 +66,12 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: to
     With ``at`` (each row's read position, when the receivers of the last block's senders, ``p.output_only``,
     are read there alone: :func:`_edge_scores`) those senders' differences are made there, 0 elsewhere.
 
-    Each difference is written into the buffer where it is made: a sender read as itself by one subtraction,
-    per-head writes read as ``head_z`` by one batched matmul of the ``z`` differences with each head's rows of
-    the output projection (:meth:`~.patching.EdgePatcher.per_sender_map`), so no ``[prompt, pos, head, d]``
-    write is materialised and permuted."""
+    A sender read as itself is written into the buffer by one subtraction. Per-head writes read as ``head_z`` are
+    written by one batched matmul of the ``z`` differences with each head's rows of the output projection, read
+    off the family's map applied to the identity (:meth:`~.patching.EdgePatcher.per_sender_map`), when that costs
+    at most an eighth of the write (``PROBE_SHARE``: ``head_dim / (prompts * pos)`` of its matmul); else (GPT-2
+    small's width, a few prompts: as much as the write itself) they are the family's own map of the differences
+    (:meth:`~.patching.EdgePatcher.writes`, laid out head-major) copied in, a fresh tensor and one more pass."""
     ablated_raw = p.ablated_raw  # the ablated run, which sets the shared positions
     start = p.shared_positions
     sd, row = None, 0
@@ -75,10 +84,15 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: to
             continue
         clean = clean_senders[key][:, start:]
         ablated = None if ablated_raw is None else ablated_raw[key][:, start:].to(clean.dtype).expand_as(clean)
-        per_sender = p.per_sender_map(key, clean)
         n, q = clean.shape[:2]
-        k = 1 if per_sender is None and clean.ndim == 3 else clean.shape[2]
-        d = clean.shape[-1] if per_sender is None else per_sender.shape[-1]
+        mapped = p.reads[key] != key
+        per_sender = writes = None
+        if mapped and clean.shape[-1] <= PROBE_SHARE * n * q:
+            per_sender = p.per_sender_map(key, clean)  # [k, e, d]
+        elif mapped:  # per-head writes [n, q, k, d] (a head-major view) of the z differences
+            writes = p.writes(key, clean.neg() if ablated is None else ablated - clean)
+        k = 1 if not mapped and clean.ndim == 3 else clean.shape[2]
+        d = clean.shape[-1] if not mapped else (per_sender if writes is None else writes).shape[-1]
         if sd is None:
             sd = clean.new_empty(sum(k for _, k in p.graph.sender_keys), n, q * d)
         out = sd[row : row + k]
@@ -86,6 +100,8 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: to
             if per_sender is not None:  # [n, q, k, e] -> [k, n*q, e] @ [k, e, d]
                 dz = clean.neg() if ablated is None else ablated - clean
                 torch.bmm(dz.permute(2, 0, 1, 3).reshape(k, n * q, -1), per_sender, out=out.view(k, n * q, d))
+            elif writes is not None:
+                out.view(k, n, q, d).copy_(writes.permute(2, 0, 1, 3))
             elif clean.ndim == 3:  # one sender: [n, q, d]
                 dest = out.view(n, q, d)
                 torch.neg(clean, out=dest) if ablated is None else torch.sub(ablated, clean, out=dest)
@@ -106,9 +122,8 @@ def _at_read_positions(p: EdgePatcher, key: str, clean: torch.Tensor, ablated_ra
         c = clean[rows, idx]  # [n, (k,) e]
         diff = -c if ablated_raw is None else ablated_raw[key][:, start:].to(c.dtype).expand_as(clean)[rows, idx] - c
         diff = diff * valid.view(-1, *([1] * (diff.ndim - 1))).to(diff.dtype)
-        per_sender = p.per_sender_map(key, clean)
-        if per_sender is not None:
-            value = torch.bmm(diff.transpose(0, 1), per_sender)  # [k, n, d]
+        if p.reads[key] != key:  # z differences [n, k, e] -> per-head writes [k, n, d]
+            value = p.writes(key, diff.unsqueeze(1))[:, 0].transpose(0, 1)
         else:
             value = diff.unsqueeze(0) if diff.ndim == 2 else diff.transpose(0, 1)
         k, d = value.shape[0], value.shape[-1]
