@@ -82,20 +82,21 @@ class _SlotGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, slots, carry, xhat, rstd, wc, yhat, kind: str, sink, where: tuple[int, int]):
-        ctx.save_for_backward(xhat, rstd, wc, yhat)
+    def forward(ctx, slots, carry, xhat, rstd, gamma, w, output, bias, beta, kind: str, sink, where: tuple[int, int]):
+        ctx.save_for_backward(xhat, rstd, gamma, w, output, bias, beta)
         ctx.kind, ctx.sink, ctx.where = kind, sink, where
         ctx.dtype, ctx.carry = slots.dtype, carry is not None
         if carry is not None:  # the projection's output itself, its gradient passed through unchanged
             return carry
-        return slots.new_zeros(*slots.shape[:-1], wc.shape[-1])
+        return slots.new_zeros(*slots.shape[:-1], w.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        xhat, rstd, wc, yhat = ctx.saved_tensors  # wc: gamma * W [d, R, H, e], centred over d for a LayerNorm
+        xhat, rstd, gamma, w, output, bias, beta = ctx.saved_tensors
+        wc, yhat = _weights(w, gamma, output, bias, beta, ctx.kind)  # made here: held by no layer between the passes
         b, p, r, h, e = g.shape
         d, rows, slots = wc.shape[0], b * p, r * h
-        rest = (g if ctx.carry else None,) + (None,) * 7
+        rest = (g if ctx.carry else None,) + (None,) * 10
         gs = g.to(xhat.dtype).reshape(rows, slots, e) * rstd.reshape(rows, 1, 1)
         proj = (gs * yhat.reshape(rows, slots, e)).sum(-1) / d if ctx.kind != "none" else None  # [rows, slot]
         if ctx.sink is not None:
@@ -105,6 +106,28 @@ class _SlotGradient(torch.autograd.Function):
             u.addcmul_(xhat.reshape(1, rows, d), proj.T[..., None], value=-1)
         grad = u.to(ctx.dtype).view(r, h, b, p, d).permute(2, 3, 0, 1, 4)
         return (grad,) + rest
+
+
+def _weights(w: torch.Tensor, gamma: torch.Tensor, output: torch.Tensor, bias: "torch.Tensor | None",
+             beta: "torch.Tensor | None", kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(wc, yhat)``: ``wc = gamma * W`` (``[d, R, H, e]``, contiguous), centred over ``d`` for a LayerNorm, and
+    ``yhat = (gamma * xhat) W``, the projection's ``output = (gamma * xhat + beta) W + bias`` less its constant.
+    ``mean_d(gamma W)`` and ``beta W`` come from one matmul over ``W`` and ``wc`` from one more pass."""
+    w, output = w.to(gamma.dtype), output.to(gamma.dtype)  # float32 or wider (_stats)
+    bias, beta = (None if t is None else t.to(gamma.dtype) for t in (bias, beta))
+    d = w.shape[0]
+    coef = ([gamma / d] if kind == "layer" else []) + ([beta] if beta is not None else [])
+    made = torch.stack(coef) @ w.reshape(d, -1) if coef else None  # [mean_d(gamma W); beta W]
+    wc = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    if kind == "layer":
+        torch.addcmul(made[0].neg().view(w.shape[1:]), w, gamma[:, None, None, None], out=wc)
+    else:
+        torch.mul(w, gamma[:, None, None, None], out=wc)
+    shift = None if bias is None else bias.reshape(w.shape[1:])
+    if beta is not None:
+        beta_w = made[-1].view(w.shape[1:])
+        shift = beta_w if shift is None else shift + beta_w
+    return wc, output if shift is None else output - shift
 
 
 # The most bytes of per-slot gradients made at once for a sink: whole blocks of rows up to this (at least one
@@ -173,17 +196,8 @@ def slot_gradient(
     With ``carry`` it returns ``output`` itself instead of the zero (``output + zero`` without making the zero
     or the sum: two passes over the projection's output fewer per layer), its own gradient passed through."""
     xhat, rstd, gamma, kind = _stats(norm, x)
-    w = weight.detach().to(xhat.dtype)
-    # output = (gamma * xhat + beta) W + bias: yhat is output minus one constant [R, H, e]
-    shift = None if bias is None else bias.detach().to(xhat.dtype).reshape(w.shape[1:])
+    # The weights' share (wc, yhat: _weights) is made in the backward, each layer's freed before the next's.
     beta = getattr(norm, "bias", None)
-    if beta is not None:
-        beta_w = (beta.detach().to(xhat.dtype) @ w.reshape(w.shape[0], -1)).view(w.shape[1:])
-        shift = beta_w if shift is None else shift + beta_w
-    yhat = output.detach().to(xhat.dtype)
-    if shift is not None:
-        yhat = yhat - shift
-    wc = torch.mul(w, gamma[:, None, None, None], out=torch.empty(w.shape, dtype=w.dtype, device=w.device))  # [d, slot, e]
-    if kind == "layer":
-        wc -= wc.mean(dim=0)  # mean_d(u) = g @ mean_d(gamma W): subtracted once here, not per row and slot
-    return _SlotGradient.apply(slots, output if carry else None, xhat, rstd, wc, yhat, kind, sink, where)
+    return _SlotGradient.apply(slots, output if carry else None, xhat, rstd, gamma, weight.detach(), output.detach(),
+                               None if bias is None else bias.detach(), None if beta is None else beta.detach(),
+                               kind, sink, where)
