@@ -189,9 +189,15 @@ def roles_of(result: Result, role: str) -> list[str]:
     return [head for head, held in result.metadata["roles"].items() if role in held]
 
 
+#: Beyond this many heads (and with no ``ax`` given) the plot shows layer x head maps instead of bars.
+MAX_BARS = 32
+
+
 def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None) -> Any:
     """Grouped bars per head: total effect, direct effect, and the direct effect once every primary is ablated
-    (the last ablated set), as fractions of the gap; tick labels carry each head's roles."""
+    (the last ablated set), as fractions of the gap; tick labels carry each head's roles. With more than
+    :data:`MAX_BARS` heads and no ``ax``, the same three measures as layer x head maps, roles marked in their
+    cells (bars that many would be too thin to read)."""
     from matplotlib.figure import Figure
 
     heads = list(result.coords["head"])
@@ -199,6 +205,8 @@ def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None)
     last = result.metadata["ablated_sets"][-1]
     shown = [("total", "total effect", "0.6"), ("direct", "direct effect", "tab:blue"),
              (f"direct | without {last}", f"direct effect, {last} ablated", "tab:orange")]
+    if ax is None and len(heads) > MAX_BARS:
+        return _plot_maps(result, heads, measures, shown, title)
     if ax is None:
         figure = Figure(figsize=(max(6.0, 0.75 * len(heads) + 2), 4.2), layout="constrained")
         ax = figure.add_subplot()
@@ -220,6 +228,48 @@ def plot_head_roles(result: Result, ax: Any = None, *, title: str | None = None)
     ax.set_ylabel(f"{result.metadata['metric']} / gap")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or f"head roles (threshold {threshold:g} of the gap, dotted)")
+    return figure
+
+
+def _plot_maps(result: Result, heads: list[str], measures: list[str], shown: list[tuple[str, str, str]],
+               title: str | None) -> Any:
+    """``plot_head_roles`` for many heads: one layer x head map per measure, each on its own diverging colour
+    scale symmetric about 0 and at least the threshold wide (blue supports the behaviour, red opposes it, grey
+    an ablated head; a shared scale would hide the direct effects next to the totals), roles' initials in
+    their cells."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    sites = [Site.parse(h) for h in heads]
+    layers = sorted({s.layer for s in sites})
+    width = max(s.selection["head"] for s in sites) + 1
+    grids = []
+    for measure, _, _ in shown:
+        grid = np.full((len(layers), width), np.nan)
+        for site, value in zip(sites, result.values[:, measures.index(measure)]):
+            grid[layers.index(site.layer), site.selection["head"]] = value
+        grids.append(grid)
+    threshold = result.metadata["threshold"]
+    cmap = colormaps["RdBu"].copy()
+    cmap.set_bad("0.75")
+    figure = Figure(figsize=(min(20.0, 1.5 + 0.3 * width * len(shown)), 1.6 + 0.38 * len(layers)), layout="constrained")
+    axes = figure.subplots(1, len(shown), sharey=True)
+    roles = result.metadata["roles"]
+    for ax, grid, (_, label, _) in zip(axes, grids, shown):
+        scale = max(threshold, float(np.nanmax(np.abs(grid), initial=0.0)))
+        image = ax.imshow(grid, cmap=cmap, vmin=-scale, vmax=scale, aspect="auto", interpolation="nearest")
+        figure.colorbar(image, ax=ax, shrink=0.9, pad=0.01)
+        for name, site in zip(heads, sites):
+            if roles[name]:
+                ax.text(site.selection["head"], layers.index(site.layer), "".join(r[0].upper() for r in roles[name]),
+                        ha="center", va="center", fontsize=7, color="k")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(width), [str(h) for h in range(width)], fontsize=6)
+        ax.set_xlabel("head")
+    axes[0].set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    axes[0].set_ylabel("layer")
+    figure.suptitle((title + "\n" if title else "") + f"{result.metadata['metric']} / gap; P primary, N negative, "
+                    f"B backup (threshold {threshold:g} of the gap)", fontsize=10)
     return figure
 
 

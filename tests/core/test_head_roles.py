@@ -93,6 +93,27 @@ def test_plot(toy, tmp_path):
     assert res.save(tmp_path / "roles").exists()
 
 
+def test_plot_of_many_heads_is_layer_by_head_maps(toy, tmp_path, monkeypatch):
+    """Beyond MAX_BARS heads: one layer x head map per measure, each cell the head's value, roles as initials."""
+    import crosspatch.methods.head_roles as hr
+
+    m, clean, corrupt, metric = toy
+    res = head_roles(m, clean, corrupt, metric, top_k=1, progress=False)
+    monkeypatch.setattr(hr, "MAX_BARS", 2)
+    fig = plot_head_roles(res)
+    maps = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in maps] == ["total effect", "direct effect", "direct effect, 0.0 ablated"]
+    for ax, measure in zip(maps, ["total", "direct", "direct | without 0.0"]):
+        want = _column(res, measure)
+        grid = np.ma.filled(ax.images[0].get_array(), np.nan)
+        for head, value in want.items():
+            site = cp.Site.parse(head)
+            np.testing.assert_equal(grid[site.layer, site.selection["head"]], value)  # NaN (the ablated primary) too
+        marks = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert marks == {(0, 0): "P", (1, 0): "N", (1, 1): "B"}
+    fig.savefig(tmp_path / "roles.png")
+
+
 def test_an_mlp_as_primary(toy):
     """The toy's MLPs write nothing: ablating one leaves every head's direct effect as it was."""
     m, clean, corrupt, metric = toy
