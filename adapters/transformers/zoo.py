@@ -6,7 +6,7 @@
     its held-out *test* names.
 ``ioi-gpt2-6x16``
     The IOI recipe at a size where a sweep is worth sparing: 6 layers, 16 heads, d_model 128 (1.2M
-    parameters, about 4 minutes on one core). Its (head, position) sweep is about 500 forwards, so a
+    parameters, 2-4 minutes on one core). Its (head, position) sweep is about 500 forwards, so a
     method that estimates before it patches (``cp.localize``) can be measured against it; on the
     2-layer model the estimates alone are 15 % of the sweep. Deeper or wider recipes tried (8 x 16 x
     128, 8 x 16 x 256) learnt the training names better than the held-out ones (0.90 and 0.23 of

@@ -12,7 +12,7 @@ Levels, coarse to fine (``start="components"``; ``docs/localize.md`` has the rul
 
 The default walk is ``layer``, ``layer_pos``, ``component_pos``: whole heads (``component``) are walked
 when ``levels`` names them. Measured (``benchmarks/localize.md``), the whole-head level cost forwards
-everywhere and found nothing the (layer, position) parents did not: on IOI models trained here, whose
+almost everywhere and found nothing the (layer, position) parents did not: on IOI models trained here, whose
 heads act at one or two positions, a whole head spans every position from the first difference and its
 bound reaches the threshold for most heads; on the planted models and tracr's programs every recall stayed
 the same without it, for fewer forwards in all cases but one (``docs/localize.md`` has the numbers).
@@ -299,8 +299,9 @@ def localize(
     exactly; a coarser level ranks as many of its sites as hold the finest level's ``k`` likeliest).
 
     ``levels`` picks levels out of :data:`LEVELS` (default: ``layer``, ``layer_pos``, ``component_pos``;
-    ``neurons=True`` adds ``neuron``; whole heads, ``component``, only when named); ``levels=["component_pos"]`` is AtP verified without the coarser levels. ``estimator="atp*"``
-    ranks by AtP* with GradDrop instead of plain AtP (``"atp"``). ``start="resid"``
+    ``neurons=True`` adds ``neuron``; whole heads, ``component``, only when named); ``levels=["component_pos"]``
+    is AtP verified without the coarser levels. ``estimator="atp*"`` ranks by AtP* with GradDrop instead of
+    plain AtP (``"atp"``). ``start="resid"``
     makes the first two levels the residual stream (``resid_pre.L``, ``resid_pre.L[pos=p]`` and the last
     layer's ``resid_post``) instead of the attention and MLP writes. ``direction``, ``normalize``,
     ``batch_size`` and ``reuse_prefix`` mean what they mean to ``activation_patching``, whose values the

@@ -126,9 +126,8 @@ def test_full_ioi_training_generalises_to_held_out_names(cache):
     assert clean_diff > 5 and abs(corrupt_diff) < clean_diff / 3
 
 
-def test_the_8x16_ioi_model_is_the_ioi_recipe_at_its_own_size(cache):
-    """``ioi-gpt2-6x16``: registered for IOI, built by the same recipe at 6 layers x 16 heads x d_model 128,
-    seeded by its own name (not the same weights as a tiny model of that size would get)."""
+def test_the_6x16_ioi_model_is_the_ioi_recipe_at_its_own_size(cache):
+    """``ioi-gpt2-6x16``: registered for IOI, built by the same recipe at 6 layers x 16 heads x d_model 128."""
     from crosspatch.adapters.transformers.zoo import IOI_6X16_RECIPE
 
     spec = zoo.get("ioi-gpt2-6x16")
@@ -143,7 +142,7 @@ def test_the_8x16_ioi_model_is_the_ioi_recipe_at_its_own_size(cache):
 
 
 @pytest.mark.skipif(not os.environ.get("CROSSPATCH_SLOW"), reason="trains for minutes; set CROSSPATCH_SLOW=1")
-def test_full_8x16_ioi_training_generalises_to_held_out_names(cache):
+def test_full_6x16_ioi_training_generalises_to_held_out_names(cache):
     loaded = zoo.load("ioi-gpt2-6x16", progress=False)
     assert loaded.info["accuracy"] >= 0.95 and loaded.info["accuracy_vs_distractor"] >= 0.95, loaded.info
     data = tokenize_pairs(get_task("ioi").pairs(500, seed=12345, split="test"), loaded.tokenizer)
