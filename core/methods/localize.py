@@ -266,6 +266,13 @@ class Localization:
                              "verified": meta["verified"][i], "skipped": meta["skipped"][i]})
         return pd.DataFrame(rows)
 
+    def plot(self, k: int | None = None, *, title: str | None = None) -> Any:
+        """The (layer, position) maps and the finest level's top ``k``, patched or estimated (a matplotlib
+        Figure; :func:`~crosspatch.methods.localize_plot.plot_localization`)."""
+        from .localize_plot import plot_localization
+
+        return plot_localization(self, k, title=title)
+
     def top(self, k: int = 10, level: str | None = None) -> "pd.DataFrame":
         """The ``k`` sites of ``level`` (default: the finest walked) with the largest ``|value|``."""
         level = level or list(self.levels)[-1]

@@ -383,3 +383,24 @@ def test_the_verification_patches_into_atps_own_runs(case, monkeypatch):
         verified = np.array(res.metadata["verified"], dtype=bool)
         close(res.values[verified], exact.values[verified])
         assert np.array(res.metadata["skipped"])[verified].tolist() == exact.skipped[verified].tolist()
+
+
+def test_the_plot_shows_the_values_and_what_was_patched(planted, tmp_path):
+    m, clean, corrupt, metric = planted
+    loc = localize(m, clean, corrupt, metric, normalize=True, tol=0.05, k=5)
+    fig = loc.plot(title="planted")
+    maps = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in maps] == [f"{p} (dot: patched)" for p in loc.metadata["patterns"]["layer_pos"]]
+    for ax, pattern in zip(maps, loc.metadata["patterns"]["layer_pos"]):
+        res = loc.sweep(pattern)
+        np.testing.assert_array_equal(ax.images[0].get_array(), res.values)
+        patched = np.array(res.metadata["verified"]) & ~np.array(res.metadata["skipped"])
+        dots = ax.collections[0].get_offsets()
+        assert sorted(map(tuple, np.asarray(dots).astype(int).tolist())) == sorted(
+            (int(c), int(r)) for r, c in zip(*np.nonzero(patched)))
+    bars = next(ax for ax in fig.axes if ax.get_title().startswith("component_pos: top 5"))
+    top = loc.top(5)
+    widths = sorted((p.get_width() for p in bars.patches), key=abs, reverse=True)
+    np.testing.assert_allclose(widths, top["value"].to_numpy(), rtol=1e-6)
+    assert [t.get_text() for t in bars.get_yticklabels()] == list(top["site"])
+    fig.savefig(tmp_path / "localize.png")
