@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from .cmd_extract import add_extract
+from .cmd_localize import add_localize
 from .cmd_patch import add_patch
 from .cmd_plugins import add_plugins
 from .cmd_run import add_run
@@ -45,7 +46,8 @@ def _version() -> str:
 
 #: Adders for every subcommand, in the order ``--help`` lists them.
 _SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_plugins, add_zoo, add_sites, add_verify, add_patch, add_run, add_serve, add_extract, add_install, add_uninstall,
+    add_plugins, add_zoo, add_sites, add_verify, add_patch, add_localize, add_run, add_serve, add_extract, add_install,
+    add_uninstall,
 ]
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..zoo.sources import find_model, tokenizer_files
 from .errors import CLIError
 from .model_options import add_model_options, load_model, parse_device
 
-__all__ = ["add_patch"]
+__all__ = ["add_patch", "add_pair_options", "pair_from_args", "ArgsPair", "tokenization_errors"]
 
 _DEFAULT_SITES = ("resid_pre.*[pos=*]", "head_out.*[head=*]")
 _METRICS = ("logit_diff", "probability", "kl")
@@ -40,6 +42,17 @@ def add_patch(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--sites", nargs="+", metavar="PATTERN", default=list(_DEFAULT_SITES),
+        help=f"site patterns, one sweep each (default: {' '.join(_DEFAULT_SITES)})",
+    )
+    add_pair_options(p)
+    p.set_defaults(func=_cmd_patch)
+
+
+def add_pair_options(p: argparse.ArgumentParser) -> None:
+    """What every command running a method on counterfactual pairs takes: the model, the prompts (a task's or
+    your own), the metric, the direction, the batch size and the report folder."""
     p.add_argument("--model", required=True, metavar="MODEL", help="zoo name or local checkpoint folder")
     p.add_argument("--task", help="task name (default: the zoo model's task)")
     texts = p.add_argument_group("your own prompts (instead of a task)")
@@ -49,10 +62,6 @@ def add_patch(sub: Any) -> None:
                        help="the clean prompts' next token (one shared, or one per prompt), e.g. ' Mary'")
     texts.add_argument("--distractor", nargs="+", metavar="TEXT",
                        help="the token the corruption points to (one shared, or one per prompt), e.g. ' John'")
-    p.add_argument(
-        "--sites", nargs="+", metavar="PATTERN", default=list(_DEFAULT_SITES),
-        help=f"site patterns, one sweep each (default: {' '.join(_DEFAULT_SITES)})",
-    )
     p.add_argument("--metric", choices=_METRICS, default="logit_diff",
                    help="logit_diff(answer, distractor) (default), probability(answer), or kl to the clean run")
     p.add_argument("--direction", choices=("denoising", "noising"), default="denoising",
@@ -68,23 +77,50 @@ def add_patch(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default 0)")
     p.add_argument("--out", default="crosspatch-out", metavar="DIR", help="report folder (default crosspatch-out)")
     add_model_options(p)
-    p.set_defaults(func=_cmd_patch)
 
 
-def _cmd_patch(args: argparse.Namespace) -> int:
+@dataclass
+class ArgsPair:
+    """The counterfactual pairs a command's arguments name, checked and loaded: the wrapped model, clean and
+    corrupt inputs, the metric, and what the report says about them."""
+
+    name: str
+    model_class: str
+    m: Any
+    clean: Any
+    corrupt: Any
+    metric: Any
+    task_name: str | None
+    prompts: str
+    out_dir: Path
+
+    def context(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The report's "what was run" lines."""
+        from ..results.result import collect_versions
+
+        describe = self.m.describe()
+        return {
+            "model": f"{self.name} ({describe.get('class', self.model_class)}, "
+                     f"{describe.get('n_layers', '?')} layers)",
+            "task": f"{self.task_name} ({args.split} split)" if self.task_name else "your prompts",
+            "prompts": self.prompts,
+            "metric": f"{self.metric.name}, {args.direction}" + (", normalised" if args.normalize else ""),
+            "seed": f"prompts {args.seed}, model {args.model_seed}" if self.task_name else f"model {args.model_seed}",
+            "versions": collect_versions(),
+        }
+
+
+def pair_from_args(args: argparse.Namespace) -> ArgsPair:
+    """The options of :func:`add_pair_options`, checked (what needs no model first), the model loaded and the
+    prompts tokenized; every mistake a one-line :class:`CLIError`."""
     import torch
 
-    from ..results import metrics as _metrics
-    from ..methods import activation_patching
     from ..engine.model import wrap
-    from ..engine.text import TokenizationError
-    from ..results.report import write_report
-    from ..results.result import Result, collect_versions
+    from ..results import metrics as _metrics
+    from ..zoo import store as zoo
     from ..zoo.tasks.base import tokenize_pairs
 
     # Everything that can be checked without loading (or training) the model comes first.
-    from ..zoo import store as zoo
-
     _check_numbers(args)
     out_dir = _check_out(args.out)
     texts = _texts(args)
@@ -105,9 +141,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         raise CLIError(
             f"model {loaded.name!r} ({type(loaded.model).__name__}) has no 'logits' output, and the --metric "
             f"choices read next-token logits; use a model with a language-model head, or call "
-            f"crosspatch.activation_patching from Python with your own metric (see examples/minilm_study.py)"
+            f"crosspatch from Python with your own metric (see examples/minilm_study.py)"
         )
-    try:
+    with tokenization_errors():
         if texts is None:
             torch.manual_seed(args.seed)
             pairs = task.pairs(args.n, seed=args.seed, split=args.split)
@@ -128,32 +164,40 @@ def _cmd_patch(args: argparse.Namespace) -> int:
             _check_lengths(m, clean, corrupt)
             prompts = f"{len(clean)} pair(s): {clean[0]!r} vs {corrupt[0]!r}" + (
                 f" (answer {answer!r}, distractor {distractor!r})" if answer is not None else "")
-        sizes = m.adapter.sizes(m.prepare(clean))
-        _check_sites(m, args.sites, sizes)
         metric = _metric(args.metric, answer, distractor, _metrics)
+    return ArgsPair(loaded.name, type(loaded.model).__name__, m, clean, corrupt, metric, task_name, prompts, out_dir)
 
-        results: dict[str, Result] = {}
-        for pattern in args.sites:
-            res = activation_patching(
-                m, clean, corrupt, pattern, metric,
-                direction=args.direction, normalize=args.normalize, batch_size=args.batch_size,
-            )
-            res.metadata.update(seed=args.seed, task=task_name, zoo_model=loaded.name)
-            results[_result_name(pattern, results)] = res
+
+@contextmanager
+def tokenization_errors() -> Iterator[None]:
+    """A text the tokenizer cannot take, as a one-line CLIError."""
+    from ..engine.text import TokenizationError
+
+    try:
+        yield
     except TokenizationError as exc:
         raise CLIError(" ".join(str(exc).split())) from None
 
-    context = {
-        "model": f"{loaded.name} ({m.describe().get('class', type(loaded.model).__name__)}, "
-                 f"{m.describe().get('n_layers', '?')} layers)",
-        "task": f"{task_name} ({args.split} split)" if task_name else "your prompts",
-        "prompts": prompts,
-        "metric": f"{metric.name}, {args.direction}" + (", normalised" if args.normalize else ""),
-        "seed": f"prompts {args.seed}, model {args.model_seed}" if task_name else f"model {args.model_seed}",
-        "versions": collect_versions(),
-    }
-    title = f"Activation patching: {loaded.name} on {task_name or 'your prompts'}"
-    out = write_report(results, out_dir, title=title, context=context)
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from ..methods import activation_patching
+    from ..results.report import write_report
+    from ..results.result import Result
+
+    pair = pair_from_args(args)
+    m = pair.m
+    with tokenization_errors():
+        _check_sites(m, args.sites, m.adapter.sizes(m.prepare(pair.clean)))
+        results: dict[str, Result] = {}
+        for pattern in args.sites:
+            res = activation_patching(
+                m, pair.clean, pair.corrupt, pattern, pair.metric,
+                direction=args.direction, normalize=args.normalize, batch_size=args.batch_size,
+            )
+            res.metadata.update(seed=args.seed, task=pair.task_name, zoo_model=pair.name)
+            results[_result_name(pattern, results)] = res
+    title = f"Activation patching: {pair.name} on {pair.task_name or 'your prompts'}"
+    out = write_report(results, pair.out_dir, title=title, context=pair.context(args))
     print(out.resolve())
     return 0
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crosspatch.cli import app as cli
@@ -102,6 +104,38 @@ def test_patch_end_to_end(fake_zoo, capsys):
     assert {p.name for p in (fake_zoo / "kl").iterdir()} >= {"mlp_out.json", "index.html"}
 
 
+def test_localize_end_to_end(fake_zoo, capsys):
+    """The picture, JSON and CSV, and the patched values equal activation patching of those sites on the same
+    pairs (built by the same options)."""
+    import crosspatch as cp
+    from crosspatch.cli.app import build_parser
+    from crosspatch.cli.cmd_patch import pair_from_args
+
+    out_dir = fake_zoo / "loc"
+    argv = ["localize", "--model", FAKE, "--n", "4", "--normalize", "--tol", "0.05", "--k", "3", "--out", out_dir]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert Path(lines[-1]) == out_dir.resolve() and lines[0].startswith("localize: ")
+    assert {p.name for p in out_dir.iterdir()} == {"localize.png", "localize.json", "localize.csv"}
+    saved = json.loads((out_dir / "localize.json").read_text())
+    assert saved["summary"]["tol"] == 0.05 and saved["summary"]["k"] == 3 and f"{saved['summary']['forwards']} forwards" in lines[0]
+    patched = {r["site"]: r["value"] for r in saved["sites"] if r["verified"] and not r["skipped"]}
+    assert patched
+    pair = pair_from_args(build_parser().parse_args([str(a) for a in argv]))
+    sites = sorted(patched)
+    exact = cp.activation_patching(pair.m, pair.clean, pair.corrupt, sites, pair.metric, normalize=True,
+                                   progress=False)
+    np.testing.assert_allclose([patched[s] for s in sites], exact.values, atol=1e-5)
+    assert len(lines) == 2 + 3  # the summary, the top 3, the folder
+
+
+def test_localize_errors_are_one_line(fake_zoo, capsys):
+    _one_line_error(*_run(["localize", "--model", FAKE, "--tol", "-1"], capsys), "--tol", "-1")
+    _one_line_error(*_run(["localize", "--model", FAKE, "--k", "0"], capsys), "--k", "0")
+    _one_line_error(*_run(["localize", "--model", "no-such-model"], capsys), "'no-such-model'", FAKE)
+
+
 def test_unknown_model_site_task(fake_zoo, capsys):
     from crosspatch.zoo import store as zoo
 
@@ -120,11 +154,11 @@ def test_unknown_model_site_task(fake_zoo, capsys):
 
 def test_help_everywhere(capsys):
     for argv in (["zoo", "--help"], ["zoo", "list", "--help"], ["zoo", "train", "--help"], ["sites", "--help"],
-                 ["patch", "--help"]):
+                 ["patch", "--help"], ["localize", "--help"]):
         code, out, _ = _run(argv, capsys)
         assert code == 0 and out.startswith("usage: crosspatch"), argv
     code, out, _ = _run(["--help"], capsys)
-    assert all(name in out for name in ("plugins", "zoo", "sites", "patch"))
+    assert all(name in out for name in ("plugins", "zoo", "sites", "patch", "localize"))
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
