@@ -153,8 +153,9 @@ def ab(args) -> None:
     """EAP and its backward in forward-equivalents, alternated in one process (medians): "before" makes the
     head_in slot gradients one prompt row at a time (``BLOCK_BYTES = 0``) and adds a zero term to each
     projection's output for their gradient (``carry=False``); then blocks of rows of each ``--block-bytes``
-    (default ``slot_grad.BLOCK_BYTES``) with the zero term, the last size with the output carrying the
-    gradient itself, and that with each block scored by one matmul (the current code)."""
+    (default ``slot_grad.BLOCK_BYTES``; a block never exceeds ``slot_grad.BLOCK_POSITIONS`` positions) with the
+    zero term, the last size with the output carrying the gradient itself, and that with each block scored by one
+    matmul (the current code)."""
     default = slot_grad.BLOCK_BYTES
     made = inputs.slot_gradient
 

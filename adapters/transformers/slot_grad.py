@@ -130,19 +130,23 @@ def _weights(w: torch.Tensor, gamma: torch.Tensor, output: torch.Tensor, bias: "
     return wc, output if shift is None else output - shift
 
 
-# The most bytes of per-slot gradients made at once for a sink: whole blocks of rows up to this (at least one
-# row), so each slot's gradient is one matmul over many rows' positions instead of one per row, while the block
-# stays in cache for the sink to read (measured: 2 MiB beat one row and 32 MiB at T = 16 and 32, d_model 256).
-BLOCK_BYTES = 1 << 21
+# Per-slot gradients are made for a sink in blocks of whole rows (at least one): enough rows for BLOCK_POSITIONS
+# positions, so each slot's matmul [rows*pos, e] @ [e, d] has rows enough to run at its speed, and no more, so the
+# block stays in cache for the sink to read; never more than BLOCK_BYTES. Measured, the slot backward of one layer
+# (alternated, medians): at d_model 256 x 16 prompts 2 MiB (2-10 rows) beat one row and 32 MiB, and 64 positions is
+# within noise of it; at GPT-2 small's width (768, 36 slots: a row of 16 positions is 1.8 MB) 2 MiB meant one row,
+# and 64 positions (2-4 rows) is 5-13 % faster.
+BLOCK_POSITIONS = 64
+BLOCK_BYTES = 1 << 24
 
 
 def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
     """Hand the sink each row's per-slot gradients at positions ``sink.start..`` and return the slots' gradient
     as their sum spread evenly over them: the input reads every slot, so what flows upstream is the same.
 
-    The gradients are made for blocks of rows at once (``BLOCK_BYTES`` at most, never all rows of a long
-    input): one batched matmul ``[slot, rows*pos, e] @ [slot, e, d]`` per block. A sink with a true
-    ``takes_row_blocks`` attribute is called once per block with ``slice(first row, last row + 1)`` and the
+    The gradients are made for blocks of rows at once (``BLOCK_POSITIONS`` positions, ``BLOCK_BYTES`` at most,
+    never all rows of a long input): one batched matmul ``[slot, rows*pos, e] @ [slot, e, d]`` per block. A sink
+    with a true ``takes_row_blocks`` attribute is called once per block with ``slice(first row, last row + 1)`` and the
     block's ``[role, head, rows, pos, d]``; any other once per row with that row's ``[role, head, pos, d]``
     view of the block (no copy)."""
     b, p, r, h, d = shape
@@ -162,7 +166,7 @@ def _to_sink(ctx, gs, proj, xhat, wc, shape) -> torch.Tensor:
         return (summed / slots).to(ctx.dtype).view(b, p, 1, 1, d).expand(b, p, r, h, d)
     w = wc.reshape(d, slots, e).permute(1, 2, 0)  # [slot, e, d]
     per_row = slots * q * d * xhat.element_size()
-    block = max(1, min(b, BLOCK_BYTES // max(per_row, 1)))
+    block = max(1, min(b, -(-BLOCK_POSITIONS // q), BLOCK_BYTES // per_row))
     for i0 in range(0, b, block):
         i1 = min(b, i0 + block)
         n = i1 - i0
