@@ -8,9 +8,10 @@
     The IOI recipe at a size where a sweep is worth sparing: 6 layers, 16 heads, d_model 128 (1.2M
     parameters, 2-4 minutes on one core). Its (head, position) sweep is about 500 forwards, so a
     method that estimates before it patches (``cp.localize``) can be measured against it; on the
-    2-layer model the estimates alone are 15 % of the sweep. Deeper or wider recipes tried (8 x 16 x
-    128, 8 x 16 x 256) learnt the training names better than the held-out ones (0.90 and 0.23 of
-    held-out prompts at 800 steps).
+    2-layer model the estimates alone are 15 % of the sweep. Held-out top-name accuracy 0.998 with the
+    default seed 0, but not steady across seeds: 0.795 and 0.950 with seeds 1 and 2 (0.98 and 0.99
+    against the distractor). Deeper or wider recipes tried (8 x 16 x 128, 8 x 16 x 256) learnt the
+    training names better than the held-out ones (0.90 and 0.23 of held-out prompts at 800 steps).
 ``greater-than-tiny``
     The same recipe on greater-than prompts; measured on held-out start years.
 
