@@ -86,27 +86,26 @@ def _sender_diffs(p: EdgePatcher, clean_senders: dict[str, torch.Tensor], at: to
         ablated = None if ablated_raw is None else ablated_raw[key][:, start:].to(clean.dtype).expand_as(clean)
         n, q = clean.shape[:2]
         mapped = p.reads[key] != key
-        per_sender = writes = None
-        if mapped and clean.shape[-1] <= PROBE_SHARE * n * q:
-            per_sender = p.per_sender_map(key, clean)  # [k, e, d]
-        elif mapped:  # per-head writes [n, q, k, d] (a head-major view) of the z differences
-            writes = p.writes(key, clean.neg() if ablated is None else ablated - clean)
-        k = 1 if not mapped and clean.ndim == 3 else clean.shape[2]
-        d = clean.shape[-1] if not mapped else (per_sender if writes is None else writes).shape[-1]
-        if sd is None:
-            sd = clean.new_empty(sum(k for _, k in p.graph.sender_keys), n, q * d)
-        out = sd[row : row + k]
+        one = not mapped and clean.ndim == 3  # one sender read as itself: subtracted straight into the buffer
         with torch.no_grad():
+            diff = None if one else (clean.neg() if ablated is None else ablated - clean)  # [n, q, k, e or d]
+            per_sender = writes = None
+            if mapped and clean.shape[-1] <= PROBE_SHARE * n * q:
+                per_sender = p.per_sender_map(key, clean)  # [k, e, d]
+            elif mapped:  # per-head writes [n, q, k, d] (a head-major view) of the z differences
+                writes = p.writes(key, diff)
+            k = 1 if one else clean.shape[2]
+            d = clean.shape[-1] if not mapped else (per_sender if writes is None else writes).shape[-1]
+            if sd is None:
+                sd = clean.new_empty(sum(k for _, k in p.graph.sender_keys), n, q * d)
+            out = sd[row : row + k]
             if per_sender is not None:  # [n, q, k, e] -> [k, n*q, e] @ [k, e, d]
-                dz = clean.neg() if ablated is None else ablated - clean
-                torch.bmm(dz.permute(2, 0, 1, 3).reshape(k, n * q, -1), per_sender, out=out.view(k, n * q, d))
-            elif writes is not None:
-                out.view(k, n, q, d).copy_(writes.permute(2, 0, 1, 3))
-            elif clean.ndim == 3:  # one sender: [n, q, d]
+                torch.bmm(diff.permute(2, 0, 1, 3).reshape(k, n * q, -1), per_sender, out=out.view(k, n * q, d))
+            elif one:  # [n, q, d]
                 dest = out.view(n, q, d)
                 torch.neg(clean, out=dest) if ablated is None else torch.sub(ablated, clean, out=dest)
-            else:  # per-head values read as themselves: [n, q, k, d]
-                out.view(k, n, q, d).copy_((clean.neg() if ablated is None else ablated - clean).permute(2, 0, 1, 3))
+            else:  # per-head writes, or per-head values read as themselves: [n, q, k, d]
+                out.view(k, n, q, d).copy_((diff if writes is None else writes).permute(2, 0, 1, 3))
         row += k
     return sd
 
